@@ -1,0 +1,1 @@
+"""Secure aggregation, differential privacy and verification for Flower."""

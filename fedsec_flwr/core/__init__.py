@@ -1,0 +1,1 @@
+"""Protocol primitives and state machines; this layer imports no Flower code."""
