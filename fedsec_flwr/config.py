@@ -1,0 +1,119 @@
+"""Validated configuration of secure aggregation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .core.encoding import (
+    MAX_MODULUS,
+    EncodingParams,
+    max_quantization_bits,
+    validate_capacity,
+)
+
+MAX_AUTO_QUANTIZATION_BITS = 24
+"""Cap on automatic quantization bits: float32 updates carry 24 significant bits."""
+
+MIN_THRESHOLD = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggConfig:
+    """Parameters of SecAgg+ secure aggregation, checked when constructed.
+
+    Attributes:
+        clip_range: Largest absolute value of an update coordinate (new minus
+            global weights). Larger coordinates are clipped and counted.
+        modulus: Power of two, at most 2**32, modulo which inputs are summed.
+        quantization_bits: Bits of the fixed-point grid over
+            ``[-clip_range, clip_range]``. ``None`` picks the most bits (at
+            most 24) whose worst-case weighted sum still fits the modulus.
+        max_weight: Largest weight (number of training examples) one client
+            may report; a client with more is rejected in that round.
+        max_clients: Largest number of clients in one round.
+        num_neighbours: Degree of the neighbour graph. ``None`` picks
+            ``ceil(log2 n) + 1``; ``n - 1`` or more gives classic SecAgg.
+        threshold: Shamir threshold over a client's share holders (its
+            neighbours and itself); at least 2. ``None`` picks a strict
+            majority of the holders.
+        stage_timeout: Seconds the server waits for the replies of one stage;
+            the masked-input stage includes local training.
+
+    """
+
+    clip_range: float = 1.0
+    modulus: int = MAX_MODULUS
+    quantization_bits: int | None = None
+    max_weight: int = 10_000
+    max_clients: int = 100
+    num_neighbours: int | None = None
+    threshold: int | None = None
+    stage_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        _check_int("max_weight", self.max_weight, minimum=1)
+        _check_int("max_clients", self.max_clients, minimum=2)
+        _check_int("modulus", self.modulus, minimum=2)
+        if self.quantization_bits is not None:
+            _check_int("quantization_bits", self.quantization_bits, minimum=1)
+        if self.num_neighbours is not None:
+            _check_int("num_neighbours", self.num_neighbours, minimum=1)
+        if self.threshold is not None:
+            _check_int("threshold", self.threshold, minimum=MIN_THRESHOLD)
+        if (
+            self.num_neighbours is not None
+            and self.threshold is not None
+            and self.threshold > self.num_neighbours + 1
+        ):
+            raise ValueError(
+                "threshold must not exceed the share holders per client "
+                f"(num_neighbours + 1 = {self.num_neighbours + 1}). "
+                f"Found {self.threshold}."
+            )
+        if not isinstance(self.stage_timeout, int | float) or not (
+            math.isfinite(self.stage_timeout) and self.stage_timeout > 0
+        ):
+            raise ValueError(
+                "stage_timeout must be a finite number of seconds above 0. "
+                f"Found {self.stage_timeout!r}."
+            )
+        self.encoding()
+
+    def encoding(self) -> EncodingParams:
+        """Return the fixed-point encoding these parameters define."""
+        bits = self.quantization_bits
+        if bits is None:
+            bits = min(
+                MAX_AUTO_QUANTIZATION_BITS,
+                max_quantization_bits(
+                    modulus=self.modulus,
+                    max_weight=self.max_weight,
+                    max_clients=self.max_clients,
+                ),
+            )
+        if bits < 1 or bits >= 32:
+            validate_capacity(
+                clip_range=self.clip_range,
+                quantization_levels=2,
+                modulus=self.modulus,
+                max_weight=self.max_weight,
+                max_clients=self.max_clients,
+            )
+            raise ValueError(
+                f"quantization_bits must be between 1 and 31. Found {bits}."
+            )
+        return EncodingParams(
+            clip_range=self.clip_range,
+            quantization_levels=2**bits,
+            modulus=self.modulus,
+            max_weight=self.max_weight,
+            max_clients=self.max_clients,
+        )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"{name} must be an integer of at least {minimum}. Found {value!r}."
+        )

@@ -1,0 +1,379 @@
+"""Client side of one secure-aggregation round, as pure functions over its state.
+
+Each stage function takes the state left by the previous stage and the
+server's request, checks both, and returns the new state and the reply. The
+state is a flat record (``ClientState.to_fields``) so that it can live in
+Flower's ``Context.state`` between stages, which in a deployment run in
+separate processes.
+
+The rule that keeps an input private when the server lies about dropouts:
+for each peer, a client reveals either the share of its self-mask seed (the
+peer's masked input was included) or the share of its mask key (it was not),
+never both, and it answers the unmask request of a round only once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import aead, keys, masks, shamir
+from .errors import AuthenticationError, ProtocolError
+from .messages import (
+    PAIR_SEED_INFO,
+    SHARE_KEY_INFO,
+    EncryptedShares,
+    Fields,
+    SetupReply,
+    ShareKeysRequest,
+    Stage,
+    UnmaskReply,
+    UnmaskRequest,
+    _bytes_list,
+    _field,
+    _node_map,
+    _node_map_fields,
+    pack_node_ids,
+    pair_mask_context,
+    pair_sign,
+    round_context,
+    self_mask_context,
+    unpack_node_ids,
+)
+
+SEED_SIZE = 32
+MIN_THRESHOLD = 2
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """Everything a client keeps between the stages of one round.
+
+    ``stage`` is the last stage the client completed. Secret fields (private
+    keys, the self-mask seed and held shares) never leave the client except as
+    the shares ``client_unmask`` reveals.
+    """
+
+    run_id: int
+    server_round: int
+    node_id: int
+    stage: Stage
+    encryption_private_key: bytes
+    mask_private_key: bytes
+    threshold: int = 0
+    neighbour_ids: tuple[int, ...] = ()
+    encryption_public_keys: tuple[bytes, ...] = ()
+    mask_public_keys: tuple[bytes, ...] = ()
+    self_seed: bytes = b""
+    own_seed_share: bytes = b""
+    own_key_share: bytes = b""
+    held_seed_shares: dict[int, bytes] = field(default_factory=dict)
+    held_key_shares: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def active_neighbour_ids(self) -> tuple[int, ...]:
+        """Neighbours whose shares this client holds; it masks with exactly these."""
+        return tuple(sorted(self.held_seed_shares))
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields for ``Context.state``."""
+        return {
+            "run-id": pack_node_ids([self.run_id]),
+            "server-round": self.server_round,
+            "node-id": pack_node_ids([self.node_id]),
+            "stage": self.stage.value,
+            "encryption-private-key": self.encryption_private_key,
+            "mask-private-key": self.mask_private_key,
+            "threshold": self.threshold,
+            "neighbour-ids": pack_node_ids(self.neighbour_ids),
+            "encryption-public-keys": list(self.encryption_public_keys),
+            "mask-public-keys": list(self.mask_public_keys),
+            "self-seed": self.self_seed,
+            "own-seed-share": self.own_seed_share,
+            "own-key-share": self.own_key_share,
+            **_node_map_fields(self.held_seed_shares, "seed-holder-ids", "seed-shares"),
+            **_node_map_fields(self.held_key_shares, "key-holder-ids", "key-shares"),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> ClientState:
+        """Restore a state stored by ``to_fields``."""
+        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
+        (node_id,) = unpack_node_ids(_field(fields, "node-id", bytes), field="node-id")
+        return cls(
+            run_id=run_id,
+            server_round=_field(fields, "server-round", int),
+            node_id=node_id,
+            stage=Stage(_field(fields, "stage", str)),
+            encryption_private_key=_field(fields, "encryption-private-key", bytes),
+            mask_private_key=_field(fields, "mask-private-key", bytes),
+            threshold=_field(fields, "threshold", int),
+            neighbour_ids=unpack_node_ids(
+                _field(fields, "neighbour-ids", bytes), field="neighbour-ids"
+            ),
+            encryption_public_keys=tuple(_bytes_list(fields, "encryption-public-keys")),
+            mask_public_keys=tuple(_bytes_list(fields, "mask-public-keys")),
+            self_seed=_field(fields, "self-seed", bytes),
+            own_seed_share=_field(fields, "own-seed-share", bytes),
+            own_key_share=_field(fields, "own-key-share", bytes),
+            held_seed_shares=_node_map(fields, "seed-holder-ids", "seed-shares"),
+            held_key_shares=_node_map(fields, "key-holder-ids", "key-shares"),
+        )
+
+
+def _require_stage(state: ClientState, expected: Stage, requested: Stage) -> None:
+    if state.stage is not expected:
+        raise ProtocolError(
+            f"Stage {requested.value!r} must follow stage {expected.value!r}. "
+            f"Found the client after stage {state.stage.value!r}."
+        )
+
+
+def client_setup(
+    *, run_id: int, server_round: int, node_id: int
+) -> tuple[ClientState, SetupReply]:
+    """Start a round: create the round's encryption and mask key pairs."""
+    encryption_key = keys.generate_private_key()
+    mask_key = keys.generate_private_key()
+    state = ClientState(
+        run_id=run_id,
+        server_round=server_round,
+        node_id=node_id,
+        stage=Stage.SETUP,
+        encryption_private_key=keys.private_key_bytes(encryption_key),
+        mask_private_key=keys.private_key_bytes(mask_key),
+    )
+    reply = SetupReply(
+        encryption_public_key=keys.public_key_bytes(encryption_key),
+        mask_public_key=keys.public_key_bytes(mask_key),
+    )
+    return state, reply
+
+
+def share_holders(node_id: int, neighbour_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """Return the holders of a client's shares, in share-index order.
+
+    The client itself is a holder, so a round stays recoverable when only the
+    client and a few neighbours remain.
+    """
+    return tuple(sorted((*neighbour_ids, node_id)))
+
+
+def _check_share_keys_request(state: ClientState, request: ShareKeysRequest) -> None:
+    neighbours = request.neighbour_ids
+    if not neighbours:
+        raise ProtocolError("neighbour-ids must name at least one neighbour.")
+    if len(set(neighbours)) != len(neighbours) or state.node_id in neighbours:
+        raise ProtocolError(
+            "neighbour-ids must be distinct and must not contain the client itself."
+        )
+    if not MIN_THRESHOLD <= request.threshold <= len(neighbours) + 1:
+        raise ProtocolError(
+            f"threshold must be between {MIN_THRESHOLD} and the number of share "
+            f"holders {len(neighbours) + 1}. Found {request.threshold}."
+        )
+    for public_key in (*request.encryption_public_keys, *request.mask_public_keys):
+        if len(public_key) != keys.KEY_SIZE:
+            raise ProtocolError(
+                f"Public keys must be {keys.KEY_SIZE} bytes. Found {len(public_key)}."
+            )
+
+
+def _share_key(state: ClientState, peer_public_key: bytes) -> bytes:
+    return keys.derive_shared_key(
+        keys.load_private_key(state.encryption_private_key),
+        peer_public_key,
+        info=SHARE_KEY_INFO + round_context(state.run_id, state.server_round),
+    )
+
+
+def client_share_keys(
+    state: ClientState, request: ShareKeysRequest
+) -> tuple[ClientState, EncryptedShares]:
+    """Share the self-mask seed and the mask private key among the holders.
+
+    Each neighbour's pair of shares is encrypted with a key agreed with that
+    neighbour, and the associated data binds run, round, stage, sender and
+    receiver, so the relaying server can neither read nor redirect them.
+    """
+    _require_stage(state, Stage.SETUP, Stage.SHARE_KEYS)
+    _check_share_keys_request(state, request)
+
+    self_seed = os.urandom(SEED_SIZE)
+    holders = share_holders(state.node_id, request.neighbour_ids)
+    seed_shares = shamir.split_secret(
+        self_seed, threshold=request.threshold, num_shares=len(holders)
+    )
+    key_shares = shamir.split_secret(
+        state.mask_private_key, threshold=request.threshold, num_shares=len(holders)
+    )
+
+    ciphertexts: dict[int, bytes] = {}
+    own_seed_share = own_key_share = b""
+    for holder, seed_share, key_share in zip(
+        holders, seed_shares, key_shares, strict=True
+    ):
+        plaintext = shamir.encode_share(seed_share) + shamir.encode_share(key_share)
+        if holder == state.node_id:
+            own_seed_share = shamir.encode_share(seed_share)
+            own_key_share = shamir.encode_share(key_share)
+            continue
+        position = request.neighbour_ids.index(holder)
+        ciphertexts[holder] = aead.encrypt(
+            _share_key(state, request.encryption_public_keys[position]),
+            plaintext,
+            associated_data=aead.share_associated_data(
+                run_id=state.run_id,
+                server_round=state.server_round,
+                stage=Stage.SHARE_KEYS.value,
+                sender=state.node_id,
+                receiver=holder,
+            ),
+        )
+
+    new_state = replace(
+        state,
+        stage=Stage.SHARE_KEYS,
+        threshold=request.threshold,
+        neighbour_ids=request.neighbour_ids,
+        encryption_public_keys=request.encryption_public_keys,
+        mask_public_keys=request.mask_public_keys,
+        self_seed=self_seed,
+        own_seed_share=own_seed_share,
+        own_key_share=own_key_share,
+    )
+    return new_state, EncryptedShares(ciphertexts=ciphertexts)
+
+
+def client_receive_shares(state: ClientState, request: EncryptedShares) -> ClientState:
+    """Decrypt and keep the shares the neighbours sent through the server.
+
+    Any share that fails authentication aborts the round for this client:
+    skipping it would leave a pairwise mask that the server could not remove.
+    """
+    _require_stage(state, Stage.SHARE_KEYS, Stage.MASKED_INPUT)
+    unknown = set(request.ciphertexts) - set(state.neighbour_ids)
+    if unknown:
+        raise ProtocolError(
+            f"Received shares from {len(unknown)} node(s) that are not neighbours."
+        )
+
+    share_size = len(state.own_seed_share)
+    seed_shares: dict[int, bytes] = {}
+    key_shares: dict[int, bytes] = {}
+    for sender, ciphertext in request.ciphertexts.items():
+        position = state.neighbour_ids.index(sender)
+        plaintext = aead.decrypt(
+            _share_key(state, state.encryption_public_keys[position]),
+            ciphertext,
+            associated_data=aead.share_associated_data(
+                run_id=state.run_id,
+                server_round=state.server_round,
+                stage=Stage.SHARE_KEYS.value,
+                sender=sender,
+                receiver=state.node_id,
+            ),
+        )
+        if len(plaintext) != 2 * share_size:
+            raise AuthenticationError("Share decryption failed.")
+        seed_shares[sender] = plaintext[:share_size]
+        key_shares[sender] = plaintext[share_size:]
+
+    if len(seed_shares) + 1 < state.threshold:
+        raise ProtocolError(
+            f"Only {len(seed_shares)} neighbour(s) shared keys, fewer than the "
+            f"threshold {state.threshold} minus the client itself."
+        )
+    return replace(
+        state,
+        stage=Stage.MASKED_INPUT,
+        held_seed_shares=seed_shares,
+        held_key_shares=key_shares,
+    )
+
+
+def pair_seed(
+    mask_private_key: bytes, peer_mask_public_key: bytes, run_id: int, server_round: int
+) -> bytes:
+    """Derive the 32-byte seed of the pairwise mask between two clients."""
+    return keys.derive_shared_key(
+        keys.load_private_key(mask_private_key),
+        peer_mask_public_key,
+        info=PAIR_SEED_INFO + round_context(run_id, server_round),
+    )
+
+
+def client_mask(
+    state: ClientState, encoded: NDArray[np.uint32], *, modulus: int
+) -> NDArray[np.uint32]:
+    """Add the self mask and the pairwise masks to an encoded input.
+
+    Returns a new array of values modulo ``modulus``; ``encoded`` is unchanged.
+    """
+    _require_stage(state, Stage.MASKED_INPUT, Stage.MASKED_INPUT)
+    masked = encoded.astype(np.uint32, copy=True)
+    masks.add_mask(
+        masked,
+        state.self_seed,
+        context=self_mask_context(state.run_id, state.server_round, state.node_id),
+        sign=1,
+    )
+    for peer in state.active_neighbour_ids:
+        position = state.neighbour_ids.index(peer)
+        seed = pair_seed(
+            state.mask_private_key,
+            state.mask_public_keys[position],
+            state.run_id,
+            state.server_round,
+        )
+        masks.add_mask(
+            masked,
+            seed,
+            context=pair_mask_context(
+                state.run_id, state.server_round, state.node_id, peer
+            ),
+            sign=pair_sign(state.node_id, peer),
+        )
+    if modulus < 2**32:
+        np.bitwise_and(masked, np.uint32(modulus - 1), out=masked)
+    return masked
+
+
+def client_unmask(
+    state: ClientState, request: UnmaskRequest
+) -> tuple[ClientState, UnmaskReply]:
+    """Reveal, per peer, the one share that lets the server remove its masks."""
+    _require_stage(state, Stage.MASKED_INPUT, Stage.UNMASK)
+    survivors = set(request.survivor_ids)
+    dropped = set(request.dropped_ids)
+    holders = {*state.active_neighbour_ids, state.node_id}
+    if survivors & dropped:
+        raise ProtocolError("A node is listed both as survivor and as dropped.")
+    if state.node_id not in survivors:
+        raise ProtocolError("The survivor list must contain the client itself.")
+    if len(request.survivor_ids) < state.threshold:
+        raise ProtocolError(
+            f"Only {len(request.survivor_ids)} masked inputs are included, fewer "
+            f"than the threshold {state.threshold}; revealing shares could expose "
+            "an input."
+        )
+
+    # The lists cover the whole round; only this client's share holders matter.
+    seed_shares = {
+        owner: state.held_seed_shares[owner]
+        for owner in survivors & holders
+        if owner != state.node_id
+    }
+    seed_shares[state.node_id] = state.own_seed_share
+    key_shares = {
+        owner: state.held_key_shares[owner]
+        for owner in dropped & holders
+        if owner != state.node_id
+    }
+    return replace(state, stage=Stage.UNMASK), UnmaskReply(
+        seed_shares=seed_shares, key_shares=key_shares
+    )

@@ -1,0 +1,207 @@
+"""Fixed-point encoding of model updates for summation modulo a power of two.
+
+A client's update (new minus global weights) is clipped to ``[-clip_range,
+clip_range]`` per coordinate, shifted to ``[0, 2 * clip_range]`` and scaled to
+the integer grid ``{0, ..., quantization_levels - 1}`` with unbiased
+stochastic rounding. The client multiplies its grid values by its integer
+weight (its number of training examples), so the server's modular sum is the
+exact weighted sum of grid values as long as that sum stays below the modulus.
+``validate_capacity`` checks that bound for the worst case.
+
+The encoded vector carries two trailer slots after the model coordinates: the
+client's weight, so the server learns only the total weight, and the number of
+coordinates the client had to clip, saturated so the sum cannot wrap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+TRAILER_SIZE = 2
+"""Slots after the model coordinates: the weight and the clipped-coordinate count."""
+
+MAX_MODULUS = 2**32
+"""Largest modulus: masked values travel as uint32."""
+
+
+@dataclass(frozen=True)
+class EncodingParams:
+    """Parameters of the fixed-point encoding shared by the server and clients.
+
+    Attributes:
+        clip_range: Largest absolute value of an update coordinate; larger values
+            are clipped to it.
+        quantization_levels: Number of integer grid points over the clip range.
+        modulus: Power of two modulo which encoded vectors are summed.
+        max_weight: Largest integer weight one client may contribute.
+        max_clients: Largest number of clients whose vectors are summed.
+
+    """
+
+    clip_range: float
+    quantization_levels: int
+    modulus: int
+    max_weight: int
+    max_clients: int
+
+    def __post_init__(self) -> None:
+        validate_capacity(
+            clip_range=self.clip_range,
+            quantization_levels=self.quantization_levels,
+            modulus=self.modulus,
+            max_weight=self.max_weight,
+            max_clients=self.max_clients,
+        )
+
+    @property
+    def scale(self) -> float:
+        """Grid steps per unit of update value."""
+        return (self.quantization_levels - 1) / (2.0 * self.clip_range)
+
+    @property
+    def step(self) -> float:
+        """Width of one grid step in update units: the rounding error bound."""
+        return 1.0 / self.scale
+
+    @property
+    def clip_count_cap(self) -> int:
+        """Largest clipped-coordinate count one client reports."""
+        return (self.modulus - 1) // self.max_clients
+
+
+def validate_capacity(
+    *,
+    clip_range: float,
+    quantization_levels: int,
+    modulus: int,
+    max_weight: int,
+    max_clients: int,
+) -> None:
+    """Check the encoding parameters and that no worst-case sum wraps the modulus.
+
+    Raises:
+        ValueError: A parameter is out of range, or ``max_clients * max_weight *
+            (quantization_levels - 1)`` is not below ``modulus``.
+
+    """
+    if not math.isfinite(clip_range) or clip_range <= 0:
+        raise ValueError(
+            f"clip_range must be a finite number above 0. Found {clip_range!r}."
+        )
+    if modulus < 2 or modulus > MAX_MODULUS or modulus & (modulus - 1):
+        raise ValueError(
+            f"modulus must be a power of two between 2 and 2**32. Found {modulus!r}."
+        )
+    if quantization_levels < 2 or quantization_levels >= modulus:
+        raise ValueError(
+            "quantization_levels must be at least 2 and below the modulus "
+            f"{modulus}. Found {quantization_levels!r}."
+        )
+    if max_weight < 1:
+        raise ValueError(f"max_weight must be at least 1. Found {max_weight!r}.")
+    if max_clients < 1:
+        raise ValueError(f"max_clients must be at least 1. Found {max_clients!r}.")
+
+    worst_case = max_clients * max_weight * (quantization_levels - 1)
+    if worst_case >= modulus:
+        raise ValueError(
+            "The worst-case sum max_clients * max_weight * (quantization_levels - 1)"
+            f" = {max_clients} * {max_weight} * {quantization_levels - 1} = "
+            f"{worst_case} would wrap the modulus {modulus}. Lower max_clients, "
+            "max_weight or the quantization bits, or raise the modulus."
+        )
+
+
+def max_quantization_bits(*, modulus: int, max_weight: int, max_clients: int) -> int:
+    """Return the most quantization bits whose worst-case sum fits the modulus.
+
+    Returns 0 when not even two levels fit.
+    """
+    capacity = (modulus - 1) // (max_weight * max_clients)
+    # Levels L fit when L - 1 <= capacity, so the bits are floor(log2(capacity + 1)).
+    return (capacity + 1).bit_length() - 1
+
+
+def encode_update(
+    update: NDArray[np.float64],
+    *,
+    weight: int,
+    params: EncodingParams,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.uint32], int]:
+    """Clip, quantize and weight a flat update, and append the trailer slots.
+
+    Args:
+        update: Flat float64 update; it must be finite.
+        weight: The client's integer weight, 0 to ``params.max_weight``.
+        params: The shared encoding parameters.
+        rng: Source of the stochastic-rounding draws.
+
+    Returns:
+        The encoded vector of ``update.size + TRAILER_SIZE`` uint32 values and
+        the number of coordinates that were clipped.
+
+    Raises:
+        ValueError: The weight is out of range or the update is not finite.
+
+    """
+    if not 0 <= weight <= params.max_weight:
+        raise ValueError(
+            f"weight must be between 0 and max_weight {params.max_weight}. "
+            f"Found {weight!r}."
+        )
+    if not np.all(np.isfinite(update)):
+        raise ValueError("update must be finite. Found NaN or inf.")
+
+    clip_range = params.clip_range
+    num_clipped = int(np.count_nonzero(np.abs(update) > clip_range))
+    grid = (np.clip(update, -clip_range, clip_range) + clip_range) * params.scale
+    np.clip(grid, 0.0, params.quantization_levels - 1, out=grid)
+
+    floor = np.floor(grid)
+    round_up = rng.random(grid.shape) < (grid - floor)
+    levels = floor.astype(np.uint64) + round_up
+
+    encoded = np.empty(update.size + TRAILER_SIZE, dtype=np.uint32)
+    encoded[: update.size] = levels * np.uint64(weight)
+    encoded[update.size] = weight
+    encoded[update.size + 1] = min(num_clipped, params.clip_count_cap)
+    return encoded, num_clipped
+
+
+def decode_sum(
+    total: NDArray[np.uint32], *, params: EncodingParams
+) -> tuple[NDArray[np.float64], int, int]:
+    """Turn the sum of encoded vectors into the weighted mean update.
+
+    Args:
+        total: Sum of the clients' encoded vectors modulo ``params.modulus``.
+        params: The shared encoding parameters.
+
+    Returns:
+        The weighted mean update, the total weight and the total count of
+        clipped coordinates.
+
+    Raises:
+        ValueError: The vector is too short or the total weight is zero.
+
+    """
+    if total.size < TRAILER_SIZE:
+        raise ValueError(
+            f"total must hold at least {TRAILER_SIZE} values. Found {total.size}."
+        )
+    size = total.size - TRAILER_SIZE
+    total_weight = int(total[size])
+    num_clipped = int(total[size + 1])
+    if total_weight == 0:
+        raise ValueError(
+            "The total weight of the aggregated clients is 0, so their weighted "
+            "mean is undefined."
+        )
+
+    mean_levels = total[:size].astype(np.float64) / total_weight
+    return mean_levels / params.scale - params.clip_range, total_weight, num_clipped

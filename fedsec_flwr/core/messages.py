@@ -1,0 +1,306 @@
+"""Protocol stages, domain-separation labels and the messages of one round.
+
+Every message converts to and from a flat mapping of ``int``, ``bytes``,
+``str`` and ``list[bytes]`` values, which the Flower layer stores in a
+``ConfigRecord``. Node ids are uint64 values, wider than a ``ConfigRecord``
+integer, so lists of them travel packed as 8-byte big-endian words.
+``from_fields`` treats its input as untrusted and raises ``ProtocolError``
+naming the first field that is missing or of the wrong type.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+from .errors import ProtocolError
+
+FieldValue = int | float | bytes | str | list[bytes]
+Fields = dict[str, FieldValue]
+
+NODE_ID_SIZE = 8
+MAX_NODE_ID = 2**64 - 1
+
+SHARE_KEY_INFO = b"fedsec_flwr/share-encryption/v1"
+"""HKDF info prefix of the key that encrypts shares between two clients."""
+
+PAIR_SEED_INFO = b"fedsec_flwr/pair-seed/v1"
+"""HKDF info prefix of the seed of the pairwise mask between two clients."""
+
+SELF_MASK_LABEL = b"self"
+PAIR_MASK_LABEL = b"pair"
+
+
+class Stage(StrEnum):
+    """Stages of one secure-aggregation round, in order."""
+
+    SETUP = "setup"
+    SHARE_KEYS = "share-keys"
+    MASKED_INPUT = "masked-input"
+    UNMASK = "unmask"
+
+
+def pack_node_ids(node_ids: Sequence[int]) -> bytes:
+    """Pack node ids as consecutive 8-byte big-endian words."""
+    for node_id in node_ids:
+        if not 0 <= node_id <= MAX_NODE_ID:
+            raise ValueError(f"node id must be a uint64. Found {node_id!r}.")
+    return struct.pack(f">{len(node_ids)}Q", *node_ids)
+
+
+def unpack_node_ids(data: bytes, *, field: str) -> tuple[int, ...]:
+    """Unpack node ids packed by ``pack_node_ids``; ``field`` names them in errors."""
+    if len(data) % NODE_ID_SIZE:
+        raise ProtocolError(
+            f"{field} must be a multiple of {NODE_ID_SIZE} bytes. Found {len(data)}."
+        )
+    return struct.unpack(f">{len(data) // NODE_ID_SIZE}Q", data)
+
+
+def round_context(run_id: int, server_round: int) -> bytes:
+    """Return the 16-byte label of one round of one run."""
+    return struct.pack(">QQ", run_id, server_round)
+
+
+def self_mask_context(run_id: int, server_round: int, node_id: int) -> bytes:
+    """Return the mask-expansion context of a client's self mask."""
+    return (
+        SELF_MASK_LABEL
+        + round_context(run_id, server_round)
+        + struct.pack(">Q", node_id)
+    )
+
+
+def pair_mask_context(
+    run_id: int, server_round: int, node_a: int, node_b: int
+) -> bytes:
+    """Return the mask-expansion context of the mask between two clients.
+
+    The pair is ordered, so both clients derive the same context.
+    """
+    low, high = sorted((node_a, node_b))
+    return (
+        PAIR_MASK_LABEL
+        + round_context(run_id, server_round)
+        + struct.pack(">QQ", low, high)
+    )
+
+
+def pair_sign(node_id: int, peer_id: int) -> int:
+    """Return the sign with which ``node_id`` adds the mask it shares with a peer."""
+    return 1 if node_id < peer_id else -1
+
+
+_T = TypeVar("_T", int, bytes, str)
+
+
+def _field(fields: Mapping[str, object], key: str, kind: type[_T]) -> _T:
+    value = fields.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError(
+            f"Field {key!r} must be of type {kind.__name__}. "
+            f"Found {type(value).__name__}."
+        )
+    return value
+
+
+def _bytes_list(fields: Mapping[str, object], key: str) -> list[bytes]:
+    value = fields.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise ProtocolError(f"Field {key!r} must be a list of bytes.")
+    return list(value)
+
+
+def _node_map(
+    fields: Mapping[str, object], ids_key: str, values_key: str
+) -> dict[int, bytes]:
+    node_ids = unpack_node_ids(_field(fields, ids_key, bytes), field=ids_key)
+    values = _bytes_list(fields, values_key)
+    if len(node_ids) != len(values) or len(set(node_ids)) != len(node_ids):
+        raise ProtocolError(
+            f"Fields {ids_key!r} and {values_key!r} must pair distinct node ids "
+            f"with values. Found {len(node_ids)} ids and {len(values)} values."
+        )
+    return dict(zip(node_ids, values, strict=True))
+
+
+def _node_map_fields(
+    mapping: Mapping[int, bytes], ids_key: str, values_key: str
+) -> Fields:
+    node_ids = sorted(mapping)
+    return {
+        ids_key: pack_node_ids(node_ids),
+        values_key: [mapping[node_id] for node_id in node_ids],
+    }
+
+
+@dataclass(frozen=True)
+class RoundHeader:
+    """Fields every server request carries."""
+
+    stage: Stage
+    run_id: int
+    server_round: int
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            "stage": self.stage.value,
+            "run-id": pack_node_ids([self.run_id]),
+            "server-round": self.server_round,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> RoundHeader:
+        """Parse untrusted record fields."""
+        stage_name = _field(fields, "stage", str)
+        try:
+            stage = Stage(stage_name)
+        except ValueError:
+            raise ProtocolError(f"Unknown protocol stage {stage_name!r}.") from None
+        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
+        server_round = _field(fields, "server-round", int)
+        if server_round < 1:
+            raise ProtocolError(
+                f"server-round must be at least 1. Found {server_round}."
+            )
+        return cls(stage=stage, run_id=run_id, server_round=server_round)
+
+
+@dataclass(frozen=True)
+class SetupReply:
+    """A client's public keys for one round."""
+
+    encryption_public_key: bytes
+    mask_public_key: bytes
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            "encryption-public-key": self.encryption_public_key,
+            "mask-public-key": self.mask_public_key,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> SetupReply:
+        """Parse untrusted record fields."""
+        return cls(
+            encryption_public_key=_field(fields, "encryption-public-key", bytes),
+            mask_public_key=_field(fields, "mask-public-key", bytes),
+        )
+
+
+@dataclass(frozen=True)
+class ShareKeysRequest:
+    """The threshold and the public keys of a client's neighbours."""
+
+    threshold: int
+    neighbour_ids: tuple[int, ...]
+    encryption_public_keys: tuple[bytes, ...]
+    mask_public_keys: tuple[bytes, ...]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            "threshold": self.threshold,
+            "neighbour-ids": pack_node_ids(self.neighbour_ids),
+            "encryption-public-keys": list(self.encryption_public_keys),
+            "mask-public-keys": list(self.mask_public_keys),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> ShareKeysRequest:
+        """Parse untrusted record fields."""
+        neighbour_ids = unpack_node_ids(
+            _field(fields, "neighbour-ids", bytes), field="neighbour-ids"
+        )
+        encryption_keys = _bytes_list(fields, "encryption-public-keys")
+        mask_keys = _bytes_list(fields, "mask-public-keys")
+        if not len(neighbour_ids) == len(encryption_keys) == len(mask_keys):
+            raise ProtocolError(
+                "neighbour-ids, encryption-public-keys and mask-public-keys must "
+                f"have one entry per neighbour. Found {len(neighbour_ids)}, "
+                f"{len(encryption_keys)} and {len(mask_keys)}."
+            )
+        return cls(
+            threshold=_field(fields, "threshold", int),
+            neighbour_ids=neighbour_ids,
+            encryption_public_keys=tuple(encryption_keys),
+            mask_public_keys=tuple(mask_keys),
+        )
+
+
+@dataclass(frozen=True)
+class EncryptedShares:
+    """Encrypted shares, keyed by the node id of the other client.
+
+    In a client's share-keys reply the keys are receivers; in a masked-input
+    request they are senders.
+    """
+
+    ciphertexts: dict[int, bytes]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return _node_map_fields(self.ciphertexts, "peer-ids", "ciphertexts")
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> EncryptedShares:
+        """Parse untrusted record fields."""
+        return cls(ciphertexts=_node_map(fields, "peer-ids", "ciphertexts"))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """The clients whose masked input the server included, and those it lacks."""
+
+    survivor_ids: tuple[int, ...]
+    dropped_ids: tuple[int, ...]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            "survivor-ids": pack_node_ids(self.survivor_ids),
+            "dropped-ids": pack_node_ids(self.dropped_ids),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> UnmaskRequest:
+        """Parse untrusted record fields."""
+        return cls(
+            survivor_ids=unpack_node_ids(
+                _field(fields, "survivor-ids", bytes), field="survivor-ids"
+            ),
+            dropped_ids=unpack_node_ids(
+                _field(fields, "dropped-ids", bytes), field="dropped-ids"
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskReply:
+    """Revealed shares: seed shares of survivors and key shares of dropouts.
+
+    Both maps are keyed by the node id of the share's owner.
+    """
+
+    seed_shares: dict[int, bytes]
+    key_shares: dict[int, bytes]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            **_node_map_fields(self.seed_shares, "seed-owner-ids", "seed-shares"),
+            **_node_map_fields(self.key_shares, "key-owner-ids", "key-shares"),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> UnmaskReply:
+        """Parse untrusted record fields."""
+        return cls(
+            seed_shares=_node_map(fields, "seed-owner-ids", "seed-shares"),
+            key_shares=_node_map(fields, "key-owner-ids", "key-shares"),
+        )

@@ -1,0 +1,329 @@
+"""Server side of one secure-aggregation round.
+
+``ServerRound`` walks the four stages. For each stage it produces one request
+per client and takes the replies that arrived; a client that sends no reply,
+an error reply or an invalid reply is a dropout from that stage on. The server
+keeps only the running modular sum of masked inputs, never one client's
+input, and it checks every reply before any of it touches that sum.
+
+A round fails with ``TooFewSurvivorsError`` when fewer clients than the
+threshold are left at any stage, or when a secret cannot be recovered from the
+shares revealed; nothing is released then.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import keys, masks, shamir
+from .client import SEED_SIZE, pair_seed, share_holders
+from .errors import ProtocolError, TooFewSurvivorsError
+from .graph import default_num_neighbours, default_threshold, neighbour_graph
+from .messages import (
+    EncryptedShares,
+    SetupReply,
+    ShareKeysRequest,
+    Stage,
+    UnmaskReply,
+    UnmaskRequest,
+    pair_mask_context,
+    pair_sign,
+    self_mask_context,
+)
+
+logger = logging.getLogger("fedsec_flwr.core")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The neighbour graph and threshold of one round."""
+
+    neighbours: dict[int, tuple[int, ...]]
+    threshold: int
+
+
+def plan_round(
+    node_ids: list[int],
+    *,
+    num_neighbours: int | None,
+    threshold: int | None,
+    rng: random.Random,
+) -> RoundPlan:
+    """Choose the neighbour graph and the threshold for the clients of a round.
+
+    Raises:
+        TooFewSurvivorsError: Fewer than two clients, or fewer clients than a
+            configured threshold.
+        ValueError: The configured threshold exceeds the share holders.
+
+    """
+    if len(node_ids) < 2:
+        raise TooFewSurvivorsError(
+            f"Secure aggregation needs at least 2 clients. Found {len(node_ids)}."
+        )
+    degree = num_neighbours or default_num_neighbours(len(node_ids))
+    graph = neighbour_graph(node_ids, num_neighbours=degree, rng=rng)
+    min_degree = min(len(peers) for peers in graph.values())
+    chosen = threshold or default_threshold(min_degree)
+    if chosen > min_degree + 1:
+        raise ValueError(
+            f"threshold must not exceed the share holders per client "
+            f"(neighbours + 1 = {min_degree + 1}) for {len(node_ids)} clients. "
+            f"Found {chosen}."
+        )
+    if len(node_ids) < chosen:
+        raise TooFewSurvivorsError(
+            f"{len(node_ids)} clients are fewer than the threshold {chosen}."
+        )
+    return RoundPlan(neighbours=graph, threshold=chosen)
+
+
+@dataclass
+class ServerRound:
+    """State of the server through the four stages of one round.
+
+    Call the methods in order: ``receive_setup``, ``share_keys_requests``,
+    ``receive_share_keys``, ``masked_input_requests``,
+    ``receive_masked_inputs``, ``unmask_requests``, ``receive_unmask``.
+    """
+
+    run_id: int
+    server_round: int
+    vector_size: int
+    modulus: int
+    num_neighbours: int | None = None
+    threshold: int | None = None
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    dropped_by_stage: dict[str, int] = field(default_factory=dict)
+    _plan: RoundPlan | None = None
+    _public_keys: dict[int, SetupReply] = field(default_factory=dict)
+    _share_keys_done: set[int] = field(default_factory=set)
+    _routed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    _survivors: set[int] = field(default_factory=set)
+    _total: NDArray[np.uint32] | None = None
+
+    @property
+    def plan(self) -> RoundPlan:
+        """The round's graph and threshold, chosen at ``receive_setup``."""
+        if self._plan is None:
+            raise ProtocolError("The round has no plan before the setup replies.")
+        return self._plan
+
+    @property
+    def survivors(self) -> tuple[int, ...]:
+        """Clients whose masked input is in the sum."""
+        return tuple(sorted(self._survivors))
+
+    def _record_drops(self, stage: Stage, expected: set[int], kept: set[int]) -> None:
+        lost = expected - kept
+        self.dropped_by_stage[stage.value] = len(lost)
+        if lost:
+            logger.info(
+                "Round %d: %d client(s) dropped at stage %s",
+                self.server_round,
+                len(lost),
+                stage.value,
+            )
+
+    def _require(self, remaining: int, stage: Stage) -> None:
+        if remaining < self.plan.threshold:
+            raise TooFewSurvivorsError(
+                f"Round {self.server_round}: {remaining} client(s) remain after "
+                f"stage {stage.value!r}, fewer than the threshold "
+                f"{self.plan.threshold}. The round is aborted and no model is "
+                "released."
+            )
+
+    def receive_setup(
+        self, sampled: list[int], replies: Mapping[int, SetupReply]
+    ) -> None:
+        """Keep the valid key advertisements and plan the graph over their senders."""
+        valid = {
+            node: reply
+            for node, reply in replies.items()
+            if node in sampled
+            and len(reply.encryption_public_key) == keys.KEY_SIZE
+            and len(reply.mask_public_key) == keys.KEY_SIZE
+        }
+        self._record_drops(Stage.SETUP, set(sampled), set(valid))
+        self._public_keys = valid
+        self._plan = plan_round(
+            sorted(valid),
+            num_neighbours=self.num_neighbours,
+            threshold=self.threshold,
+            rng=self.rng,
+        )
+
+    def share_keys_requests(self) -> dict[int, ShareKeysRequest]:
+        """Send each client the public keys of its neighbours."""
+        requests = {}
+        for node, peers in self.plan.neighbours.items():
+            requests[node] = ShareKeysRequest(
+                threshold=self.plan.threshold,
+                neighbour_ids=peers,
+                encryption_public_keys=tuple(
+                    self._public_keys[p].encryption_public_key for p in peers
+                ),
+                mask_public_keys=tuple(
+                    self._public_keys[p].mask_public_key for p in peers
+                ),
+            )
+        return requests
+
+    def receive_share_keys(self, replies: Mapping[int, EncryptedShares]) -> None:
+        """Route the encrypted shares of every client that shared with all its peers."""
+        graph = self.plan.neighbours
+        valid = {
+            node: reply
+            for node, reply in replies.items()
+            if node in graph and set(reply.ciphertexts) == set(graph[node])
+        }
+        self._record_drops(Stage.SHARE_KEYS, set(graph), set(valid))
+        self._require(len(valid), Stage.SHARE_KEYS)
+
+        self._share_keys_done = set(valid)
+        self._routed = {node: {} for node in valid}
+        for sender, reply in valid.items():
+            for receiver, ciphertext in reply.ciphertexts.items():
+                if receiver in valid:
+                    self._routed[receiver][sender] = ciphertext
+
+    def masked_input_requests(self) -> dict[int, EncryptedShares]:
+        """Forward to each client the shares addressed to it."""
+        return {
+            node: EncryptedShares(ciphertexts=dict(shares))
+            for node, shares in self._routed.items()
+        }
+
+    def receive_masked_inputs(self, replies: Mapping[int, NDArray[np.uint32]]) -> None:
+        """Add every well-formed masked input to the running sum."""
+        total = np.zeros(self.vector_size, dtype=np.uint32)
+        survivors: set[int] = set()
+        for node, vector in replies.items():
+            if node not in self._share_keys_done:
+                continue
+            if vector.dtype != np.uint32 or vector.shape != (self.vector_size,):
+                logger.warning(
+                    "Round %d: node %d sent a masked input of dtype %s and shape %s, "
+                    "expected uint32 and (%d,); it counts as dropped",
+                    self.server_round,
+                    node,
+                    vector.dtype,
+                    vector.shape,
+                    self.vector_size,
+                )
+                continue
+            total += vector
+            survivors.add(node)
+
+        self._record_drops(Stage.MASKED_INPUT, self._share_keys_done, survivors)
+        self._require(len(survivors), Stage.MASKED_INPUT)
+        self._survivors = survivors
+        self._total = total
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Ask every survivor for the shares that remove the remaining masks."""
+        survivor_ids = self.survivors
+        dropped_ids = tuple(sorted(self._share_keys_done - self._survivors))
+        request = UnmaskRequest(survivor_ids=survivor_ids, dropped_ids=dropped_ids)
+        return {node: request for node in survivor_ids}
+
+    def receive_unmask(self, replies: Mapping[int, UnmaskReply]) -> NDArray[np.uint32]:
+        """Recover the needed secrets and return the sum of the survivors' inputs."""
+        if self._total is None:
+            raise ProtocolError("Unmasking must follow the masked-input stage.")
+        responders = {node: r for node, r in replies.items() if node in self._survivors}
+        self._record_drops(Stage.UNMASK, self._survivors, set(responders))
+
+        total = self._total
+        for owner in self.survivors:
+            seed = self._recover(owner, responders, kind="seed", size=SEED_SIZE)
+            masks.add_mask(
+                total,
+                seed,
+                context=self_mask_context(self.run_id, self.server_round, owner),
+                sign=-1,
+            )
+
+        for owner in sorted(self._share_keys_done - self._survivors):
+            self._remove_pair_masks(owner, responders, total)
+
+        if self.modulus < 2**32:
+            np.bitwise_and(total, np.uint32(self.modulus - 1), out=total)
+        self._total = None
+        return total
+
+    def _remove_pair_masks(
+        self,
+        owner: int,
+        responders: Mapping[int, UnmaskReply],
+        total: NDArray[np.uint32],
+    ) -> None:
+        surviving_peers = [
+            peer for peer in self.plan.neighbours[owner] if peer in self._survivors
+        ]
+        if not surviving_peers:
+            return
+        mask_key = self._recover(owner, responders, kind="key", size=keys.KEY_SIZE)
+        advertised = self._public_keys[owner].mask_public_key
+        if keys.public_key_bytes(keys.load_private_key(mask_key)) != advertised:
+            raise ProtocolError(
+                f"Round {self.server_round}: the mask key recovered for node {owner} "
+                "does not match its public key; a share is corrupt."
+            )
+        for peer in surviving_peers:
+            seed = pair_seed(
+                mask_key,
+                self._public_keys[peer].mask_public_key,
+                self.run_id,
+                self.server_round,
+            )
+            # The peer added sign(peer, owner) * mask; subtract the same.
+            masks.add_mask(
+                total,
+                seed,
+                context=pair_mask_context(self.run_id, self.server_round, owner, peer),
+                sign=-pair_sign(peer, owner),
+            )
+
+    def _recover(
+        self,
+        owner: int,
+        responders: Mapping[int, UnmaskReply],
+        *,
+        kind: str,
+        size: int,
+    ) -> bytes:
+        holders = share_holders(owner, self.plan.neighbours[owner])
+        shares = []
+        for holder in holders:
+            reply = responders.get(holder)
+            if reply is None:
+                continue
+            revealed = reply.seed_shares if kind == "seed" else reply.key_shares
+            encoded = revealed.get(owner)
+            if encoded is None:
+                continue
+            try:
+                share = shamir.decode_share(encoded)
+            except ValueError:
+                continue
+            if share.index == holders.index(holder) + 1:
+                shares.append(share)
+
+        if len(shares) < self.plan.threshold:
+            raise TooFewSurvivorsError(
+                f"Round {self.server_round}: {len(shares)} share(s) of the {kind} of "
+                f"node {owner} were revealed, fewer than the threshold "
+                f"{self.plan.threshold}. The round is aborted and no model is "
+                "released."
+            )
+        return shamir.combine_shares(
+            shares, threshold=self.plan.threshold, secret_size=size
+        )

@@ -1,0 +1,212 @@
+"""Record names and conversions between protocol messages and Flower records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from numpy.typing import NDArray
+
+from .core.encoding import EncodingParams
+from .core.errors import ProtocolError
+from .core.messages import Fields, _field
+
+PROTOCOL_RECORD = "fedsec.secagg"
+"""ConfigRecord with the protocol stage and the request or reply fields."""
+
+STATE_RECORD = "fedsec.secagg.state"
+"""ConfigRecord in ``Context.state`` with the client's protocol state."""
+
+MASKED_INPUT_RECORD = "fedsec.masked-input"
+"""ArrayRecord with the client's masked input."""
+
+MASKED_VECTOR_KEY = "vector"
+
+ARRAYS_RECORD = "arrays"
+"""ArrayRecord with the global model, and with a client's model in plain mode."""
+
+CONFIG_RECORD = "config"
+"""ConfigRecord with the training configuration for the ClientApp."""
+
+METRICS_RECORD = "metrics"
+"""MetricRecord with a client's training metrics."""
+
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+def to_config_record(fields: Fields) -> ConfigRecord:
+    """Wrap protocol fields in a ConfigRecord."""
+    return ConfigRecord(dict(fields))
+
+
+def protocol_fields(content: RecordDict) -> dict[str, object]:
+    """Return the protocol fields of a message, or raise ``ProtocolError``."""
+    record = content.config_records.get(PROTOCOL_RECORD)
+    if record is None:
+        raise ProtocolError(f"The message has no {PROTOCOL_RECORD!r} ConfigRecord.")
+    return dict(record)
+
+
+def encoding_fields(params: EncodingParams) -> Fields:
+    """Convert encoding parameters to record fields."""
+    return {
+        "clip-range": params.clip_range,
+        "quantization-levels": params.quantization_levels,
+        "modulus": params.modulus,
+        "max-weight": params.max_weight,
+        "max-clients": params.max_clients,
+    }
+
+
+def parse_encoding(fields: Mapping[str, object]) -> EncodingParams:
+    """Parse and check untrusted encoding parameters."""
+    clip_range = fields.get("clip-range")
+    if not isinstance(clip_range, float):
+        raise ProtocolError(
+            "Field 'clip-range' must be of type float. "
+            f"Found {type(clip_range).__name__}."
+        )
+    try:
+        return EncodingParams(
+            clip_range=clip_range,
+            quantization_levels=_field(fields, "quantization-levels", int),
+            modulus=_field(fields, "modulus", int),
+            max_weight=_field(fields, "max-weight", int),
+            max_clients=_field(fields, "max-clients", int),
+        )
+    except ValueError as error:
+        raise ProtocolError(f"Invalid encoding parameters: {error}") from None
+
+
+@dataclass(frozen=True)
+class FloatLayout:
+    """Which arrays of a model are aggregated, in which order, and their shapes.
+
+    Floating-point arrays (0-d included) are aggregated as one flat vector in
+    the order of the model's keys. Other arrays, such as BatchNorm's int64
+    ``num_batches_tracked``, are not aggregated: the global model keeps its
+    value for them, in plain and secure mode alike.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype[np.floating], ...]
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, NDArray[np.generic]]) -> FloatLayout:
+        """Return the layout of the floating-point arrays of a model."""
+        keys: list[str] = []
+        shapes: list[tuple[int, ...]] = []
+        dtypes: list[np.dtype[np.floating]] = []
+        for key, array in arrays.items():
+            if np.issubdtype(array.dtype, np.floating):
+                keys.append(key)
+                shapes.append(tuple(array.shape))
+                dtypes.append(np.dtype(array.dtype.str))
+        return cls(keys=tuple(keys), shapes=tuple(shapes), dtypes=tuple(dtypes))
+
+    @property
+    def size(self) -> int:
+        """Number of aggregated coordinates."""
+        return sum(int(np.prod(shape)) for shape in self.shapes)
+
+    def flatten(self, arrays: Mapping[str, NDArray[np.generic]]) -> NDArray[np.float64]:
+        """Concatenate the aggregated arrays as one float64 vector."""
+        if not self.keys:
+            return np.zeros(0, dtype=np.float64)
+        return np.concatenate(
+            [np.asarray(arrays[key], dtype=np.float64).ravel() for key in self.keys]
+        )
+
+    def apply_update(
+        self,
+        global_arrays: Mapping[str, NDArray[np.generic]],
+        update: NDArray[np.float64],
+    ) -> dict[str, NDArray[np.generic]]:
+        """Add a flat update to the global model; non-float arrays stay as they are."""
+        result = {
+            key: np.array(value, copy=True) for key, value in global_arrays.items()
+        }
+        offset = 0
+        for key, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
+            size = int(np.prod(shape))
+            chunk = update[offset : offset + size].reshape(shape)
+            result[key] = (np.asarray(global_arrays[key], np.float64) + chunk).astype(
+                dtype
+            )
+            offset += size
+        return result
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
+    """Convert an ArrayRecord to numpy arrays, keeping its key order."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def check_client_arrays(
+    received: Mapping[str, NDArray[np.generic]],
+    sent: Mapping[str, NDArray[np.generic]],
+) -> None:
+    """Check that a client's model matches the global model it was sent.
+
+    Raises:
+        ValueError: A key is missing or extra, or an array changed shape or
+            dtype, or a float array holds NaN or inf; the message names it.
+
+    """
+    missing = [key for key in sent if key not in received]
+    extra = [key for key in received if key not in sent]
+    if missing or extra:
+        raise ValueError(
+            f"The returned arrays must have the keys of the global model. "
+            f"Missing: {missing}; extra: {extra}."
+        )
+    for key, reference in sent.items():
+        array = received[key]
+        if array.shape != reference.shape or array.dtype != reference.dtype:
+            raise ValueError(
+                f"Array {key!r} must have shape {reference.shape} and dtype "
+                f"{reference.dtype}. Found shape {array.shape} and dtype {array.dtype}."
+            )
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise ValueError(f"Array {key!r} holds NaN or inf values.")
+
+
+def single_array_record(content: RecordDict, *, role: str) -> ArrayRecord:
+    """Return the only ArrayRecord of a message, or raise ``ValueError``."""
+    records = content.array_records
+    if len(records) != 1:
+        raise ValueError(
+            f"The {role} must carry exactly one ArrayRecord. Found {len(records)}."
+        )
+    return next(iter(records.values()))
+
+
+def num_examples(content: RecordDict, *, max_weight: int | None = None) -> int:
+    """Return the ``num-examples`` metric of a reply as a checked integer."""
+    records = content.metric_records
+    if len(records) != 1:
+        raise ValueError(
+            f"The reply must carry exactly one MetricRecord. Found {len(records)}."
+        )
+    value = next(iter(records.values())).get(NUM_EXAMPLES_KEY)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"Metric {NUM_EXAMPLES_KEY!r} must be a non-negative integer. "
+            f"Found {value!r}."
+        )
+    if max_weight is not None and value > max_weight:
+        raise ValueError(
+            f"Metric {NUM_EXAMPLES_KEY!r} must not exceed max_weight {max_weight}. "
+            f"Found {value}."
+        )
+    return value
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Return the payload size of a message's records, as Flower counts it."""
+    return sum(record.count_bytes() for record in content.values())

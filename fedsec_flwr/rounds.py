@@ -1,0 +1,338 @@
+"""One round of training over the Grid, in plain or secure mode."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from numpy.typing import NDArray
+
+from .config import SecAggConfig
+from .core.encoding import TRAILER_SIZE, decode_sum
+from .core.errors import ProtocolError
+from .core.messages import (
+    EncryptedShares,
+    RoundHeader,
+    SetupReply,
+    Stage,
+    UnmaskReply,
+)
+from .core.server import ServerRound
+from .records import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    MASKED_INPUT_RECORD,
+    MASKED_VECTOR_KEY,
+    PROTOCOL_RECORD,
+    FloatLayout,
+    arrays_to_numpy,
+    check_client_arrays,
+    content_bytes,
+    encoding_fields,
+    num_examples,
+    protocol_fields,
+    single_array_record,
+    to_config_record,
+)
+
+logger = logging.getLogger("fedsec_flwr.rounds")
+
+_Reply = TypeVar("_Reply")
+
+
+@dataclass
+class RoundOutcome:
+    """The new global model of a round and what it cost."""
+
+    arrays: ArrayRecord
+    num_aggregated: int
+    dropped_by_stage: dict[str, int]
+    clipped_coordinates: int
+    upload_bytes: dict[int, int] = field(default_factory=dict)
+    download_bytes: dict[int, int] = field(default_factory=dict)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Exchange:
+    """Sends one request per node and collects the valid replies."""
+
+    grid: Grid
+    server_round: int
+    timeout: float
+    upload_bytes: dict[int, int] = field(default_factory=dict)
+    download_bytes: dict[int, int] = field(default_factory=dict)
+
+    def send(self, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+        messages = []
+        for node, content in contents.items():
+            self.download_bytes[node] = self.download_bytes.get(
+                node, 0
+            ) + content_bytes(content)
+            messages.append(
+                self.grid.create_message(
+                    content=content,
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=node,
+                    group_id=str(self.server_round),
+                )
+            )
+
+        replies: dict[int, Message] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if node not in contents or node in replies:
+                continue
+            if reply.has_error():
+                logger.info(
+                    "Round %d: node %d replied with an error: %s",
+                    self.server_round,
+                    node,
+                    reply.error.reason,
+                )
+                continue
+            self.upload_bytes[node] = self.upload_bytes.get(node, 0) + content_bytes(
+                reply.content
+            )
+            replies[node] = reply
+        return replies
+
+
+def _parse_replies(
+    replies: Mapping[int, Message],
+    parse: Callable[[Message], _Reply],
+    stage: Stage,
+    server_round: int,
+) -> dict[int, _Reply]:
+    parsed: dict[int, _Reply] = {}
+    for node, reply in replies.items():
+        try:
+            parsed[node] = parse(reply)
+        except (ProtocolError, ValueError, KeyError) as error:
+            logger.warning(
+                "Round %d: invalid %s reply from node %d counts as dropped: %s",
+                server_round,
+                stage.value,
+                node,
+                error,
+            )
+    return parsed
+
+
+def _mean_metrics(replies: Mapping[int, Message]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for reply in replies.values():
+        for record in reply.content.metric_records.values():
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def _with_protocol(header: RoundHeader, fields: Mapping[str, object]) -> RecordDict:
+    return RecordDict(
+        {PROTOCOL_RECORD: to_config_record({**header.to_fields(), **fields})}  # type: ignore[dict-item]
+    )
+
+
+def run_secure_round(
+    grid: Grid,
+    *,
+    server_round: int,
+    nodes: list[int],
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+    config: SecAggConfig,
+    rng: random.Random,
+) -> RoundOutcome:
+    """Run the four SecAgg+ stages and return the new global model.
+
+    Raises:
+        TooFewSurvivorsError: Too few clients remain at some stage.
+        ValueError: The aggregated clients reported a total weight of zero.
+
+    """
+    global_arrays = arrays_to_numpy(arrays)
+    layout = FloatLayout.of(global_arrays)
+    params = config.encoding()
+    run_id = grid.run.run_id
+    server = ServerRound(
+        run_id=run_id,
+        server_round=server_round,
+        vector_size=layout.size + TRAILER_SIZE,
+        modulus=params.modulus,
+        num_neighbours=config.num_neighbours,
+        threshold=config.threshold,
+        rng=rng,
+    )
+    exchange = _Exchange(grid, server_round, config.stage_timeout)
+
+    def header(stage: Stage) -> RoundHeader:
+        return RoundHeader(stage=stage, run_id=run_id, server_round=server_round)
+
+    logger.debug("Round %d: stage %s", server_round, Stage.SETUP.value)
+    replies = exchange.send({n: _with_protocol(header(Stage.SETUP), {}) for n in nodes})
+    server.receive_setup(
+        nodes,
+        _parse_replies(
+            replies,
+            lambda m: SetupReply.from_fields(protocol_fields(m.content)),
+            Stage.SETUP,
+            server_round,
+        ),
+    )
+
+    logger.debug("Round %d: stage %s", server_round, Stage.SHARE_KEYS.value)
+    requests = server.share_keys_requests()
+    replies = exchange.send(
+        {
+            n: _with_protocol(header(Stage.SHARE_KEYS), request.to_fields())
+            for n, request in requests.items()
+        }
+    )
+    server.receive_share_keys(
+        _parse_replies(
+            replies,
+            lambda m: EncryptedShares.from_fields(protocol_fields(m.content)),
+            Stage.SHARE_KEYS,
+            server_round,
+        )
+    )
+
+    logger.debug("Round %d: stage %s", server_round, Stage.MASKED_INPUT.value)
+    contents = {}
+    for n, shares in server.masked_input_requests().items():
+        content = _with_protocol(
+            header(Stage.MASKED_INPUT),
+            {**shares.to_fields(), **encoding_fields(params)},
+        )
+        content[ARRAYS_RECORD] = arrays
+        content[CONFIG_RECORD] = train_config
+        contents[n] = content
+    masked_replies = exchange.send(contents)
+    server.receive_masked_inputs(
+        _parse_replies(masked_replies, _masked_vector, Stage.MASKED_INPUT, server_round)
+    )
+
+    logger.debug("Round %d: stage %s", server_round, Stage.UNMASK.value)
+    replies = exchange.send(
+        {
+            n: _with_protocol(header(Stage.UNMASK), request.to_fields())
+            for n, request in server.unmask_requests().items()
+        }
+    )
+    total = server.receive_unmask(
+        _parse_replies(
+            replies,
+            lambda m: UnmaskReply.from_fields(protocol_fields(m.content)),
+            Stage.UNMASK,
+            server_round,
+        )
+    )
+
+    mean_update, _, num_clipped = decode_sum(total, params=params)
+    if num_clipped:
+        logger.warning(
+            "Round %d: %d update coordinates were clipped to the range +-%g",
+            server_round,
+            num_clipped,
+            params.clip_range,
+        )
+    new_arrays = layout.apply_update(global_arrays, mean_update)
+    survivors = set(server.survivors)
+    return RoundOutcome(
+        arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        num_aggregated=len(survivors),
+        dropped_by_stage=server.dropped_by_stage,
+        clipped_coordinates=num_clipped,
+        upload_bytes=exchange.upload_bytes,
+        download_bytes=exchange.download_bytes,
+        train_metrics=_mean_metrics(
+            {n: m for n, m in masked_replies.items() if n in survivors}
+        ),
+    )
+
+
+def _masked_vector(reply: Message) -> NDArray[np.uint32]:
+    record = reply.content.array_records.get(MASKED_INPUT_RECORD)
+    if record is None or list(record.keys()) != [MASKED_VECTOR_KEY]:
+        raise ProtocolError(
+            f"The reply must carry the {MASKED_INPUT_RECORD!r} ArrayRecord with the "
+            f"single key {MASKED_VECTOR_KEY!r}."
+        )
+    vector: NDArray[np.uint32] = record[MASKED_VECTOR_KEY].numpy()
+    return vector
+
+
+def _array(value: NDArray[np.generic]) -> Array:
+    return Array(np.ascontiguousarray(value))
+
+
+def run_plain_round(
+    grid: Grid,
+    *,
+    server_round: int,
+    nodes: list[int],
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+    timeout: float,
+) -> RoundOutcome:
+    """Run weighted FedAvg in plaintext: the server sees every client's model.
+
+    Raises:
+        ValueError: No client replied validly, or their total weight is zero.
+
+    """
+    global_arrays = arrays_to_numpy(arrays)
+    layout = FloatLayout.of(global_arrays)
+    exchange = _Exchange(grid, server_round, timeout)
+    replies = exchange.send(
+        {
+            n: RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: train_config})
+            for n in nodes
+        }
+    )
+
+    def parse(reply: Message) -> tuple[NDArray[np.float64], int]:
+        local = arrays_to_numpy(single_array_record(reply.content, role="reply"))
+        check_client_arrays(local, global_arrays)
+        return layout.flatten(local) - layout.flatten(global_arrays), num_examples(
+            reply.content
+        )
+
+    updates = _parse_replies(replies, parse, Stage.MASKED_INPUT, server_round)
+    total_weight = sum(weight for _, weight in updates.values())
+    if not updates or total_weight == 0:
+        raise ValueError(
+            f"Round {server_round}: the total weight of the {len(updates)} valid "
+            "replies is 0, so their weighted mean is undefined."
+        )
+    mean_update = np.zeros(layout.size, dtype=np.float64)
+    for update, weight in updates.values():
+        mean_update += update * (weight / total_weight)
+
+    new_arrays = layout.apply_update(global_arrays, mean_update)
+    return RoundOutcome(
+        arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        num_aggregated=len(updates),
+        dropped_by_stage={"train": len(nodes) - len(updates)},
+        clipped_coordinates=0,
+        upload_bytes=exchange.upload_bytes,
+        download_bytes=exchange.download_bytes,
+        train_metrics=_mean_metrics({n: replies[n] for n in updates}),
+    )

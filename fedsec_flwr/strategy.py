@@ -1,0 +1,291 @@
+"""Federated averaging whose server sees only the masked sum of client updates.
+
+``SecureFedAvg`` runs its own round loop over the Grid, because one round of
+secure aggregation takes four exchanges with the clients (setup, share keys,
+masked input, unmask) instead of Flower's single train exchange. With
+``secure_aggregation=None`` the same loop runs plain weighted FedAvg, so both
+modes share sampling, update handling and reporting.
+
+Both modes average the update (client weights minus global weights), weighted
+by each client's ``num-examples``, and add it to the global model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from .config import SecAggConfig
+from .rounds import RoundOutcome, run_plain_round, run_secure_round
+
+logger = logging.getLogger("fedsec_flwr.strategy")
+
+NODE_WAIT_INTERVAL = 1.0
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, for logs and results files.
+
+    Attributes:
+        server_round: Round number, from 1.
+        num_sampled: Clients sampled for the round.
+        num_aggregated: Clients whose update is in the aggregate.
+        num_dropped: Sampled clients whose update is not in it.
+        dropped_by_stage: Clients lost at each protocol stage; in secure mode a
+            client lost at the unmask stage is still aggregated.
+        seconds: Wall time of the round, evaluation excluded.
+        upload_bytes: Bytes of record payload each client sent in the round.
+        download_bytes: Bytes of record payload sent to each client.
+        clipped_coordinates: Update coordinates clipped to the encoding range,
+            summed over the aggregated clients.
+        train_metrics: Mean of the clients' training metrics.
+        evaluate_metrics: The central evaluation after the round.
+
+    """
+
+    server_round: int
+    num_sampled: int
+    num_aggregated: int
+    num_dropped: int
+    dropped_by_stage: dict[str, int]
+    seconds: float
+    upload_bytes: dict[int, int]
+    download_bytes: dict[int, int]
+    clipped_coordinates: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+
+
+RoundCallback = Callable[[RoundReport], None]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+DEFAULT_SECAGG = SecAggConfig()
+
+
+class SecureFedAvg(Strategy):
+    """Weighted FedAvg over SecAgg+ secure aggregation.
+
+    Args:
+        secure_aggregation: The secure-aggregation parameters; pass ``None``
+            to run plain FedAvg, in which the server sees every client's model.
+        fraction_train: Fraction of the connected nodes sampled each round.
+        min_train_nodes: Fewest nodes sampled in a round.
+        min_available_nodes: Nodes to wait for before the first round.
+        plain_timeout: Seconds to wait for replies in plain mode.
+        on_round_end: Called with each round's report after evaluation.
+        rng: Source of sampling and graph randomness; a
+            ``random.SystemRandom`` by default.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        secure_aggregation: SecAggConfig | None = DEFAULT_SECAGG,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        plain_timeout: float = 600.0,
+        on_round_end: RoundCallback | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(
+                f"fraction_train must be in (0, 1]. Found {fraction_train!r}."
+            )
+        if min_train_nodes < 1:
+            raise ValueError(
+                f"min_train_nodes must be at least 1. Found {min_train_nodes!r}."
+            )
+        if min_available_nodes < min_train_nodes:
+            raise ValueError(
+                "min_available_nodes must be at least min_train_nodes "
+                f"{min_train_nodes}. Found {min_available_nodes!r}."
+            )
+        if secure_aggregation is not None and min_train_nodes < 2:
+            raise ValueError(
+                "min_train_nodes must be at least 2 with secure aggregation. "
+                f"Found {min_train_nodes}."
+            )
+        self.secure_aggregation = secure_aggregation
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.plain_timeout = plain_timeout
+        self.on_round_end = on_round_end
+        self.rng = rng or random.SystemRandom()
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        mode = "plain FedAvg" if self.secure_aggregation is None else "SecAgg+"
+        logger.info(
+            "SecureFedAvg (%s): fraction_train=%s, min_train_nodes=%d",
+            mode,
+            self.fraction_train,
+            self.min_train_nodes,
+        )
+        if self.secure_aggregation is not None:
+            logger.info("Secure aggregation: %s", self.secure_aggregation)
+
+    # The four hooks below belong to Flower's single-exchange round loop, which
+    # ``start`` replaces; they exist because ``Strategy`` declares them.
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Return no messages: ``start`` runs the training exchanges itself."""
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Return nothing: ``start`` aggregates through its own exchanges."""
+        return None, None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Return no messages: evaluation is central, through ``evaluate_fn``."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Return nothing: there is no client-side evaluation."""
+        return None
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds and return the final model and metrics.
+
+        ``timeout`` bounds the wait for ``min_available_nodes``; each protocol
+        stage has its own timeout in the secure-aggregation config.
+
+        Raises:
+            TooFewSurvivorsError: A round lost too many clients; no model from
+                that round is released.
+
+        """
+        self.summary()
+        train_config = train_config or ConfigRecord()
+        result = Result(arrays=initial_arrays)
+        if evaluate_fn is not None:
+            initial = evaluate_fn(0, initial_arrays)
+            if initial is not None:
+                result.evaluate_metrics_serverapp[0] = initial
+
+        arrays = initial_arrays
+        for server_round in range(1, num_rounds + 1):
+            started = time.perf_counter()
+            nodes = self._sample_nodes(grid, server_round, timeout)
+            outcome = self._run_round(grid, server_round, nodes, arrays, train_config)
+            arrays = outcome.arrays
+            seconds = time.perf_counter() - started
+
+            evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            report = _report(server_round, len(nodes), outcome, seconds, evaluation)
+            result.arrays = arrays
+            result.train_metrics_clientapp[server_round] = MetricRecord(
+                dict(outcome.train_metrics)
+            )
+            if evaluation is not None:
+                result.evaluate_metrics_serverapp[server_round] = evaluation
+            logger.info(
+                "Round %d: aggregated %d of %d clients in %.2f s",
+                server_round,
+                report.num_aggregated,
+                report.num_sampled,
+                seconds,
+            )
+            if self.on_round_end is not None:
+                self.on_round_end(report)
+        return result
+
+    def _run_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        nodes: list[int],
+        arrays: ArrayRecord,
+        train_config: ConfigRecord,
+    ) -> RoundOutcome:
+        if self.secure_aggregation is None:
+            return run_plain_round(
+                grid,
+                server_round=server_round,
+                nodes=nodes,
+                arrays=arrays,
+                train_config=train_config,
+                timeout=self.plain_timeout,
+            )
+        return run_secure_round(
+            grid,
+            server_round=server_round,
+            nodes=nodes,
+            arrays=arrays,
+            train_config=train_config,
+            config=self.secure_aggregation,
+            rng=self.rng,
+        )
+
+    def _sample_nodes(self, grid: Grid, server_round: int, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        available = sorted(grid.get_node_ids())
+        while len(available) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Only {len(available)} node(s) connected within {timeout} s; "
+                    f"min_available_nodes is {self.min_available_nodes}."
+                )
+            time.sleep(NODE_WAIT_INTERVAL)
+            available = sorted(grid.get_node_ids())
+
+        count = max(self.min_train_nodes, int(self.fraction_train * len(available)))
+        count = min(count, len(available))
+        limit = self.secure_aggregation and self.secure_aggregation.max_clients
+        if limit and count > limit:
+            raise ValueError(
+                f"Round {server_round} would sample {count} clients, more than "
+                f"max_clients {limit} of the secure-aggregation config."
+            )
+        return sorted(self.rng.sample(available, count))
+
+
+def _report(
+    server_round: int,
+    num_sampled: int,
+    outcome: RoundOutcome,
+    seconds: float,
+    evaluation: MetricRecord | None,
+) -> RoundReport:
+    return RoundReport(
+        server_round=server_round,
+        num_sampled=num_sampled,
+        num_aggregated=outcome.num_aggregated,
+        num_dropped=num_sampled - outcome.num_aggregated,
+        dropped_by_stage=dict(outcome.dropped_by_stage),
+        seconds=seconds,
+        upload_bytes=dict(outcome.upload_bytes),
+        download_bytes=dict(outcome.download_bytes),
+        clipped_coordinates=outcome.clipped_coordinates,
+        train_metrics=dict(outcome.train_metrics),
+        evaluate_metrics={
+            key: float(np.asarray(value)) for key, value in (evaluation or {}).items()
+        },
+    )
