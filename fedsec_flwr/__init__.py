@@ -1,13 +1,30 @@
 """Secure aggregation, differential privacy and verification for Flower.
 
 The public API: ``SecureFedAvg`` (a server strategy), ``secure_aggregation_mod``
-(the matching ClientApp mod) and ``SecAggConfig`` (their parameters).
+(the matching ClientApp mod) and ``SecAggConfig`` (their parameters). They are
+imported on first use, so ``fedsec_flwr.core`` loads without Flower.
 """
 
-from .config import SecAggConfig
-from .core.errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
-from .mod import secure_aggregation_mod
-from .strategy import RoundReport, SecureFedAvg
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import SecAggConfig
+    from .core.errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
+    from .mod import secure_aggregation_mod
+    from .strategy import RoundReport, SecureFedAvg
+
+_EXPORTS = {
+    "AuthenticationError": ".core.errors",
+    "ProtocolError": ".core.errors",
+    "RoundReport": ".strategy",
+    "SecAggConfig": ".config",
+    "SecureFedAvg": ".strategy",
+    "TooFewSurvivorsError": ".core.errors",
+    "secure_aggregation_mod": ".mod",
+}
 
 __all__ = [
     "AuthenticationError",
@@ -18,3 +35,11 @@ __all__ = [
     "TooFewSurvivorsError",
     "secure_aggregation_mod",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedsec_flwr' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -208,5 +208,21 @@ def num_examples(content: RecordDict, *, max_weight: int | None = None) -> int:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Return the payload size of a message's records, as Flower counts it."""
-    return sum(record.count_bytes() for record in content.values())
+    """Return the payload bytes of a message's records.
+
+    Array data counts its serialized bytes, numbers 8 bytes, strings and bytes
+    their length, and every key its length; protobuf framing is not counted.
+    """
+    total = 0
+    for name, record in content.items():
+        total += len(name)
+        if isinstance(record, ArrayRecord):
+            total += sum(len(key) + len(array.data) for key, array in record.items())
+            continue
+        for key, value in record.items():
+            total += len(key)
+            values = value if isinstance(value, list) else [value]
+            total += sum(
+                len(item) if isinstance(item, str | bytes) else 8 for item in values
+            )
+    return total

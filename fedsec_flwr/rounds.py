@@ -280,7 +280,8 @@ def _masked_vector(reply: Message) -> NDArray[np.uint32]:
 
 
 def _array(value: NDArray[np.generic]) -> Array:
-    return Array(np.ascontiguousarray(value))
+    # np.ascontiguousarray would turn a 0-d array into shape (1,).
+    return Array(np.array(value, order="C", copy=True))
 
 
 def run_plain_round(
