@@ -191,16 +191,20 @@ def _masked_input(
     check_client_arrays(local_arrays, global_arrays)
 
     layout = FloatLayout.of(global_arrays)
-    update = layout.flatten(local_arrays) - layout.flatten(global_arrays)
+    update = layout.difference(local_arrays, global_arrays)
+    num_coordinates = update.size
     rng = np.random.default_rng(secrets.randbits(128))
-    encoded, num_clipped = encode_update(update, weight=weight, params=params, rng=rng)
+    encoded, num_clipped = encode_update(
+        update, weight=weight, params=params, rng=rng, overwrite=True
+    )
+    del update
     if num_clipped:
         logger.warning(
             "Round %d: %d of %d update coordinates exceed the clip range %g and "
             "were clipped",
             state.server_round,
             num_clipped,
-            update.size,
+            num_coordinates,
             params.clip_range,
         )
     masked = protocol.client_mask(state, encoded, modulus=params.modulus)

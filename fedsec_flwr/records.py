@@ -112,13 +112,24 @@ class FloatLayout:
         """Number of aggregated coordinates."""
         return sum(int(np.prod(shape)) for shape in self.shapes)
 
-    def flatten(self, arrays: Mapping[str, NDArray[np.generic]]) -> NDArray[np.float64]:
-        """Concatenate the aggregated arrays as one float64 vector."""
-        if not self.keys:
-            return np.zeros(0, dtype=np.float64)
-        return np.concatenate(
-            [np.asarray(arrays[key], dtype=np.float64).ravel() for key in self.keys]
-        )
+    def difference(
+        self,
+        local: Mapping[str, NDArray[np.generic]],
+        reference: Mapping[str, NDArray[np.generic]],
+    ) -> NDArray[np.float64]:
+        """Return ``local - reference`` over the aggregated arrays, flat, in float64."""
+        result = np.empty(self.size, dtype=np.float64)
+        offset = 0
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            size = int(np.prod(shape))
+            np.subtract(
+                np.ravel(local[key]),
+                np.ravel(reference[key]),
+                out=result[offset : offset + size],
+                dtype=np.float64,
+            )
+            offset += size
+        return result
 
     def apply_update(
         self,

@@ -312,9 +312,7 @@ def run_plain_round(
     def parse(reply: Message) -> tuple[NDArray[np.float64], int]:
         local = arrays_to_numpy(single_array_record(reply.content, role="reply"))
         check_client_arrays(local, global_arrays)
-        return layout.flatten(local) - layout.flatten(global_arrays), num_examples(
-            reply.content
-        )
+        return layout.difference(local, global_arrays), num_examples(reply.content)
 
     updates = _parse_replies(replies, parse, Stage.MASKED_INPUT, server_round)
     total_weight = sum(weight for _, weight in updates.values())
@@ -325,7 +323,8 @@ def run_plain_round(
         )
     mean_update = np.zeros(layout.size, dtype=np.float64)
     for update, weight in updates.values():
-        mean_update += update * (weight / total_weight)
+        update *= weight / total_weight
+        mean_update += update
 
     new_arrays = layout.apply_update(global_arrays, mean_update)
     return RoundOutcome(

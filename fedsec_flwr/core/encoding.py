@@ -132,11 +132,14 @@ def encode_update(
     weight: int,
     params: EncodingParams,
     rng: np.random.Generator,
+    overwrite: bool = False,
 ) -> tuple[NDArray[np.uint32], int]:
     """Clip, quantize and weight a flat update, and append the trailer slots.
 
     Args:
         update: Flat float64 update; it must be finite.
+        overwrite: Use ``update`` as scratch space instead of a copy, which
+            saves one allocation of the update's size; its values are lost.
         weight: The client's integer weight, 0 to ``params.max_weight``.
         params: The shared encoding parameters.
         rng: Source of the stochastic-rounding draws.
@@ -154,20 +157,26 @@ def encode_update(
             f"weight must be between 0 and max_weight {params.max_weight}. "
             f"Found {weight!r}."
         )
-    if not np.all(np.isfinite(update)):
+    if not np.isfinite(update).all():
         raise ValueError("update must be finite. Found NaN or inf.")
 
-    clip_range = params.clip_range
-    num_clipped = int(np.count_nonzero(np.abs(update) > clip_range))
-    grid = (np.clip(update, -clip_range, clip_range) + clip_range) * params.scale
-    np.clip(grid, 0.0, params.quantization_levels - 1, out=grid)
+    top = params.quantization_levels - 1
+    grid = update if overwrite else update.copy()
+    grid += params.clip_range
+    np.multiply(grid, params.scale, out=grid)
+    num_clipped = int(np.count_nonzero(grid < 0.0)) + int(np.count_nonzero(grid > top))
+    np.clip(grid, 0.0, top, out=grid)
 
-    floor = np.floor(grid)
-    round_up = rng.random(grid.shape) < (grid - floor)
-    levels = floor.astype(np.uint64) + round_up
+    # Stochastic rounding: floor(z + u) with u uniform in [0, 1) is ceil(z) with
+    # probability frac(z) and floor(z) otherwise, so it is unbiased.
+    grid += rng.random(grid.shape, dtype=np.float32)
+    np.floor(grid, out=grid)
+    np.minimum(grid, top, out=grid)
 
     encoded = np.empty(update.size + TRAILER_SIZE, dtype=np.uint32)
-    encoded[: update.size] = levels * np.uint64(weight)
+    levels = encoded[: update.size]
+    levels[:] = grid
+    levels *= np.uint32(weight)
     encoded[update.size] = weight
     encoded[update.size + 1] = min(num_clipped, params.clip_count_cap)
     return encoded, num_clipped
@@ -203,5 +212,7 @@ def decode_sum(
             "mean is undefined."
         )
 
-    mean_levels = total[:size].astype(np.float64) / total_weight
-    return mean_levels / params.scale - params.clip_range, total_weight, num_clipped
+    # mean = sum / total_weight / scale - clip_range, in one scaling pass.
+    mean = np.multiply(total[:size], 1.0 / (total_weight * params.scale))
+    mean -= params.clip_range
+    return mean, total_weight, num_clipped

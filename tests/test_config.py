@@ -1,0 +1,93 @@
+"""SecAggConfig and SecureFedAvg reject bad parameters when constructed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedsec_flwr import SecAggConfig, SecureFedAvg
+
+
+@pytest.mark.parametrize("clip_range", [0.0, -1.0, math.nan, math.inf])
+def test_clip_range_rejected(clip_range: float) -> None:
+    with pytest.raises(ValueError, match=f"clip_range must be .* Found {clip_range!r}"):
+        SecAggConfig(clip_range=clip_range)
+
+
+@pytest.mark.parametrize("modulus", [3, 1000, 2**32 + 1, 2**40])
+def test_modulus_not_power_of_two_rejected(modulus: int) -> None:
+    with pytest.raises(ValueError, match=f"modulus must be a power of two.*{modulus}"):
+        SecAggConfig(modulus=modulus)
+
+
+def test_modulus_not_above_levels_rejected() -> None:
+    with pytest.raises(ValueError, match="below the modulus 4096"):
+        SecAggConfig(modulus=2**12, quantization_bits=12, max_weight=1, max_clients=2)
+
+
+@pytest.mark.parametrize("threshold", [1, 0, -3])
+def test_threshold_below_two_rejected(threshold: int) -> None:
+    with pytest.raises(
+        ValueError, match=f"threshold must be .* at least 2. Found {threshold}"
+    ):
+        SecAggConfig(threshold=threshold)
+
+
+def test_threshold_above_holders_rejected() -> None:
+    with pytest.raises(ValueError, match=r"num_neighbours \+ 1 = 4\)\. Found 5"):
+        SecAggConfig(num_neighbours=3, threshold=5)
+
+
+def test_worst_case_wrap_rejected() -> None:
+    with pytest.raises(ValueError, match="would wrap the modulus"):
+        SecAggConfig(max_clients=50, max_weight=60_000, quantization_bits=16)
+
+
+def test_no_level_fits_rejected() -> None:
+    with pytest.raises(ValueError, match="would wrap the modulus"):
+        SecAggConfig(max_clients=100_000, max_weight=100_000)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, math.nan, math.inf])
+def test_stage_timeout_rejected(timeout: float) -> None:
+    with pytest.raises(ValueError, match="stage_timeout must be a finite number"):
+        SecAggConfig(stage_timeout=timeout)
+
+
+@pytest.mark.parametrize("name", ["max_weight", "max_clients", "num_neighbours"])
+def test_non_integer_counts_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+        SecAggConfig(**{name: 2.5})  # type: ignore[arg-type]
+
+
+def test_automatic_bits_fill_the_modulus() -> None:
+    config = SecAggConfig(max_clients=10, max_weight=1000)
+
+    levels = config.encoding().quantization_levels
+
+    assert 10 * 1000 * (levels - 1) < 2**32
+    assert 10 * 1000 * (2 * levels - 1) >= 2**32
+
+
+def test_automatic_bits_capped_at_24() -> None:
+    config = SecAggConfig(max_clients=2, max_weight=1)
+
+    assert config.encoding().quantization_levels == 2**24
+
+
+def test_strategy_rejects_bad_fraction() -> None:
+    with pytest.raises(
+        ValueError, match=r"fraction_train must be in \(0, 1\]\. Found 0\.0"
+    ):
+        SecureFedAvg(fraction_train=0.0)
+
+
+def test_strategy_needs_two_clients_for_secure_aggregation() -> None:
+    with pytest.raises(ValueError, match="min_train_nodes must be at least 2"):
+        SecureFedAvg(min_train_nodes=1, min_available_nodes=1)
+
+
+def test_plain_mode_is_explicit() -> None:
+    assert SecureFedAvg().secure_aggregation is not None
+    assert SecureFedAvg(secure_aggregation=None).secure_aggregation is None
