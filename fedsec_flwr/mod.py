@@ -43,6 +43,8 @@ from .core.messages import (
     Stage,
     UnmaskRequest,
 )
+from .dp.random import SecureRandom
+from .privacy import ClientPrivacy, DPMode, add_distributed_noise, clip_flat_update
 from .records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -184,7 +186,10 @@ def _masked_input(
     if reply.has_error():
         raise _InnerAppError(reply)
 
-    weight = num_examples(reply.content, max_weight=params.max_weight)
+    privacy = ClientPrivacy.from_fields(fields)
+    weight = num_examples(
+        reply.content, max_weight=None if privacy else params.max_weight
+    )
     local_arrays = arrays_to_numpy(
         single_array_record(reply.content, role="ClientApp reply")
     )
@@ -193,11 +198,32 @@ def _masked_input(
     layout = FloatLayout.of(global_arrays)
     update = layout.difference(local_arrays, global_arrays)
     num_coordinates = update.size
+    extra_slots: list[int] = []
+    if privacy is not None:
+        # Under DP every client weighs 1, so one client's influence is bounded.
+        weight = 1
+        bit, _ = clip_flat_update(update, clipping_norm=privacy.clipping_norm)
+        if privacy.adaptive:
+            extra_slots.append(bit)
     rng = np.random.default_rng(secrets.randbits(128))
     encoded, num_clipped = encode_update(
-        update, weight=weight, params=params, rng=rng, overwrite=True
+        update,
+        weight=weight,
+        params=params,
+        rng=rng,
+        overwrite=True,
+        extra=extra_slots,
     )
     del update
+    if privacy is not None and privacy.mode is DPMode.DISTRIBUTED:
+        add_distributed_noise(
+            encoded,
+            num_coordinates=num_coordinates,
+            sigma_client=privacy.sigma_client,
+            bit_slot=encoded.size - 1 if privacy.adaptive else None,
+            bit_sigma_client=privacy.bit_sigma_client,
+            rng=SecureRandom(),
+        )
     if num_clipped:
         logger.warning(
             "Round %d: %d of %d update coordinates exceed the clip range %g and "

@@ -57,6 +57,7 @@ def encoding_fields(params: EncodingParams) -> Fields:
         "modulus": params.modulus,
         "max-weight": params.max_weight,
         "max-clients": params.max_clients,
+        "noise-headroom": params.noise_headroom,
     }
 
 
@@ -75,6 +76,7 @@ def parse_encoding(fields: Mapping[str, object]) -> EncodingParams:
             modulus=_field(fields, "modulus", int),
             max_weight=_field(fields, "max-weight", int),
             max_clients=_field(fields, "max-clients", int),
+            noise_headroom=_field(fields, "noise-headroom", int),
         )
     except ValueError as error:
         raise ProtocolError(f"Invalid encoding parameters: {error}") from None

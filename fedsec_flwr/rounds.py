@@ -31,6 +31,13 @@ from .core.messages import (
     UnmaskReply,
 )
 from .core.server import ServerRound
+from .privacy import (
+    ClientPrivacy,
+    RoundPrivacy,
+    ServerPrivacy,
+    clip_flat_update,
+    signed,
+)
 from .records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -64,6 +71,26 @@ class RoundOutcome:
     upload_bytes: dict[int, int] = field(default_factory=dict)
     download_bytes: dict[int, int] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None
+
+
+@dataclass
+class PrivacyRound:
+    """The DP state of a run and the plan of the current round."""
+
+    server: ServerPrivacy
+    plan: RoundPrivacy
+    dimension: int
+
+    def finish(
+        self, mean: NDArray[np.float64], *, num_aggregated: int, bit_sum: float
+    ) -> float:
+        """Add central noise, adapt the clipping norm and return the new epsilon."""
+        self.server.add_central_noise(mean, self.plan, num_aggregated=num_aggregated)
+        self.server.update_clipping_norm(bit_sum, num_aggregated=num_aggregated)
+        return self.server.record(
+            self.plan, num_aggregated=num_aggregated, dimension=self.dimension
+        )
 
 
 @dataclass
@@ -159,6 +186,7 @@ def run_secure_round(
     train_config: ConfigRecord,
     config: SecAggConfig,
     rng: random.Random,
+    privacy: PrivacyRound | None = None,
 ) -> RoundOutcome:
     """Run the four SecAgg+ stages and return the new global model.
 
@@ -170,11 +198,19 @@ def run_secure_round(
     global_arrays = arrays_to_numpy(arrays)
     layout = FloatLayout.of(global_arrays)
     params = config.encoding()
+    request_fields: dict[str, object] = {}
+    num_extra = 0
+    if privacy is not None:
+        assert privacy.plan.encoding is not None
+        params = privacy.plan.encoding
+        client_privacy = ClientPrivacy.of(privacy.plan, privacy.server.config)
+        request_fields.update(client_privacy.to_fields())
+        num_extra = 1 if client_privacy.adaptive else 0
     run_id = grid.run.run_id
     server = ServerRound(
         run_id=run_id,
         server_round=server_round,
-        vector_size=layout.size + TRAILER_SIZE,
+        vector_size=layout.size + TRAILER_SIZE + num_extra,
         modulus=params.modulus,
         num_neighbours=config.num_neighbours,
         threshold=config.threshold,
@@ -219,7 +255,7 @@ def run_secure_round(
     for n, shares in server.masked_input_requests().items():
         content = _with_protocol(
             header(Stage.MASKED_INPUT),
-            {**shares.to_fields(), **encoding_fields(params)},
+            {**shares.to_fields(), **encoding_fields(params), **request_fields},
         )
         content[ARRAYS_RECORD] = arrays
         content[CONFIG_RECORD] = train_config
@@ -245,7 +281,9 @@ def run_secure_round(
         )
     )
 
-    mean_update, _, num_clipped = decode_sum(total, params=params)
+    decoded = decode_sum(total, params=params, num_extra=num_extra)
+    survivors = set(server.survivors)
+    mean_update, num_clipped = decoded.mean, decoded.num_clipped
     if num_clipped:
         logger.warning(
             "Round %d: %d update coordinates were clipped to the range +-%g",
@@ -253,8 +291,15 @@ def run_secure_round(
             num_clipped,
             params.clip_range,
         )
+    epsilon = None
+    if privacy is not None:
+        bit_sum = (
+            float(signed(int(decoded.extra[0]), params.modulus)) if num_extra else 0.0
+        )
+        epsilon = privacy.finish(
+            mean_update, num_aggregated=len(survivors), bit_sum=bit_sum
+        )
     new_arrays = layout.apply_update(global_arrays, mean_update)
-    survivors = set(server.survivors)
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
         num_aggregated=len(survivors),
@@ -265,6 +310,7 @@ def run_secure_round(
         train_metrics=_mean_metrics(
             {n: m for n, m in masked_replies.items() if n in survivors}
         ),
+        epsilon=epsilon,
     )
 
 
@@ -292,8 +338,11 @@ def run_plain_round(
     arrays: ArrayRecord,
     train_config: ConfigRecord,
     timeout: float,
+    privacy: PrivacyRound | None = None,
 ) -> RoundOutcome:
     """Run weighted FedAvg in plaintext: the server sees every client's model.
+
+    Under central DP the server clips each update and weights clients equally.
 
     Raises:
         ValueError: No client replied validly, or their total weight is zero.
@@ -315,6 +364,12 @@ def run_plain_round(
         return layout.difference(local, global_arrays), num_examples(reply.content)
 
     updates = _parse_replies(replies, parse, Stage.MASKED_INPUT, server_round)
+    bit_sum = 0
+    if privacy is not None:
+        for node, (update, _) in updates.items():
+            bit, _ = clip_flat_update(update, clipping_norm=privacy.plan.clipping_norm)
+            bit_sum += bit
+            updates[node] = (update, 1)
     total_weight = sum(weight for _, weight in updates.values())
     if not updates or total_weight == 0:
         raise ValueError(
@@ -326,10 +381,16 @@ def run_plain_round(
         update *= weight / total_weight
         mean_update += update
 
+    epsilon = None
+    if privacy is not None:
+        epsilon = privacy.finish(
+            mean_update, num_aggregated=len(updates), bit_sum=float(bit_sum)
+        )
     new_arrays = layout.apply_update(global_arrays, mean_update)
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
         num_aggregated=len(updates),
+        epsilon=epsilon,
         dropped_by_stage={"train": len(nodes) - len(updates)},
         clipped_coordinates=0,
         upload_bytes=exchange.upload_bytes,

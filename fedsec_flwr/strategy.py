@@ -24,11 +24,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .config import SecAggConfig
-from .rounds import RoundOutcome, run_plain_round, run_secure_round
+from .core.errors import TooFewSurvivorsError
+from .privacy import DPConfig, DPMode, ServerPrivacy
+from .records import FloatLayout, arrays_to_numpy
+from .rounds import PrivacyRound, RoundOutcome, run_plain_round, run_secure_round
 
 logger = logging.getLogger("fedsec_flwr.strategy")
 
 NODE_WAIT_INTERVAL = 1.0
+
+SAMPLING_FIXED = "fixed"
+SAMPLING_POISSON = "poisson"
 
 
 @dataclass
@@ -49,6 +55,9 @@ class RoundReport:
             summed over the aggregated clients.
         train_metrics: Mean of the clients' training metrics.
         evaluate_metrics: The central evaluation after the round.
+        epsilon: Client-level epsilon spent so far under DP, else ``None``.
+        clipping_norm: The round's DP clipping norm, else ``None``.
+        noise_multiplier: The round's DP noise multiplier, else ``None``.
 
     """
 
@@ -63,6 +72,9 @@ class RoundReport:
     clipped_coordinates: int
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None
+    clipping_norm: float | None = None
+    noise_multiplier: float | None = None
 
 
 RoundCallback = Callable[[RoundReport], None]
@@ -95,6 +107,8 @@ class SecureFedAvg(Strategy):
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
         plain_timeout: float = 600.0,
+        differential_privacy: DPConfig | None = None,
+        client_sampling: str = SAMPLING_FIXED,
         on_round_end: RoundCallback | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -116,7 +130,24 @@ class SecureFedAvg(Strategy):
                 "min_train_nodes must be at least 2 with secure aggregation. "
                 f"Found {min_train_nodes}."
             )
+        if client_sampling not in (SAMPLING_FIXED, SAMPLING_POISSON):
+            raise ValueError(
+                f"client_sampling must be {SAMPLING_FIXED!r} or "
+                f"{SAMPLING_POISSON!r}. Found {client_sampling!r}."
+            )
+        if (
+            differential_privacy is not None
+            and differential_privacy.mode is DPMode.DISTRIBUTED
+            and secure_aggregation is None
+        ):
+            raise ValueError(
+                "Distributed DP needs secure aggregation: clients add noise inside "
+                "the secure sum. Found secure_aggregation=None."
+            )
         self.secure_aggregation = secure_aggregation
+        self.differential_privacy = differential_privacy
+        self.client_sampling = client_sampling
+        self.stopped_reason: str | None = None
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -191,15 +222,34 @@ class SecureFedAvg(Strategy):
                 result.evaluate_metrics_serverapp[0] = initial
 
         arrays = initial_arrays
+        dimension = FloatLayout.of(arrays_to_numpy(initial_arrays)).size
+        privacy = self._privacy(num_rounds)
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
             nodes = self._sample_nodes(grid, server_round, timeout)
-            outcome = self._run_round(grid, server_round, nodes, arrays, train_config)
+            round_privacy = None
+            if privacy is not None:
+                plan = privacy.plan(num_sampled=len(nodes), dimension=dimension)
+                reason = privacy.budget_exceeded(plan, dimension=dimension)
+                if reason is not None:
+                    self.stopped_reason = (
+                        f"Stopped before round {server_round}: {reason}."
+                    )
+                    logger.warning("%s", self.stopped_reason)
+                    break
+                round_privacy = PrivacyRound(privacy, plan, dimension)
+
+            outcome = self._run_round(
+                grid, server_round, nodes, arrays, train_config, round_privacy
+            )
             arrays = outcome.arrays
             seconds = time.perf_counter() - started
 
             evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None
             report = _report(server_round, len(nodes), outcome, seconds, evaluation)
+            if round_privacy is not None:
+                report.clipping_norm = round_privacy.plan.clipping_norm
+                report.noise_multiplier = round_privacy.plan.noise_multiplier
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = MetricRecord(
                 dict(outcome.train_metrics)
@@ -217,6 +267,22 @@ class SecureFedAvg(Strategy):
                 self.on_round_end(report)
         return result
 
+    def _privacy(self, num_rounds: int) -> ServerPrivacy | None:
+        config = self.differential_privacy
+        if config is None:
+            return None
+        secagg = self.secure_aggregation
+        sample_rate = 1.0
+        if self.client_sampling == SAMPLING_POISSON:
+            sample_rate = self.fraction_train
+        return ServerPrivacy(
+            config=config,
+            num_rounds=num_rounds,
+            sample_rate=sample_rate,
+            max_clients=secagg.max_clients if secagg else 1,
+            modulus=secagg.modulus if secagg else None,
+        )
+
     def _run_round(
         self,
         grid: Grid,
@@ -224,6 +290,7 @@ class SecureFedAvg(Strategy):
         nodes: list[int],
         arrays: ArrayRecord,
         train_config: ConfigRecord,
+        privacy: PrivacyRound | None,
     ) -> RoundOutcome:
         if self.secure_aggregation is None:
             return run_plain_round(
@@ -233,6 +300,7 @@ class SecureFedAvg(Strategy):
                 arrays=arrays,
                 train_config=train_config,
                 timeout=self.plain_timeout,
+                privacy=privacy,
             )
         return run_secure_round(
             grid,
@@ -242,6 +310,7 @@ class SecureFedAvg(Strategy):
             train_config=train_config,
             config=self.secure_aggregation,
             rng=self.rng,
+            privacy=privacy,
         )
 
     def _sample_nodes(self, grid: Grid, server_round: int, timeout: float) -> list[int]:
@@ -256,15 +325,31 @@ class SecureFedAvg(Strategy):
             time.sleep(NODE_WAIT_INTERVAL)
             available = sorted(grid.get_node_ids())
 
+        if self.client_sampling == SAMPLING_POISSON:
+            chosen = [n for n in available if self.rng.random() < self.fraction_train]
+            if len(chosen) < self.min_train_nodes:
+                raise TooFewSurvivorsError(
+                    f"Round {server_round}: Poisson sampling with probability "
+                    f"{self.fraction_train} chose {len(chosen)} of {len(available)} "
+                    f"nodes, fewer than min_train_nodes {self.min_train_nodes}."
+                )
+            return self._check_limit(server_round, sorted(chosen))
+
         count = max(self.min_train_nodes, int(self.fraction_train * len(available)))
         count = min(count, len(available))
+        return self._check_limit(
+            server_round, sorted(self.rng.sample(available, count))
+        )
+
+    def _check_limit(self, server_round: int, nodes: list[int]) -> list[int]:
+        count = len(nodes)
         limit = self.secure_aggregation and self.secure_aggregation.max_clients
         if limit and count > limit:
             raise ValueError(
                 f"Round {server_round} would sample {count} clients, more than "
                 f"max_clients {limit} of the secure-aggregation config."
             )
-        return sorted(self.rng.sample(available, count))
+        return nodes
 
 
 def _report(
@@ -284,6 +369,7 @@ def _report(
         upload_bytes=dict(outcome.upload_bytes),
         download_bytes=dict(outcome.download_bytes),
         clipped_coordinates=outcome.clipped_coordinates,
+        epsilon=outcome.epsilon,
         train_metrics=dict(outcome.train_metrics),
         evaluate_metrics={
             key: float(np.asarray(value)) for key, value in (evaluation or {}).items()

@@ -10,12 +10,20 @@ exact weighted sum of grid values as long as that sum stays below the modulus.
 
 The encoded vector carries two trailer slots after the model coordinates: the
 client's weight, so the server learns only the total weight, and the number of
-coordinates the client had to clip, saturated so the sum cannot wrap.
+coordinates the client had to clip, saturated so the sum cannot wrap. Callers
+may append extra integer slots (an adaptive-clipping bit, commitment blinding
+limbs) that are summed with the rest.
+
+Distributed differential privacy adds centred integer noise to the encoded
+coordinates. ``noise_headroom`` reserves room for it on both sides of the
+signal, and ``decode_sum`` reads sums in the top ``noise_headroom`` values of
+the modulus as negative.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +47,8 @@ class EncodingParams:
         modulus: Power of two modulo which encoded vectors are summed.
         max_weight: Largest integer weight one client may contribute.
         max_clients: Largest number of clients whose vectors are summed.
+        noise_headroom: Bound on the absolute value of the summed noise of one
+            coordinate; 0 without distributed noise.
 
     """
 
@@ -47,6 +57,7 @@ class EncodingParams:
     modulus: int
     max_weight: int
     max_clients: int
+    noise_headroom: int = 0
 
     def __post_init__(self) -> None:
         validate_capacity(
@@ -55,6 +66,7 @@ class EncodingParams:
             modulus=self.modulus,
             max_weight=self.max_weight,
             max_clients=self.max_clients,
+            noise_headroom=self.noise_headroom,
         )
 
     @property
@@ -80,12 +92,14 @@ def validate_capacity(
     modulus: int,
     max_weight: int,
     max_clients: int,
+    noise_headroom: int = 0,
 ) -> None:
     """Check the encoding parameters and that no worst-case sum wraps the modulus.
 
     Raises:
         ValueError: A parameter is out of range, or ``max_clients * max_weight *
-            (quantization_levels - 1)`` is not below ``modulus``.
+            (quantization_levels - 1) + 2 * noise_headroom`` is not below
+            ``modulus``.
 
     """
     if not math.isfinite(clip_range) or clip_range <= 0:
@@ -106,13 +120,19 @@ def validate_capacity(
     if max_clients < 1:
         raise ValueError(f"max_clients must be at least 1. Found {max_clients!r}.")
 
+    if noise_headroom < 0:
+        raise ValueError(
+            f"noise_headroom must be non-negative. Found {noise_headroom!r}."
+        )
+
     worst_case = max_clients * max_weight * (quantization_levels - 1)
-    if worst_case >= modulus:
+    if worst_case + 2 * noise_headroom >= modulus:
         raise ValueError(
             "The worst-case sum max_clients * max_weight * (quantization_levels - 1)"
             f" = {max_clients} * {max_weight} * {quantization_levels - 1} = "
-            f"{worst_case} would wrap the modulus {modulus}. Lower max_clients, "
-            "max_weight or the quantization bits, or raise the modulus."
+            f"{worst_case}, plus twice the noise headroom {noise_headroom}, would "
+            f"wrap the modulus {modulus}. Lower max_clients, max_weight or the "
+            "quantization bits, or raise the modulus."
         )
 
 
@@ -133,20 +153,23 @@ def encode_update(
     params: EncodingParams,
     rng: np.random.Generator,
     overwrite: bool = False,
+    extra: Sequence[int] = (),
 ) -> tuple[NDArray[np.uint32], int]:
     """Clip, quantize and weight a flat update, and append the trailer slots.
 
     Args:
         update: Flat float64 update; it must be finite.
-        overwrite: Use ``update`` as scratch space instead of a copy, which
-            saves one allocation of the update's size; its values are lost.
         weight: The client's integer weight, 0 to ``params.max_weight``.
         params: The shared encoding parameters.
         rng: Source of the stochastic-rounding draws.
+        overwrite: Use ``update`` as scratch space instead of a copy, which
+            saves one allocation of the update's size; its values are lost.
+        extra: Values of the extra slots, each in ``[0, 2**32)``; the caller
+            keeps their sums below the modulus.
 
     Returns:
-        The encoded vector of ``update.size + TRAILER_SIZE`` uint32 values and
-        the number of coordinates that were clipped.
+        The encoded vector of ``update.size + TRAILER_SIZE + len(extra)``
+        uint32 values and the number of coordinates that were clipped.
 
     Raises:
         ValueError: The weight is out of range or the update is not finite.
@@ -173,37 +196,54 @@ def encode_update(
     np.floor(grid, out=grid)
     np.minimum(grid, top, out=grid)
 
-    encoded = np.empty(update.size + TRAILER_SIZE, dtype=np.uint32)
+    encoded = np.empty(update.size + TRAILER_SIZE + len(extra), dtype=np.uint32)
     levels = encoded[: update.size]
     levels[:] = grid
     levels *= np.uint32(weight)
     encoded[update.size] = weight
     encoded[update.size + 1] = min(num_clipped, params.clip_count_cap)
+    encoded[update.size + TRAILER_SIZE :] = np.asarray(extra, dtype=np.uint64)
     return encoded, num_clipped
 
 
+@dataclass(frozen=True)
+class DecodedSum:
+    """The decoded sum of the clients' encoded vectors.
+
+    Attributes:
+        mean: The weighted mean update, float64.
+        total_weight: Sum of the clients' weights.
+        num_clipped: Sum of the clients' clipped-coordinate counts.
+        extra: Sums of the extra slots, modulo the modulus.
+
+    """
+
+    mean: NDArray[np.float64]
+    total_weight: int
+    num_clipped: int
+    extra: NDArray[np.uint32]
+
+
 def decode_sum(
-    total: NDArray[np.uint32], *, params: EncodingParams
-) -> tuple[NDArray[np.float64], int, int]:
+    total: NDArray[np.uint32], *, params: EncodingParams, num_extra: int = 0
+) -> DecodedSum:
     """Turn the sum of encoded vectors into the weighted mean update.
 
     Args:
         total: Sum of the clients' encoded vectors modulo ``params.modulus``.
         params: The shared encoding parameters.
-
-    Returns:
-        The weighted mean update, the total weight and the total count of
-        clipped coordinates.
+        num_extra: Number of extra slots at the end of the vector.
 
     Raises:
         ValueError: The vector is too short or the total weight is zero.
 
     """
-    if total.size < TRAILER_SIZE:
+    if num_extra < 0 or total.size < TRAILER_SIZE + num_extra:
         raise ValueError(
-            f"total must hold at least {TRAILER_SIZE} values. Found {total.size}."
+            f"total must hold at least {TRAILER_SIZE + num_extra} values. "
+            f"Found {total.size}."
         )
-    size = total.size - TRAILER_SIZE
+    size = total.size - TRAILER_SIZE - num_extra
     total_weight = int(total[size])
     num_clipped = int(total[size + 1])
     if total_weight == 0:
@@ -212,7 +252,18 @@ def decode_sum(
             "mean is undefined."
         )
 
+    coordinates = total[:size]
+    if params.noise_headroom:
+        signed = coordinates.astype(np.int64)
+        signed[signed >= params.modulus - params.noise_headroom] -= params.modulus
+        coordinates = signed  # type: ignore[assignment]
+
     # mean = sum / total_weight / scale - clip_range, in one scaling pass.
-    mean = np.multiply(total[:size], 1.0 / (total_weight * params.scale))
+    mean = np.multiply(coordinates, 1.0 / (total_weight * params.scale))
     mean -= params.clip_range
-    return mean, total_weight, num_clipped
+    return DecodedSum(
+        mean=mean,
+        total_weight=total_weight,
+        num_clipped=num_clipped,
+        extra=total[size + TRAILER_SIZE :].copy(),
+    )

@@ -38,7 +38,12 @@ def test_round_trip_within_one_step() -> None:
     encoded, clipped = encode_update(
         update, weight=1, params=PARAMS, rng=np.random.default_rng(1)
     )
-    decoded, total_weight, total_clipped = decode_sum(encoded, params=PARAMS)
+    result = decode_sum(encoded, params=PARAMS)
+    decoded, total_weight, total_clipped = (
+        result.mean,
+        result.total_weight,
+        result.num_clipped,
+    )
 
     assert np.max(np.abs(decoded - update)) < PARAMS.step
     assert total_weight == 1
@@ -52,7 +57,7 @@ def test_stochastic_rounding_is_unbiased() -> None:
     encoded, _ = encode_update(
         update, weight=1, params=PARAMS, rng=np.random.default_rng(2)
     )
-    decoded, _, _ = decode_sum(encoded, params=PARAMS)
+    decoded = decode_sum(encoded, params=PARAMS).mean
 
     # The mean of 200k Bernoulli(0.3) draws has standard deviation 0.001 steps;
     # 0.006 steps is six standard deviations (false-failure rate below 1e-8).
@@ -68,7 +73,8 @@ def test_weighted_sum_decodes_to_weighted_mean() -> None:
     for update, weight in zip(updates, weights, strict=True):
         encoded, _ = encode_update(update, weight=weight, params=PARAMS, rng=rng)
         total += encoded
-    decoded, total_weight, _ = decode_sum(total, params=PARAMS)
+    result = decode_sum(total, params=PARAMS)
+    decoded, total_weight = result.mean, result.total_weight
 
     expected = sum(u * w for u, w in zip(updates, weights, strict=True)) / sum(weights)
     assert total_weight == sum(weights)
@@ -81,7 +87,8 @@ def test_out_of_range_values_are_clipped_and_counted() -> None:
     encoded, clipped = encode_update(
         update, weight=3, params=PARAMS, rng=np.random.default_rng(4)
     )
-    decoded, _, total_clipped = decode_sum(encoded, params=PARAMS)
+    result = decode_sum(encoded, params=PARAMS)
+    decoded, total_clipped = result.mean, result.num_clipped
 
     assert clipped == 3
     assert total_clipped == 3
@@ -185,7 +192,7 @@ def test_capacity_check_matches_worst_case(num_clients: int, num_examples: int) 
             rng=np.random.default_rng(),
         )
         total += encoded
-    decoded, _, _ = decode_sum(total, params=params)
+    decoded = decode_sum(total, params=params).mean
     assert abs(decoded[0] - 1.0) < params.step
 
 
@@ -237,3 +244,56 @@ def test_default_threshold_is_strict_majority() -> None:
         holders = degree + 1
         assert default_threshold(degree) > holders / 2
         assert default_threshold(degree) <= holders
+
+
+def test_extra_slots_are_summed() -> None:
+    total = np.zeros(4 + TRAILER_SIZE + 2, dtype=np.uint32)
+    for extra in ([1, 7], [0, 9], [1, 2**20]):
+        encoded, _ = encode_update(
+            np.zeros(4),
+            weight=1,
+            params=PARAMS,
+            rng=np.random.default_rng(),
+            extra=extra,
+        )
+        total += encoded
+
+    result = decode_sum(total, params=PARAMS, num_extra=2)
+
+    assert result.extra.tolist() == [2, 2**20 + 16]
+    assert result.total_weight == 3
+
+
+def test_negative_noise_decodes_within_headroom() -> None:
+    params = EncodingParams(
+        clip_range=1.0,
+        quantization_levels=2**8,
+        modulus=2**16,
+        max_weight=1,
+        max_clients=10,
+        noise_headroom=1000,
+    )
+    encoded, _ = encode_update(
+        np.array([-1.0, 1.0]), weight=1, params=params, rng=np.random.default_rng()
+    )
+    noisy = encoded.astype(np.int64)
+    noisy[:2] += [-300, 300]
+    noisy %= params.modulus
+
+    result = decode_sum(noisy.astype(np.uint32), params=params)
+
+    np.testing.assert_allclose(
+        result.mean, [-1 - 300 * params.step, 1 + 300 * params.step]
+    )
+
+
+def test_headroom_counts_in_capacity() -> None:
+    with pytest.raises(ValueError, match="plus twice the noise headroom 40000"):
+        EncodingParams(
+            clip_range=1.0,
+            quantization_levels=2**8,
+            modulus=2**16,
+            max_weight=1,
+            max_clients=10,
+            noise_headroom=40_000,
+        )

@@ -117,7 +117,7 @@ def run_round(
         )
         revealed[node] = _through_fields(reply)
     total = server.receive_unmask(revealed)
-    mean, _, _ = decode_sum(total, params=PARAMS)
+    mean = decode_sum(total, params=PARAMS).mean
     return mean, server
 
 

@@ -1,0 +1,598 @@
+"""Client-level differential privacy for SecureFedAvg: configuration and rounds.
+
+Two modes, both with client-side L2 clipping of the update before encoding:
+
+- ``central``: the server adds Gaussian noise of standard deviation
+  ``z * C / m`` to the unmasked mean of the ``m`` aggregated updates.
+- ``distributed``: every client adds discrete Gaussian noise to its integer
+  encoded update before masking (Kairouz, Liu and Steinke 2021), so nobody,
+  the server included, sees an un-noised sum. Each client's share is
+  calibrated for the clients sampled in the round; when some drop out the
+  sum carries less noise, and the accountant records the survivors.
+
+Under DP every client has weight 1, because the sensitivity argument bounds
+one client's contribution to an unweighted sum. The clipping norm doubles as
+the per-coordinate encoding range, since no coordinate of a clipped update
+can exceed it.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .core.encoding import EncodingParams
+from .dp.accounting import (
+    ACCOUNTANT_PRV,
+    ACCOUNTANT_RDP,
+    MIN_DISCRETE_SIGMA,
+    DistributedDiscreteGaussianEvent,
+    GaussianEvent,
+    PrivacyAccountant,
+    compute_epsilon,
+    noise_multiplier_for_target,
+    quantized_l2_sensitivity,
+)
+from .dp.adaptive import AdaptiveClipping, client_bit, effective_noise_multiplier
+from .dp.noise import (
+    distributed_noise_headroom,
+    distributed_noise_scale,
+    sample_discrete_gaussian,
+)
+from .dp.random import SecureRandom
+
+logger = logging.getLogger("fedsec_flwr.privacy")
+
+MAX_NOISE_MULTIPLIER = 1000.0
+"""Upper end of the noise multiplier search for distributed DP."""
+
+SEARCH_STEPS = 40
+
+
+class DPMode(StrEnum):
+    """Where the noise is added."""
+
+    CENTRAL = "central"
+    DISTRIBUTED = "distributed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPConfig:
+    """Client-level differential privacy, checked when constructed.
+
+    Attributes:
+        mode: ``central`` or ``distributed``.
+        clipping_norm: C, the L2 bound of each client's update (the initial
+            value under adaptive clipping).
+        noise_multiplier: z, the noise standard deviation over C; give this
+            or ``target_epsilon``.
+        target_epsilon: The run's epsilon budget; the noise multiplier is then
+            the smallest whose epsilon over all rounds stays within it.
+        delta: The delta of the (epsilon, delta) guarantee.
+        accountant: ``rdp`` or ``prv`` (``prv`` for central mode only).
+        adaptive_clipping: Track a quantile of update norms (Andrew et al.
+            2021) instead of a fixed C.
+        target_quantile: gamma, the fraction of updates left unclipped.
+        clipping_learning_rate: eta of the geometric clipping-norm update.
+        clipped_count_stddev: sigma_b, the noise on the count of unclipped
+            updates; ``None`` means the expected clients per round over 20.
+        quantization_bits: Grid bits of the distributed mode's encoding.
+
+    """
+
+    mode: DPMode
+    clipping_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = ACCOUNTANT_RDP
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clipping_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+    quantization_bits: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _parse_mode(self.mode))
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "Give exactly one of noise_multiplier and target_epsilon. "
+                f"Found noise_multiplier={self.noise_multiplier!r} and "
+                f"target_epsilon={self.target_epsilon!r}."
+            )
+        _check_positive("clipping_norm", self.clipping_norm)
+        if self.noise_multiplier is not None:
+            _check_positive("noise_multiplier", self.noise_multiplier)
+        if self.target_epsilon is not None:
+            _check_positive("target_epsilon", self.target_epsilon)
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1). Found {self.delta!r}.")
+        if self.accountant not in (ACCOUNTANT_RDP, ACCOUNTANT_PRV):
+            raise ValueError(
+                f"accountant must be 'rdp' or 'prv'. Found {self.accountant!r}."
+            )
+        if self.accountant == ACCOUNTANT_PRV and self.mode is DPMode.DISTRIBUTED:
+            raise ValueError(
+                "accountant 'prv' supports only the central mode; the distributed "
+                "mode needs 'rdp'. Found accountant='prv' with mode='distributed'."
+            )
+        if not 0.0 < self.target_quantile < 1.0:
+            raise ValueError(
+                f"target_quantile must be in (0, 1). Found {self.target_quantile!r}."
+            )
+        _check_positive("clipping_learning_rate", self.clipping_learning_rate)
+        if self.clipped_count_stddev is not None:
+            _check_positive("clipped_count_stddev", self.clipped_count_stddev)
+        if not 2 <= self.quantization_bits <= 24:
+            raise ValueError(
+                "quantization_bits must be between 2 and 24. "
+                f"Found {self.quantization_bits!r}."
+            )
+
+
+def _parse_mode(mode: object) -> DPMode:
+    try:
+        return DPMode(str(mode))
+    except ValueError:
+        raise ValueError(
+            f"mode must be 'central' or 'distributed'. Found {mode!r}."
+        ) from None
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number above 0. Found {value!r}.")
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """The DP parameters of one round, as planned before it starts.
+
+    Attributes:
+        clipping_norm: C for this round.
+        noise_multiplier: z, what the accountant records for the update.
+        update_noise_multiplier: The update's own noise multiplier; above z
+            under central adaptive clipping, where part of the budget goes
+            to the clipped count.
+        num_sampled: Clients sampled, m.
+        sample_rate: q for the accountant.
+        sigma_client: Each client's discrete Gaussian sigma in grid units
+            (distributed mode), else 0.
+        bit_sigma_client: Each client's sigma on its clipping bit
+            (distributed adaptive mode), else 0.
+        encoding: The round's fixed-point encoding under DP.
+
+    """
+
+    clipping_norm: float
+    noise_multiplier: float
+    update_noise_multiplier: float
+    num_sampled: int
+    sample_rate: float
+    sigma_client: float
+    bit_sigma_client: float
+    encoding: EncodingParams | None
+
+
+@dataclass
+class ServerPrivacy:
+    """The server's DP state over a run: clipping norm, noise and ledger.
+
+    Args:
+        config: The DP configuration.
+        num_rounds: Rounds the run is planned for (calibrates target mode).
+        sample_rate: q; 1.0 when client sampling gives no amplification.
+        max_clients: Most clients in a round (sizes the noise headroom).
+        modulus: Modulus of the secure sum; ``None`` without secure
+            aggregation.
+        rng: Cryptographically secure source of the server's noise.
+
+    """
+
+    config: DPConfig
+    num_rounds: int
+    sample_rate: float
+    max_clients: int
+    modulus: int | None
+    rng: SecureRandom = field(default_factory=SecureRandom)
+    accountant: PrivacyAccountant = field(init=False)
+    adaptive: AdaptiveClipping | None = field(init=False, default=None)
+    _noise_multiplier: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.config.mode is DPMode.DISTRIBUTED and self.modulus is None:
+            raise ValueError(
+                "Distributed DP needs secure aggregation: clients add noise "
+                "inside the secure sum. Found secure_aggregation=None."
+            )
+        self.accountant = PrivacyAccountant(
+            accountant=self.config.accountant, delta=self.config.delta
+        )
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far, at the configured delta."""
+        return self.accountant.epsilon
+
+    def plan(self, *, num_sampled: int, dimension: int) -> RoundPrivacy:
+        """Plan the next round for ``num_sampled`` clients and ``dimension`` values."""
+        if self.config.adaptive_clipping and self.adaptive is None:
+            self.adaptive = AdaptiveClipping(
+                clipping_norm=self.config.clipping_norm,
+                num_sampled=num_sampled,
+                target_quantile=self.config.target_quantile,
+                learning_rate=self.config.clipping_learning_rate,
+                bit_noise_std=self.config.clipped_count_stddev,
+            )
+        clipping_norm = (
+            self.adaptive.clipping_norm if self.adaptive else self.config.clipping_norm
+        )
+        z = self._calibrated(num_sampled=num_sampled, dimension=dimension)
+
+        if self.config.mode is DPMode.CENTRAL:
+            update_z = z
+            if self.adaptive is not None:
+                update_z = effective_noise_multiplier(
+                    noise_multiplier=z, bit_noise_std=self.adaptive.noise_std
+                )
+            encoding = None
+            if self.modulus is not None:
+                encoding = self._encoding(clipping_norm, headroom=0)
+            return RoundPrivacy(
+                clipping_norm=clipping_norm,
+                noise_multiplier=z,
+                update_noise_multiplier=update_z,
+                num_sampled=num_sampled,
+                sample_rate=self.sample_rate,
+                sigma_client=0.0,
+                bit_sigma_client=0.0,
+                encoding=encoding,
+            )
+
+        scale = self._scale(clipping_norm)
+        sigma_client = max(
+            MIN_DISCRETE_SIGMA,
+            distributed_noise_scale(
+                noise_multiplier=z,
+                clipping_norm=clipping_norm,
+                quantization_scale=scale,
+                num_clients=num_sampled,
+            ),
+        )
+        headroom = distributed_noise_headroom(
+            sigma_client=sigma_client,
+            num_clients=self.max_clients,
+            num_coordinates=dimension + 1,
+        )
+        bit_sigma = 0.0
+        if self.adaptive is not None:
+            bit_sigma = max(
+                MIN_DISCRETE_SIGMA, self.adaptive.noise_std / math.sqrt(num_sampled)
+            )
+        return RoundPrivacy(
+            clipping_norm=clipping_norm,
+            noise_multiplier=z,
+            update_noise_multiplier=z,
+            num_sampled=num_sampled,
+            sample_rate=self.sample_rate,
+            sigma_client=sigma_client,
+            bit_sigma_client=bit_sigma,
+            encoding=self._encoding(clipping_norm, headroom=headroom),
+        )
+
+    def budget_exceeded(self, plan: RoundPrivacy, *, dimension: int) -> str | None:
+        """Return why the planned round would exceed the budget, or ``None``."""
+        target = self.config.target_epsilon
+        if target is None:
+            return None
+        projected = compute_epsilon(
+            [
+                *self.accountant.history,
+                *self._events(plan, plan.num_sampled, dimension),
+            ],
+            delta=self.config.delta,
+            accountant=self.config.accountant,
+        )
+        if projected <= target:
+            return None
+        return (
+            f"the next round would raise epsilon to {projected:.4f}, above the "
+            f"target {target} at delta {self.config.delta}"
+        )
+
+    def record(
+        self, plan: RoundPrivacy, *, num_aggregated: int, dimension: int
+    ) -> float:
+        """Record what the round really released and return the new epsilon."""
+        for event in self._events(plan, num_aggregated, dimension):
+            self.accountant.record(event)
+        if self.config.mode is DPMode.DISTRIBUTED and num_aggregated < plan.num_sampled:
+            logger.warning(
+                "Only %d of %d planned clients added noise; the accountant records "
+                "the smaller noise",
+                num_aggregated,
+                plan.num_sampled,
+            )
+        return self.accountant.epsilon
+
+    def add_central_noise(
+        self, mean: NDArray[np.float64], plan: RoundPrivacy, *, num_aggregated: int
+    ) -> None:
+        """Add N(0, (z * C / m)**2) to every coordinate of the mean, in place."""
+        if self.config.mode is not DPMode.CENTRAL:
+            return
+        std = plan.update_noise_multiplier * plan.clipping_norm / num_aggregated
+        mean += self.rng.normal(mean.shape, std=std)
+
+    def update_clipping_norm(self, bit_sum: float, *, num_aggregated: int) -> None:
+        """Feed the round's count of unclipped updates to adaptive clipping.
+
+        In central mode the server adds the count's noise here; in distributed
+        mode the clients already did.
+        """
+        if self.adaptive is None:
+            return
+        noisy = bit_sum
+        if self.config.mode is DPMode.CENTRAL:
+            noisy = self.adaptive.noisy_bit_sum(int(bit_sum), rng=self.rng)
+        self.adaptive.update(noisy_bit_sum=noisy, num_aggregated=num_aggregated)
+
+    def _scale(self, clipping_norm: float) -> float:
+        levels = 1 << self.config.quantization_bits
+        return (levels - 1) / (2.0 * clipping_norm)
+
+    def _encoding(self, clipping_norm: float, *, headroom: int) -> EncodingParams:
+        assert self.modulus is not None
+        return EncodingParams(
+            clip_range=clipping_norm,
+            quantization_levels=1 << self.config.quantization_bits,
+            modulus=self.modulus,
+            max_weight=1,
+            max_clients=self.max_clients,
+            noise_headroom=headroom,
+        )
+
+    def _events(
+        self, plan: RoundPrivacy, num_clients: int, dimension: int
+    ) -> list[GaussianEvent | DistributedDiscreteGaussianEvent]:
+        if self.config.mode is DPMode.CENTRAL:
+            return [
+                GaussianEvent(
+                    noise_multiplier=plan.noise_multiplier,
+                    sample_rate=plan.sample_rate,
+                )
+            ]
+        return _distributed_events(plan, num_clients=num_clients, dimension=dimension)
+
+    def _calibrated(self, *, num_sampled: int, dimension: int) -> float:
+        if self.config.noise_multiplier is not None:
+            return self.config.noise_multiplier
+        if self._noise_multiplier is None:
+            self._noise_multiplier = self._search_noise_multiplier(
+                num_sampled=num_sampled, dimension=dimension
+            )
+            logger.info(
+                "Noise multiplier %.4f meets target epsilon %s over %d rounds",
+                self._noise_multiplier,
+                self.config.target_epsilon,
+                self.num_rounds,
+            )
+        return self._noise_multiplier
+
+    def _search_noise_multiplier(self, *, num_sampled: int, dimension: int) -> float:
+        assert self.config.target_epsilon is not None
+        if self.config.mode is DPMode.CENTRAL:
+            return noise_multiplier_for_target(
+                target_epsilon=self.config.target_epsilon,
+                delta=self.config.delta,
+                sample_rate=self.sample_rate,
+                num_steps=self.num_rounds,
+                accountant=self.config.accountant,
+            )
+        return _distributed_search(self, num_sampled=num_sampled, dimension=dimension)
+
+
+def _distributed_events(
+    plan: RoundPrivacy, *, num_clients: int, dimension: int
+) -> list[GaussianEvent | DistributedDiscreteGaussianEvent]:
+    assert plan.encoding is not None
+    sensitivity = quantized_l2_sensitivity(
+        clipping_norm=plan.clipping_norm,
+        quantization_scale=plan.encoding.scale,
+        dimension=dimension,
+    )
+    events: list[GaussianEvent | DistributedDiscreteGaussianEvent] = [
+        DistributedDiscreteGaussianEvent(
+            sigma_client=plan.sigma_client,
+            num_survivors=num_clients,
+            l2_sensitivity=sensitivity,
+            dimension=dimension,
+            sample_rate=plan.sample_rate,
+        )
+    ]
+    if plan.bit_sigma_client:
+        events.append(
+            DistributedDiscreteGaussianEvent(
+                sigma_client=plan.bit_sigma_client,
+                num_survivors=num_clients,
+                l2_sensitivity=1.0,
+                dimension=1,
+                sample_rate=plan.sample_rate,
+            )
+        )
+    return events
+
+
+def _distributed_search(
+    server: ServerPrivacy, *, num_sampled: int, dimension: int
+) -> float:
+    """Bisect for the smallest z whose planned run meets the target epsilon.
+
+    The planned run is ``num_rounds`` rounds in which all ``num_sampled``
+    clients add noise; dropouts later raise epsilon, and the budget check
+    before each round stops the run if that would exceed the target.
+    """
+    assert server.config.target_epsilon is not None
+    target = server.config.target_epsilon
+
+    def epsilon_of(z: float) -> float:
+        trial = ServerPrivacy(
+            config=_with_noise(server.config, z),
+            num_rounds=server.num_rounds,
+            sample_rate=server.sample_rate,
+            max_clients=server.max_clients,
+            modulus=server.modulus,
+        )
+        plan = trial.plan(num_sampled=num_sampled, dimension=dimension)
+        events = _distributed_events(plan, num_clients=num_sampled, dimension=dimension)
+        repeated = [_repeat(event, server.num_rounds) for event in events]
+        return compute_epsilon(
+            repeated, delta=server.config.delta, accountant=ACCOUNTANT_RDP
+        )
+
+    low, high = 0.0, 1.0
+    while epsilon_of(high) > target:
+        low, high = high, 2 * high
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"target_epsilon {target} needs a noise multiplier above "
+                f"{MAX_NOISE_MULTIPLIER} for {server.num_rounds} rounds."
+            )
+    for _ in range(SEARCH_STEPS):
+        middle = 0.5 * (low + high)
+        if epsilon_of(middle) <= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _with_noise(config: DPConfig, noise_multiplier: float) -> DPConfig:
+    values = {**config.__dict__, "noise_multiplier": noise_multiplier}
+    values["target_epsilon"] = None
+    return DPConfig(**values)
+
+
+def _repeat(
+    event: GaussianEvent | DistributedDiscreteGaussianEvent, num_steps: int
+) -> GaussianEvent | DistributedDiscreteGaussianEvent:
+    values = {**event.__dict__, "num_steps": num_steps}
+    return type(event)(**values)
+
+
+@dataclass(frozen=True)
+class ClientPrivacy:
+    """What a client applies to its update in a DP round.
+
+    Attributes:
+        mode: ``central`` or ``distributed``.
+        clipping_norm: C, the L2 bound of the update.
+        adaptive: Whether to report the clipping bit.
+        sigma_client: Discrete Gaussian sigma on each coordinate, in grid
+            units (distributed mode), else 0.
+        bit_sigma_client: Discrete Gaussian sigma on the clipping bit.
+
+    """
+
+    mode: DPMode
+    clipping_norm: float
+    adaptive: bool
+    sigma_client: float
+    bit_sigma_client: float
+
+    def to_fields(self) -> dict[str, int | float | str]:
+        """Convert to record fields."""
+        return {
+            "dp-mode": self.mode.value,
+            "dp-clipping-norm": self.clipping_norm,
+            "dp-adaptive": int(self.adaptive),
+            "dp-sigma-client": self.sigma_client,
+            "dp-bit-sigma-client": self.bit_sigma_client,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, object]) -> ClientPrivacy | None:
+        """Parse untrusted record fields; ``None`` when the round has no DP."""
+        if "dp-mode" not in fields:
+            return None
+        clipping_norm = _float_field(fields, "dp-clipping-norm")
+        _check_positive("dp-clipping-norm", clipping_norm)
+        return cls(
+            mode=_parse_mode(fields["dp-mode"]),
+            clipping_norm=clipping_norm,
+            adaptive=bool(fields.get("dp-adaptive")),
+            sigma_client=_float_field(fields, "dp-sigma-client"),
+            bit_sigma_client=_float_field(fields, "dp-bit-sigma-client"),
+        )
+
+    @classmethod
+    def of(cls, plan: RoundPrivacy, config: DPConfig) -> ClientPrivacy:
+        """Return the client's part of a round plan."""
+        return cls(
+            mode=config.mode,
+            clipping_norm=plan.clipping_norm,
+            adaptive=config.adaptive_clipping,
+            sigma_client=plan.sigma_client,
+            bit_sigma_client=plan.bit_sigma_client,
+        )
+
+
+def _float_field(fields: dict[str, object], key: str) -> float:
+    value = fields.get(key)
+    if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Field {key!r} must be a finite non-negative float.")
+    return value
+
+
+def clip_flat_update(
+    update: NDArray[np.float64], *, clipping_norm: float
+) -> tuple[int, bool]:
+    """Scale a flat update in place to L2 norm at most C.
+
+    Returns the clipping bit (1 if the norm was at most C) and whether it was
+    scaled. A zero update stays zero and counts as not clipped.
+    """
+    norm = float(np.linalg.norm(update))
+    bit = client_bit(norm=norm, clipping_norm=clipping_norm)
+    if norm > clipping_norm:
+        update *= clipping_norm / norm
+        # Rounding can leave the norm a hair above C; shrink by one ulp-scale step.
+        if float(np.linalg.norm(update)) > clipping_norm:
+            update *= 1.0 - 1e-12
+        return bit, True
+    return bit, False
+
+
+def add_distributed_noise(
+    encoded: NDArray[np.uint32],
+    *,
+    num_coordinates: int,
+    sigma_client: float,
+    bit_slot: int | None,
+    bit_sigma_client: float,
+    rng: SecureRandom,
+) -> None:
+    """Add discrete Gaussian noise to encoded coordinates (and bit), modulo 2^32.
+
+    The noise is added modulo 2^32 and reduced by the masking step to the
+    protocol's modulus; ``decode_sum`` reads it back as signed.
+    """
+    if sigma_client > 0:
+        noise = sample_discrete_gaussian(num_coordinates, sigma=sigma_client, rng=rng)
+        encoded[:num_coordinates] += noise.astype(np.uint32)
+    if bit_slot is not None and bit_sigma_client > 0:
+        bit_noise = sample_discrete_gaussian(1, sigma=bit_sigma_client, rng=rng)
+        encoded[bit_slot] += bit_noise.astype(np.uint32)[0]
+
+
+def signed(value: int, modulus: int) -> int:
+    """Read a sum modulo ``modulus`` as a signed integer in its centred window."""
+    value %= modulus
+    return value - modulus if value >= modulus // 2 else value
