@@ -1,0 +1,1 @@
+"""Benchmarks and attack evaluations for fedsec_flwr."""
