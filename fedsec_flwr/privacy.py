@@ -130,6 +130,18 @@ class DPConfig:
         _check_positive("clipping_learning_rate", self.clipping_learning_rate)
         if self.clipped_count_stddev is not None:
             _check_positive("clipped_count_stddev", self.clipped_count_stddev)
+        if (
+            self.mode is DPMode.CENTRAL
+            and self.adaptive_clipping
+            and self.noise_multiplier is not None
+            and self.clipped_count_stddev is not None
+            and 2 * self.clipped_count_stddev <= self.noise_multiplier
+        ):
+            raise ValueError(
+                "clipped_count_stddev must be above noise_multiplier / 2 "
+                f"({self.noise_multiplier / 2}), or the clipped count spends the "
+                f"whole budget. Found {self.clipped_count_stddev}."
+            )
         if not 2 <= self.quantization_bits <= 24:
             raise ValueError(
                 "quantization_bits must be between 2 and 24. "

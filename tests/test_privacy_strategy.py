@@ -1,0 +1,333 @@
+"""Differential privacy through SecureFedAvg, the mod and the loopback Grid.
+
+Clients send all-zero updates, so the released update is the noise itself.
+The statistical checks compare the sample standard deviation of many
+coordinates with the configured one; with n = 20,000 coordinates the sample
+standard deviation has a relative standard error of 1/sqrt(2n) = 0.5%, so a
+3% tolerance is six standard errors (false-failure rate below 1e-8).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, secure_aggregation_mod
+from fedsec_flwr.privacy import DPConfig, DPMode
+from tests.loopback import LoopbackGrid
+
+NUM_COORDINATES = 20_000
+NODE_IDS = [101, 202, 303, 404, 505]
+SECAGG = SecAggConfig(clip_range=1.0, max_weight=1000, max_clients=10)
+TOLERANCE = 0.03
+
+
+def initial_model() -> dict[str, np.ndarray]:
+    return {
+        "w": np.zeros(NUM_COORDINATES, dtype=np.float32),
+        "counter": np.array(5, dtype=np.int64),
+    }
+
+
+def zero_train(msg: Message, context: Context) -> Message:
+    arrays = msg.content["arrays"]
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": 10}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def scaled_train(scale: float):  # type: ignore[no-untyped-def]
+    def train(msg: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        rng = np.random.default_rng(partition)
+        step = scale * rng.standard_normal(NUM_COORDINATES) / np.sqrt(NUM_COORDINATES)
+        arrays["w"] = (arrays["w"] + step).astype(np.float32)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(
+                    {k: Array(np.asarray(v)) for k, v in arrays.items()}
+                ),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return train
+
+
+def make_app(train=zero_train, secure: bool = True) -> ClientApp:  # type: ignore[no-untyped-def]
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        if secure:
+            return secure_aggregation_mod(msg, context, train)
+        return train(msg, context)
+
+    return app
+
+
+def run(
+    grid: LoopbackGrid,
+    dp: DPConfig,
+    *,
+    secure: bool = True,
+    rounds: int = 1,
+    reports: list[RoundReport] | None = None,
+) -> tuple[dict[str, np.ndarray], SecureFedAvg]:
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG if secure else None,
+        differential_privacy=dp,
+        rng=random.Random(1),
+        on_round_end=reports.append if reports is not None else None,
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
+    return {k: v.numpy() for k, v in result.arrays.items()}, strategy
+
+
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_noise_std_matches_target_on_zero_updates(mode: DPMode) -> None:
+    dp = DPConfig(mode=mode, noise_multiplier=1.5, clipping_norm=2.0)
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    model, _ = run(grid, dp)
+
+    expected = 1.5 * 2.0 / len(NODE_IDS)
+    assert model["w"].std() == pytest.approx(expected, rel=TOLERANCE)
+    assert abs(model["w"].mean()) < 6 * expected / np.sqrt(NUM_COORDINATES)
+
+
+def test_central_noise_in_plain_mode() -> None:
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1.0, clipping_norm=1.0)
+    grid = LoopbackGrid(make_app(secure=False), NODE_IDS)
+
+    model, _ = run(grid, dp, secure=False)
+
+    assert model["w"].std() == pytest.approx(1.0 / len(NODE_IDS), rel=TOLERANCE)
+
+
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_dropout_noise_matches_aggregated_count(mode: DPMode) -> None:
+    def fault(node: int, stage: str, _: Message) -> object:
+        return "drop" if node == NODE_IDS[0] and stage == "masked-input" else None
+
+    dp = DPConfig(mode=mode, noise_multiplier=1.0, clipping_norm=1.0)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    model, strategy = run(grid, dp, reports=reports)
+
+    survivors = len(NODE_IDS) - 1
+    if mode is DPMode.CENTRAL:
+        expected = 1.0 / survivors
+    else:
+        # Noise was calibrated for 5 clients; 4 added theirs.
+        expected = np.sqrt(survivors / len(NODE_IDS)) / survivors
+    assert reports[0].num_aggregated == survivors
+    assert model["w"].std() == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_distributed_dropout_raises_epsilon() -> None:
+    def fault(node: int, stage: str, _: Message) -> object:
+        return "drop" if node == NODE_IDS[0] and stage == "masked-input" else None
+
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
+    full: list[RoundReport] = []
+    dropped: list[RoundReport] = []
+
+    run(LoopbackGrid(make_app(), NODE_IDS), dp, reports=full)
+    run(LoopbackGrid(make_app(), NODE_IDS, fault=fault), dp, reports=dropped)
+
+    assert full[0].epsilon is not None
+    assert dropped[0].epsilon is not None
+    assert dropped[0].epsilon > full[0].epsilon
+
+
+def test_integer_arrays_untouched_by_noise() -> None:
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    model, _ = run(grid, dp)
+
+    assert model["counter"].dtype == np.int64
+    assert model["counter"] == 5
+    assert model["w"].dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_epsilon_reported_and_non_decreasing(mode: DPMode) -> None:
+    dp = DPConfig(mode=mode, noise_multiplier=1.2, clipping_norm=1.0)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    run(grid, dp, rounds=3, reports=reports)
+
+    epsilons = [r.epsilon for r in reports]
+    assert all(e is not None and e > 0 for e in epsilons)
+    assert epsilons == sorted(epsilons)  # type: ignore[type-var]
+    assert epsilons[0] < epsilons[2]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_target_epsilon_never_exceeded(mode: DPMode) -> None:
+    dp = DPConfig(mode=mode, target_epsilon=3.0, clipping_norm=1.0)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    _, strategy = run(grid, dp, rounds=3, reports=reports)
+
+    assert len(reports) == 3
+    assert reports[-1].epsilon is not None
+    assert reports[-1].epsilon <= 3.0
+    assert reports[-1].epsilon > 2.0
+    assert strategy.stopped_reason is None
+
+
+def test_run_stops_before_budget_exceeded() -> None:
+    def fault(node: int, stage: str, msg: Message) -> object:
+        dropping = msg.metadata.group_id == "1" and node in NODE_IDS[:2]
+        return "drop" if dropping and stage == "masked-input" else None
+
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=2.0, clipping_norm=1.0)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    _, strategy = run(grid, dp, rounds=3, reports=reports)
+
+    assert len(reports) < 3
+    assert all(r.epsilon is not None and r.epsilon <= 2.0 for r in reports)
+    assert strategy.stopped_reason is not None
+    assert "above the target 2.0" in strategy.stopped_reason
+
+
+def test_client_update_is_clipped_before_encoding() -> None:
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1e-6, clipping_norm=0.5)
+    grid = LoopbackGrid(make_app(scaled_train(10.0)), NODE_IDS)
+
+    model, _ = run(grid, dp)
+
+    # Each update has norm about 10 and is clipped to 0.5; the mean of five
+    # independent ones has norm about 0.5 / sqrt(5).
+    assert np.linalg.norm(model["w"]) < 0.5
+    assert np.linalg.norm(model["w"]) > 0.1
+
+
+def test_adaptive_clipping_moves_norm_toward_quantile() -> None:
+    dp = DPConfig(
+        mode=DPMode.CENTRAL,
+        noise_multiplier=0.5,
+        clipping_norm=0.05,
+        adaptive_clipping=True,
+        clipped_count_stddev=1.0,
+    )
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(scaled_train(1.0)), NODE_IDS)
+
+    run(grid, dp, rounds=3, reports=reports)
+
+    # Every update norm (about 1) is above C, so the unclipped fraction is 0
+    # plus noise of std 1 / 5 per round; C shrinks only if the noise over two
+    # rounds exceeds the 0.5 target quantile by 3.5 std (rate about 2e-4).
+    norms = [r.clipping_norm for r in reports]
+    assert norms[0] == pytest.approx(0.05)
+    assert norms[2] > norms[0]  # type: ignore[operator]
+
+
+def test_distributed_adaptive_clipping_runs() -> None:
+    dp = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        noise_multiplier=0.5,
+        clipping_norm=5.0,
+        adaptive_clipping=True,
+        clipped_count_stddev=0.5,
+    )
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(scaled_train(1.0)), NODE_IDS)
+
+    run(grid, dp, rounds=2, reports=reports)
+
+    assert reports[1].clipping_norm < 5.0  # type: ignore[operator]
+
+
+def test_distributed_without_secure_aggregation_rejected() -> None:
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0)
+
+    with pytest.raises(ValueError, match="Distributed DP needs secure aggregation"):
+        SecureFedAvg(secure_aggregation=None, differential_privacy=dp)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "local", "noise_multiplier": 1.0}, "mode must be 'central'"),
+        ({"mode": "central"}, "exactly one of noise_multiplier and target_epsilon"),
+        (
+            {"mode": "central", "noise_multiplier": 1.0, "target_epsilon": 1.0},
+            "exactly one",
+        ),
+        ({"mode": "central", "noise_multiplier": -1.0}, "noise_multiplier must be"),
+        ({"mode": "central", "target_epsilon": 0.0}, "target_epsilon must be"),
+        ({"mode": "central", "noise_multiplier": 1.0, "delta": 1.0}, "delta must be"),
+        (
+            {"mode": "central", "noise_multiplier": 1.0, "clipping_norm": 0.0},
+            "clipping_norm must be",
+        ),
+        (
+            {"mode": "distributed", "noise_multiplier": 1.0, "accountant": "prv"},
+            "supports only the central mode",
+        ),
+        (
+            {"mode": "central", "noise_multiplier": 1.0, "target_quantile": 1.5},
+            "target_quantile must be",
+        ),
+        (
+            {"mode": "central", "noise_multiplier": 1.0, "quantization_bits": 30},
+            "quantization_bits must be",
+        ),
+        (
+            {
+                "mode": "central",
+                "noise_multiplier": 1.0,
+                "adaptive_clipping": True,
+                "clipped_count_stddev": 0.4,
+            },
+            "clipped_count_stddev must be above noise_multiplier / 2",
+        ),
+    ],
+)
+def test_invalid_dp_config_rejected(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DPConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_poisson_sampling_amplifies_central_accounting() -> None:
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1.0)
+    epsilons = {}
+    for sampling in ("fixed", "poisson"):
+        reports: list[RoundReport] = []
+        strategy = SecureFedAvg(
+            secure_aggregation=SECAGG,
+            differential_privacy=dp,
+            fraction_train=0.8,
+            client_sampling=sampling,
+            rng=random.Random(0),
+            on_round_end=reports.append,
+        )
+        ids = [1000 + i for i in range(10)]
+        initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+        strategy.start(
+            grid=LoopbackGrid(make_app(), ids), initial_arrays=initial, num_rounds=1
+        )
+        epsilons[sampling] = reports[0].epsilon
+
+    assert epsilons["poisson"] < epsilons["fixed"]  # type: ignore[operator]
