@@ -125,7 +125,7 @@ def test_dropout_noise_matches_aggregated_count(mode: DPMode) -> None:
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
 
-    model, strategy = run(grid, dp, reports=reports)
+    model, _ = run(grid, dp, reports=reports)
 
     survivors = len(NODE_IDS) - 1
     if mode is DPMode.CENTRAL:
