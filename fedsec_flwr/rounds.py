@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -56,6 +57,10 @@ from .records import (
 )
 
 logger = logging.getLogger("fedsec_flwr.rounds")
+
+POLL_START = 0.005
+POLL_GROWTH = 1.5
+POLL_MAX = 0.05
 
 _Reply = TypeVar("_Reply")
 
@@ -110,16 +115,16 @@ class _Exchange:
                 node, 0
             ) + content_bytes(content)
             messages.append(
-                self.grid.create_message(
-                    content=content,
-                    message_type=MessageType.TRAIN,
-                    dst_node_id=node,
+                Message(
+                    content,
+                    node,
+                    MessageType.TRAIN,
                     group_id=str(self.server_round),
                 )
             )
 
         replies: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self._send_and_receive(messages):
             node = reply.metadata.src_node_id
             if node not in contents or node in replies:
                 continue
@@ -135,6 +140,34 @@ class _Exchange:
                 reply.content
             )
             replies[node] = reply
+        return replies
+
+    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+        """Push the messages and poll for replies until all arrive or time runs out.
+
+        ``Grid.send_and_receive`` polls every 0.1 s in flwr 1.42; a round has
+        four exchanges, so this loop starts at 5 ms and backs off to 50 ms.
+        """
+        pending = set(self.grid.push_messages(messages))
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.timeout
+        interval = POLL_START
+        while pending:
+            pulled = list(self.grid.pull_messages(pending))
+            for reply in pulled:
+                pending.discard(reply.metadata.reply_to_message_id)
+            replies.extend(pulled)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+            interval = min(interval * POLL_GROWTH, POLL_MAX)
+        if pending:
+            logger.info(
+                "Round %d: %d node(s) did not reply within %.1f s",
+                self.server_round,
+                len(pending),
+                self.timeout,
+            )
         return replies
 
 

@@ -52,6 +52,7 @@ class LoopbackGrid(Grid):
     sent: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
     _contexts: dict[int, bytes] = field(default_factory=dict)
+    _replies: dict[str, Message] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
@@ -92,20 +93,21 @@ class LoopbackGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
+        ids = []
+        for message in messages:
+            reply = self._deliver(message)
+            if reply is not None:
+                self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = []
-        for message in messages:
-            reply = self._deliver(message)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+        return self.pull_messages(self.push_messages(messages))
 
     def _deliver(self, message: Message) -> Message | None:
         message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"

@@ -22,7 +22,9 @@ from tests.loopback import LoopbackGrid
 
 NUM_COORDINATES = 20_000
 NODE_IDS = [101, 202, 303, 404, 505]
-SECAGG = SecAggConfig(clip_range=1.0, max_weight=1000, max_clients=10)
+SECAGG = SecAggConfig(
+    clip_range=1.0, max_weight=1000, max_clients=10, stage_timeout=0.3
+)
 TOLERANCE = 0.03
 
 

@@ -28,7 +28,9 @@ from tests.loopback import LoopbackGrid, stage_of
 
 NUM_NODES = 5
 NODE_IDS = [2**63 + 11 * i for i in range(NUM_NODES)]
-CONFIG = SecAggConfig(clip_range=2.0, max_weight=1000, max_clients=10)
+CONFIG = SecAggConfig(
+    clip_range=2.0, max_weight=1000, max_clients=10, stage_timeout=0.3
+)
 
 
 def initial_model() -> dict[str, np.ndarray]:
