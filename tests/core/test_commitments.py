@@ -1,4 +1,5 @@
 import hashlib
+import math
 import random
 import subprocess
 import sys
@@ -21,27 +22,29 @@ KEY_LIST_DIGEST = bytes(range(32, 64))
 
 # Pinned outputs of this module. A change here changes every commitment, so
 # clients and auditors of two versions would no longer agree.
-GOLDEN_H_SHA256 = "36cf61126adda4824ae21c8368540a70dcf2dd322024d898c6a7938ec849edca"
+GOLDEN_GENERATORS_SHA256 = (
+    "3b7ee8ac1e874346c2882729841a42e2c8579817822360547449be1dd5ec0ac7"
+)
 GOLDEN_PROJECTION = 342919244725236777502885469106047790280303496000000
-GOLDEN_SEED = "5c82412a579ca6a75a5c48c9561d7d720fbc07712e7e1d12f4329ac7183f1fad"
+GOLDEN_SEED = "619098c1f06686e0fb9e830a3b6973df036cf4469c5ba190f9c2c33f0616bbcc"
 
-# A safe prime small enough to enumerate its subgroup, with h = g**t for a
-# known t: commitments in it are hiding but not binding.
+# A safe prime small enough to enumerate its subgroup, with generators
+# h_k = g**t_k for known t_k: commitments in it are hiding but not binding.
 SMALL_PRIME = 2039
 SMALL_ORDER = 1019
-TRAPDOOR = 123
+TRAPDOORS = (123, 456, 789)
 TRAPDOOR_GROUP = c.PedersenGroup(
     modulus=SMALL_PRIME,
     order=SMALL_ORDER,
-    g=4,
-    h=pow(4, TRAPDOOR, SMALL_PRIME),
+    generator_root=2,
+    blinding_roots=tuple(pow(2, t, SMALL_PRIME) for t in TRAPDOORS),
 )
 
 MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13)
 
 
 def is_probable_prime(n: int) -> bool:
-    """Miller-Rabin with fixed bases: exact below 3.4e14, probable above."""
+    """Miller-Rabin with the first six primes as bases."""
     if n < 2:
         return False
     for base in MILLER_RABIN_BASES:
@@ -86,29 +89,28 @@ def pi_times_power_of_two(bits: int) -> int:
 
 
 def honest_round(n: int, d: int, seed: int) -> dict:
-    """Updates, blindings, aggregate, R, seed and commitments of one round."""
+    """Updates, blindings, aggregate, limb sums, seed and commitments."""
     rng = np.random.default_rng(seed)
-    draw = random.Random(seed).randrange
+    draw = random.Random(seed).randbytes
     node_ids = [int(i) for i in rng.choice(2**40, size=n, replace=False)]
     updates = {
         node_id: rng.integers(0, 2**32 // n, size=d, dtype=np.uint32)
         for node_id in node_ids
     }
-    blindings = {node_id: c.draw_blinding(randbelow=draw) for node_id in node_ids}
+    blindings = {node_id: c.draw_blinding(random_bytes=draw) for node_id in node_ids}
 
     aggregate = np.zeros(d, dtype=np.uint32)
-    limb_sums = np.zeros(c.BLINDING_LIMBS, dtype=np.uint32)
+    blinding_sums = np.zeros(c.BLINDING_LIMBS, dtype=np.uint32)
     for node_id in node_ids:
         aggregate += updates[node_id]
-        limb_sums += c.blinding_limbs(blindings[node_id])
-    blinding_sum = c.blinding_from_limb_sums(limb_sums)
+        blinding_sums += blindings[node_id]
 
     rho_seed = c.projection_seed(
         run_id=RUN_ID,
         server_round=SERVER_ROUND,
         node_ids=node_ids,
         aggregate=aggregate,
-        blinding_sum=blinding_sum,
+        blinding_sums=blinding_sums,
         key_list_digest=KEY_LIST_DIGEST,
     )
     commitments = {
@@ -123,7 +125,7 @@ def honest_round(n: int, d: int, seed: int) -> dict:
         "updates": updates,
         "blindings": blindings,
         "aggregate": aggregate,
-        "blinding_sum": blinding_sum,
+        "blinding_sums": blinding_sums,
         "rho_seed": rho_seed,
         "commitments": commitments,
     }
@@ -138,14 +140,14 @@ def verify(round_data: dict, **changes) -> c.VerificationResult:
     arguments = {
         "commitments": round_data["commitments"],
         "aggregate": round_data["aggregate"],
-        "blinding_sum": round_data["blinding_sum"],
+        "blinding_sums": round_data["blinding_sums"],
         "rho_seed": round_data["rho_seed"],
     }
     arguments.update(changes)
     return c.verify_aggregate(
         arguments["commitments"],
         arguments["aggregate"],
-        blinding_sum=arguments["blinding_sum"],
+        blinding_sums=arguments["blinding_sums"],
         rho_seed=arguments["rho_seed"],
     )
 
@@ -156,7 +158,7 @@ def seed_for(round_data: dict, aggregate: np.ndarray, **changes) -> bytes:
         "server_round": SERVER_ROUND,
         "node_ids": round_data["node_ids"],
         "aggregate": aggregate,
-        "blinding_sum": round_data["blinding_sum"],
+        "blinding_sums": round_data["blinding_sums"],
         "key_list_digest": KEY_LIST_DIGEST,
     }
     arguments.update(changes)
@@ -204,34 +206,50 @@ def test_miller_rabin_rejects_composites():
 
 
 def test_generators_have_order_q():
-    assert pow(GROUP.g, Q, P) == 1
-    assert pow(GROUP.h, Q, P) == 1
-    assert GROUP.g != 1
-    assert GROUP.h != 1
-    assert GROUP.g != GROUP.h
+    # Euler's criterion on a sample. Every generator is a square by
+    # construction, which the next tests check.
+    for generator in (GROUP.g, *GROUP.blinding_generators[:2]):
+        assert pow(generator, Q, P) == 1
 
 
-def test_h_is_squared_sha512_expansion_of_domain():
-    expansion = b"".join(
-        hashlib.sha512(c.H_DOMAIN + counter.to_bytes(4, "big")).digest()
-        for counter in range(7)
+def test_generators_are_distinct_group_elements():
+    generators = (GROUP.g, *GROUP.blinding_generators)
+
+    assert len(GROUP.blinding_generators) == c.BLINDING_LIMBS
+    assert len(set(generators)) == len(generators)
+    assert 1 not in generators
+    assert all(c.is_group_element(h, group=GROUP) for h in generators)
+
+
+def test_blinding_generators_are_squared_sha512_expansions():
+    for index in (0, 1, 255):
+        domain = c.BLINDING_GENERATOR_DOMAIN + index.to_bytes(4, "big")
+        expansion = b"".join(
+            hashlib.sha512(domain + counter.to_bytes(4, "big")).digest()
+            for counter in range(7)
+        )
+        root = int.from_bytes(expansion, "big") % P
+
+        assert len(expansion) * 8 >= 3072 + 128
+        assert pow(root, 2, P) == GROUP.blinding_generators[index]
+
+
+def test_generator_g_is_four():
+    assert GROUP.g == 4
+
+
+def test_blinding_generators_match_golden_value():
+    encoded = b"".join(
+        h.to_bytes(c.COMMITMENT_SIZE, "big") for h in GROUP.blinding_generators
     )
-    root = int.from_bytes(expansion, "big") % P
 
-    assert len(expansion) * 8 >= 3072 + 128
-    assert pow(root, 2, P) == GROUP.h
-
-
-def test_h_matches_golden_value():
-    digest = hashlib.sha256(GROUP.h.to_bytes(c.COMMITMENT_SIZE, "big")).hexdigest()
-
-    assert digest == GOLDEN_H_SHA256
+    assert hashlib.sha256(encoded).hexdigest() == GOLDEN_GENERATORS_SHA256
 
 
 def test_group_membership_matches_euler_criterion():
     rng = random.Random(5)
     values = [rng.randrange(1, P) for _ in range(8)]
-    values += [1, 2, 3, P - 1, P - 2, GROUP.h, P - GROUP.h]
+    values += [1, 2, 3, P - 1, P - 2, GROUP.blinding_generators[0]]
 
     for value in values:
         assert c.is_group_element(value, group=GROUP) == (pow(value, Q, P) == 1)
@@ -246,27 +264,39 @@ def test_small_group_is_safe_prime_group():
     assert is_probable_prime(SMALL_PRIME)
     assert is_probable_prime(SMALL_ORDER)
     assert TRAPDOOR_GROUP.element_size == 2
+    assert TRAPDOOR_GROUP.blinding_generators == tuple(
+        pow(4, t, SMALL_PRIME) for t in TRAPDOORS
+    )
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"modulus": 2039, "order": 1000, "g": 4, "h": 9}, "safe prime"),
-        ({"modulus": 2039, "order": 1019, "g": 1, "h": 9}, "g must be a square"),
-        ({"modulus": 2039, "order": 1019, "g": 4, "h": 2038}, "h must be a square"),
-        ({"modulus": 2039, "order": 1019, "g": 4, "h": 4}, "must differ"),
+        ({"order": 1000}, "safe prime"),
+        ({"generator_root": 1}, r"roots must be in \[2, p - 2\]"),
+        ({"blinding_roots": (2038,)}, r"roots must be in \[2, p - 2\]"),
+        ({"blinding_roots": ()}, "must not be empty"),
+        ({"blinding_roots": (2,)}, "must all differ"),
+        ({"blinding_roots": (3, 2036)}, "must all differ"),
     ],
 )
 def test_group_rejects_bad_parameters(fields, message):
+    arguments = {
+        "modulus": SMALL_PRIME,
+        "order": SMALL_ORDER,
+        "generator_root": 2,
+        "blinding_roots": (3, 5),
+    }
+    arguments.update(fields)
+
     with pytest.raises(ValueError, match=message):
-        c.PedersenGroup(**fields)
+        c.PedersenGroup(**arguments)
 
 
-def test_hash_to_group_returns_square():
-    h = c.hash_to_group(b"another domain", modulus=SMALL_PRIME)
+def test_hash_to_root_gives_generator():
+    root = c.hash_to_root(b"another domain", modulus=SMALL_PRIME)
 
-    assert c.is_group_element(h, group=TRAPDOOR_GROUP)
-    assert h != 1
+    assert 2 <= root <= SMALL_PRIME - 2
 
 
 # Projection
@@ -363,7 +393,7 @@ def test_project_same_in_another_process(tmp_path):
     rng = np.random.default_rng(9)
     update = rng.integers(0, 2**32, size=30000, dtype=np.uint32)
     rho_seed = bytes(range(64, 96))
-    blinding = c.draw_blinding(randbelow=random.Random(9).randrange)
+    blinding = c.draw_blinding(random_bytes=random.Random(9).randbytes)
     np.save(tmp_path / "update.npy", update)
     script = (
         "import sys, numpy as np\n"
@@ -371,7 +401,8 @@ def test_project_same_in_another_process(tmp_path):
         "update = np.load(sys.argv[1])\n"
         "value = c.project(update, rho_seed=bytes.fromhex(sys.argv[2]))\n"
         "print(value)\n"
-        "print(c.commit(value, blinding=int(sys.argv[3])))\n"
+        "blinding = np.frombuffer(bytes.fromhex(sys.argv[3]), dtype='<u4')\n"
+        "print(c.commit(value, blinding=blinding.astype(np.uint32)))\n"
     )
 
     output = subprocess.run(
@@ -381,7 +412,7 @@ def test_project_same_in_another_process(tmp_path):
             script,
             str(tmp_path / "update.npy"),
             rho_seed.hex(),
-            str(blinding),
+            blinding.astype("<u4").tobytes().hex(),
         ],
         capture_output=True,
         text=True,
@@ -405,7 +436,7 @@ def test_projection_seed_matches_golden_value():
         server_round=3,
         node_ids=[30, 10, 20],
         aggregate=vector,
-        blinding_sum=12345,
+        blinding_sums=np.arange(256, dtype=np.uint32),
         key_list_digest=KEY_LIST_DIGEST,
     )
 
@@ -427,7 +458,7 @@ def test_projection_seed_ignores_node_id_order(round_of_ten):
     [
         {"run_id": RUN_ID + 1},
         {"server_round": SERVER_ROUND + 1},
-        {"blinding_sum": 1},
+        {"blinding_sums": np.ones(c.BLINDING_LIMBS, dtype=np.uint32)},
         {"key_list_digest": bytes(32)},
     ],
 )
@@ -455,8 +486,7 @@ def test_projection_seed_binds_node_ids_and_aggregate(round_of_ten):
         ({"node_ids": [1, 2, 1]}, "must be distinct"),
         ({"node_ids": [2**64]}, "must be a uint64"),
         ({"run_id": -1}, "run_id must be a uint64"),
-        ({"blinding_sum": Q}, "below the group order"),
-        ({"blinding_sum": -1}, "non-negative"),
+        ({"blinding_sums": [1, 2]}, "blinding_sums must be a numpy array"),
         ({"key_list_digest": bytes(31)}, "key_list_digest must be 32 bytes"),
     ],
 )
@@ -465,112 +495,125 @@ def test_projection_seed_rejects_malformed_input(round_of_ten, change, message):
         seed_for(round_of_ten, round_of_ten["aggregate"], **change)
 
 
-# Blinding factors
+# Blinding vectors
 
 
 def test_blinding_limb_constants_fit():
-    assert c.BLINDING_LIMBS == 200
-    assert GROUP.blinding_range <= 2 ** (16 * c.BLINDING_LIMBS)
     assert c.MAX_BLINDING_CLIENTS * (2**16 - 1) <= 2**32 - 1
     assert (c.MAX_BLINDING_CLIENTS + 1) * (2**16 - 1) > 2**32 - 1
     assert c.MAX_BLINDING_CLIENTS >= 65535
 
 
-def test_blinding_range_is_multiple_of_order():
-    assert GROUP.blinding_range % Q == 0
-    assert GROUP.blinding_range == Q * 2**128
+def test_blinding_min_entropy_exceeds_order_with_margin():
+    # Two honest clients: given the limb sums, each limb keeps
+    # log2(2**32 / (2**17 - 1)) bits of average min-entropy.
+    bits_per_limb = math.log2((2**16) ** 2 / (2**17 - 1))
+    min_entropy = c.BLINDING_LIMBS * bits_per_limb
+
+    assert min_entropy - Q.bit_length() >= 2 * 384
+
+
+def test_draw_blinding_shape_and_range():
+    blinding = c.draw_blinding(random_bytes=random.Random(1).randbytes)
+
+    assert blinding.dtype == np.uint32
+    assert blinding.shape == (c.BLINDING_LIMBS,)
+    assert int(blinding.max()) < 2**16
+    assert int(blinding.max()) > 2**15
 
 
 def test_draw_blinding_uses_given_source():
-    bounds = []
+    sizes = []
 
-    blinding = c.draw_blinding(randbelow=lambda bound: bounds.append(bound) or 5)
+    def source(size):
+        sizes.append(size)
+        return bytes([1, 2]) * (size // 2)
 
-    assert blinding == 5
-    assert bounds == [GROUP.blinding_range]
+    blinding = c.draw_blinding(random_bytes=source)
+
+    assert sizes == [2 * c.BLINDING_LIMBS]
+    assert blinding.tolist() == [0x0201] * c.BLINDING_LIMBS
+
+
+def test_draw_blinding_rejects_short_source():
+    with pytest.raises(ValueError, match="random_bytes must return 512 bytes"):
+        c.draw_blinding(random_bytes=lambda size: bytes(size - 1))
 
 
 def test_draw_blinding_defaults_to_csprng():
-    blindings = {c.draw_blinding() for _ in range(3)}
+    first = c.draw_blinding()
+    second = c.draw_blinding()
 
-    assert len(blindings) == 3
-    assert max(blindings) < GROUP.blinding_range
-
-
-def test_blinding_limbs_round_trip():
-    blinding = GROUP.blinding_range - 1
-
-    limbs = c.blinding_limbs(blinding)
-
-    assert limbs.dtype == np.uint32
-    assert limbs.shape == (c.BLINDING_LIMBS,)
-    assert int(limbs.max()) <= 2**16 - 1
-    assert c.blinding_from_limb_sums(limbs) == blinding % Q
+    assert not np.array_equal(first, second)
 
 
-def test_blinding_limb_sums_recover_sum_mod_q():
-    draw = random.Random(2).randrange
-    blindings = [c.draw_blinding(randbelow=draw) for _ in range(50)]
-    limb_sums = np.zeros(c.BLINDING_LIMBS, dtype=np.uint32)
-    for blinding in blindings:
-        limb_sums += c.blinding_limbs(blinding)
+def test_blinding_sums_fit_at_max_clients():
+    # MAX_BLINDING_CLIENTS vectors of the largest values, summed modulo
+    # 2**32 as secure aggregation does, keep their exact integer sum.
+    sums = np.full(c.BLINDING_LIMBS, 2**16 - 1, dtype=np.uint64)
+    sums *= c.MAX_BLINDING_CLIENTS
 
-    assert c.blinding_from_limb_sums(limb_sums) == sum(blindings) % Q
-
-
-def test_blinding_limb_sums_exact_at_max_clients():
-    # The largest limb sum that MAX_BLINDING_CLIENTS clients can produce.
-    limb_sums = np.full(c.BLINDING_LIMBS, 2**32 - 1, dtype=np.uint32)
-    total = sum((2**32 - 1) << (16 * k) for k in range(c.BLINDING_LIMBS))
-
-    assert c.blinding_from_limb_sums(limb_sums) == total % Q
+    assert int(sums.max()) <= 2**32 - 1
 
 
 @pytest.mark.parametrize(
     ("blinding", "message"),
     [
-        (-1, "blinding must be in"),
-        (2 ** (16 * 200), "blinding must be in"),
-        (1.5, "must be an int"),
+        (np.full(c.BLINDING_LIMBS, 2**16, dtype=np.uint32), "below 2\\*\\*16"),
+        (np.zeros(c.BLINDING_LIMBS - 1, dtype=np.uint32), "must have 256 values"),
+        (np.zeros(c.BLINDING_LIMBS, dtype=np.uint16), "dtype uint32"),
     ],
 )
-def test_blinding_limbs_reject_out_of_range(blinding, message):
+def test_check_blinding_rejects_malformed_vector(blinding, message):
     with pytest.raises(ValueError, match=message) as raised:
-        c.blinding_limbs(blinding)
+        c.check_blinding(blinding)
 
-    assert str(blinding) not in str(raised.value)
-
-
-def test_blinding_from_limb_sums_rejects_wrong_length():
-    with pytest.raises(ValueError, match=r"must have 200 values\. Found 199"):
-        c.blinding_from_limb_sums(np.zeros(199, dtype=np.uint32))
+    assert "65536" not in str(raised.value)
 
 
 # Commitments
 
 
-def test_commit_is_pedersen_commitment():
-    commitment = c.commit(12, blinding=34)
+def test_commit_is_pedersen_vector_commitment():
+    blinding = c.draw_blinding(random_bytes=random.Random(2).randbytes)
+    expected = pow(4, 12, P)
+    for generator, exponent in zip(
+        GROUP.blinding_generators, blinding.tolist(), strict=True
+    ):
+        expected = expected * pow(generator, exponent, P) % P
 
-    assert commitment == pow(4, 12, P) * pow(GROUP.h, 34, P) % P
+    commitment = c.commit(12, blinding=blinding)
+
+    assert commitment == expected
     assert c.is_group_element(commitment, group=GROUP)
 
 
-def test_commit_reduces_exponents_mod_q():
-    assert c.commit(Q + 5, blinding=2 * Q + 7) == c.commit(5, blinding=7)
+def test_commit_reduces_value_mod_q():
+    blinding = np.arange(c.BLINDING_LIMBS, dtype=np.uint32)
+
+    assert c.commit(Q + 5, blinding=blinding) == c.commit(5, blinding=blinding)
 
 
 @pytest.mark.parametrize(
-    ("value", "blinding", "message"),
-    [(-1, 0, "value must be non-negative"), (0, -1, "blinding must be non-negative")],
+    "exponents",
+    [[0, 0, 0], [1, 0, 2**32 - 1], [2**16 - 1, 2**16 - 1, 2**16 - 1], [64, 63, 65]],
 )
-def test_commit_rejects_negative_exponents(value, blinding, message):
-    with pytest.raises(ValueError, match=message):
-        c.commit(value, blinding=blinding)
+def test_multi_power_matches_pow(exponents):
+    bases = TRAPDOOR_GROUP.blinding_generators
+    expected = 1
+    for base, exponent in zip(bases, exponents, strict=True):
+        expected = expected * pow(base, exponent, SMALL_PRIME) % SMALL_PRIME
+
+    assert c._multi_power(bases, exponents, modulus=SMALL_PRIME) == expected
+
+
+def test_commit_rejects_negative_value():
+    with pytest.raises(ValueError, match="value must be non-negative"):
+        c.commit(-1, blinding=np.zeros(c.BLINDING_LIMBS, dtype=np.uint32))
 
 
 def test_commitment_encoding_round_trip():
-    commitment = c.commit(99, blinding=1234)
+    commitment = c.commit(99, blinding=np.ones(c.BLINDING_LIMBS, dtype=np.uint32))
 
     encoded = c.encode_commitment(commitment)
 
@@ -622,7 +665,7 @@ def test_failed_result_raises_authentication_error():
     [
         ({"commitments": {}}, "must not be empty"),
         ({"commitments": {-1: 4}}, "must be a uint64"),
-        ({"blinding_sum": Q}, "below the group order"),
+        ({"blinding_sums": np.zeros(3, dtype=np.uint32)}, "must have 256 values"),
         ({"aggregate": np.zeros(3, dtype=np.int32)}, "dtype uint32"),
         ({"rho_seed": b"short"}, "32 bytes long"),
     ],
@@ -718,16 +761,25 @@ def test_tamper_previous_round_aggregate_replayed():
     result = c.verify_aggregate(
         commitments,
         previous["aggregate"],
-        blinding_sum=current["blinding_sum"],
+        blinding_sums=current["blinding_sums"],
         rho_seed=rho_seed,
     )
 
     assert not result.verified
 
 
-def test_tamper_blinding_sum_changed(round_of_ten):
-    for blinding_sum in (round_of_ten["blinding_sum"] + 1, 0):
-        assert not verify(round_of_ten, blinding_sum=blinding_sum % Q).verified
+def test_tamper_blinding_sums_changed(round_of_ten):
+    for index in (0, c.BLINDING_LIMBS - 1):
+        blinding_sums = round_of_ten["blinding_sums"].copy()
+        blinding_sums[index] += 1
+
+        assert not verify(round_of_ten, blinding_sums=blinding_sums).verified
+
+
+def test_tamper_blinding_sums_zeroed(round_of_ten):
+    zeros = np.zeros(c.BLINDING_LIMBS, dtype=np.uint32)
+
+    assert not verify(round_of_ten, blinding_sums=zeros).verified
 
 
 def test_tamper_commitment_from_another_round(round_of_ten):
@@ -792,45 +844,83 @@ def recommit(round_data: dict, rho_seed: bytes) -> dict[int, int]:
     }
 
 
-# Hiding and binding in a group with a known trapdoor
+# Hiding and binding in a group with known logarithms t_k = log_g h_k
 
 
-def test_commitment_uniform_whatever_the_value():
+def trapdoor_blinding(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.uint32)
+
+
+def box_exponent_distribution(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Distribution of sum_k t_k l_k mod q for l uniform in the box [low, high]."""
+    distribution = np.zeros(SMALL_ORDER)
+    distribution[0] = 1.0
+    for t, lo, hi in zip(TRAPDOORS, low.tolist(), high.tolist(), strict=True):
+        residues = (t * np.arange(lo, hi + 1)) % SMALL_ORDER
+        limb = np.bincount(residues, minlength=SMALL_ORDER) / (hi - lo + 1)
+        # Circular convolution modulo q.
+        spectrum = np.fft.rfft(distribution) * np.fft.rfft(limb)
+        distribution = np.fft.irfft(spectrum, n=SMALL_ORDER)
+    return distribution
+
+
+def test_each_generator_hides_over_a_full_period():
     subgroup = {pow(4, k, SMALL_PRIME) for k in range(SMALL_ORDER)}
 
     for value in (0, 5, 700, 10**30):
         commitments = {
-            c.commit(value, blinding=r, group=TRAPDOOR_GROUP)
+            c.commit(value, blinding=trapdoor_blinding(r, 0, 0), group=TRAPDOOR_GROUP)
             for r in range(SMALL_ORDER)
         }
         assert commitments == subgroup
 
 
+def test_blinding_exponent_near_uniform_given_limb_sums():
+    # Two clients, and the server receives only L = l_1 + l_2. Given L, l_1 is
+    # uniform in a box, and its exponent sum_k t_k l_1[k] mod q, which
+    # shifts the commitment, is close to uniform whatever the value is.
+    rng = np.random.default_rng(12)
+    top = 2**16 - 1
+    first = rng.integers(0, 2**16, size=3)
+    second = rng.integers(0, 2**16, size=3)
+    sums = first + second
+    low = np.maximum(0, sums - top)
+    high = np.minimum(top, sums)
+
+    distribution = box_exponent_distribution(low, high)
+    distance = 0.5 * np.abs(distribution - 1 / SMALL_ORDER).sum()
+
+    assert distribution.sum() == pytest.approx(1.0)
+    assert distance < 1e-6
+
+
 def test_different_updates_share_commitment_with_matched_blinding():
-    # C(m, r) = g**(m + t r): for m' != m, r' = r + (m - m') / t opens the
-    # same commitment, so C says nothing about m to an unbounded observer.
+    # C = g**(m + sum_k t_k l_k): for m' != m, changing l_0 by (m - m') / t_0
+    # gives the same commitment, so C alone reveals nothing about m.
     rng = np.random.default_rng(6)
     rho_seed = bytes(range(32))
     x = rng.integers(0, 2**32, size=100, dtype=np.uint32)
     x_other = rng.integers(0, 2**32, size=100, dtype=np.uint32)
     m = c.project(x, rho_seed=rho_seed)
     m_other = c.project(x_other, rho_seed=rho_seed)
-    r = 77
-    inverse = pow(TRAPDOOR, -1, SMALL_ORDER)
-    r_other = (r + (m - m_other) * inverse) % SMALL_ORDER
+    inverse = pow(TRAPDOORS[0], -1, SMALL_ORDER)
+    blinding = trapdoor_blinding(77, 5000, 60000)
+    blinding_other = blinding.copy()
+    blinding_other[0] = (77 + (m - m_other) * inverse) % SMALL_ORDER
+
+    commitment = c.commit(m, blinding=blinding, group=TRAPDOOR_GROUP)
+    commitment_other = c.commit(m_other, blinding=blinding_other, group=TRAPDOOR_GROUP)
 
     assert m % SMALL_ORDER != m_other % SMALL_ORDER
-    assert c.commit(m, blinding=r, group=TRAPDOOR_GROUP) == c.commit(
-        m_other, blinding=r_other, group=TRAPDOOR_GROUP
-    )
+    assert commitment == commitment_other
 
 
 def test_trapdoor_group_lets_server_forge():
-    # Why h must come from a hash: whoever knows log_g h passes a wrong
-    # aggregate by adjusting R.
+    # Why the h_k must come from a hash: a server that knows log_g h_0 passes
+    # a wrong aggregate by adjusting the limb sums.
     rng = np.random.default_rng(8)
     updates = [rng.integers(0, 2**20, size=50, dtype=np.uint32) for _ in range(3)]
-    blindings = [11, 22, 33]
+    blindings = [trapdoor_blinding(11 * i, 22 * i, 33 * i) for i in (1, 2, 3)]
     rho_seed = bytes(range(32))
     commitments = {
         node_id: c.commit(
@@ -847,12 +937,15 @@ def test_trapdoor_group_lets_server_forge():
     shift = c.project(forged, rho_seed=rho_seed) - c.project(
         sum(updates), rho_seed=rho_seed
     )
-    forged_sum = (sum(blindings) - shift * pow(TRAPDOOR, -1, SMALL_ORDER)) % SMALL_ORDER
+    forged_sums = sum(blindings)
+    forged_sums[0] = (
+        int(forged_sums[0]) - shift * pow(TRAPDOORS[0], -1, SMALL_ORDER)
+    ) % SMALL_ORDER
 
     result = c.verify_aggregate(
         commitments,
         forged,
-        blinding_sum=forged_sum,
+        blinding_sums=forged_sums,
         rho_seed=rho_seed,
         group=TRAPDOOR_GROUP,
     )

@@ -1,0 +1,252 @@
+"""Offline audit of verified rounds: ``python -m fedsec_flwr.audit AUDIT.json``.
+
+The audit file is JSON::
+
+    {"format": "fedsec_flwr/audit/v1",
+     "rounds": [{"transcript": {...}, "aggregate_path": "run-1-round-1.npy"},
+                {"transcript": {...}, "aggregate_hex": "0100000002000000"}]}
+
+Each transcript is `RoundTranscript.to_dict`. Its aggregate is either an
+``.npy`` file of uint32 values, at a path relative to the JSON file's
+folder, or inline hex of the little-endian uint32 bytes for short vectors.
+`append_round` writes this format.
+
+The command prints one line per round and exits with 0 when every round
+verifies, and 1 when a round fails, the file is malformed or it contains no
+round. Run ids and rounds are printed so that an auditor can match them with
+the server's records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .core import commitments
+from .core.transcript import AuditResult, RoundTranscript, audit_round
+
+AUDIT_FORMAT = "fedsec_flwr/audit/v1"
+"""Value of the "format" field of an audit file."""
+
+INLINE_AGGREGATE_MAX_VALUES = 1024
+"""Maximum length of an aggregate that `append_round` stores as inline hex."""
+
+EXIT_VERIFIED = 0
+EXIT_FAILED = 1
+
+
+@dataclass(frozen=True)
+class RoundAudit:
+    """Audit outcome of one entry of an audit file.
+
+    Attributes:
+        label: "run R round N", or "entry K" when the transcript is malformed.
+        result: Whether the round verified, and why not.
+
+    """
+
+    label: str
+    result: AuditResult
+
+
+def append_round(
+    audit_path: Path, transcript: RoundTranscript, aggregate: npt.NDArray[np.uint32]
+) -> None:
+    """Add one round to an audit file, creating the file if it does not exist.
+
+    An aggregate of at most `INLINE_AGGREGATE_MAX_VALUES` values is stored as
+    inline hex. A longer one goes to ``<stem>-run-<run>-round-<round>.npy``
+    in the JSON file's folder. The JSON file is replaced atomically.
+
+    Raises:
+        ValueError: If the existing file is not an audit file, or `aggregate`
+            does not match the transcript's length and SHA-256.
+
+    """
+    if commitments.aggregate_digest(aggregate) != transcript.aggregate_sha256:
+        raise ValueError(
+            "aggregate must match the transcript's SHA-256. Found another vector."
+        )
+    document = _read_document(audit_path) if audit_path.exists() else _new_document()
+
+    entry: dict[str, Any] = {"transcript": transcript.to_dict()}
+    if aggregate.size <= INLINE_AGGREGATE_MAX_VALUES:
+        entry["aggregate_hex"] = aggregate.astype("<u4").tobytes().hex()
+    else:
+        name = (
+            f"{audit_path.stem}-run-{transcript.run_id}"
+            f"-round-{transcript.server_round}.npy"
+        )
+        np.save(audit_path.parent / name, aggregate, allow_pickle=False)
+        entry["aggregate_path"] = name
+    document["rounds"].append(entry)
+
+    _write_atomically(audit_path, json.dumps(document, sort_keys=True, indent=1))
+
+
+def audit_file(audit_path: Path) -> list[RoundAudit]:
+    """Audit every round of an audit file.
+
+    A round fails if its transcript or aggregate is malformed, its audit
+    fails, or its run and round appeared earlier in the file.
+
+    Raises:
+        ValueError: If the file is not JSON or not an audit file.
+        OSError: If the file cannot be read.
+
+    """
+    document = _read_document(audit_path)
+    audits = []
+    seen: set[tuple[int, int]] = set()
+
+    for index, entry in enumerate(document["rounds"]):
+        try:
+            transcript = RoundTranscript.from_dict(_entry_field(entry, "transcript"))
+        except ValueError as error:
+            reason = f"the transcript is malformed: {error}"
+            audits.append(RoundAudit(f"entry {index}", AuditResult(False, reason)))
+            continue
+
+        label = f"run {transcript.run_id} round {transcript.server_round}"
+        key = (transcript.run_id, transcript.server_round)
+        if key in seen:
+            result = AuditResult(False, "the round appears more than once")
+        else:
+            result = _audit_entry(audit_path.parent, entry, transcript)
+        seen.add(key)
+        audits.append(RoundAudit(label, result))
+
+    return audits
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the audit command and return its exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedsec_flwr.audit",
+        description="Verify every round of a fedsec_flwr audit file.",
+    )
+    parser.add_argument("audit_file", type=Path, help="path of the audit JSON file")
+    arguments = parser.parse_args(argv)
+
+    try:
+        audits = audit_file(arguments.audit_file)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot audit {arguments.audit_file}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+    for audit in audits:
+        if audit.result.verified:
+            print(f"{audit.label}: verified")
+        else:
+            print(f"{audit.label}: FAILED: {audit.result.reason}")
+
+    if not audits:
+        print("error: the audit file contains no round", file=sys.stderr)
+        return EXIT_FAILED
+    failed = sum(not audit.result.verified for audit in audits)
+    print(f"{len(audits) - failed} of {len(audits)} rounds verified")
+    return EXIT_FAILED if failed else EXIT_VERIFIED
+
+
+def _audit_entry(
+    folder: Path, entry: dict[str, Any], transcript: RoundTranscript
+) -> AuditResult:
+    try:
+        aggregate = _load_aggregate(folder, entry)
+    except (OSError, ValueError) as error:
+        return AuditResult(False, f"the aggregate cannot be loaded: {error}")
+
+    return audit_round(transcript, aggregate)
+
+
+def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint32]:
+    has_path = "aggregate_path" in entry
+    if has_path == ("aggregate_hex" in entry):
+        raise ValueError(
+            "a round must have exactly one of aggregate_path and aggregate_hex"
+        )
+
+    if not has_path:
+        raw = bytes.fromhex(_entry_field(entry, "aggregate_hex", str))
+        if len(raw) % 4:
+            raise ValueError(
+                "aggregate_hex must encode whole uint32 values. "
+                f"Found {len(raw)} bytes."
+            )
+        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+    path = _resolve_inside(folder, _entry_field(entry, "aggregate_path", str))
+    loaded = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not isinstance(loaded, np.ndarray):
+        raise ValueError(f"aggregate_path must name an .npy file. Found {path.name}.")
+    if loaded.dtype != np.uint32 or loaded.ndim != 1:
+        raise ValueError(
+            "aggregate_path must hold a one-dimensional uint32 array. "
+            f"Found dtype {loaded.dtype} and shape {loaded.shape}."
+        )
+    aggregate: npt.NDArray[np.uint32] = loaded
+    return aggregate
+
+
+def _resolve_inside(folder: Path, relative: str) -> Path:
+    # The audit file is untrusted, so its paths must stay inside its folder.
+    candidate = Path(relative)
+    resolved = (folder / candidate).resolve()
+    if candidate.is_absolute() or not resolved.is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"aggregate_path must be relative and inside {folder}. Found {relative!r}."
+        )
+    return resolved
+
+
+def _read_document(audit_path: Path) -> dict[str, Any]:
+    document = json.loads(audit_path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or document.get("format") != AUDIT_FORMAT:
+        raise ValueError(
+            f"the file must be a JSON object with format {AUDIT_FORMAT!r}."
+        )
+    if not isinstance(document.get("rounds"), list):
+        raise ValueError("rounds must be a JSON list.")
+    return document
+
+
+def _new_document() -> dict[str, Any]:
+    return {"format": AUDIT_FORMAT, "rounds": []}
+
+
+def _entry_field(entry: object, key: str, kind: type = dict) -> Any:
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"a round must be a JSON object. Found {type(entry).__name__}."
+        )
+    value = entry.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(
+            f"{key} must be a JSON {kind.__name__}. Found {type(value).__name__}."
+        )
+    return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,667 @@
+"""Public transcript of one verified round, and the checks clients and auditors run.
+
+A round of verification goes:
+
+1. Each client signs the digest of the identity-key list it received
+   (`sign_key_list`).
+2. Each client appends a fresh blinding vector l_i
+   (`commitments.draw_blinding`) to its masked input. Secure aggregation
+   gives the server the aggregate A and the limb sums L = sum_i l_i.
+3. The server sends A, L and the included node ids S to the clients, which
+   derive the projection seed, commit and sign (`client_commit`).
+4. The server publishes a `RoundTranscript`. Clients check it with
+   `verify_round_as_client` and anyone can check it later with `audit_round`.
+
+The transcript contains no secret: commitments hide the updates, and A and L
+are the public outputs of secure aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import commitments, signatures
+from .commitments import VerificationResult
+from .errors import AuthenticationError, ProtocolError
+from .signatures import SignedStage
+
+logger = logging.getLogger("fedsec_flwr.verification")
+
+TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v1"
+"""Value of the "format" field of a serialized transcript."""
+
+_FIELDS = frozenset(
+    {
+        "format",
+        "run_id",
+        "server_round",
+        "included_node_ids",
+        "identity_keys",
+        "key_list_signatures",
+        "aggregate_length",
+        "aggregate_sha256",
+        "blinding_sums",
+        "commitments",
+        "commitment_signatures",
+    }
+)
+
+AuditResult = VerificationResult
+"""Outcome of `audit_round`: `verified`, and the first failed check as `reason`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundTranscript:
+    """Everything public that proves one round's aggregate.
+
+    The constructor checks types, sizes and ranges and sorts every node-id
+    collection, so equal rounds serialize to equal JSON. It does not check
+    signatures, subgroup membership or that the collections agree with each
+    other: `audit_round` does, so that a hostile transcript still loads and
+    fails its audit with a reason.
+
+    Attributes:
+        run_id: The run, a uint64.
+        server_round: The round, a uint64.
+        included_node_ids: The clients S whose updates the aggregate sums.
+        identity_keys: Identity public key (32 bytes) of each client in the
+            round's key list, by node id. It contains S and may contain
+            clients that dropped out earlier.
+        key_list_signatures: Each client's signature over the digest of
+            `identity_keys`.
+        aggregate_length: Number of uint32 values d of the aggregate.
+        aggregate_sha256: `commitments.aggregate_digest` of the aggregate.
+        blinding_sums: The limb sums L, K uint32 values.
+        commitments: Commitment C_i of each client in S.
+        commitment_signatures: Each client's signature over its commitment.
+
+    """
+
+    run_id: int
+    server_round: int
+    included_node_ids: tuple[int, ...]
+    identity_keys: Mapping[int, bytes]
+    key_list_signatures: Mapping[int, bytes]
+    aggregate_length: int
+    aggregate_sha256: bytes
+    blinding_sums: tuple[int, ...]
+    commitments: Mapping[int, int]
+    commitment_signatures: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        _check_uint64("run_id", self.run_id)
+        _check_uint64("server_round", self.server_round)
+        _check_length(self.aggregate_length)
+        _check_bytes("aggregate_sha256", self.aggregate_sha256, commitments.SEED_SIZE)
+        sums = tuple(self.blinding_sums)
+        if len(sums) != commitments.BLINDING_LIMBS:
+            raise ValueError(
+                f"blinding_sums must have {commitments.BLINDING_LIMBS} values. "
+                f"Found {len(sums)}."
+            )
+        for value in sums:
+            _check_int_range("blinding_sums value", value, 0, 2**32 - 1)
+        object.__setattr__(self, "blinding_sums", sums)
+
+        ids = tuple(sorted(self.included_node_ids))
+        for node_id in ids:
+            _check_uint64("included node id", node_id)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"included_node_ids must be distinct. Found {list(ids)}.")
+        object.__setattr__(self, "included_node_ids", ids)
+
+        for name, size in (
+            ("identity_keys", signatures.IDENTITY_KEY_SIZE),
+            ("key_list_signatures", signatures.SIGNATURE_SIZE),
+            ("commitment_signatures", signatures.SIGNATURE_SIZE),
+        ):
+            object.__setattr__(
+                self, name, _sorted_bytes_map(name, getattr(self, name), size)
+            )
+        object.__setattr__(self, "commitments", _sorted_commitments(self.commitments))
+
+    @property
+    def blinding_sum_array(self) -> npt.NDArray[np.uint32]:
+        """`blinding_sums` as a uint32 array."""
+        return np.array(self.blinding_sums, dtype=np.uint32)
+
+    @property
+    def key_list_digest(self) -> bytes:
+        """`signatures.key_list_digest` of `identity_keys`.
+
+        Raises:
+            ValueError: If `identity_keys` is empty.
+
+        """
+        return signatures.key_list_digest(self.identity_keys)
+
+    def projection_seed(self, aggregate: npt.NDArray[np.uint32]) -> bytes:
+        """Derive the round's projection seed for `aggregate`.
+
+        Raises:
+            ValueError: If `included_node_ids` or `identity_keys` is empty or
+                `aggregate` is malformed.
+
+        """
+        return commitments.projection_seed(
+            run_id=self.run_id,
+            server_round=self.server_round,
+            node_ids=self.included_node_ids,
+            aggregate=aggregate,
+            blinding_sums=self.blinding_sum_array,
+            key_list_digest=self.key_list_digest,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Convert to a JSON-ready dict: bytes as hex, large ints as decimal strings.
+
+        Node ids, the run id and commitments are decimal
+        strings, because they can exceed the 2**53 that JSON numbers carry
+        exactly in many parsers.
+        """
+        return {
+            "format": TRANSCRIPT_FORMAT,
+            "run_id": str(self.run_id),
+            "server_round": self.server_round,
+            "included_node_ids": [str(node_id) for node_id in self.included_node_ids],
+            "identity_keys": _hex_map(self.identity_keys),
+            "key_list_signatures": _hex_map(self.key_list_signatures),
+            "aggregate_length": self.aggregate_length,
+            "aggregate_sha256": self.aggregate_sha256.hex(),
+            "blinding_sums": list(self.blinding_sums),
+            "commitments": {
+                str(node_id): str(value) for node_id, value in self.commitments.items()
+            },
+            "commitment_signatures": _hex_map(self.commitment_signatures),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundTranscript:
+        """Parse an untrusted dict made by `to_dict`.
+
+        Raises:
+            ValueError: Naming the first field that is missing, has the wrong
+                type or is out of range.
+
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"transcript must be an object. Found {type(data).__name__}."
+            )
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ValueError(
+                f"transcript must have only known fields. Found {unknown}."
+            )
+        if data.get("format") != TRANSCRIPT_FORMAT:
+            raise ValueError(
+                f"format must be {TRANSCRIPT_FORMAT!r}. Found {data.get('format')!r}."
+            )
+
+        return cls(
+            run_id=_parse_decimal(data, "run_id"),
+            server_round=_require(data, "server_round", int),
+            included_node_ids=tuple(
+                _decimal("included_node_ids", item)
+                for item in _require(data, "included_node_ids", list)
+            ),
+            identity_keys=_parse_hex_map(data, "identity_keys"),
+            key_list_signatures=_parse_hex_map(data, "key_list_signatures"),
+            aggregate_length=_require(data, "aggregate_length", int),
+            aggregate_sha256=_hex(
+                "aggregate_sha256", _require(data, "aggregate_sha256", str)
+            ),
+            blinding_sums=tuple(_require(data, "blinding_sums", list)),
+            commitments={
+                _decimal("commitments", key): _decimal("commitments", value)
+                for key, value in _require(data, "commitments", dict).items()
+            },
+            commitment_signatures=_parse_hex_map(data, "commitment_signatures"),
+        )
+
+    def to_json(self) -> str:
+        """Serialize to canonical JSON: sorted keys, no whitespace."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundTranscript:
+        """Parse untrusted JSON made by `to_json`.
+
+        Raises:
+            ValueError: If `text` is not JSON or not a valid transcript.
+
+        """
+        return cls.from_dict(json.loads(text))
+
+
+def sign_key_list(
+    identity_key: Ed25519PrivateKey,
+    *,
+    run_id: int,
+    server_round: int,
+    identity_keys: Mapping[int, bytes],
+) -> tuple[bytes, bytes]:
+    """Sign the digest of the identity-key list a client received.
+
+    The client keeps the digest and later passes it to `client_commit` and
+    `verify_round_as_client`, which fail if other clients saw another list.
+
+    Returns:
+        The key-list digest and the client's signature over it.
+
+    Raises:
+        ValueError: If `identity_keys` is malformed or empty.
+
+    """
+    digest = signatures.key_list_digest(identity_keys)
+    signature = signatures.sign(
+        identity_key,
+        run_id=run_id,
+        server_round=server_round,
+        stage=SignedStage.KEY_LIST,
+        payload=digest,
+    )
+
+    return digest, signature
+
+
+def commitment_payload(*, node_id: int, commitment: int, rho_seed: bytes) -> bytes:
+    """Encode what a client signs with its commitment.
+
+    The payload is the node id (uint64, big-endian), the commitment
+    (`commitments.COMMITMENT_SIZE` bytes) and the 32-byte projection seed.
+    The seed binds the signature to the run, round, included clients,
+    aggregate, limb sums and key list.
+
+    Raises:
+        ValueError: If `node_id` is not a uint64, `commitment` is not in
+            [1, p) or `rho_seed` is not 32 bytes.
+
+    """
+    _check_uint64("node_id", node_id)
+    _check_bytes("rho_seed", rho_seed, commitments.SEED_SIZE)
+
+    return (
+        struct.pack(">Q", node_id)
+        + commitments.encode_commitment(commitment)
+        + rho_seed
+    )
+
+
+def client_commit(
+    identity_key: Ed25519PrivateKey,
+    *,
+    run_id: int,
+    server_round: int,
+    node_id: int,
+    update: npt.NDArray[np.uint32],
+    blinding: npt.NDArray[np.uint32],
+    included_node_ids: Sequence[int],
+    aggregate: npt.NDArray[np.uint32],
+    blinding_sums: npt.NDArray[np.uint32],
+    key_list_digest: bytes,
+) -> tuple[int, bytes]:
+    """Commit to this client's update once the aggregate is fixed, and sign.
+
+    Args:
+        identity_key: This client's identity key.
+        run_id: The current run.
+        server_round: The current round.
+        node_id: This client's node id.
+        update: The encoded update x_i this client put into secure
+            aggregation, without the blinding limbs.
+        blinding: The blinding vector l_i this client appended. Commit with
+            it only once, then drop it from the client state: two
+            commitments with one blinding vector and two seeds reveal
+            g**((rho - rho') . x_i).
+        included_node_ids: The clients S that the server reports as
+            included (untrusted).
+        aggregate: The aggregate A the server released (untrusted).
+        blinding_sums: The limb sums L the server released (untrusted).
+        key_list_digest: The digest this client signed in `sign_key_list`.
+
+    Returns:
+        The commitment C_i and the client's signature over
+        `commitment_payload`.
+
+    Raises:
+        ProtocolError: If this client is not in `included_node_ids` or the
+            aggregate's length differs from the update's.
+        ValueError: If an argument is malformed.
+
+    """
+    if node_id not in included_node_ids:
+        raise ProtocolError(
+            f"node {node_id} must be among the included clients to commit. "
+            "Found it missing."
+        )
+    commitments.check_vector("update", update)
+    commitments.check_vector("aggregate", aggregate)
+    if aggregate.size != update.size:
+        raise ProtocolError(
+            f"aggregate must have {update.size} values like the update. "
+            f"Found {aggregate.size}."
+        )
+
+    rho_seed = commitments.projection_seed(
+        run_id=run_id,
+        server_round=server_round,
+        node_ids=included_node_ids,
+        aggregate=aggregate,
+        blinding_sums=blinding_sums,
+        key_list_digest=key_list_digest,
+    )
+    commitment = commitments.commit(
+        commitments.project(update, rho_seed=rho_seed), blinding=blinding
+    )
+    signature = signatures.sign(
+        identity_key,
+        run_id=run_id,
+        server_round=server_round,
+        stage=SignedStage.COMMITMENT,
+        payload=commitment_payload(
+            node_id=node_id, commitment=commitment, rho_seed=rho_seed
+        ),
+    )
+
+    return commitment, signature
+
+
+def audit_round(
+    transcript: RoundTranscript, aggregate: npt.NDArray[np.uint32]
+) -> AuditResult:
+    """Check a round's transcript against its aggregate.
+
+    The checks, in order: the aggregate matches the transcript's length and
+    SHA-256; the node-id sets agree (S is not empty, every client in S is in
+    the key list, signed it and committed, and no other client committed); every
+    key-list signature is valid; the projection seed re-derives; every
+    commitment signature is valid; and the product of the commitments
+    matches the aggregate (`commitments.verify_aggregate`).
+
+    This proves the aggregate is the sum of the updates of exactly S, each
+    committed under a key in `identity_keys`. It does not prove the keys
+    belong to real clients: compare them with keys obtained elsewhere.
+
+    Returns:
+        A verified result, or a failed one with the first failed check.
+
+    """
+    failure = _check_aggregate_matches(transcript, aggregate)
+    failure = failure or _check_node_sets(transcript)
+    if failure:
+        return _failed(transcript, failure)
+
+    try:
+        _verify_key_list_signatures(transcript)
+    except AuthenticationError:
+        return _failed(transcript, "a key-list signature is not valid")
+
+    rho_seed = transcript.projection_seed(aggregate)
+    try:
+        _verify_commitment_signatures(transcript, rho_seed)
+    except AuthenticationError:
+        return _failed(transcript, "a commitment signature is not valid")
+
+    result = commitments.verify_aggregate(
+        transcript.commitments,
+        aggregate,
+        blinding_sums=transcript.blinding_sum_array,
+        rho_seed=rho_seed,
+    )
+    if not result.verified:
+        return _failed(transcript, result.reason)
+
+    logger.info(
+        "Verified run %d round %d: %d clients, %d values.",
+        transcript.run_id,
+        transcript.server_round,
+        len(transcript.included_node_ids),
+        transcript.aggregate_length,
+    )
+    return result
+
+
+def verify_round_as_client(
+    transcript: RoundTranscript,
+    aggregate: npt.NDArray[np.uint32],
+    *,
+    run_id: int,
+    server_round: int,
+    node_id: int,
+    identity_public_key: bytes,
+    key_list_digest: bytes,
+    commitment: int,
+) -> AuditResult:
+    """Check a transcript as one of its included clients.
+
+    Beyond `audit_round`, the client checks what only it can check: the
+    transcript is for the current run and round (so an old, valid
+    transcript cannot be replayed), it is included with its own identity key
+    and its own commitment, and the key list is the one it signed (so a
+    server that showed other clients another list is caught).
+
+    Args:
+        transcript: The transcript the server published (untrusted).
+        aggregate: The aggregate the server released (untrusted).
+        run_id: The current run.
+        server_round: The current round.
+        node_id: This client's node id.
+        identity_public_key: This client's identity public key.
+        key_list_digest: The digest this client signed in `sign_key_list`.
+        commitment: The commitment this client sent in `client_commit`.
+
+    Returns:
+        A verified result, or a failed one with the first failed check.
+
+    """
+    same_key_list = (
+        bool(transcript.identity_keys) and transcript.key_list_digest == key_list_digest
+    )
+    own_checks = (
+        (transcript.run_id == run_id, "the transcript is for another run"),
+        (
+            transcript.server_round == server_round,
+            "the transcript is for another round",
+        ),
+        (node_id in transcript.included_node_ids, "this client is not included"),
+        (
+            transcript.identity_keys.get(node_id) == identity_public_key,
+            "the key list holds another identity key for this client",
+        ),
+        (same_key_list, "the key list differs from the one this client signed"),
+        (
+            transcript.commitments.get(node_id) == commitment,
+            "the transcript holds another commitment for this client",
+        ),
+    )
+    for passed, reason in own_checks:
+        if not passed:
+            return _failed(transcript, reason)
+
+    return audit_round(transcript, aggregate)
+
+
+def _check_aggregate_matches(
+    transcript: RoundTranscript, aggregate: npt.NDArray[np.uint32]
+) -> str:
+    try:
+        digest = commitments.aggregate_digest(aggregate)
+    except ValueError as error:
+        return f"the aggregate is malformed: {error}"
+    if aggregate.size != transcript.aggregate_length:
+        return (
+            f"the aggregate has {aggregate.size} values, "
+            f"not the {transcript.aggregate_length} of the transcript"
+        )
+    if digest != transcript.aggregate_sha256:
+        return "the aggregate does not match the SHA-256 of the transcript"
+
+    return ""
+
+
+def _check_node_sets(transcript: RoundTranscript) -> str:
+    included = set(transcript.included_node_ids)
+    if not included:
+        return "no client is included"
+    if not included <= transcript.identity_keys.keys():
+        return "an included client has no identity key"
+    if not transcript.key_list_signatures.keys() <= transcript.identity_keys.keys():
+        return "a key-list signature comes from a client outside the key list"
+    if not included <= transcript.key_list_signatures.keys():
+        return "an included client did not sign the key list"
+    if transcript.commitments.keys() != included:
+        return "the committed clients differ from the included clients"
+    if transcript.commitment_signatures.keys() != included:
+        return "the signed commitments differ from the included clients"
+
+    return ""
+
+
+def _verify_key_list_signatures(transcript: RoundTranscript) -> None:
+    digest = transcript.key_list_digest
+    for node_id, signature in transcript.key_list_signatures.items():
+        signatures.verify(
+            transcript.identity_keys[node_id],
+            signature,
+            run_id=transcript.run_id,
+            server_round=transcript.server_round,
+            stage=SignedStage.KEY_LIST,
+            payload=digest,
+        )
+
+
+def _verify_commitment_signatures(transcript: RoundTranscript, rho_seed: bytes) -> None:
+    for node_id in transcript.included_node_ids:
+        payload = commitment_payload(
+            node_id=node_id,
+            commitment=transcript.commitments[node_id],
+            rho_seed=rho_seed,
+        )
+        signatures.verify(
+            transcript.identity_keys[node_id],
+            transcript.commitment_signatures[node_id],
+            run_id=transcript.run_id,
+            server_round=transcript.server_round,
+            stage=SignedStage.COMMITMENT,
+            payload=payload,
+        )
+
+
+def _failed(transcript: RoundTranscript, reason: str) -> AuditResult:
+    logger.info(
+        "Verification of run %d round %d failed: %s.",
+        transcript.run_id,
+        transcript.server_round,
+        reason,
+    )
+    return AuditResult(False, reason)
+
+
+def _sorted_bytes_map(
+    name: str, mapping: Mapping[int, bytes], size: int
+) -> dict[int, bytes]:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{name} must be a mapping. Found {type(mapping).__name__}.")
+    for node_id, value in mapping.items():
+        _check_uint64(f"node id in {name}", node_id)
+        _check_bytes(f"{name} entry of node {node_id}", value, size)
+
+    return {node_id: mapping[node_id] for node_id in sorted(mapping)}
+
+
+def _sorted_commitments(mapping: Mapping[int, int]) -> dict[int, int]:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(
+            f"commitments must be a mapping. Found {type(mapping).__name__}."
+        )
+    for node_id, value in mapping.items():
+        _check_uint64("node id in commitments", node_id)
+        _check_int_type(f"commitment of node {node_id}", value)
+        if not 1 <= value < commitments.MODP_3072_PRIME:
+            raise ValueError(
+                f"commitment of node {node_id} must be in [1, p). "
+                "Found a value outside."
+            )
+
+    return {node_id: mapping[node_id] for node_id in sorted(mapping)}
+
+
+def _hex_map(mapping: Mapping[int, bytes]) -> dict[str, str]:
+    return {str(node_id): value.hex() for node_id, value in mapping.items()}
+
+
+def _require(data: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(
+            f"{key} must be a JSON {kind.__name__}. Found {type(value).__name__}."
+        )
+    return value
+
+
+def _parse_decimal(data: Mapping[str, Any], key: str) -> int:
+    return _decimal(key, _require(data, key, str))
+
+
+def _decimal(name: str, text: object) -> int:
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit():
+        raise ValueError(f"{name} must hold decimal strings. Found {text!r}.")
+    if len(text) > 1 and text.startswith("0"):
+        raise ValueError(
+            f"{name} must hold decimals without leading zeros. Found {text!r}."
+        )
+    return int(text)
+
+
+def _hex(name: str, text: object) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must hold hex strings. Found {type(text).__name__}.")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(
+            f"{name} must hold hex strings. Found {text[:80]!r}."
+        ) from None
+
+
+def _parse_hex_map(data: Mapping[str, Any], key: str) -> dict[int, bytes]:
+    return {
+        _decimal(key, node_id): _hex(key, value)
+        for node_id, value in _require(data, key, dict).items()
+    }
+
+
+def _check_uint64(name: str, value: int) -> None:
+    _check_int_range(name, value, 0, 2**64 - 1)
+
+
+def _check_int_type(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int. Found {type(value).__name__}.")
+
+
+def _check_int_range(name: str, value: int, low: int, high: int) -> None:
+    _check_int_type(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}. Found {value}.")
+
+
+def _check_length(length: int) -> None:
+    _check_int_range("aggregate_length", length, 0, commitments.MAX_PROJECTION_LENGTH)
+
+
+def _check_bytes(name: str, data: bytes, size: int) -> None:
+    if not isinstance(data, bytes):
+        raise ValueError(f"{name} must be bytes. Found {type(data).__name__}.")
+    if len(data) != size:
+        raise ValueError(f"{name} must be {size} bytes long. Found {len(data)} bytes.")

@@ -1,0 +1,240 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsec_flwr import audit
+from fedsec_flwr.core import signatures as s
+from tests.core.test_transcript import NODE_IDS, RUN_ID, SimulatedRound, build_round
+
+LONG = audit.INLINE_AGGREGATE_MAX_VALUES + 1
+
+
+@pytest.fixture(scope="module")
+def rounds() -> list[SimulatedRound]:
+    keys = {node_id: s.generate_identity_key() for node_id in NODE_IDS}
+    return [
+        build_round(server_round=1, d=40, private_keys=keys, seed=1),
+        build_round(server_round=2, d=LONG, private_keys=keys, seed=2),
+    ]
+
+
+@pytest.fixture
+def audit_path(tmp_path, rounds) -> Path:
+    path = tmp_path / "audit.json"
+    for simulated in rounds:
+        audit.append_round(path, simulated.transcript, simulated.aggregate)
+    return path
+
+
+def run_main(path: Path, capsys) -> tuple[int, str, str]:
+    status = audit.main([str(path)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def rewrite(path: Path, edit) -> None:
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+def test_append_round_stores_short_aggregate_inline(audit_path):
+    entry = json.loads(audit_path.read_text())["rounds"][0]
+
+    assert "aggregate_hex" in entry
+    assert "aggregate_path" not in entry
+
+
+def test_append_round_stores_long_aggregate_beside_file(audit_path, rounds):
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    stored = np.load(audit_path.parent / entry["aggregate_path"])
+
+    assert entry["aggregate_path"] == f"audit-run-{rounds[1].run_id}-round-2.npy"
+    assert np.array_equal(stored, rounds[1].aggregate)
+
+
+def test_append_round_rejects_other_aggregate(tmp_path, rounds):
+    with pytest.raises(ValueError, match="aggregate must match"):
+        audit.append_round(
+            tmp_path / "audit.json", rounds[0].transcript, rounds[1].aggregate
+        )
+
+
+def test_append_round_leaves_no_temporary_file(audit_path):
+    names = sorted(path.name for path in audit_path.parent.iterdir())
+
+    assert names == ["audit-run-18446744073709551613-round-2.npy", "audit.json"]
+
+
+def test_honest_rounds_exit_zero(audit_path, capsys):
+    status, out, err = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_VERIFIED
+    assert f"run {RUN_ID} round 1: verified" in out
+    assert f"run {RUN_ID} round 2: verified" in out
+    assert "2 of 2 rounds verified" in out
+    assert err == ""
+
+
+def test_command_runs_as_module(audit_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "fedsec_flwr.audit", str(audit_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert completed.returncode == 0
+    assert "2 of 2 rounds verified" in completed.stdout
+
+
+def test_tamper_module_exits_one_on_changed_file(audit_path):
+    npy = (
+        audit_path.parent
+        / json.loads(audit_path.read_text())["rounds"][1]["aggregate_path"]
+    )
+    aggregate = np.load(npy)
+    aggregate[0] += 1
+    np.save(npy, aggregate)
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "fedsec_flwr.audit", str(audit_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert completed.returncode == 1
+    assert "round 2: FAILED: the aggregate does not match" in completed.stdout
+
+
+def test_tamper_inline_aggregate_changed(audit_path, capsys):
+    def edit(document):
+        entry = document["rounds"][0]
+        entry["aggregate_hex"] = "ff" + entry["aggregate_hex"][2:]
+
+    rewrite(audit_path, edit)
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 1: FAILED: the aggregate does not match" in out
+    assert "round 2: verified" in out
+    assert "1 of 2 rounds verified" in out
+
+
+def test_tamper_commitment_in_file_changed(audit_path, capsys):
+    def edit(document):
+        commitments = document["rounds"][1]["transcript"]["commitments"]
+        node_id = next(iter(commitments))
+        commitments[node_id] = "4"
+
+    rewrite(audit_path, edit)
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 2: FAILED: a commitment signature is not valid" in out
+
+
+def test_tamper_duplicate_round_fails(audit_path, capsys):
+    rewrite(
+        audit_path, lambda document: document["rounds"].append(document["rounds"][0])
+    )
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 1: FAILED: the round appears more than once" in out
+
+
+def test_tamper_malformed_transcript_reported_by_entry(audit_path, capsys):
+    rewrite(
+        audit_path,
+        lambda document: document["rounds"][0]["transcript"].update(run_id="x"),
+    )
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "entry 0: FAILED: the transcript is malformed: run_id" in out
+    assert "round 2: verified" in out
+
+
+@pytest.mark.parametrize(
+    ("location", "reason"),
+    [
+        ({"aggregate_path": "../outside.npy"}, "must be relative and inside"),
+        ({"aggregate_path": "/etc/passwd"}, "must be relative and inside"),
+        ({"aggregate_path": "missing.npy"}, "No such file"),
+        ({"aggregate_hex": "123"}, "non-hexadecimal"),
+        ({"aggregate_hex": "010203"}, "whole uint32 values"),
+        ({}, "exactly one of aggregate_path and aggregate_hex"),
+    ],
+)
+def test_hostile_aggregate_location_rejected(audit_path, capsys, location, reason):
+    def edit(document):
+        entry = document["rounds"][0]
+        entry.pop("aggregate_hex")
+        entry.update(location)
+
+    rewrite(audit_path, edit)
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 1: FAILED: the aggregate cannot be loaded" in out
+    assert reason in out
+
+
+def test_hostile_aggregate_file_of_wrong_dtype(audit_path, capsys):
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    npy = audit_path.parent / entry["aggregate_path"]
+    np.save(npy, np.load(npy).astype(np.int64))
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "one-dimensional uint32 array" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "Expecting value"),
+        ('{"format": "other", "rounds": []}', "format"),
+        (
+            '{"format": "fedsec_flwr/audit/v1", "rounds": {}}',
+            "rounds must be a JSON list",
+        ),
+    ],
+)
+def test_malformed_file_exits_one(tmp_path, capsys, text, message):
+    path = tmp_path / "audit.json"
+    path.write_text(text)
+
+    status, out, err = run_main(path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert out == ""
+    assert message in err
+
+
+def test_missing_file_exits_one(tmp_path, capsys):
+    status, _, err = run_main(tmp_path / "absent.json", capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "cannot audit" in err
+
+
+def test_empty_file_exits_one(tmp_path, capsys):
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps({"format": audit.AUDIT_FORMAT, "rounds": []}))
+
+    status, _, err = run_main(path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "contains no round" in err
