@@ -1,0 +1,1 @@
+"""Privacy attacks that measure what an aggregation server can learn."""
