@@ -1,0 +1,1 @@
+"""Flower app that trains small models with FedAvg and secure aggregation."""

@@ -1,0 +1,141 @@
+"""ServerApp: build the strategy from the run config, run it, record results."""
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+import fedsec_flwr
+from fedsec_flwr import RoundReport
+from secure_fedavg_app.data import DatasetSplit, load_dataset_cached
+from secure_fedavg_app.models import build_model, count_parameters
+from secure_fedavg_app.results import (
+    STATUS_COMPLETED,
+    STATUS_FAILED,
+    ResultsFile,
+    collect_run_info,
+    format_round_line,
+    round_entry,
+)
+from secure_fedavg_app.settings import AppSettings
+from secure_fedavg_app.strategy_factory import STRATEGY_NAME, build_strategy
+from secure_fedavg_app.task import evaluate, seed_everything, use_single_thread
+
+logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
+
+# Used only when the run config has no usable output-dir, so that even a run
+# with an invalid config leaves a results.json that records the failure.
+FALLBACK_OUTPUT_DIR = "outputs/secure_fedavg"
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run all rounds and keep ``results.json`` current after each one.
+
+    Raises:
+        Exception: Whatever the settings, the data or the strategy raise. The
+            results file is marked ``failed`` first, so the run ends failed.
+    """
+    run_config = dict(context.run_config)
+    output_dir = _output_dir(run_config)
+    results = ResultsFile(
+        output_dir, run_config=run_config, run_info=collect_run_info(_source_dir())
+    )
+    results.start()
+    print(f"results file: {results.path.resolve()}", flush=True)
+
+    try:
+        _run(grid, run_config, results)
+    except BaseException as error:
+        results.finish(STATUS_FAILED, error=f"{type(error).__name__}: {error}")
+        logger.error("Run failed: %s: %s", type(error).__name__, error)
+        raise
+
+    results.finish(STATUS_COMPLETED)
+    print(f"run completed; results in {results.path.resolve()}", flush=True)
+
+
+def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> None:
+    settings = AppSettings.from_run_config(run_config)
+    use_single_thread()
+    seed_everything(settings.seed)
+
+    split = load_dataset_cached(settings.dataset, settings.seed)
+    model = build_model(settings.dataset)
+    initial_arrays = ArrayRecord(model.state_dict())
+
+    def on_round_end(report: RoundReport) -> None:
+        entry = round_entry(report)
+        results.add_round(entry)
+        print(format_round_line(entry, settings.num_server_rounds), flush=True)
+
+    strategy = build_strategy(settings, on_round_end)
+    results.update(
+        strategy=STRATEGY_NAME,
+        secure_aggregation=settings.secure_aggregation,
+        model_parameters=count_parameters(model),
+        num_train_examples=len(split.y_train),
+        num_test_examples=len(split.y_test),
+    )
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial_arrays,
+        num_rounds=settings.num_server_rounds,
+        evaluate_fn=make_central_evaluate(settings.dataset, split),
+    )
+
+    _check_all_rounds_reported(results, settings.num_server_rounds)
+
+
+def make_central_evaluate(
+    dataset: str, split: DatasetSplit
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Return an ``evaluate_fn`` that scores the global model on the test split.
+
+    Args:
+        dataset: Dataset name, which selects the model architecture.
+        split: Loaded dataset; only its test arrays are used.
+
+    Returns:
+        A function of ``(server_round, arrays)`` that returns a MetricRecord
+        with ``accuracy`` (fraction) and ``loss`` (mean cross-entropy, nats).
+    """
+    model = build_model(dataset)
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(model, split.x_test, split.y_test)
+        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+
+    return central_evaluate
+
+
+def _check_all_rounds_reported(results: ResultsFile, num_rounds: int) -> None:
+    num_reported = len(results.document["rounds"])
+    if num_reported != num_rounds:
+        raise RuntimeError(
+            f"The strategy reported {num_reported} of {num_rounds} rounds; "
+            "a round that ends without a report did not complete."
+        )
+
+
+def _output_dir(run_config: Mapping[str, Any]) -> Path:
+    value = run_config.get("output-dir")
+    if isinstance(value, str) and value:
+        return Path(value)
+    return Path(FALLBACK_OUTPUT_DIR)
+
+
+def _source_dir() -> Path | None:
+    # The app itself runs from an unpacked copy without git metadata, so the
+    # commit is read from the checkout that provides the fedsec_flwr package.
+    package_file = getattr(fedsec_flwr, "__file__", None)
+    if package_file is None:
+        return None
+    return Path(package_file).resolve().parent.parent

@@ -1,0 +1,192 @@
+"""Typed, validated view of the app's run config.
+
+The keys and their defaults live in ``[tool.flwr.app.config]`` of the app's
+``pyproject.toml``; ``flwr run --run-config`` overrides them. Every key is
+checked here once, with errors that name the key, the constraint and the value.
+"""
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
+
+ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppSettings:
+    """Run settings of the secure FedAvg app; units are given per field.
+
+    Attributes:
+        dataset: Dataset name.
+        num_server_rounds: Number of federated rounds.
+        seed: Seed of the data split, the partitions, model initialization
+            and local training.
+        secure_aggregation: Whether the server learns only the sum of updates.
+        local_epochs: Passes over the local partition per round.
+        batch_size: Examples per SGD step.
+        learning_rate: SGD step size.
+        fraction_train: Fraction of connected clients sampled per round.
+        min_train_clients: Smallest number of clients sampled per round.
+        partitioning: ``iid`` or ``dirichlet``.
+        dirichlet_alpha: Dirichlet concentration; smaller is more skewed.
+        output_dir: Folder that receives ``results.json``.
+        secagg_clip_range: Largest absolute value of one model-update
+            coordinate before quantization; larger values are clipped.
+        secagg_neighbours: SecAgg+ neighbours per client, 0 for automatic.
+        secagg_threshold: Shares needed to unmask, 0 for automatic.
+        secagg_max_weight: Largest ``num-examples`` a client may report.
+        secagg_max_clients: Largest number of clients in one round.
+        secagg_timeout: Seconds allowed for each protocol stage.
+    """
+
+    dataset: str
+    num_server_rounds: int
+    seed: int
+    secure_aggregation: bool
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    fraction_train: float
+    min_train_clients: int
+    partitioning: str
+    dirichlet_alpha: float
+    output_dir: str
+    secagg_clip_range: float
+    secagg_neighbours: int
+    secagg_threshold: int
+    secagg_max_weight: int
+    secagg_max_clients: int
+    secagg_timeout: float
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, ConfigValue]) -> "AppSettings":
+        """Parse and validate a Flower run config.
+
+        Raises:
+            ValueError: If a key is missing, has the wrong type or is out of range.
+        """
+        settings = cls(
+            dataset=_get_str(run_config, "dataset"),
+            num_server_rounds=_get_int(run_config, "num-server-rounds"),
+            seed=_get_int(run_config, "seed"),
+            secure_aggregation=_get_bool(run_config, "secure-aggregation"),
+            local_epochs=_get_int(run_config, "local-epochs"),
+            batch_size=_get_int(run_config, "batch-size"),
+            learning_rate=_get_float(run_config, "learning-rate"),
+            fraction_train=_get_float(run_config, "fraction-train"),
+            min_train_clients=_get_int(run_config, "min-train-clients"),
+            partitioning=_get_str(run_config, "partitioning"),
+            dirichlet_alpha=_get_float(run_config, "dirichlet-alpha"),
+            output_dir=_get_str(run_config, "output-dir"),
+            secagg_clip_range=_get_float(run_config, "secagg-clip-range"),
+            secagg_neighbours=_get_int(run_config, "secagg-neighbours"),
+            secagg_threshold=_get_int(run_config, "secagg-threshold"),
+            secagg_max_weight=_get_int(run_config, "secagg-max-weight"),
+            secagg_max_clients=_get_int(run_config, "secagg-max-clients"),
+            secagg_timeout=_get_float(run_config, "secagg-timeout"),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check every range at once and raise one error that lists each problem.
+
+        Raises:
+            ValueError: If any value is out of range.
+        """
+        problems = [problem for problem in self._find_problems() if problem]
+        if problems:
+            raise ValueError("Invalid run config: " + " ".join(problems))
+
+    def _find_problems(self) -> list[str]:
+        return [
+            _check_choice("dataset", self.dataset, DATASET_NAMES),
+            _check_choice("partitioning", self.partitioning, PARTITIONING_NAMES),
+            _check_min("num-server-rounds", self.num_server_rounds, 1),
+            _check_min("seed", self.seed, 0),
+            _check_min("local-epochs", self.local_epochs, 1),
+            _check_min("batch-size", self.batch_size, 1),
+            _check_positive("learning-rate", self.learning_rate),
+            _check_fraction("fraction-train", self.fraction_train),
+            _check_min("min-train-clients", self.min_train_clients, 1),
+            _check_positive("dirichlet-alpha", self.dirichlet_alpha),
+            _check_nonempty("output-dir", self.output_dir),
+            _check_positive("secagg-clip-range", self.secagg_clip_range),
+            _check_min("secagg-neighbours", self.secagg_neighbours, 0),
+            _check_min("secagg-threshold", self.secagg_threshold, 0),
+            _check_min("secagg-max-weight", self.secagg_max_weight, 1),
+            _check_min("secagg-max-clients", self.secagg_max_clients, 2),
+            _check_positive("secagg-timeout", self.secagg_timeout),
+        ]
+
+    def to_run_config(self) -> dict[str, ConfigValue]:
+        """Return the settings with their kebab-case run-config keys."""
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+
+def _require(run_config: Mapping[str, ConfigValue], key: str) -> ConfigValue:
+    if key not in run_config:
+        raise ValueError(
+            f"Run config key {key!r} is missing. Add it to [tool.flwr.app.config]."
+        )
+    return run_config[key]
+
+
+def _get_str(run_config: Mapping[str, ConfigValue], key: str) -> str:
+    value = _require(run_config, key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string. Found {value!r}.")
+    return value
+
+
+def _get_bool(run_config: Mapping[str, ConfigValue], key: str) -> bool:
+    value = _require(run_config, key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false. Found {value!r}.")
+    return value
+
+
+def _get_int(run_config: Mapping[str, ConfigValue], key: str) -> int:
+    value = _require(run_config, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer. Found {value!r}.")
+    return value
+
+
+def _get_float(run_config: Mapping[str, ConfigValue], key: str) -> float:
+    # TOML overrides such as `learning-rate=1` arrive as int, so ints are accepted.
+    value = _require(run_config, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number. Found {value!r}.")
+    return float(value)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    if value in choices:
+        return ""
+    return f"{key} must be one of {', '.join(choices)}; found {value!r}."
+
+
+def _check_min(key: str, value: int, minimum: int) -> str:
+    if value >= minimum:
+        return ""
+    return f"{key} must be at least {minimum}; found {value}."
+
+
+def _check_positive(key: str, value: float) -> str:
+    if value > 0.0:
+        return ""
+    return f"{key} must be positive; found {value}."
+
+
+def _check_fraction(key: str, value: float) -> str:
+    if 0.0 < value <= 1.0:
+        return ""
+    return f"{key} must be in (0, 1]; found {value}."
+
+
+def _check_nonempty(key: str, value: str) -> str:
+    if value:
+        return ""
+    return f"{key} must not be empty."

@@ -1,0 +1,248 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedsec_flwr import launch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = REPO_ROOT / "apps" / "secure_fedavg"
+
+# A small, fast run of the real app: 2 clients, 1 round, plain aggregation.
+TINY_RUN_CONFIG = "num-server-rounds=1 secure-aggregation=false"
+TINY_SUPERNODES = "2"
+
+
+def _run_launcher(
+    output_dir: Path, run_config: str, *extra: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "fedsec_flwr.launch",
+        str(APP_DIR),
+        "--output-dir",
+        str(output_dir),
+        "--run-config",
+        run_config,
+        *extra,
+    ]
+    return subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _processes_referring_to(path: Path) -> list[int]:
+    """PIDs whose command line or environment mentions ``path``."""
+    needle = str(path).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for name in ("cmdline", "environ"):
+            try:
+                content = (entry / name).read_bytes()
+            except OSError:
+                continue
+            if needle in content:
+                found.append(int(entry.name))
+                break
+    return [pid for pid in found if _is_running(pid)]
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _assert_nothing_left(output_dir: Path) -> None:
+    info = json.loads((output_dir / "logs" / "launch.json").read_text())
+
+    assert not _is_running(info["superlink_pid"])
+    assert not launch.is_port_listening(info["http_api_port"])
+    assert _processes_referring_to(output_dir) == []
+
+
+def _results_status(output_dir: Path) -> str:
+    document = json.loads((output_dir / "results.json").read_text())
+    status: str = document["status"]
+    return status
+
+
+def test_parse_run_config_types() -> None:
+    parsed = launch.parse_run_config(
+        ["dataset=digits num-server-rounds=10", "learning-rate=0.1 flag=true"]
+    )
+
+    assert parsed == {
+        "dataset": "digits",
+        "num-server-rounds": 10,
+        "learning-rate": 0.1,
+        "flag": True,
+    }
+
+
+def test_parse_run_config_quoted_string() -> None:
+    parsed = launch.parse_run_config(["output-dir='/tmp/a b'", 'name="7"'])
+
+    assert parsed["output-dir"] == "/tmp/a b"
+    assert parsed["name"] == "7"
+
+
+def test_parse_run_config_rejects_missing_equals() -> None:
+    with pytest.raises(launch.LaunchError, match=r"form key=value\. Found 'dataset'"):
+        launch.parse_run_config(["dataset"])
+
+
+def test_to_toml_round_trip() -> None:
+    values: dict[str, bool | int | float | str] = {
+        "dataset": 'a "quoted" name',
+        "num-server-rounds": 3,
+        "learning-rate": 0.05,
+        "secure-aggregation": False,
+    }
+
+    assert tomllib.loads(launch.to_toml(values)) == values
+
+
+def test_unknown_run_config_key_rejected() -> None:
+    known = launch.read_app_config_keys(APP_DIR)
+
+    with pytest.raises(launch.LaunchError, match=r"Unknown run-config key.*bogus-key"):
+        launch.check_run_config_keys({"bogus-key": 1}, known, APP_DIR)
+
+
+def test_missing_app_dir_is_usage_error(tmp_path: Path) -> None:
+    exit_code = launch.main([str(tmp_path / "missing"), "--output-dir", str(tmp_path)])
+
+    assert exit_code == launch.EXIT_USAGE
+
+
+def test_list_descendants_finds_grandchild() -> None:
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess,sys,time; "
+            "subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)']); "
+            "time.sleep(30)",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        descendants = launch.list_descendants([child.pid])
+        while not descendants and time.monotonic() < deadline:
+            time.sleep(0.1)
+            descendants = launch.list_descendants([child.pid])
+
+        assert len(descendants) == 1
+    finally:
+        for pid in launch.list_descendants([child.pid]):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_failing_run_exits_nonzero_and_cleans_up(tmp_path: Path) -> None:
+    output_dir = tmp_path / "failing"
+
+    completed = _run_launcher(
+        output_dir, "dataset=no-such-dataset", "--num-supernodes", TINY_SUPERNODES
+    )
+
+    assert completed.returncode == launch.EXIT_FAILED, completed.stdout[-3000:]
+    assert "superlink.log" in completed.stderr
+    assert _results_status(output_dir) == "failed"
+    _assert_nothing_left(output_dir)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_successful_tiny_run_exits_zero(tmp_path: Path) -> None:
+    output_dir = tmp_path / "tiny"
+
+    completed = _run_launcher(
+        output_dir, TINY_RUN_CONFIG, "--num-supernodes", TINY_SUPERNODES
+    )
+
+    assert completed.returncode == launch.EXIT_OK, completed.stderr[-3000:]
+    assert "round 1/1 acc=" in completed.stdout
+    assert _results_status(output_dir) == "completed"
+    _assert_nothing_left(output_dir)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_timeout_stops_run_and_cleans_up(tmp_path: Path) -> None:
+    output_dir = tmp_path / "timeout"
+
+    completed = _run_launcher(
+        output_dir,
+        "num-server-rounds=200 secure-aggregation=false",
+        "--num-supernodes",
+        TINY_SUPERNODES,
+        "--timeout",
+        "25",
+    )
+
+    assert completed.returncode == launch.EXIT_TIMEOUT, completed.stderr[-3000:]
+    assert "did not finish within 25 s" in completed.stderr
+    _assert_nothing_left(output_dir)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_interrupt_stops_run_and_cleans_up(tmp_path: Path) -> None:
+    output_dir = tmp_path / "interrupted"
+    command = [
+        sys.executable,
+        "-m",
+        "fedsec_flwr.launch",
+        str(APP_DIR),
+        "--output-dir",
+        str(output_dir),
+        "--run-config",
+        "num-server-rounds=200 secure-aggregation=false",
+        "--num-supernodes",
+        TINY_SUPERNODES,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    results_file = output_dir / "results.json"
+    deadline = time.monotonic() + 120
+    while not results_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert results_file.exists()
+    assert process.returncode == launch.EXIT_INTERRUPTED, stderr[-3000:]
+    assert _results_status(output_dir) == "failed"
+    _assert_nothing_left(output_dir)
+
+
+def test_parse_run_config_rejects_unclosed_quote() -> None:
+    with pytest.raises(launch.LaunchError, match="unclosed ' quote"):
+        launch.parse_run_config(["output-dir='/tmp/a b"])
