@@ -2,9 +2,18 @@
 
 import logging
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedsec_flwr import secure_aggregation_mod
 from secure_fedavg_app.data import FloatArray, LabelArray, load_partition
@@ -20,6 +29,7 @@ CONFIG_KEY = "config"
 SERVER_ROUND_KEY = "server-round"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
+DP_SGD_STATE_KEY = "fedsec.dp-sgd"
 
 app = ClientApp()
 
@@ -41,7 +51,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     use_single_thread()
     features, labels = _local_partition(settings, context)
 
-    model = _model_from_message(settings.dataset, msg)
+    model = _model_from_message(settings, msg)
     result = evaluate(model, features, labels)
 
     metrics = MetricRecord(
@@ -65,25 +75,76 @@ def plain_train(msg: Message, context: Context) -> Message:
     use_single_thread()
     features, labels = _local_partition(settings, context)
 
-    model = _model_from_message(settings.dataset, msg)
+    model = _model_from_message(settings, msg)
     partition_id = int(context.node_config[PARTITION_ID_KEY])
     seed = derive_seed(settings.seed, _server_round(msg), partition_id)
-    train_loss = train(
-        model,
-        features,
-        labels,
-        epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        seed=seed,
-    )
+    extra_metrics: dict[str, float] = {}
+    if settings.dp_sgd:
+        state, train_loss, extra_metrics = _train_dp_sgd(
+            settings, model, features, labels, context, seed
+        )
+    else:
+        train_loss = train(
+            model,
+            features,
+            labels,
+            epochs=settings.local_epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            seed=seed,
+        )
+        state = model.state_dict()
 
     received_keys = list(msg.content.array_records[ARRAYS_KEY].keys())
-    state = model.state_dict()
     arrays = ArrayRecord({key: state[key] for key in received_keys})
-    metrics = MetricRecord({"num-examples": len(labels), "train-loss": train_loss})
+    metrics = MetricRecord(
+        {"num-examples": len(labels), "train-loss": train_loss, **extra_metrics}
+    )
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _train_dp_sgd(
+    settings: AppSettings,
+    model: nn.Module,
+    features: FloatArray,
+    labels: LabelArray,
+    context: Context,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
+    """Train with Opacus DP-SGD; the accountant's ledger lives in Context.state."""
+    from fedsec_flwr.dp.dpsgd import DPSGDConfig, train_dp_sgd
+
+    config = DPSGDConfig(
+        delta=settings.delta,
+        noise_multiplier=settings.dp_sgd_noise_multiplier or None,
+        target_epsilon=settings.dp_sgd_target_epsilon or None,
+        num_rounds=settings.num_server_rounds
+        if settings.dp_sgd_target_epsilon
+        else None,
+        max_grad_norm=settings.dp_sgd_max_grad_norm,
+    )
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(features), torch.from_numpy(labels)),
+        batch_size=settings.batch_size,
+    )
+    record = context.state.config_records.get(DP_SGD_STATE_KEY)
+    previous = record.get("ledger") if record is not None else None
+    result = train_dp_sgd(
+        model,
+        loader,
+        epochs=settings.local_epochs,
+        learning_rate=settings.learning_rate,
+        config=config,
+        state=previous if isinstance(previous, bytes) else None,
+    )
+    context.state[DP_SGD_STATE_KEY] = ConfigRecord({"ledger": result.state})
+    metrics = {
+        "sample-epsilon": result.cumulative_epsilon,
+        "sample-round-epsilon": result.round_epsilon,
+    }
+    return result.state_dict, result.train_loss, metrics
 
 
 def _local_partition(
@@ -105,13 +166,13 @@ def _local_partition(
     )
 
 
-def _model_from_message(dataset: str, msg: Message) -> nn.Module:
+def _model_from_message(settings: AppSettings, msg: Message) -> nn.Module:
     if ARRAYS_KEY not in msg.content.array_records:
         raise ValueError(
             f"The message must contain an ArrayRecord {ARRAYS_KEY!r}. "
             f"Found {sorted(msg.content.array_records)}."
         )
-    model = build_model(dataset)
+    model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
     model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     return model
 

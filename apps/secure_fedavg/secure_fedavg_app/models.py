@@ -1,5 +1,7 @@
 """Small torch models, one per dataset."""
 
+import logging
+
 import torch
 from torch import nn
 
@@ -12,6 +14,9 @@ DIGITS_HIDDEN = 64
 BREAST_CANCER_FEATURES = 30
 DIGITS_FEATURES = 64
 NUM_CLASSES = {BREAST_CANCER: 2, DIGITS: 10, FASHION_MNIST: 10}
+
+
+logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
 
 
 class Mlp(nn.Module):
@@ -46,21 +51,36 @@ class SmallCnn(nn.Module):
         return self.fc2(hidden)  # type: ignore[no-any-return]
 
 
-def build_model(dataset: str) -> nn.Module:
+def build_model(dataset: str, *, dp_sgd: bool = False) -> nn.Module:
     """Build the untrained model for ``dataset``.
+
+    With ``dp_sgd`` the model goes through ``make_private_compatible``, which
+    replaces layers Opacus cannot train (BatchNorm) and logs each one. The
+    server and the clients both build it this way, so their keys match.
 
     Raises:
         ValueError: If ``dataset`` has no model.
     """
+    model: nn.Module
     if dataset == BREAST_CANCER:
-        return Mlp(BREAST_CANCER_FEATURES, BREAST_CANCER_HIDDEN, NUM_CLASSES[dataset])
-    if dataset == DIGITS:
-        return Mlp(DIGITS_FEATURES, DIGITS_HIDDEN, NUM_CLASSES[dataset])
-    if dataset == FASHION_MNIST:
-        return SmallCnn(NUM_CLASSES[dataset])
-    raise ValueError(
-        f"dataset must be one of {', '.join(NUM_CLASSES)}. Found {dataset!r}."
-    )
+        model = Mlp(BREAST_CANCER_FEATURES, BREAST_CANCER_HIDDEN, NUM_CLASSES[dataset])
+    elif dataset == DIGITS:
+        model = Mlp(DIGITS_FEATURES, DIGITS_HIDDEN, NUM_CLASSES[dataset])
+    elif dataset == FASHION_MNIST:
+        model = SmallCnn(NUM_CLASSES[dataset])
+    else:
+        raise ValueError(
+            f"dataset must be one of {', '.join(NUM_CLASSES)}. Found {dataset!r}."
+        )
+    if not dp_sgd:
+        return model
+
+    from fedsec_flwr.dp.dpsgd import make_private_compatible
+
+    model, replaced = make_private_compatible(model)
+    for replacement in replaced:
+        logger.info("DP-SGD replaced a layer: %s", replacement)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

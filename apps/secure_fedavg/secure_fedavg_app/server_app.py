@@ -66,7 +66,7 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
     seed_everything(settings.seed)
 
     split = load_dataset_cached(settings.dataset, settings.seed)
-    model = build_model(settings.dataset)
+    model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
     initial_arrays = ArrayRecord(model.state_dict())
 
     def on_round_end(report: RoundReport) -> None:
@@ -87,26 +87,34 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=settings.num_server_rounds,
-        evaluate_fn=make_central_evaluate(settings.dataset, split),
+        evaluate_fn=make_central_evaluate(
+            settings.dataset, split, dp_sgd=settings.dp_sgd
+        ),
     )
 
+    if strategy.stopped_reason is not None:
+        # The privacy budget ended the run early: a planned outcome, not a failure.
+        results.update(stopped_reason=strategy.stopped_reason)
+        print(strategy.stopped_reason, flush=True)
+        return
     _check_all_rounds_reported(results, settings.num_server_rounds)
 
 
 def make_central_evaluate(
-    dataset: str, split: DatasetSplit
+    dataset: str, split: DatasetSplit, *, dp_sgd: bool = False
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Return an ``evaluate_fn`` that scores the global model on the test split.
 
     Args:
         dataset: Dataset name, which selects the model architecture.
         split: Loaded dataset; only its test arrays are used.
+        dp_sgd: Build the DP-SGD compatible variant of the model.
 
     Returns:
         A function of ``(server_round, arrays)`` that returns a MetricRecord
         with ``accuracy`` (fraction) and ``loss`` (mean cross-entropy, nats).
     """
-    model = build_model(dataset)
+    model = build_model(dataset, dp_sgd=dp_sgd)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

@@ -12,6 +12,10 @@ from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
 ConfigValue = bool | int | float | str
 
+DP_MODES = ("off", "central", "distributed")
+SAMPLINGS = ("fixed", "poisson")
+ACCOUNTANTS = ("rdp", "prv")
+
 
 @dataclass(frozen=True, kw_only=True)
 class AppSettings:
@@ -38,6 +42,23 @@ class AppSettings:
         secagg_max_weight: Largest ``num-examples`` a client may report.
         secagg_max_clients: Largest number of clients in one round.
         secagg_timeout: Seconds allowed for each protocol stage.
+        dp_mode: Client-level DP: ``off``, ``central`` or ``distributed``.
+        noise_multiplier: Client-level DP noise over the clipping norm; 0
+            means calibrate from ``target_epsilon``.
+        target_epsilon: Client-level epsilon budget of the run; 0 means use
+            ``noise_multiplier``.
+        delta: Delta of the DP guarantees (client level and DP-SGD).
+        clipping_norm: L2 bound of each client's model update.
+        adaptive_clipping: Track a quantile of update norms instead.
+        clipping_quantile: Target quantile of adaptive clipping.
+        clipping_learning_rate: Step size of adaptive clipping.
+        client_sampling: ``fixed`` or ``poisson`` (needed for amplification).
+        dp_accountant: ``rdp`` or ``prv``.
+        dp_sgd: Train on clients with Opacus DP-SGD (sample-level DP).
+        dp_sgd_noise_multiplier: DP-SGD noise multiplier; 0 means calibrate
+            from ``dp_sgd_target_epsilon``.
+        dp_sgd_target_epsilon: Sample-level epsilon budget over the run.
+        dp_sgd_max_grad_norm: Per-example gradient clipping norm.
     """
 
     dataset: str
@@ -58,6 +79,20 @@ class AppSettings:
     secagg_max_weight: int
     secagg_max_clients: int
     secagg_timeout: float
+    dp_mode: str = "off"
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    clipping_norm: float = 1.0
+    adaptive_clipping: bool = False
+    clipping_quantile: float = 0.5
+    clipping_learning_rate: float = 0.2
+    client_sampling: str = "fixed"
+    dp_accountant: str = "rdp"
+    dp_sgd: bool = False
+    dp_sgd_noise_multiplier: float = 0.0
+    dp_sgd_target_epsilon: float = 0.0
+    dp_sgd_max_grad_norm: float = 1.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, ConfigValue]) -> "AppSettings":
@@ -85,6 +120,20 @@ class AppSettings:
             secagg_max_weight=_get_int(run_config, "secagg-max-weight"),
             secagg_max_clients=_get_int(run_config, "secagg-max-clients"),
             secagg_timeout=_get_float(run_config, "secagg-timeout"),
+            dp_mode=_get_str(run_config, "dp-mode"),
+            noise_multiplier=_get_float(run_config, "noise-multiplier"),
+            target_epsilon=_get_float(run_config, "target-epsilon"),
+            delta=_get_float(run_config, "delta"),
+            clipping_norm=_get_float(run_config, "clipping-norm"),
+            adaptive_clipping=_get_bool(run_config, "adaptive-clipping"),
+            clipping_quantile=_get_float(run_config, "clipping-quantile"),
+            clipping_learning_rate=_get_float(run_config, "clipping-learning-rate"),
+            client_sampling=_get_str(run_config, "client-sampling"),
+            dp_accountant=_get_str(run_config, "dp-accountant"),
+            dp_sgd=_get_bool(run_config, "dp-sgd"),
+            dp_sgd_noise_multiplier=_get_float(run_config, "dp-sgd-noise-multiplier"),
+            dp_sgd_target_epsilon=_get_float(run_config, "dp-sgd-target-epsilon"),
+            dp_sgd_max_grad_norm=_get_float(run_config, "dp-sgd-max-grad-norm"),
         )
         settings.validate()
         return settings
@@ -118,7 +167,39 @@ class AppSettings:
             _check_min("secagg-max-weight", self.secagg_max_weight, 1),
             _check_min("secagg-max-clients", self.secagg_max_clients, 2),
             _check_positive("secagg-timeout", self.secagg_timeout),
+            _check_choice("dp-mode", self.dp_mode, DP_MODES),
+            _check_choice("client-sampling", self.client_sampling, SAMPLINGS),
+            _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS),
+            _check_min_float("noise-multiplier", self.noise_multiplier),
+            _check_min_float("target-epsilon", self.target_epsilon),
+            _check_fraction("delta", self.delta),
+            _check_positive("clipping-norm", self.clipping_norm),
+            _check_fraction("clipping-quantile", self.clipping_quantile),
+            _check_positive("clipping-learning-rate", self.clipping_learning_rate),
+            _check_min_float("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
+            _check_min_float("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon),
+            _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
+            self._check_noise_choice(),
         ]
+
+    def _check_noise_choice(self) -> str:
+        if self.dp_mode != "off" and (self.noise_multiplier > 0) == (
+            self.target_epsilon > 0
+        ):
+            return (
+                "With dp-mode on, set exactly one of noise-multiplier and "
+                f"target-epsilon above 0; found {self.noise_multiplier} and "
+                f"{self.target_epsilon}."
+            )
+        if self.dp_sgd and (self.dp_sgd_noise_multiplier > 0) == (
+            self.dp_sgd_target_epsilon > 0
+        ):
+            return (
+                "With dp-sgd on, set exactly one of dp-sgd-noise-multiplier and "
+                f"dp-sgd-target-epsilon above 0; found {self.dp_sgd_noise_multiplier}"
+                f" and {self.dp_sgd_target_epsilon}."
+            )
+        return ""
 
     def to_run_config(self) -> dict[str, ConfigValue]:
         """Return the settings with their kebab-case run-config keys."""
@@ -172,6 +253,12 @@ def _check_min(key: str, value: int, minimum: int) -> str:
     if value >= minimum:
         return ""
     return f"{key} must be at least {minimum}; found {value}."
+
+
+def _check_min_float(key: str, value: float) -> str:
+    if value >= 0.0:
+        return ""
+    return f"{key} must be at least 0; found {value}."
 
 
 def _check_positive(key: str, value: float) -> str:

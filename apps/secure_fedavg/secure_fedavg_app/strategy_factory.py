@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg
+from fedsec_flwr.privacy import DPConfig, DPMode
 from secure_fedavg_app.settings import AppSettings
 
 STRATEGY_NAME = "fedsec_flwr.SecureFedAvg"
@@ -36,6 +37,31 @@ def build_secagg_config(settings: AppSettings) -> SecAggConfig | None:
         raise ValueError(f"Invalid secagg-* run config: {error}") from error
 
 
+def build_dp_config(settings: AppSettings) -> DPConfig | None:
+    """Return the client-level DP parameters, or None when ``dp-mode`` is off.
+
+    Raises:
+        ValueError: If ``DPConfig`` rejects a value.
+    """
+    if settings.dp_mode == "off":
+        return None
+
+    try:
+        return DPConfig(
+            mode=DPMode(settings.dp_mode),
+            clipping_norm=settings.clipping_norm,
+            noise_multiplier=settings.noise_multiplier or None,
+            target_epsilon=settings.target_epsilon or None,
+            delta=settings.delta,
+            accountant=settings.dp_accountant,
+            adaptive_clipping=settings.adaptive_clipping,
+            target_quantile=settings.clipping_quantile,
+            clipping_learning_rate=settings.clipping_learning_rate,
+        )
+    except ValueError as error:
+        raise ValueError(f"Invalid DP run config: {error}") from error
+
+
 def build_strategy(settings: AppSettings, on_round_end: RoundCallback) -> SecureFedAvg:
     """Build the strategy selected by ``settings``.
 
@@ -53,5 +79,7 @@ def build_strategy(settings: AppSettings, on_round_end: RoundCallback) -> Secure
         fraction_train=settings.fraction_train,
         min_train_nodes=settings.min_train_clients,
         min_available_nodes=settings.min_train_clients,
+        differential_privacy=build_dp_config(settings),
+        client_sampling=settings.client_sampling,
         on_round_end=on_round_end,
     )
