@@ -1,8 +1,9 @@
 """Secure aggregation, differential privacy and verification for Flower.
 
 The public API: ``SecureFedAvg`` (a server strategy), ``secure_aggregation_mod``
-(the matching ClientApp mod) and ``SecAggConfig`` (their parameters). They are
-imported on first use, so ``fedsec_flwr.core`` loads without Flower.
+(the matching ClientApp mod), ``SecAggConfig``, ``DPConfig`` and
+``VerificationConfig`` (their parameters). They are imported on first use, so
+``fedsec_flwr.core`` loads without Flower.
 """
 
 from __future__ import annotations
@@ -12,12 +13,27 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import SecAggConfig
+    from .privacy import DPConfig, DPMode
+    from .verification import FailurePolicy, VerificationConfig, VerificationError
     from .core.errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
-    from .mod import secure_aggregation_mod
+    from .mod import (
+        make_plain_verification_mod,
+        make_secure_aggregation_mod,
+        plain_verification_mod,
+        secure_aggregation_mod,
+    )
     from .strategy import RoundReport, SecureFedAvg
 
 _EXPORTS = {
     "AuthenticationError": ".core.errors",
+    "DPConfig": ".privacy",
+    "DPMode": ".privacy",
+    "FailurePolicy": ".verification",
+    "VerificationConfig": ".verification",
+    "VerificationError": ".verification",
+    "make_plain_verification_mod": ".mod",
+    "make_secure_aggregation_mod": ".mod",
+    "plain_verification_mod": ".mod",
     "ProtocolError": ".core.errors",
     "RoundReport": ".strategy",
     "SecAggConfig": ".config",
@@ -28,6 +44,14 @@ _EXPORTS = {
 
 __all__ = [
     "AuthenticationError",
+    "DPConfig",
+    "DPMode",
+    "FailurePolicy",
+    "VerificationConfig",
+    "VerificationError",
+    "make_plain_verification_mod",
+    "make_secure_aggregation_mod",
+    "plain_verification_mod",
     "ProtocolError",
     "RoundReport",
     "SecAggConfig",

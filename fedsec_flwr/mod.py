@@ -1,14 +1,24 @@
-"""ClientApp mod that runs the client side of secure aggregation.
+"""ClientApp mods that run the client side of secure aggregation and verification.
 
 Wrap a ``@app.train`` handler with ``secure_aggregation_mod``. The server
-sends four train messages per round, each naming its stage. The mod answers
-the setup, share-keys and unmask stages itself; at the masked-input stage it
-calls the wrapped handler, checks its reply, and sends back only the masked,
-encoded update and the handler's metrics. No plaintext array ever leaves the
-client through this mod; a reply it cannot encode becomes an error reply, and
-the server counts the client as dropped.
+sends one train message per stage, each naming its stage. The mod replies
+to every stage itself except masked-input, where it calls the wrapped handler,
+checks its reply, and sends back only the masked, encoded update and the
+handler's metrics. No plaintext array ever leaves the client through this
+mod; a reply it cannot encode becomes an error reply, and the server counts
+the client as dropped.
 
-The mod keeps the client's protocol state in ``Context.state``, so each stage
+When the server asks for verification at setup, the mod also sends an
+identity key, signs the round's identity-key list, appends a blinding vector
+to its input, and answers the commit and verify stages. By default a client
+whose round failed verification refuses to train on any later model of the
+run (``make_secure_aggregation_mod`` changes that).
+
+``plain_verification_mod`` is the client side of plain FedAvg with
+verification: it sends the encoded update and the blinding vector in clear.
+Never stack it with ``secure_aggregation_mod``.
+
+The mods keep the client's protocol state in ``Context.state``, so each stage
 may run in a new ClientApp process.
 """
 
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import (
@@ -29,31 +40,46 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
+from numpy.typing import NDArray
 
+from . import verification
 from .core import client as protocol
-from .core.encoding import encode_update
+from .core import commitments
+from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
 from .core.errors import ProtocolError
 from .core.messages import (
+    CommitRequest,
     EncryptedShares,
     Fields,
+    IdentityKey,
+    IdentityKeyList,
     RoundHeader,
+    SetupRequest,
     ShareKeysRequest,
     Stage,
     UnmaskRequest,
+    VerifyRequest,
 )
 from .dp.random import SecureRandom
 from .privacy import ClientPrivacy, DPMode, add_distributed_noise, clip_flat_update
 from .records import (
+    AGGREGATE_KEY,
+    AGGREGATE_RECORD,
     ARRAYS_RECORD,
+    BLINDING_KEY,
     CONFIG_RECORD,
+    ENCODED_UPDATE_KEY,
     MASKED_INPUT_RECORD,
     MASKED_VECTOR_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
+    PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
     STATE_RECORD,
+    VERIFICATION_ARRAYS_RECORD,
+    VERIFICATION_STATE_RECORD,
     FloatLayout,
     arrays_to_numpy,
     check_client_arrays,
@@ -63,8 +89,26 @@ from .records import (
     single_array_record,
     to_config_record,
 )
+from .verification import (
+    ClientVerificationState,
+    CommitmentLayout,
+    FailurePolicy,
+)
 
 logger = logging.getLogger("fedsec_flwr.mod")
+
+_Extra = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
+
+
+@dataclass(frozen=True)
+class _Options:
+    on_verification_failure: FailurePolicy
+    require_verification: bool
+
+
+_DEFAULT_OPTIONS = _Options(
+    on_verification_failure=FailurePolicy.REFUSE, require_verification=False
+)
 
 
 def secure_aggregation_mod(
@@ -73,28 +117,87 @@ def secure_aggregation_mod(
     """Run one stage of secure aggregation for a train message.
 
     A train message without the protocol record gets an error reply: a client
-    wrapped with this mod never sends a plaintext update.
+    wrapped with this mod never sends a plaintext update. After a round that
+    failed verification, or a commitment that got no transcript, it refuses
+    to train for the rest of the run.
     """
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, context)
+    return _secure_stage(msg, context, call_next, _DEFAULT_OPTIONS)
 
+
+def make_secure_aggregation_mod(
+    *,
+    on_verification_failure: FailurePolicy | str = FailurePolicy.REFUSE,
+    require_verification: bool = False,
+) -> Mod:
+    """Build a ``secure_aggregation_mod`` with a client-side verification policy.
+
+    Args:
+        on_verification_failure: With ``refuse`` (the default), the client
+            trains on no model of the run after a round failed verification.
+            With ``report``, it only reports the failure to the server. The
+            server cannot change this choice.
+        require_verification: Refuse to train in a round that the server
+            does not verify.
+
+    Raises:
+        ValueError: If `on_verification_failure` is not a policy.
+
+    """
+    options = _Options(
+        on_verification_failure=_parse_policy(on_verification_failure),
+        require_verification=require_verification,
+    )
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return _secure_stage(msg, context, call_next, options)
+
+    return mod
+
+
+def plain_verification_mod(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Run one stage of plain FedAvg with verification for a train message.
+
+    The client sends its encoded update and its blinding vector in clear, so
+    the server receives the update, as in plain FedAvg. A train message without
+    the protocol record goes to the wrapped handler unchanged, unless the
+    client refuses to train after a failed verification.
+    """
+    return _plain_stage(msg, context, call_next, _DEFAULT_OPTIONS)
+
+
+def make_plain_verification_mod(
+    *,
+    on_verification_failure: FailurePolicy | str = FailurePolicy.REFUSE,
+    require_verification: bool = False,
+) -> Mod:
+    """Build a ``plain_verification_mod`` with a client-side verification policy.
+
+    The arguments are those of `make_secure_aggregation_mod`.
+
+    Raises:
+        ValueError: If `on_verification_failure` is not a policy.
+
+    """
+    options = _Options(
+        on_verification_failure=_parse_policy(on_verification_failure),
+        require_verification=require_verification,
+    )
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return _plain_stage(msg, context, call_next, options)
+
+    return mod
+
+
+def _parse_policy(policy: FailurePolicy | str) -> FailurePolicy:
     try:
-        fields = protocol_fields(msg.content)
-        header = RoundHeader.from_fields(fields)
-        reply_fields, extra = _run_stage(header, fields, msg, context, call_next)
-    except (ProtocolError, ValueError) as error:
-        logger.warning("Secure aggregation stage failed: %s", error)
-        return Message(
-            Error(ErrorCode.MOD_FAILED_PRECONDITION, f"secure aggregation: {error}"),
-            reply_to=msg,
-        )
-    except _InnerAppError as error:
-        return error.reply
-
-    content = RecordDict({PROTOCOL_RECORD: to_config_record(reply_fields)})
-    for key, record in extra.items():
-        content[key] = record
-    return Message(content, reply_to=msg)
+        return FailurePolicy(str(policy))
+    except ValueError:
+        raise ValueError(
+            f"on_verification_failure must be 'refuse' or 'report'. Found {policy!r}."
+        ) from None
 
 
 class _InnerAppError(Exception):
@@ -103,6 +206,43 @@ class _InnerAppError(Exception):
     def __init__(self, reply: Message) -> None:
         super().__init__("The wrapped ClientApp replied with an error.")
         self.reply = reply
+
+
+def _error_reply(msg: Message, prefix: str, error: Exception) -> Message:
+    logger.warning("%s stage failed: %s", prefix, error)
+    return Message(
+        Error(ErrorCode.MOD_FAILED_PRECONDITION, f"{prefix}: {error}"), reply_to=msg
+    )
+
+
+def _reply(msg: Message, reply_fields: Fields, extra: _Extra) -> Message:
+    content = RecordDict({PROTOCOL_RECORD: to_config_record(reply_fields)})
+    for key, record in extra.items():
+        content[key] = record
+    return Message(content, reply_to=msg)
+
+
+# --- Secure mode -----------------------------------------------------------------
+
+
+def _secure_stage(
+    msg: Message, context: Context, call_next: ClientAppCallable, options: _Options
+) -> Message:
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+
+    try:
+        fields = protocol_fields(msg.content)
+        header = RoundHeader.from_fields(fields)
+        reply_fields, extra = _run_secure_stage(
+            header, fields, msg, context, call_next, options
+        )
+    except (ProtocolError, ValueError) as error:
+        return _error_reply(msg, "secure aggregation", error)
+    except _InnerAppError as error:
+        return error.reply
+
+    return _reply(msg, reply_fields, extra)
 
 
 def _load_state(context: Context, header: RoundHeader) -> protocol.ClientState:
@@ -124,15 +264,13 @@ def _save_state(context: Context, state: protocol.ClientState) -> None:
     context.state[STATE_RECORD] = to_config_record(state.to_fields())
 
 
-_Extra = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
-
-
-def _run_stage(
+def _run_secure_stage(
     header: RoundHeader,
     fields: dict[str, object],
     msg: Message,
     context: Context,
     call_next: ClientAppCallable,
+    options: _Options,
 ) -> tuple[Fields, _Extra]:
     if header.stage is Stage.SETUP:
         state, setup_reply = protocol.client_setup(
@@ -141,7 +279,16 @@ def _run_stage(
             node_id=msg.metadata.dst_node_id,
         )
         _save_state(context, state)
-        return setup_reply.to_fields(), {}
+        identity = _setup_identity(header, fields, context)
+        return {**setup_reply.to_fields(), **identity.to_fields()}, {}
+
+    if header.stage in (Stage.COMMIT, Stage.VERIFY):
+        return _verification_stage(header, fields, msg, context)
+    if header.stage is Stage.PLAIN_INPUT:
+        raise ProtocolError(
+            "Stage 'plain-input' would send the update in clear, which this "
+            "secure-aggregation client never does."
+        )
 
     state = _load_state(context, header)
     if header.stage is Stage.SHARE_KEYS:
@@ -149,10 +296,11 @@ def _run_stage(
             state, ShareKeysRequest.from_fields(fields)
         )
         _save_state(context, state)
-        return shares.to_fields(), {}
+        signature = _sign_key_list(header, fields, msg, context)
+        return {**shares.to_fields(), **signature}, {}
 
     if header.stage is Stage.MASKED_INPUT:
-        return _masked_input(state, fields, msg, context, call_next)
+        return _masked_input(state, header, fields, msg, context, call_next, options)
 
     state, unmask_reply = protocol.client_unmask(
         state, UnmaskRequest.from_fields(fields)
@@ -163,15 +311,57 @@ def _run_stage(
 
 def _masked_input(
     state: protocol.ClientState,
+    header: RoundHeader,
     fields: dict[str, object],
     msg: Message,
     context: Context,
     call_next: ClientAppCallable,
+    options: _Options,
 ) -> tuple[Fields, _Extra]:
+    _check_refusal(header, context, options)
     params = parse_encoding(fields)
     state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
     _save_state(context, state)
 
+    verified_round = _signed_this_round(header, context)
+    blinding = commitments.draw_blinding() if verified_round else None
+    privacy = ClientPrivacy.from_fields(fields)
+    encoded, metrics = _train_and_encode(
+        msg,
+        context,
+        call_next,
+        params=params,
+        privacy=privacy,
+        blinding=blinding,
+        server_round=header.server_round,
+    )
+    if blinding is not None:
+        update = encoded[: encoded.size - blinding.size]
+        layout = _commitment_layout(params, privacy, update_size=update.size)
+        _keep_input(context, header, layout.client_vector(update), blinding)
+    masked = protocol.client_mask(state, encoded, modulus=params.modulus)
+
+    extra: _Extra = {
+        MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
+        METRICS_RECORD: metrics,
+    }
+    return {"stage": Stage.MASKED_INPUT.value}, extra
+
+
+def _train_and_encode(
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    *,
+    params: EncodingParams,
+    privacy: ClientPrivacy | None,
+    blinding: NDArray[np.uint32] | None,
+    server_round: int,
+) -> tuple[NDArray[np.uint32], MetricRecord]:
+    """Train with the wrapped handler, then clip, encode and noise its update.
+
+    The blinding vector, if any, fills the last slots of the encoded vector.
+    """
     global_record = msg.content.array_records.get(ARRAYS_RECORD)
     if global_record is None:
         raise ProtocolError(f"The message has no {ARRAYS_RECORD!r} ArrayRecord.")
@@ -186,7 +376,6 @@ def _masked_input(
     if reply.has_error():
         raise _InnerAppError(reply)
 
-    privacy = ClientPrivacy.from_fields(fields)
     weight = num_examples(
         reply.content, max_weight=None if privacy else params.max_weight
     )
@@ -205,6 +394,8 @@ def _masked_input(
         bit, _ = clip_flat_update(update, clipping_norm=privacy.clipping_norm)
         if privacy.adaptive:
             extra_slots.append(bit)
+    if blinding is not None:
+        extra_slots.extend(blinding.tolist())
     rng = np.random.default_rng(secrets.randbits(128))
     encoded, num_clipped = encode_update(
         update,
@@ -220,7 +411,7 @@ def _masked_input(
             encoded,
             num_coordinates=num_coordinates,
             sigma_client=privacy.sigma_client,
-            bit_slot=encoded.size - 1 if privacy.adaptive else None,
+            bit_slot=num_coordinates + TRAILER_SIZE if privacy.adaptive else None,
             bit_sigma_client=privacy.bit_sigma_client,
             rng=SecureRandom(),
         )
@@ -228,12 +419,11 @@ def _masked_input(
         logger.warning(
             "Round %d: %d of %d update coordinates exceed the clip range %g and "
             "were clipped",
-            state.server_round,
+            server_round,
             num_clipped,
             num_coordinates,
             params.clip_range,
         )
-    masked = protocol.client_mask(state, encoded, modulus=params.modulus)
 
     metrics = MetricRecord(
         {
@@ -242,8 +432,306 @@ def _masked_input(
             if key != NUM_EXAMPLES_KEY
         }
     )
+    return encoded, metrics
+
+
+def _commitment_layout(
+    params: EncodingParams, privacy: ClientPrivacy | None, *, update_size: int
+) -> CommitmentLayout:
+    if privacy is None or privacy.mode is not DPMode.DISTRIBUTED:
+        return CommitmentLayout(modulus=params.modulus)
+
+    adaptive_slots = 1 if privacy.adaptive else 0
+    num_coordinates = update_size - TRAILER_SIZE - adaptive_slots
+    return CommitmentLayout.distributed(
+        params,
+        num_coordinates=num_coordinates,
+        bit_slot=num_coordinates + TRAILER_SIZE if privacy.adaptive else None,
+        bit_sigma_client=privacy.bit_sigma_client,
+    )
+
+
+# --- Verification stages, shared by both mods ------------------------------------
+
+
+def _load_verification(context: Context) -> ClientVerificationState | None:
+    record = context.state.config_records.get(VERIFICATION_STATE_RECORD)
+    if record is None:
+        return None
+    return ClientVerificationState.from_fields(dict(record))
+
+
+def _require_verification_state(context: Context) -> ClientVerificationState:
+    state = _load_verification(context)
+    if state is None:
+        raise ProtocolError("Verification stages must follow a verified setup stage.")
+    return state
+
+
+def _save_verification(context: Context, state: ClientVerificationState) -> None:
+    context.state[VERIFICATION_STATE_RECORD] = to_config_record(state.to_fields())
+
+
+def _setup_identity(
+    header: RoundHeader, fields: dict[str, object], context: Context
+) -> IdentityKey:
+    # Vectors kept from an earlier round are never needed again.
+    _take_kept_arrays(context)
+    if not SetupRequest.from_fields(fields).verification:
+        return IdentityKey(public_key=b"")
+
+    state = verification.client_identity(
+        _load_verification(context), run_id=header.run_id
+    )
+    _save_verification(context, state)
+    return IdentityKey(public_key=state.identity_public_key)
+
+
+def _sign_key_list(
+    header: RoundHeader, fields: dict[str, object], msg: Message, context: Context
+) -> Fields:
+    """Sign the round's identity-key list if the request carries one."""
+    if not IdentityKeyList.present(fields):
+        return {}
+
+    state, signature = verification.client_sign_key_list(
+        _require_verification_state(context),
+        IdentityKeyList.from_fields(fields),
+        run_id=header.run_id,
+        server_round=header.server_round,
+        node_id=msg.metadata.dst_node_id,
+    )
+    _save_verification(context, state)
+    return signature.to_fields()
+
+
+def _signed_this_round(header: RoundHeader, context: Context) -> bool:
+    state = _load_verification(context)
+    return (
+        state is not None
+        and state.run_id == header.run_id
+        and state.server_round == header.server_round
+        and bool(state.key_list_digest)
+    )
+
+
+def _check_refusal(header: RoundHeader, context: Context, options: _Options) -> None:
+    reason = verification.refusal_reason(
+        _load_verification(context),
+        run_id=header.run_id,
+        server_round=header.server_round,
+        policy=options.on_verification_failure,
+        require_verification=options.require_verification,
+    )
+    if reason:
+        raise ProtocolError(f"This client does not train on this model: {reason}.")
+
+
+def _keep_input(
+    context: Context,
+    header: RoundHeader,
+    update: NDArray[np.uint32],
+    blinding: NDArray[np.uint32],
+) -> None:
+    state = verification.client_start_input(
+        _require_verification_state(context),
+        run_id=header.run_id,
+        server_round=header.server_round,
+    )
+    context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
+        {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}
+    )
+    _save_verification(context, state)
+
+
+def _take_kept_arrays(context: Context) -> dict[str, NDArray[np.uint32]]:
+    """Remove the kept vectors from ``Context.state`` and return them."""
+    record = context.state.array_records.get(VERIFICATION_ARRAYS_RECORD)
+    if record is None:
+        return {}
+    del context.state[VERIFICATION_ARRAYS_RECORD]
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def _verification_stage(
+    header: RoundHeader, fields: dict[str, object], msg: Message, context: Context
+) -> tuple[Fields, _Extra]:
+    if header.stage is Stage.COMMIT:
+        return _commit(header, fields, msg, context), {}
+    return _verify(header, fields, msg, context), {}
+
+
+def _commit(
+    header: RoundHeader, fields: dict[str, object], msg: Message, context: Context
+) -> Fields:
+    state = _require_verification_state(context)
+    request = CommitRequest.from_fields(fields)
+    record = msg.content.array_records.get(AGGREGATE_RECORD)
+    if record is None or list(record.keys()) != [AGGREGATE_KEY]:
+        raise ProtocolError(
+            f"The commit request must carry the {AGGREGATE_RECORD!r} ArrayRecord "
+            f"with the single key {AGGREGATE_KEY!r}."
+        )
+    aggregate = record[AGGREGATE_KEY].numpy()
+    # The first commit request consumes the blinding vector, whatever follows.
+    kept = _take_kept_arrays(context)
+    if ENCODED_UPDATE_KEY not in kept or BLINDING_KEY not in kept:
+        raise ProtocolError(
+            f"Commit requests for round {header.server_round} must follow this "
+            "client's input of that round, and come once. Found no input kept."
+        )
+
+    state, reply = verification.client_commit(
+        state,
+        request,
+        run_id=header.run_id,
+        server_round=header.server_round,
+        node_id=msg.metadata.dst_node_id,
+        update=kept[ENCODED_UPDATE_KEY],
+        blinding=kept[BLINDING_KEY],
+        aggregate=aggregate,
+    )
+    context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
+        {AGGREGATE_KEY: Array(aggregate)}
+    )
+    _save_verification(context, state)
+    return reply.to_fields()
+
+
+def _verify(
+    header: RoundHeader, fields: dict[str, object], msg: Message, context: Context
+) -> Fields:
+    state = _require_verification_state(context)
+    request = VerifyRequest.from_fields(fields)
+    kept = _take_kept_arrays(context)
+    if AGGREGATE_KEY not in kept:
+        raise ProtocolError(
+            f"Verify requests for round {header.server_round} must follow this "
+            "client's commitment of that round. Found no aggregate kept."
+        )
+
+    state, reply = verification.client_verify(
+        state,
+        request,
+        run_id=header.run_id,
+        server_round=header.server_round,
+        node_id=msg.metadata.dst_node_id,
+        aggregate=kept[AGGREGATE_KEY],
+    )
+    _save_verification(context, state)
+    return reply.to_fields()
+
+
+# --- Plain mode with verification -------------------------------------------------
+
+
+def _plain_stage(
+    msg: Message, context: Context, call_next: ClientAppCallable, options: _Options
+) -> Message:
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+
+    try:
+        if PROTOCOL_RECORD not in msg.content:
+            _check_plain_refusal(msg, context, options)
+            return call_next(msg, context)
+        fields = protocol_fields(msg.content)
+        header = RoundHeader.from_fields(fields)
+        reply_fields, extra = _run_plain_stage(
+            header, fields, msg, context, call_next, options
+        )
+    except (ProtocolError, ValueError) as error:
+        return _error_reply(msg, "plain verification", error)
+    except _InnerAppError as error:
+        return error.reply
+
+    return _reply(msg, reply_fields, extra)
+
+
+def _check_plain_refusal(msg: Message, context: Context, options: _Options) -> None:
+    """Apply the refusal policy to a plain train message of an unverified round."""
+    state = _load_verification(context)
+    reason = verification.refusal_reason(
+        state,
+        run_id=msg.metadata.run_id,
+        server_round=_round_of(msg),
+        policy=options.on_verification_failure,
+        require_verification=options.require_verification,
+    )
+    if reason:
+        raise ProtocolError(f"This client does not train on this model: {reason}.")
+
+
+def _round_of(msg: Message) -> int:
+    # Strategies of the Message API name the round in the group id. A message
+    # without one counts as round 0, in which no commitment is pending.
+    group_id = msg.metadata.group_id
+    return int(group_id) if group_id.isdecimal() else 0
+
+
+def _run_plain_stage(
+    header: RoundHeader,
+    fields: dict[str, object],
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    options: _Options,
+) -> tuple[Fields, _Extra]:
+    if header.stage is Stage.SETUP:
+        identity = _setup_identity(header, fields, context)
+        if not identity.public_key:
+            raise ProtocolError(
+                "Plain rounds send protocol messages only with verification. "
+                "Found a setup request without it."
+            )
+        return identity.to_fields(), {}
+    if header.stage is Stage.PLAIN_INPUT:
+        return _plain_input(header, fields, msg, context, call_next, options)
+    if header.stage in (Stage.COMMIT, Stage.VERIFY):
+        return _verification_stage(header, fields, msg, context)
+
+    raise ProtocolError(
+        f"Stage {header.stage.value!r} belongs to secure aggregation, which "
+        "plain_verification_mod does not run."
+    )
+
+
+def _plain_input(
+    header: RoundHeader,
+    fields: dict[str, object],
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    options: _Options,
+) -> tuple[Fields, _Extra]:
+    if ClientPrivacy.from_fields(fields) is not None:
+        raise ProtocolError(
+            "Plain rounds with verification must carry no DP fields. Found some."
+        )
+    params = parse_encoding(fields)
+    signature = _sign_key_list(header, fields, msg, context)
+    if not signature:
+        raise ProtocolError(
+            "A plain-input request must carry the identity-key list. Found none."
+        )
+    _check_refusal(header, context, options)
+
+    encoded, metrics = _train_and_encode(
+        msg,
+        context,
+        call_next,
+        params=params,
+        privacy=None,
+        blinding=None,
+        server_round=header.server_round,
+    )
+    blinding = commitments.draw_blinding()
+    _keep_input(context, header, encoded, blinding)
+
     extra: _Extra = {
-        MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
+        PLAIN_INPUT_RECORD: ArrayRecord(
+            {ENCODED_UPDATE_KEY: Array(encoded), BLINDING_KEY: Array(blinding)}
+        ),
         METRICS_RECORD: metrics,
     }
-    return {"stage": Stage.MASKED_INPUT.value}, extra
+    return {"stage": Stage.PLAIN_INPUT.value, **signature}, extra

@@ -24,6 +24,30 @@ MASKED_INPUT_RECORD = "fedsec.masked-input"
 
 MASKED_VECTOR_KEY = "vector"
 
+PLAIN_INPUT_RECORD = "fedsec.plain-input"
+"""ArrayRecord with a client's encoded update and blinding vector, in clear.
+
+Only plain mode with verification sends it; the secure mod never does.
+"""
+
+ENCODED_UPDATE_KEY = "update"
+BLINDING_KEY = "blinding"
+
+AGGREGATE_RECORD = "fedsec.aggregate"
+"""ArrayRecord with the aggregate that clients commit against."""
+
+AGGREGATE_KEY = "aggregate"
+
+VERIFICATION_STATE_RECORD = "fedsec.verification.state"
+"""ConfigRecord in ``Context.state`` with the client's verification state."""
+
+VERIFICATION_ARRAYS_RECORD = "fedsec.verification.arrays"
+"""ArrayRecord in ``Context.state`` with the vectors a client keeps to commit.
+
+Between its input and its commitment it contains ``ENCODED_UPDATE_KEY`` and
+``BLINDING_KEY``; between its commitment and the transcript, ``AGGREGATE_KEY``.
+"""
+
 ARRAYS_RECORD = "arrays"
 """ArrayRecord with the global model, and with a client's model in plain mode."""
 

@@ -1,4 +1,4 @@
-"""One round of training over the Grid, in plain or secure mode."""
+"""One round of training over the Grid, in plain or secure mode, verified or not."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -22,28 +23,41 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from .config import SecAggConfig
-from .core.encoding import TRAILER_SIZE, decode_sum
+from .core import commitments, signatures
+from .core.commitments import BLINDING_LIMBS, VerificationResult
+from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
 from .core.errors import ProtocolError
 from .core.messages import (
+    CommitReply,
     EncryptedShares,
+    IdentityKey,
+    KeyListSignature,
     RoundHeader,
     SetupReply,
+    SetupRequest,
     Stage,
     UnmaskReply,
+    VerifyReply,
 )
 from .core.server import ServerRound
 from .privacy import (
     ClientPrivacy,
+    DPMode,
     RoundPrivacy,
     ServerPrivacy,
     clip_flat_update,
     signed,
 )
 from .records import (
+    AGGREGATE_KEY,
+    AGGREGATE_RECORD,
     ARRAYS_RECORD,
+    BLINDING_KEY,
     CONFIG_RECORD,
+    ENCODED_UPDATE_KEY,
     MASKED_INPUT_RECORD,
     MASKED_VECTOR_KEY,
+    PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
     FloatLayout,
     arrays_to_numpy,
@@ -55,6 +69,7 @@ from .records import (
     single_array_record,
     to_config_record,
 )
+from .verification import CommitmentLayout, ServerVerification, VerificationConfig
 
 logger = logging.getLogger("fedsec_flwr.rounds")
 
@@ -77,6 +92,7 @@ class RoundOutcome:
     download_bytes: dict[int, int] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
+    verification: VerificationResult | None = None
 
 
 @dataclass
@@ -220,102 +236,60 @@ def run_secure_round(
     config: SecAggConfig,
     rng: random.Random,
     privacy: PrivacyRound | None = None,
+    verification: VerificationConfig | None = None,
 ) -> RoundOutcome:
-    """Run the four SecAgg+ stages and return the new global model.
+    """Run the four SecAgg+ stages, and commit and verify if asked, for a new model.
 
     Raises:
         TooFewSurvivorsError: Too few clients remain at some stage.
-        ValueError: The aggregated clients reported a total weight of zero.
+        ValueError: The aggregated clients reported a total weight of zero,
+            or the encoding leaves no room for verification under
+            distributed DP.
 
     """
     global_arrays = arrays_to_numpy(arrays)
     layout = FloatLayout.of(global_arrays)
-    params = config.encoding()
-    request_fields: dict[str, object] = {}
-    num_extra = 0
-    if privacy is not None:
-        assert privacy.plan.encoding is not None
-        params = privacy.plan.encoding
-        client_privacy = ClientPrivacy.of(privacy.plan, privacy.server.config)
-        request_fields.update(client_privacy.to_fields())
-        num_extra = 1 if client_privacy.adaptive else 0
+    plan = _secure_plan(layout.size, config, privacy, verification is not None)
     run_id = grid.run.run_id
     server = ServerRound(
         run_id=run_id,
         server_round=server_round,
-        vector_size=layout.size + TRAILER_SIZE + num_extra,
-        modulus=params.modulus,
+        vector_size=plan.vector_size,
+        modulus=plan.params.modulus,
         num_neighbours=config.num_neighbours,
         threshold=config.threshold,
         rng=rng,
     )
-    exchange = _Exchange(grid, server_round, config.stage_timeout)
-
-    def header(stage: Stage) -> RoundHeader:
-        return RoundHeader(stage=stage, run_id=run_id, server_round=server_round)
-
-    logger.debug("Round %d: stage %s", server_round, Stage.SETUP.value)
-    replies = exchange.send({n: _with_protocol(header(Stage.SETUP), {}) for n in nodes})
-    server.receive_setup(
-        nodes,
-        _parse_replies(
-            replies,
-            lambda m: SetupReply.from_fields(protocol_fields(m.content)),
-            Stage.SETUP,
-            server_round,
-        ),
+    verifier = None
+    if verification is not None:
+        verifier = ServerVerification(run_id=run_id, server_round=server_round)
+    stages = _Stages(
+        _Exchange(grid, server_round, config.stage_timeout), run_id, server_round
     )
 
-    logger.debug("Round %d: stage %s", server_round, Stage.SHARE_KEYS.value)
-    requests = server.share_keys_requests()
-    replies = exchange.send(
-        {
-            n: _with_protocol(header(Stage.SHARE_KEYS), request.to_fields())
-            for n, request in requests.items()
-        }
+    _setup_stage(stages, server, verifier, nodes)
+    _share_keys_stage(stages, server, verifier)
+    masked_replies = _masked_input_stage(
+        stages, server, plan, arrays=arrays, train_config=train_config
     )
-    server.receive_share_keys(
-        _parse_replies(
-            replies,
-            lambda m: EncryptedShares.from_fields(protocol_fields(m.content)),
-            Stage.SHARE_KEYS,
-            server_round,
-        )
-    )
+    total = _unmask_stage(stages, server)
 
-    logger.debug("Round %d: stage %s", server_round, Stage.MASKED_INPUT.value)
-    contents = {}
-    for n, shares in server.masked_input_requests().items():
-        content = _with_protocol(
-            header(Stage.MASKED_INPUT),
-            {**shares.to_fields(), **encoding_fields(params), **request_fields},
-        )
-        content[ARRAYS_RECORD] = arrays
-        content[CONFIG_RECORD] = train_config
-        contents[n] = content
-    masked_replies = exchange.send(contents)
-    server.receive_masked_inputs(
-        _parse_replies(masked_replies, _masked_vector, Stage.MASKED_INPUT, server_round)
-    )
-
-    logger.debug("Round %d: stage %s", server_round, Stage.UNMASK.value)
-    replies = exchange.send(
-        {
-            n: _with_protocol(header(Stage.UNMASK), request.to_fields())
-            for n, request in server.unmask_requests().items()
-        }
-    )
-    total = server.receive_unmask(
-        _parse_replies(
-            replies,
-            lambda m: UnmaskReply.from_fields(protocol_fields(m.content)),
-            Stage.UNMASK,
-            server_round,
-        )
-    )
-
-    decoded = decode_sum(total, params=params, num_extra=num_extra)
     survivors = set(server.survivors)
+    dropped_by_stage = dict(server.dropped_by_stage)
+    result = None
+    if verifier is not None and verification is not None:
+        result = _verify_secure_total(
+            stages,
+            verifier,
+            plan,
+            total,
+            included=sorted(survivors),
+            audit_path=verification.audit_path,
+            dropped_by_stage=dropped_by_stage,
+        )
+
+    params = plan.params
+    decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
     mean_update, num_clipped = decoded.mean, decoded.num_clipped
     if num_clipped:
         logger.warning(
@@ -327,7 +301,9 @@ def run_secure_round(
     epsilon = None
     if privacy is not None:
         bit_sum = (
-            float(signed(int(decoded.extra[0]), params.modulus)) if num_extra else 0.0
+            float(signed(int(decoded.extra[0]), params.modulus))
+            if plan.adaptive_bit
+            else 0.0
         )
         epsilon = privacy.finish(
             mean_update, num_aggregated=len(survivors), bit_sum=bit_sum
@@ -336,15 +312,277 @@ def run_secure_round(
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
         num_aggregated=len(survivors),
-        dropped_by_stage=server.dropped_by_stage,
+        dropped_by_stage=dropped_by_stage,
         clipped_coordinates=num_clipped,
-        upload_bytes=exchange.upload_bytes,
-        download_bytes=exchange.download_bytes,
+        upload_bytes=stages.exchange.upload_bytes,
+        download_bytes=stages.exchange.download_bytes,
         train_metrics=_mean_metrics(
             {n: m for n, m in masked_replies.items() if n in survivors}
         ),
         epsilon=epsilon,
+        verification=result,
     )
+
+
+def _verify_secure_total(
+    stages: _Stages,
+    verifier: ServerVerification,
+    plan: _SecurePlan,
+    total: NDArray[np.uint32],
+    *,
+    included: list[int],
+    audit_path: Path | None,
+    dropped_by_stage: dict[str, int],
+) -> VerificationResult:
+    """Split the unmasked sum into aggregate and limb sums, then verify it."""
+    return _verification_stages(
+        stages,
+        verifier,
+        included=included,
+        aggregate=plan.commitment_layout.aggregate_vector(
+            total[: total.size - BLINDING_LIMBS], num_included=len(included)
+        ),
+        blinding_sums=total[total.size - BLINDING_LIMBS :],
+        audit_path=audit_path,
+        dropped_by_stage=dropped_by_stage,
+    )
+
+
+@dataclass(frozen=True)
+class _SecurePlan:
+    """The encoding of a secure round and the layout of its vectors."""
+
+    params: EncodingParams
+    request_fields: dict[str, object]
+    adaptive_bit: bool
+    blinding: bool
+    vector_size: int
+    commitment_layout: CommitmentLayout
+
+    @property
+    def num_extra(self) -> int:
+        """Slots after the trailer: the clipping bit, then the blinding limbs."""
+        return int(self.adaptive_bit) + (BLINDING_LIMBS if self.blinding else 0)
+
+
+def _secure_plan(
+    num_coordinates: int,
+    config: SecAggConfig,
+    privacy: PrivacyRound | None,
+    verify: bool,
+) -> _SecurePlan:
+    params = config.encoding()
+    request_fields: dict[str, object] = {}
+    client_privacy = None
+    if privacy is not None:
+        assert privacy.plan.encoding is not None
+        params = privacy.plan.encoding
+        client_privacy = ClientPrivacy.of(privacy.plan, privacy.server.config)
+        request_fields.update(client_privacy.to_fields())
+    adaptive_bit = client_privacy is not None and client_privacy.adaptive
+
+    commitment_layout = CommitmentLayout(modulus=params.modulus)
+    if (
+        verify
+        and client_privacy is not None
+        and client_privacy.mode is DPMode.DISTRIBUTED
+    ):
+        commitment_layout = CommitmentLayout.distributed(
+            params,
+            num_coordinates=num_coordinates,
+            bit_slot=num_coordinates + TRAILER_SIZE if adaptive_bit else None,
+            bit_sigma_client=client_privacy.bit_sigma_client,
+        )
+    num_extra = int(adaptive_bit) + (BLINDING_LIMBS if verify else 0)
+
+    return _SecurePlan(
+        params=params,
+        request_fields=request_fields,
+        adaptive_bit=adaptive_bit,
+        blinding=verify,
+        vector_size=num_coordinates + TRAILER_SIZE + num_extra,
+        commitment_layout=commitment_layout,
+    )
+
+
+@dataclass
+class _Stages:
+    """The exchange of a round and the header of each of its stages."""
+
+    exchange: _Exchange
+    run_id: int
+    server_round: int
+
+    def send(
+        self,
+        stage: Stage,
+        fields_by_node: Mapping[int, Mapping[str, object]],
+        records: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
+    ) -> dict[int, Message]:
+        """Send one stage's request to each node and return the replies."""
+        logger.debug("Round %d: stage %s", self.server_round, stage.value)
+        header = RoundHeader(
+            stage=stage, run_id=self.run_id, server_round=self.server_round
+        )
+        contents = {}
+        for node, fields in fields_by_node.items():
+            content = _with_protocol(header, fields)
+            for name, record in (records or {}).items():
+                content[name] = record
+            contents[node] = content
+        return self.exchange.send(contents)
+
+    def parse(
+        self,
+        replies: Mapping[int, Message],
+        parse: Callable[[Message], _Reply],
+        stage: Stage,
+    ) -> dict[int, _Reply]:
+        """Parse replies; an invalid one counts as dropped."""
+        return _parse_replies(replies, parse, stage, self.server_round)
+
+
+def _setup_stage(
+    stages: _Stages,
+    server: ServerRound,
+    verifier: ServerVerification | None,
+    nodes: list[int],
+) -> None:
+    request = SetupRequest(verification=verifier is not None).to_fields()
+    replies = stages.send(Stage.SETUP, dict.fromkeys(nodes, request))
+
+    def parse(message: Message) -> tuple[SetupReply, bytes]:
+        fields = protocol_fields(message.content)
+        identity = IdentityKey.from_fields(fields).public_key
+        if verifier is not None and len(identity) != signatures.IDENTITY_KEY_SIZE:
+            raise ProtocolError(
+                f"identity-public-key must be {signatures.IDENTITY_KEY_SIZE} bytes. "
+                f"Found {len(identity)}."
+            )
+        return SetupReply.from_fields(fields), identity
+
+    parsed = stages.parse(replies, parse, Stage.SETUP)
+    server.receive_setup(nodes, {node: reply for node, (reply, _) in parsed.items()})
+    if verifier is not None:
+        verifier.receive_identity_keys(
+            {node: parsed[node][1] for node in server.plan.neighbours}
+        )
+
+
+def _share_keys_stage(
+    stages: _Stages, server: ServerRound, verifier: ServerVerification | None
+) -> None:
+    requests = {
+        node: {
+            **request.to_fields(),
+            **(verifier.key_list_request(node).to_fields() if verifier else {}),
+        }
+        for node, request in server.share_keys_requests().items()
+    }
+    replies = stages.send(Stage.SHARE_KEYS, requests)
+
+    def parse(message: Message) -> tuple[EncryptedShares, KeyListSignature | None]:
+        fields = protocol_fields(message.content)
+        signature = KeyListSignature.from_fields(fields) if verifier else None
+        return EncryptedShares.from_fields(fields), signature
+
+    parsed = stages.parse(replies, parse, Stage.SHARE_KEYS)
+    if verifier is not None:
+        signed = verifier.receive_key_list_signatures(
+            {node: sig for node, (_, sig) in parsed.items() if sig is not None}
+        )
+        parsed = {node: reply for node, reply in parsed.items() if node in signed}
+    server.receive_share_keys({node: shares for node, (shares, _) in parsed.items()})
+
+
+def _masked_input_stage(
+    stages: _Stages,
+    server: ServerRound,
+    plan: _SecurePlan,
+    *,
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+) -> dict[int, Message]:
+    requests = {
+        node: {
+            **shares.to_fields(),
+            **encoding_fields(plan.params),
+            **plan.request_fields,
+        }
+        for node, shares in server.masked_input_requests().items()
+    }
+    replies = stages.send(
+        Stage.MASKED_INPUT,
+        requests,
+        {ARRAYS_RECORD: arrays, CONFIG_RECORD: train_config},
+    )
+    server.receive_masked_inputs(
+        stages.parse(replies, _masked_vector, Stage.MASKED_INPUT)
+    )
+    return replies
+
+
+def _unmask_stage(stages: _Stages, server: ServerRound) -> NDArray[np.uint32]:
+    requests = {
+        node: request.to_fields() for node, request in server.unmask_requests().items()
+    }
+    replies = stages.send(Stage.UNMASK, requests)
+    return server.receive_unmask(
+        stages.parse(
+            replies,
+            lambda m: UnmaskReply.from_fields(protocol_fields(m.content)),
+            Stage.UNMASK,
+        )
+    )
+
+
+def _verification_stages(
+    stages: _Stages,
+    verifier: ServerVerification,
+    *,
+    included: list[int],
+    aggregate: NDArray[np.uint32],
+    blinding_sums: NDArray[np.uint32],
+    audit_path: Path | None,
+    dropped_by_stage: dict[str, int],
+) -> VerificationResult:
+    """Run the commit and verify stages over a fixed aggregate and record the round.
+
+    ``dropped_by_stage`` gets the included clients lost at each stage.
+    """
+    request = verifier.commit_request(included, aggregate, blinding_sums)
+    record = ArrayRecord({AGGREGATE_KEY: Array(aggregate)})
+    replies = stages.send(
+        Stage.COMMIT,
+        dict.fromkeys(included, request.to_fields()),
+        {AGGREGATE_RECORD: record},
+    )
+    verifier.receive_commitments(
+        stages.parse(
+            replies,
+            lambda m: CommitReply.from_fields(protocol_fields(m.content)),
+            Stage.COMMIT,
+        )
+    )
+    committed = sorted(verifier.commitments)
+    dropped_by_stage[Stage.COMMIT.value] = len(included) - len(committed)
+
+    round_transcript = verifier.transcript()
+    replies = stages.send(
+        Stage.VERIFY,
+        {
+            node: verifier.verify_request(node, round_transcript).to_fields()
+            for node in committed
+        },
+    )
+    verdicts = stages.parse(
+        replies,
+        lambda m: VerifyReply.from_fields(protocol_fields(m.content)),
+        Stage.VERIFY,
+    )
+    dropped_by_stage[Stage.VERIFY.value] = len(committed) - len(verdicts)
+
+    return verifier.finish(round_transcript, verdicts, audit_path=audit_path)
 
 
 def _masked_vector(reply: Message) -> NDArray[np.uint32]:
@@ -430,3 +668,157 @@ def run_plain_round(
         download_bytes=exchange.download_bytes,
         train_metrics=_mean_metrics({n: replies[n] for n in updates}),
     )
+
+
+def run_plain_verified_round(
+    grid: Grid,
+    *,
+    server_round: int,
+    nodes: list[int],
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+    timeout: float,
+    verification: VerificationConfig,
+) -> RoundOutcome:
+    """Run plain FedAvg whose aggregate the clients verify.
+
+    Clients send their encoded update and blinding vector in clear, encoded
+    with ``verification.plain_encoding``. The server sums them as secure
+    aggregation would, then runs the commit and verify stages.
+
+    Raises:
+        ValueError: No client replied validly, or their total weight is zero.
+
+    """
+    global_arrays = arrays_to_numpy(arrays)
+    layout = FloatLayout.of(global_arrays)
+    params = verification.plain_encoding.encoding()
+    run_id = grid.run.run_id
+    verifier = ServerVerification(run_id=run_id, server_round=server_round)
+    stages = _Stages(_Exchange(grid, server_round, timeout), run_id, server_round)
+
+    replies = stages.send(
+        Stage.SETUP, dict.fromkeys(nodes, SetupRequest(verification=True).to_fields())
+    )
+    identities = stages.parse(
+        replies,
+        lambda m: IdentityKey.from_fields(protocol_fields(m.content)).public_key,
+        Stage.SETUP,
+    )
+    keyed = sorted(verifier.receive_identity_keys(identities))
+    dropped_by_stage = {Stage.SETUP.value: len(nodes) - len(keyed)}
+
+    inputs, input_replies = _plain_input_stage(
+        stages, verifier, keyed, params, arrays=arrays, train_config=train_config
+    )
+    included = sorted(inputs)
+    dropped_by_stage[Stage.PLAIN_INPUT.value] = len(keyed) - len(included)
+    if not included:
+        raise ValueError(
+            f"Round {server_round}: none of the {len(nodes)} sampled clients sent a "
+            "valid plain input, so there is nothing to aggregate."
+        )
+    total = np.zeros(layout.size + TRAILER_SIZE, dtype=np.uint32)
+    blinding_sums = np.zeros(BLINDING_LIMBS, dtype=np.uint32)
+    for update, blinding in inputs.values():
+        total += update
+        blinding_sums += blinding
+    if params.modulus < 2**32:
+        np.bitwise_and(total, np.uint32(params.modulus - 1), out=total)
+
+    result = _verification_stages(
+        stages,
+        verifier,
+        included=included,
+        aggregate=total,
+        blinding_sums=blinding_sums,
+        audit_path=verification.audit_path,
+        dropped_by_stage=dropped_by_stage,
+    )
+    decoded = decode_sum(total, params=params)
+    new_arrays = layout.apply_update(global_arrays, decoded.mean)
+    return RoundOutcome(
+        arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        num_aggregated=len(included),
+        dropped_by_stage=dropped_by_stage,
+        clipped_coordinates=decoded.num_clipped,
+        upload_bytes=stages.exchange.upload_bytes,
+        download_bytes=stages.exchange.download_bytes,
+        train_metrics=_mean_metrics({n: input_replies[n] for n in included}),
+        verification=result,
+    )
+
+
+_PlainInput = tuple[NDArray[np.uint32], NDArray[np.uint32]]
+
+
+def _plain_input_stage(
+    stages: _Stages,
+    verifier: ServerVerification,
+    nodes: list[int],
+    params: EncodingParams,
+    *,
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+) -> tuple[dict[int, _PlainInput], dict[int, Message]]:
+    """Collect the checked plain inputs of the clients that signed the key list."""
+    fields = {**encoding_fields(params)}
+    replies = stages.send(
+        Stage.PLAIN_INPUT,
+        {
+            node: {**fields, **verifier.key_list_request(node).to_fields()}
+            for node in nodes
+        },
+        {ARRAYS_RECORD: arrays, CONFIG_RECORD: train_config},
+    )
+    expected_size = FloatLayout.of(arrays_to_numpy(arrays)).size + TRAILER_SIZE
+
+    def parse(message: Message) -> tuple[_PlainInput, KeyListSignature]:
+        signature = KeyListSignature.from_fields(protocol_fields(message.content))
+        return _plain_input(message, params, size=expected_size), signature
+
+    parsed = stages.parse(replies, parse, Stage.PLAIN_INPUT)
+    signed = verifier.receive_key_list_signatures(
+        {node: signature for node, (_, signature) in parsed.items()}
+    )
+    inputs = {node: value for node, (value, _) in parsed.items() if node in signed}
+    return inputs, replies
+
+
+def _plain_input(reply: Message, params: EncodingParams, *, size: int) -> _PlainInput:
+    """Check a plain input so that honest inputs cannot wrap the modulus.
+
+    Each model coordinate must be at most max_weight * (levels - 1), the
+    weight at most max_weight and the clipped count at most its cap, which
+    are the bounds honest encoding keeps.
+    """
+    record = reply.content.array_records.get(PLAIN_INPUT_RECORD)
+    if record is None or sorted(record.keys()) != [BLINDING_KEY, ENCODED_UPDATE_KEY]:
+        raise ProtocolError(
+            f"The reply must carry the {PLAIN_INPUT_RECORD!r} ArrayRecord with the "
+            f"keys {ENCODED_UPDATE_KEY!r} and {BLINDING_KEY!r}."
+        )
+    update = record[ENCODED_UPDATE_KEY].numpy()
+    blinding = record[BLINDING_KEY].numpy()
+    if update.dtype != np.uint32 or update.shape != (size,):
+        raise ProtocolError(
+            f"The encoded update must be uint32 of shape ({size},). "
+            f"Found {update.dtype} of shape {update.shape}."
+        )
+    commitments.check_blinding(blinding)
+
+    bounds = (
+        (
+            update[: size - TRAILER_SIZE],
+            params.max_weight * (params.quantization_levels - 1),
+        ),
+        (update[size - TRAILER_SIZE : size - 1], params.max_weight),
+        (update[size - 1 :], params.clip_count_cap),
+    )
+    for values, bound in bounds:
+        if values.size and int(values.max()) > bound:
+            raise ProtocolError(
+                "The encoded update has a value above the bound of its slot. "
+                f"Found {int(values.max())} above {bound}."
+            )
+    return update, blinding

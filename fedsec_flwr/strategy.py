@@ -4,7 +4,9 @@
 secure aggregation takes four exchanges with the clients (setup, share keys,
 masked input, unmask) instead of Flower's single train exchange. With
 ``secure_aggregation=None`` the same loop runs plain weighted FedAvg, so both
-modes share sampling, update handling and reporting.
+modes share sampling, update handling and reporting. With ``verification``,
+each round adds a commit and a verify exchange, after which the clients and
+the server check that the aggregate is the sum of the included updates.
 
 Both modes average the update (client weights minus global weights), weighted
 by each client's ``num-examples``, and add it to the global model.
@@ -27,7 +29,19 @@ from .config import SecAggConfig
 from .core.errors import TooFewSurvivorsError
 from .privacy import DPConfig, DPMode, ServerPrivacy
 from .records import FloatLayout, arrays_to_numpy
-from .rounds import PrivacyRound, RoundOutcome, run_plain_round, run_secure_round
+from .rounds import (
+    PrivacyRound,
+    RoundOutcome,
+    run_plain_round,
+    run_plain_verified_round,
+    run_secure_round,
+)
+from .verification import (
+    FailurePolicy,
+    VerificationConfig,
+    VerificationError,
+    check_blinding_capacity,
+)
 
 logger = logging.getLogger("fedsec_flwr.strategy")
 
@@ -58,6 +72,11 @@ class RoundReport:
         epsilon: Client-level epsilon spent so far under DP, else ``None``.
         clipping_norm: The round's DP clipping norm, else ``None``.
         noise_multiplier: The round's DP noise multiplier, else ``None``.
+        verified: Whether the round's aggregate passed verification: the
+            server's audit of the transcript and every included client that
+            replied. ``None`` without verification.
+        verification_reason: The first failed check when ``verified`` is
+            ``False``, else "".
 
     """
 
@@ -75,6 +94,8 @@ class RoundReport:
     epsilon: float | None = None
     clipping_norm: float | None = None
     noise_multiplier: float | None = None
+    verified: bool | None = None
+    verification_reason: str = ""
 
 
 RoundCallback = Callable[[RoundReport], None]
@@ -93,6 +114,13 @@ class SecureFedAvg(Strategy):
         min_train_nodes: Fewest nodes sampled in a round.
         min_available_nodes: Nodes to wait for before the first round.
         plain_timeout: Seconds to wait for replies in plain mode.
+        differential_privacy: Client-level DP; ``None`` for none.
+        client_sampling: ``fixed`` samples ``fraction_train`` of the nodes;
+            ``poisson`` samples each node with that probability.
+        verification: Commitment-based verification of every round's
+            aggregate: ``True`` for the defaults, a `VerificationConfig`, or
+            ``False``. Central DP cannot be verified, because the verifiers
+            would see the aggregate before the server adds the noise.
         on_round_end: Called with each round's report after evaluation.
         rng: Source of sampling and graph randomness; a
             ``random.SystemRandom`` by default.
@@ -111,6 +139,7 @@ class SecureFedAvg(Strategy):
         client_sampling: str = SAMPLING_FIXED,
         on_round_end: RoundCallback | None = None,
         rng: random.Random | None = None,
+        verification: VerificationConfig | bool = False,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(
@@ -144,6 +173,9 @@ class SecureFedAvg(Strategy):
                 "Distributed DP needs secure aggregation: clients add noise inside "
                 "the secure sum. Found secure_aggregation=None."
             )
+        self.verification = _verification_config(
+            verification, secure_aggregation, differential_privacy
+        )
         self.secure_aggregation = secure_aggregation
         self.differential_privacy = differential_privacy
         self.client_sampling = client_sampling
@@ -166,6 +198,12 @@ class SecureFedAvg(Strategy):
         )
         if self.secure_aggregation is not None:
             logger.info("Secure aggregation: %s", self.secure_aggregation)
+        if self.verification is not None:
+            logger.info(
+                "Verification: on_failure=%s, audit_path=%s",
+                self.verification.on_failure.value,
+                self.verification.audit_path,
+            )
 
     # The four hooks below belong to Flower's single-exchange round loop, which
     # ``start`` replaces; they exist because ``Strategy`` declares them.
@@ -211,6 +249,8 @@ class SecureFedAvg(Strategy):
         Raises:
             TooFewSurvivorsError: A round lost too many clients; no model from
                 that round is released.
+            VerificationError: A round failed verification under the
+                ``refuse`` policy; no model from that round is released.
 
         """
         self.summary()
@@ -242,6 +282,7 @@ class SecureFedAvg(Strategy):
             outcome = self._run_round(
                 grid, server_round, nodes, arrays, train_config, round_privacy
             )
+            self._check_verified(server_round, outcome)
             arrays = outcome.arrays
             seconds = time.perf_counter() - started
 
@@ -266,6 +307,16 @@ class SecureFedAvg(Strategy):
             if self.on_round_end is not None:
                 self.on_round_end(report)
         return result
+
+    def _check_verified(self, server_round: int, outcome: RoundOutcome) -> None:
+        result = outcome.verification
+        if self.verification is None or result is None or result.verified:
+            return
+        if self.verification.on_failure is FailurePolicy.REFUSE:
+            raise VerificationError(
+                f"Round {server_round}: the aggregate failed verification: "
+                f"{result.reason}. No model from this round is released."
+            )
 
     def _privacy(self, num_rounds: int) -> ServerPrivacy | None:
         config = self.differential_privacy
@@ -292,6 +343,16 @@ class SecureFedAvg(Strategy):
         train_config: ConfigRecord,
         privacy: PrivacyRound | None,
     ) -> RoundOutcome:
+        if self.secure_aggregation is None and self.verification is not None:
+            return run_plain_verified_round(
+                grid,
+                server_round=server_round,
+                nodes=nodes,
+                arrays=arrays,
+                train_config=train_config,
+                timeout=self.plain_timeout,
+                verification=self.verification,
+            )
         if self.secure_aggregation is None:
             return run_plain_round(
                 grid,
@@ -311,6 +372,7 @@ class SecureFedAvg(Strategy):
             config=self.secure_aggregation,
             rng=self.rng,
             privacy=privacy,
+            verification=self.verification,
         )
 
     def _sample_nodes(self, grid: Grid, server_round: int, timeout: float) -> list[int]:
@@ -343,11 +405,13 @@ class SecureFedAvg(Strategy):
 
     def _check_limit(self, server_round: int, nodes: list[int]) -> list[int]:
         count = len(nodes)
-        limit = self.secure_aggregation and self.secure_aggregation.max_clients
-        if limit and count > limit:
+        encoding = self.secure_aggregation
+        if encoding is None and self.verification is not None:
+            encoding = self.verification.plain_encoding
+        if encoding is not None and count > encoding.max_clients:
             raise ValueError(
                 f"Round {server_round} would sample {count} clients, more than "
-                f"max_clients {limit} of the secure-aggregation config."
+                f"max_clients {encoding.max_clients} of the encoding config."
             )
         return nodes
 
@@ -370,8 +434,44 @@ def _report(
         download_bytes=dict(outcome.download_bytes),
         clipped_coordinates=outcome.clipped_coordinates,
         epsilon=outcome.epsilon,
+        verified=outcome.verification.verified if outcome.verification else None,
+        verification_reason=(
+            outcome.verification.reason if outcome.verification else ""
+        ),
         train_metrics=dict(outcome.train_metrics),
         evaluate_metrics={
             key: float(np.asarray(value)) for key, value in (evaluation or {}).items()
         },
     )
+
+
+def _verification_config(
+    verification: VerificationConfig | bool,
+    secure_aggregation: SecAggConfig | None,
+    differential_privacy: DPConfig | None,
+) -> VerificationConfig | None:
+    if isinstance(verification, bool):
+        config = VerificationConfig() if verification else None
+    elif isinstance(verification, VerificationConfig):
+        config = verification
+    else:
+        raise ValueError(
+            "verification must be a bool or a VerificationConfig. "
+            f"Found {type(verification).__name__}."
+        )
+    if config is None:
+        return None
+
+    if differential_privacy is not None and differential_privacy.mode is DPMode.CENTRAL:
+        raise ValueError(
+            "verification cannot be combined with central DP: the clients would "
+            "verify the aggregate before the server adds noise, so each of them "
+            "would see the un-noised sum. Use mode='distributed'. Found "
+            "mode='central'."
+        )
+    if secure_aggregation is not None:
+        check_blinding_capacity(
+            modulus=secure_aggregation.modulus,
+            max_clients=secure_aggregation.max_clients,
+        )
+    return config

@@ -23,6 +23,7 @@ Fields = dict[str, FieldValue]
 
 NODE_ID_SIZE = 8
 MAX_NODE_ID = 2**64 - 1
+_UINT32_SIZE = 4
 
 SHARE_KEY_INFO = b"fedsec_flwr/share-encryption/v1"
 """HKDF info prefix of the key that encrypts shares between two clients."""
@@ -35,12 +36,29 @@ PAIR_MASK_LABEL = b"pair"
 
 
 class Stage(StrEnum):
-    """Stages of one secure-aggregation round, in order."""
+    """Stages of one round, in order.
+
+    A secure round runs setup, share-keys, masked-input and unmask. A plain
+    round with verification runs setup, plain-input, commit and verify, and a
+    secure round with verification adds commit and verify after unmask.
+    """
 
     SETUP = "setup"
     SHARE_KEYS = "share-keys"
     MASKED_INPUT = "masked-input"
+    PLAIN_INPUT = "plain-input"
     UNMASK = "unmask"
+    COMMIT = "commit"
+    VERIFY = "verify"
+
+
+SECURE_AGGREGATION_STAGES = (
+    Stage.SETUP,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.UNMASK,
+)
+"""The four stages of a secure round without verification, in order."""
 
 
 def pack_node_ids(node_ids: Sequence[int]) -> bytes:
@@ -304,3 +322,184 @@ class UnmaskReply:
             seed_shares=_node_map(fields, "seed-owner-ids", "seed-shares"),
             key_shares=_node_map(fields, "key-owner-ids", "key-shares"),
         )
+
+
+def _optional_bytes(fields: Mapping[str, object], key: str) -> bytes:
+    if key not in fields:
+        return b""
+    return _field(fields, key, bytes)
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    """Whether the server verifies the round's aggregate with commitments."""
+
+    verification: bool
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {"verification": int(self.verification)}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> SetupRequest:
+        """Parse untrusted record fields; a missing flag means no verification."""
+        if "verification" not in fields:
+            return cls(verification=False)
+        flag = _field(fields, "verification", int)
+        if flag not in (0, 1):
+            raise ProtocolError(f"Field 'verification' must be 0 or 1. Found {flag}.")
+        return cls(verification=bool(flag))
+
+
+@dataclass(frozen=True)
+class IdentityKey:
+    """A client's Ed25519 identity public key, sent with its setup reply.
+
+    ``public_key`` is empty when the round is not verified.
+    """
+
+    public_key: bytes
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields; an empty key adds no field."""
+        if not self.public_key:
+            return {}
+        return {"identity-public-key": self.public_key}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> IdentityKey:
+        """Parse untrusted record fields."""
+        return cls(public_key=_optional_bytes(fields, "identity-public-key"))
+
+
+@dataclass(frozen=True)
+class IdentityKeyList:
+    """The identity public keys of every client of a round, by node id."""
+
+    identity_keys: dict[int, bytes]
+
+    @staticmethod
+    def present(fields: Mapping[str, object]) -> bool:
+        """Test whether a request carries an identity-key list."""
+        return "identity-node-ids" in fields
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return _node_map_fields(
+            self.identity_keys, "identity-node-ids", "identity-keys"
+        )
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> IdentityKeyList:
+        """Parse untrusted record fields."""
+        return cls(
+            identity_keys=_node_map(fields, "identity-node-ids", "identity-keys")
+        )
+
+
+@dataclass(frozen=True)
+class KeyListSignature:
+    """A client's signature over the digest of the identity-key list it received."""
+
+    signature: bytes
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {"key-list-signature": self.signature}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> KeyListSignature:
+        """Parse untrusted record fields."""
+        return cls(signature=_field(fields, "key-list-signature", bytes))
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """The included clients S and the limb sums L of a released aggregate.
+
+    The aggregate itself travels as an array beside these fields.
+    ``blinding_sums`` contains the limb sums as big-endian uint32 values.
+    """
+
+    included_node_ids: tuple[int, ...]
+    blinding_sums: tuple[int, ...]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            "included-node-ids": pack_node_ids(self.included_node_ids),
+            "blinding-sums": struct.pack(
+                f">{len(self.blinding_sums)}I", *self.blinding_sums
+            ),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> CommitRequest:
+        """Parse untrusted record fields."""
+        included = unpack_node_ids(
+            _field(fields, "included-node-ids", bytes), field="included-node-ids"
+        )
+        packed = _field(fields, "blinding-sums", bytes)
+        if len(packed) % _UINT32_SIZE:
+            raise ProtocolError(
+                f"blinding-sums must be a multiple of {_UINT32_SIZE} bytes. "
+                f"Found {len(packed)}."
+            )
+        sums = struct.unpack(f">{len(packed) // _UINT32_SIZE}I", packed)
+        return cls(included_node_ids=included, blinding_sums=sums)
+
+
+@dataclass(frozen=True)
+class CommitReply:
+    """A client's commitment, big-endian, and its signature over it."""
+
+    commitment: bytes
+    signature: bytes
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {"commitment": self.commitment, "commitment-signature": self.signature}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> CommitReply:
+        """Parse untrusted record fields."""
+        return cls(
+            commitment=_field(fields, "commitment", bytes),
+            signature=_field(fields, "commitment-signature", bytes),
+        )
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """The round's transcript, as canonical JSON."""
+
+    transcript: str
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {"transcript": self.transcript}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> VerifyRequest:
+        """Parse untrusted record fields."""
+        return cls(transcript=_field(fields, "transcript", str))
+
+
+@dataclass(frozen=True)
+class VerifyReply:
+    """A client's verdict on the round's transcript, and why it failed."""
+
+    verified: bool
+    reason: str
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {"verified": int(self.verified), "reason": self.reason}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> VerifyReply:
+        """Parse untrusted record fields."""
+        flag = _field(fields, "verified", int)
+        if flag not in (0, 1):
+            raise ProtocolError(f"Field 'verified' must be 0 or 1. Found {flag}.")
+        return cls(verified=bool(flag), reason=_field(fields, "reason", str))

@@ -1,0 +1,736 @@
+"""Commitment-based verification of each round's aggregate, as protocol steps.
+
+This module connects the primitives of `fedsec_flwr.core.transcript` to the
+round structure of `SecureFedAvg` and the client mods, without Flower:
+
+- `VerificationConfig` and `FailurePolicy` configure the server.
+- `ServerVerification` collects identity keys, key-list signatures and
+  commitments over one round, builds the `RoundTranscript`, audits it and
+  combines the clients' verdicts.
+- `ClientVerificationState` and the ``client_*`` functions are one client's
+  side. The state contains the identity key of the run, so it must persist
+  across rounds. It never contains the update or the blinding vector, which the
+  mod keeps beside it as arrays.
+- `CommitmentLayout` maps an encoded vector to the vector a client commits
+  to. Under distributed DP the noise can push a client's coordinate below
+  zero, where it wraps around the modulus, and the commitment check needs
+  the plain integer sum. The layout adds a public offset to the noisy slots
+  so that every committed value and their sum stay in [0, modulus).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import audit
+from .config import SecAggConfig
+from .core import commitments, signatures
+from .core import transcript as transcripts
+from .core.commitments import BLINDING_LIMB_BITS, VerificationResult
+from .core.encoding import EncodingParams
+from .core.errors import AuthenticationError, ProtocolError
+from .core.messages import (
+    CommitReply,
+    CommitRequest,
+    Fields,
+    IdentityKeyList,
+    KeyListSignature,
+    VerifyReply,
+    VerifyRequest,
+    _field,
+    pack_node_ids,
+    unpack_node_ids,
+)
+from .core.signatures import SignedStage
+from .core.transcript import RoundTranscript
+from .dp.noise import distributed_noise_headroom
+
+logger = logging.getLogger("fedsec_flwr.verification")
+
+MAX_REASON_LENGTH = 300
+"""Maximum length of a client-supplied failure reason in reports and logs."""
+
+
+class FailurePolicy(StrEnum):
+    """Action a party takes when a round's aggregate fails verification.
+
+    ``refuse``: the server raises `VerificationError` and releases no model
+    from the round, and a client does not train on any later model of the
+    run. ``report``: both go on and report the failure.
+    """
+
+    REFUSE = "refuse"
+    REPORT = "report"
+
+
+class VerificationError(ProtocolError):
+    """A round's aggregate failed verification, so no model from it is released."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerificationConfig:
+    """Server-side settings of aggregate verification, checked when constructed.
+
+    Attributes:
+        audit_path: JSON file to which the server appends each round's
+            transcript and aggregate, for ``python -m fedsec_flwr.audit``.
+            ``None`` writes no file.
+        on_failure: ``refuse`` raises `VerificationError` when a round fails
+            verification; ``report`` releases the model and reports the round
+            as not verified.
+        plain_encoding: The fixed-point encoding of updates in plain mode
+            (``secure_aggregation=None``), where clients send their encoded
+            update in clear. Secure mode uses its own `SecAggConfig`.
+
+    """
+
+    audit_path: Path | None = None
+    on_failure: FailurePolicy = FailurePolicy.REFUSE
+    plain_encoding: SecAggConfig = field(default_factory=SecAggConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            policy = FailurePolicy(str(self.on_failure))
+        except ValueError:
+            raise ValueError(
+                f"on_failure must be 'refuse' or 'report'. Found {self.on_failure!r}."
+            ) from None
+        object.__setattr__(self, "on_failure", policy)
+        if self.audit_path is not None:
+            path = Path(self.audit_path)
+            if not path.parent.is_dir():
+                raise ValueError(
+                    "audit_path must be in an existing folder. "
+                    f"Found {str(path)!r}, whose folder does not exist."
+                )
+            object.__setattr__(self, "audit_path", path)
+        check_blinding_capacity(
+            modulus=self.plain_encoding.modulus,
+            max_clients=self.plain_encoding.max_clients,
+        )
+
+
+def check_blinding_capacity(*, modulus: int, max_clients: int) -> None:
+    """Check that the limb sums of `max_clients` clients cannot wrap `modulus`.
+
+    Each blinding value is below 2**16, and the server needs the exact limb
+    sums, so max_clients * (2**16 - 1) must be below the modulus.
+
+    Raises:
+        ValueError: If the limb sums could wrap.
+
+    """
+    worst_case = max_clients * (2**BLINDING_LIMB_BITS - 1)
+    if worst_case >= modulus:
+        raise ValueError(
+            "max_clients * (2**16 - 1) must be below the modulus for verification, "
+            f"so the blinding sums do not wrap. Found {max_clients} * 65535 = "
+            f"{worst_case} with modulus {modulus}. Lower max_clients or raise the "
+            "modulus."
+        )
+
+
+@dataclass(frozen=True)
+class CommitmentLayout:
+    """The slots of an encoded vector that carry distributed noise, and their offset.
+
+    A client commits to its encoded vector reduced modulo the modulus, with
+    `offset` added to each noisy slot. The server adds `offset` times the
+    number of included clients to the same slots of the aggregate. Without
+    noise the offset is 0 and both vectors are unchanged.
+
+    Attributes:
+        modulus: The encoding's modulus.
+        noisy_slots: Number of leading slots with noise: the model coordinates
+            under distributed DP, else 0.
+        bit_slot: Index of the noisy adaptive-clipping bit, or ``None``.
+        offset: The value added to each noisy slot, at least the bound on any
+            one client's noise, so no committed value wraps.
+
+    """
+
+    modulus: int
+    noisy_slots: int = 0
+    bit_slot: int | None = None
+    offset: int = 0
+
+    @classmethod
+    def distributed(
+        cls,
+        params: EncodingParams,
+        *,
+        num_coordinates: int,
+        bit_slot: int | None,
+        bit_sigma_client: float,
+    ) -> CommitmentLayout:
+        """Build the layout of a round with distributed DP.
+
+        ``params.noise_headroom`` bounds the summed noise of every coordinate
+        of up to ``params.max_clients`` clients, with a failure probability
+        of 2**-40 (`distributed_noise_headroom`). The same bound covers any
+        one client's noise, since one client's sum is a sum of fewer terms.
+        The clipping bit gets the same kind of bound. The offset is the larger
+        of the two.
+
+        Raises:
+            ValueError: If max_clients * (max_weight * (levels - 1) + offset)
+                + offset reaches the modulus, so committed sums could wrap.
+
+        """
+        bit_bound = 0
+        if bit_slot is not None and bit_sigma_client > 0:
+            bit_bound = distributed_noise_headroom(
+                sigma_client=bit_sigma_client,
+                num_clients=params.max_clients,
+                num_coordinates=1,
+            )
+        offset = max(params.noise_headroom, bit_bound)
+        signal = params.max_weight * (params.quantization_levels - 1)
+        worst_case = params.max_clients * (signal + offset) + offset
+        if worst_case >= params.modulus:
+            raise ValueError(
+                "Verification with distributed DP needs max_clients * "
+                "(max_weight * (quantization_levels - 1) + offset) + offset below "
+                f"the modulus. Found {params.max_clients} * ({signal} + {offset}) "
+                f"+ {offset} = {worst_case} with modulus {params.modulus}. Lower "
+                "max_clients or the quantization bits."
+            )
+
+        return cls(
+            modulus=params.modulus,
+            noisy_slots=num_coordinates,
+            bit_slot=bit_slot,
+            offset=offset,
+        )
+
+    def client_vector(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+        """Return the vector a client commits to for its encoded input."""
+        return self._shifted(encoded, self.offset)
+
+    def aggregate_vector(
+        self, aggregate: npt.NDArray[np.uint32], *, num_included: int
+    ) -> npt.NDArray[np.uint32]:
+        """Return the aggregate the included clients' commitments must match."""
+        return self._shifted(aggregate, self.offset * num_included)
+
+    def _shifted(
+        self, vector: npt.NDArray[np.uint32], shift: int
+    ) -> npt.NDArray[np.uint32]:
+        result = vector.astype(np.uint32, copy=True)
+        if shift:
+            # uint32 addition wraps modulo 2**32, which the mask below
+            # reduces to the modulus.
+            step = np.uint32(shift % self.modulus)
+            result[: self.noisy_slots] += step
+            if self.bit_slot is not None:
+                bit = int(result[self.bit_slot]) + int(step)
+                result[self.bit_slot] = bit % 2**32
+        if self.modulus < 2**32:
+            np.bitwise_and(result, np.uint32(self.modulus - 1), out=result)
+
+        return result
+
+
+# --- Server side -----------------------------------------------------------------
+
+
+@dataclass
+class ServerVerification:
+    """The server's verification state through one round.
+
+    Call, in order: `receive_identity_keys` with the setup replies,
+    `key_list_request` for each client, `receive_key_list_signatures`,
+    `commit_request` once the aggregate is fixed, `receive_commitments`,
+    `transcript`, `verify_request` for each committed client and `finish`.
+    """
+
+    run_id: int
+    server_round: int
+    identity_keys: dict[int, bytes] = field(default_factory=dict)
+    key_list_signatures: dict[int, bytes] = field(default_factory=dict)
+    commitments: dict[int, int] = field(default_factory=dict)
+    commitment_signatures: dict[int, bytes] = field(default_factory=dict)
+    included_node_ids: tuple[int, ...] = ()
+    aggregate: npt.NDArray[np.uint32] | None = None
+    blinding_sums: npt.NDArray[np.uint32] | None = None
+    _transcript_json: tuple[RoundTranscript, str] | None = None
+
+    def receive_identity_keys(self, keys: Mapping[int, bytes]) -> set[int]:
+        """Keep every well-formed identity key and return the nodes that sent one."""
+        self.identity_keys = {
+            node: key
+            for node, key in sorted(keys.items())
+            if len(key) == signatures.IDENTITY_KEY_SIZE
+        }
+        return set(self.identity_keys)
+
+    def key_list_request(self, node_id: int) -> IdentityKeyList:
+        """Return the identity-key list that client `node_id` signs."""
+        return IdentityKeyList(identity_keys=dict(self.identity_keys))
+
+    def receive_key_list_signatures(
+        self, replies: Mapping[int, KeyListSignature]
+    ) -> set[int]:
+        """Keep the valid key-list signatures and return the nodes that sent one.
+
+        A client whose signature does not verify against the list the server
+        sent counts as dropped, because its commitment could never verify.
+        """
+        digest = signatures.key_list_digest(self.identity_keys)
+        for node, reply in replies.items():
+            if node not in self.identity_keys:
+                continue
+            try:
+                signatures.verify(
+                    self.identity_keys[node],
+                    reply.signature,
+                    run_id=self.run_id,
+                    server_round=self.server_round,
+                    stage=SignedStage.KEY_LIST,
+                    payload=digest,
+                )
+            except AuthenticationError:
+                logger.warning(
+                    "Round %d: node %d sent an invalid key-list signature, so it "
+                    "counts as dropped",
+                    self.server_round,
+                    node,
+                )
+                continue
+            self.key_list_signatures[node] = reply.signature
+
+        return set(self.key_list_signatures)
+
+    def commit_request(
+        self,
+        included_node_ids: Sequence[int],
+        aggregate: npt.NDArray[np.uint32],
+        blinding_sums: npt.NDArray[np.uint32],
+    ) -> CommitRequest:
+        """Fix the round's aggregate and return the request every included client gets.
+
+        `aggregate` is the vector the commitments must sum to, after
+        `CommitmentLayout.aggregate_vector`.
+        """
+        self.included_node_ids = tuple(sorted(included_node_ids))
+        self.aggregate = aggregate
+        self.blinding_sums = blinding_sums
+
+        return CommitRequest(
+            included_node_ids=self.included_node_ids,
+            blinding_sums=tuple(int(value) for value in blinding_sums),
+        )
+
+    def receive_commitments(self, replies: Mapping[int, CommitReply]) -> None:
+        """Keep the well-formed commitments of included clients.
+
+        Signatures and subgroup membership are checked later, by the audit.
+        """
+        for node, reply in sorted(replies.items()):
+            if node not in self.included_node_ids:
+                continue
+            try:
+                commitment = commitments.decode_commitment(reply.commitment)
+            except ValueError as error:
+                logger.warning(
+                    "Round %d: node %d sent a malformed commitment: %s",
+                    self.server_round,
+                    node,
+                    error,
+                )
+                continue
+            if len(reply.signature) != signatures.SIGNATURE_SIZE:
+                logger.warning(
+                    "Round %d: node %d sent a commitment signature of %d bytes",
+                    self.server_round,
+                    node,
+                    len(reply.signature),
+                )
+                continue
+            self.commitments[node] = commitment
+            self.commitment_signatures[node] = reply.signature
+
+    def transcript(self) -> RoundTranscript:
+        """Build the round's public transcript from what the clients sent."""
+        aggregate, blinding_sums = self._fixed_aggregate()
+
+        return RoundTranscript(
+            run_id=self.run_id,
+            server_round=self.server_round,
+            included_node_ids=self.included_node_ids,
+            identity_keys=self.identity_keys,
+            key_list_signatures=self.key_list_signatures,
+            aggregate_length=aggregate.size,
+            aggregate_sha256=commitments.aggregate_digest(aggregate),
+            blinding_sums=tuple(int(value) for value in blinding_sums),
+            commitments=self.commitments,
+            commitment_signatures=self.commitment_signatures,
+        )
+
+    def verify_request(
+        self, node_id: int, round_transcript: RoundTranscript
+    ) -> VerifyRequest:
+        """Return the verify request for client `node_id`."""
+        cached = self._transcript_json
+        if cached is None or cached[0] is not round_transcript:
+            cached = (round_transcript, round_transcript.to_json())
+            self._transcript_json = cached
+        return VerifyRequest(transcript=cached[1])
+
+    def finish(
+        self,
+        round_transcript: RoundTranscript,
+        replies: Mapping[int, VerifyReply],
+        *,
+        audit_path: Path | None = None,
+    ) -> VerificationResult:
+        """Audit the transcript, combine the clients' verdicts and record the round.
+
+        The round is verified when the server's own audit passes and every
+        included client that replied reports success. The first failure
+        found is the reason. With `audit_path`, the transcript and aggregate
+        are appended to that audit file, verified or not.
+        """
+        aggregate, _ = self._fixed_aggregate()
+        result = transcripts.audit_round(round_transcript, aggregate)
+        if result.verified:
+            result = _client_verdict(replies, self.included_node_ids)
+        if audit_path is not None:
+            audit.append_round(audit_path, round_transcript, aggregate)
+
+        if result.verified:
+            logger.info(
+                "Round %d: aggregate verified, confirmed by %d of %d included clients",
+                self.server_round,
+                len(replies),
+                len(self.included_node_ids),
+            )
+        else:
+            logger.warning(
+                "Round %d: aggregate failed verification: %s",
+                self.server_round,
+                result.reason,
+            )
+        return result
+
+    def _fixed_aggregate(
+        self,
+    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+        if self.aggregate is None or self.blinding_sums is None:
+            raise ProtocolError("The transcript must follow the commit request.")
+        return self.aggregate, self.blinding_sums
+
+
+def _client_verdict(
+    replies: Mapping[int, VerifyReply], included_node_ids: Sequence[int]
+) -> VerificationResult:
+    for node in sorted(replies):
+        reply = replies[node]
+        if node in included_node_ids and not reply.verified:
+            reason = reply.reason[:MAX_REASON_LENGTH] or "no reason given"
+            return VerificationResult(False, f"node {node} reports: {reason}")
+
+    return VerificationResult(True)
+
+
+# --- Client side -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientVerificationState:
+    """Verification state a client keeps between rounds and stages.
+
+    Attributes:
+        run_id: The run of the identity key.
+        identity_private_key: The raw Ed25519 identity key of the run (secret).
+        server_round: The round whose key list the client signed last.
+        key_list_digest: The digest it signed in that round.
+        input_round: The round whose update and blinding it keeps to commit.
+        committed_round: The round it committed in and has no transcript of.
+        commitment: Its commitment in `committed_round`, big-endian.
+        failed_round: The first round of the run that failed verification.
+        failure_reason: Why that round failed.
+
+    """
+
+    run_id: int
+    identity_private_key: bytes
+    server_round: int = 0
+    key_list_digest: bytes = b""
+    input_round: int = 0
+    committed_round: int = 0
+    commitment: bytes = b""
+    failed_round: int = 0
+    failure_reason: str = ""
+
+    @property
+    def identity_public_key(self) -> bytes:
+        """The 32-byte identity public key of the run."""
+        return signatures.identity_public_bytes(self.identity_key())
+
+    def identity_key(self) -> Ed25519PrivateKey:
+        """Load the identity key of the run (secret)."""
+        return signatures.load_identity_key(self.identity_private_key)
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields for ``Context.state``."""
+        return {
+            "run-id": pack_node_ids([self.run_id]),
+            "identity-private-key": self.identity_private_key,
+            "server-round": self.server_round,
+            "key-list-digest": self.key_list_digest,
+            "input-round": self.input_round,
+            "committed-round": self.committed_round,
+            "commitment": self.commitment,
+            "failed-round": self.failed_round,
+            "failure-reason": self.failure_reason,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> ClientVerificationState:
+        """Restore a state stored by `to_fields`."""
+        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
+        return cls(
+            run_id=run_id,
+            identity_private_key=_field(fields, "identity-private-key", bytes),
+            server_round=_field(fields, "server-round", int),
+            key_list_digest=_field(fields, "key-list-digest", bytes),
+            input_round=_field(fields, "input-round", int),
+            committed_round=_field(fields, "committed-round", int),
+            commitment=_field(fields, "commitment", bytes),
+            failed_round=_field(fields, "failed-round", int),
+            failure_reason=_field(fields, "failure-reason", str),
+        )
+
+
+def client_identity(
+    state: ClientVerificationState | None, *, run_id: int
+) -> ClientVerificationState:
+    """Return the state with this run's identity key, creating the key once per run."""
+    if state is not None and state.run_id == run_id:
+        return state
+
+    key = signatures.generate_identity_key()
+    return ClientVerificationState(
+        run_id=run_id, identity_private_key=signatures.identity_private_bytes(key)
+    )
+
+
+def client_sign_key_list(
+    state: ClientVerificationState,
+    request: IdentityKeyList,
+    *,
+    run_id: int,
+    server_round: int,
+    node_id: int,
+) -> tuple[ClientVerificationState, KeyListSignature]:
+    """Sign the identity-key list of a round, after checking this client's own entry.
+
+    Raises:
+        ProtocolError: If the state belongs to another run, or the list contains
+            no key or another key for this client.
+
+    """
+    _require_run(state, run_id)
+    own_key = request.identity_keys.get(node_id)
+    if own_key != state.identity_public_key:
+        raise ProtocolError(
+            "The identity-key list must contain this client's own identity key. "
+            "Found it missing or replaced."
+        )
+
+    digest, signature = transcripts.sign_key_list(
+        state.identity_key(),
+        run_id=run_id,
+        server_round=server_round,
+        identity_keys=request.identity_keys,
+    )
+    new_state = replace(state, server_round=server_round, key_list_digest=digest)
+    return new_state, KeyListSignature(signature=signature)
+
+
+def client_start_input(
+    state: ClientVerificationState, *, run_id: int, server_round: int
+) -> ClientVerificationState:
+    """Record that the client sends its input in this round, with a new blinding.
+
+    Raises:
+        ProtocolError: If the client signed no key list in this round.
+
+    """
+    _require_signed(state, run_id, server_round)
+
+    return replace(state, input_round=server_round)
+
+
+def client_commit(
+    state: ClientVerificationState,
+    request: CommitRequest,
+    *,
+    run_id: int,
+    server_round: int,
+    node_id: int,
+    update: npt.NDArray[np.uint32],
+    blinding: npt.NDArray[np.uint32],
+    aggregate: npt.NDArray[np.uint32],
+) -> tuple[ClientVerificationState, CommitReply]:
+    """Commit to this round's update against the released aggregate, once.
+
+    The caller must delete the blinding vector once this returns: a second
+    commitment with it under another seed would leak the update's
+    projection difference.
+
+    Raises:
+        ProtocolError: If the client has no input of this round left to commit
+            (it sent none, or already committed), is not among the included
+            clients, or the aggregate's length differs from the update's.
+        ValueError: If the request is malformed.
+
+    """
+    _require_signed(state, run_id, server_round)
+    if state.input_round != server_round:
+        raise ProtocolError(
+            f"Commit requests for round {server_round} must follow this client's "
+            "input of that round, and come once. Found no input left to commit."
+        )
+
+    commitment, signature = transcripts.client_commit(
+        state.identity_key(),
+        run_id=run_id,
+        server_round=server_round,
+        node_id=node_id,
+        update=update,
+        blinding=blinding,
+        included_node_ids=request.included_node_ids,
+        aggregate=aggregate,
+        blinding_sums=np.array(request.blinding_sums, dtype=np.uint32),
+        key_list_digest=state.key_list_digest,
+    )
+    encoded = commitments.encode_commitment(commitment)
+    new_state = replace(
+        state, input_round=0, committed_round=server_round, commitment=encoded
+    )
+    return new_state, CommitReply(commitment=encoded, signature=signature)
+
+
+def client_verify(
+    state: ClientVerificationState,
+    request: VerifyRequest,
+    *,
+    run_id: int,
+    server_round: int,
+    node_id: int,
+    aggregate: npt.NDArray[np.uint32],
+) -> tuple[ClientVerificationState, VerifyReply]:
+    """Check the round's transcript against the aggregate this client committed to.
+
+    A failure is recorded in the state, where `refusal_reason` finds it.
+
+    Raises:
+        ProtocolError: If the client did not commit in this round or already
+            checked its transcript.
+
+    """
+    _require_signed(state, run_id, server_round)
+    if state.committed_round != server_round:
+        raise ProtocolError(
+            f"Verify requests for round {server_round} must follow this client's "
+            "commitment of that round, and come once. Found none pending."
+        )
+
+    result = _check_transcript(state, request, node_id=node_id, aggregate=aggregate)
+    new_state = replace(state, committed_round=0, commitment=b"")
+    if not result.verified and not state.failed_round:
+        new_state = replace(
+            new_state, failed_round=server_round, failure_reason=result.reason
+        )
+    if not result.verified:
+        logger.warning("Round %d failed verification: %s", server_round, result.reason)
+    return new_state, VerifyReply(verified=result.verified, reason=result.reason)
+
+
+def _check_transcript(
+    state: ClientVerificationState,
+    request: VerifyRequest,
+    *,
+    node_id: int,
+    aggregate: npt.NDArray[np.uint32],
+) -> VerificationResult:
+    try:
+        untrusted = RoundTranscript.from_json(request.transcript)
+    except ValueError as error:
+        return VerificationResult(False, f"the transcript is malformed: {error}")
+
+    return transcripts.verify_round_as_client(
+        untrusted,
+        aggregate,
+        run_id=state.run_id,
+        server_round=state.server_round,
+        node_id=node_id,
+        identity_public_key=state.identity_public_key,
+        key_list_digest=state.key_list_digest,
+        commitment=commitments.decode_commitment(state.commitment),
+    )
+
+
+def refusal_reason(
+    state: ClientVerificationState | None,
+    *,
+    run_id: int,
+    server_round: int,
+    policy: FailurePolicy,
+    require_verification: bool,
+) -> str:
+    """Return why a client must not train on this round's model, or "".
+
+    Under the ``refuse`` policy a client refuses every model of a run after
+    a round failed verification, and after a round in which it committed but
+    received no transcript: the server withheld the proof. With
+    `require_verification` it also refuses a round whose key list it did not
+    sign, because that round will not be verified.
+    """
+    current = state if state is not None and state.run_id == run_id else None
+    if current is not None and policy is FailurePolicy.REFUSE:
+        if current.failed_round:
+            return (
+                f"round {current.failed_round} failed verification "
+                f"({current.failure_reason}), so this client does not train on "
+                "later models of the run"
+            )
+        if current.committed_round and current.committed_round < server_round:
+            return (
+                f"round {current.committed_round} was not verified: no transcript "
+                "arrived after this client committed"
+            )
+    signed = current is not None and current.server_round == server_round
+    if require_verification and not signed:
+        return "this client requires verification, and the round does not verify"
+
+    return ""
+
+
+def _require_run(state: ClientVerificationState, run_id: int) -> None:
+    if state.run_id != run_id:
+        raise ProtocolError(
+            f"The verification state belongs to run {state.run_id}. "
+            f"Found a request for run {run_id}."
+        )
+
+
+def _require_signed(
+    state: ClientVerificationState, run_id: int, server_round: int
+) -> None:
+    _require_run(state, run_id)
+    if state.server_round != server_round or not state.key_list_digest:
+        raise ProtocolError(
+            f"Round {server_round} must start with a signed identity-key list. "
+            f"Found the last signed list in round {state.server_round}."
+        )
