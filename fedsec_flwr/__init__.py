@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import SecAggConfig
-    from .privacy import DPConfig, DPMode
-    from .verification import FailurePolicy, VerificationConfig, VerificationError
     from .core.errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
     from .mod import (
         make_plain_verification_mod,
@@ -22,7 +20,9 @@ if TYPE_CHECKING:
         plain_verification_mod,
         secure_aggregation_mod,
     )
+    from .privacy import DPConfig, DPMode
     from .strategy import RoundReport, SecureFedAvg
+    from .verification import FailurePolicy, VerificationConfig, VerificationError
 
 _EXPORTS = {
     "AuthenticationError": ".core.errors",
