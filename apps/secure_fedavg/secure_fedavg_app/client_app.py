@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsec_flwr import secure_aggregation_mod
+from fedsec_flwr import plain_verification_mod, secure_aggregation_mod
 from secure_fedavg_app.data import FloatArray, LabelArray, load_partition
 from secure_fedavg_app.models import build_model
 from secure_fedavg_app.settings import AppSettings
@@ -38,10 +38,11 @@ app = ClientApp()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train on the local partition, through the secure-aggregation mod if enabled."""
     settings = AppSettings.from_run_config(context.run_config)
-    if not settings.secure_aggregation:
-        return plain_train(msg, context)
-
-    return secure_aggregation_mod(msg, context, plain_train)
+    if settings.secure_aggregation:
+        return secure_aggregation_mod(msg, context, plain_train)
+    if settings.verification:
+        return plain_verification_mod(msg, context, plain_train)
+    return plain_train(msg, context)
 
 
 @app.evaluate()

@@ -30,6 +30,9 @@ logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
 # with an invalid config leaves a results.json that records the failure.
 FALLBACK_OUTPUT_DIR = "outputs/secure_fedavg"
 
+AUDIT_FILE_NAME = "audit.json"
+"""File next to results.json with each verified round's transcript."""
+
 app = ServerApp()
 
 
@@ -74,7 +77,9 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         results.add_round(entry)
         print(format_round_line(entry, settings.num_server_rounds), flush=True)
 
-    strategy = build_strategy(settings, on_round_end)
+    strategy = build_strategy(
+        settings, on_round_end, audit_path=results.path.parent / AUDIT_FILE_NAME
+    )
     results.update(
         strategy=STRATEGY_NAME,
         secure_aggregation=settings.secure_aggregation,

@@ -15,6 +15,7 @@ ConfigValue = bool | int | float | str
 DP_MODES = ("off", "central", "distributed")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("rdp", "prv")
+POLICIES = ("refuse", "report")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +60,10 @@ class AppSettings:
             from ``dp_sgd_target_epsilon``.
         dp_sgd_target_epsilon: Sample-level epsilon budget over the run.
         dp_sgd_max_grad_norm: Per-example gradient clipping norm.
+        verification: Check every round's aggregate against the clients'
+            commitments.
+        verification_policy: ``refuse`` (fail the run and stop clients from
+            training on a model that failed) or ``report``.
     """
 
     dataset: str
@@ -93,6 +98,8 @@ class AppSettings:
     dp_sgd_noise_multiplier: float = 0.0
     dp_sgd_target_epsilon: float = 0.0
     dp_sgd_max_grad_norm: float = 1.0
+    verification: bool = False
+    verification_policy: str = "refuse"
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, ConfigValue]) -> "AppSettings":
@@ -134,6 +141,8 @@ class AppSettings:
             dp_sgd_noise_multiplier=_get_float(run_config, "dp-sgd-noise-multiplier"),
             dp_sgd_target_epsilon=_get_float(run_config, "dp-sgd-target-epsilon"),
             dp_sgd_max_grad_norm=_get_float(run_config, "dp-sgd-max-grad-norm"),
+            verification=_get_bool(run_config, "verification"),
+            verification_policy=_get_str(run_config, "verification-policy"),
         )
         settings.validate()
         return settings
@@ -179,6 +188,7 @@ class AppSettings:
             _check_min_float("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_min_float("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon),
             _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
+            _check_choice("verification-policy", self.verification_policy, POLICIES),
             self._check_noise_choice(),
         ]
 

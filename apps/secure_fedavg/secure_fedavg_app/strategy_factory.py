@@ -1,8 +1,15 @@
 """Build fedsec_flwr's SecureFedAvg strategy from the app settings."""
 
 from collections.abc import Callable
+from pathlib import Path
 
-from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg
+from fedsec_flwr import (
+    FailurePolicy,
+    RoundReport,
+    SecAggConfig,
+    SecureFedAvg,
+    VerificationConfig,
+)
 from fedsec_flwr.privacy import DPConfig, DPMode
 from secure_fedavg_app.settings import AppSettings
 
@@ -23,7 +30,10 @@ def build_secagg_config(settings: AppSettings) -> SecAggConfig | None:
     """
     if not settings.secure_aggregation:
         return None
+    return _secagg_parameters(settings)
 
+
+def _secagg_parameters(settings: AppSettings) -> SecAggConfig:
     try:
         return SecAggConfig(
             clip_range=settings.secagg_clip_range,
@@ -62,13 +72,29 @@ def build_dp_config(settings: AppSettings) -> DPConfig | None:
         raise ValueError(f"Invalid DP run config: {error}") from error
 
 
-def build_strategy(settings: AppSettings, on_round_end: RoundCallback) -> SecureFedAvg:
+def build_verification_config(
+    settings: AppSettings, audit_path: Path
+) -> VerificationConfig | None:
+    """Return the verification settings, or None when ``verification`` is off."""
+    if not settings.verification:
+        return None
+    return VerificationConfig(
+        audit_path=audit_path,
+        on_failure=FailurePolicy(settings.verification_policy),
+        plain_encoding=_secagg_parameters(settings),
+    )
+
+
+def build_strategy(
+    settings: AppSettings, on_round_end: RoundCallback, *, audit_path: Path
+) -> SecureFedAvg:
     """Build the strategy selected by ``settings``.
 
     Args:
         settings: Validated run settings.
         on_round_end: Called with each round's report after its central
             evaluation.
+        audit_path: File that receives each verified round's transcript.
 
     Returns:
         ``SecureFedAvg`` with secure aggregation when ``secure-aggregation``
@@ -80,6 +106,7 @@ def build_strategy(settings: AppSettings, on_round_end: RoundCallback) -> Secure
         min_train_nodes=settings.min_train_clients,
         min_available_nodes=settings.min_train_clients,
         differential_privacy=build_dp_config(settings),
+        verification=build_verification_config(settings, audit_path) or False,
         client_sampling=settings.client_sampling,
         on_round_end=on_round_end,
     )
