@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,15 @@ from .verification import (
 )
 
 logger = logging.getLogger("fedsec_flwr.mod")
+
+CLIENT_TRAIN_SECONDS = "fedsec.client-train-seconds"
+"""Reply metric: seconds in the wrapped training handler."""
+
+CLIENT_TRAIN_AND_ENCODE_SECONDS = "fedsec.client-train-encode-seconds"
+"""Reply metric: seconds from the start of training to the encoded update."""
+
+CLIENT_MASK_SECONDS = "fedsec.client-mask-seconds"
+"""Reply metric: seconds spent adding the masks."""
 
 _Extra = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
 
@@ -326,6 +336,7 @@ def _masked_input(
     verified_round = _signed_this_round(header, context)
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
+    started = time.perf_counter()
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -339,7 +350,10 @@ def _masked_input(
         update = encoded[: encoded.size - blinding.size]
         layout = _commitment_layout(params, privacy, update_size=update.size)
         _keep_input(context, header, layout.client_vector(update), blinding)
+    encoded_at = time.perf_counter()
     masked = protocol.client_mask(state, encoded, modulus=params.modulus)
+    metrics[CLIENT_MASK_SECONDS] = time.perf_counter() - encoded_at
+    metrics[CLIENT_TRAIN_AND_ENCODE_SECONDS] = encoded_at - started
 
     extra: _Extra = {
         MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
@@ -372,7 +386,9 @@ def _train_and_encode(
     if train_config is not None:
         inner_content[CONFIG_RECORD] = train_config
     msg.content = inner_content
+    train_started = time.perf_counter()
     reply = call_next(msg, context)
+    train_seconds = time.perf_counter() - train_started
     if reply.has_error():
         raise _InnerAppError(reply)
 
@@ -432,6 +448,7 @@ def _train_and_encode(
             if key != NUM_EXAMPLES_KEY
         }
     )
+    metrics[CLIENT_TRAIN_SECONDS] = train_seconds
     return encoded, metrics
 
 

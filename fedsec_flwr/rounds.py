@@ -93,6 +93,24 @@ class RoundOutcome:
     train_metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
     verification: VerificationResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+DECODE_TIMING = "decode"
+VERIFICATION_TIMING = "verification"
+
+
+class _StageClock:
+    """Wall seconds of consecutive parts of a round, by name."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 @dataclass
@@ -267,12 +285,17 @@ def run_secure_round(
         _Exchange(grid, server_round, config.stage_timeout), run_id, server_round
     )
 
+    clock = _StageClock()
     _setup_stage(stages, server, verifier, nodes)
+    clock.lap(Stage.SETUP.value)
     _share_keys_stage(stages, server, verifier)
+    clock.lap(Stage.SHARE_KEYS.value)
     masked_replies = _masked_input_stage(
         stages, server, plan, arrays=arrays, train_config=train_config
     )
+    clock.lap(Stage.MASKED_INPUT.value)
     total = _unmask_stage(stages, server)
+    clock.lap(Stage.UNMASK.value)
 
     survivors = set(server.survivors)
     dropped_by_stage = dict(server.dropped_by_stage)
@@ -288,6 +311,7 @@ def run_secure_round(
             dropped_by_stage=dropped_by_stage,
         )
 
+    clock.lap(VERIFICATION_TIMING)
     params = plan.params
     decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
     mean_update, num_clipped = decoded.mean, decoded.num_clipped

@@ -75,6 +75,9 @@ class RoundReport:
         verified: Whether the round's aggregate passed verification: the
             server's audit of the transcript and every included client that
             replied. ``None`` without verification.
+        timings: Wall seconds of each part of a secure round, by stage name
+            (each includes the clients' work in it), plus ``verification``
+            and ``decode`` on the server.
         verification_reason: The first failed check when ``verified`` is
             ``False``, else "".
 
@@ -96,6 +99,7 @@ class RoundReport:
     noise_multiplier: float | None = None
     verified: bool | None = None
     verification_reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 RoundCallback = Callable[[RoundReport], None]
@@ -434,6 +438,7 @@ def _report(
         download_bytes=dict(outcome.download_bytes),
         clipped_coordinates=outcome.clipped_coordinates,
         epsilon=outcome.epsilon,
+        timings=dict(outcome.timings),
         verified=outcome.verification.verified if outcome.verification else None,
         verification_reason=(
             outcome.verification.reason if outcome.verification else ""

@@ -376,3 +376,21 @@ def test_stage_replayed_from_other_round_rejected() -> None:
     assert context_replay is not None
     assert context_replay.has_error()
     assert stage_of(old) == "unmask"
+
+
+def test_round_reports_stage_and_client_timings() -> None:
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    run(grid, reports=reports)
+
+    timings = reports[0].timings
+    for stage in ("setup", "share-keys", "masked-input", "unmask", "decode"):
+        assert timings[stage] >= 0.0, stage
+    assert sum(timings.values()) <= reports[0].seconds
+    for key in (
+        "fedsec.client-train-seconds",
+        "fedsec.client-train-encode-seconds",
+        "fedsec.client-mask-seconds",
+    ):
+        assert reports[0].train_metrics[key] >= 0.0, key
