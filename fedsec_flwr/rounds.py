@@ -333,6 +333,7 @@ def run_secure_round(
             mean_update, num_aggregated=len(survivors), bit_sum=bit_sum
         )
     new_arrays = layout.apply_update(global_arrays, mean_update)
+    clock.lap(DECODE_TIMING)
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
         num_aggregated=len(survivors),
@@ -345,6 +346,7 @@ def run_secure_round(
         ),
         epsilon=epsilon,
         verification=result,
+        timings=clock.laps,
     )
 
 
