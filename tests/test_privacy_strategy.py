@@ -2,9 +2,9 @@
 
 Clients send all-zero updates, so the released update is the noise itself.
 The statistical checks compare the sample standard deviation of many
-coordinates with the configured one; with n = 20,000 coordinates the sample
-standard deviation has a relative standard error of 1/sqrt(2n) = 0.5%, so a
-3% tolerance is six standard errors (false-failure rate below 1e-8).
+coordinates with the configured one; with n = 100,000 coordinates the sample
+standard deviation has a relative standard error of 1/sqrt(2n) = 0.22%, so a
+3% tolerance is over ten standard errors (false-failure rate below 1e-20).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, secure_aggregat
 from fedsec_flwr.privacy import DPConfig, DPMode
 from tests.loopback import LoopbackGrid
 
-NUM_COORDINATES = 20_000
+NUM_COORDINATES = 100_000
 NODE_IDS = [101, 202, 303, 404, 505]
 SECAGG = SecAggConfig(
     clip_range=1.0, max_weight=1000, max_clients=10, stage_timeout=0.3
