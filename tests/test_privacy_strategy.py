@@ -155,8 +155,9 @@ def test_distributed_dropout_raises_epsilon() -> None:
     assert dropped[0].epsilon > full[0].epsilon
 
 
-def test_integer_arrays_untouched_by_noise() -> None:
-    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_integer_arrays_untouched_by_noise(mode: DPMode) -> None:
+    dp = DPConfig(mode=mode, noise_multiplier=1.0, clipping_norm=1.0)
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
     model, _ = run(grid, dp)
