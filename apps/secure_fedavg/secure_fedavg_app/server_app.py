@@ -5,6 +5,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -32,6 +33,9 @@ FALLBACK_OUTPUT_DIR = "outputs/secure_fedavg"
 
 AUDIT_FILE_NAME = "audit.json"
 """File next to results.json with each verified round's transcript."""
+
+FINAL_MODEL_FILE_NAME = "final_model.npz"
+"""File next to results.json with the final global model's arrays."""
 
 app = ServerApp()
 
@@ -88,7 +92,7 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         num_test_examples=len(split.y_test),
     )
 
-    strategy.start(
+    result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=settings.num_server_rounds,
@@ -97,6 +101,7 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         ),
     )
 
+    _save_final_model(result.arrays, results.path.parent / FINAL_MODEL_FILE_NAME)
     if strategy.stopped_reason is not None:
         # The privacy budget ended the run early: a planned outcome, not a failure.
         results.update(stopped_reason=strategy.stopped_reason)
@@ -127,6 +132,11 @@ def make_central_evaluate(
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
     return central_evaluate
+
+
+def _save_final_model(arrays: ArrayRecord, path: Path) -> None:
+    named: dict[str, Any] = {key: array.numpy() for key, array in arrays.items()}
+    np.savez(path, **named)
 
 
 def _check_all_rounds_reported(results: ResultsFile, num_rounds: int) -> None:

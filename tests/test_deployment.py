@@ -1,0 +1,566 @@
+"""Deployment tests: credentials, and real SuperLink/SuperNode processes over TLS.
+
+The federation tests start ``flower-superlink`` and ``flower-supernode``
+processes on free loopback ports and run the secure FedAvg app on the
+breast-cancer data. Each federation is stopped by PID in a finalizer, also
+when a test fails, and each test checks that no process it started is left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from fedsec_flwr.deploy.__main__ import main as deploy_main
+from fedsec_flwr.deploy.credentials import (
+    CredentialPaths,
+    CredentialsError,
+    create_credentials,
+    write_supernode_key_pair,
+)
+from fedsec_flwr.deploy.local import (
+    EXIT_OK,
+    RUN_STATUS_COMPLETED,
+    LocalFederation,
+    build_environment,
+    is_alive,
+    stop_processes,
+)
+from tests.deployment_helpers import (
+    APP_DIR,
+    live_processes_mentioning,
+    ray_head_started,
+    read_results,
+    received_train_messages,
+    run_simulation,
+    start_ray_head,
+    start_simulation_superlink,
+    superlink_answers,
+    wait_for,
+    write_insecure_connection,
+)
+
+NUM_SUPERNODES = 3
+HOSTS = ["127.0.0.1", "::1", "localhost"]
+
+# Stages of one secure round, each one train message per SuperNode:
+# setup, share-keys, masked-input (which trains), unmask.
+MASKED_INPUT_MESSAGE = 3
+
+# With at most 3 clients of weight at most 200, the encoding gets 22
+# quantization bits, so one grid step is 2 / (2**22 - 1), about 4.8e-7 per
+# coordinate. Stochastic rounding draws fresh randomness in every run, so the
+# aggregates of two runs differ by up to one step per coordinate and round.
+# The loss bound leaves room for that through two rounds of training. In a
+# trial, a deployed and a simulated run differed by 8e-9.
+COMPARISON_CONFIG: dict[str, bool | int | float | str] = {
+    "dataset": "breast-cancer",
+    "num-server-rounds": 2,
+    "seed": 42,
+    "secure-aggregation": True,
+    "min-train-clients": NUM_SUPERNODES,
+    "secagg-max-weight": 200,
+    "secagg-max-clients": NUM_SUPERNODES,
+    "secagg-timeout": 120.0,
+}
+LOSS_TOLERANCE = 1e-5
+
+DROPOUT_TIMEOUT_SECONDS = 30.0
+DROPOUT_CONFIG: dict[str, bool | int | float | str] = {
+    "dataset": "breast-cancer",
+    "num-server-rounds": 2,
+    "seed": 42,
+    "secure-aggregation": True,
+    "min-train-clients": 2,
+    "secagg-max-weight": 200,
+    "secagg-max-clients": NUM_SUPERNODES,
+    "secagg-timeout": DROPOUT_TIMEOUT_SECONDS,
+}
+
+FederationFactory = Callable[..., LocalFederation]
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> CredentialPaths:
+    directory = tmp_path_factory.mktemp("deploy") / "credentials"
+    return create_credentials(directory, hosts=HOSTS, num_supernodes=NUM_SUPERNODES)
+
+
+@pytest.fixture
+def start_federation(
+    credentials: CredentialPaths, tmp_path: Path
+) -> Iterator[FederationFactory]:
+    """Start federations that are stopped by PID when the test ends."""
+    started: list[LocalFederation] = []
+
+    def start(num_supernodes: int = NUM_SUPERNODES) -> LocalFederation:
+        work_dir = tmp_path / f"federation-{len(started)}"
+        federation = LocalFederation(
+            credentials=credentials,
+            app_dir=APP_DIR,
+            work_dir=work_dir,
+            num_supernodes=num_supernodes,
+        )
+        started.append(federation)
+        federation.start()
+        return federation
+
+    yield start
+
+    for federation in started:
+        federation.stop()
+    leftovers = live_processes_mentioning(str(tmp_path))
+    assert leftovers == [], f"processes left running: {leftovers}"
+
+
+def assert_stopped(federation: LocalFederation) -> None:
+    federation.stop()
+    started = federation.started_pids()
+    assert started, "the federation recorded no processes"
+    still_running = [pid for pid in started if is_alive(pid)]
+    assert still_running == []
+    leftovers = live_processes_mentioning(str(federation.paths.work_dir))
+    assert leftovers == []
+
+
+# --------------------------------------------------------------------------
+# Credentials
+# --------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_credentials_file_modes(credentials: CredentialPaths) -> None:
+    assert _mode(credentials.directory) == 0o700
+    for path in credentials.private_files():
+        assert path.is_file(), path
+        assert _mode(path) == 0o600, path
+    for path in credentials.public_files():
+        assert path.is_file(), path
+        assert _mode(path) & 0o022 == 0, path
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_server_certificate_verifies_against_ca(
+    credentials: CredentialPaths,
+) -> None:
+    ca_cert = x509.load_pem_x509_certificate(credentials.ca_cert.read_bytes())
+    server_cert = x509.load_pem_x509_certificate(credentials.server_cert.read_bytes())
+    store = Store([ca_cert])
+    now = datetime.datetime.now(datetime.UTC)
+
+    for subject in (
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ):
+        verifier = PolicyBuilder().store(store).time(now).build_server_verifier(subject)
+        chain = verifier.verify(server_cert, [])
+        assert chain[-1] == ca_cert
+
+    names = server_cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert names.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_server_certificate_rejects_other_host(credentials: CredentialPaths) -> None:
+    ca_cert = x509.load_pem_x509_certificate(credentials.ca_cert.read_bytes())
+    server_cert = x509.load_pem_x509_certificate(credentials.server_cert.read_bytes())
+    verifier = (
+        PolicyBuilder()
+        .store(Store([ca_cert]))
+        .build_server_verifier(x509.DNSName("superlink.example.org"))
+    )
+
+    with pytest.raises(x509.verification.VerificationError):
+        verifier.verify(server_cert, [])
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_node_keys_are_openssh_p384(credentials: CredentialPaths) -> None:
+    public_keys = set()
+    for index in range(NUM_SUPERNODES):
+        private_text = credentials.supernode_key(index).read_bytes()
+        public_text = credentials.supernode_public_key(index).read_bytes()
+        assert private_text.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        assert public_text.startswith(b"ecdsa-sha2-nistp384 ")
+
+        private_key = serialization.load_ssh_private_key(private_text, password=None)
+        public_key = serialization.load_ssh_public_key(public_text)
+        assert isinstance(private_key, ec.EllipticCurvePrivateKey)
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        assert isinstance(private_key.curve, ec.SECP384R1)
+        assert private_key.public_key() == public_key
+        public_keys.add(public_text.split()[1])
+
+    assert len(public_keys) == NUM_SUPERNODES
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_credentials_keep_existing_keys(
+    credentials: CredentialPaths, tmp_path: Path
+) -> None:
+    directory = tmp_path / "credentials"
+    first = create_credentials(directory, hosts=["127.0.0.1"], num_supernodes=1)
+    original_key = first.supernode_key(0).read_bytes()
+
+    with pytest.raises(CredentialsError, match=r"already exist.*--force"):
+        create_credentials(directory, hosts=["127.0.0.1"], num_supernodes=1)
+    assert first.supernode_key(0).read_bytes() == original_key
+
+    second = create_credentials(
+        directory, hosts=["127.0.0.1"], num_supernodes=1, force=True
+    )
+    assert second.supernode_key(0).read_bytes() != original_key
+    assert _mode(second.supernode_key(0)) == 0o600
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        p.name for p in second.all_files()
+    )
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_credentials_reject_shared_folder(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o755)
+
+    with pytest.raises(CredentialsError, match=r"mode 0755.*0700"):
+        create_credentials(directory, hosts=["127.0.0.1"], num_supernodes=1)
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("hosts", "num_supernodes", "message"),
+    [
+        ([], 1, "--host must be given at least once"),
+        (["bad_host"], 1, "'bad_host' is neither an IP address nor a DNS name"),
+        (["-leading.example.org"], 1, "neither an IP address nor a DNS name"),
+        (["999.1.1.1"], 1, "looks like an IPv4 address"),
+        (["fe80::1%eth0"], 1, "zone ids"),
+        (["xn--bcher-kva.example", "bücher.example"], 1, "must be ASCII"),
+        (["127.0.0.1"], 0, "--nodes must be at least 1. Found 0"),
+        (["bad_host"], -2, "bad_host.*--nodes must be at least 1. Found -2"),
+    ],
+)
+def test_credentials_reject_invalid_arguments(
+    tmp_path: Path, hosts: list[str], num_supernodes: int, message: str
+) -> None:
+    directory = tmp_path / "credentials"
+
+    with pytest.raises(CredentialsError, match=message):
+        create_credentials(directory, hosts=hosts, num_supernodes=num_supernodes)
+    assert not directory.exists()
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_credentials_command_line(tmp_path: Path) -> None:
+    directory = tmp_path / "credentials"
+    arguments = ["credentials", "--out", str(directory), "--nodes", "2"]
+    arguments += ["--host", "127.0.0.1", "--host", "::1", "--host", "localhost"]
+
+    assert deploy_main(arguments) == 0
+    assert (directory / "supernode-1.pub").is_file()
+    assert deploy_main(arguments) == 2
+    assert deploy_main([*arguments, "--force"]) == 0
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_private_key_never_wider_than_0600(tmp_path: Path) -> None:
+    # A permissive umask must not widen a key file created 0600.
+    previous = os.umask(0)
+    try:
+        write_supernode_key_pair(tmp_path / "node.key", tmp_path / "node.pub")
+    finally:
+        os.umask(previous)
+
+    assert _mode(tmp_path / "node.key") == 0o600
+    assert _mode(tmp_path / "node.pub") == 0o644
+
+
+# --------------------------------------------------------------------------
+# Federation over TLS with SuperNode authentication
+# --------------------------------------------------------------------------
+
+
+def _round_summary(results: dict[str, Any]) -> list[tuple[int, int, int]]:
+    return [
+        (entry["round"], entry["num_aggregated"], entry["num_dropped"])
+        for entry in results["rounds"]
+    ]
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1200)
+def test_secure_run_matches_simulation(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation()
+    statuses = federation.supernode_statuses()
+    assert sorted(statuses.values()) == ["online"] * NUM_SUPERNODES
+
+    deployed_dir = tmp_path / "deployed"
+    result = federation.run({**COMPARISON_CONFIG, "output-dir": str(deployed_dir)})
+    assert result.status == RUN_STATUS_COMPLETED
+    assert result.exit_code == EXIT_OK
+    assert result.run_id is not None
+    assert "run completed" in federation.run_logs(result.run_id)
+    assert_stopped(federation)
+
+    deployed = read_results(deployed_dir)
+    assert deployed["status"] == "completed"
+    assert deployed["secure_aggregation"] is True
+    assert _round_summary(deployed) == [(1, 3, 0), (2, 3, 0)]
+
+    simulated_dir = tmp_path / "simulated"
+    completed = run_simulation(
+        simulated_dir, COMPARISON_CONFIG, num_supernodes=NUM_SUPERNODES, timeout=900
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    simulated = read_results(simulated_dir)
+    assert _round_summary(simulated) == [(1, 3, 0), (2, 3, 0)]
+
+    for deployed_round, simulated_round in zip(
+        deployed["rounds"], simulated["rounds"], strict=True
+    ):
+        assert deployed_round["accuracy"] == simulated_round["accuracy"]
+        assert deployed_round["loss"] == pytest.approx(
+            simulated_round["loss"], abs=LOSS_TOLERANCE
+        )
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(300)
+def test_unregistered_supernode_rejected(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation(num_supernodes=1)
+    rogue_key = tmp_path / "rogue.key"
+    write_supernode_key_pair(rogue_key, tmp_path / "rogue.pub")
+
+    rogue = federation.start_supernode(0, private_key=rogue_key, name="rogue")
+    exit_code = rogue.popen.wait(timeout=120)
+
+    assert exit_code != 0
+    assert "Failed to activate SuperNode" in rogue.read_log()
+    superlink_log = federation.paths.superlink_log.read_text(encoding="utf-8")
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert list(federation.supernode_statuses().values()) == ["online"]
+    assert_stopped(federation)
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(300)
+def test_superlink_serves_only_tls(start_federation: FederationFactory) -> None:
+    federation = start_federation(num_supernodes=1)
+    assert federation.port is not None
+
+    superlink_log = federation.paths.superlink_log.read_text(encoding="utf-8")
+    assert f"running on https://{federation.address}" in superlink_log
+    assert not superlink_answers(federation.port)
+    assert_stopped(federation)
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1200)
+def test_supernode_killed_after_key_sharing(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation()
+    victim = federation.supernodes["supernode-2"]
+    output_dir = tmp_path / "dropout"
+    submitted = federation.submit_run({**DROPOUT_CONFIG, "output-dir": str(output_dir)})
+
+    # The third train message of round 2 starts the masked-input stage, so the
+    # victim has sent its key shares but not its masked update.
+    reached = wait_for(
+        lambda: received_train_messages(victim.read_log(), 2) >= MASKED_INPUT_MESSAGE,
+        timeout=900,
+        interval=0.2,
+    )
+    assert reached, "supernode-2 never reached the masked-input stage of round 2"
+    federation.kill_supernode(2)
+    assert not victim.is_running()
+
+    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
+    assert result.status == RUN_STATUS_COMPLETED
+    results = read_results(output_dir)
+    assert results["status"] == "completed"
+    assert _round_summary(results) == [(1, 3, 0), (2, 2, 1)]
+    second_round = results["rounds"][1]
+    assert second_round["dropped_by_stage"]["masked-input"] == 1
+    # The survivors do not wait longer than the stage timeout for the victim.
+    first_round = results["rounds"][0]
+    assert (
+        second_round["seconds"] < first_round["seconds"] + 2 * DROPOUT_TIMEOUT_SECONDS
+    )
+    assert_stopped(federation)
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(900)
+def test_all_supernodes_killed_fails_run(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation()
+    output_dir = tmp_path / "all-killed"
+    submitted = federation.submit_run({**DROPOUT_CONFIG, "output-dir": str(output_dir)})
+
+    reached = wait_for(
+        lambda: all(
+            received_train_messages(node.read_log(), 1) >= 1
+            for node in federation.supernodes.values()
+        ),
+        timeout=600,
+        interval=0.2,
+    )
+    assert reached, "the SuperNodes never received the first message"
+    for index in range(NUM_SUPERNODES):
+        federation.kill_supernode(index)
+
+    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
+    assert result.status == "finished:failed"
+    assert result.exit_code != 0
+    assert read_results(output_dir)["status"] == "failed"
+    assert_stopped(federation)
+
+
+# --------------------------------------------------------------------------
+# Simulation on an existing Ray cluster
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(900)
+def test_simulation_on_existing_ray_cluster(tmp_path: Path) -> None:
+    # Ray's socket paths must stay under 108 bytes, so its folder is short.
+    ray_dir = Path(os.path.realpath("/tmp")) / f"ray-{os.getpid()}-{time.time_ns()}"
+    ray_dir.mkdir()
+    processes = []
+    try:
+        ray_head, ray_address = start_ray_head(ray_dir, tmp_path / "ray.log")
+        processes.append(ray_head)
+        assert wait_for(lambda: ray_head_started(ray_head), timeout=180), (
+            ray_head.read_log()[-3000:]
+        )
+        ray_head.record_descendants()
+
+        superlink, port = start_simulation_superlink(tmp_path, ray_address=ray_address)
+        processes.insert(0, superlink)
+        assert wait_for(lambda: superlink_answers(port), timeout=120)
+        cli_home = tmp_path / "cli-home"
+        write_insecure_connection(cli_home, "ray-sim", port)
+        output_dir = tmp_path / "outputs"
+        completed = _run_simulation_cli(cli_home, port, output_dir)
+
+        assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
+        assert "Successfully started run" in completed.stdout
+        results = read_results(output_dir)
+        assert results["status"] == "completed"
+        assert _round_summary(results) == [(1, 2, 0)]
+        # The simulation's Ray driver logs into the cluster's session folder,
+        # which only exists because the simulation joined this cluster.
+        driver_logs = list(ray_dir.glob("session_*/logs/python-core-driver-*"))
+        assert driver_logs, "no Ray driver joined the cluster"
+    finally:
+        survivors = stop_processes(processes)
+
+    assert survivors == []
+    leftovers = live_processes_mentioning(str(ray_dir)) + live_processes_mentioning(
+        str(tmp_path)
+    )
+    assert leftovers == []
+    shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _run_simulation_cli(
+    cli_home: Path, port: int, output_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        "flwr",
+        "run",
+        str(APP_DIR),
+        "ray-sim",
+        "--run-config",
+        f'num-server-rounds=1 dataset="breast-cancer" output-dir="{output_dir}"',
+        "--federation-config",
+        "num-supernodes=2 client-resources-num-cpus=1",
+        "--stream",
+    ]
+    return subprocess.run(
+        command,
+        env=build_environment(os.environ, cli_home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------
+# Local deployment script
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(600)
+def test_deploy_script_fails_on_failed_run(tmp_path: Path) -> None:
+    # The app rejects an unknown dataset inside the run, so the SuperLink
+    # records the run as failed although `flwr run` exits 0.
+    script = APP_DIR.parent.parent / "scripts" / "deploy_local.sh"
+    env = {**os.environ, "WORK_DIR": str(tmp_path / "work"), "NUM_SUPERNODES": "2"}
+    completed = subprocess.run(
+        ["bash", str(script), 'dataset="no-such-dataset" num-server-rounds=1'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1, output[-3000:]
+    assert "finished:failed" in output
+    assert f"Logs: {tmp_path / 'work' / 'federation' / 'logs'}" in output
+    assert (
+        read_results(tmp_path / "work" / "federation" / "outputs" / "run-1")["status"]
+        == "failed"
+    )
+    assert live_processes_mentioning(str(tmp_path)) == []
