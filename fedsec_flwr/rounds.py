@@ -314,6 +314,12 @@ def run_secure_round(
     clock.lap(VERIFICATION_TIMING)
     params = plan.params
     decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
+    _check_total_weight(
+        decoded.total_weight,
+        params=params,
+        num_aggregated=len(survivors),
+        server_round=server_round,
+    )
     mean_update, num_clipped = decoded.mean, decoded.num_clipped
     if num_clipped:
         logger.warning(
@@ -348,6 +354,23 @@ def run_secure_round(
         verification=result,
         timings=clock.laps,
     )
+
+
+def _check_total_weight(
+    total_weight: int, *, params: EncodingParams, num_aggregated: int, server_round: int
+) -> None:
+    """Reject a sum whose weight slot no set of honest clients could produce.
+
+    Each honest client adds a weight of at most ``max_weight`` (exactly 1 under
+    DP), so a larger total means a client wrote into the weight slot.
+    """
+    limit = params.max_weight * num_aggregated
+    if total_weight > limit:
+        raise ProtocolError(
+            f"Round {server_round}: the aggregated weight {total_weight} exceeds "
+            f"max_weight * clients = {limit}; a client sent a malformed input. "
+            "The round is aborted and no model is released."
+        )
 
 
 def _verify_secure_total(

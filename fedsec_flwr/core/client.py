@@ -125,6 +125,17 @@ class ClientState:
         )
 
 
+def min_secure_threshold(num_neighbours: int) -> int:
+    """Return the smallest threshold that a split-view server cannot exploit.
+
+    A server that tells some holders a client survived and others that it
+    dropped collects self-mask shares from one group and mask-key shares from
+    the other. Both groups reach ``t`` only if ``2t <= k + 1`` for ``k + 1``
+    holders, so ``t`` must be a strict majority of them.
+    """
+    return (num_neighbours + 1) // 2 + 1
+
+
 def _require_stage(state: ClientState, expected: Stage, requested: Stage) -> None:
     if state.stage is not expected:
         raise ProtocolError(
@@ -171,10 +182,12 @@ def _check_share_keys_request(state: ClientState, request: ShareKeysRequest) -> 
         raise ProtocolError(
             "neighbour-ids must be distinct and must not contain the client itself."
         )
-    if not MIN_THRESHOLD <= request.threshold <= len(neighbours) + 1:
+    holders = len(neighbours) + 1
+    minimum = max(MIN_THRESHOLD, min_secure_threshold(len(neighbours)))
+    if not minimum <= request.threshold <= holders:
         raise ProtocolError(
-            f"threshold must be between {MIN_THRESHOLD} and the number of share "
-            f"holders {len(neighbours) + 1}. Found {request.threshold}."
+            f"threshold must be between {minimum} (a strict majority of the "
+            f"{holders} share holders) and {holders}. Found {request.threshold}."
         )
     for public_key in (*request.encryption_public_keys, *request.mask_public_keys):
         if len(public_key) != keys.KEY_SIZE:
@@ -355,11 +368,14 @@ def client_unmask(
         raise ProtocolError("A node is listed both as survivor and as dropped.")
     if state.node_id not in survivors:
         raise ProtocolError("The survivor list must contain the client itself.")
-    if len(request.survivor_ids) < state.threshold:
+    # Count only the holders this client knows, so padding the list with
+    # made-up ids does not pass the check.
+    included_holders = len(survivors & holders)
+    if included_holders < state.threshold:
         raise ProtocolError(
-            f"Only {len(request.survivor_ids)} masked inputs are included, fewer "
-            f"than the threshold {state.threshold}; revealing shares could expose "
-            "an input."
+            f"Only {included_holders} of this client's share holders have their "
+            f"masked input included, fewer than the threshold {state.threshold}; "
+            "revealing shares could expose an input."
         )
 
     # The lists cover the whole round; only this client's share holders matter.

@@ -103,6 +103,21 @@ def derive_key(secret: bytes, *, info: bytes) -> bytes:
     return hkdf_sha256(secret, info=info)
 
 
+def is_usable_public_key(public_key: bytes) -> bool:
+    """Return whether an untrusted X25519 public key is 32 bytes and not low order.
+
+    A low-order point makes every key agreement with it fail, so a client
+    that advertises one would stall all its neighbours.
+    """
+    if len(public_key) != KEY_SIZE:
+        return False
+    try:
+        generate_private_key().exchange(X25519PublicKey.from_public_bytes(public_key))
+    except ValueError:
+        return False
+    return True
+
+
 def hkdf_sha256(
     key_material: bytes,
     *,

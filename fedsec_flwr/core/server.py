@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import keys, masks, shamir
-from .client import SEED_SIZE, pair_seed, share_holders
+from .client import SEED_SIZE, min_secure_threshold, pair_seed, share_holders
 from .errors import ProtocolError, TooFewSurvivorsError
 from .graph import default_num_neighbours, default_threshold, neighbour_graph
 from .messages import (
@@ -71,6 +71,13 @@ def plan_round(
     graph = neighbour_graph(node_ids, num_neighbours=degree, rng=rng)
     min_degree = min(len(peers) for peers in graph.values())
     chosen = threshold or default_threshold(min_degree)
+    max_degree = max(len(peers) for peers in graph.values())
+    if chosen < min_secure_threshold(max_degree):
+        raise ValueError(
+            f"threshold must be a strict majority of each client's share holders "
+            f"(at least {min_secure_threshold(max_degree)} for {max_degree} "
+            f"neighbours); clients reject lower ones. Found {chosen}."
+        )
     if chosen > min_degree + 1:
         raise ValueError(
             f"threshold must not exceed the share holders per client "
@@ -148,8 +155,8 @@ class ServerRound:
             node: reply
             for node, reply in replies.items()
             if node in sampled
-            and len(reply.encryption_public_key) == keys.KEY_SIZE
-            and len(reply.mask_public_key) == keys.KEY_SIZE
+            and keys.is_usable_public_key(reply.encryption_public_key)
+            and keys.is_usable_public_key(reply.mask_public_key)
         }
         self._record_drops(Stage.SETUP, set(sampled), set(valid))
         self._public_keys = valid
@@ -324,6 +331,14 @@ class ServerRound:
                 f"{self.plan.threshold}. The round is aborted and no model is "
                 "released."
             )
-        return shamir.combine_shares(
-            shares, threshold=self.plan.threshold, secret_size=size
-        )
+        try:
+            shamir.check_consistent(shares, threshold=self.plan.threshold)
+            return shamir.combine_shares(
+                shares, threshold=self.plan.threshold, secret_size=size
+            )
+        except ValueError:
+            raise ProtocolError(
+                f"Round {self.server_round}: the revealed shares of the {kind} of "
+                f"node {owner} are inconsistent; a client sent a corrupt share. "
+                "The round is aborted and no model is released."
+            ) from None

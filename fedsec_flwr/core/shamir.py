@@ -176,6 +176,45 @@ def decode_share(data: bytes) -> Share:
     return share
 
 
+def check_consistent(shares: Sequence[Share], *, threshold: int) -> None:
+    """Check that every share lies on the polynomial of the first ``threshold``.
+
+    With more than ``threshold`` shares, a share changed on purpose (which
+    ``combine_shares`` alone would turn into a shifted secret) shows up as a
+    point off the polynomial. With exactly ``threshold`` shares nothing can be
+    checked.
+
+    Raises:
+        ValueError: Fewer than ``threshold`` distinct shares, or a share off
+            the polynomial; the message names its index only.
+    """
+    _check_threshold(threshold)
+    points = sorted(_distinct_points(shares).items())
+    if len(points) < threshold:
+        raise ValueError(
+            f"shares must hold at least {threshold} distinct indices. "
+            f"Found {len(points)}."
+        )
+    base = points[:threshold]
+    for x, y in points[threshold:]:
+        if _interpolate_at(base, x) != y:
+            raise ValueError(f"The share at index {x} is not on the polynomial.")
+
+
+def _interpolate_at(points: list[tuple[int, int]], x: int) -> int:
+    # Lagrange: L(x) = sum of y_j * prod_{m != j} (x - x_m) / (x_j - x_m).
+    result = 0
+    for j, (x_j, y_j) in enumerate(points):
+        numerator = 1
+        denominator = 1
+        for m, (x_m, _) in enumerate(points):
+            if m != j:
+                numerator = numerator * (x - x_m) % PRIME
+                denominator = denominator * (x_j - x_m) % PRIME
+        result += y_j * numerator * pow(denominator, -1, PRIME)
+    return result % PRIME
+
+
 def _evaluate_polynomial(coefficients: list[int], x: int) -> int:
     # Horner's rule, from the highest-degree coefficient down.
     result = 0

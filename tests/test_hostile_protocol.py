@@ -1,0 +1,216 @@
+"""Attacks on secure aggregation by a dishonest server or a malicious client."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+
+from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, TooFewSurvivorsError
+from fedsec_flwr.core import client as protocol
+from fedsec_flwr.core import keys
+from fedsec_flwr.core.errors import ProtocolError
+from fedsec_flwr.core.messages import ShareKeysRequest, UnmaskReply, UnmaskRequest
+from fedsec_flwr.core.server import ServerRound
+from fedsec_flwr.records import MASKED_INPUT_RECORD, MASKED_VECTOR_KEY, PROTOCOL_RECORD
+from tests.loopback import LoopbackGrid
+from tests.test_secure_strategy import NODE_IDS, initial_model, make_app
+
+RUN_ID = 9
+ROUND = 1
+CONFIG = SecAggConfig(
+    clip_range=2.0, max_weight=1000, max_clients=10, stage_timeout=0.3
+)
+
+
+def _neighbour_keys(count: int) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    encryption = tuple(
+        keys.public_key_bytes(keys.generate_private_key()) for _ in range(count)
+    )
+    masking = tuple(
+        keys.public_key_bytes(keys.generate_private_key()) for _ in range(count)
+    )
+    return encryption, masking
+
+
+def test_hostile_threshold_below_majority_rejected() -> None:
+    state, _ = protocol.client_setup(run_id=RUN_ID, server_round=ROUND, node_id=1)
+    encryption, masking = _neighbour_keys(4)
+    request = ShareKeysRequest(
+        threshold=2,
+        neighbour_ids=(2, 3, 4, 5),
+        encryption_public_keys=encryption,
+        mask_public_keys=masking,
+    )
+
+    with pytest.raises(ProtocolError, match="strict majority of the 5 share holders"):
+        protocol.client_share_keys(state, request)
+
+
+def _client_ready_to_unmask() -> tuple[protocol.ClientState, list[int]]:
+    nodes = [10, 20, 30, 40, 50]
+    server = ServerRound(
+        run_id=RUN_ID,
+        server_round=ROUND,
+        vector_size=5,
+        modulus=2**32,
+        rng=random.Random(0),
+    )
+    states, setup, shared = {}, {}, {}
+    for node in nodes:
+        states[node], setup[node] = protocol.client_setup(
+            run_id=RUN_ID, server_round=ROUND, node_id=node
+        )
+    server.receive_setup(nodes, setup)
+    for node, request in server.share_keys_requests().items():
+        states[node], shared[node] = protocol.client_share_keys(states[node], request)
+    server.receive_share_keys(shared)
+    forwarded = server.masked_input_requests()
+    return protocol.client_receive_shares(states[10], forwarded[10]), nodes
+
+
+def test_hostile_survivor_list_padding_rejected() -> None:
+    state, nodes = _client_ready_to_unmask()
+    made_up = tuple(range(900, 910))
+
+    with pytest.raises(ProtocolError, match="share holders have their masked input"):
+        protocol.client_unmask(
+            state,
+            UnmaskRequest(
+                survivor_ids=(nodes[0], *made_up), dropped_ids=tuple(nodes[1:])
+            ),
+        )
+
+
+def test_hostile_split_view_cannot_collect_both_secrets() -> None:
+    """Each client reveals one kind per peer, and a majority is needed for either."""
+    state, nodes = _client_ready_to_unmask()
+    victim = nodes[1]
+
+    _, says_survived = protocol.client_unmask(
+        state, UnmaskRequest(survivor_ids=tuple(nodes), dropped_ids=())
+    )
+
+    assert victim in says_survived.seed_shares
+    assert victim not in says_survived.key_shares
+    assert state.threshold * 2 > len(state.neighbour_ids) + 1
+
+
+def test_hostile_low_order_key_dropped_at_setup() -> None:
+    def fault(node: int, stage: str, _: Message) -> object:
+        if node != NODE_IDS[0] or stage != "setup":
+            return None
+
+        def replace_key(reply: Message) -> Message:
+            reply.content[PROTOCOL_RECORD]["mask-public-key"] = bytes(32)
+            return reply
+
+        return replace_key
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    strategy = SecureFedAvg(
+        secure_aggregation=CONFIG, rng=random.Random(1), on_round_end=reports.append
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+    assert reports[0].dropped_by_stage["setup"] == 1
+    assert reports[0].num_aggregated == len(NODE_IDS) - 1
+
+
+def test_hostile_corrupt_seed_share_detected() -> None:
+    def fault(node: int, stage: str, _: Message) -> object:
+        if node != NODE_IDS[0] or stage != "unmask":
+            return None
+
+        def shift_shares(reply: Message) -> Message:
+            parsed = UnmaskReply.from_fields(dict(reply.content[PROTOCOL_RECORD]))
+            shifted = {}
+            for owner, share in parsed.seed_shares.items():
+                value = bytearray(share)
+                value[-1] ^= 1
+                shifted[owner] = bytes(value)
+            corrupt = UnmaskReply(seed_shares=shifted, key_shares=parsed.key_shares)
+            for key, value in corrupt.to_fields().items():
+                reply.content[PROTOCOL_RECORD][key] = value
+            return reply
+
+        return shift_shares
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    strategy = SecureFedAvg(
+        secure_aggregation=SecAggConfig(
+            clip_range=2.0,
+            max_weight=1000,
+            max_clients=10,
+            num_neighbours=4,
+            threshold=3,
+            stage_timeout=0.3,
+        ),
+        rng=random.Random(1),
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(
+        ProtocolError, match="inconsistent; a client sent a corrupt share"
+    ):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+
+def test_hostile_weight_slot_inflation_rejected() -> None:
+    def fault(node: int, stage: str, _: Message) -> object:
+        if node != NODE_IDS[0] or stage != "masked-input":
+            return None
+
+        def inflate(reply: Message) -> Message:
+            vector = (
+                reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
+            )
+            vector[-2] += np.uint32(10**6)
+            reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
+                {MASKED_VECTOR_KEY: Array(vector)}
+            )
+            return reply
+
+        return inflate
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    strategy = SecureFedAvg(secure_aggregation=CONFIG, rng=random.Random(1))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(ProtocolError, match="exceeds max_weight \\* clients"):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+
+def test_threshold_below_majority_rejected_before_round() -> None:
+    strategy = SecureFedAvg(
+        secure_aggregation=SecAggConfig(
+            max_weight=1000, max_clients=10, num_neighbours=4, threshold=2
+        ),
+        rng=random.Random(1),
+    )
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(ValueError, match="strict majority"):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+    assert all(
+        str(message.content[PROTOCOL_RECORD]["stage"]) == "setup"
+        for message in grid.sent
+    )
+
+
+def test_two_clients_losing_one_fail_loudly() -> None:
+    def fault(node: int, stage: str, _: Message) -> object:
+        return "drop" if node == NODE_IDS[0] and stage == "masked-input" else None
+
+    grid = LoopbackGrid(make_app(), NODE_IDS[:2], fault=fault)
+    strategy = SecureFedAvg(secure_aggregation=CONFIG, rng=random.Random(1))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(TooFewSurvivorsError):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
