@@ -266,7 +266,19 @@ class SecureFedAvg(Strategy):
                 result.evaluate_metrics_serverapp[0] = initial
 
         arrays = initial_arrays
-        dimension = FloatLayout.of(arrays_to_numpy(initial_arrays)).size
+        initial_numpy = arrays_to_numpy(initial_arrays)
+        dimension = FloatLayout.of(initial_numpy).size
+        kept = [
+            k
+            for k, v in initial_numpy.items()
+            if not np.issubdtype(v.dtype, np.floating)
+        ]
+        if kept:
+            logger.info(
+                "Arrays that are not floating point are not aggregated; the global "
+                "model keeps them as they are: %s",
+                ", ".join(kept),
+            )
         privacy = self._privacy(num_rounds)
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
@@ -416,6 +428,12 @@ class SecureFedAvg(Strategy):
             raise ValueError(
                 f"Round {server_round} would sample {count} clients, more than "
                 f"max_clients {encoding.max_clients} of the encoding config."
+            )
+        if self.secure_aggregation is not None and count == 2:
+            logger.warning(
+                "Round %d aggregates only 2 clients: each can compute the other's "
+                "update from the aggregate and its own. Sample more clients.",
+                server_round,
             )
         return nodes
 

@@ -394,3 +394,22 @@ def test_round_reports_stage_and_client_timings() -> None:
         "fedsec.client-mask-seconds",
     ):
         assert reports[0].train_metrics[key] >= 0.0, key
+
+
+def test_integer_arrays_left_out_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    with caplog.at_level(logging.INFO, logger="fedsec_flwr"):
+        run(grid)
+
+    assert "not aggregated" in caplog.text
+    assert "bn.num_batches_tracked" in caplog.text
+
+
+def test_two_client_round_warns(caplog: pytest.LogCaptureFixture) -> None:
+    grid = LoopbackGrid(make_app(), NODE_IDS[:2])
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr"):
+        run(grid)
+
+    assert "only 2 clients" in caplog.text
