@@ -601,7 +601,9 @@ def add_distributed_noise(
         encoded[:num_coordinates] += noise.astype(np.uint32)
     if bit_slot is not None and bit_sigma_client > 0:
         bit_noise = sample_discrete_gaussian(1, sigma=bit_sigma_client, rng=rng)
-        encoded[bit_slot] += bit_noise.astype(np.uint32)[0]
+        # A slice keeps this an array operation, which wraps modulo 2^32
+        # without the overflow warning of numpy scalar arithmetic.
+        encoded[bit_slot : bit_slot + 1] += bit_noise.astype(np.uint32)
 
 
 def signed(value: int, modulus: int) -> int:
