@@ -57,7 +57,7 @@ SEARCH_STEPS = 40
 
 
 class DPMode(StrEnum):
-    """Where the noise is added."""
+    """Placement of the noise: on the server or on every client."""
 
     CENTRAL = "central"
     DISTRIBUTED = "distributed"
@@ -201,7 +201,7 @@ class ServerPrivacy:
         config: The DP configuration.
         num_rounds: Rounds the run is planned for (calibrates target mode).
         sample_rate: q; 1.0 when client sampling gives no amplification.
-        max_clients: Most clients in a round (sizes the noise headroom).
+        max_clients: Maximum clients in a round (sizes the noise headroom).
         modulus: Modulus of the secure sum; ``None`` without secure
             aggregation.
         rng: Cryptographically secure source of the server's noise.
@@ -501,7 +501,7 @@ def _repeat(
 
 @dataclass(frozen=True)
 class ClientPrivacy:
-    """What a client applies to its update in a DP round.
+    """A client's DP instructions for one round.
 
     Attributes:
         mode: ``central`` or ``distributed``.

@@ -108,7 +108,7 @@ def parse_encoding(fields: Mapping[str, object]) -> EncodingParams:
 
 @dataclass(frozen=True)
 class FloatLayout:
-    """Which arrays of a model are aggregated, in which order, and their shapes.
+    """Layout of the aggregated arrays of a model: keys, order and shapes.
 
     Floating-point arrays (0-d included) are aggregated as one flat vector in
     the order of the model's keys. Other arrays, such as BatchNorm's int64
@@ -190,7 +190,7 @@ def check_client_arrays(
 
     Raises:
         ValueError: A key is missing or extra, or an array changed shape or
-            dtype, or a float array holds NaN or inf; the message names it.
+            dtype, or a float array contains NaN or inf; the message names it.
 
     """
     missing = [key for key in sent if key not in received]
@@ -208,7 +208,7 @@ def check_client_arrays(
                 f"{reference.dtype}. Found shape {array.shape} and dtype {array.dtype}."
             )
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise ValueError(f"Array {key!r} holds NaN or inf values.")
+            raise ValueError(f"Array {key!r} contains NaN or inf values.")
 
 
 def single_array_record(content: RecordDict, *, role: str) -> ArrayRecord:

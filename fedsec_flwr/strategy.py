@@ -53,7 +53,7 @@ SAMPLING_POISSON = "poisson"
 
 @dataclass
 class RoundReport:
-    """What happened in one round, for logs and results files.
+    """Summary of one round, for logs and results files.
 
     Attributes:
         server_round: Round number, from 1.
@@ -268,16 +268,16 @@ class SecureFedAvg(Strategy):
         arrays = initial_arrays
         initial_numpy = arrays_to_numpy(initial_arrays)
         dimension = FloatLayout.of(initial_numpy).size
-        kept = [
-            k
-            for k, v in initial_numpy.items()
-            if not np.issubdtype(v.dtype, np.floating)
+        non_float_keys = [
+            key
+            for key, value in initial_numpy.items()
+            if not np.issubdtype(value.dtype, np.floating)
         ]
-        if kept:
+        if non_float_keys:
             logger.info(
                 "Arrays that are not floating point are not aggregated; the global "
                 "model keeps them as they are: %s",
-                ", ".join(kept),
+                ", ".join(non_float_keys),
             )
         privacy = self._privacy(num_rounds)
         for server_round in range(1, num_rounds + 1):
