@@ -1,0 +1,1044 @@
+"""Accuracy against privacy on Fashion-MNIST, at delta 1e-5.
+
+Run from the repository root::
+
+    python -m benchmarks.dp_accuracy --out outputs/dp-accuracy
+    python -m benchmarks.dp_accuracy --quick --out outputs/dp-accuracy-quick
+
+Five methods train the app's 25,810-parameter CNN, each without DP and at
+target epsilons 8, 3 and 1:
+
+- ``central-dp-sgd``: no federation. Opacus DP-SGD on the whole train split
+  (Poisson batches, per-example clipping, Gaussian noise), calibrated with
+  the RDP accountant of ``fedsec_flwr.dp.accounting``. Without DP, plain
+  SGD on the same batches. This is the reference.
+- ``federated-dp-sgd``: sample-level DP. Every client of the app trains with
+  Opacus DP-SGD (``dp-sgd=true``), and the server adds the updates up with
+  SecAgg+. The budget covers all rounds of one client's local training.
+  ``federated-dp-sgd-tuned`` is the same with a larger DP-SGD step size, and
+  both share one run without DP.
+- ``client-dp-central`` and ``client-dp-distributed``: client-level DP with
+  Poisson client sampling and SecAgg+. The server adds Gaussian noise to the
+  mean (central), or each client adds discrete Gaussian noise inside the
+  secure sum (distributed). Both share one run without DP as baseline. The
+  clipping norm is the median norm of the client updates in the first half
+  of the rounds of FedAvg without DP, replayed in this process before the
+  runs. Update norms grow over these rounds, from about 0.17 in the first
+  two to about 0.5 over ten in the full profile.
+
+The epsilons of the two kinds are not comparable: sample-level epsilon
+protects one training example, client-level epsilon one client's whole
+partition.
+
+Federated runs go through ``fedsec_flwr.launch``, one after another, and
+keep their logs under ``<out>/runs``. The output folder receives
+``dp_accuracy.json``, with every result, the machine, the commit, the
+settings and the wall time of each configuration. The script rewrites it
+after every configuration, so an interrupted run keeps what it measured.
+At the end it writes ``dp_accuracy.png`` (accuracy against epsilon) and
+``dp_accuracy.md`` (the results table). The exit status is 0 when every
+configuration completed, 1 when one failed and 2 for invalid arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.common import REPOSITORY_ROOT, git_commit, machine_info
+from fedsec_flwr.dp.accounting import noise_multiplier_for_target
+from fedsec_flwr.launch import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    RESULTS_FILENAME,
+    LaunchOptions,
+    launch,
+)
+
+APP_DIR = REPOSITORY_ROOT / "apps" / "secure_fedavg"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+from secure_fedavg_app.data import (  # noqa: E402
+    DatasetSplit,
+    load_dataset,
+    load_partition,
+)
+from secure_fedavg_app.models import build_model  # noqa: E402
+from secure_fedavg_app.task import (  # noqa: E402
+    derive_seed,
+    evaluate,
+    seed_everything,
+    train,
+)
+
+DATASET = "fashion-mnist"
+DELTA = 1e-5
+FASHION_MNIST_TRAIN_EXAMPLES = 60_000
+SEED = 42
+PARTITIONING = "iid"
+DIRICHLET_ALPHA = 0.5
+"""Dirichlet concentration, which IID partitioning ignores (the app's default)."""
+
+TORCH_THREADS = 1
+"""Torch threads of the in-process training, as each simulated client uses."""
+
+MAX_GRAD_NORM = 1.0
+"""Per-example clipping norm C of DP-SGD, centralized and on the clients."""
+
+GRAD_SAMPLE_MODE = "ew"
+"""Opacus's per-example gradients through torch's ExpandedWeights.
+
+It computes the same gradients as the hooks that the app's clients use.
+One DP-SGD epoch over 6,000 examples (batch 64, one thread, Opacus 1.6)
+took 2.7 s with it and 8.6 s with hooks, in one timing on the benchmark
+machine.
+"""
+
+CLIPPING_NORM_DIGITS = 3
+"""Decimal digits kept of the median update norm used as clipping norm."""
+
+CLIENT_SAMPLES_HEADROOM = 6.0
+"""Standard deviations above the expected clients per round that
+``secagg-max-clients`` allows, because Poisson sampling may draw more."""
+
+JSON_FILENAME = "dp_accuracy.json"
+PLOT_FILENAME = "dp_accuracy.png"
+TABLE_FILENAME = "dp_accuracy.md"
+RUNS_DIRNAME = "runs"
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+CENTRAL_DP_SGD = "central-dp-sgd"
+FEDERATED_DP_SGD = "federated-dp-sgd"
+FEDERATED_DP_SGD_TUNED = "federated-dp-sgd-tuned"
+CLIENT_DP_CENTRAL = "client-dp-central"
+CLIENT_DP_DISTRIBUTED = "client-dp-distributed"
+METHODS = (
+    CENTRAL_DP_SGD,
+    FEDERATED_DP_SGD,
+    FEDERATED_DP_SGD_TUNED,
+    CLIENT_DP_CENTRAL,
+    CLIENT_DP_DISTRIBUTED,
+)
+DP_SGD_METHODS = (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED)
+METHOD_LABELS = {
+    CENTRAL_DP_SGD: "DP-SGD, centralized (reference)",
+    FEDERATED_DP_SGD: "DP-SGD on clients + SecAgg+, reference step size",
+    FEDERATED_DP_SGD_TUNED: "DP-SGD on clients + SecAgg+, larger step size",
+    CLIENT_DP_CENTRAL: "client-level DP, central noise + SecAgg+",
+    CLIENT_DP_DISTRIBUTED: "client-level DP, distributed noise + SecAgg+",
+}
+CLIENT_LEVEL_MODES = {
+    CLIENT_DP_CENTRAL: "central",
+    CLIENT_DP_DISTRIBUTED: "distributed",
+}
+BASELINE_GROUPS = (DP_SGD_METHODS, tuple(CLIENT_LEVEL_MODES))
+"""Methods that differ only under DP, so they share one run without DP."""
+
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+
+PLOT_NO_DP_POSITION = 20.0
+"""x position of the runs without DP on the log-scaled epsilon axis."""
+PLOT_SIZE_INCHES = (7.0, 5.5)
+PLOT_DPI = 150
+PLOT_MARKERS = {
+    CENTRAL_DP_SGD: "o",
+    FEDERATED_DP_SGD: "s",
+    FEDERATED_DP_SGD_TUNED: "D",
+    CLIENT_DP_CENTRAL: "^",
+    CLIENT_DP_DISTRIBUTED: "v",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CentralSettings:
+    """Training without federation.
+
+    Attributes:
+        epochs: Passes over the train split.
+        batch_size: Examples per batch (the expected size under Poisson).
+        learning_rate: SGD step size without DP.
+        dp_learning_rate: SGD step size of DP-SGD.
+        num_examples: Train examples used, from the start of the split;
+            None for all 60,000.
+    """
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    dp_learning_rate: float
+    num_examples: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederatedSettings:
+    """One federated method: clients, rounds and local training.
+
+    Attributes:
+        num_clients: Simulated clients (SuperNodes), IID partitions.
+        num_rounds: Server rounds.
+        fraction_train: Probability (Poisson) or fraction (fixed) of
+            clients sampled per round.
+        client_sampling: ``fixed`` or ``poisson``.
+        local_epochs: Passes over the local partition per round.
+        batch_size: Examples per local step.
+        learning_rate: Local SGD step size without DP-SGD.
+        dp_learning_rate: Local step size of DP-SGD; unused by client-level DP.
+        launch_timeout_s: Seconds before the launcher stops one run.
+    """
+
+    num_clients: int
+    num_rounds: int
+    fraction_train: float
+    client_sampling: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    dp_learning_rate: float
+    launch_timeout_s: float
+
+    @property
+    def partition_size(self) -> int:
+        """Examples of the largest IID partition of the 60,000."""
+        return math.ceil(FASHION_MNIST_TRAIN_EXAMPLES / self.num_clients)
+
+    @property
+    def max_clients(self) -> int:
+        """Bound on the clients of one round, for ``secagg-max-clients``."""
+        if self.client_sampling != "poisson":
+            return max(2, math.ceil(self.fraction_train * self.num_clients))
+        expected = self.fraction_train * self.num_clients
+        spread = math.sqrt(expected * (1.0 - self.fraction_train))
+        return min(
+            self.num_clients, math.ceil(expected + CLIENT_SAMPLES_HEADROOM * spread)
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """Sizes of one invocation.
+
+    Attributes:
+        name: ``full``, ``quick`` or ``smoke``.
+        epsilons: Target epsilons; None stands for no DP.
+        methods: The methods to run, a subset of ``METHODS``.
+        central: The centralized reference.
+        dp_sgd: Federated DP-SGD with the reference's DP-SGD step size.
+        tuned_dp_learning_rate: DP-SGD step size of ``federated-dp-sgd-tuned``,
+            which otherwise runs as ``dp_sgd``.
+        client_level: Client-level DP, both modes and the baseline.
+        tuning_rounds: FedAvg rounds replayed to pick the clipping norm,
+            about half of ``client_level.num_rounds``.
+    """
+
+    name: str
+    epsilons: tuple[float | None, ...]
+    methods: tuple[str, ...]
+    central: CentralSettings
+    dp_sgd: FederatedSettings
+    tuned_dp_learning_rate: float
+    client_level: FederatedSettings
+    tuning_rounds: int
+
+
+PLAIN_LEARNING_RATE = 0.3
+"""SGD step size without DP, centralized and on the DP-SGD method's clients.
+
+Of 0.1 and 0.3, 0.3 gave the higher accuracy after one epoch on 20,000
+examples."""
+
+DP_SGD_LEARNING_RATE = 0.5
+"""Step size of DP-SGD. After three centralized epochs at target epsilon 3,
+0.25, 0.5 and 1 reached 73.4%, 77.8% and 71.1% test accuracy."""
+
+FEDERATED_DP_SGD_LEARNING_RATE = 2.0
+"""Step size of ``federated-dp-sgd-tuned``.
+
+Averaging the models of K clients divides the variance of their DP-SGD noise
+by K, but the federation takes K times fewer sequential steps than one
+model trained on all the data, so it gains from larger steps. Picked on one
+model trained with DP-SGD for three epochs on 6,000 examples with noise
+multiplier z / sqrt(10), where z is a client's multiplier: at target epsilon
+8, step sizes 0.5, 1, 2 and 4 reached 66.3%, 71.2%, 75.9% and 79.0%, and at
+target epsilon 1, 2 and 4 reached 76.1% and 71.1%.
+"""
+
+CLIENT_LEVEL_LEARNING_RATE = 0.1
+"""Local SGD step size of the client-level DP runs."""
+
+FULL = Profile(
+    name="full",
+    epsilons=(None, 8.0, 3.0, 1.0),
+    methods=METHODS,
+    central=CentralSettings(
+        epochs=3,
+        batch_size=64,
+        learning_rate=PLAIN_LEARNING_RATE,
+        dp_learning_rate=DP_SGD_LEARNING_RATE,
+    ),
+    dp_sgd=FederatedSettings(
+        num_clients=10,
+        num_rounds=3,
+        fraction_train=1.0,
+        client_sampling="fixed",
+        local_epochs=1,
+        batch_size=64,
+        learning_rate=PLAIN_LEARNING_RATE,
+        dp_learning_rate=DP_SGD_LEARNING_RATE,
+        launch_timeout_s=1800.0,
+    ),
+    tuned_dp_learning_rate=FEDERATED_DP_SGD_LEARNING_RATE,
+    client_level=FederatedSettings(
+        num_clients=400,
+        num_rounds=20,
+        fraction_train=0.1,
+        client_sampling="poisson",
+        local_epochs=1,
+        batch_size=16,
+        learning_rate=CLIENT_LEVEL_LEARNING_RATE,
+        dp_learning_rate=CLIENT_LEVEL_LEARNING_RATE,
+        launch_timeout_s=1200.0,
+    ),
+    tuning_rounds=10,
+)
+
+QUICK = dataclasses.replace(
+    FULL,
+    name="quick",
+    epsilons=(None, 8.0, 1.0),
+    central=dataclasses.replace(FULL.central, epochs=1, num_examples=20_000),
+    dp_sgd=dataclasses.replace(FULL.dp_sgd, num_rounds=1, launch_timeout_s=900.0),
+    client_level=dataclasses.replace(
+        FULL.client_level, num_rounds=5, launch_timeout_s=600.0
+    ),
+    tuning_rounds=2,
+)
+
+SMOKE = dataclasses.replace(
+    FULL,
+    name="smoke",
+    epsilons=(3.0,),
+    methods=(CENTRAL_DP_SGD, CLIENT_DP_DISTRIBUTED),
+    central=dataclasses.replace(FULL.central, epochs=1, num_examples=1_000),
+    client_level=dataclasses.replace(
+        FULL.client_level, num_clients=100, num_rounds=1, launch_timeout_s=240.0
+    ),
+    tuning_rounds=1,
+)
+
+
+class RunFailedError(RuntimeError):
+    """A federated run did not complete."""
+
+
+# --- configurations ----------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Configuration:
+    """One point of the plot: a method at one target epsilon.
+
+    Attributes:
+        method: One of ``METHODS``.
+        target_epsilon: The target, or None without DP.
+        shared_with: For the client-level baseline, every method that uses
+            this run as its point without DP.
+    """
+
+    method: str
+    target_epsilon: float | None
+    shared_with: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Folder and log name, such as ``client-dp-central-eps3``."""
+        if self.target_epsilon is None:
+            return f"{self.method}-no-dp"
+        return f"{self.method}-eps{self.target_epsilon:g}"
+
+
+def plan_configurations(profile: Profile) -> list[Configuration]:
+    """Return the configurations of a profile in the order they run.
+
+    The methods of one of ``BASELINE_GROUPS`` share one run without DP,
+    listed under the first of them in the profile.
+    """
+    configurations: list[Configuration] = []
+    for method in profile.methods:
+        group = _baseline_group(profile, method)
+        for epsilon in profile.epsilons:
+            shared: tuple[str, ...] = ()
+            if epsilon is None:
+                if method != group[0]:
+                    continue
+                shared = group[1:]
+            configurations.append(
+                Configuration(method=method, target_epsilon=epsilon, shared_with=shared)
+            )
+    return configurations
+
+
+def _baseline_group(profile: Profile, method: str) -> tuple[str, ...]:
+    """Return the methods of ``profile`` that share ``method``'s run without DP."""
+    for group in BASELINE_GROUPS:
+        if method in group:
+            return tuple(m for m in profile.methods if m in group)
+    return (method,)
+
+
+def secagg_overrides(settings: FederatedSettings) -> dict[str, Any]:
+    """Return the run config shared by every federated run of one method."""
+    return {
+        "dataset": DATASET,
+        "seed": SEED,
+        "partitioning": PARTITIONING,
+        "num-server-rounds": settings.num_rounds,
+        "local-epochs": settings.local_epochs,
+        "batch-size": settings.batch_size,
+        "learning-rate": settings.learning_rate,
+        "fraction-train": settings.fraction_train,
+        "client-sampling": settings.client_sampling,
+        "secure-aggregation": True,
+        "secagg-max-weight": settings.partition_size,
+        "secagg-max-clients": settings.max_clients,
+        "delta": DELTA,
+    }
+
+
+def dp_sgd_overrides(
+    settings: FederatedSettings, target_epsilon: float | None
+) -> dict[str, Any]:
+    """Return the run config of federated DP-SGD at one target epsilon."""
+    overrides = secagg_overrides(settings)
+    if target_epsilon is None:
+        return overrides
+    return {
+        **overrides,
+        "learning-rate": settings.dp_learning_rate,
+        "dp-sgd": True,
+        "dp-sgd-target-epsilon": target_epsilon,
+        "dp-sgd-max-grad-norm": MAX_GRAD_NORM,
+    }
+
+
+def client_level_overrides(
+    settings: FederatedSettings,
+    method: str,
+    target_epsilon: float | None,
+    clipping_norm: float,
+) -> dict[str, Any]:
+    """Return the run config of client-level DP at one target epsilon."""
+    overrides = secagg_overrides(settings)
+    if target_epsilon is None:
+        return overrides
+    return {
+        **overrides,
+        "dp-mode": CLIENT_LEVEL_MODES[method],
+        "target-epsilon": target_epsilon,
+        "clipping-norm": clipping_norm,
+    }
+
+
+# --- centralized reference ---------------------------------------------------
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the body with ``num_threads`` torch threads, then restore the old value."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_central(
+    settings: CentralSettings, split: DatasetSplit, target_epsilon: float | None
+) -> dict[str, Any]:
+    """Train the CNN without federation and return its test accuracy.
+
+    Without a target it trains with plain SGD. With a target it trains with
+    Opacus DP-SGD, whose noise multiplier gives that epsilon after all epochs.
+    """
+    features = split.x_train[: settings.num_examples]
+    labels = split.y_train[: settings.num_examples]
+    seed_everything(SEED)
+    model = build_model(DATASET)
+    with torch_threads(TORCH_THREADS):
+        if target_epsilon is None:
+            train(
+                model,
+                features,
+                labels,
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                learning_rate=settings.learning_rate,
+                seed=SEED,
+            )
+            privacy: dict[str, Any] = {"epsilon": None, "noise_multiplier": None}
+        else:
+            model, privacy = train_central_dp_sgd(
+                model,
+                features,
+                labels,
+                settings=settings,
+                target_epsilon=target_epsilon,
+            )
+        result = evaluate(model, split.x_test, split.y_test)
+    return {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "num_train_examples": len(labels),
+        **privacy,
+    }
+
+
+def train_central_dp_sgd(
+    model: nn.Module,
+    features: np.ndarray[Any, Any],
+    labels: np.ndarray[Any, Any],
+    *,
+    settings: CentralSettings,
+    target_epsilon: float,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``model`` with Opacus DP-SGD and return it with its privacy record.
+
+    Opacus samples each example with probability 1 / (batches per epoch),
+    as the app's clients do, and the noise multiplier is the smallest whose
+    RDP epsilon over all steps stays within the target.
+    """
+    from opacus import PrivacyEngine
+
+    generator = torch.Generator().manual_seed(SEED)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(features), torch.from_numpy(labels)),
+        batch_size=settings.batch_size,
+        generator=generator,
+    )
+    steps_per_epoch = len(loader)
+    sample_rate = 1.0 / steps_per_epoch
+    noise_multiplier = noise_multiplier_for_target(
+        target_epsilon=target_epsilon,
+        delta=DELTA,
+        sample_rate=sample_rate,
+        num_steps=settings.epochs * steps_per_epoch,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.dp_learning_rate)
+    engine = PrivacyEngine(accountant="rdp")
+    private_model, private_optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=MAX_GRAD_NORM,
+        poisson_sampling=True,
+        grad_sample_mode=GRAD_SAMPLE_MODE,
+    )
+    criterion = nn.CrossEntropyLoss()
+    private_model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+        for _ in range(settings.epochs):
+            for batch_features, batch_labels in private_loader:
+                private_optimizer.zero_grad(set_to_none=True)
+                loss = criterion(private_model(batch_features), batch_labels)
+                loss.backward()
+                private_optimizer.step()
+    return model, {
+        "epsilon": engine.get_epsilon(DELTA),
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": sample_rate,
+        "num_steps": settings.epochs * steps_per_epoch,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "grad_sample_mode": GRAD_SAMPLE_MODE,
+    }
+
+
+# --- clipping norm -----------------------------------------------------------
+
+
+def median_update_norm(settings: FederatedSettings, num_rounds: int) -> dict[str, Any]:
+    """Replay FedAvg without DP in this process and return the update norms.
+
+    Each round samples the expected number of clients at random, trains
+    them from the global model as the app does, and averages their models
+    with weight 1 each. The median L2 norm of all updates is the clipping
+    norm of the client-level DP runs.
+    """
+    rng = np.random.default_rng(SEED)
+    num_sampled = max(1, round(settings.fraction_train * settings.num_clients))
+    seed_everything(SEED)
+    global_model = build_model(DATASET)
+    norms: list[float] = []
+    with torch_threads(TORCH_THREADS):
+        for server_round in range(1, num_rounds + 1):
+            clients = rng.choice(settings.num_clients, size=num_sampled, replace=False)
+            updates = [
+                _client_update(global_model, settings, server_round, int(client))
+                for client in clients
+            ]
+            norms.extend(float(torch.linalg.vector_norm(u)) for u in updates)
+            _apply_mean_update(global_model, updates)
+    return {
+        "median": statistics.median(norms),
+        "quartiles": [float(q) for q in np.quantile(norms, [0.25, 0.75])],
+        "num_updates": len(norms),
+        "rounds": num_rounds,
+    }
+
+
+def _client_update(
+    global_model: nn.Module,
+    settings: FederatedSettings,
+    server_round: int,
+    client: int,
+) -> torch.Tensor:
+    features, labels = load_partition(
+        DATASET, SEED, client, settings.num_clients, PARTITIONING, DIRICHLET_ALPHA
+    )
+    local = copy.deepcopy(global_model)
+    train(
+        local,
+        features,
+        labels,
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        seed=derive_seed(SEED, server_round, client),
+    )
+    return _flat(local) - _flat(global_model)
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _apply_mean_update(model: nn.Module, updates: Sequence[torch.Tensor]) -> None:
+    mean = torch.stack(list(updates)).mean(dim=0)
+    offset = 0
+    with torch.no_grad():
+        for parameter in model.parameters():
+            size = parameter.numel()
+            parameter.add_(mean[offset : offset + size].view_as(parameter))
+            offset += size
+
+
+# --- federated runs ----------------------------------------------------------
+
+
+def run_federated(
+    overrides: dict[str, Any],
+    *,
+    num_clients: int,
+    output_dir: Path,
+    timeout: float,
+) -> dict[str, Any]:
+    """Launch one run of the app and return its last round and privacy.
+
+    Raises:
+        RunFailedError: If the run did not complete.
+        KeyboardInterrupt: If the launcher was interrupted.
+    """
+    options = LaunchOptions(
+        app_dir=APP_DIR,
+        run_config=overrides,
+        output_dir=output_dir.resolve(),
+        num_supernodes=num_clients,
+        timeout=timeout,
+    )
+    # The launcher keeps the run's output in logs/run.log.
+    with open(os.devnull, "w", encoding="utf-8") as echo:
+        outcome = launch(options, echo=echo)
+    if outcome.exit_code == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt(outcome.message)
+    if outcome.exit_code != EXIT_OK:
+        raise RunFailedError(f"{outcome.message} (logs in {output_dir / 'logs'})")
+    document = json.loads((output_dir / RESULTS_FILENAME).read_text(encoding="utf-8"))
+    return summarize_run(document)
+
+
+def summarize_run(document: dict[str, Any]) -> dict[str, Any]:
+    """Return the last round's accuracy and epsilons and every round's accuracy."""
+    rounds = document["rounds"]
+    if not rounds:
+        raise RunFailedError("the run completed no round")
+    last = rounds[-1]
+    return {
+        "accuracy": last["accuracy"],
+        "loss": last["loss"],
+        "rounds_completed": len(rounds),
+        "stopped_reason": document.get("stopped_reason"),
+        "epsilon": last.get("epsilon"),
+        "sample_epsilon": last.get("train_metrics", {}).get("sample-epsilon"),
+        "noise_multiplier": last.get("noise_multiplier"),
+        "clipping_norm": last.get("clipping_norm"),
+        "clients_per_round": [entry["num_aggregated"] for entry in rounds],
+        "accuracy_per_round": [entry["accuracy"] for entry in rounds],
+        "seconds_per_round": [round(entry["seconds"], 2) for entry in rounds],
+    }
+
+
+# --- the benchmark -----------------------------------------------------------
+
+
+@dataclass
+class Benchmark:
+    """The state of one invocation: profile, output folder and results.
+
+    Attributes:
+        profile: Sizes.
+        out: Output folder.
+        document: What ``dp_accuracy.json`` holds.
+    """
+
+    profile: Profile
+    out: Path
+    document: dict[str, Any]
+
+    @classmethod
+    def start(cls, profile: Profile, out: Path, argv: Sequence[str]) -> Benchmark:
+        """Create the output folder and the document with machine and commit."""
+        out.mkdir(parents=True, exist_ok=True)
+        document: dict[str, Any] = {
+            "benchmark": "dp_accuracy",
+            "command": " ".join(["python -m benchmarks.dp_accuracy", *argv]),
+            "profile": asdict(profile),
+            "dataset": DATASET,
+            "delta": DELTA,
+            "seed": SEED,
+            "machine": machine_info(),
+            "commit": git_commit(),
+            "started_at": _utc_now(),
+            "load_average_start": _load_average(),
+            "clipping": None,
+            "results": [],
+        }
+        return cls(profile=profile, out=out, document=document)
+
+    def save(self) -> None:
+        """Rewrite ``dp_accuracy.json`` atomically."""
+        path = self.out / JSON_FILENAME
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(
+            json.dumps(self.document, indent=2, allow_nan=False) + "\n",
+            encoding="utf-8",
+        )
+        os.replace(temporary, path)
+
+    def record(
+        self, configuration: Configuration, action: Callable[[], dict[str, Any]]
+    ) -> bool:
+        """Run one configuration, store its result and return whether it completed."""
+        print(f"[dp_accuracy] {configuration.name} ...", flush=True)
+        started = time.monotonic()
+        entry: dict[str, Any] = {
+            "method": configuration.method,
+            "name": configuration.name,
+            "target_epsilon": configuration.target_epsilon,
+            "shared_with": list(configuration.shared_with),
+        }
+        try:
+            entry.update(action())
+            entry["status"] = STATUS_COMPLETED
+        except (RunFailedError, RuntimeError, ValueError) as error:
+            entry["status"] = STATUS_FAILED
+            entry["error"] = str(error)
+        entry["wall_seconds"] = round(time.monotonic() - started, 1)
+        entry["load_average_end"] = _load_average()
+        self.document["results"].append(_json_safe(entry))
+        self.save()
+        print(f"[dp_accuracy] {configuration.name}: {_describe(entry)}", flush=True)
+        return bool(entry["status"] == STATUS_COMPLETED)
+
+    def finish(self, wall_seconds: float) -> None:
+        """Store the total wall time, then write the JSON, the plot and the table."""
+        self.document["finished_at"] = _utc_now()
+        self.document["wall_seconds"] = round(wall_seconds, 1)
+        self.save()
+        plot_results(self.document["results"], self.out / PLOT_FILENAME)
+        (self.out / TABLE_FILENAME).write_text(
+            results_table(self.document["results"]) + "\n", encoding="utf-8"
+        )
+
+
+def run_benchmark(profile: Profile, out: Path, argv: Sequence[str]) -> int:
+    """Run every configuration of ``profile`` and return the exit status."""
+    started = time.monotonic()
+    benchmark = Benchmark.start(profile, out, argv)
+    benchmark.save()
+    split = load_dataset(DATASET, SEED)
+
+    clipping_norm = 0.0
+    if any(method in CLIENT_LEVEL_MODES for method in profile.methods):
+        print("[dp_accuracy] clipping norm from FedAvg without DP ...", flush=True)
+        clipping = median_update_norm(profile.client_level, profile.tuning_rounds)
+        benchmark.document["clipping"] = clipping
+        clipping_norm = round(clipping["median"], CLIPPING_NORM_DIGITS)
+        print(f"[dp_accuracy] clipping norm {clipping_norm}", flush=True)
+
+    completed = True
+    for configuration in plan_configurations(profile):
+        action = _action(profile, configuration, split, out, clipping_norm)
+        completed &= benchmark.record(configuration, action)
+
+    benchmark.finish(time.monotonic() - started)
+    print(results_table(benchmark.document["results"]), flush=True)
+    return EXIT_OK if completed else EXIT_FAILED
+
+
+def federated_settings(profile: Profile, method: str) -> FederatedSettings:
+    """Return the clients, rounds and training settings of a federated method."""
+    if method == FEDERATED_DP_SGD:
+        return profile.dp_sgd
+    if method == FEDERATED_DP_SGD_TUNED:
+        return dataclasses.replace(
+            profile.dp_sgd, dp_learning_rate=profile.tuned_dp_learning_rate
+        )
+    if method in CLIENT_LEVEL_MODES:
+        return profile.client_level
+    raise ValueError(f"method must be a federated method. Found {method!r}.")
+
+
+def _action(
+    profile: Profile,
+    configuration: Configuration,
+    split: DatasetSplit,
+    out: Path,
+    clipping_norm: float,
+) -> Callable[[], dict[str, Any]]:
+    method = configuration.method
+    epsilon = configuration.target_epsilon
+    run_dir = out / RUNS_DIRNAME / configuration.name
+    if method == CENTRAL_DP_SGD:
+        return lambda: run_central(profile.central, split, epsilon)
+
+    settings = federated_settings(profile, method)
+    if method in DP_SGD_METHODS:
+        overrides = dp_sgd_overrides(settings, epsilon)
+    else:
+        overrides = client_level_overrides(settings, method, epsilon, clipping_norm)
+
+    def run() -> dict[str, Any]:
+        summary = run_federated(
+            overrides,
+            num_clients=settings.num_clients,
+            output_dir=run_dir,
+            timeout=settings.launch_timeout_s,
+        )
+        return {
+            **summary,
+            "num_clients": settings.num_clients,
+            "run_config": overrides,
+            "run_dir": str(run_dir),
+        }
+
+    return run
+
+
+# --- report ------------------------------------------------------------------
+
+
+def reached_epsilon(entry: dict[str, Any]) -> float | None:
+    """Return a result's epsilon: sample level for DP-SGD, else client level."""
+    if entry.get("method") in DP_SGD_METHODS:
+        return entry.get("sample_epsilon")
+    return entry.get("epsilon")
+
+
+def points_by_method(
+    results: Sequence[dict[str, Any]],
+) -> dict[str, list[tuple[float | None, float]]]:
+    """Return each method's (target epsilon, accuracy) points, in run order.
+
+    The client-level run without DP counts for both client-level methods.
+    """
+    points: dict[str, list[tuple[float | None, float]]] = {m: [] for m in METHODS}
+    for entry in results:
+        if entry.get("status") != STATUS_COMPLETED:
+            continue
+        for method in (entry["method"], *entry.get("shared_with", ())):
+            points[method].append((entry["target_epsilon"], entry["accuracy"]))
+    return points
+
+
+def plot_results(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Plot accuracy against target epsilon, one line per method.
+
+    The runs without DP sit at the right end of the epsilon axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=PLOT_SIZE_INCHES)
+    epsilons: set[float] = set()
+    for method, points in points_by_method(results).items():
+        if not points:
+            continue
+        ordered = sorted(points, key=lambda point: _plot_x(point[0]))
+        epsilons.update(e for e, _ in ordered if e is not None)
+        axes.plot(
+            [_plot_x(e) for e, _ in ordered],
+            [100.0 * accuracy for _, accuracy in ordered],
+            marker=PLOT_MARKERS[method],
+            label=METHOD_LABELS[method],
+        )
+    ticks = [*sorted(epsilons), PLOT_NO_DP_POSITION]
+    if epsilons:
+        # The axis is not continuous between the largest epsilon and no DP.
+        separator = math.sqrt(max(epsilons) * PLOT_NO_DP_POSITION)
+        axes.axvline(separator, color="grey", linestyle=":", linewidth=1)
+    axes.set_xscale("log")
+    axes.set_xticks(ticks)
+    axes.set_xticklabels([*(f"{e:g}" for e in sorted(epsilons)), "no DP"])
+    axes.minorticks_off()
+    axes.set_xlabel("target epsilon (delta = 1e-5)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("Fashion-MNIST, 25,810-parameter CNN")
+    axes.grid(True, alpha=0.3)
+    axes.legend(
+        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=PLOT_DPI)
+    plt.close(figure)
+
+
+def _plot_x(epsilon: float | None) -> float:
+    return PLOT_NO_DP_POSITION if epsilon is None else epsilon
+
+
+def results_table(results: Sequence[dict[str, Any]]) -> str:
+    """Return a Markdown table: method, target, accuracy, epsilon reached, time."""
+    lines = [
+        "| method | target epsilon | test accuracy | epsilon reached "
+        "| noise multiplier | rounds | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in results:
+        target = entry["target_epsilon"]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    entry["method"],
+                    "none (no DP)" if target is None else f"{target:g}",
+                    _format_accuracy(entry),
+                    _format_number(reached_epsilon(entry), "{:.3f}"),
+                    _format_number(entry.get("noise_multiplier"), "{:.3f}"),
+                    str(entry.get("rounds_completed", "")),
+                    f"{entry['wall_seconds']:.0f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _format_accuracy(entry: dict[str, Any]) -> str:
+    if entry.get("status") != STATUS_COMPLETED:
+        return f"failed: {entry.get('error', '')}"
+    return f"{100.0 * entry['accuracy']:.1f}%"
+
+
+def _format_number(value: float | None, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    if entry["status"] != STATUS_COMPLETED:
+        return f"failed after {entry['wall_seconds']} s: {entry.get('error')}"
+    epsilon = reached_epsilon(entry)
+    epsilon_text = "no DP" if epsilon is None else f"epsilon {epsilon:.3f}"
+    return (
+        f"accuracy {100.0 * entry['accuracy']:.2f}%, {epsilon_text}, "
+        f"{entry['wall_seconds']} s"
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats, which JSON cannot hold, by strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- command line ------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.dp_accuracy",
+        description="Accuracy against privacy on Fashion-MNIST.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter runs: fewer epochs, rounds and target epsilons",
+    )
+    sizes.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one tiny centralized and one tiny federated run, as a check",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark from the command line and return the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        options = parse_args(arguments)
+    except SystemExit as error:
+        return EXIT_USAGE if error.code else EXIT_OK
+    profile = FULL
+    if options.quick:
+        profile = QUICK
+    if options.smoke:
+        profile = SMOKE
+    return run_benchmark(profile, options.out, arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The accuracy-against-privacy benchmark: its plan, and one tiny run of the command."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.dp_accuracy import (
+    CENTRAL_DP_SGD,
+    CLIENT_DP_CENTRAL,
+    CLIENT_DP_DISTRIBUTED,
+    DP_SGD_LEARNING_RATE,
+    FEDERATED_DP_SGD,
+    FEDERATED_DP_SGD_TUNED,
+    FULL,
+    JSON_FILENAME,
+    METHODS,
+    PLOT_FILENAME,
+    SMOKE,
+    TABLE_FILENAME,
+    client_level_overrides,
+    dp_sgd_overrides,
+    federated_settings,
+    plan_configurations,
+    plot_results,
+    points_by_method,
+    results_table,
+)
+
+# benchmarks.dp_accuracy puts the app's folder on sys.path when imported.
+app_data = importlib.import_module("secure_fedavg_app.data")
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLIPPING_NORM = 0.5
+SMOKE_TARGET_EPSILON = 3.0
+# The accountants report epsilon to a few digits; a target met within this
+# slack is met.
+EPSILON_SLACK = 1e-6
+
+FASHION_MNIST_PRESENT = all(
+    (app_data.FASHION_MNIST_DIR / name).is_file()
+    for name in app_data.FASHION_MNIST_FILES.values()
+)
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST_PRESENT,
+    reason=f"Fashion-MNIST missing: {app_data.FASHION_MNIST_INSTALL_COMMAND}",
+)
+
+
+def completed_entry(
+    method: str, target_epsilon: float | None, accuracy: float, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "method": method,
+        "name": f"{method}-{target_epsilon}",
+        "target_epsilon": target_epsilon,
+        "accuracy": accuracy,
+        "status": "completed",
+        "wall_seconds": 1.0,
+        "shared_with": [],
+        **extra,
+    }
+
+
+def test_full_plan_has_every_point() -> None:
+    configurations = plan_configurations(FULL)
+    names = [configuration.name for configuration in configurations]
+
+    # Five methods at four epsilons, less the two runs without DP that two
+    # pairs of methods share.
+    assert len(configurations) == 18
+    assert len(set(names)) == len(names)
+    assert {c.method for c in configurations} == set(METHODS)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED),
+        (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED),
+    ],
+)
+def test_baseline_is_shared(first: str, second: str) -> None:
+    baselines = [
+        c
+        for c in plan_configurations(FULL)
+        if c.target_epsilon is None and c.method in (first, second)
+    ]
+
+    assert len(baselines) == 1
+    assert baselines[0].method == first
+    assert baselines[0].shared_with == (second,)
+
+
+def test_smoke_plan_without_central_mode_keeps_baseline() -> None:
+    profile = dataclasses.replace(SMOKE, epsilons=(None, 3.0))
+
+    baselines = [
+        c
+        for c in plan_configurations(profile)
+        if c.target_epsilon is None and c.method == CLIENT_DP_DISTRIBUTED
+    ]
+
+    assert len(baselines) == 1
+    assert baselines[0].shared_with == ()
+
+
+def test_dp_sgd_overrides() -> None:
+    settings = FULL.dp_sgd
+
+    plain = dp_sgd_overrides(settings, None)
+    private = dp_sgd_overrides(settings, 3.0)
+
+    assert plain["secure-aggregation"] is True
+    assert "dp-sgd" not in plain
+    assert private["dp-sgd"] is True
+    assert private["dp-sgd-target-epsilon"] == 3.0
+    assert private["learning-rate"] == DP_SGD_LEARNING_RATE
+    assert private["secagg-max-weight"] >= 60_000 // settings.num_clients
+    assert private["secagg-max-clients"] >= settings.num_clients
+
+
+def test_tuned_method_changes_only_dp_step() -> None:
+    reference = federated_settings(FULL, FEDERATED_DP_SGD)
+    tuned = federated_settings(FULL, FEDERATED_DP_SGD_TUNED)
+
+    assert tuned.dp_learning_rate == FULL.tuned_dp_learning_rate
+    assert tuned.dp_learning_rate != reference.dp_learning_rate
+    assert dataclasses.replace(tuned, dp_learning_rate=0.0) == dataclasses.replace(
+        reference, dp_learning_rate=0.0
+    )
+
+
+def test_federated_settings_rejects_central() -> None:
+    with pytest.raises(ValueError, match="federated method"):
+        federated_settings(FULL, CENTRAL_DP_SGD)
+
+
+def test_client_level_overrides() -> None:
+    settings = FULL.client_level
+
+    plain = client_level_overrides(settings, CLIENT_DP_CENTRAL, None, CLIPPING_NORM)
+    central = client_level_overrides(settings, CLIENT_DP_CENTRAL, 8.0, CLIPPING_NORM)
+    distributed = client_level_overrides(
+        settings, CLIENT_DP_DISTRIBUTED, 1.0, CLIPPING_NORM
+    )
+
+    assert "dp-mode" not in plain
+    assert central["dp-mode"] == "central"
+    assert distributed["dp-mode"] == "distributed"
+    assert distributed["clipping-norm"] == CLIPPING_NORM
+    assert distributed["client-sampling"] == "poisson"
+    assert distributed["secure-aggregation"] is True
+    assert settings.num_clients >= 100
+
+
+def test_max_clients_allows_poisson_spread() -> None:
+    settings = FULL.client_level
+    expected = settings.fraction_train * settings.num_clients
+    spread = math.sqrt(expected * (1 - settings.fraction_train))
+
+    assert settings.max_clients >= expected + 5 * spread
+    assert settings.max_clients <= settings.num_clients
+
+
+def test_points_share_client_level_baseline() -> None:
+    results = [
+        completed_entry(
+            CLIENT_DP_CENTRAL, None, 0.8, shared_with=[CLIENT_DP_DISTRIBUTED]
+        ),
+        completed_entry(CLIENT_DP_CENTRAL, 3.0, 0.7),
+        {**completed_entry(CLIENT_DP_DISTRIBUTED, 3.0, 0.0), "status": "failed"},
+    ]
+
+    points = points_by_method(results)
+
+    assert points[CLIENT_DP_CENTRAL] == [(None, 0.8), (3.0, 0.7)]
+    assert points[CLIENT_DP_DISTRIBUTED] == [(None, 0.8)]
+    assert points[FEDERATED_DP_SGD] == []
+
+
+def test_plot_and_table(tmp_path: Path) -> None:
+    results = [
+        completed_entry(CENTRAL_DP_SGD, None, 0.87),
+        completed_entry(CENTRAL_DP_SGD, 1.0, 0.80, epsilon=0.99),
+        completed_entry(FEDERATED_DP_SGD, 1.0, 0.79, sample_epsilon=0.98),
+    ]
+    path = tmp_path / "plot.png"
+
+    plot_results(results, path)
+    table = results_table(results)
+
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    assert "none (no DP)" in table
+    assert "| federated-dp-sgd | 1 | 79.0% | 0.980 |" in table
+
+
+@needs_fashion_mnist
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_smoke_command(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.dp_accuracy",
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    document = json.loads((tmp_path / JSON_FILENAME).read_text(encoding="utf-8"))
+    results = {entry["method"]: entry for entry in document["results"]}
+    assert document["machine"]["cores"] is not None
+    assert "commit" in document["commit"]
+    assert document["clipping"]["median"] > 0
+    assert set(results) == {CENTRAL_DP_SGD, CLIENT_DP_DISTRIBUTED}
+    for entry in results.values():
+        assert entry["status"] == "completed"
+        assert 0.0 <= entry["accuracy"] <= 1.0
+        assert 0 < entry["epsilon"] <= SMOKE_TARGET_EPSILON + EPSILON_SLACK
+    assert results[CLIENT_DP_DISTRIBUTED]["rounds_completed"] == 1
+    assert (tmp_path / PLOT_FILENAME).read_bytes().startswith(PNG_SIGNATURE)
+    assert CLIENT_DP_DISTRIBUTED in (tmp_path / TABLE_FILENAME).read_text()
