@@ -29,6 +29,7 @@ from benchmarks.dp_accuracy import (
     client_level_overrides,
     dp_sgd_overrides,
     federated_settings,
+    mean_of_last_rounds,
     plan_configurations,
     plot_results,
     points_by_method,
@@ -188,6 +189,22 @@ def test_points_share_client_level_baseline() -> None:
     assert points[FEDERATED_DP_SGD] == []
 
 
+def test_mean_of_last_rounds() -> None:
+    long_run = completed_entry(
+        CLIENT_DP_CENTRAL,
+        1.0,
+        0.2,
+        accuracy_per_round=[0.0, 0.5, 0.6, 0.7, 0.6, 0.5, 0.2],
+    )
+    short_run = completed_entry(
+        FEDERATED_DP_SGD, 1.0, 0.7, accuracy_per_round=[0.5, 0.6, 0.7]
+    )
+
+    assert mean_of_last_rounds(long_run) == pytest.approx(0.52)
+    assert mean_of_last_rounds(short_run) is None
+    assert mean_of_last_rounds(completed_entry(CENTRAL_DP_SGD, 1.0, 0.7)) is None
+
+
 def test_plot_and_table(tmp_path: Path) -> None:
     results = [
         completed_entry(CENTRAL_DP_SGD, None, 0.87),
@@ -201,7 +218,7 @@ def test_plot_and_table(tmp_path: Path) -> None:
 
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     assert "none (no DP)" in table
-    assert "| federated-dp-sgd | 1 | 79.0% | 0.980 |" in table
+    assert "| federated-dp-sgd | 1 | 79.0% |  | 0.980 |" in table
 
 
 @needs_fashion_mnist
