@@ -368,7 +368,7 @@ def client_unmask(
         raise ProtocolError("A node is listed both as survivor and as dropped.")
     if state.node_id not in survivors:
         raise ProtocolError("The survivor list must contain the client itself.")
-    # Count only the holders this client knows, so padding the list with
+    # Count only the holders this client has shares from, so padding the list with
     # made-up ids does not pass the check.
     included_holders = len(survivors & holders)
     if included_holders < state.threshold:

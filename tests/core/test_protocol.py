@@ -59,7 +59,7 @@ def run_round(
     num_neighbours: int | None = None,
     threshold: int | None = None,
 ) -> tuple[np.ndarray, ServerRound]:
-    """Run one round; clients in ``drop_at[stage]`` never answer that stage."""
+    """Run one round; clients in ``drop_at[stage]`` never reply to that stage."""
     drop_at = drop_at or {}
     alive = set(updates)
     server = ServerRound(
