@@ -5,8 +5,9 @@ Run from the repository root::
     python -m benchmarks.overhead --params 2000000 --clients 10 --rounds 3 \
         --json overhead.json
 
-One invocation runs three simulations in this process with
-``flwr.simulation.run_simulation``, each with the same model and clients:
+One invocation runs up to three simulations in this process with
+``flwr.simulation.run_simulation``, each with the same model and clients
+(``--protocols`` picks a subset, all three by default):
 
 1. ``plain``: ``SecureFedAvg(secure_aggregation=None)``, a Message-API
    ServerApp and ClientApp.
@@ -31,6 +32,12 @@ Upload: a ClientApp mod of this module, outermost on every client, logs the
 payload bytes of each train reply (see ``payload_bytes``). For fedsec and
 plain this cross-checks the ``upload_bytes`` of ``RoundReport``, which counts
 the same way.
+
+Memory: while each simulation runs, ``benchmarks.memory.MemorySampler``
+records the peak resident memory of this process (server, SuperLink state)
+and the peak summed over its descendants (Ray's processes, which run the
+clients), every 0.2 s. ``*_memory`` in the JSON holds those peaks in bytes,
+and ``*_load_average`` the load average before and after the simulation.
 
 The script also times mask generation on one core: ``expand_mask`` for
 ``--params`` values against one raw ChaCha20 call over 4 bytes per value, and
@@ -58,6 +65,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -95,6 +103,7 @@ from flwr.simulation import run_simulation
 from numpy.typing import NDArray
 
 from benchmarks.common import git_commit, machine_info
+from benchmarks.memory import MemorySampler
 from fedsec_flwr import (
     RoundReport,
     SecAggConfig,
@@ -111,6 +120,9 @@ from fedsec_flwr.core.masks import expand_mask
 PLAIN = "plain"
 FEDSEC = "fedsec"
 FLOWER = "flower_secaggplus"
+# Names that --protocols accepts, in the order the simulations run.
+PROTOCOL_OPTIONS = {"plain": PLAIN, "fedsec": FEDSEC, "flower": FLOWER}
+KEY_LIFETIMES = ("round", "run")
 
 MIN_PARAMS = 16
 MIN_CLIENTS = 3
@@ -147,6 +159,7 @@ INT64_BYTES = 8
 MASK_MODULUS = 2**32
 
 SCALAR_VALUE_BYTES = 8
+MIB = 1024**2
 PARTITION_ID_KEY = "partition-id"
 UPLOAD_LOG_SUFFIX = ".jsonl"
 
@@ -465,6 +478,8 @@ class Measurement:
     measured_upload_bytes: float
     reported_upload_bytes: float | None
     final_model: NDArray[np.float32]
+    memory: dict[str, object]
+    load_average: dict[str, list[float]]
 
     @property
     def first_round_seconds(self) -> float:
@@ -490,14 +505,17 @@ def simulate(
     with tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as directory:
         meter = UploadMeter(directory)
         progress(f"{name}: starting {clients} clients, {rounds} rounds")
+        load_before = list(os.getloadavg())
         started = time.perf_counter()
-        run_simulation(
-            server_app=build_server(record),
-            client_app=build_client(meter),
-            num_supernodes=clients,
-            backend_config=BACKEND_CONFIG,
-        )
+        with MemorySampler() as sampler:
+            run_simulation(
+                server_app=build_server(record),
+                client_app=build_client(meter),
+                num_supernodes=clients,
+                backend_config=BACKEND_CONFIG,
+            )
         wall_seconds = time.perf_counter() - started
+        load_after = list(os.getloadavg())
         uploads = read_upload_log(Path(directory))
 
     if len(record.round_seconds) != rounds or record.final_model is None:
@@ -521,11 +539,16 @@ def simulate(
         measured_upload_bytes=float(np.mean(list(uploads.values()))),
         reported_upload_bytes=reported,
         final_model=record.final_model,
+        memory=sampler.peaks.as_dict(),
+        load_average={"start": load_before, "end": load_after},
     )
     progress(
         f"{name}: rounds {_format_seconds(record.round_seconds)} s, "
         f"{measurement.measured_upload_bytes:,.0f} upload bytes per client "
-        f"per round, {wall_seconds:.1f} s in all"
+        f"per round, {wall_seconds:.1f} s in all, peak RSS "
+        f"{sampler.peaks.main_peak_rss_bytes / MIB:,.0f} MiB here and "
+        f"{sampler.peaks.descendants_peak_rss_bytes / MIB:,.0f} MiB summed over "
+        f"{sampler.peaks.descendants_max_processes} child processes"
     )
     return measurement
 
@@ -615,17 +638,26 @@ def summarize(
     shares: FlowerShares,
     masks: dict[str, float],
 ) -> dict[str, object]:
-    """Collect the measurements and the run's settings into one JSON object."""
-    plain, fedsec, flower = results[PLAIN], results[FEDSEC], results[FLOWER]
+    """Collect the measurements and the run's settings into one JSON object.
+
+    Keys of a protocol that did not run are left out. ``overhead_ratio`` is
+    None unless all three ran, and the model differences need ``plain``.
+    """
     summary: dict[str, object] = {
         "params": args.params,
         "clients": args.clients,
         "rounds": args.rounds,
+        "protocols": list(results),
         "machine": machine_info(),
         **git_commit(),
         "timing": (
             "s_per_round is the mean of rounds 2 and later; first_round_s "
             "includes the start of the Ray actors"
+        ),
+        "memory": (
+            "bytes; main is this process (ServerApp, SuperLink state), "
+            "descendants the sum over Ray's processes, which run the clients; "
+            "see benchmarks/memory.py"
         ),
     }
     for name, measurement in results.items():
@@ -636,47 +668,56 @@ def summarize(
         summary[f"{name}_measured_upload_bytes_per_client"] = (
             measurement.measured_upload_bytes
         )
-    summary.update(
-        {
-            "plain_upload_bytes_per_client": plain.reported_upload_bytes,
-            "fedsec_upload_bytes_per_client": fedsec.reported_upload_bytes,
-            "flower_upload_bytes_per_client": flower.measured_upload_bytes,
-            "plain_upload_bytes_per_coordinate": (
-                _per_coordinate(plain.reported_upload_bytes, args.params)
-            ),
-            "fedsec_upload_bytes_per_coordinate": (
-                _per_coordinate(fedsec.reported_upload_bytes, args.params)
-            ),
-            "flower_upload_bytes_per_coordinate": (
-                _per_coordinate(flower.measured_upload_bytes, args.params)
-            ),
-            "overhead_ratio": _overhead_ratio(
-                plain.seconds_per_round,
-                fedsec.seconds_per_round,
-                flower.seconds_per_round,
-            ),
-            "fedsec_max_abs_diff_from_plain": _max_abs_difference(
-                fedsec.final_model, plain.final_model
-            ),
-            "flower_max_abs_diff_from_plain": _max_abs_difference(
-                flower.final_model, plain.final_model
-            ),
-            "fedsec_settings": {
-                "clip_range": config.clip_range,
-                "max_weight": config.max_weight,
-                "max_clients": config.max_clients,
-                "quantization_levels": config.encoding().quantization_levels,
-                **fedsec_protocol_settings(args.clients),
-            },
-            "flower_settings": {
-                "num_shares": shares.num_shares,
-                "reconstruction_threshold": shares.reconstruction_threshold,
-                "clipping_range": CLIP_RANGE,
-                "max_weight": MAX_WEIGHT,
-            },
-            "mask_generation": {"values": args.params, **masks},
+        summary[f"{name}_memory"] = measurement.memory
+        summary[f"{name}_load_average"] = measurement.load_average
+
+    # RoundReport counts the upload of plain and fedsec, the mod that of Flower.
+    for name, prefix in ((PLAIN, "plain"), (FEDSEC, "fedsec"), (FLOWER, "flower")):
+        if name not in results:
+            continue
+        measurement = results[name]
+        upload = (
+            measurement.measured_upload_bytes
+            if name == FLOWER
+            else measurement.reported_upload_bytes
+        )
+        summary[f"{prefix}_upload_bytes_per_client"] = upload
+        summary[f"{prefix}_upload_bytes_per_coordinate"] = _per_coordinate(
+            upload, args.params
+        )
+
+    summary["overhead_ratio"] = None
+    if all(name in results for name in (PLAIN, FEDSEC, FLOWER)):
+        summary["overhead_ratio"] = _overhead_ratio(
+            results[PLAIN].seconds_per_round,
+            results[FEDSEC].seconds_per_round,
+            results[FLOWER].seconds_per_round,
+        )
+    if PLAIN in results:
+        for name, prefix in ((FEDSEC, "fedsec"), (FLOWER, "flower")):
+            if name in results:
+                summary[f"{prefix}_max_abs_diff_from_plain"] = _max_abs_difference(
+                    results[name].final_model, results[PLAIN].final_model
+                )
+
+    if FEDSEC in results:
+        summary["fedsec_settings"] = {
+            "clip_range": config.clip_range,
+            "max_weight": config.max_weight,
+            "max_clients": config.max_clients,
+            "quantization_levels": config.encoding().quantization_levels,
+            # None where this fedsec_flwr's SecAggConfig has no such field.
+            "key_lifetime": getattr(config, "key_lifetime", None),
+            **fedsec_protocol_settings(args.clients),
         }
-    )
+    if FLOWER in results:
+        summary["flower_settings"] = {
+            "num_shares": shares.num_shares,
+            "reconstruction_threshold": shares.reconstruction_threshold,
+            "clipping_range": CLIP_RANGE,
+            "max_weight": MAX_WEIGHT,
+        }
+    summary["mask_generation"] = {"values": args.params, **masks}
     return summary
 
 
@@ -684,49 +725,85 @@ def _per_coordinate(upload_bytes: float | None, params: int) -> float | None:
     return None if upload_bytes is None else upload_bytes / params
 
 
+def fedsec_config(clients: int, *, key_lifetime: str | None) -> SecAggConfig:
+    """Build fedsec's config for ``clients`` clients.
+
+    ``key_lifetime`` is passed to ``SecAggConfig`` only when it is not None,
+    so without ``--key-lifetime`` the config takes the package's default.
+
+    Raises:
+        RuntimeError: If ``key_lifetime`` is given but ``SecAggConfig`` has no
+            such field in this version of fedsec_flwr.
+    """
+    options: dict[str, Any] = {}
+    if key_lifetime is not None:
+        options["key_lifetime"] = key_lifetime
+    try:
+        return SecAggConfig(
+            clip_range=CLIP_RANGE,
+            max_weight=MAX_WEIGHT,
+            max_clients=clients,
+            **options,
+        )
+    except TypeError as error:
+        if "key_lifetime" not in str(error):
+            raise
+        raise RuntimeError(
+            "--key-lifetime needs a SecAggConfig with a key_lifetime field, "
+            f"which this fedsec_flwr lacks ({error}). Run without the option."
+        ) from error
+
+
+ServerBuilder = Callable[[SimulationRecord], ServerApp]
+ClientBuilder = Callable[[UploadMeter], ClientApp]
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
-    """Run the three simulations and the mask timing, and summarize them."""
+    """Run the chosen simulations and the mask timing, and summarize them."""
+    load_start = list(os.getloadavg())
     model = initial_model(args.params)
-    config = SecAggConfig(
-        clip_range=CLIP_RANGE, max_weight=MAX_WEIGHT, max_clients=args.clients
-    )
+    config = fedsec_config(args.clients, key_lifetime=args.key_lifetime)
     shares = flower_shares(args.clients)
     common = {"clients": args.clients, "rounds": args.rounds}
+    builders: dict[str, tuple[ServerBuilder, ClientBuilder]] = {
+        PLAIN: (
+            lambda record: fedsec_server_app(
+                model, **common, config=None, record=record
+            ),
+            lambda meter: fedsec_client_app(meter, secure=False),
+        ),
+        FEDSEC: (
+            lambda record: fedsec_server_app(
+                model, **common, config=config, record=record
+            ),
+            lambda meter: fedsec_client_app(meter, secure=True),
+        ),
+        FLOWER: (
+            lambda record: flower_server_app(
+                model, **common, shares=shares, record=record
+            ),
+            flower_client_app,
+        ),
+    }
 
     progress(
-        f"{args.params:,} parameters, {args.clients} clients, {args.rounds} rounds"
+        f"{args.params:,} parameters, {args.clients} clients, {args.rounds} "
+        f"rounds, protocols {', '.join(args.protocols)}"
     )
     results: dict[str, Measurement] = {}
-    results[PLAIN] = simulate(
-        PLAIN,
-        **common,
-        build_server=lambda record: fedsec_server_app(
-            model, **common, config=None, record=record
-        ),
-        build_client=lambda meter: fedsec_client_app(meter, secure=False),
-    )
-    results[FEDSEC] = simulate(
-        FEDSEC,
-        **common,
-        build_server=lambda record: fedsec_server_app(
-            model, **common, config=config, record=record
-        ),
-        build_client=lambda meter: fedsec_client_app(meter, secure=True),
-    )
-    results[FLOWER] = simulate(
-        FLOWER,
-        **common,
-        build_server=lambda record: flower_server_app(
-            model, **common, shares=shares, record=record
-        ),
-        build_client=flower_client_app,
-    )
+    for name in args.protocols:
+        build_server, build_client = builders[name]
+        results[name] = simulate(
+            name, **common, build_server=build_server, build_client=build_client
+        )
 
     progress(f"timing mask generation for {args.params:,} values")
     masks = measure_mask_generation(args.params)
     summary = summarize(
         args, results=results, config=config, shares=shares, masks=masks
     )
+    summary["load_average_start"] = load_start
+    summary["load_average_end"] = list(os.getloadavg())
     _print_summary(results, summary)
     return summary
 
@@ -739,11 +816,37 @@ def _print_summary(results: dict[str, Measurement], summary: dict[str, object]) 
             f"{measurement.measured_upload_bytes:,.0f} upload bytes per client "
             "per round"
         )
-    progress(
-        "overhead ratio (fedsec - plain) / (flower - plain): "
-        f"{summary['overhead_ratio']}"
-    )
+    if summary["overhead_ratio"] is not None:
+        progress(
+            "overhead ratio (fedsec - plain) / (flower - plain): "
+            f"{summary['overhead_ratio']}"
+        )
     progress(f"mask generation: {summary['mask_generation']}")
+
+
+def parse_protocols(text: str) -> list[str]:
+    """Parse a comma list such as ``plain,fedsec`` into protocol names.
+
+    Returns:
+        The chosen protocols' result names, in the order of
+        ``PROTOCOL_OPTIONS`` whatever the order given.
+
+    Raises:
+        argparse.ArgumentTypeError: If the list is empty or names an unknown
+            protocol.
+    """
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(chosen - PROTOCOL_OPTIONS.keys())
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown protocol(s) {', '.join(unknown)}. "
+            f"Choose from {','.join(PROTOCOL_OPTIONS)}."
+        )
+    if not chosen:
+        raise argparse.ArgumentTypeError(
+            f"no protocol given. Choose from {','.join(PROTOCOL_OPTIONS)}."
+        )
+    return [name for option, name in PROTOCOL_OPTIONS.items() if option in chosen]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -762,6 +865,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--json", type=Path, required=True, help="file to write the results to"
+    )
+    parser.add_argument(
+        "--protocols",
+        type=parse_protocols,
+        default=list(PROTOCOL_OPTIONS.values()),
+        help=(
+            "comma-separated simulations to run, from "
+            f"{','.join(PROTOCOL_OPTIONS)} (default all); they run in that order"
+        ),
+    )
+    parser.add_argument(
+        "--key-lifetime",
+        choices=KEY_LIFETIMES,
+        default=None,
+        help=(
+            "pass key_lifetime to fedsec's SecAggConfig "
+            "(default: pass nothing, so the package default applies)"
+        ),
     )
     args = parser.parse_args(argv)
     for name, minimum in (

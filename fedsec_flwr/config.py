@@ -17,6 +17,14 @@ MAX_AUTO_QUANTIZATION_BITS = 24
 
 MIN_THRESHOLD = 2
 
+KEY_LIFETIME_ROUND = "round"
+"""New keys every round: four exchanges per round (SecAgg+ as published)."""
+
+KEY_LIFETIME_RUN = "run"
+"""Keys agreed once per run: two exchanges per round after the first."""
+
+KEY_LIFETIMES = (KEY_LIFETIME_ROUND, KEY_LIFETIME_RUN)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SecAggConfig:
@@ -39,6 +47,13 @@ class SecAggConfig:
             majority of the holders.
         stage_timeout: Seconds the server waits for the replies of one stage;
             the masked-input stage includes local training.
+        key_lifetime: ``"round"`` creates and shares new keys in every round
+            (setup, share-keys, masked-input and unmask). ``"run"`` registers
+            each client's keys once per run, derives the round's pairwise
+            seeds from them, sends the self-mask seed's shares with the
+            masked input, and so needs two exchanges per round; a round in
+            which a client drops before sending its input and a neighbour of
+            it drops after sending its own is aborted.
 
     """
 
@@ -50,6 +65,7 @@ class SecAggConfig:
     num_neighbours: int | None = None
     threshold: int | None = None
     stage_timeout: float = 600.0
+    key_lifetime: str = KEY_LIFETIME_ROUND
 
     def __post_init__(self) -> None:
         _check_int("max_weight", self.max_weight, minimum=1)
@@ -77,6 +93,11 @@ class SecAggConfig:
             raise ValueError(
                 "stage_timeout must be a finite number of seconds above 0. "
                 f"Found {self.stage_timeout!r}."
+            )
+        if self.key_lifetime not in KEY_LIFETIMES:
+            raise ValueError(
+                f"key_lifetime must be {KEY_LIFETIME_ROUND!r} or "
+                f"{KEY_LIFETIME_RUN!r}. Found {self.key_lifetime!r}."
             )
         self.encoding()
 

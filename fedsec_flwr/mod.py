@@ -47,7 +47,7 @@ from numpy.typing import NDArray
 
 from . import verification
 from .core import client as protocol
-from .core import commitments
+from .core import commitments, run_keys
 from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
 from .core.errors import ProtocolError
 from .core.messages import (
@@ -56,6 +56,7 @@ from .core.messages import (
     Fields,
     IdentityKey,
     IdentityKeyList,
+    KeyedUnmaskRequest,
     RoundHeader,
     SetupRequest,
     ShareKeysRequest,
@@ -78,6 +79,7 @@ from .records import (
     NUM_EXAMPLES_KEY,
     PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
+    RUN_KEYS_RECORD,
     STATE_RECORD,
     VERIFICATION_ARRAYS_RECORD,
     VERIFICATION_STATE_RECORD,
@@ -294,6 +296,8 @@ def _run_secure_stage(
 
     if header.stage in (Stage.COMMIT, Stage.VERIFY):
         return _verification_stage(header, fields, msg, context)
+    if header.stage in (Stage.REGISTER, Stage.KEYED_INPUT, Stage.KEYED_UNMASK):
+        return _run_keyed_stage(header, fields, msg, context, call_next, options)
     if header.stage is Stage.PLAIN_INPUT:
         raise ProtocolError(
             "Stage 'plain-input' would send the update in clear, which this "
@@ -360,6 +364,92 @@ def _masked_input(
         METRICS_RECORD: metrics,
     }
     return {"stage": Stage.MASKED_INPUT.value}, extra
+
+
+# --- Secure mode with run keys ---------------------------------------------------
+
+
+def _run_keyed_stage(
+    header: RoundHeader,
+    fields: dict[str, object],
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    options: _Options,
+) -> tuple[Fields, _Extra]:
+    existing = _load_run_keys(context)
+    if header.stage is Stage.REGISTER:
+        keys, public = run_keys.client_register(
+            existing, run_id=header.run_id, node_id=msg.metadata.dst_node_id
+        )
+        context.state[RUN_KEYS_RECORD] = to_config_record(keys.to_fields())
+        return public.to_fields(), {}
+
+    if existing is None or existing.run_id != header.run_id:
+        raise ProtocolError(
+            f"Stage {header.stage.value!r} of run {header.run_id} arrived before "
+            "this client registered its keys for the run."
+        )
+    if header.stage is Stage.KEYED_INPUT:
+        return _keyed_input(existing, header, fields, msg, context, call_next, options)
+
+    state, reply = run_keys.client_keyed_unmask(
+        _load_state(context, header), KeyedUnmaskRequest.from_fields(fields)
+    )
+    _save_state(context, state)
+    return reply.to_fields(), {}
+
+
+def _load_run_keys(context: Context) -> run_keys.RunKeys | None:
+    record = context.state.config_records.get(RUN_KEYS_RECORD)
+    return None if record is None else run_keys.RunKeys.from_fields(dict(record))
+
+
+def _keyed_input(
+    keys: run_keys.RunKeys,
+    header: RoundHeader,
+    fields: dict[str, object],
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    options: _Options,
+) -> tuple[Fields, _Extra]:
+    _check_refusal(header, context, options)
+    record = context.state.config_records.get(STATE_RECORD)
+    previous = (
+        None if record is None else protocol.ClientState.from_fields(dict(record))
+    )
+    state = run_keys.client_start_round(
+        keys,
+        previous,
+        ShareKeysRequest.from_fields(fields),
+        server_round=header.server_round,
+    )
+    params = parse_encoding(fields)
+
+    started = time.perf_counter()
+    encoded, metrics = _train_and_encode(
+        msg,
+        context,
+        call_next,
+        params=params,
+        privacy=ClientPrivacy.from_fields(fields),
+        blinding=None,
+        server_round=header.server_round,
+    )
+    encoded_at = time.perf_counter()
+    state, masked, shares = run_keys.client_keyed_input(
+        state, encoded, modulus=params.modulus
+    )
+    _save_state(context, state)
+    metrics[CLIENT_MASK_SECONDS] = time.perf_counter() - encoded_at
+    metrics[CLIENT_TRAIN_AND_ENCODE_SECONDS] = encoded_at - started
+
+    extra: _Extra = {
+        MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
+        METRICS_RECORD: metrics,
+    }
+    return shares.to_fields(), extra
 
 
 def _train_and_encode(

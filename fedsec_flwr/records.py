@@ -19,6 +19,9 @@ PROTOCOL_RECORD = "fedsec.secagg"
 STATE_RECORD = "fedsec.secagg.state"
 """ConfigRecord in ``Context.state`` with the client's protocol state."""
 
+RUN_KEYS_RECORD = "fedsec.secagg.run-keys"
+"""ConfigRecord in ``Context.state`` with the client's private keys of the run."""
+
 MASKED_INPUT_RECORD = "fedsec.masked-input"
 """ArrayRecord with the client's masked input."""
 

@@ -22,7 +22,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
-from .config import SecAggConfig
+from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core import commitments, signatures
 from .core.commitments import BLINDING_LIMBS, VerificationResult
 from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
@@ -31,6 +31,7 @@ from .core.messages import (
     CommitReply,
     EncryptedShares,
     IdentityKey,
+    KeyedUnmaskReply,
     KeyListSignature,
     RoundHeader,
     SetupReply,
@@ -39,6 +40,7 @@ from .core.messages import (
     UnmaskReply,
     VerifyReply,
 )
+from .core.run_keys import KeyDirectory, KeyedServerRound
 from .core.server import ServerRound
 from .privacy import (
     ClientPrivacy,
@@ -255,8 +257,13 @@ def run_secure_round(
     rng: random.Random,
     privacy: PrivacyRound | None = None,
     verification: VerificationConfig | None = None,
+    directory: KeyDirectory | None = None,
 ) -> RoundOutcome:
-    """Run the four SecAgg+ stages, and commit and verify if asked, for a new model.
+    """Run one round of secure aggregation for a new model.
+
+    With ``config.key_lifetime == "round"`` the round runs the four SecAgg+
+    stages, then commit and verify if asked. With ``"run"`` it registers the
+    clients missing from ``directory`` and runs keyed-input and keyed-unmask.
 
     Raises:
         TooFewSurvivorsError: Too few clients remain at some stage.
@@ -269,47 +276,44 @@ def run_secure_round(
     layout = FloatLayout.of(global_arrays)
     plan = _secure_plan(layout.size, config, privacy, verification is not None)
     run_id = grid.run.run_id
-    server = ServerRound(
-        run_id=run_id,
-        server_round=server_round,
-        vector_size=plan.vector_size,
-        modulus=plan.params.modulus,
-        num_neighbours=config.num_neighbours,
-        threshold=config.threshold,
-        rng=rng,
-    )
-    verifier = None
-    if verification is not None:
-        verifier = ServerVerification(run_id=run_id, server_round=server_round)
     stages = _Stages(
         _Exchange(grid, server_round, config.stage_timeout), run_id, server_round
     )
-
     clock = _StageClock()
-    _setup_stage(stages, server, verifier, nodes)
-    clock.lap(Stage.SETUP.value)
-    _share_keys_stage(stages, server, verifier)
-    clock.lap(Stage.SHARE_KEYS.value)
-    masked_replies = _masked_input_stage(
-        stages, server, plan, arrays=arrays, train_config=train_config
-    )
-    clock.lap(Stage.MASKED_INPUT.value)
-    total = _unmask_stage(stages, server)
-    clock.lap(Stage.UNMASK.value)
-
-    survivors = set(server.survivors)
-    dropped_by_stage = dict(server.dropped_by_stage)
-    result = None
-    if verifier is not None and verification is not None:
-        result = _verify_secure_total(
-            stages,
-            verifier,
-            plan,
-            total,
-            included=sorted(survivors),
-            audit_path=verification.audit_path,
-            dropped_by_stage=dropped_by_stage,
+    if config.key_lifetime == KEY_LIFETIME_RUN:
+        if directory is None:
+            raise ValueError("A round with run keys needs the run's key directory.")
+        keyed = KeyedServerRound(
+            run_id=run_id,
+            server_round=server_round,
+            vector_size=plan.vector_size,
+            modulus=plan.params.modulus,
+            directory=directory,
+            nodes=nodes,
+            num_neighbours=config.num_neighbours,
+            threshold=config.threshold,
+            rng=rng,
         )
+        total, masked_replies = _keyed_exchanges(
+            stages, keyed, plan, clock, arrays=arrays, train_config=train_config
+        )
+        survivors = set(keyed.survivors)
+        dropped_by_stage = dict(keyed.dropped_by_stage)
+        result = None
+    else:
+        total, masked_replies, server, result = _per_round_key_stages(
+            stages,
+            plan,
+            clock,
+            nodes=nodes,
+            arrays=arrays,
+            train_config=train_config,
+            config=config,
+            rng=rng,
+            verification=verification,
+        )
+        survivors = set(server.survivors)
+        dropped_by_stage = dict(server.dropped_by_stage)
 
     clock.lap(VERIFICATION_TIMING)
     params = plan.params
@@ -353,6 +357,131 @@ def run_secure_round(
         epsilon=epsilon,
         verification=result,
         timings=clock.laps,
+    )
+
+
+def _per_round_key_stages(
+    stages: _Stages,
+    plan: _SecurePlan,
+    clock: _StageClock,
+    *,
+    nodes: list[int],
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+    config: SecAggConfig,
+    rng: random.Random,
+    verification: VerificationConfig | None,
+) -> tuple[
+    NDArray[np.uint32], dict[int, Message], ServerRound, VerificationResult | None
+]:
+    """Run setup, share-keys, masked-input and unmask, then commit and verify."""
+    server = ServerRound(
+        run_id=stages.run_id,
+        server_round=stages.server_round,
+        vector_size=plan.vector_size,
+        modulus=plan.params.modulus,
+        num_neighbours=config.num_neighbours,
+        threshold=config.threshold,
+        rng=rng,
+    )
+    verifier = None
+    if verification is not None:
+        verifier = ServerVerification(
+            run_id=stages.run_id, server_round=stages.server_round
+        )
+
+    _setup_stage(stages, server, verifier, nodes)
+    clock.lap(Stage.SETUP.value)
+    _share_keys_stage(stages, server, verifier)
+    clock.lap(Stage.SHARE_KEYS.value)
+    masked_replies = _masked_input_stage(
+        stages, server, plan, arrays=arrays, train_config=train_config
+    )
+    clock.lap(Stage.MASKED_INPUT.value)
+    total = _unmask_stage(stages, server)
+    clock.lap(Stage.UNMASK.value)
+
+    result = None
+    if verifier is not None and verification is not None:
+        dropped_by_stage = server.dropped_by_stage
+        result = _verify_secure_total(
+            stages,
+            verifier,
+            plan,
+            total,
+            included=list(server.survivors),
+            audit_path=verification.audit_path,
+            dropped_by_stage=dropped_by_stage,
+        )
+    return total, masked_replies, server, result
+
+
+def _keyed_exchanges(
+    stages: _Stages,
+    keyed: KeyedServerRound,
+    plan: _SecurePlan,
+    clock: _StageClock,
+    *,
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+) -> tuple[NDArray[np.uint32], dict[int, Message]]:
+    """Register new clients, then run keyed-input and keyed-unmask.
+
+    Clients that fail keyed-input lose their registration, so a client that
+    restarted without its keys registers again when next sampled.
+    """
+    _register_stage(stages, keyed.directory, keyed.nodes)
+    clock.lap(Stage.REGISTER.value)
+
+    requests = {
+        node: {
+            **request.to_fields(),
+            **encoding_fields(plan.params),
+            **plan.request_fields,
+        }
+        for node, request in keyed.input_requests().items()
+    }
+    replies = stages.send(
+        Stage.KEYED_INPUT,
+        requests,
+        {ARRAYS_RECORD: arrays, CONFIG_RECORD: train_config},
+    )
+
+    def parse(message: Message) -> tuple[NDArray[np.uint32], EncryptedShares]:
+        shares = EncryptedShares.from_fields(protocol_fields(message.content))
+        return _masked_vector(message), shares
+
+    parsed = stages.parse(replies, parse, Stage.KEYED_INPUT)
+    keyed.directory.forget(set(requests) - set(parsed))
+    keyed.receive_inputs(parsed)
+    clock.lap(Stage.KEYED_INPUT.value)
+
+    unmask_replies = stages.send(
+        Stage.KEYED_UNMASK,
+        {node: r.to_fields() for node, r in keyed.unmask_requests().items()},
+    )
+    total = keyed.receive_unmask(
+        stages.parse(
+            unmask_replies,
+            lambda m: KeyedUnmaskReply.from_fields(protocol_fields(m.content)),
+            Stage.KEYED_UNMASK,
+        )
+    )
+    clock.lap(Stage.KEYED_UNMASK.value)
+    return total, replies
+
+
+def _register_stage(stages: _Stages, directory: KeyDirectory, nodes: list[int]) -> None:
+    missing = directory.missing(nodes)
+    if not missing:
+        return
+    replies = stages.send(Stage.REGISTER, {node: {} for node in missing})
+    directory.register(
+        stages.parse(
+            replies,
+            lambda m: SetupReply.from_fields(protocol_fields(m.content)),
+            Stage.REGISTER,
+        )
     )
 
 

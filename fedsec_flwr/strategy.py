@@ -25,8 +25,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .config import SecAggConfig
+from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core.errors import TooFewSurvivorsError
+from .core.run_keys import KeyDirectory
 from .privacy import DPConfig, DPMode, ServerPrivacy
 from .records import FloatLayout, arrays_to_numpy
 from .rounds import (
@@ -190,6 +191,7 @@ class SecureFedAvg(Strategy):
         self.plain_timeout = plain_timeout
         self.on_round_end = on_round_end
         self.rng = rng or random.SystemRandom()
+        self._key_directory = KeyDirectory()
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -280,6 +282,7 @@ class SecureFedAvg(Strategy):
                 ", ".join(non_float_keys),
             )
         privacy = self._privacy(num_rounds)
+        self._key_directory = KeyDirectory()
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
             nodes = self._sample_nodes(grid, server_round, timeout)
@@ -389,6 +392,7 @@ class SecureFedAvg(Strategy):
             rng=self.rng,
             privacy=privacy,
             verification=self.verification,
+            directory=self._key_directory,
         )
 
     def _sample_nodes(self, grid: Grid, server_round: int, timeout: float) -> list[int]:
@@ -491,6 +495,17 @@ def _verification_config(
             "verify the aggregate before the server adds noise, so each of them "
             "would see the un-noised sum. Use mode='distributed'. Found "
             "mode='central'."
+        )
+    if (
+        secure_aggregation is not None
+        and secure_aggregation.key_lifetime == KEY_LIFETIME_RUN
+    ):
+        # TODO: carry the commit and verify messages in the two exchanges of a
+        # round with run keys.
+        raise ValueError(
+            "verification needs secure_aggregation.key_lifetime='round'; the "
+            "commit and verify stages are not built for run keys. Found "
+            "key_lifetime='run'."
         )
     if secure_aggregation is not None:
         check_blinding_capacity(

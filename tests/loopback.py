@@ -109,6 +109,16 @@ class LoopbackGrid(Grid):
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
+    def context_of(self, node: int) -> Context:
+        """Return the node's Context as it is stored between messages."""
+        return _load_context(self._contexts[node])
+
+    def deliver_again(self, message: Message) -> Message:
+        """Deliver a message that was already sent, as a replaying server would."""
+        reply = self._deliver(message)
+        assert reply is not None
+        return reply
+
     def _deliver(self, message: Message) -> Message | None:
         message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
         self.sent.append(message)

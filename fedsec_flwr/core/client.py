@@ -174,7 +174,8 @@ def share_holders(node_id: int, neighbour_ids: tuple[int, ...]) -> tuple[int, ..
     return tuple(sorted((*neighbour_ids, node_id)))
 
 
-def _check_share_keys_request(state: ClientState, request: ShareKeysRequest) -> None:
+def check_neighbour_request(state: ClientState, request: ShareKeysRequest) -> None:
+    """Check the neighbour list, threshold and key sizes the server sent."""
     neighbours = request.neighbour_ids
     if not neighbours:
         raise ProtocolError("neighbour-ids must name at least one neighbour.")
@@ -196,7 +197,8 @@ def _check_share_keys_request(state: ClientState, request: ShareKeysRequest) -> 
             )
 
 
-def _share_key(state: ClientState, peer_public_key: bytes) -> bytes:
+def share_key(state: ClientState, peer_public_key: bytes) -> bytes:
+    """Derive the round's key that encrypts shares between this client and a peer."""
     return keys.derive_shared_key(
         keys.load_private_key(state.encryption_private_key),
         peer_public_key,
@@ -214,7 +216,7 @@ def client_share_keys(
     receiver, so the relaying server can neither read nor redirect them.
     """
     _require_stage(state, Stage.SETUP, Stage.SHARE_KEYS)
-    _check_share_keys_request(state, request)
+    check_neighbour_request(state, request)
 
     self_seed = os.urandom(SEED_SIZE)
     holders = share_holders(state.node_id, request.neighbour_ids)
@@ -237,7 +239,7 @@ def client_share_keys(
             continue
         position = request.neighbour_ids.index(holder)
         ciphertexts[holder] = aead.encrypt(
-            _share_key(state, request.encryption_public_keys[position]),
+            share_key(state, request.encryption_public_keys[position]),
             plaintext,
             associated_data=aead.share_associated_data(
                 run_id=state.run_id,
@@ -281,7 +283,7 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
     for sender, ciphertext in request.ciphertexts.items():
         position = state.neighbour_ids.index(sender)
         plaintext = aead.decrypt(
-            _share_key(state, state.encryption_public_keys[position]),
+            share_key(state, state.encryption_public_keys[position]),
             ciphertext,
             associated_data=aead.share_associated_data(
                 run_id=state.run_id,

@@ -40,7 +40,9 @@ class Stage(StrEnum):
 
     A secure round runs setup, share-keys, masked-input and unmask. A plain
     round with verification runs setup, plain-input, commit and verify, and a
-    secure round with verification adds commit and verify after unmask.
+    secure round with verification adds commit and verify after unmask. With
+    keys agreed once per run, a client runs register once, then keyed-input
+    and keyed-unmask in each round.
     """
 
     SETUP = "setup"
@@ -50,6 +52,9 @@ class Stage(StrEnum):
     UNMASK = "unmask"
     COMMIT = "commit"
     VERIFY = "verify"
+    REGISTER = "register"
+    KEYED_INPUT = "keyed-input"
+    KEYED_UNMASK = "keyed-unmask"
 
 
 SECURE_AGGREGATION_STAGES = (
@@ -321,6 +326,63 @@ class UnmaskReply:
         return cls(
             seed_shares=_node_map(fields, "seed-owner-ids", "seed-shares"),
             key_shares=_node_map(fields, "key-owner-ids", "key-shares"),
+        )
+
+
+@dataclass(frozen=True)
+class KeyedUnmaskRequest:
+    """The survivors and dropouts of a round with run keys, and the held shares.
+
+    ``ciphertexts`` holds the self-mask seed shares that the client's
+    surviving neighbours addressed to it, keyed by sender.
+    """
+
+    survivor_ids: tuple[int, ...]
+    dropped_ids: tuple[int, ...]
+    ciphertexts: dict[int, bytes]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            **UnmaskRequest(self.survivor_ids, self.dropped_ids).to_fields(),
+            **EncryptedShares(self.ciphertexts).to_fields(),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> KeyedUnmaskRequest:
+        """Parse untrusted record fields."""
+        lists = UnmaskRequest.from_fields(fields)
+        return cls(
+            survivor_ids=lists.survivor_ids,
+            dropped_ids=lists.dropped_ids,
+            ciphertexts=EncryptedShares.from_fields(fields).ciphertexts,
+        )
+
+
+@dataclass(frozen=True)
+class KeyedUnmaskReply:
+    """Seed shares of surviving owners and the round's seeds shared with dropouts.
+
+    ``seed_shares`` is keyed by the share's owner, ``pair_seeds`` by the
+    dropped neighbour.
+    """
+
+    seed_shares: dict[int, bytes]
+    pair_seeds: dict[int, bytes]
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields."""
+        return {
+            **_node_map_fields(self.seed_shares, "seed-owner-ids", "seed-shares"),
+            **_node_map_fields(self.pair_seeds, "dropped-peer-ids", "pair-seeds"),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> KeyedUnmaskReply:
+        """Parse untrusted record fields."""
+        return cls(
+            seed_shares=_node_map(fields, "seed-owner-ids", "seed-shares"),
+            pair_seeds=_node_map(fields, "dropped-peer-ids", "pair-seeds"),
         )
 
 

@@ -8,6 +8,7 @@ checked here once, with errors that name the key, the constraint and the value.
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from fedsec_flwr.config import KEY_LIFETIMES
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
 ConfigValue = bool | int | float | str
@@ -43,6 +44,9 @@ class AppSettings:
         secagg_max_weight: Largest ``num-examples`` a client may report.
         secagg_max_clients: Largest number of clients in one round.
         secagg_timeout: Seconds allowed for each protocol stage.
+        secagg_key_lifetime: ``round`` for new keys every round (four
+            exchanges), ``run`` for keys agreed once per run (two exchanges
+            per round).
         dp_mode: Client-level DP: ``off``, ``central`` or ``distributed``.
         noise_multiplier: Client-level DP noise over the clipping norm; 0
             means calibrate from ``target_epsilon``.
@@ -84,6 +88,7 @@ class AppSettings:
     secagg_max_weight: int
     secagg_max_clients: int
     secagg_timeout: float
+    secagg_key_lifetime: str = "round"
     dp_mode: str = "off"
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
@@ -127,6 +132,7 @@ class AppSettings:
             secagg_max_weight=_get_int(run_config, "secagg-max-weight"),
             secagg_max_clients=_get_int(run_config, "secagg-max-clients"),
             secagg_timeout=_get_float(run_config, "secagg-timeout"),
+            secagg_key_lifetime=_get_str(run_config, "secagg-key-lifetime"),
             dp_mode=_get_str(run_config, "dp-mode"),
             noise_multiplier=_get_float(run_config, "noise-multiplier"),
             target_epsilon=_get_float(run_config, "target-epsilon"),
@@ -176,6 +182,9 @@ class AppSettings:
             _check_min("secagg-max-weight", self.secagg_max_weight, 1),
             _check_min("secagg-max-clients", self.secagg_max_clients, 2),
             _check_positive("secagg-timeout", self.secagg_timeout),
+            _check_choice(
+                "secagg-key-lifetime", self.secagg_key_lifetime, KEY_LIFETIMES
+            ),
             _check_choice("dp-mode", self.dp_mode, DP_MODES),
             _check_choice("client-sampling", self.client_sampling, SAMPLINGS),
             _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS),

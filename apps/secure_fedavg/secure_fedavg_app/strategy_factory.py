@@ -42,6 +42,7 @@ def _secagg_parameters(settings: AppSettings) -> SecAggConfig:
             max_weight=settings.secagg_max_weight,
             max_clients=settings.secagg_max_clients,
             stage_timeout=settings.secagg_timeout,
+            key_lifetime=settings.secagg_key_lifetime,
         )
     except ValueError as error:
         raise ValueError(f"Invalid secagg-* run config: {error}") from error

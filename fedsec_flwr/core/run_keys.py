@@ -1,0 +1,588 @@
+"""Secure aggregation with keys agreed once per run: two exchanges per round.
+
+Each client registers two X25519 key pairs once per run: one encrypts the
+shares it sends to its neighbours, one agrees the seeds of its pairwise masks.
+A round then has two exchanges with the clients:
+
+- keyed-input: the server sends the model, the round's neighbour graph and
+  the neighbours' public keys. The client trains, draws a fresh self-mask
+  seed, masks its input with that seed and with one pairwise mask per
+  neighbour, and returns the masked input together with Shamir shares of the
+  seed, each encrypted for one neighbour.
+- keyed-unmask: the server names the clients whose masked input it included
+  (survivors) and those it lacks (dropouts), and forwards to each survivor the
+  shares its surviving neighbours addressed to it. The client reveals the
+  seed share of every surviving neighbour, and, for every dropped neighbour,
+  the seed of the pairwise mask it shares with that neighbour in this round.
+
+A pairwise seed is derived per round from the run's key agreement
+(HKDF with the run and round in its info), so revealing one discloses that
+round's mask with that neighbour and nothing about other rounds. The long-term
+mask keys are never shared or revealed, so a client that drops out and
+returns renews nothing but its per-round self-mask seed, which is fresh in
+every round anyway.
+
+The rule that keeps an input private when the server lies about dropouts: for
+each neighbour, a client reveals either its seed share (the neighbour's input
+was included) or their pairwise seed (it was not), never both, and it answers
+the unmask request of a round only once. Unmasking a client's input needs its
+self-mask seed, hence seed shares from at least ``threshold`` of its holders,
+and every one of its pairwise seeds, hence every neighbour; a holder gives
+only one of the two, so both sets can be complete only for ``threshold < 2``.
+
+The cost of revealing seeds instead of key shares: the server can remove the
+mask between a survivor and a dropped neighbour only with the survivor's own
+answer, so a round in which a client drops before sending its input and one
+of its neighbours drops after sending its own cannot be unmasked and is
+aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import aead, keys, masks, shamir
+from .client import (
+    SEED_SIZE,
+    ClientState,
+    check_neighbour_request,
+    client_mask,
+    pair_seed,
+    share_holders,
+    share_key,
+)
+from .errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
+from .messages import (
+    EncryptedShares,
+    Fields,
+    KeyedUnmaskReply,
+    KeyedUnmaskRequest,
+    SetupReply,
+    ShareKeysRequest,
+    Stage,
+    _field,
+    pack_node_ids,
+    pair_mask_context,
+    pair_sign,
+    self_mask_context,
+    unpack_node_ids,
+)
+from .server import RoundPlan, plan_round
+
+logger = logging.getLogger("fedsec_flwr.core")
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """A client's private keys for one run; they never leave the client."""
+
+    run_id: int
+    node_id: int
+    encryption_private_key: bytes
+    mask_private_key: bytes
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields for ``Context.state``."""
+        return {
+            "run-id": pack_node_ids([self.run_id]),
+            "node-id": pack_node_ids([self.node_id]),
+            "encryption-private-key": self.encryption_private_key,
+            "mask-private-key": self.mask_private_key,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> RunKeys:
+        """Restore keys stored by ``to_fields``."""
+        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
+        (node_id,) = unpack_node_ids(_field(fields, "node-id", bytes), field="node-id")
+        return cls(
+            run_id=run_id,
+            node_id=node_id,
+            encryption_private_key=_field(fields, "encryption-private-key", bytes),
+            mask_private_key=_field(fields, "mask-private-key", bytes),
+        )
+
+    def public(self) -> SetupReply:
+        """Return the public keys the client registers with the server."""
+        return SetupReply(
+            encryption_public_key=keys.public_key_bytes(
+                keys.load_private_key(self.encryption_private_key)
+            ),
+            mask_public_key=keys.public_key_bytes(
+                keys.load_private_key(self.mask_private_key)
+            ),
+        )
+
+
+def client_register(
+    existing: RunKeys | None, *, run_id: int, node_id: int
+) -> tuple[RunKeys, SetupReply]:
+    """Return the client's run keys, creating them on the first request of a run.
+
+    A repeated request in the same run returns the same public keys, so a
+    server that lost its directory cannot make a client mask with two keys.
+    """
+    if existing is not None and (existing.run_id, existing.node_id) == (
+        run_id,
+        node_id,
+    ):
+        return existing, existing.public()
+
+    run_keys = RunKeys(
+        run_id=run_id,
+        node_id=node_id,
+        encryption_private_key=keys.private_key_bytes(keys.generate_private_key()),
+        mask_private_key=keys.private_key_bytes(keys.generate_private_key()),
+    )
+    return run_keys, run_keys.public()
+
+
+def client_start_round(
+    run_keys: RunKeys,
+    previous: ClientState | None,
+    request: ShareKeysRequest,
+    *,
+    server_round: int,
+) -> ClientState:
+    """Check a keyed-input request before the client trains for it.
+
+    ``previous`` is the state this client kept from its last round of the run,
+    if any; a client masks at most one input per round, so a request for the
+    same or an earlier round is refused.
+    """
+    if (
+        previous is not None
+        and previous.run_id == run_keys.run_id
+        and server_round <= previous.server_round
+    ):
+        raise ProtocolError(
+            f"Round {server_round} must come after round "
+            f"{previous.server_round}, in which this client already sent "
+            "a masked input."
+        )
+
+    state = ClientState(
+        run_id=run_keys.run_id,
+        server_round=server_round,
+        node_id=run_keys.node_id,
+        stage=Stage.KEYED_INPUT,
+        encryption_private_key=run_keys.encryption_private_key,
+        mask_private_key=run_keys.mask_private_key,
+    )
+    check_neighbour_request(state, request)
+    return replace(
+        state,
+        threshold=request.threshold,
+        neighbour_ids=request.neighbour_ids,
+        encryption_public_keys=request.encryption_public_keys,
+        mask_public_keys=request.mask_public_keys,
+    )
+
+
+def client_keyed_input(
+    state: ClientState, encoded: NDArray[np.uint32], *, modulus: int
+) -> tuple[ClientState, NDArray[np.uint32], EncryptedShares]:
+    """Mask an encoded input and share the round's self-mask seed.
+
+    Returns the round's state, the masked input and the encrypted shares keyed
+    by receiver.
+    """
+    if state.stage is not Stage.KEYED_INPUT:
+        raise ProtocolError(
+            f"A masked input needs a state from client_start_round. Found the "
+            f"client after stage {state.stage.value!r}."
+        )
+    self_seed = os.urandom(SEED_SIZE)
+    holders = share_holders(state.node_id, state.neighbour_ids)
+    seed_shares = shamir.split_secret(
+        self_seed, threshold=state.threshold, num_shares=len(holders)
+    )
+
+    ciphertexts: dict[int, bytes] = {}
+    own_seed_share = b""
+    for holder, share in zip(holders, seed_shares, strict=True):
+        encoded_share = shamir.encode_share(share)
+        if holder == state.node_id:
+            own_seed_share = encoded_share
+            continue
+        position = state.neighbour_ids.index(holder)
+        ciphertexts[holder] = aead.encrypt(
+            share_key(state, state.encryption_public_keys[position]),
+            encoded_share,
+            associated_data=_associated_data(state, holder, sender=state.node_id),
+        )
+
+    # Mask with every neighbour: their keys are known before the round, and a
+    # neighbour that drops is removed with the pairwise seed revealed later.
+    masking = replace(
+        state,
+        stage=Stage.MASKED_INPUT,
+        self_seed=self_seed,
+        held_seed_shares=dict.fromkeys(state.neighbour_ids, b""),
+    )
+    masked = client_mask(masking, encoded, modulus=modulus)
+
+    # The seed is needed only to mask; the server recovers it from shares.
+    kept = replace(state, stage=Stage.MASKED_INPUT, own_seed_share=own_seed_share)
+    return kept, masked, EncryptedShares(ciphertexts=ciphertexts)
+
+
+def _associated_data(state: ClientState, receiver: int, *, sender: int) -> bytes:
+    return aead.share_associated_data(
+        run_id=state.run_id,
+        server_round=state.server_round,
+        stage=Stage.KEYED_INPUT.value,
+        sender=sender,
+        receiver=receiver,
+    )
+
+
+def client_keyed_unmask(
+    state: ClientState, request: KeyedUnmaskRequest
+) -> tuple[ClientState, KeyedUnmaskReply]:
+    """Reveal, per neighbour, either its seed share or the pairwise seed.
+
+    Raises:
+        ProtocolError: The request names this client as dropped, lists a node
+            twice, includes fewer of its holders than the threshold, or comes
+            a second time in the round.
+        AuthenticationError: A forwarded share fails authentication.
+
+    """
+    if state.stage is not Stage.MASKED_INPUT:
+        raise ProtocolError(
+            f"Stage {Stage.KEYED_UNMASK.value!r} must follow stage "
+            f"{Stage.KEYED_INPUT.value!r} of the same round, once. Found the "
+            f"client after stage {state.stage.value!r}."
+        )
+    survivors = set(request.survivor_ids)
+    dropped = set(request.dropped_ids)
+    neighbours = set(state.neighbour_ids)
+    if survivors & dropped:
+        raise ProtocolError("A node is listed both as survivor and as dropped.")
+    if state.node_id not in survivors:
+        raise ProtocolError("The survivor list must contain the client itself.")
+
+    # Count only this client's own holders, so padding the list with made-up
+    # ids does not pass the check.
+    included_holders = len(survivors & (neighbours | {state.node_id}))
+    if included_holders < state.threshold:
+        raise ProtocolError(
+            f"Only {included_holders} of this client's share holders have their "
+            f"masked input included, fewer than the threshold {state.threshold}; "
+            "revealing shares could expose an input."
+        )
+    unexpected = set(request.ciphertexts) - (survivors & neighbours)
+    if unexpected:
+        raise ProtocolError(
+            f"Received shares from {len(unexpected)} node(s) that are not "
+            "surviving neighbours."
+        )
+
+    seed_shares = {state.node_id: state.own_seed_share}
+    for sender, ciphertext in request.ciphertexts.items():
+        seed_shares[sender] = _open_share(state, sender, ciphertext)
+
+    pair_seeds = {
+        peer: _round_pair_seed(state, peer) for peer in sorted(dropped & neighbours)
+    }
+    done = replace(state, stage=Stage.UNMASK, own_seed_share=b"")
+    return done, KeyedUnmaskReply(seed_shares=seed_shares, pair_seeds=pair_seeds)
+
+
+def _open_share(state: ClientState, sender: int, ciphertext: bytes) -> bytes:
+    position = state.neighbour_ids.index(sender)
+    plaintext = aead.decrypt(
+        share_key(state, state.encryption_public_keys[position]),
+        ciphertext,
+        associated_data=_associated_data(state, state.node_id, sender=sender),
+    )
+    if len(plaintext) != shamir.ENCODED_SHARE_SIZE:
+        raise AuthenticationError("Share decryption failed.")
+    return plaintext
+
+
+def _round_pair_seed(state: ClientState, peer: int) -> bytes:
+    position = state.neighbour_ids.index(peer)
+    return pair_seed(
+        state.mask_private_key,
+        state.mask_public_keys[position],
+        state.run_id,
+        state.server_round,
+    )
+
+
+@dataclass
+class KeyDirectory:
+    """The public keys the clients of a run registered, kept by the server."""
+
+    entries: dict[int, SetupReply] = field(default_factory=dict)
+
+    def missing(self, nodes: list[int]) -> list[int]:
+        """Return the nodes that have no registered keys, in order."""
+        return [node for node in nodes if node not in self.entries]
+
+    def register(self, replies: Mapping[int, SetupReply]) -> None:
+        """Keep the usable keys among the replies; a node's keys never change.
+
+        A node that registers different keys than it did before is ignored
+        and keeps its first keys: a client keeps one pair per run.
+        """
+        for node, reply in replies.items():
+            if not (
+                keys.is_usable_public_key(reply.encryption_public_key)
+                and keys.is_usable_public_key(reply.mask_public_key)
+            ):
+                continue
+            known = self.entries.get(node)
+            if known is not None and known != reply:
+                logger.warning(
+                    "Node %d registered other keys than before; they are ignored",
+                    node,
+                )
+                continue
+            self.entries[node] = reply
+
+    def forget(self, nodes: set[int]) -> None:
+        """Drop the keys of nodes that failed a round, so that they register again."""
+        for node in nodes:
+            self.entries.pop(node, None)
+
+
+@dataclass
+class KeyedServerRound:
+    """State of the server through the two exchanges of a round with run keys.
+
+    Call ``input_requests``, ``receive_inputs``, ``unmask_requests`` and
+    ``receive_unmask`` in order.
+    """
+
+    run_id: int
+    server_round: int
+    vector_size: int
+    modulus: int
+    directory: KeyDirectory
+    nodes: list[int]
+    num_neighbours: int | None = None
+    threshold: int | None = None
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    dropped_by_stage: dict[str, int] = field(default_factory=dict)
+    _plan: RoundPlan | None = None
+    _routed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    _survivors: set[int] = field(default_factory=set)
+    _total: NDArray[np.uint32] | None = None
+
+    @property
+    def plan(self) -> RoundPlan:
+        """The round's graph and threshold, chosen at ``input_requests``."""
+        if self._plan is None:
+            raise ProtocolError("The round has no plan before its input requests.")
+        return self._plan
+
+    @property
+    def survivors(self) -> tuple[int, ...]:
+        """Clients whose masked input is in the sum."""
+        return tuple(sorted(self._survivors))
+
+    def _record_drops(self, stage: Stage, expected: set[int], kept: set[int]) -> None:
+        lost = expected - kept
+        self.dropped_by_stage[stage.value] = len(lost)
+        if lost:
+            logger.info(
+                "Round %d: %d client(s) dropped at stage %s",
+                self.server_round,
+                len(lost),
+                stage.value,
+            )
+
+    def input_requests(self) -> dict[int, ShareKeysRequest]:
+        """Plan the round over the registered nodes and address each its neighbours."""
+        keyed = [node for node in self.nodes if node in self.directory.entries]
+        self._record_drops(Stage.REGISTER, set(self.nodes), set(keyed))
+        self._plan = plan_round(
+            sorted(keyed),
+            num_neighbours=self.num_neighbours,
+            threshold=self.threshold,
+            rng=self.rng,
+        )
+        entries = self.directory.entries
+        return {
+            node: ShareKeysRequest(
+                threshold=self._plan.threshold,
+                neighbour_ids=peers,
+                encryption_public_keys=tuple(
+                    entries[p].encryption_public_key for p in peers
+                ),
+                mask_public_keys=tuple(entries[p].mask_public_key for p in peers),
+            )
+            for node, peers in self._plan.neighbours.items()
+        }
+
+    def receive_inputs(
+        self, replies: Mapping[int, tuple[NDArray[np.uint32], EncryptedShares]]
+    ) -> None:
+        """Add each well-formed masked input to the sum and route its shares.
+
+        A reply counts only if its vector has the round's dtype and shape and
+        it carries one share for every neighbour.
+        """
+        graph = self.plan.neighbours
+        total = np.zeros(self.vector_size, dtype=np.uint32)
+        survivors: set[int] = set()
+        routed: dict[int, dict[int, bytes]] = {node: {} for node in graph}
+        for node, (vector, shares) in replies.items():
+            if node not in graph:
+                continue
+            if vector.dtype != np.uint32 or vector.shape != (self.vector_size,):
+                logger.warning(
+                    "Round %d: node %d sent a masked input of dtype %s and shape %s, "
+                    "expected uint32 and (%d,); it counts as dropped",
+                    self.server_round,
+                    node,
+                    vector.dtype,
+                    vector.shape,
+                    self.vector_size,
+                )
+                continue
+            if set(shares.ciphertexts) != set(graph[node]):
+                continue
+            total += vector
+            survivors.add(node)
+            for receiver, ciphertext in shares.ciphertexts.items():
+                routed[receiver][node] = ciphertext
+
+        self._record_drops(Stage.KEYED_INPUT, set(graph), survivors)
+        self._require(len(survivors), Stage.KEYED_INPUT)
+        self._survivors = survivors
+        self._routed = routed
+        self._total = total
+
+    def unmask_requests(self) -> dict[int, KeyedUnmaskRequest]:
+        """Send each survivor the round's lists and the shares addressed to it."""
+        survivor_ids = self.survivors
+        dropped_ids = tuple(sorted(set(self.plan.neighbours) - self._survivors))
+        return {
+            node: KeyedUnmaskRequest(
+                survivor_ids=survivor_ids,
+                dropped_ids=dropped_ids,
+                ciphertexts={
+                    sender: ciphertext
+                    for sender, ciphertext in self._routed[node].items()
+                    if sender in self._survivors
+                },
+            )
+            for node in survivor_ids
+        }
+
+    def receive_unmask(
+        self, replies: Mapping[int, KeyedUnmaskReply]
+    ) -> NDArray[np.uint32]:
+        """Remove every remaining mask and return the sum of the survivors' inputs.
+
+        Raises:
+            TooFewSurvivorsError: A self-mask seed has fewer revealed shares
+                than the threshold, or a survivor did not reveal the seed it
+                shares with a dropped neighbour.
+            ProtocolError: The revealed shares of a seed are inconsistent.
+
+        """
+        if self._total is None:
+            raise ProtocolError("Unmasking must follow the keyed-input exchange.")
+        responders = {n: r for n, r in replies.items() if n in self._survivors}
+        self._record_drops(Stage.KEYED_UNMASK, self._survivors, set(responders))
+
+        total = self._total
+        for owner in self.survivors:
+            masks.add_mask(
+                total,
+                self._recover_seed(owner, responders),
+                context=self_mask_context(self.run_id, self.server_round, owner),
+                sign=-1,
+            )
+        for owner in sorted(set(self.plan.neighbours) - self._survivors):
+            self._remove_pair_masks(owner, responders, total)
+
+        if self.modulus < 2**32:
+            np.bitwise_and(total, np.uint32(self.modulus - 1), out=total)
+        self._total = None
+        return total
+
+    def _remove_pair_masks(
+        self,
+        dropped: int,
+        responders: Mapping[int, KeyedUnmaskReply],
+        total: NDArray[np.uint32],
+    ) -> None:
+        for peer in self.plan.neighbours[dropped]:
+            if peer not in self._survivors:
+                continue
+            reply = responders.get(peer)
+            seed = None if reply is None else reply.pair_seeds.get(dropped)
+            if seed is None or len(seed) != keys.KEY_SIZE:
+                raise TooFewSurvivorsError(
+                    f"Round {self.server_round}: node {peer}, whose input is "
+                    "included, did not reveal the mask it shares with dropped "
+                    f"node {dropped}. The round is aborted and no model is "
+                    "released."
+                )
+            # The peer added sign(peer, dropped) * mask; subtract the same.
+            masks.add_mask(
+                total,
+                seed,
+                context=pair_mask_context(
+                    self.run_id, self.server_round, dropped, peer
+                ),
+                sign=-pair_sign(peer, dropped),
+            )
+
+    def _recover_seed(
+        self, owner: int, responders: Mapping[int, KeyedUnmaskReply]
+    ) -> bytes:
+        holders = share_holders(owner, self.plan.neighbours[owner])
+        shares = []
+        for position, holder in enumerate(holders):
+            reply = responders.get(holder)
+            encoded = None if reply is None else reply.seed_shares.get(owner)
+            if encoded is None:
+                continue
+            try:
+                share = shamir.decode_share(encoded)
+            except ValueError:
+                continue
+            if share.index == position + 1:
+                shares.append(share)
+
+        threshold = self.plan.threshold
+        if len(shares) < threshold:
+            raise TooFewSurvivorsError(
+                f"Round {self.server_round}: {len(shares)} share(s) of the seed of "
+                f"node {owner} were revealed, fewer than the threshold "
+                f"{threshold}. The round is aborted and no model is released."
+            )
+        try:
+            shamir.check_consistent(shares, threshold=threshold)
+            return shamir.combine_shares(
+                shares, threshold=threshold, secret_size=SEED_SIZE
+            )
+        except ValueError:
+            raise ProtocolError(
+                f"Round {self.server_round}: the revealed shares of the seed of "
+                f"node {owner} are inconsistent; a client sent a corrupt share. "
+                "The round is aborted and no model is released."
+            ) from None
+
+    def _require(self, remaining: int, stage: Stage) -> None:
+        if remaining < self.plan.threshold:
+            raise TooFewSurvivorsError(
+                f"Round {self.server_round}: {remaining} client(s) remain after "
+                f"stage {stage.value!r}, fewer than the threshold "
+                f"{self.plan.threshold}. The round is aborted and no model is "
+                "released."
+            )
