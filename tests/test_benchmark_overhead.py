@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,10 +13,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+import benchmarks.overhead
 from benchmarks.overhead import (
+    FEDSEC,
+    FLOWER,
+    PLAIN,
     FlowerShares,
+    fedsec_config,
     flower_shares,
     initial_model,
+    parse_args,
+    parse_protocols,
     payload_bytes,
 )
 from fedsec_flwr.records import content_bytes
@@ -47,7 +55,23 @@ REQUIRED_KEYS = (
     "plain_upload_bytes_per_client",
     "overhead_ratio",
     "mask_generation",
+    "protocols",
+    "load_average_start",
+    "load_average_end",
+    "plain_memory",
+    "fedsec_memory",
+    "flower_secaggplus_memory",
 )
+MEMORY_KEYS = (
+    "main_peak_rss_bytes",
+    "main_hwm_bytes",
+    "descendants_peak_rss_bytes",
+    "descendants_peak_anon_bytes",
+    "ray_workers_peak_rss_bytes",
+    "system_used_peak_bytes",
+)
+# Python with NumPy, Flower and Ray loaded already takes more than this.
+MIN_MAIN_RSS_BYTES = 50 * 1024**2
 
 
 def test_initial_model_has_requested_size() -> None:
@@ -89,7 +113,58 @@ def test_flower_shares_follow_fedsec_degree(
     assert flower_shares(clients) == expected
 
 
-def run_command(json_path: Path) -> subprocess.CompletedProcess[str]:
+def test_parse_protocols_keeps_run_order() -> None:
+    assert parse_protocols("fedsec,plain") == [PLAIN, FEDSEC]
+    assert parse_protocols("flower") == [FLOWER]
+    assert parse_protocols(" plain , flower,plain") == [PLAIN, FLOWER]
+
+
+@pytest.mark.parametrize("text", ["", ",", "plain,secagg", "flower_secaggplus"])
+def test_parse_protocols_rejects_invalid(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_protocols(text)
+
+
+def test_parse_args_defaults() -> None:
+    args = parse_args(["--params", "100", "--clients", "3", "--json", "out.json"])
+
+    assert args.protocols == [PLAIN, FEDSEC, FLOWER]
+    assert args.key_lifetime is None
+
+
+def test_parse_args_rejects_unknown_key_lifetime() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(
+            ["--params", "100", "--clients", "3", "--json", "x", "--key-lifetime", "x"]
+        )
+
+
+def test_fedsec_config_passes_key_lifetime_only_when_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def record_call(**kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        return kwargs
+
+    monkeypatch.setattr(benchmarks.overhead, "SecAggConfig", record_call)
+    fedsec_config(5, key_lifetime=None)
+    fedsec_config(5, key_lifetime="run")
+
+    assert "key_lifetime" not in calls[0]
+    assert calls[0]["max_clients"] == 5
+    assert calls[1]["key_lifetime"] == "run"
+
+
+def test_fedsec_config_sets_key_lifetime() -> None:
+    config = fedsec_config(5, key_lifetime="run")
+
+    assert config.key_lifetime == "run"
+    assert config.max_clients == 5
+
+
+def run_command(json_path: Path, *extra_args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -103,6 +178,7 @@ def run_command(json_path: Path) -> subprocess.CompletedProcess[str]:
             str(ROUNDS),
             "--json",
             str(json_path),
+            *extra_args,
         ],
         cwd=REPOSITORY_ROOT,
         capture_output=True,
@@ -115,6 +191,15 @@ def run_command(json_path: Path) -> subprocess.CompletedProcess[str]:
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     json_path = tmp_path_factory.mktemp("overhead") / "overhead.json"
     completed = run_command(json_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    loaded: dict[str, Any] = json.loads(json_path.read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def subset_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    json_path = tmp_path_factory.mktemp("overhead-subset") / "overhead.json"
+    completed = run_command(json_path, "--protocols", "fedsec,plain")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     loaded: dict[str, Any] = json.loads(json_path.read_text())
     return loaded
@@ -180,3 +265,52 @@ def test_command_mod_matches_round_report(result: dict[str, Any]) -> None:
 def test_command_models_agree_with_plain(result: dict[str, Any]) -> None:
     assert result["fedsec_max_abs_diff_from_plain"] < MAX_MODEL_DIFFERENCE
     assert result["flower_max_abs_diff_from_plain"] < MAX_MODEL_DIFFERENCE
+
+
+@pytest.mark.timeout(300)
+def test_command_records_memory_peaks(result: dict[str, Any]) -> None:
+    for name in ("plain", "fedsec", "flower_secaggplus"):
+        memory = result[f"{name}_memory"]
+        for key in MEMORY_KEYS:
+            assert memory[key] > 0, (name, key)
+        assert memory["main_peak_rss_bytes"] >= MIN_MAIN_RSS_BYTES, name
+        # Ray's GCS server, raylet and at least one worker per simulation.
+        assert memory["descendants_max_processes"] >= 3, name
+        assert (
+            memory["ray_workers_peak_rss_bytes"]
+            <= (memory["descendants_peak_rss_bytes"])
+        ), name
+        assert memory["samples"] >= 2, name
+
+
+@pytest.mark.timeout(300)
+def test_command_records_load_average(result: dict[str, Any]) -> None:
+    for key in ("load_average_start", "load_average_end"):
+        assert len(result[key]) == 3, key
+        assert all(value >= 0 for value in result[key]), key
+    for name in ("plain", "fedsec", "flower_secaggplus"):
+        load = result[f"{name}_load_average"]
+        assert len(load["start"]) == 3, name
+        assert len(load["end"]) == 3, name
+
+
+@pytest.mark.timeout(300)
+def test_command_default_runs_all_protocols(result: dict[str, Any]) -> None:
+    assert result["protocols"] == ["plain", "fedsec", "flower_secaggplus"]
+
+
+@pytest.mark.timeout(300)
+def test_protocols_option_runs_subset(subset_result: dict[str, Any]) -> None:
+    assert subset_result["protocols"] == ["plain", "fedsec"]
+    assert subset_result["fedsec_s_per_round"] > 0
+    assert subset_result["plain_s_per_round"] > 0
+    assert subset_result["fedsec_memory"]["descendants_peak_rss_bytes"] > 0
+    assert subset_result["overhead_ratio"] is None
+    assert subset_result["fedsec_max_abs_diff_from_plain"] < MAX_MODEL_DIFFERENCE
+
+
+@pytest.mark.timeout(300)
+def test_protocols_option_leaves_out_flower(subset_result: dict[str, Any]) -> None:
+    flower_keys = [key for key in subset_result if key.startswith("flower")]
+
+    assert flower_keys == []

@@ -88,9 +88,7 @@ def _stages_by_round(grid: LoopbackGrid) -> dict[int, Counter[str]]:
     return counts
 
 
-def test_three_rounds_equal_plaintext_means_with_two_exchanges_after_the_first() -> (
-    None
-):
+def test_rounds_match_plaintext_with_two_exchanges() -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
     model, reports = _run(grid, rounds=3)
@@ -109,7 +107,7 @@ def test_three_rounds_equal_plaintext_means_with_two_exchanges_after_the_first()
     assert set(reports[1].timings) >= {"keyed-input", "keyed-unmask"}
 
 
-def test_keys_are_kept_in_context_state_not_in_messages() -> None:
+def test_private_keys_stay_in_context_state() -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
     _run(grid, rounds=2)
@@ -129,7 +127,7 @@ def test_keys_are_kept_in_context_state_not_in_messages() -> None:
                 assert not any(v in private for v in values if isinstance(v, bytes))
 
 
-def test_dropout_before_input_is_left_out_and_the_client_rejoins() -> None:
+def test_dropped_client_rejoins_next_round() -> None:
     late = NODE_IDS[2]
 
     def fault(node: int, name: str, message: Message) -> object:

@@ -24,7 +24,7 @@ every round anyway.
 
 The rule that keeps an input private when the server lies about dropouts: for
 each neighbour, a client reveals either its seed share (the neighbour's input
-was included) or their pairwise seed (it was not), never both, and it answers
+was included) or their pairwise seed (it was not), never both, and it replies to
 the unmask request of a round only once. Unmasking a client's input needs its
 self-mask seed, hence seed shares from at least ``threshold`` of its holders,
 and every one of its pairwise seeds, hence every neighbour; a holder gives
@@ -154,8 +154,8 @@ def client_start_round(
     """Check a keyed-input request before the client trains for it.
 
     ``previous`` is the state this client kept from its last round of the run,
-    if any; a client masks at most one input per round, so a request for the
-    same or an earlier round is refused.
+    if any. A client masks at most one input per round, so it rejects a
+    request for the same or an earlier round.
     """
     if (
         previous is not None

@@ -173,7 +173,7 @@ def test_rounds_equal_plaintext_mean_and_register_once(num_clients: int) -> None
     assert federation.registrations == num_clients
 
 
-def test_dropout_before_input_is_removed_with_revealed_pair_seeds() -> None:
+def test_dropout_before_input_removed_by_pair_seeds() -> None:
     federation = Federation(NODES)
     weights = dict.fromkeys(NODES, 3)
     updates = _updates(NODES, seed=4)
@@ -247,8 +247,10 @@ def test_register_returns_the_same_keys_within_a_run() -> None:
         first, run_id=RUN_ID + 1, node_id=9
     )
 
-    assert again is first and reply_again == reply
-    assert reply_other != reply and other_run.run_id == RUN_ID + 1
+    assert again is first
+    assert reply_again == reply
+    assert reply_other != reply
+    assert other_run.run_id == RUN_ID + 1
 
 
 def test_directory_keeps_first_keys_and_ignores_unusable_ones() -> None:
@@ -312,10 +314,10 @@ def test_tamper_second_unmask_in_same_round_is_refused() -> None:
         federation.unmask(NODES[0], requests[NODES[0]])
 
 
-def test_hostile_split_view_cannot_reveal_both_secrets_of_a_client() -> None:
-    """Told a victim survived, holders give seed shares; told it dropped, seeds.
+def test_hostile_split_view_keeps_input_masked() -> None:
+    """Holders reveal seed shares or pair seeds of a victim, as the list claims.
 
-    Whatever the split, the server never holds the victim's self-mask seed and
+    Whatever the split, the server never has the victim's self-mask seed and
     all its pairwise seeds at once, so its masked input stays masked.
     """
     federation = Federation(NODES)
@@ -323,13 +325,13 @@ def test_hostile_split_view_cannot_reveal_both_secrets_of_a_client() -> None:
     victim = NODES[0]
     neighbours = server.plan.neighbours[victim]
     honest = server.unmask_requests()
-    told_dropped = set(neighbours[: len(neighbours) // 2])
+    listed_dropped = set(neighbours[: len(neighbours) // 2])
 
     seed_shares: list[bytes] = []
     pair_seeds: dict[int, bytes] = {}
     for node in neighbours:
         request = honest[node]
-        if node in told_dropped:
+        if node in listed_dropped:
             request = KeyedUnmaskRequest(
                 survivor_ids=tuple(n for n in request.survivor_ids if n != victim),
                 dropped_ids=(victim,),
@@ -350,7 +352,7 @@ def test_hostile_split_view_cannot_reveal_both_secrets_of_a_client() -> None:
         len(seed_shares) + 1 >= server.plan.threshold
         and set(pair_seeds) == set(neighbours)
     )
-    assert set(pair_seeds) <= told_dropped
+    assert set(pair_seeds) <= listed_dropped
 
 
 def test_tamper_forwarded_share_fails_authentication() -> None:

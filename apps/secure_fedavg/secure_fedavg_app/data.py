@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 
 BREAST_CANCER = "breast-cancer"
 DIGITS = "digits"
@@ -114,6 +112,9 @@ def load_dataset_cached(name: str, seed: int) -> DatasetSplit:
 
 def load_breast_cancer_split(seed: int) -> DatasetSplit:
     """Load the Wisconsin breast-cancer set, standardized by train statistics."""
+    # scikit-learn loads in about 0.7 s; stages that do not train skip it.
+    from sklearn.datasets import load_breast_cancer
+
     features, labels = load_breast_cancer(return_X_y=True)
     x_train, x_test, y_train, y_test = _stratified_split(features, labels, seed)
 
@@ -132,6 +133,8 @@ def load_breast_cancer_split(seed: int) -> DatasetSplit:
 
 def load_digits_split(seed: int) -> DatasetSplit:
     """Load the 8x8 digits set as ``(n, 64)`` features scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
     features, labels = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = _stratified_split(features, labels, seed)
 
@@ -354,6 +357,8 @@ def _stratified_split(
 ) -> tuple[
     NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]
 ]:
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(
         features,
         labels,
