@@ -41,7 +41,8 @@ PROC = Path("/proc")
 KIB = 1024
 DEFAULT_INTERVAL_SECONDS = 0.2
 RAY_PROCESS_PREFIX = b"ray::"
-# Writing "5" to /proc/<pid>/clear_refs resets the VmHWM peak to the current RSS.
+# Writing "5" to /proc/<pid>/clear_refs resets the VmHWM peak to the current RSS
+# (Linux 4.0 and later, see proc_pid_clear_refs(5)).
 RESET_PEAK_RSS = "5"
 
 

@@ -36,7 +36,7 @@ the same way.
 Memory: while each simulation runs, ``benchmarks.memory.MemorySampler``
 records the peak resident memory of this process (server, SuperLink state)
 and the peak summed over its descendants (Ray's processes, which run the
-clients), every 0.2 s. ``*_memory`` in the JSON holds those peaks in bytes,
+clients), every 0.2 s. ``*_memory`` in the JSON contains those peaks in bytes,
 and ``*_load_average`` the load average before and after the simulation.
 
 The script also times mask generation on one core: ``expand_mask`` for
