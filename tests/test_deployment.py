@@ -434,6 +434,51 @@ def test_supernode_killed_after_key_sharing(
     assert_stopped(federation)
 
 
+# With run keys a round has two train messages per SuperNode: keyed-input
+# (which trains) and keyed-unmask.
+KEYED_UNMASK_MESSAGE = 2
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1200)
+def test_run_keys_survive_supernode_killed_after_input(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation()
+    victim = federation.supernodes["supernode-2"]
+    output_dir = tmp_path / "run-keys"
+    config = {
+        **DROPOUT_CONFIG,
+        "num-server-rounds": 3,
+        "secagg-key-lifetime": "run",
+        "output-dir": str(output_dir),
+    }
+    submitted = federation.submit_run(config)
+
+    # The second train message of round 2 asks to unmask, so the victim has
+    # already sent its masked input and its seed shares.
+    reached = wait_for(
+        lambda: received_train_messages(victim.read_log(), 2) >= KEYED_UNMASK_MESSAGE,
+        timeout=900,
+        interval=0.2,
+    )
+    assert reached, "supernode-2 never reached the keyed-unmask stage of round 2"
+    federation.kill_supernode(2)
+    assert not victim.is_running()
+
+    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
+    assert result.status == RUN_STATUS_COMPLETED
+    results = read_results(output_dir)
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    # Round 2 keeps the victim's input: its seed is rebuilt from the shares.
+    assert [entry["num_aggregated"] for entry in rounds] == [3, 3, 2]
+    # Every node registered in round 1, and no round ran the per-round stages.
+    assert rounds[0]["dropped_by_stage"]["register"] == 0
+    assert all("share-keys" not in entry["timings"] for entry in rounds)
+    assert_stopped(federation)
+
+
 @pytest.mark.deployment
 @pytest.mark.timeout(900)
 def test_all_supernodes_killed_fails_run(
