@@ -14,11 +14,13 @@ worker processes) from a background thread, and keeps the peaks:
   descendants in one sample. Pages shared between processes, such as Ray's
   object store in /dev/shm, count once per process that maps them, so the
   sum can exceed the memory in use. ``descendants_peak_anon_bytes`` sums
-  ``RssAnon`` (private, anonymous pages) in the same way, without that double
-  count.
+  ``RssAnon`` in the same way: resident anonymous memory, which leaves out
+  file-backed and shared-memory pages.
 - ``ray_workers_peak_rss_bytes``: the same sum over the descendants whose
-  command line starts with ``ray::`` (Ray's worker and actor processes, which
-  rename themselves so), without the GCS server, raylet and helpers.
+  command line starts with ``ray::``, without the GCS server, raylet and
+  Python helpers. With Ray 2.55 these are the worker and actor processes
+  (``ray::ClientAppActor`` in a Flower simulation) and two agents,
+  ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent``.
 - ``system_used_peak_bytes``: the largest ``MemTotal - MemAvailable`` of
   /proc/meminfo, which includes every other process on the machine.
 
