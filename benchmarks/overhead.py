@@ -38,6 +38,8 @@ records the peak resident memory of this process (server, SuperLink state)
 and the peak summed over its descendants (Ray's processes, which run the
 clients), every 0.2 s. ``*_memory`` in the JSON contains those peaks in bytes,
 and ``*_load_average`` the load average before and after the simulation.
+``fedsec_stage_seconds`` lists the ``RoundReport.timings`` of each round:
+the seconds of each protocol stage (plain rounds report none).
 
 The script also times mask generation on one core: ``expand_mask`` for
 ``--params`` values against one raw ChaCha20 call over 4 bytes per value, and
@@ -300,12 +302,14 @@ class SimulationRecord:
 
     round_seconds: list[float] = field(default_factory=list)
     reported_upload_bytes: list[dict[int, int]] = field(default_factory=list)
+    stage_seconds: list[dict[str, float]] = field(default_factory=list)
     final_model: NDArray[np.float32] | None = None
 
     def add_report(self, report: RoundReport) -> None:
-        """Store the time and the upload of a ``SecureFedAvg`` round."""
+        """Store the time, stage times and upload of a ``SecureFedAvg`` round."""
         self.round_seconds.append(report.seconds)
         self.reported_upload_bytes.append(dict(report.upload_bytes))
+        self.stage_seconds.append(dict(report.timings))
 
 
 def flatten(arrays: Sequence[NDArray[np.float32]]) -> NDArray[np.float32]:
@@ -478,6 +482,7 @@ class Measurement:
     measured_upload_bytes: float
     reported_upload_bytes: float | None
     final_model: NDArray[np.float32]
+    stage_seconds: list[dict[str, float]]
     memory: dict[str, object]
     load_average: dict[str, list[float]]
 
@@ -539,6 +544,7 @@ def simulate(
         measured_upload_bytes=float(np.mean(list(uploads.values()))),
         reported_upload_bytes=reported,
         final_model=record.final_model,
+        stage_seconds=record.stage_seconds,
         memory=sampler.peaks.as_dict(),
         load_average={"start": load_before, "end": load_after},
     )
@@ -668,6 +674,8 @@ def summarize(
         summary[f"{name}_measured_upload_bytes_per_client"] = (
             measurement.measured_upload_bytes
         )
+        if any(measurement.stage_seconds):
+            summary[f"{name}_stage_seconds"] = measurement.stage_seconds
         summary[f"{name}_memory"] = measurement.memory
         summary[f"{name}_load_average"] = measurement.load_average
 

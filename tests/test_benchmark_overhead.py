@@ -295,6 +295,21 @@ def test_command_records_load_average(result: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_command_records_stage_seconds(result: dict[str, Any]) -> None:
+    stages = result["fedsec_stage_seconds"]
+
+    assert len(stages) == ROUNDS
+    for timings, round_seconds in zip(
+        stages, result["fedsec_round_seconds"], strict=True
+    ):
+        assert timings, "a secure round reported no stage timings"
+        assert all(seconds >= 0 for seconds in timings.values())
+        # The stages run one after another inside the round.
+        assert sum(timings.values()) <= round_seconds
+    assert "flower_secaggplus_stage_seconds" not in result
+
+
+@pytest.mark.timeout(300)
 def test_command_default_runs_all_protocols(result: dict[str, Any]) -> None:
     assert result["protocols"] == ["plain", "fedsec", "flower_secaggplus"]
 

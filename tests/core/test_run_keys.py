@@ -314,20 +314,22 @@ def test_tamper_second_unmask_in_same_round_is_refused() -> None:
         federation.unmask(NODES[0], requests[NODES[0]])
 
 
-def test_hostile_split_view_keeps_input_masked() -> None:
-    """Holders reveal seed shares or pair seeds of a victim, as the list claims.
+@pytest.mark.parametrize("num_listed_dropped", range(6))
+def test_hostile_split_view_keeps_input_masked(num_listed_dropped: int) -> None:
+    """Neighbours reveal seed shares or pair seeds of a victim, as the list claims.
 
-    Whatever the split, the server never has the victim's self-mask seed and
-    all its pairwise seeds at once, so its masked input stays masked.
+    For every split of the neighbours, the server never has enough shares of
+    the victim's self-mask seed together with all its pairwise seeds, so the
+    victim's masked input stays masked.
     """
-    federation = Federation(NODES)
+    federation = Federation(NODES, num_neighbours=len(NODES) - 1)
     server = _first_round(federation)
     victim = NODES[0]
     neighbours = server.plan.neighbours[victim]
     honest = server.unmask_requests()
-    listed_dropped = set(neighbours[: len(neighbours) // 2])
+    listed_dropped = set(neighbours[:num_listed_dropped])
 
-    seed_shares: list[bytes] = []
+    seed_share_holders = {victim}  # the victim reveals its own share
     pair_seeds: dict[int, bytes] = {}
     for node in neighbours:
         request = honest[node]
@@ -344,15 +346,15 @@ def test_hostile_split_view_keeps_input_masked() -> None:
         except ProtocolError:
             continue
         if victim in reply.seed_shares:
-            seed_shares.append(reply.seed_shares[victim])
+            seed_share_holders.add(node)
         if victim in reply.pair_seeds:
             pair_seeds[node] = reply.pair_seeds[victim]
 
-    assert not (
-        len(seed_shares) + 1 >= server.plan.threshold
-        and set(pair_seeds) == set(neighbours)
-    )
+    has_seed = len(seed_share_holders) >= server.plan.threshold
+    has_pair_masks = set(pair_seeds) == set(neighbours)
+    assert not (has_seed and has_pair_masks)
     assert set(pair_seeds) <= listed_dropped
+    assert not seed_share_holders & set(pair_seeds)
 
 
 def test_tamper_forwarded_share_fails_authentication() -> None:
