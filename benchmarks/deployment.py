@@ -63,11 +63,13 @@ def run_mode(
     rounds: int,
     nodes: int,
     timeout: float,
+    extra_config: str = "",
 ) -> dict[str, Any]:
     """Run the app once in ``mode`` and return its per-round seconds."""
     run_config = (
-        f"num-server-rounds={rounds} min-train-clients={nodes} {MODE_CONFIGS[mode]}"
-    )
+        f"num-server-rounds={rounds} min-train-clients={nodes} "
+        f"{MODE_CONFIGS[mode]} {extra_config}"
+    ).strip()
     command = [
         sys.executable,
         "-m",
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="Extra run-config overrides for every mode, e.g. 'dataset=\"digits\"'.",
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser
 
@@ -166,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rounds=args.rounds,
                     nodes=args.nodes,
                     timeout=args.timeout,
+                    extra_config=args.run_config,
                 )
                 runs.append(run)
                 rounded = ", ".join(f"{s:.1f}" for s in run["round_seconds"])
@@ -186,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine_info(),
             **git_commit(),
             "nodes": args.nodes,
+            "run_config": args.run_config,
             "rounds": args.rounds,
             "runs": runs,
             "summary": summary,

@@ -92,6 +92,8 @@ class RoundOutcome:
     clipped_coordinates: int
     upload_bytes: dict[int, int] = field(default_factory=dict)
     download_bytes: dict[int, int] = field(default_factory=dict)
+    skipped: set[int] = field(default_factory=set)
+    """Nodes of the last exchange whose replies were not waited for."""
     train_metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
     verification: VerificationResult | None = None
@@ -144,7 +146,16 @@ class _Exchange:
     upload_bytes: dict[int, int] = field(default_factory=dict)
     download_bytes: dict[int, int] = field(default_factory=dict)
 
-    def send(self, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+    def send(
+        self,
+        contents: Mapping[int, RecordDict],
+        enough: Callable[[Mapping[int, Message]], bool] | None = None,
+    ) -> dict[int, Message]:
+        """Send the requests and return the valid replies by node.
+
+        With ``enough``, stop waiting as soon as it accepts the valid replies
+        received so far; replies that arrive later are ignored.
+        """
         messages = []
         for node, content in contents.items():
             self.download_bytes[node] = self.download_bytes.get(
@@ -160,10 +171,11 @@ class _Exchange:
             )
 
         replies: dict[int, Message] = {}
-        for reply in self._send_and_receive(messages):
+
+        def keep(reply: Message) -> None:
             node = reply.metadata.src_node_id
             if node not in contents or node in replies:
-                continue
+                return
             if reply.has_error():
                 logger.info(
                     "Round %d: node %d replied with an error: %s",
@@ -171,28 +183,52 @@ class _Exchange:
                     node,
                     reply.error.reason,
                 )
-                continue
+                return
             self.upload_bytes[node] = self.upload_bytes.get(node, 0) + content_bytes(
                 reply.content
             )
             replies[node] = reply
+
+        def satisfied(pulled: list[Message]) -> bool:
+            for reply in pulled:
+                keep(reply)
+            return enough is not None and enough(replies)
+
+        self._send_and_receive(messages, satisfied)
         return replies
 
-    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def _send_and_receive(
+        self, messages: list[Message], satisfied: Callable[[list[Message]], bool]
+    ) -> None:
         """Push the messages and poll for replies until all arrive or time runs out.
 
-        ``Grid.send_and_receive`` polls every 0.1 s in flwr 1.42; a round has
-        four exchanges, so this loop starts at 5 ms and backs off to 50 ms.
+        ``satisfied`` gets each batch of pulled replies and can end the wait
+        early. ``Grid.send_and_receive`` polls every 0.1 s in flwr 1.42; a
+        round has up to four exchanges, so this loop starts at 5 ms and backs
+        off to 50 ms.
         """
-        pending = set(self.grid.push_messages(messages))
-        replies: list[Message] = []
+        message_ids = list(self.grid.push_messages(messages))
+        node_of = {
+            message_id: message.metadata.dst_node_id
+            for message_id, message in zip(message_ids, messages, strict=True)
+        }
+        pending = set(message_ids)
+        self.skipped = set()
         deadline = time.monotonic() + self.timeout
         interval = POLL_START
         while pending:
             pulled = list(self.grid.pull_messages(pending))
             for reply in pulled:
                 pending.discard(reply.metadata.reply_to_message_id)
-            replies.extend(pulled)
+            if satisfied(pulled):
+                self.skipped = {node_of[message_id] for message_id in pending}
+                logger.debug(
+                    "Round %d: stopped waiting for %d node(s) whose replies are "
+                    "not needed",
+                    self.server_round,
+                    len(pending),
+                )
+                return
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(interval)
@@ -204,7 +240,6 @@ class _Exchange:
                 len(pending),
                 self.timeout,
             )
-        return replies
 
 
 def _parse_replies(
@@ -459,16 +494,34 @@ def _keyed_exchanges(
     unmask_replies = stages.send(
         Stage.KEYED_UNMASK,
         {node: r.to_fields() for node, r in keyed.unmask_requests().items()},
+        enough=lambda replies: keyed.can_unmask(_quiet_unmask_replies(replies)),
     )
     total = keyed.receive_unmask(
-        stages.parse(
-            unmask_replies,
-            lambda m: KeyedUnmaskReply.from_fields(protocol_fields(m.content)),
-            Stage.KEYED_UNMASK,
-        )
+        stages.parse(unmask_replies, _keyed_unmask_reply, Stage.KEYED_UNMASK),
+        skipped=stages.exchange.skipped,
     )
     clock.lap(Stage.KEYED_UNMASK.value)
     return total, replies
+
+
+def _keyed_unmask_reply(message: Message) -> KeyedUnmaskReply:
+    return KeyedUnmaskReply.from_fields(protocol_fields(message.content))
+
+
+def _quiet_unmask_replies(
+    replies: Mapping[int, Message],
+) -> dict[int, KeyedUnmaskReply]:
+    """Parse the replies so far, skipping invalid ones without logging them.
+
+    ``stages.parse`` logs each invalid reply once, after the exchange.
+    """
+    parsed = {}
+    for node, message in replies.items():
+        try:
+            parsed[node] = _keyed_unmask_reply(message)
+        except (ProtocolError, ValueError):
+            continue
+    return parsed
 
 
 def _register_stage(stages: _Stages, directory: KeyDirectory, nodes: list[int]) -> None:
@@ -596,6 +649,7 @@ class _Stages:
         stage: Stage,
         fields_by_node: Mapping[int, Mapping[str, object]],
         records: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
+        enough: Callable[[Mapping[int, Message]], bool] | None = None,
     ) -> dict[int, Message]:
         """Send one stage's request to each node and return the replies."""
         logger.debug("Round %d: stage %s", self.server_round, stage.value)
@@ -608,7 +662,7 @@ class _Stages:
             for name, record in (records or {}).items():
                 content[name] = record
             contents[node] = content
-        return self.exchange.send(contents)
+        return self.exchange.send(contents, enough)
 
     def parse(
         self,

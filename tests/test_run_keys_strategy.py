@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections import Counter
 
 import numpy as np
@@ -206,3 +207,25 @@ def test_verification_with_run_keys_is_rejected() -> None:
 def test_key_lifetime_is_validated() -> None:
     with pytest.raises(ValueError, match="key_lifetime must be 'round' or 'run'"):
         SecAggConfig(key_lifetime="epoch")
+
+
+def test_unmask_stops_waiting_once_shares_suffice() -> None:
+    slow = NODE_IDS[3]
+
+    def fault(node: int, name: str, _: Message) -> object:
+        return "drop" if node == slow and name == "keyed-unmask" else None
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    patient = dataclasses.replace(RUN_CONFIG, stage_timeout=30.0)
+    strategy = SecureFedAvg(secure_aggregation=patient, rng=random.Random(5))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    reports: list[RoundReport] = []
+    strategy.on_round_end = reports.append
+
+    started = time.monotonic()
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < patient.stage_timeout / 2
+    assert reports[0].num_aggregated == NUM_NODES
+    assert reports[0].dropped_by_stage[Stage.KEYED_UNMASK.value] == 0

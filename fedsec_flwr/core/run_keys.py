@@ -481,10 +481,43 @@ class KeyedServerRound:
             for node in survivor_ids
         }
 
+    def can_unmask(self, replies: Mapping[int, KeyedUnmaskReply]) -> bool:
+        """Return whether the replies so far suffice to remove every mask.
+
+        That takes ``threshold`` seed shares of each survivor and, for each
+        dropped client, the pairwise seed from each of its surviving
+        neighbours. The server can stop waiting then, so that the slowest
+        survivors do not delay the round; it also forgoes the consistency
+        check that extra shares would allow.
+        """
+        neighbours = self.plan.neighbours
+        for owner in self._survivors:
+            holders = share_holders(owner, neighbours[owner])
+            revealed = sum(
+                1 for h in holders if h in replies and owner in replies[h].seed_shares
+            )
+            if revealed < self.plan.threshold:
+                return False
+
+        for dropped in set(neighbours) - self._survivors:
+            for peer in neighbours[dropped]:
+                reply = replies.get(peer)
+                if peer in self._survivors and (
+                    reply is None or dropped not in reply.pair_seeds
+                ):
+                    return False
+        return True
+
     def receive_unmask(
-        self, replies: Mapping[int, KeyedUnmaskReply]
+        self,
+        replies: Mapping[int, KeyedUnmaskReply],
+        *,
+        skipped: set[int] | frozenset[int] = frozenset(),
     ) -> NDArray[np.uint32]:
         """Remove every remaining mask and return the sum of the survivors' inputs.
+
+        ``skipped`` names survivors whose replies the server did not wait for
+        after ``can_unmask`` accepted the others; they do not count as dropped.
 
         Raises:
             TooFewSurvivorsError: A self-mask seed has fewer revealed shares
@@ -496,7 +529,9 @@ class KeyedServerRound:
         if self._total is None:
             raise ProtocolError("Unmasking must follow the keyed-input exchange.")
         responders = {n: r for n, r in replies.items() if n in self._survivors}
-        self._record_drops(Stage.KEYED_UNMASK, self._survivors, set(responders))
+        self._record_drops(
+            Stage.KEYED_UNMASK, self._survivors - set(skipped), set(responders)
+        )
 
         total = self._total
         for owner in self.survivors:

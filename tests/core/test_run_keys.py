@@ -428,3 +428,36 @@ def test_revealed_pair_seed_unmasks_only_its_round() -> None:
     assert seeds[0] != seeds[1]
     assert not np.array_equal(first, second)
     assert self_mask_context(RUN_ID, 1, a) != self_mask_context(RUN_ID, 2, a)
+
+
+def test_can_unmask_needs_threshold_shares_and_every_pair_seed() -> None:
+    federation = Federation(NODES, num_neighbours=len(NODES) - 1)
+    federation.register(NODES)
+    server = federation.server(1)
+    requests = server.input_requests()
+    dropped = NODES[0]
+    updates = _updates(NODES, seed=13)
+    server.receive_inputs(
+        {
+            node: federation.send_input(node, request, _encode(updates[node], 1, 0), 1)
+            for node, request in requests.items()
+            if node != dropped
+        }
+    )
+    replies = {
+        node: federation.unmask(node, request)
+        for node, request in server.unmask_requests().items()
+    }
+    threshold = server.plan.threshold
+    survivors = list(server.survivors)
+
+    too_few = {node: replies[node] for node in survivors[: threshold - 1]}
+    without_pair_seed = dict(replies)
+    first = survivors[0]
+    without_pair_seed[first] = KeyedUnmaskReply(
+        seed_shares=replies[first].seed_shares, pair_seeds={}
+    )
+
+    assert not server.can_unmask(too_few)
+    assert not server.can_unmask(without_pair_seed)
+    assert server.can_unmask(replies)
