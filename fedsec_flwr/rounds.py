@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +27,7 @@ from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core import commitments, signatures
 from .core.commitments import BLINDING_LIMBS, VerificationResult
 from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
-from .core.errors import ProtocolError
+from .core.errors import ProtocolError, TooFewSurvivorsError
 from .core.messages import (
     CommitReply,
     EncryptedShares,
@@ -79,6 +80,11 @@ POLL_START = 0.005
 POLL_GROWTH = 1.5
 POLL_MAX = 0.05
 
+MAX_REASON_LENGTH = 300
+"""Characters of a client's error reason kept for the round's error."""
+
+MAX_REASONS_SHOWN = 3
+
 _Reply = TypeVar("_Reply")
 
 
@@ -92,8 +98,6 @@ class RoundOutcome:
     clipped_coordinates: int
     upload_bytes: dict[int, int] = field(default_factory=dict)
     download_bytes: dict[int, int] = field(default_factory=dict)
-    skipped: set[int] = field(default_factory=set)
-    """Nodes of the last exchange whose replies were not waited for."""
     train_metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
     verification: VerificationResult | None = None
@@ -145,6 +149,10 @@ class _Exchange:
     timeout: float
     upload_bytes: dict[int, int] = field(default_factory=dict)
     download_bytes: dict[int, int] = field(default_factory=dict)
+    skipped: set[int] = field(default_factory=set)
+    """Nodes of the last exchange whose replies were not waited for."""
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    """Error replies of all exchanges so far, counted by reason."""
 
     def send(
         self,
@@ -183,6 +191,8 @@ class _Exchange:
                     node,
                     reply.error.reason,
                 )
+                reason = str(reply.error.reason)[:MAX_REASON_LENGTH]
+                self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
                 return
             self.upload_bytes[node] = self.upload_bytes.get(node, 0) + content_bytes(
                 reply.content
@@ -240,6 +250,27 @@ class _Exchange:
                 len(pending),
                 self.timeout,
             )
+
+
+@contextlib.contextmanager
+def _explain_client_errors(exchange: _Exchange) -> Iterator[None]:
+    """Add the clients' error replies to a round that lost too many clients.
+
+    A client that rejects a request (a weight above ``max_weight``, for
+    example) only says why in its reply, so the server's error repeats it.
+    """
+    try:
+        yield
+    except TooFewSurvivorsError as error:
+        if not exchange.error_reasons:
+            raise
+        reasons = sorted(exchange.error_reasons.items(), key=lambda item: -item[1])
+        listed = "; ".join(
+            f"{count} x {reason!r}" for reason, count in reasons[:MAX_REASONS_SHOWN]
+        )
+        raise TooFewSurvivorsError(
+            f"{error} Error replies from clients: {listed}"
+        ) from error
 
 
 def _parse_replies(
@@ -315,40 +346,41 @@ def run_secure_round(
         _Exchange(grid, server_round, config.stage_timeout), run_id, server_round
     )
     clock = _StageClock()
-    if config.key_lifetime == KEY_LIFETIME_RUN:
-        if directory is None:
-            raise ValueError("A round with run keys needs the run's key directory.")
-        keyed = KeyedServerRound(
-            run_id=run_id,
-            server_round=server_round,
-            vector_size=plan.vector_size,
-            modulus=plan.params.modulus,
-            directory=directory,
-            nodes=nodes,
-            num_neighbours=config.num_neighbours,
-            threshold=config.threshold,
-            rng=rng,
-        )
-        total, masked_replies = _keyed_exchanges(
-            stages, keyed, plan, clock, arrays=arrays, train_config=train_config
-        )
-        survivors = set(keyed.survivors)
-        dropped_by_stage = dict(keyed.dropped_by_stage)
-        result = None
-    else:
-        total, masked_replies, server, result = _per_round_key_stages(
-            stages,
-            plan,
-            clock,
-            nodes=nodes,
-            arrays=arrays,
-            train_config=train_config,
-            config=config,
-            rng=rng,
-            verification=verification,
-        )
-        survivors = set(server.survivors)
-        dropped_by_stage = dict(server.dropped_by_stage)
+    with _explain_client_errors(stages.exchange):
+        if config.key_lifetime == KEY_LIFETIME_RUN:
+            if directory is None:
+                raise ValueError("A round with run keys needs the run's key directory.")
+            keyed = KeyedServerRound(
+                run_id=run_id,
+                server_round=server_round,
+                vector_size=plan.vector_size,
+                modulus=plan.params.modulus,
+                directory=directory,
+                nodes=nodes,
+                num_neighbours=config.num_neighbours,
+                threshold=config.threshold,
+                rng=rng,
+            )
+            total, masked_replies = _keyed_exchanges(
+                stages, keyed, plan, clock, arrays=arrays, train_config=train_config
+            )
+            survivors = set(keyed.survivors)
+            dropped_by_stage = dict(keyed.dropped_by_stage)
+            result = None
+        else:
+            total, masked_replies, server, result = _per_round_key_stages(
+                stages,
+                plan,
+                clock,
+                nodes=nodes,
+                arrays=arrays,
+                train_config=train_config,
+                config=config,
+                rng=rng,
+                verification=verification,
+            )
+            survivors = set(server.survivors)
+            dropped_by_stage = dict(server.dropped_by_stage)
 
     clock.lap(VERIFICATION_TIMING)
     params = plan.params

@@ -229,3 +229,18 @@ def test_unmask_stops_waiting_once_shares_suffice() -> None:
     assert elapsed < patient.stage_timeout / 2
     assert reports[0].num_aggregated == NUM_NODES
     assert reports[0].dropped_by_stage[Stage.KEYED_UNMASK.value] == 0
+
+
+@pytest.mark.parametrize("key_lifetime", ["round", "run"])
+def test_failed_round_names_the_clients_error(key_lifetime: str) -> None:
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    small = dataclasses.replace(CONFIG, max_weight=5, key_lifetime=key_lifetime)
+    strategy = SecureFedAvg(secure_aggregation=small, rng=random.Random(5))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(TooFewSurvivorsError) as raised:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+    message = str(raised.value)
+    assert "Error replies from clients" in message
+    assert "must not exceed max_weight 5" in message
