@@ -356,14 +356,23 @@ def _masked_input(
         _keep_input(context, header, layout.client_vector(update), blinding)
     encoded_at = time.perf_counter()
     masked = protocol.client_mask(state, encoded, modulus=params.modulus)
+    extra = _masked_input_records(masked, metrics, started, encoded_at)
+    return {"stage": Stage.MASKED_INPUT.value}, extra
+
+
+def _masked_input_records(
+    masked: NDArray[np.uint32],
+    metrics: MetricRecord,
+    started: float,
+    encoded_at: float,
+) -> _Extra:
+    """Build the records of a masked-input reply, with the client's timings."""
     metrics[CLIENT_MASK_SECONDS] = time.perf_counter() - encoded_at
     metrics[CLIENT_TRAIN_AND_ENCODE_SECONDS] = encoded_at - started
-
-    extra: _Extra = {
+    return {
         MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
         METRICS_RECORD: metrics,
     }
-    return {"stage": Stage.MASKED_INPUT.value}, extra
 
 
 # --- Secure mode with run keys ---------------------------------------------------
@@ -442,14 +451,9 @@ def _keyed_input(
         state, encoded, modulus=params.modulus
     )
     _save_state(context, state)
-    metrics[CLIENT_MASK_SECONDS] = time.perf_counter() - encoded_at
-    metrics[CLIENT_TRAIN_AND_ENCODE_SECONDS] = encoded_at - started
-
-    extra: _Extra = {
-        MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
-        METRICS_RECORD: metrics,
-    }
-    return shares.to_fields(), extra
+    return shares.to_fields(), _masked_input_records(
+        masked, metrics, started, encoded_at
+    )
 
 
 def _train_and_encode(

@@ -74,7 +74,13 @@ from .messages import (
     self_mask_context,
     unpack_node_ids,
 )
-from .server import RoundPlan, plan_round
+from .server import (
+    RoundPlan,
+    plan_round,
+    record_drops,
+    recover_secret,
+    require_survivors,
+)
 
 logger = logging.getLogger("fedsec_flwr.core")
 
@@ -392,15 +398,12 @@ class KeyedServerRound:
         return tuple(sorted(self._survivors))
 
     def _record_drops(self, stage: Stage, expected: set[int], kept: set[int]) -> None:
-        lost = expected - kept
-        self.dropped_by_stage[stage.value] = len(lost)
-        if lost:
-            logger.info(
-                "Round %d: %d client(s) dropped at stage %s",
-                self.server_round,
-                len(lost),
-                stage.value,
-            )
+        record_drops(
+            self.dropped_by_stage,
+            server_round=self.server_round,
+            stage=stage,
+            lost=expected - kept,
+        )
 
     def input_requests(self) -> dict[int, ShareKeysRequest]:
         """Plan the round over the registered nodes and address each its neighbours."""
@@ -580,44 +583,23 @@ class KeyedServerRound:
     def _recover_seed(
         self, owner: int, responders: Mapping[int, KeyedUnmaskReply]
     ) -> bytes:
-        holders = share_holders(owner, self.plan.neighbours[owner])
-        shares = []
-        for position, holder in enumerate(holders):
-            reply = responders.get(holder)
-            encoded = None if reply is None else reply.seed_shares.get(owner)
-            if encoded is None:
-                continue
-            try:
-                share = shamir.decode_share(encoded)
-            except ValueError:
-                continue
-            if share.index == position + 1:
-                shares.append(share)
-
-        threshold = self.plan.threshold
-        if len(shares) < threshold:
-            raise TooFewSurvivorsError(
-                f"Round {self.server_round}: {len(shares)} share(s) of the seed of "
-                f"node {owner} were revealed, fewer than the threshold "
-                f"{threshold}. The round is aborted and no model is released."
-            )
-        try:
-            shamir.check_consistent(shares, threshold=threshold)
-            return shamir.combine_shares(
-                shares, threshold=threshold, secret_size=SEED_SIZE
-            )
-        except ValueError:
-            raise ProtocolError(
-                f"Round {self.server_round}: the revealed shares of the seed of "
-                f"node {owner} are inconsistent; a client sent a corrupt share. "
-                "The round is aborted and no model is released."
-            ) from None
+        return recover_secret(
+            owner,
+            share_holders(owner, self.plan.neighbours[owner]),
+            {
+                holder: reply.seed_shares.get(owner)
+                for holder, reply in responders.items()
+            },
+            threshold=self.plan.threshold,
+            server_round=self.server_round,
+            kind="seed",
+            size=SEED_SIZE,
+        )
 
     def _require(self, remaining: int, stage: Stage) -> None:
-        if remaining < self.plan.threshold:
-            raise TooFewSurvivorsError(
-                f"Round {self.server_round}: {remaining} client(s) remain after "
-                f"stage {stage.value!r}, fewer than the threshold "
-                f"{self.plan.threshold}. The round is aborted and no model is "
-                "released."
-            )
+        require_survivors(
+            remaining,
+            threshold=self.plan.threshold,
+            server_round=self.server_round,
+            stage=stage,
+        )

@@ -128,24 +128,20 @@ class ServerRound:
         return tuple(sorted(self._survivors))
 
     def _record_drops(self, stage: Stage, expected: set[int], kept: set[int]) -> None:
-        lost = expected - kept
-        self.dropped_by_stage[stage.value] = len(lost)
-        if lost:
-            logger.info(
-                "Round %d: %d client(s) dropped at stage %s",
-                self.server_round,
-                len(lost),
-                stage.value,
-            )
+        record_drops(
+            self.dropped_by_stage,
+            server_round=self.server_round,
+            stage=stage,
+            lost=expected - kept,
+        )
 
     def _require(self, remaining: int, stage: Stage) -> None:
-        if remaining < self.plan.threshold:
-            raise TooFewSurvivorsError(
-                f"Round {self.server_round}: {remaining} client(s) remain after "
-                f"stage {stage.value!r}, fewer than the threshold "
-                f"{self.plan.threshold}. The round is aborted and no model is "
-                "released."
-            )
+        require_survivors(
+            remaining,
+            threshold=self.plan.threshold,
+            server_round=self.server_round,
+            stage=stage,
+        )
 
     def receive_setup(
         self, sampled: list[int], replies: Mapping[int, SetupReply]
@@ -307,38 +303,99 @@ class ServerRound:
         kind: str,
         size: int,
     ) -> bytes:
-        holders = share_holders(owner, self.plan.neighbours[owner])
-        shares = []
-        for holder in holders:
-            reply = responders.get(holder)
-            if reply is None:
-                continue
-            revealed = reply.seed_shares if kind == "seed" else reply.key_shares
-            encoded = revealed.get(owner)
-            if encoded is None:
-                continue
-            try:
-                share = shamir.decode_share(encoded)
-            except ValueError:
-                continue
-            if share.index == holders.index(holder) + 1:
-                shares.append(share)
+        revealed = {
+            holder: (reply.seed_shares if kind == "seed" else reply.key_shares).get(
+                owner
+            )
+            for holder, reply in responders.items()
+        }
+        return recover_secret(
+            owner,
+            share_holders(owner, self.plan.neighbours[owner]),
+            revealed,
+            threshold=self.plan.threshold,
+            server_round=self.server_round,
+            kind=kind,
+            size=size,
+        )
 
-        if len(shares) < self.plan.threshold:
-            raise TooFewSurvivorsError(
-                f"Round {self.server_round}: {len(shares)} share(s) of the {kind} of "
-                f"node {owner} were revealed, fewer than the threshold "
-                f"{self.plan.threshold}. The round is aborted and no model is "
-                "released."
-            )
+
+def record_drops(
+    dropped_by_stage: dict[str, int], *, server_round: int, stage: Stage, lost: set[int]
+) -> None:
+    """Count the clients lost at a stage and log their number."""
+    dropped_by_stage[stage.value] = len(lost)
+    if lost:
+        logger.info(
+            "Round %d: %d client(s) dropped at stage %s",
+            server_round,
+            len(lost),
+            stage.value,
+        )
+
+
+def require_survivors(
+    remaining: int, *, threshold: int, server_round: int, stage: Stage
+) -> None:
+    """Abort the round when fewer clients than the threshold remain.
+
+    Raises:
+        TooFewSurvivorsError: ``remaining`` is below ``threshold``.
+
+    """
+    if remaining < threshold:
+        raise TooFewSurvivorsError(
+            f"Round {server_round}: {remaining} client(s) remain after stage "
+            f"{stage.value!r}, fewer than the threshold {threshold}. The round "
+            "is aborted and no model is released."
+        )
+
+
+def recover_secret(
+    owner: int,
+    holders: tuple[int, ...],
+    revealed: Mapping[int, bytes | None],
+    *,
+    threshold: int,
+    server_round: int,
+    kind: str,
+    size: int,
+) -> bytes:
+    """Combine the shares of ``owner``'s secret that its holders revealed.
+
+    ``revealed`` maps a responding holder to its encoded share, or None. A
+    share that does not decode or does not carry its holder's index is
+    ignored.
+
+    Raises:
+        TooFewSurvivorsError: Fewer than ``threshold`` usable shares.
+        ProtocolError: The shares do not lie on one polynomial.
+
+    """
+    shares = []
+    for position, holder in enumerate(holders):
+        encoded = revealed.get(holder)
+        if encoded is None:
+            continue
         try:
-            shamir.check_consistent(shares, threshold=self.plan.threshold)
-            return shamir.combine_shares(
-                shares, threshold=self.plan.threshold, secret_size=size
-            )
+            share = shamir.decode_share(encoded)
         except ValueError:
-            raise ProtocolError(
-                f"Round {self.server_round}: the revealed shares of the {kind} of "
-                f"node {owner} are inconsistent; a client sent a corrupt share. "
-                "The round is aborted and no model is released."
-            ) from None
+            continue
+        if share.index == position + 1:
+            shares.append(share)
+
+    if len(shares) < threshold:
+        raise TooFewSurvivorsError(
+            f"Round {server_round}: {len(shares)} share(s) of the {kind} of node "
+            f"{owner} were revealed, fewer than the threshold {threshold}. The "
+            "round is aborted and no model is released."
+        )
+    try:
+        shamir.check_consistent(shares, threshold=threshold)
+        return shamir.combine_shares(shares, threshold=threshold, secret_size=size)
+    except ValueError:
+        raise ProtocolError(
+            f"Round {server_round}: the revealed shares of the {kind} of node "
+            f"{owner} are inconsistent; a client sent a corrupt share. The round "
+            "is aborted and no model is released."
+        ) from None
