@@ -402,6 +402,11 @@ def _run_keyed_stage(
     if header.stage is Stage.KEYED_INPUT:
         return _keyed_input(existing, header, fields, msg, context, call_next, options)
 
+    if STATE_RECORD not in context.state.config_records:
+        raise ProtocolError(
+            f"Stage {header.stage.value!r} arrived before this client's "
+            f"{Stage.KEYED_INPUT.value!r} stage."
+        )
     state, reply = run_keys.client_keyed_unmask(
         _load_state(context, header), KeyedUnmaskRequest.from_fields(fields)
     )
@@ -424,17 +429,12 @@ def _keyed_input(
     options: _Options,
 ) -> tuple[Fields, _Extra]:
     _check_refusal(header, context, options)
-    record = context.state.config_records.get(STATE_RECORD)
-    previous = (
-        None if record is None else protocol.ClientState.from_fields(dict(record))
-    )
-    state = run_keys.client_start_round(
-        keys,
-        previous,
-        ShareKeysRequest.from_fields(fields),
-        server_round=header.server_round,
+    state, keys = run_keys.client_start_round(
+        keys, ShareKeysRequest.from_fields(fields), server_round=header.server_round
     )
     params = parse_encoding(fields)
+    # Record the round before training, so no request can get a second input.
+    context.state[RUN_KEYS_RECORD] = to_config_record(keys.to_fields())
 
     started = time.perf_counter()
     encoded, metrics = _train_and_encode(

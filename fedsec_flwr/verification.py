@@ -47,7 +47,7 @@ from .core.messages import (
     VerifyRequest,
     _field,
     pack_node_ids,
-    unpack_node_ids,
+    unpack_single_id,
 )
 from .core.signatures import SignedStage
 from .core.transcript import RoundTranscript
@@ -497,7 +497,7 @@ class ClientVerificationState:
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> ClientVerificationState:
         """Restore a state stored by `to_fields`."""
-        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
+        run_id = unpack_single_id(fields, "run-id")
         return cls(
             run_id=run_id,
             identity_private_key=_field(fields, "identity-private-key", bytes),

@@ -43,6 +43,7 @@ from .messages import (
     round_context,
     self_mask_context,
     unpack_node_ids,
+    unpack_single_id,
 )
 
 SEED_SIZE = 32
@@ -102,8 +103,8 @@ class ClientState:
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> ClientState:
         """Restore a state stored by ``to_fields``."""
-        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
-        (node_id,) = unpack_node_ids(_field(fields, "node-id", bytes), field="node-id")
+        run_id = unpack_single_id(fields, "run-id")
+        node_id = unpack_single_id(fields, "node-id")
         return cls(
             run_id=run_id,
             server_round=_field(fields, "server-round", int),

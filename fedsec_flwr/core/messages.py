@@ -83,6 +83,14 @@ def unpack_node_ids(data: bytes, *, field: str) -> tuple[int, ...]:
     return struct.unpack(f">{len(data) // NODE_ID_SIZE}Q", data)
 
 
+def unpack_single_id(fields: Mapping[str, object], key: str) -> int:
+    """Unpack a field that holds exactly one packed id."""
+    node_ids = unpack_node_ids(_field(fields, key, bytes), field=key)
+    if len(node_ids) != 1:
+        raise ProtocolError(f"{key} must hold one id. Found {len(node_ids)}.")
+    return node_ids[0]
+
+
 def round_context(run_id: int, server_round: int) -> bytes:
     """Return the 16-byte label of one round of one run."""
     return struct.pack(">QQ", run_id, server_round)
@@ -184,7 +192,7 @@ class RoundHeader:
             stage = Stage(stage_name)
         except ValueError:
             raise ProtocolError(f"Unknown protocol stage {stage_name!r}.") from None
-        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
+        run_id = unpack_single_id(fields, "run-id")
         server_round = _field(fields, "server-round", int)
         if server_round < 1:
             raise ProtocolError(

@@ -72,7 +72,7 @@ from .messages import (
     pair_mask_context,
     pair_sign,
     self_mask_context,
-    unpack_node_ids,
+    unpack_single_id,
 )
 from .server import (
     RoundPlan,
@@ -93,12 +93,15 @@ class RunKeys:
     node_id: int
     encryption_private_key: bytes
     mask_private_key: bytes
+    last_round: int = 0
+    """The last round in which the client started to mask an input, or 0."""
 
     def to_fields(self) -> Fields:
         """Convert to record fields for ``Context.state``."""
         return {
             "run-id": pack_node_ids([self.run_id]),
             "node-id": pack_node_ids([self.node_id]),
+            "last-round": self.last_round,
             "encryption-private-key": self.encryption_private_key,
             "mask-private-key": self.mask_private_key,
         }
@@ -106,13 +109,14 @@ class RunKeys:
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> RunKeys:
         """Restore keys stored by ``to_fields``."""
-        (run_id,) = unpack_node_ids(_field(fields, "run-id", bytes), field="run-id")
-        (node_id,) = unpack_node_ids(_field(fields, "node-id", bytes), field="node-id")
+        run_id = unpack_single_id(fields, "run-id")
+        node_id = unpack_single_id(fields, "node-id")
         return cls(
             run_id=run_id,
             node_id=node_id,
             encryption_private_key=_field(fields, "encryption-private-key", bytes),
             mask_private_key=_field(fields, "mask-private-key", bytes),
+            last_round=_field(fields, "last-round", int),
         )
 
     def public(self) -> SetupReply:
@@ -134,11 +138,21 @@ def client_register(
 
     A repeated request in the same run returns the same public keys, so a
     server that lost its directory cannot make a client mask with two keys.
+
+    Raises:
+        ProtocolError: The client already holds keys of another run or node.
+            Flower keeps one ``Context`` per run and node, so only a server
+            that tampers with the header asks for that, and new keys would
+            also reset the client's record of the rounds it masked.
+
     """
-    if existing is not None and (existing.run_id, existing.node_id) == (
-        run_id,
-        node_id,
-    ):
+    if existing is not None:
+        if (existing.run_id, existing.node_id) != (run_id, node_id):
+            raise ProtocolError(
+                f"This client holds the keys of run {existing.run_id} as node "
+                f"{existing.node_id}; it does not register again as node "
+                f"{node_id} of run {run_id}."
+            )
         return existing, existing.public()
 
     run_keys = RunKeys(
@@ -151,26 +165,18 @@ def client_register(
 
 
 def client_start_round(
-    run_keys: RunKeys,
-    previous: ClientState | None,
-    request: ShareKeysRequest,
-    *,
-    server_round: int,
-) -> ClientState:
+    run_keys: RunKeys, request: ShareKeysRequest, *, server_round: int
+) -> tuple[ClientState, RunKeys]:
     """Check a keyed-input request before the client trains for it.
 
-    ``previous`` is the state this client kept from its last round of the run,
-    if any. A client masks at most one input per round, so it rejects a
-    request for the same or an earlier round.
+    A client masks at most one input per round, so it rejects a request for
+    a round not later than ``run_keys.last_round``. Store the returned keys,
+    which record this round, before training.
     """
-    if (
-        previous is not None
-        and previous.run_id == run_keys.run_id
-        and server_round <= previous.server_round
-    ):
+    if server_round <= run_keys.last_round:
         raise ProtocolError(
             f"Round {server_round} must come after round "
-            f"{previous.server_round}, in which this client already sent "
+            f"{run_keys.last_round}, in which this client already sent "
             "a masked input."
         )
 
@@ -178,18 +184,19 @@ def client_start_round(
         run_id=run_keys.run_id,
         server_round=server_round,
         node_id=run_keys.node_id,
-        stage=Stage.KEYED_INPUT,
+        stage=Stage.REGISTER,
         encryption_private_key=run_keys.encryption_private_key,
         mask_private_key=run_keys.mask_private_key,
     )
     check_neighbour_request(state, request)
-    return replace(
+    started = replace(
         state,
         threshold=request.threshold,
         neighbour_ids=request.neighbour_ids,
         encryption_public_keys=request.encryption_public_keys,
         mask_public_keys=request.mask_public_keys,
     )
+    return started, replace(run_keys, last_round=server_round)
 
 
 def client_keyed_input(
@@ -200,7 +207,7 @@ def client_keyed_input(
     Returns the round's state, the masked input and the encrypted shares keyed
     by receiver.
     """
-    if state.stage is not Stage.KEYED_INPUT:
+    if state.stage is not Stage.REGISTER:
         raise ProtocolError(
             f"A masked input needs a state from client_start_round. Found the "
             f"client after stage {state.stage.value!r}."
@@ -236,7 +243,7 @@ def client_keyed_input(
     masked = client_mask(masking, encoded, modulus=modulus)
 
     # The seed is needed only to mask; the server recovers it from shares.
-    kept = replace(state, stage=Stage.MASKED_INPUT, own_seed_share=own_seed_share)
+    kept = replace(state, stage=Stage.KEYED_INPUT, own_seed_share=own_seed_share)
     return kept, masked, EncryptedShares(ciphertexts=ciphertexts)
 
 
@@ -262,7 +269,7 @@ def client_keyed_unmask(
         AuthenticationError: A forwarded share fails authentication.
 
     """
-    if state.stage is not Stage.MASKED_INPUT:
+    if state.stage is not Stage.KEYED_INPUT:
         raise ProtocolError(
             f"Stage {Stage.KEYED_UNMASK.value!r} must follow stage "
             f"{Stage.KEYED_INPUT.value!r} of the same round, once. Found the "
@@ -285,6 +292,17 @@ def client_keyed_unmask(
             f"masked input included, fewer than the threshold {state.threshold}; "
             "revealing shares could expose an input."
         )
+    # The client's own pairwise seeds with the listed dropouts, plus the seeds
+    # its other neighbours reveal when told that it dropped, would give the
+    # server every mask of its input. Only 1 + (listed dropouts) holders can
+    # then reveal shares of its seed, which stays below the threshold.
+    listed_dropped = len(dropped & neighbours)
+    if listed_dropped > state.threshold - 2:
+        raise ProtocolError(
+            f"{listed_dropped} of this client's neighbours are listed as dropped, "
+            f"more than threshold - 2 = {state.threshold - 2}; revealing their "
+            "pairwise seeds could expose this client's input."
+        )
     unexpected = set(request.ciphertexts) - (survivors & neighbours)
     if unexpected:
         raise ProtocolError(
@@ -299,7 +317,7 @@ def client_keyed_unmask(
     pair_seeds = {
         peer: _round_pair_seed(state, peer) for peer in sorted(dropped & neighbours)
     }
-    done = replace(state, stage=Stage.UNMASK, own_seed_share=b"")
+    done = replace(state, stage=Stage.KEYED_UNMASK, own_seed_share=b"")
     return done, KeyedUnmaskReply(seed_shares=seed_shares, pair_seeds=pair_seeds)
 
 
@@ -455,6 +473,14 @@ class KeyedServerRound:
                 )
                 continue
             if set(shares.ciphertexts) != set(graph[node]):
+                logger.warning(
+                    "Round %d: node %d sent shares for %d node(s), not one for each "
+                    "of its %d neighbours; it counts as dropped",
+                    self.server_round,
+                    node,
+                    len(shares.ciphertexts),
+                    len(graph[node]),
+                )
                 continue
             total += vector
             survivors.add(node)

@@ -93,11 +93,8 @@ class Federation:
     def send_input(
         self, node: int, request: ShareKeysRequest, encoded: np.ndarray, rnd: int
     ) -> tuple[np.ndarray, EncryptedShares]:
-        state = run_keys.client_start_round(
-            self.keys[node],
-            self.states.get(node),
-            _through_fields(request),
-            server_round=rnd,
+        state, self.keys[node] = run_keys.client_start_round(
+            self.keys[node], _through_fields(request), server_round=rnd
         )
         state, masked, shares = run_keys.client_keyed_input(
             state, encoded, modulus=PARAMS.modulus
@@ -209,7 +206,10 @@ def test_dropped_client_returns_next_round_without_new_keys() -> None:
     mean, server = federation.run_round(2, updates, weights)
 
     assert server.survivors == tuple(NODES)
-    assert federation.keys[NODES[0]] is keys_before
+    kept = federation.keys[NODES[0]]
+    assert kept.mask_private_key == keys_before.mask_private_key
+    assert kept.encryption_private_key == keys_before.encryption_private_key
+    assert kept.last_round == 2
     assert federation.registrations == len(NODES)
     assert np.max(np.abs(mean - _mean(updates, weights, NODES))) <= PARAMS.step
 
@@ -243,14 +243,22 @@ def test_register_returns_the_same_keys_within_a_run() -> None:
     first, reply = run_keys.client_register(None, run_id=RUN_ID, node_id=9)
 
     again, reply_again = run_keys.client_register(first, run_id=RUN_ID, node_id=9)
-    other_run, reply_other = run_keys.client_register(
-        first, run_id=RUN_ID + 1, node_id=9
-    )
+    fresh, reply_fresh = run_keys.client_register(None, run_id=RUN_ID, node_id=9)
 
     assert again is first
     assert reply_again == reply
-    assert reply_other != reply
-    assert other_run.run_id == RUN_ID + 1
+    assert reply_fresh != reply
+    assert fresh.last_round == 0
+
+
+@pytest.mark.parametrize(("run_id", "node_id"), [(RUN_ID + 1, 9), (RUN_ID, 10)])
+def test_tamper_register_for_other_run_or_node_rejected(
+    run_id: int, node_id: int
+) -> None:
+    first, _ = run_keys.client_register(None, run_id=RUN_ID, node_id=9)
+
+    with pytest.raises(ProtocolError, match="does not register again"):
+        run_keys.client_register(first, run_id=run_id, node_id=node_id)
 
 
 def test_directory_keeps_first_keys_and_ignores_unusable_ones() -> None:
@@ -461,3 +469,27 @@ def test_can_unmask_needs_threshold_shares_and_every_pair_seed() -> None:
     assert not server.can_unmask(too_few)
     assert not server.can_unmask(without_pair_seed)
     assert server.can_unmask(replies)
+
+
+def test_hostile_victim_told_many_dropped_refuses() -> None:
+    """A client reveals the pairwise seeds of at most threshold - 2 dropouts.
+
+    Otherwise a server that tells the victim that most neighbours dropped,
+    and those neighbours that the victim survived, gets every pairwise seed
+    from the victim and enough shares of its self-mask seed from them.
+    """
+    federation = Federation(NODES[:5], num_neighbours=4)
+    server = _first_round(federation)
+    victim = NODES[0]
+    neighbours = server.plan.neighbours[victim]
+    threshold = server.plan.threshold
+    too_many = neighbours[: threshold - 1]
+    request = server.unmask_requests()[victim]
+    lying = KeyedUnmaskRequest(
+        survivor_ids=tuple(n for n in request.survivor_ids if n not in too_many),
+        dropped_ids=too_many,
+        ciphertexts={s: c for s, c in request.ciphertexts.items() if s not in too_many},
+    )
+
+    with pytest.raises(ProtocolError, match="listed as dropped"):
+        federation.unmask(victim, lying)
