@@ -85,6 +85,9 @@ MAX_REASON_LENGTH = 300
 
 MAX_REASONS_SHOWN = 3
 
+MEAN_RANGE_TOLERANCE = 1e-9
+"""Relative slack of the range check for the float rounding of the decoding."""
+
 _Reply = TypeVar("_Reply")
 
 
@@ -392,6 +395,7 @@ def run_secure_round(
         server_round=server_round,
     )
     mean_update, num_clipped = decoded.mean, decoded.num_clipped
+    _check_mean_range(mean_update, params=params, server_round=server_round)
     if num_clipped:
         logger.warning(
             "Round %d: %d update coordinates were clipped to the range +-%g",
@@ -584,6 +588,27 @@ def _check_total_weight(
             f"Round {server_round}: the aggregated weight {total_weight} exceeds "
             f"max_weight * clients = {limit}; a client sent a malformed input. "
             "The round is aborted and no model is released."
+        )
+
+
+def _check_mean_range(
+    mean: NDArray[np.float64], *, params: EncodingParams, server_round: int
+) -> None:
+    """Reject a mean outside the clipping range, which no honest clients produce.
+
+    Every honest coordinate lies in ``[-clip_range, clip_range]``, so a mean
+    outside it means that a client added to its masked vector. Distributed DP
+    noise can leave the range honestly, so the check is skipped with it.
+    """
+    if params.noise_headroom or mean.size == 0:
+        return
+    worst = float(np.max(np.abs(mean)))
+    if worst > params.clip_range * (1 + MEAN_RANGE_TOLERANCE):
+        raise ProtocolError(
+            f"Round {server_round}: a coordinate of the aggregated mean is "
+            f"{worst:.6g}, outside the clipping range +-{params.clip_range:g}; a "
+            "client sent a malformed input. The round is aborted and no model is "
+            "released."
         )
 
 

@@ -22,8 +22,14 @@ from fedsec_flwr import (
     SecureFedAvg,
     TooFewSurvivorsError,
 )
+from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.core.messages import Stage
-from fedsec_flwr.records import PROTOCOL_RECORD, RUN_KEYS_RECORD
+from fedsec_flwr.records import (
+    MASKED_INPUT_RECORD,
+    MASKED_VECTOR_KEY,
+    PROTOCOL_RECORD,
+    RUN_KEYS_RECORD,
+)
 from tests.loopback import LoopbackGrid, stage_of
 from tests.test_secure_strategy import (
     CONFIG,
@@ -244,3 +250,31 @@ def test_failed_round_names_the_clients_error(key_lifetime: str) -> None:
     message = str(raised.value)
     assert "Error replies from clients" in message
     assert "must not exceed max_weight 5" in message
+
+
+@pytest.mark.parametrize(
+    ("key_lifetime", "stage"), [("round", "masked-input"), ("run", "keyed-input")]
+)
+def test_hostile_client_shift_outside_clip_range_aborts(
+    key_lifetime: str, stage: str
+) -> None:
+    """A client that adds to its masked vector cannot push the mean off range."""
+    shifter = NODE_IDS[1]
+
+    def shift(reply: Message) -> Message:
+        record = reply.content[MASKED_INPUT_RECORD]
+        vector = record[MASKED_VECTOR_KEY].numpy().copy()
+        vector[0] = (int(vector[0]) + 2**31) % 2**32
+        record[MASKED_VECTOR_KEY] = Array(vector)
+        return reply
+
+    def fault(node: int, name: str, _: Message) -> object:
+        return shift if node == shifter and name == stage else None
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
+    strategy = SecureFedAvg(secure_aggregation=config, rng=random.Random(5))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(ProtocolError, match="outside the clipping range"):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
