@@ -205,7 +205,8 @@ class _Exchange:
         def satisfied(pulled: list[Message]) -> bool:
             for reply in pulled:
                 keep(reply)
-            return enough is not None and enough(replies)
+            # Nothing new arrived, so the answer cannot have changed.
+            return bool(pulled) and enough is not None and enough(replies)
 
         self._send_and_receive(messages, satisfied)
         return replies
@@ -260,7 +261,8 @@ def _explain_client_errors(exchange: _Exchange) -> Iterator[None]:
     """Add the clients' error replies to a round that lost too many clients.
 
     A client that rejects a request (a weight above ``max_weight``, for
-    example) only says why in its reply, so the server's error repeats it.
+    example) reports the reason only in its reply, so the server's error
+    repeats it.
     """
     try:
         yield
@@ -527,10 +529,11 @@ def _keyed_exchanges(
     keyed.receive_inputs(parsed)
     clock.lap(Stage.KEYED_INPUT.value)
 
+    unmask_parser = _ParsedUnmaskReplies()
     unmask_replies = stages.send(
         Stage.KEYED_UNMASK,
         {node: r.to_fields() for node, r in keyed.unmask_requests().items()},
-        enough=lambda replies: keyed.can_unmask(_quiet_unmask_replies(replies)),
+        enough=lambda replies: keyed.can_unmask(unmask_parser.update(replies)),
     )
     total = keyed.receive_unmask(
         stages.parse(unmask_replies, _keyed_unmask_reply, Stage.KEYED_UNMASK),
@@ -544,20 +547,26 @@ def _keyed_unmask_reply(message: Message) -> KeyedUnmaskReply:
     return KeyedUnmaskReply.from_fields(protocol_fields(message.content))
 
 
-def _quiet_unmask_replies(
-    replies: Mapping[int, Message],
-) -> dict[int, KeyedUnmaskReply]:
-    """Parse the replies so far, skipping invalid ones without logging them.
+class _ParsedUnmaskReplies:
+    """Unmask replies parsed as they arrive, each message once.
 
-    ``stages.parse`` logs each invalid reply once, after the exchange.
+    Invalid replies are skipped without a log line; ``stages.parse`` logs
+    each of them once, after the exchange.
     """
-    parsed = {}
-    for node, message in replies.items():
-        try:
-            parsed[node] = _keyed_unmask_reply(message)
-        except (ProtocolError, ValueError):
-            continue
-    return parsed
+
+    def __init__(self) -> None:
+        self._valid: dict[int, KeyedUnmaskReply] = {}
+        self._seen: set[int] = set()
+
+    def update(self, replies: Mapping[int, Message]) -> dict[int, KeyedUnmaskReply]:
+        """Parse the replies not seen before and return all valid ones."""
+        for node in replies.keys() - self._seen:
+            self._seen.add(node)
+            try:
+                self._valid[node] = _keyed_unmask_reply(replies[node])
+            except (ProtocolError, ValueError):
+                continue
+        return self._valid
 
 
 def _register_stage(stages: _Stages, directory: KeyDirectory, nodes: list[int]) -> None:
