@@ -51,9 +51,11 @@ class SecAggConfig:
             (setup, share-keys, masked-input and unmask). ``"run"`` registers
             each client's keys once per run, derives the round's pairwise
             seeds from them, sends the self-mask seed's shares with the
-            masked input, and so needs two exchanges per round; a round in
-            which a client drops before sending its input and a neighbour of
-            it drops after sending its own is aborted.
+            masked input, and so needs two exchanges per round. It tolerates
+            fewer dropouts: each client accepts at most ``threshold - 2``
+            dropped neighbours, and a round in which a client drops before
+            sending its input and a neighbour of it drops after sending its
+            own is aborted.
 
     """
 

@@ -454,8 +454,8 @@ def test_run_keys_survive_supernode_killed_after_input(
     }
     submitted = federation.submit_run(config)
 
-    # The second train message of round 2 asks to unmask, so the victim has
-    # already sent its masked input and its seed shares.
+    # The second train message of round 2 is the unmask request, so the victim
+    # has already sent its masked input and its seed shares.
     reached = wait_for(
         lambda: received_train_messages(victim.read_log(), 2) >= KEYED_UNMASK_MESSAGE,
         timeout=900,

@@ -84,7 +84,7 @@ def unpack_node_ids(data: bytes, *, field: str) -> tuple[int, ...]:
 
 
 def unpack_single_id(fields: Mapping[str, object], key: str) -> int:
-    """Unpack a field that holds exactly one packed id."""
+    """Unpack a field that contains exactly one packed id."""
     node_ids = unpack_node_ids(_field(fields, key, bytes), field=key)
     if len(node_ids) != 1:
         raise ProtocolError(f"{key} must hold one id. Found {len(node_ids)}.")
@@ -341,7 +341,7 @@ class UnmaskReply:
 class KeyedUnmaskRequest:
     """The survivors and dropouts of a round with run keys, and the held shares.
 
-    ``ciphertexts`` holds the self-mask seed shares that the client's
+    ``ciphertexts`` contains the self-mask seed shares that the client's
     surviving neighbours addressed to it, keyed by sender.
     """
 

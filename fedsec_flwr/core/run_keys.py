@@ -22,18 +22,22 @@ mask keys are never shared or revealed, so a client that drops out and
 returns renews nothing but its per-round self-mask seed, which is fresh in
 every round anyway.
 
-The rule that keeps an input private when the server lies about dropouts: for
-each neighbour, a client reveals either its seed share (the neighbour's input
-was included) or their pairwise seed (it was not), never both, and it replies to
-the unmask request of a round only once. Unmasking a client's input needs its
-self-mask seed, hence seed shares from at least ``threshold`` of its holders,
-and every one of its pairwise seeds, hence every neighbour; a holder gives
-only one of the two, so both sets can be complete only for ``threshold < 2``.
+Two rules keep an input private when the server lies about dropouts. First,
+for each neighbour a client reveals either the neighbour's seed share (its
+input was included) or their pairwise seed (it was not), never both, and it
+replies to the unmask request of a round only once. Second, a client rejects
+an unmask request that lists more than ``threshold - 2`` of its neighbours as
+dropped. A pairwise seed reaches the server from either end of the pair, so
+a server that wants every mask of one client's input can get the seeds of the
+listed dropouts from the client and the other seeds from the neighbours told
+that the client dropped. Only the client and the listed dropouts then reveal
+shares of its self-mask seed, at most ``threshold - 1`` of them.
 
-The cost of revealing seeds instead of key shares: the server can remove the
-mask between a survivor and a dropped neighbour only with the survivor's own
-answer, so a round in which a client drops before sending its input and one
-of its neighbours drops after sending its own cannot be unmasked and is
+The cost of revealing seeds instead of key shares is dropout tolerance. Each
+included client accepts at most ``threshold - 2`` dropped neighbours. The
+server can remove the mask between a survivor and a dropped neighbour only
+with the survivor's own reply, so a round in which a client drops before
+sending its input and one of its neighbours drops after sending its own is
 aborted.
 """
 
@@ -140,7 +144,7 @@ def client_register(
     server that lost its directory cannot make a client mask with two keys.
 
     Raises:
-        ProtocolError: The client already holds keys of another run or node.
+        ProtocolError: The client already has keys of another run or node.
             Flower keeps one ``Context`` per run and node, so only a server
             that tampers with the header asks for that, and new keys would
             also reset the client's record of the rounds it masked.
@@ -149,9 +153,9 @@ def client_register(
     if existing is not None:
         if (existing.run_id, existing.node_id) != (run_id, node_id):
             raise ProtocolError(
-                f"This client holds the keys of run {existing.run_id} as node "
-                f"{existing.node_id}; it does not register again as node "
-                f"{node_id} of run {run_id}."
+                f"Invalid register request: this client has the keys of run "
+                f"{existing.run_id} as node {existing.node_id}, so it does not "
+                f"register again as node {node_id} of run {run_id}."
             )
         return existing, existing.public()
 
@@ -258,8 +262,10 @@ def client_keyed_input(
     masked = client_mask(masking, encoded, modulus=modulus)
 
     # The seed is needed only to mask; the server recovers it from shares.
-    kept = replace(state, stage=Stage.KEYED_INPUT, own_seed_share=own_seed_share)
-    return kept, masked, EncryptedShares(ciphertexts=ciphertexts)
+    masked_state = replace(
+        state, stage=Stage.KEYED_INPUT, own_seed_share=own_seed_share
+    )
+    return masked_state, masked, EncryptedShares(ciphertexts=ciphertexts)
 
 
 def _associated_data(state: ClientState, receiver: int, *, sender: int) -> bytes:
@@ -307,10 +313,9 @@ def client_keyed_unmask(
             f"masked input included, fewer than the threshold {state.threshold}; "
             "revealing shares could expose an input."
         )
-    # The client's own pairwise seeds with the listed dropouts, plus the seeds
-    # its other neighbours reveal when told that it dropped, would give the
-    # server every mask of its input. Only 1 + (listed dropouts) holders can
-    # then reveal shares of its seed, which stays below the threshold.
+    # Beyond threshold - 2 listed dropouts, the seeds revealed here and by the
+    # other neighbours could cover every mask while threshold holders still
+    # reveal shares of this client's seed (see the module docstring).
     listed_dropped = len(dropped & neighbours)
     if listed_dropped > state.threshold - 2:
         raise ProtocolError(
@@ -530,9 +535,9 @@ class KeyedServerRound:
 
         That takes ``threshold`` seed shares of each survivor and, for each
         dropped client, the pairwise seed from each of its surviving
-        neighbours. The server can stop waiting then, so that the slowest
-        survivors do not delay the round; it also forgoes the consistency
-        check that extra shares would allow.
+        neighbours. The server can stop waiting then, so the slowest
+        survivors do not delay the round. It forgoes the consistency check
+        that extra shares would allow.
         """
         neighbours = self.plan.neighbours
         for owner in self._survivors:
