@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.run --quick --out outputs/eval-quick
     python -m benchmarks.run --out outputs/eval-full
     python -m benchmarks.run --quick --only cost,scaling --out outputs/eval-cost
+    python -m benchmarks.run --only accuracy --datasets fashion-mnist --out DIR
 
 ``--smoke`` runs the smallest settings (a check that every step works),
 ``--quick`` a short version of each experiment, and the default the full
@@ -22,6 +23,7 @@ arguments and 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -75,6 +77,27 @@ def parse_families(text: str | None) -> tuple[str, ...]:
     return tuple(family for family in FAMILIES if family in names)
 
 
+def select_datasets(profile: Profile, text: str | None) -> Profile:
+    """Keep only the accuracy datasets named in ``text``; None keeps all.
+
+    Raises:
+        ValueError: If a name is not a dataset of the profile or the list is
+            empty.
+    """
+    if text is None:
+        return profile
+    available = [plan.dataset for plan in profile.accuracy]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in available]
+    if unknown or not names:
+        raise ValueError(
+            f"--datasets must be a comma-separated list of the {profile.name} "
+            f"profile's datasets {', '.join(available)}. Found {text!r}."
+        )
+    kept = tuple(plan for plan in profile.accuracy if plan.dataset in names)
+    return dataclasses.replace(profile, accuracy=kept)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser."""
     parser = argparse.ArgumentParser(
@@ -106,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         default=None,
         help=f"comma-separated families to run (default: all of {','.join(FAMILIES)})",
+    )
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated datasets of the accuracy runs (default: all)",
     )
     parser.add_argument(
         "--app-dir",
@@ -208,9 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         families = parse_families(args.only)
+        profile = select_datasets(PROFILES[args.profile], args.datasets)
     except ValueError as error:
         parser.error(str(error))
-    profile = PROFILES[args.profile]
     out_dir: Path = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run " + shlex.join(

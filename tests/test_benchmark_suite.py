@@ -28,6 +28,8 @@ from benchmarks.suite.experiment import (
     run_experiments,
 )
 from benchmarks.suite.profiles import (
+    FASHION_MNIST,
+    FULL,
     PROFILES,
     SMOKE_PROFILE,
     CostPlan,
@@ -299,6 +301,19 @@ def test_parse_families() -> None:
         run.parse_families("accuracy,speed")
     with pytest.raises(ValueError, match="Found ','"):
         run.parse_families(",")
+
+
+def test_select_datasets_keeps_named_plans_only() -> None:
+    full = PROFILES[FULL]
+
+    assert run.select_datasets(full, None) is full
+    kept = run.select_datasets(full, " fashion-mnist ")
+    assert [plan.dataset for plan in kept.accuracy] == [FASHION_MNIST]
+    assert kept.cost == full.cost
+    with pytest.raises(ValueError, match="Found 'mnist'"):
+        run.select_datasets(full, "mnist")
+    with pytest.raises(ValueError, match="breast-cancer, fashion-mnist"):
+        run.select_datasets(full, ",")
 
 
 # --- Runner and helpers ------------------------------------------------------------
