@@ -2,8 +2,9 @@
 
 The public API: ``SecureFedAvg`` (a server strategy), ``secure_aggregation_mod``
 (the matching ClientApp mod), ``SecAggConfig``, ``DPConfig`` and
-``VerificationConfig`` (their parameters). They are imported on first use, so
-``fedsec_flwr.core`` loads without Flower.
+``VerificationConfig`` (their parameters), and ``ClientPrivacyBudget`` (a
+client's own limit on epsilon, for ``make_secure_aggregation_mod``). They are
+imported on first use, so ``fedsec_flwr.core`` loads without Flower.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .budget import ClientPrivacyBudget, PrivacyBudgetError
     from .config import SecAggConfig
     from .core.errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
     from .mod import (
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "AuthenticationError": ".core.errors",
+    "ClientPrivacyBudget": ".budget",
     "DPConfig": ".privacy",
     "DPMode": ".privacy",
     "FailurePolicy": ".verification",
@@ -34,6 +37,7 @@ _EXPORTS = {
     "make_plain_verification_mod": ".mod",
     "make_secure_aggregation_mod": ".mod",
     "plain_verification_mod": ".mod",
+    "PrivacyBudgetError": ".budget",
     "ProtocolError": ".core.errors",
     "RoundReport": ".strategy",
     "SecAggConfig": ".config",
@@ -44,6 +48,7 @@ _EXPORTS = {
 
 __all__ = [
     "AuthenticationError",
+    "ClientPrivacyBudget",
     "DPConfig",
     "DPMode",
     "FailurePolicy",
@@ -52,6 +57,7 @@ __all__ = [
     "make_plain_verification_mod",
     "make_secure_aggregation_mod",
     "plain_verification_mod",
+    "PrivacyBudgetError",
     "ProtocolError",
     "RoundReport",
     "SecAggConfig",

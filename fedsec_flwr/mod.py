@@ -46,6 +46,7 @@ from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
 from . import verification
+from .budget import ClientPrivacyBudget, SpentRound
 from .core import client as protocol
 from .core import commitments, run_keys
 from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
@@ -78,6 +79,7 @@ from .records import (
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PLAIN_INPUT_RECORD,
+    PRIVACY_BUDGET_RECORD,
     PROTOCOL_RECORD,
     RUN_KEYS_RECORD,
     STATE_RECORD,
@@ -116,6 +118,7 @@ _Extra = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
 class _Options:
     on_verification_failure: FailurePolicy
     require_verification: bool
+    privacy_budget: ClientPrivacyBudget | None = None
 
 
 _DEFAULT_OPTIONS = _Options(
@@ -140,24 +143,38 @@ def make_secure_aggregation_mod(
     *,
     on_verification_failure: FailurePolicy | str = FailurePolicy.REFUSE,
     require_verification: bool = False,
+    privacy_budget: ClientPrivacyBudget | None = None,
 ) -> Mod:
-    """Build a ``secure_aggregation_mod`` with a client-side verification policy.
+    """Build a ``secure_aggregation_mod`` with client-side policies.
+
+    The server cannot change any of these choices.
 
     Args:
         on_verification_failure: With ``refuse`` (the default), the client
             trains on no model of the run after a round failed verification.
-            With ``report``, it only reports the failure to the server. The
-            server cannot change this choice.
+            With ``report``, it only reports the failure to the server.
         require_verification: Refuse to train in a round that the server
             does not verify.
+        privacy_budget: Train only in rounds with distributed DP whose noise
+            keeps this client's epsilon over the run within the budget. None
+            follows the server's DP instructions, including none.
 
     Raises:
-        ValueError: If `on_verification_failure` is not a policy.
+        ValueError: If `on_verification_failure` is not a policy, or
+            `privacy_budget` is not a `ClientPrivacyBudget`.
 
     """
+    if privacy_budget is not None and not isinstance(
+        privacy_budget, ClientPrivacyBudget
+    ):
+        raise ValueError(
+            "privacy_budget must be a ClientPrivacyBudget or None. "
+            f"Found {type(privacy_budget).__name__}."
+        )
     options = _Options(
         on_verification_failure=_parse_policy(on_verification_failure),
         require_verification=require_verification,
+        privacy_budget=privacy_budget,
     )
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -349,6 +366,7 @@ def _masked_input(
         privacy=privacy,
         blinding=blinding,
         server_round=header.server_round,
+        budget=options.privacy_budget,
     )
     if blinding is not None:
         update = encoded[: encoded.size - blinding.size]
@@ -445,6 +463,7 @@ def _keyed_input(
         privacy=ClientPrivacy.from_fields(fields),
         blinding=None,
         server_round=header.server_round,
+        budget=options.privacy_budget,
     )
     encoded_at = time.perf_counter()
     state, masked, shares = run_keys.client_keyed_input(
@@ -465,15 +484,29 @@ def _train_and_encode(
     privacy: ClientPrivacy | None,
     blinding: NDArray[np.uint32] | None,
     server_round: int,
+    budget: ClientPrivacyBudget | None = None,
 ) -> tuple[NDArray[np.uint32], MetricRecord]:
     """Train with the wrapped handler, then clip, encode and noise its update.
 
     The blinding vector, if any, fills the last slots of the encoded vector.
+    With a privacy budget, a round that would exceed it is rejected before
+    training, and an admitted round is recorded once its noise is added.
     """
     global_record = msg.content.array_records.get(ARRAYS_RECORD)
     if global_record is None:
         raise ProtocolError(f"The message has no {ARRAYS_RECORD!r} ArrayRecord.")
     global_arrays = arrays_to_numpy(global_record)
+
+    spent: tuple[SpentRound, ...] = ()
+    cost = None
+    if budget is not None:
+        spent = _load_spent(context)
+        cost = budget.admit(
+            privacy,
+            quantization_scale=params.scale,
+            dimension=FloatLayout.of(global_arrays).size,
+            spent=spent,
+        )
 
     inner_content = RecordDict({ARRAYS_RECORD: global_record})
     train_config = msg.content.config_records.get(CONFIG_RECORD)
@@ -525,6 +558,14 @@ def _train_and_encode(
             bit_sigma_client=privacy.bit_sigma_client,
             rng=SecureRandom(),
         )
+    if budget is not None and cost is not None:
+        _save_spent(context, (*spent, cost))
+        logger.info(
+            "Round %d: this client's epsilon is %.4f of its budget %g",
+            server_round,
+            budget.epsilon((*spent, cost)),
+            budget.max_epsilon,
+        )
     if num_clipped:
         logger.warning(
             "Round %d: %d of %d update coordinates exceed the clip range %g and "
@@ -544,6 +585,36 @@ def _train_and_encode(
     )
     metrics[CLIENT_TRAIN_SECONDS] = train_seconds
     return encoded, metrics
+
+
+def _load_spent(context: Context) -> tuple[SpentRound, ...]:
+    record = context.state.config_records.get(PRIVACY_BUDGET_RECORD)
+    if record is None:
+        return ()
+    columns = [list(record[key]) for key in _SPENT_FIELDS]  # type: ignore[arg-type]
+    return tuple(
+        SpentRound(
+            sigma_client=float(sigma),
+            l2_sensitivity=float(sensitivity),
+            dimension=int(dimension),
+            bit_sigma_client=float(bit_sigma),
+        )
+        for sigma, sensitivity, dimension, bit_sigma in zip(*columns, strict=True)
+    )
+
+
+def _save_spent(context: Context, rounds: tuple[SpentRound, ...]) -> None:
+    context.state[PRIVACY_BUDGET_RECORD] = ConfigRecord(
+        {
+            "sigma-client": [spent.sigma_client for spent in rounds],
+            "l2-sensitivity": [spent.l2_sensitivity for spent in rounds],
+            "dimension": [spent.dimension for spent in rounds],
+            "bit-sigma-client": [spent.bit_sigma_client for spent in rounds],
+        }
+    )
+
+
+_SPENT_FIELDS = ("sigma-client", "l2-sensitivity", "dimension", "bit-sigma-client")
 
 
 def _commitment_layout(

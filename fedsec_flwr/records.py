@@ -22,6 +22,10 @@ STATE_RECORD = "fedsec.secagg.state"
 RUN_KEYS_RECORD = "fedsec.secagg.run-keys"
 """ConfigRecord in ``Context.state`` with the client's private keys of the run."""
 
+PRIVACY_BUDGET_RECORD = "fedsec.privacy-budget"
+"""ConfigRecord in ``Context.state`` with the noise of each round the client
+contributed to, for its own privacy budget."""
+
 MASKED_INPUT_RECORD = "fedsec.masked-input"
 """ArrayRecord with the client's masked input."""
 
