@@ -269,13 +269,18 @@ def _explain_client_errors(exchange: _Exchange) -> Iterator[None]:
     except TooFewSurvivorsError as error:
         if not exchange.error_reasons:
             raise
-        reasons = sorted(exchange.error_reasons.items(), key=lambda item: -item[1])
-        listed = "; ".join(
-            f"{count} x {reason!r}" for reason, count in reasons[:MAX_REASONS_SHOWN]
-        )
-        raise TooFewSurvivorsError(
-            f"{error} Error replies from clients: {listed}"
-        ) from error
+        raise TooFewSurvivorsError(f"{error}{_client_errors(exchange)}") from error
+
+
+def _client_errors(exchange: _Exchange) -> str:
+    """Return the exchange's most frequent client error replies as a sentence."""
+    if not exchange.error_reasons:
+        return ""
+    reasons = sorted(exchange.error_reasons.items(), key=lambda item: -item[1])
+    listed = "; ".join(
+        f"{count} x {reason!r}" for reason, count in reasons[:MAX_REASONS_SHOWN]
+    )
+    return f" Error replies from clients: {listed}"
 
 
 def _parse_replies(
@@ -944,6 +949,7 @@ def run_plain_round(
         raise ValueError(
             f"Round {server_round}: the total weight of the {len(updates)} valid "
             "replies is 0, so their weighted mean is undefined."
+            f"{_client_errors(exchange)}"
         )
     mean_update = np.zeros(layout.size, dtype=np.float64)
     for update, weight in updates.values():

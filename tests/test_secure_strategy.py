@@ -350,8 +350,12 @@ def test_weight_above_max_weight_rejected() -> None:
 def test_plain_train_message_rejected_by_mod() -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
-    with pytest.raises(ValueError, match="total weight of the 0 valid replies"):
+    with pytest.raises(
+        ValueError, match="total weight of the 0 valid replies"
+    ) as error:
         run(grid, config=None)
+    assert f"Error replies from clients: {NUM_NODES} x " in str(error.value)
+    assert "has no 'fedsec.secagg' ConfigRecord" in str(error.value)
     for reply in grid.received:
         assert reply.has_error()
         assert "secure aggregation" in (reply.error.reason or "")
