@@ -202,31 +202,31 @@ class _ProcessGroup:
 
 
 def parse_run_config(
-    items: Sequence[str] | None,
+    items: Sequence[str] | None, *, option: str = "--run-config"
 ) -> dict[str, bool | int | float | str]:
     """Parse ``key=value`` pairs, as written on the command line.
 
     Each item may contain several space-separated pairs. A value is read as
     a TOML bool, integer, float or quoted string. Any other value is taken as
-    a plain string, so ``dataset=digits`` works without quotes.
+    a plain string, so ``dataset=digits`` works without quotes. ``option``
+    names the command-line option in error messages.
 
     Raises:
         LaunchError: If a pair has no ``=`` or an empty key.
     """
     overrides: dict[str, bool | int | float | str] = {}
     for item in items or []:
-        for pair in _split_pairs(item):
+        for pair in _split_pairs(item, option):
             key, separator, raw_value = pair.partition("=")
             if not separator or not key:
                 raise LaunchError(
-                    "--run-config entries must have the form key=value. "
-                    f"Found {pair!r}."
+                    f"{option} entries must have the form key=value. Found {pair!r}."
                 )
             overrides[key] = _parse_value(raw_value)
     return overrides
 
 
-def _split_pairs(text: str) -> list[str]:
+def _split_pairs(text: str, option: str) -> list[str]:
     # Split on whitespace outside quotes and keep the quotes, so that a quoted
     # value such as name="7" stays a string instead of becoming an integer.
     pairs: list[str] = []
@@ -245,7 +245,7 @@ def _split_pairs(text: str) -> list[str]:
         current.append(char)
 
     if quote is not None:
-        raise LaunchError(f"--run-config has an unclosed {quote} quote in {text!r}.")
+        raise LaunchError(f"{option} has an unclosed {quote} quote in {text!r}.")
     if current:
         pairs.append("".join(current))
     return pairs

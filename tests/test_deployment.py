@@ -112,13 +112,17 @@ def start_federation(
     """Start federations that are stopped by PID when the test ends."""
     started: list[LocalFederation] = []
 
-    def start(num_supernodes: int = NUM_SUPERNODES) -> LocalFederation:
+    def start(
+        num_supernodes: int = NUM_SUPERNODES,
+        node_config: dict[str, bool | int | float | str] | None = None,
+    ) -> LocalFederation:
         work_dir = tmp_path / f"federation-{len(started)}"
         federation = LocalFederation(
             credentials=credentials,
             app_dir=APP_DIR,
             work_dir=work_dir,
             num_supernodes=num_supernodes,
+            node_config=node_config,
         )
         started.append(federation)
         federation.start()
@@ -299,6 +303,25 @@ def test_credentials_command_line(tmp_path: Path) -> None:
     assert (directory / "supernode-1.pub").is_file()
     assert deploy_main(arguments) == 2
     assert deploy_main([*arguments, "--force"]) == 0
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_run_local_rejects_invalid_node_config(
+    credentials: CredentialPaths,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["run-local", "--credentials", str(credentials.directory)]
+    base += ["--app", str(APP_DIR), "--work-dir", str(tmp_path / "work")]
+
+    assert deploy_main([*base, "--node-config", "partition-id=5"]) == 2
+    assert "node_config must not set partition-id" in capsys.readouterr().err
+    assert deploy_main([*base, "--node-config", "require-secure-aggregation"]) == 2
+    assert "--node-config entries must have the form key=value" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.deployment
@@ -506,6 +529,67 @@ def test_all_supernodes_killed_fails_run(
     assert result.status == "finished:failed"
     assert result.exit_code != 0
     assert read_results(output_dir)["status"] == "failed"
+    assert_stopped(federation)
+
+
+# The SuperNodes' operators accept epsilon 1.05 over the run and count on the
+# noise of all 3 clients. A server that calibrates for epsilon 1 over the same
+# 3 clients fits that budget; one that calibrates for epsilon 8 does not.
+BUDGET_NODE_CONFIG: dict[str, bool | int | float | str] = {
+    "dp-max-epsilon": 1.05,
+    "dp-min-honest-clients": NUM_SUPERNODES,
+}
+DISTRIBUTED_DP_CONFIG: dict[str, bool | int | float | str] = {
+    **COMPARISON_CONFIG,
+    "dp-mode": "distributed",
+    "clipping-norm": 1.0,
+}
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(900)
+def test_node_budget_holds_against_the_run_config(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation(node_config=BUDGET_NODE_CONFIG)
+
+    within = federation.run(
+        {
+            **DISTRIBUTED_DP_CONFIG,
+            "target-epsilon": 1.0,
+            "output-dir": str(tmp_path / "within"),
+        },
+        timeout=600,
+    )
+    above = federation.run(
+        {
+            **DISTRIBUTED_DP_CONFIG,
+            "target-epsilon": 8.0,
+            "output-dir": str(tmp_path / "above"),
+        },
+        timeout=600,
+    )
+    plain = federation.run(
+        {
+            **COMPARISON_CONFIG,
+            "secure-aggregation": False,
+            "output-dir": str(tmp_path / "plain"),
+        },
+        timeout=600,
+    )
+
+    assert within.status == RUN_STATUS_COMPLETED
+    epsilons = [
+        entry["epsilon"] for entry in read_results(tmp_path / "within")["rounds"]
+    ]
+    assert len(epsilons) == 2
+    assert 0 < epsilons[-1] <= 1.0
+    assert above.status == "finished:failed"
+    above_error = read_results(tmp_path / "above")["error"]
+    assert "above its max_epsilon 1.05" in above_error
+    assert plain.status == "finished:failed"
+    assert plain.exit_code != 0
+    assert read_results(tmp_path / "plain")["status"] == "failed"
     assert_stopped(federation)
 
 

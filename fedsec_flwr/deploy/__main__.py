@@ -234,6 +234,13 @@ def _add_run_local_parser(
         help="Run-config overrides; may be repeated.",
     )
     parser.add_argument(
+        "--node-config",
+        action="append",
+        metavar="'KEY=VALUE ...'",
+        help="Node-config values for every SuperNode, such as "
+        "'require-secure-aggregation=true'; may be repeated.",
+    )
+    parser.add_argument(
         "--host",
         default=LOOPBACK_HOST,
         help="Loopback address of the SuperLink; must be in the server "
@@ -258,7 +265,8 @@ def count_supernode_keys(directory: Path) -> int:
 
 def _run_local(args: argparse.Namespace) -> int:
     try:
-        federation = _federation_from_args(args)
+        node_config = parse_run_config(args.node_config, option="--node-config")
+        federation = _federation_from_args(args, node_config)
         run_config = parse_run_config(args.run_config)
     except (DeploymentError, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -283,7 +291,9 @@ def _run_local(args: argparse.Namespace) -> int:
     return _report(result, federation)
 
 
-def _federation_from_args(args: argparse.Namespace) -> LocalFederation:
+def _federation_from_args(
+    args: argparse.Namespace, node_config: dict[str, bool | int | float | str]
+) -> LocalFederation:
     directory = Path(args.credentials)
     num_keys = count_supernode_keys(directory)
     if num_keys == 0:
@@ -302,6 +312,7 @@ def _federation_from_args(args: argparse.Namespace) -> LocalFederation:
         work_dir=Path(work_dir),
         num_supernodes=args.nodes,
         host=args.host,
+        node_config=node_config,
     )
 
 

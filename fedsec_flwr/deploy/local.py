@@ -312,6 +312,10 @@ class FederationPaths:
         """Output of one ``flower-supernode``."""
         return self.logs_dir / f"{name}.log"
 
+    def supernode_config(self, name: str) -> Path:
+        """TOML file with one SuperNode's node config."""
+        return self.logs_dir / f"{name}-node-config.toml"
+
     def run_log(self, label: str) -> Path:
         """Output of ``flwr run --stream`` for one run."""
         return self.logs_dir / f"run-{label}.log"
@@ -499,7 +503,8 @@ class LocalFederation:
     Use it as a context manager. Entering starts the SuperLink, registers
     every SuperNode public key and starts the SuperNodes. Leaving stops every
     process it started, also when the body raises. SuperNode ``i`` receives
-    ``partition-id=i num-partitions=N`` as its node config.
+    ``partition-id=i num-partitions=N`` as its node config, plus the
+    ``node_config`` values given to every SuperNode.
 
     Starting makes this process a child subreaper (Linux), so orphaned
     Flower processes are re-parented here and can be reaped.
@@ -524,6 +529,7 @@ class LocalFederation:
         host: str = LOOPBACK_HOST,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_SECONDS,
         base_env: Mapping[str, str] | None = None,
+        node_config: Mapping[str, bool | int | float | str] | None = None,
     ) -> None:
         """Configure the federation; nothing starts until `start`.
 
@@ -539,6 +545,9 @@ class LocalFederation:
                 to succeed and for every SuperNode to come online.
             base_env: Environment the processes inherit; ``os.environ`` by
                 default.
+            node_config: Node-config values that every SuperNode gets besides
+                its ``partition-id`` and ``num-partitions``, such as the
+                app's ``require-secure-aggregation``.
 
         Raises:
             DeploymentError: If an argument is invalid.
@@ -558,6 +567,13 @@ class LocalFederation:
             raise DeploymentError(
                 f"startup_timeout must be positive. Found {startup_timeout}."
             )
+        extra_config = dict(node_config or {})
+        reserved = sorted(set(extra_config) & {"partition-id", "num-partitions"})
+        if reserved:
+            raise DeploymentError(
+                f"node_config must not set {', '.join(reserved)}, which the "
+                "federation assigns to each SuperNode."
+            )
 
         self.credentials = credentials
         self.app_dir = app_dir.resolve()
@@ -565,6 +581,7 @@ class LocalFederation:
         self.num_supernodes = count
         self.host = host
         self.startup_timeout = startup_timeout
+        self.node_config = extra_config
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._base_env.pop("RAY_ADDRESS", None)
 
@@ -770,7 +787,7 @@ class LocalFederation:
             "--port",
             str(find_free_port()),
             "--node-config",
-            f"partition-id={index} num-partitions={self.num_supernodes}",
+            str(self._write_node_config(name, index)),
         ]
         env = build_environment(self._base_env, self.paths.supernode_home(name))
         process = start_process(
@@ -778,6 +795,17 @@ class LocalFederation:
         )
         self.supernodes[name] = process
         return process
+
+    def _write_node_config(self, name: str, index: int) -> Path:
+        values = {
+            "partition-id": index,
+            "num-partitions": self.num_supernodes,
+            **self.node_config,
+        }
+        path = self.paths.supernode_config(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_toml(values), encoding="utf-8")
+        return path
 
     def kill_supernode(self, index: int) -> None:
         """Kill SuperNode ``index`` and its ClientApp with SIGKILL, like a crash."""

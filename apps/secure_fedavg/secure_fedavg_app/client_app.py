@@ -9,7 +9,8 @@ import logging
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsec_flwr import plain_verification_mod, secure_aggregation_mod
+from fedsec_flwr import make_plain_verification_mod, make_secure_aggregation_mod
+from secure_fedavg_app.node_policy import NodePolicy
 from secure_fedavg_app.settings import AppSettings
 
 logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
@@ -19,12 +20,25 @@ app = ClientApp()
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train on the local partition, through the secure-aggregation mod if enabled."""
+    """Train on the local partition, through the secure-aggregation mod if enabled.
+
+    The run config enables secure aggregation and verification; the node
+    config can require them, and a privacy budget, whatever the run config
+    says (see ``secure_fedavg_app.node_policy``).
+    """
     settings = AppSettings.from_run_config(context.run_config)
-    if settings.secure_aggregation:
-        return secure_aggregation_mod(msg, context, plain_train)
-    if settings.verification:
-        return plain_verification_mod(msg, context, plain_train)
+    policy = NodePolicy.from_node_config(context.node_config)
+    if settings.secure_aggregation or policy.require_secure_aggregation:
+        secure_mod = make_secure_aggregation_mod(
+            require_verification=policy.require_verification,
+            privacy_budget=policy.privacy_budget,
+        )
+        return secure_mod(msg, context, plain_train)
+    if settings.verification or policy.require_verification:
+        verification_mod = make_plain_verification_mod(
+            require_verification=policy.require_verification
+        )
+        return verification_mod(msg, context, plain_train)
     return plain_train(msg, context)
 
 
