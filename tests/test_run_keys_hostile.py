@@ -1397,8 +1397,8 @@ def _garbage(ciphertext: bytes) -> bytes:
 def test_hostile_client_garbage_shares_abort_round() -> None:
     """Garbage shares to every neighbour make them all fail unmasking.
 
-    The round aborts with the neighbours' reason, which names no sender, so
-    the server cannot tell which client to leave out of later rounds.
+    The round aborts with the neighbours' reason, which names the sender, so
+    the operator can tell which client to leave out of later rounds.
     """
     hostile = FIVE[3]
     rewrite = _rewrite_shares(lambda c: {r: _garbage(v) for r, v in c.items()})
@@ -1410,7 +1410,10 @@ def test_hostile_client_garbage_shares_abort_round() -> None:
         _run_strategy(grid, rounds=1)
 
     assert "no model is released" in str(raised.value)
-    assert "4 x 'secure aggregation: Decryption failed" in str(raised.value)
+    assert (
+        f"4 x 'secure aggregation: Decryption failed for the share from node {hostile}:"
+        in str(raised.value)
+    )
 
 
 def test_hostile_client_garbage_shares_to_two() -> None:

@@ -283,7 +283,7 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
     key_shares: dict[int, bytes] = {}
     for sender, ciphertext in request.ciphertexts.items():
         position = state.neighbour_ids.index(sender)
-        plaintext = aead.decrypt(
+        plaintext = decrypt_share(
             share_key(state, state.encryption_public_keys[position]),
             ciphertext,
             associated_data=aead.share_associated_data(
@@ -293,9 +293,9 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
                 sender=sender,
                 receiver=state.node_id,
             ),
+            sender=sender,
+            size=2 * share_size,
         )
-        if len(plaintext) != 2 * share_size:
-            raise AuthenticationError("Share decryption failed.")
         seed_shares[sender] = plaintext[:share_size]
         key_shares[sender] = plaintext[share_size:]
 
@@ -310,6 +310,31 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
         held_seed_shares=seed_shares,
         held_key_shares=key_shares,
     )
+
+
+def decrypt_share(
+    key: bytes, token: bytes, *, associated_data: bytes, sender: int, size: int
+) -> bytes:
+    """Decrypt a neighbour's share token and check its plaintext size.
+
+    Raises:
+        AuthenticationError: If the token is not authentic or its plaintext
+            is not ``size`` bytes. The message names the sender, so that the
+            server's error for an aborted round shows which client sent it.
+
+    """
+    try:
+        plaintext = aead.decrypt(key, token, associated_data=associated_data)
+    except AuthenticationError as error:
+        raise AuthenticationError(
+            f"Decryption failed for the share from node {sender}: {error}"
+        ) from None
+    if len(plaintext) != size:
+        raise AuthenticationError(
+            f"Decryption failed for the share from node {sender}: the plaintext "
+            f"is {len(plaintext)} bytes, not {size}."
+        )
+    return plaintext
 
 
 def pair_seed(

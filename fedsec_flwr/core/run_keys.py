@@ -58,11 +58,12 @@ from .client import (
     ClientState,
     check_neighbour_request,
     client_mask,
+    decrypt_share,
     pair_seed,
     share_holders,
     share_key,
 )
-from .errors import AuthenticationError, ProtocolError, TooFewSurvivorsError
+from .errors import ProtocolError, TooFewSurvivorsError
 from .messages import (
     EncryptedShares,
     Fields,
@@ -343,14 +344,13 @@ def client_keyed_unmask(
 
 def _open_share(state: ClientState, sender: int, ciphertext: bytes) -> bytes:
     position = state.neighbour_ids.index(sender)
-    plaintext = aead.decrypt(
+    return decrypt_share(
         share_key(state, state.encryption_public_keys[position]),
         ciphertext,
         associated_data=_associated_data(state, state.node_id, sender=sender),
+        sender=sender,
+        size=shamir.ENCODED_SHARE_SIZE,
     )
-    if len(plaintext) != shamir.ENCODED_SHARE_SIZE:
-        raise AuthenticationError("Share decryption failed.")
-    return plaintext
 
 
 def _round_pair_seed(state: ClientState, peer: int) -> bytes:

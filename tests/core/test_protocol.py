@@ -333,7 +333,9 @@ def test_tampered_share_aborts_client() -> None:
     tampered[-1] ^= 1
     forwarded[sender] = bytes(tampered)
 
-    with pytest.raises(ProtocolError):
+    with pytest.raises(
+        ProtocolError, match=f"Decryption failed for the share from node {sender}: "
+    ):
         protocol.client_receive_shares(states[10], EncryptedShares(forwarded))
 
 
@@ -357,7 +359,7 @@ def test_shares_redirected_to_other_client_rejected() -> None:
     # The share 20 encrypted for 30 is presented to 10 as if 20 had sent it to 10.
     redirected = {20: shared[20].ciphertexts[30], 30: shared[30].ciphertexts[10]}
 
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="the share from node 20: "):
         protocol.client_receive_shares(states[10], EncryptedShares(redirected))
 
 
