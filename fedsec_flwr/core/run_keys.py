@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -80,11 +80,9 @@ from .messages import (
     unpack_single_id,
 )
 from .server import (
-    RoundPlan,
+    RoundState,
     plan_round,
-    record_drops,
     recover_secret,
-    require_survivors,
 )
 
 logger = logging.getLogger("fedsec_flwr.core")
@@ -400,48 +398,18 @@ class KeyDirectory:
             self.entries.pop(node, None)
 
 
-@dataclass
-class KeyedServerRound:
+@dataclass(kw_only=True)
+class KeyedServerRound(RoundState):
     """State of the server through the two exchanges of a round with run keys.
 
     Call ``input_requests``, ``receive_inputs``, ``unmask_requests`` and
     ``receive_unmask`` in order.
     """
 
-    run_id: int
-    server_round: int
-    vector_size: int
-    modulus: int
     directory: KeyDirectory
     nodes: list[int]
-    num_neighbours: int | None = None
-    threshold: int | None = None
-    rng: random.Random = field(default_factory=random.SystemRandom)
-    dropped_by_stage: dict[str, int] = field(default_factory=dict)
-    _plan: RoundPlan | None = None
-    _routed: dict[int, dict[int, bytes]] = field(default_factory=dict)
-    _survivors: set[int] = field(default_factory=set)
-    _total: NDArray[np.uint32] | None = None
 
-    @property
-    def plan(self) -> RoundPlan:
-        """The round's graph and threshold, chosen at ``input_requests``."""
-        if self._plan is None:
-            raise ProtocolError("The round has no plan before its input requests.")
-        return self._plan
-
-    @property
-    def survivors(self) -> tuple[int, ...]:
-        """Clients whose masked input is in the sum."""
-        return tuple(sorted(self._survivors))
-
-    def _record_drops(self, stage: Stage, expected: set[int], kept: set[int]) -> None:
-        record_drops(
-            self.dropped_by_stage,
-            server_round=self.server_round,
-            stage=stage,
-            lost=expected - kept,
-        )
+    PLANNED_AT: ClassVar[str] = "its input requests"
 
     def input_requests(self) -> dict[int, ShareKeysRequest]:
         """Plan the round over the registered nodes and address each its neighbours."""
@@ -481,16 +449,7 @@ class KeyedServerRound:
         for node, (vector, shares) in replies.items():
             if node not in graph:
                 continue
-            if vector.dtype != np.uint32 or vector.shape != (self.vector_size,):
-                logger.warning(
-                    "Round %d: node %d sent a masked input of dtype %s and shape %s, "
-                    "expected uint32 and (%d,); it counts as dropped",
-                    self.server_round,
-                    node,
-                    vector.dtype,
-                    vector.shape,
-                    self.vector_size,
-                )
+            if not self._is_well_formed(node, vector):
                 continue
             if set(shares.ciphertexts) != set(graph[node]):
                 logger.warning(
@@ -593,10 +552,7 @@ class KeyedServerRound:
         for owner in sorted(set(self.plan.neighbours) - self._survivors):
             self._remove_pair_masks(owner, responders, total)
 
-        if self.modulus < 2**32:
-            np.bitwise_and(total, np.uint32(self.modulus - 1), out=total)
-        self._total = None
-        return total
+        return self._release(total)
 
     def _remove_pair_masks(
         self,
@@ -640,12 +596,4 @@ class KeyedServerRound:
             server_round=self.server_round,
             kind="seed",
             size=SEED_SIZE,
-        )
-
-    def _require(self, remaining: int, stage: Stage) -> None:
-        require_survivors(
-            remaining,
-            threshold=self.plan.threshold,
-            server_round=self.server_round,
-            stage=stage,
         )

@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -91,13 +92,12 @@ def plan_round(
     return RoundPlan(neighbours=graph, threshold=chosen)
 
 
-@dataclass
-class ServerRound:
-    """State of the server through the four stages of one round.
+@dataclass(kw_only=True)
+class RoundState:
+    """What the server keeps about a round in either key lifetime.
 
-    Call the methods in order: ``receive_setup``, ``share_keys_requests``,
-    ``receive_share_keys``, ``masked_input_requests``,
-    ``receive_masked_inputs``, ``unmask_requests``, ``receive_unmask``.
+    Subclasses run the exchanges; this class holds the plan, the survivors
+    and the running sum, and the checks that both lifetimes apply.
     """
 
     run_id: int
@@ -109,17 +109,18 @@ class ServerRound:
     rng: random.Random = field(default_factory=random.SystemRandom)
     dropped_by_stage: dict[str, int] = field(default_factory=dict)
     _plan: RoundPlan | None = None
-    _public_keys: dict[int, SetupReply] = field(default_factory=dict)
-    _share_keys_done: set[int] = field(default_factory=set)
     _routed: dict[int, dict[int, bytes]] = field(default_factory=dict)
     _survivors: set[int] = field(default_factory=set)
     _total: NDArray[np.uint32] | None = None
 
+    PLANNED_AT: ClassVar[str] = "its first exchange"
+    """Where the plan is made, for the error of a plan read too early."""
+
     @property
     def plan(self) -> RoundPlan:
-        """The round's graph and threshold, chosen at ``receive_setup``."""
+        """The round's graph and threshold."""
         if self._plan is None:
-            raise ProtocolError("The round has no plan before the setup replies.")
+            raise ProtocolError(f"The round has no plan before {self.PLANNED_AT}.")
         return self._plan
 
     @property
@@ -142,6 +143,43 @@ class ServerRound:
             server_round=self.server_round,
             stage=stage,
         )
+
+    def _is_well_formed(self, node: int, vector: NDArray[np.uint32]) -> bool:
+        """Return whether a masked input has the round's dtype and shape."""
+        if vector.dtype == np.uint32 and vector.shape == (self.vector_size,):
+            return True
+        logger.warning(
+            "Round %d: node %d sent a masked input of dtype %s and shape %s, "
+            "expected uint32 and (%d,); it counts as dropped",
+            self.server_round,
+            node,
+            vector.dtype,
+            vector.shape,
+            self.vector_size,
+        )
+        return False
+
+    def _release(self, total: NDArray[np.uint32]) -> NDArray[np.uint32]:
+        """Reduce the unmasked sum to the modulus and forget the running sum."""
+        if self.modulus < 2**32:
+            np.bitwise_and(total, np.uint32(self.modulus - 1), out=total)
+        self._total = None
+        return total
+
+
+@dataclass(kw_only=True)
+class ServerRound(RoundState):
+    """State of the server through the four stages of one round.
+
+    Call the methods in order: ``receive_setup``, ``share_keys_requests``,
+    ``receive_share_keys``, ``masked_input_requests``,
+    ``receive_masked_inputs``, ``unmask_requests``, ``receive_unmask``.
+    """
+
+    _public_keys: dict[int, SetupReply] = field(default_factory=dict)
+    _share_keys_done: set[int] = field(default_factory=set)
+
+    PLANNED_AT: ClassVar[str] = "the setup replies"
 
     def receive_setup(
         self, sampled: list[int], replies: Mapping[int, SetupReply]
@@ -211,16 +249,7 @@ class ServerRound:
         for node, vector in replies.items():
             if node not in self._share_keys_done:
                 continue
-            if vector.dtype != np.uint32 or vector.shape != (self.vector_size,):
-                logger.warning(
-                    "Round %d: node %d sent a masked input of dtype %s and shape %s, "
-                    "expected uint32 and (%d,); it counts as dropped",
-                    self.server_round,
-                    node,
-                    vector.dtype,
-                    vector.shape,
-                    self.vector_size,
-                )
+            if not self._is_well_formed(node, vector):
                 continue
             total += vector
             survivors.add(node)
@@ -257,10 +286,7 @@ class ServerRound:
         for owner in sorted(self._share_keys_done - self._survivors):
             self._remove_pair_masks(owner, responders, total)
 
-        if self.modulus < 2**32:
-            np.bitwise_and(total, np.uint32(self.modulus - 1), out=total)
-        self._total = None
-        return total
+        return self._release(total)
 
     def _remove_pair_masks(
         self,
