@@ -31,6 +31,7 @@ from .dp.accounting import (
     compute_epsilon,
     quantized_l2_sensitivity,
 )
+from .dp.noise import MAX_DISCRETE_SIGMA
 from .privacy import ClientPrivacy, DPMode
 
 BIT_SENSITIVITY = 1.0
@@ -141,17 +142,25 @@ class ClientPrivacyBudget:
         if privacy.adaptive:
             _check_sigma("dp-bit-sigma-client", privacy.bit_sigma_client)
 
-        cost = SpentRound(
-            sigma_client=privacy.sigma_client,
-            l2_sensitivity=quantized_l2_sensitivity(
-                clipping_norm=privacy.clipping_norm,
-                quantization_scale=quantization_scale,
+        try:
+            cost = SpentRound(
+                sigma_client=privacy.sigma_client,
+                l2_sensitivity=quantized_l2_sensitivity(
+                    clipping_norm=privacy.clipping_norm,
+                    quantization_scale=quantization_scale,
+                    dimension=dimension,
+                ),
                 dimension=dimension,
-            ),
-            dimension=dimension,
-            bit_sigma_client=privacy.bit_sigma_client if privacy.adaptive else 0.0,
-        )
-        projected = self.epsilon((*spent, cost))
+                bit_sigma_client=privacy.bit_sigma_client if privacy.adaptive else 0.0,
+            )
+            projected = self.epsilon((*spent, cost))
+        except (OverflowError, ValueError) as error:
+            raise PrivacyBudgetError(
+                "This client has a privacy budget and cannot account the round: "
+                f"dp-clipping-norm {privacy.clipping_norm}, dp-sigma-client "
+                f"{privacy.sigma_client} and quantization scale "
+                f"{quantization_scale} give {type(error).__name__}: {error}"
+            ) from None
         if projected > self.max_epsilon:
             raise PrivacyBudgetError(
                 f"This round would raise the client's epsilon to {projected:.4f} "
@@ -186,10 +195,12 @@ class ClientPrivacyBudget:
 
 
 def _check_sigma(field: str, sigma: float) -> None:
-    if sigma < MIN_DISCRETE_SIGMA:
+    # Written so that NaN fails the check too.
+    if not MIN_DISCRETE_SIGMA <= sigma <= MAX_DISCRETE_SIGMA:
         raise PrivacyBudgetError(
             f"This client has a privacy budget; the server requested {field} "
-            f"{sigma}, below the smallest accounted sigma {MIN_DISCRETE_SIGMA}."
+            f"{sigma}, outside the range [{MIN_DISCRETE_SIGMA}, "
+            f"{MAX_DISCRETE_SIGMA:.0f}] that the client can sample and account."
         )
 
 

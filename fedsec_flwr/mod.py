@@ -547,6 +547,7 @@ def _train_and_encode(
         rng=rng,
         overwrite=True,
         extra=extra_slots,
+        report_clipped=privacy is None,
     )
     del update
     if privacy is not None and privacy.mode is DPMode.DISTRIBUTED:

@@ -559,7 +559,9 @@ class ClientPrivacy:
 def _float_field(fields: dict[str, object], key: str) -> float:
     value = fields.get(key)
     if not isinstance(value, float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Field {key!r} must be a finite non-negative float.")
+        raise ValueError(
+            f"Field {key!r} must be a finite non-negative float. Found {value!r}."
+        )
     return value
 
 

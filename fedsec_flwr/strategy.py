@@ -67,7 +67,8 @@ class RoundReport:
         upload_bytes: Bytes of record payload each client sent in the round.
         download_bytes: Bytes of record payload sent to each client.
         clipped_coordinates: Update coordinates clipped to the encoding range,
-            summed over the aggregated clients.
+            summed over the aggregated clients; 0 under DP, where the clients
+            keep the count.
         train_metrics: Mean of the clients' training metrics.
         evaluate_metrics: The central evaluation after the round.
         epsilon: Client-level epsilon spent so far under DP, else ``None``.

@@ -154,6 +154,7 @@ def encode_update(
     rng: np.random.Generator,
     overwrite: bool = False,
     extra: Sequence[int] = (),
+    report_clipped: bool = True,
 ) -> tuple[NDArray[np.uint32], int]:
     """Clip, quantize and weight a flat update, and append the trailer slots.
 
@@ -166,6 +167,9 @@ def encode_update(
             saves one allocation of the update's size; its values are lost.
         extra: Values of the extra slots, each in ``[0, 2**32)``; the caller
             keeps their sums below the modulus.
+        report_clipped: Write the number of clipped coordinates into its
+            trailer slot. Under DP that count is data the noise does not
+            cover, so the slot is left at 0.
 
     Returns:
         The encoded vector of ``update.size + TRAILER_SIZE + len(extra)``
@@ -201,7 +205,9 @@ def encode_update(
     levels[:] = grid
     levels *= np.uint32(weight)
     encoded[update.size] = weight
-    encoded[update.size + 1] = min(num_clipped, params.clip_count_cap)
+    encoded[update.size + 1] = (
+        min(num_clipped, params.clip_count_cap) if report_clipped else 0
+    )
     encoded[update.size + TRAILER_SIZE :] = np.asarray(extra, dtype=np.uint64)
     return encoded, num_clipped
 
