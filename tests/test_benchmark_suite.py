@@ -555,6 +555,18 @@ def test_report_accuracy_row(fake_report: tuple[str, dict[str, Any], Path]) -> N
     assert row in text
 
 
+def test_report_shows_per_example_epsilon_of_dp_sgd() -> None:
+    entry = _fake_accuracy_entry()
+    entry["rounds"][-1]["train_metrics"] = {"sample-epsilon": 7.9937}
+
+    summary = accuracy.summarize_run(entry)
+
+    assert summary["final_epsilon"] is None
+    assert summary["final_sample_epsilon"] == 7.9937
+    assert report._epsilon_cell(summary) == "7.99 (per example)"
+    assert report._epsilon_cell({**summary, "final_epsilon": 2.5}) == "2.50"
+
+
 def test_report_states_verification(
     fake_report: tuple[str, dict[str, Any], Path],
 ) -> None:

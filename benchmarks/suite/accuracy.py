@@ -47,6 +47,10 @@ PER_CLIENT_KEYS = ("upload_bytes_per_client", "download_bytes_per_client")
 # Under DP the accuracy moves from round to round with the noise, so the mean
 # of the last rounds is reported next to the final value.
 LAST_ROUNDS = 3
+
+SAMPLE_EPSILON_METRIC = "sample-epsilon"
+"""Training metric of DP-SGD runs: the clients' mean per-example epsilon so far."""
+
 AUDIT_FILENAME = "audit.json"
 AUDIT_TIMEOUT_SECONDS = 600.0
 AUDIT_OUTPUT_LINES = 20
@@ -308,6 +312,11 @@ def summarize_run(entry: Mapping[str, Any]) -> dict[str, Any]:
             rounds, entry["config"]["target_accuracy"]
         ),
         "final_epsilon": rounds[-1].get("epsilon") if rounds else None,
+        "final_sample_epsilon": (
+            rounds[-1].get("train_metrics", {}).get(SAMPLE_EPSILON_METRIC)
+            if rounds
+            else None
+        ),
         "verified_rounds": sum(r.get("verified") is True for r in rounds),
         "checked_rounds": sum(r.get("verified") is not None for r in rounds),
         "offline_audit_passed": entry.get("offline_audit", {}).get("passed"),

@@ -179,10 +179,18 @@ def _accuracy_row(run: Mapping[str, Any]) -> list[str]:
         format_value(summary["best_accuracy"], ".3f"),
         format_value(summary["last_rounds_mean_accuracy"], ".3f"),
         "not reached" if reached is None else str(reached),
-        format_value(summary["final_epsilon"], ".2f"),
+        _epsilon_cell(summary),
         format_value(summary["median_round_seconds"], ".2f"),
         format_value(summary["upload_bytes_per_client"], ",.0f"),
     ]
+
+
+def _epsilon_cell(summary: Mapping[str, Any]) -> str:
+    """Return the client-level epsilon, or else the per-example one of DP-SGD."""
+    sample_epsilon = summary.get("final_sample_epsilon")
+    if summary["final_epsilon"] is None and sample_epsilon is not None:
+        return f"{sample_epsilon:.2f} (per example)"
+    return format_value(summary["final_epsilon"], ".2f")
 
 
 def _cost(section: Mapping[str, Any]) -> list[str]:
