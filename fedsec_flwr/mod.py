@@ -354,10 +354,33 @@ def _masked_input(
     state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
     _save_state(context, state)
 
+    started = time.perf_counter()
+    encoded, metrics = _train_for_round(
+        header, fields, msg, context, call_next, options, params=params
+    )
+    encoded_at = time.perf_counter()
+    masked = protocol.client_mask(state, encoded, modulus=params.modulus)
+    extra = _masked_input_records(masked, metrics, started, encoded_at)
+    return {"stage": Stage.MASKED_INPUT.value}, extra
+
+
+def _train_for_round(
+    header: RoundHeader,
+    fields: dict[str, object],
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    options: _Options,
+    *,
+    params: EncodingParams,
+) -> tuple[NDArray[np.uint32], MetricRecord]:
+    """Train and encode; in a verified round, append and keep the blinding vector.
+
+    A round is verified when this client signed its identity-key list.
+    """
     verified_round = _signed_this_round(header, context)
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
-    started = time.perf_counter()
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -372,10 +395,7 @@ def _masked_input(
         update = encoded[: encoded.size - blinding.size]
         layout = _commitment_layout(params, privacy, update_size=update.size)
         _keep_input(context, header, layout.client_vector(update), blinding)
-    encoded_at = time.perf_counter()
-    masked = protocol.client_mask(state, encoded, modulus=params.modulus)
-    extra = _masked_input_records(masked, metrics, started, encoded_at)
-    return {"stage": Stage.MASKED_INPUT.value}, extra
+    return encoded, metrics
 
 
 def _masked_input_records(
@@ -410,7 +430,8 @@ def _run_keyed_stage(
             existing, run_id=header.run_id, node_id=msg.metadata.dst_node_id
         )
         context.state[RUN_KEYS_RECORD] = to_config_record(keys.to_fields())
-        return public.to_fields(), {}
+        identity = _setup_identity(header, fields, context)
+        return {**public.to_fields(), **identity.to_fields()}, {}
 
     if existing is None or existing.run_id != header.run_id:
         raise ProtocolError(
@@ -453,24 +474,20 @@ def _keyed_input(
     params = parse_encoding(fields)
     # Record the round before training, so no request can get a second input.
     context.state[RUN_KEYS_RECORD] = to_config_record(keys.to_fields())
+    # Vectors kept from an earlier round are never needed again.
+    _take_kept_arrays(context)
+    signature = _sign_key_list(header, fields, msg, context)
 
     started = time.perf_counter()
-    encoded, metrics = _train_and_encode(
-        msg,
-        context,
-        call_next,
-        params=params,
-        privacy=ClientPrivacy.from_fields(fields),
-        blinding=None,
-        server_round=header.server_round,
-        budget=options.privacy_budget,
+    encoded, metrics = _train_for_round(
+        header, fields, msg, context, call_next, options, params=params
     )
     encoded_at = time.perf_counter()
     state, masked, shares = run_keys.client_keyed_input(
         state, encoded, modulus=params.modulus
     )
     _save_state(context, state)
-    return shares.to_fields(), _masked_input_records(
+    return {**shares.to_fields(), **signature}, _masked_input_records(
         masked, metrics, started, encoded_at
     )
 

@@ -339,7 +339,8 @@ def run_secure_round(
 
     With ``config.key_lifetime == "round"`` the round runs the four SecAgg+
     stages, then commit and verify if asked. With ``"run"`` it registers the
-    clients missing from ``directory`` and runs keyed-input and keyed-unmask.
+    clients missing from ``directory`` and runs keyed-input and keyed-unmask,
+    then commit and verify if asked.
 
     Raises:
         TooFewSurvivorsError: Too few clients remain at some stage.
@@ -371,12 +372,17 @@ def run_secure_round(
                 threshold=config.threshold,
                 rng=rng,
             )
-            total, masked_replies = _keyed_exchanges(
-                stages, keyed, plan, clock, arrays=arrays, train_config=train_config
+            total, masked_replies, result = _keyed_exchanges(
+                stages,
+                keyed,
+                plan,
+                clock,
+                arrays=arrays,
+                train_config=train_config,
+                verification=verification,
             )
             survivors = set(keyed.survivors)
             dropped_by_stage = dict(keyed.dropped_by_stage)
-            result = None
         else:
             total, masked_replies, server, result = _per_round_key_stages(
                 stages,
@@ -502,22 +508,36 @@ def _keyed_exchanges(
     *,
     arrays: ArrayRecord,
     train_config: ConfigRecord,
-) -> tuple[NDArray[np.uint32], dict[int, Message]]:
-    """Register new clients, then run keyed-input and keyed-unmask.
+    verification: VerificationConfig | None,
+) -> tuple[NDArray[np.uint32], dict[int, Message], VerificationResult | None]:
+    """Register new clients, run keyed-input and keyed-unmask, then verify if asked.
 
     Clients that fail keyed-input lose their registration, so a client that
-    restarted without its keys registers again when next sampled.
+    restarted without its keys registers again when next sampled. Under
+    verification a client signs the round's identity-key list with its
+    masked input, and one whose signature fails counts as dropped.
     """
-    _register_stage(stages, keyed.directory, keyed.nodes)
+    verifier = None
+    if verification is not None:
+        verifier = ServerVerification(
+            run_id=stages.run_id, server_round=stages.server_round
+        )
+    _register_stage(stages, keyed.directory, keyed.nodes, verify=verifier is not None)
     clock.lap(Stage.REGISTER.value)
 
+    input_requests = keyed.input_requests()
+    if verifier is not None:
+        verifier.receive_identity_keys(
+            {node: keyed.directory.identity_keys[node] for node in input_requests}
+        )
     requests = {
         node: {
             **request.to_fields(),
             **encoding_fields(plan.params),
             **plan.request_fields,
+            **(verifier.key_list_request(node).to_fields() if verifier else {}),
         }
-        for node, request in keyed.input_requests().items()
+        for node, request in input_requests.items()
     }
     replies = stages.send(
         Stage.KEYED_INPUT,
@@ -525,13 +545,23 @@ def _keyed_exchanges(
         {ARRAYS_RECORD: arrays, CONFIG_RECORD: train_config},
     )
 
-    def parse(message: Message) -> tuple[NDArray[np.uint32], EncryptedShares]:
-        shares = EncryptedShares.from_fields(protocol_fields(message.content))
-        return _masked_vector(message), shares
+    def parse(
+        message: Message,
+    ) -> tuple[NDArray[np.uint32], EncryptedShares, KeyListSignature | None]:
+        fields = protocol_fields(message.content)
+        signature = KeyListSignature.from_fields(fields) if verifier else None
+        return _masked_vector(message), EncryptedShares.from_fields(fields), signature
 
     parsed = stages.parse(replies, parse, Stage.KEYED_INPUT)
+    if verifier is not None:
+        signed = verifier.receive_key_list_signatures(
+            {node: sig for node, (_, _, sig) in parsed.items() if sig is not None}
+        )
+        parsed = {node: reply for node, reply in parsed.items() if node in signed}
     keyed.directory.forget(set(requests) - set(parsed))
-    keyed.receive_inputs(parsed)
+    keyed.receive_inputs(
+        {node: (vector, shares) for node, (vector, shares, _) in parsed.items()}
+    )
     clock.lap(Stage.KEYED_INPUT.value)
 
     unmask_parser = _ParsedUnmaskReplies()
@@ -545,7 +575,19 @@ def _keyed_exchanges(
         skipped=stages.exchange.skipped,
     )
     clock.lap(Stage.KEYED_UNMASK.value)
-    return total, replies
+
+    result = None
+    if verifier is not None and verification is not None:
+        result = _verify_secure_total(
+            stages,
+            verifier,
+            plan,
+            total,
+            included=list(keyed.survivors),
+            audit_path=verification.audit_path,
+            dropped_by_stage=keyed.dropped_by_stage,
+        )
+    return total, replies, result
 
 
 def _keyed_unmask_reply(message: Message) -> KeyedUnmaskReply:
@@ -574,18 +616,37 @@ class _ParsedUnmaskReplies:
         return self._valid
 
 
-def _register_stage(stages: _Stages, directory: KeyDirectory, nodes: list[int]) -> None:
+def _register_stage(
+    stages: _Stages, directory: KeyDirectory, nodes: list[int], *, verify: bool
+) -> None:
     missing = directory.missing(nodes)
     if not missing:
         return
-    replies = stages.send(Stage.REGISTER, {node: {} for node in missing})
-    directory.register(
-        stages.parse(
-            replies,
-            lambda m: SetupReply.from_fields(protocol_fields(m.content)),
-            Stage.REGISTER,
-        )
+    request = SetupRequest(verification=verify).to_fields()
+    replies = stages.send(Stage.REGISTER, dict.fromkeys(missing, request))
+    parsed = stages.parse(
+        replies, lambda m: _setup_reply(m, verify=verify), Stage.REGISTER
     )
+    directory.register(
+        {node: reply for node, (reply, _) in parsed.items()},
+        identity_keys=(
+            {node: identity for node, (_, identity) in parsed.items()}
+            if verify
+            else None
+        ),
+    )
+
+
+def _setup_reply(message: Message, *, verify: bool) -> tuple[SetupReply, bytes]:
+    """Parse a setup or register reply and its identity key, checked if ``verify``."""
+    fields = protocol_fields(message.content)
+    identity = IdentityKey.from_fields(fields).public_key
+    if verify and len(identity) != signatures.IDENTITY_KEY_SIZE:
+        raise ProtocolError(
+            f"identity-public-key must be {signatures.IDENTITY_KEY_SIZE} bytes. "
+            f"Found {len(identity)}."
+        )
+    return SetupReply.from_fields(fields), identity
 
 
 def _check_total_weight(
@@ -751,20 +812,12 @@ def _setup_stage(
     verifier: ServerVerification | None,
     nodes: list[int],
 ) -> None:
-    request = SetupRequest(verification=verifier is not None).to_fields()
+    verify = verifier is not None
+    request = SetupRequest(verification=verify).to_fields()
     replies = stages.send(Stage.SETUP, dict.fromkeys(nodes, request))
-
-    def parse(message: Message) -> tuple[SetupReply, bytes]:
-        fields = protocol_fields(message.content)
-        identity = IdentityKey.from_fields(fields).public_key
-        if verifier is not None and len(identity) != signatures.IDENTITY_KEY_SIZE:
-            raise ProtocolError(
-                f"identity-public-key must be {signatures.IDENTITY_KEY_SIZE} bytes. "
-                f"Found {len(identity)}."
-            )
-        return SetupReply.from_fields(fields), identity
-
-    parsed = stages.parse(replies, parse, Stage.SETUP)
+    parsed = stages.parse(
+        replies, lambda m: _setup_reply(m, verify=verify), Stage.SETUP
+    )
     server.receive_setup(nodes, {node: reply for node, (reply, _) in parsed.items()})
     if verifier is not None:
         verifier.receive_identity_keys(

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .config import KEY_LIFETIME_RUN, SecAggConfig
+from .config import SecAggConfig
 from .core.errors import TooFewSurvivorsError
 from .core.run_keys import KeyDirectory
 from .privacy import DPConfig, DPMode, ServerPrivacy
@@ -496,17 +496,6 @@ def _verification_config(
             "verify the aggregate before the server adds noise, so each of them "
             "would see the un-noised sum. Use mode='distributed'. Found "
             "mode='central'."
-        )
-    if (
-        secure_aggregation is not None
-        and secure_aggregation.key_lifetime == KEY_LIFETIME_RUN
-    ):
-        # TODO: carry the commit and verify messages in the two exchanges of a
-        # round with run keys.
-        raise ValueError(
-            "verification needs secure_aggregation.key_lifetime='round'; the "
-            "commit and verify stages are not built for run keys. Found "
-            "key_lifetime='run'."
         )
     if secure_aggregation is not None:
         check_blinding_capacity(

@@ -23,13 +23,20 @@ def _audit(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("secure", [True, False])
-def test_every_round_verified_and_audited(tmp_path: Path, secure: bool) -> None:
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "secure-aggregation=true",
+        'secure-aggregation=true secagg-key-lifetime="run"',
+        "secure-aggregation=false",
+    ],
+    ids=["secure", "secure-run-keys", "plain"],
+)
+def test_every_round_verified_and_audited(tmp_path: Path, mode: str) -> None:
     output_dir = tmp_path / "run"
     results = launch_app(
         output_dir,
-        f"num-server-rounds=2 secure-aggregation={str(secure).lower()} "
-        "verification=true",
+        f"num-server-rounds=2 {mode} verification=true",
         num_supernodes=4,
     )
 

@@ -205,11 +205,6 @@ def test_distributed_dp_works_with_run_keys() -> None:
     assert epsilons[1] > epsilons[0]  # type: ignore[operator]
 
 
-def test_verification_with_run_keys_is_rejected() -> None:
-    with pytest.raises(ValueError, match="key_lifetime='round'"):
-        SecureFedAvg(secure_aggregation=RUN_CONFIG, verification=True)
-
-
 def test_key_lifetime_is_validated() -> None:
     with pytest.raises(ValueError, match="key_lifetime must be 'round' or 'run'"):
         SecAggConfig(key_lifetime="epoch")

@@ -366,22 +366,31 @@ class KeyDirectory:
     """The public keys the clients of a run registered, kept by the server."""
 
     entries: dict[int, SetupReply] = field(default_factory=dict)
+    identity_keys: dict[int, bytes] = field(default_factory=dict)
+    """Ed25519 identity public keys by node, in a run whose rounds are verified."""
 
     def missing(self, nodes: list[int]) -> list[int]:
         """Return the nodes that have no registered keys, in order."""
         return [node for node in nodes if node not in self.entries]
 
-    def register(self, replies: Mapping[int, SetupReply]) -> None:
+    def register(
+        self,
+        replies: Mapping[int, SetupReply],
+        identity_keys: Mapping[int, bytes] | None = None,
+    ) -> None:
         """Keep the usable keys among the replies; a node's keys never change.
 
         A node that registers different keys than it did before is ignored
-        and keeps its first keys: a client keeps one pair per run.
+        and keeps its first keys: a client keeps one pair per run. With
+        ``identity_keys``, a node registers only with an identity key.
         """
         for node, reply in replies.items():
             if not (
                 keys.is_usable_public_key(reply.encryption_public_key)
                 and keys.is_usable_public_key(reply.mask_public_key)
             ):
+                continue
+            if identity_keys is not None and node not in identity_keys:
                 continue
             known = self.entries.get(node)
             if known is not None and known != reply:
@@ -391,11 +400,14 @@ class KeyDirectory:
                 )
                 continue
             self.entries[node] = reply
+            if identity_keys is not None:
+                self.identity_keys.setdefault(node, identity_keys[node])
 
     def forget(self, nodes: set[int]) -> None:
         """Drop the keys of nodes that failed a round, so that they register again."""
         for node in nodes:
             self.entries.pop(node, None)
+            self.identity_keys.pop(node, None)
 
 
 @dataclass(kw_only=True)
