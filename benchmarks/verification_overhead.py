@@ -58,6 +58,7 @@ from benchmarks.overhead import (
     simulate,
 )
 from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, rounds
+from fedsec_flwr.config import KEY_LIFETIME_ROUND, KEY_LIFETIMES
 from fedsec_flwr.mod import secure_aggregation_mod
 from fedsec_flwr.verification import ServerVerification
 from tests.loopback import LoopbackGrid
@@ -178,12 +179,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     clock.install()
     model = initial_model(args.params)
     config = SecAggConfig(
-        clip_range=CLIP_RANGE, max_weight=MAX_WEIGHT, max_clients=args.clients
+        clip_range=CLIP_RANGE,
+        max_weight=MAX_WEIGHT,
+        max_clients=args.clients,
+        key_lifetime=args.key_lifetime,
     )
     summary: dict[str, object] = {
         "params": args.params,
         "clients": args.clients,
         "rounds": args.rounds,
+        "key_lifetime": args.key_lifetime,
         "machine": machine_info(),
         **git_commit(),
         "load_average_before": os.getloadavg(),
@@ -244,6 +249,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rounds", type=int, default=4, help="rounds per run, at least 2 (default 4)"
+    )
+    parser.add_argument(
+        "--key-lifetime",
+        choices=KEY_LIFETIMES,
+        default=KEY_LIFETIME_ROUND,
+        help="SecAggConfig.key_lifetime of both runs (default %(default)s)",
     )
     parser.add_argument(
         "--json", type=Path, required=True, help="file to write the results to"
