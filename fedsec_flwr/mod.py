@@ -111,6 +111,9 @@ CLIENT_TRAIN_AND_ENCODE_SECONDS = "fedsec.client-train-encode-seconds"
 CLIENT_MASK_SECONDS = "fedsec.client-mask-seconds"
 """Reply metric: seconds spent adding the masks."""
 
+CLIENT_CPU_SECONDS = "fedsec.client-cpu-seconds"
+"""Reply metric: CPU seconds of the client's process in the input stage."""
+
 _Extra = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
 
 
@@ -355,12 +358,13 @@ def _masked_input(
     _save_state(context, state)
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     encoded, metrics = _train_for_round(
         header, fields, msg, context, call_next, options, params=params
     )
     encoded_at = time.perf_counter()
     masked = protocol.client_mask(state, encoded, modulus=params.modulus)
-    extra = _masked_input_records(masked, metrics, started, encoded_at)
+    extra = _masked_input_records(masked, metrics, started, encoded_at, cpu_started)
     return {"stage": Stage.MASKED_INPUT.value}, extra
 
 
@@ -403,10 +407,18 @@ def _masked_input_records(
     metrics: MetricRecord,
     started: float,
     encoded_at: float,
+    cpu_started: float,
 ) -> _Extra:
-    """Build the records of a masked-input reply, with the client's timings."""
+    """Build the records of a masked-input reply, with the client's timings.
+
+    The CPU seconds cover training, encoding, noise and masking in this
+    process. A simulation's actor process runs its clients one at a time, so
+    the figure is one client's, plus what the process's other threads use
+    meanwhile.
+    """
     metrics[CLIENT_MASK_SECONDS] = time.perf_counter() - encoded_at
     metrics[CLIENT_TRAIN_AND_ENCODE_SECONDS] = encoded_at - started
+    metrics[CLIENT_CPU_SECONDS] = time.process_time() - cpu_started
     return {
         MASKED_INPUT_RECORD: ArrayRecord({MASKED_VECTOR_KEY: Array(masked)}),
         METRICS_RECORD: metrics,
@@ -479,6 +491,7 @@ def _keyed_input(
     signature = _sign_key_list(header, fields, msg, context)
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     encoded, metrics = _train_for_round(
         header, fields, msg, context, call_next, options, params=params
     )
@@ -488,7 +501,7 @@ def _keyed_input(
     )
     _save_state(context, state)
     return {**shares.to_fields(), **signature}, _masked_input_records(
-        masked, metrics, started, encoded_at
+        masked, metrics, started, encoded_at, cpu_started
     )
 
 

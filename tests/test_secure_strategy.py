@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -396,8 +397,25 @@ def test_round_reports_stage_and_client_timings() -> None:
         "fedsec.client-train-seconds",
         "fedsec.client-train-encode-seconds",
         "fedsec.client-mask-seconds",
+        "fedsec.client-cpu-seconds",
     ):
         assert reports[0].train_metrics[key] >= 0.0, key
+
+
+def test_client_cpu_seconds_count_cpu_not_waiting() -> None:
+    def sleepy_train(msg: Message, context: Context) -> Message:
+        # Waiting uses wall time but almost no CPU time.
+        time.sleep(0.2)
+        return honest_train(msg, context)
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(sleepy_train), NODE_IDS)
+
+    run(grid, reports=reports)
+
+    metrics = reports[0].train_metrics
+    assert metrics["fedsec.client-train-seconds"] >= 0.2
+    assert 0.0 < metrics["fedsec.client-cpu-seconds"] < 0.1
 
 
 def test_integer_arrays_left_out_are_logged(caplog: pytest.LogCaptureFixture) -> None:
