@@ -31,6 +31,9 @@ MODE_CONFIGS: dict[str, str] = {
     "plain": "secure-aggregation=false",
     "round-keys": "secure-aggregation=true secagg-key-lifetime=round",
     "run-keys": "secure-aggregation=true secagg-key-lifetime=run",
+    "run-keys-verified": (
+        "secure-aggregation=true secagg-key-lifetime=run verification=true"
+    ),
 }
 """Run-config overrides of each mode."""
 

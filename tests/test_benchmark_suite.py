@@ -416,6 +416,7 @@ def _fake_accuracy_entry() -> dict[str, Any]:
     rounds = _rounds([0.8, 0.92, 0.95])
     for entry in rounds:
         entry["upload_bytes_per_client_mean"] = 3000.0
+        entry["download_bytes_per_client_mean"] = 3100.0
         entry["verified"] = entry["round"] != 2
     return {
         "family": ACCURACY,
@@ -550,7 +551,7 @@ def test_report_accuracy_row(fake_report: tuple[str, dict[str, Any], Path]) -> N
 
     row = (
         "| secure-iid | secure | none | IID | 0.950 | 0.950 | 0.890 | 2 | n/a "
-        "| 1.00 | 3,000 |"
+        "| 1.00 | 3,000 | 3,100 |"
     )
     assert row in text
 

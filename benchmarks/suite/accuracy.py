@@ -301,6 +301,11 @@ def summarize_run(entry: Mapping[str, Any]) -> dict[str, Any]:
         for r in rounds
         if r.get("upload_bytes_per_client_mean") is not None
     ]
+    downloads = [
+        r["download_bytes_per_client_mean"]
+        for r in rounds
+        if r.get("download_bytes_per_client_mean") is not None
+    ]
     return {
         "num_rounds": len(rounds),
         "final_accuracy": accuracies[-1] if accuracies else None,
@@ -322,6 +327,9 @@ def summarize_run(entry: Mapping[str, Any]) -> dict[str, Any]:
         "offline_audit_passed": entry.get("offline_audit", {}).get("passed"),
         "median_round_seconds": steady_round_seconds(rounds),
         "upload_bytes_per_client": statistics.fmean(uploads) if uploads else None,
+        "download_bytes_per_client": (
+            statistics.fmean(downloads) if downloads else None
+        ),
     }
 
 

@@ -127,6 +127,7 @@ def _accuracy(section: Mapping[str, Any]) -> list[str]:
             "final epsilon",
             "median s/round",
             "upload B/client/round",
+            "download B/client/round",
         ]
         lines.extend(markdown_table(header, [_accuracy_row(run) for run in runs]))
         lines.extend(_verification(runs))
@@ -170,7 +171,7 @@ def _accuracy_row(run: Mapping[str, Any]) -> list[str]:
         config["partitioning"],
     ]
     if run["status"] != "completed":
-        return [*first, run["status"], *([MISSING] * 6)]
+        return [*first, run["status"], *([MISSING] * 7)]
     summary = run["summary"]
     reached = summary["rounds_to_target"]
     return [
@@ -182,6 +183,7 @@ def _accuracy_row(run: Mapping[str, Any]) -> list[str]:
         _epsilon_cell(summary),
         format_value(summary["median_round_seconds"], ".2f"),
         format_value(summary["upload_bytes_per_client"], ",.0f"),
+        format_value(summary.get("download_bytes_per_client"), ",.0f"),
     ]
 
 
