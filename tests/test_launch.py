@@ -218,7 +218,8 @@ def test_interrupt_stops_run_and_cleans_up(tmp_path: Path) -> None:
         "--output-dir",
         str(output_dir),
         "--run-config",
-        "num-server-rounds=200 secure-aggregation=false",
+        # Long enough that the run cannot finish before the signal arrives.
+        "num-server-rounds=5000 secure-aggregation=false",
         "--num-supernodes",
         TINY_SUPERNODES,
     ]
@@ -233,11 +234,13 @@ def test_interrupt_stops_run_and_cleans_up(tmp_path: Path) -> None:
     deadline = time.monotonic() + 120
     while not results_file.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
+    status_before = _results_status(output_dir)
 
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
 
     assert results_file.exists()
+    assert status_before == "running"
     assert process.returncode == launch.EXIT_INTERRUPTED, stderr[-3000:]
     assert _results_status(output_dir) == "failed"
     _assert_nothing_left(output_dir)
