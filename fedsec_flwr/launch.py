@@ -835,19 +835,30 @@ def mark_results_stopped(results_file: Path, reason: str) -> None:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs for both."""
+def interrupt_on_signals() -> Iterator[None]:
+    """Raise KeyboardInterrupt on SIGINT and SIGTERM, so cleanup runs for both.
+
+    SIGINT gets Python's own handler even when the process inherited it as
+    ignored, as a command started in the background by a shell without job
+    control does, so ``kill -INT`` still stops the run. Outside the main
+    thread, where Python allows no signal handlers, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handle(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, handle) if in_main_thread else None
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, handle),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         yield
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
@@ -886,7 +897,7 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
 
     group = _ProcessGroup(preexisting_children=set(_child_pids()))
     deadline = time.monotonic() + options.timeout
-    with _terminate_as_interrupt():
+    with interrupt_on_signals():
         try:
             result = _launch_processes(
                 options, paths, ports, env, group, deadline, echo

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -206,9 +207,22 @@ def test_timeout_stops_run_and_cleans_up(tmp_path: Path) -> None:
     _assert_nothing_left(output_dir)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_interrupt_stops_run_and_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "inherited_sigint",
+    [None, _ignore_sigint],
+    ids=["sigint-default", "sigint-ignored"],
+)
+def test_interrupt_stops_run_and_cleans_up(
+    tmp_path: Path, inherited_sigint: Callable[[], None] | None
+) -> None:
+    # A shell without job control starts background commands with SIGINT
+    # ignored, and a child inherits that; the launcher must still stop.
     output_dir = tmp_path / "interrupted"
     command = [
         sys.executable,
@@ -229,6 +243,7 @@ def test_interrupt_stops_run_and_cleans_up(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=inherited_sigint,
     )
     results_file = output_dir / "results.json"
     deadline = time.monotonic() + 120

@@ -20,17 +20,19 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
-from fedsec_flwr.launch import LaunchError, parse_run_config, read_results_status
+from fedsec_flwr.launch import (
+    LaunchError,
+    interrupt_on_signals,
+    parse_run_config,
+    read_results_status,
+)
 
 from .credentials import (
     DEFAULT_VALIDITY_DAYS,
@@ -277,7 +279,7 @@ def _run_local(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     print(f"Logs: {federation.paths.logs_dir}", flush=True)
-    with _terminate_as_interrupt():
+    with interrupt_on_signals():
         try:
             with federation:
                 result = federation.run(run_config, timeout=args.timeout)
@@ -336,20 +338,6 @@ def _report(result: RunResult, federation: LocalFederation) -> int:
         file=sys.stderr,
     )
     return result.exit_code if result.exit_code != EXIT_OK else EXIT_FAILED
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so the federation is stopped."""
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------
