@@ -526,6 +526,7 @@ def _train_and_encode(
     if global_record is None:
         raise ProtocolError(f"The message has no {ARRAYS_RECORD!r} ArrayRecord.")
     global_arrays = arrays_to_numpy(global_record)
+    layout = FloatLayout.of(global_arrays)
 
     spent: tuple[SpentRound, ...] = ()
     cost = None
@@ -534,7 +535,7 @@ def _train_and_encode(
         cost = budget.admit(
             privacy,
             quantization_scale=params.scale,
-            dimension=FloatLayout.of(global_arrays).size,
+            dimension=layout.size,
             spent=spent,
         )
 
@@ -557,7 +558,6 @@ def _train_and_encode(
     )
     check_client_arrays(local_arrays, global_arrays)
 
-    layout = FloatLayout.of(global_arrays)
     update = layout.difference(local_arrays, global_arrays)
     num_coordinates = update.size
     extra_slots: list[int] = []

@@ -1,6 +1,6 @@
 """A client's own privacy budget, alone and against a server that cheats on DP.
 
-Under distributed DP the server tells each client how much noise to add. The
+Under distributed DP the server sends each client how much noise to add. The
 hostile tests run servers that ask for no DP, for central DP, for less noise
 than planned and for more rounds than a client's budget allows; a client
 with a budget rejects each such round before its training handler runs.

@@ -20,12 +20,10 @@ from flwr.app import Array, ArrayRecord, Message
 import fedsec_flwr.rounds as rounds
 from fedsec_flwr import RoundReport, SecureFedAvg
 from fedsec_flwr.core import signatures
-from fedsec_flwr.core.messages import IdentityKeyList
 from fedsec_flwr.core.run_keys import KeyedServerRound
 from fedsec_flwr.privacy import DPConfig
 from fedsec_flwr.records import PROTOCOL_RECORD
 from fedsec_flwr.verification import (
-    ServerVerification,
     VerificationConfig,
     VerificationError,
 )
@@ -43,10 +41,12 @@ from tests.test_verification_strategy import (
     PRODUCT_MISMATCH,
     REPORT,
     OtherRoundForOne,
+    SplitView,
     assert_all_failed,
     error_reasons,
     make_app,
     recording_train,
+    replace_verifier,
     run_auditor,
     verdicts,
 )
@@ -78,12 +78,6 @@ def replace_keyed_round(
     monkeypatch: pytest.MonkeyPatch, hostile: type[KeyedServerRound]
 ) -> None:
     monkeypatch.setattr(rounds, "KeyedServerRound", hostile)
-
-
-def replace_verifier(
-    monkeypatch: pytest.MonkeyPatch, hostile: type[ServerVerification]
-) -> None:
-    monkeypatch.setattr(rounds, "ServerVerification", hostile)
 
 
 # --- Honest runs -----------------------------------------------------------------
@@ -240,29 +234,13 @@ def test_hostile_run_keys_replayed_aggregate_detected(
 def test_hostile_run_keys_split_key_lists_detected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    victim, impersonated = NODE_IDS[0], NODE_IDS[1]
-
-    class SplitView(ServerVerification):
-        """Shows one client a list with a server-made key for another client."""
-
-        def key_list_request(self, node_id: int) -> IdentityKeyList:
-            keys = dict(self.identity_keys)
-            if node_id == victim:
-                fake = signatures.generate_identity_key()
-                keys[impersonated] = signatures.identity_public_bytes(fake)
-            return IdentityKeyList(identity_keys=keys)
-
-        def receive_key_list_signatures(self, replies):  # type: ignore[no-untyped-def]
-            self.key_list_signatures = {n: r.signature for n, r in replies.items()}
-            return set(self.key_list_signatures)
-
     replace_verifier(monkeypatch, SplitView)
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
     run(grid, verification=REPORT)
 
     found = verdicts(grid)
-    victim_verified, victim_reason = found.pop(victim)
+    victim_verified, victim_reason = found.pop(SplitView.victim)
     assert not victim_verified
     assert "the key list differs from the one this client signed" in victim_reason
     assert_all_failed(found, "a key-list signature is not valid", NUM_NODES - 1)

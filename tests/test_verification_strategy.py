@@ -517,23 +517,24 @@ def test_hostile_replayed_transcript_detected(monkeypatch: pytest.MonkeyPatch) -
     assert_all_failed(verdicts(grid, 2), "the transcript is for another round")
 
 
-def test_hostile_split_key_lists_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+class SplitView(ServerVerification):
+    """Shows one client a list with a server-made key for another client."""
+
     victim, impersonated = NODE_IDS[0], NODE_IDS[1]
 
-    class SplitView(ServerVerification):
-        """Shows one client a list with a server-made key for another client."""
+    def key_list_request(self, node_id: int) -> IdentityKeyList:
+        keys = dict(self.identity_keys)
+        if node_id == self.victim:
+            fake = signatures.generate_identity_key()
+            keys[self.impersonated] = signatures.identity_public_bytes(fake)
+        return IdentityKeyList(identity_keys=keys)
 
-        def key_list_request(self, node_id: int) -> IdentityKeyList:
-            keys = dict(self.identity_keys)
-            if node_id == victim:
-                fake = signatures.generate_identity_key()
-                keys[impersonated] = signatures.identity_public_bytes(fake)
-            return IdentityKeyList(identity_keys=keys)
+    def receive_key_list_signatures(self, replies):  # type: ignore[no-untyped-def]
+        self.key_list_signatures = {n: r.signature for n, r in replies.items()}
+        return set(self.key_list_signatures)
 
-        def receive_key_list_signatures(self, replies):  # type: ignore[no-untyped-def]
-            self.key_list_signatures = {n: r.signature for n, r in replies.items()}
-            return set(self.key_list_signatures)
 
+def test_hostile_split_key_lists_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     replace_verifier(monkeypatch, SplitView)
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS)
@@ -541,7 +542,7 @@ def test_hostile_split_key_lists_detected(monkeypatch: pytest.MonkeyPatch) -> No
     run(grid, verification=REPORT, reports=reports)
 
     found = verdicts(grid)
-    victim_verified, victim_reason = found.pop(victim)
+    victim_verified, victim_reason = found.pop(SplitView.victim)
     assert not victim_verified
     assert "the key list differs from the one this client signed" in victim_reason
     assert_all_failed(found, "a key-list signature is not valid", NUM_NODES - 1)

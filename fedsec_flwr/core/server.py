@@ -96,7 +96,7 @@ def plan_round(
 class RoundState:
     """What the server keeps about a round in either key lifetime.
 
-    Subclasses run the exchanges; this class holds the plan, the survivors
+    Subclasses run the exchanges. This class keeps the plan, the survivors
     and the running sum, and the checks that both lifetimes apply.
     """
 
@@ -114,7 +114,7 @@ class RoundState:
     _total: NDArray[np.uint32] | None = None
 
     PLANNED_AT: ClassVar[str] = "its first exchange"
-    """Where the plan is made, for the error of a plan read too early."""
+    """Name of the exchange that makes the plan, for the error of a plan read early."""
 
     @property
     def plan(self) -> RoundPlan:

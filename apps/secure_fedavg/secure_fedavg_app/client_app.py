@@ -22,9 +22,9 @@ app = ClientApp()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train on the local partition, through the secure-aggregation mod if enabled.
 
-    The run config enables secure aggregation and verification; the node
+    The run config enables secure aggregation and verification. The node
     config can require them, and a privacy budget, whatever the run config
-    says (see ``secure_fedavg_app.node_policy``).
+    sets (see ``secure_fedavg_app.node_policy``).
     """
     settings = AppSettings.from_run_config(context.run_config)
     policy = NodePolicy.from_node_config(context.node_config)

@@ -2,8 +2,8 @@
 
 The run config comes from the submitter of the run, on the server side.
 A client that trusted it alone would send its update in clear if the run
-config said ``secure-aggregation=false``, and would add whatever DP noise the
-server asked for. The node config is set by the operator of the SuperNode
+config set ``secure-aggregation=false``, and would add whatever DP noise the
+server requested. The node config is set by the operator of the SuperNode
 (``flower-supernode --node-config``), so the requirements below hold whatever
 the run config and the server say:
 
