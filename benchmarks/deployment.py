@@ -34,6 +34,13 @@ MODE_CONFIGS: dict[str, str] = {
     "run-keys-verified": (
         "secure-aggregation=true secagg-key-lifetime=run verification=true"
     ),
+    "round-keys-verified": (
+        "secure-aggregation=true secagg-key-lifetime=round verification=true"
+    ),
+    "round-keys-pipelined": (
+        "secure-aggregation=true secagg-key-lifetime=round verification=true "
+        "verification-pipelined=true"
+    ),
 }
 """Run-config overrides of each mode."""
 

@@ -73,6 +73,7 @@ from .records import (
     ARRAYS_RECORD,
     BLINDING_KEY,
     CONFIG_RECORD,
+    DEFERRED_RECORD,
     ENCODED_UPDATE_KEY,
     MASKED_INPUT_RECORD,
     MASKED_VECTOR_KEY,
@@ -266,6 +267,7 @@ def _secure_stage(
     try:
         fields = protocol_fields(msg.content)
         header = RoundHeader.from_fields(fields)
+        deferred = _deferred_stage(header, msg, context)
         reply_fields, extra = _run_secure_stage(
             header, fields, msg, context, call_next, options
         )
@@ -274,7 +276,38 @@ def _secure_stage(
     except _InnerAppError as error:
         return error.reply
 
+    if deferred is not None:
+        extra = {**extra, DEFERRED_RECORD: to_config_record(deferred)}
     return _reply(msg, reply_fields, extra)
+
+
+def _deferred_stage(
+    header: RoundHeader, msg: Message, context: Context
+) -> Fields | None:
+    """Run the earlier round's commit or verify request that ``msg`` carries.
+
+    It runs before the message's own stage, so a client checks the previous
+    round's aggregate before it trains on the model built from it.
+    """
+    record = msg.content.config_records.get(DEFERRED_RECORD)
+    if record is None:
+        return None
+    fields: dict[str, object] = dict(record)
+    deferred = RoundHeader.from_fields(fields)
+    if deferred.stage not in (Stage.COMMIT, Stage.VERIFY):
+        raise ProtocolError(
+            "A deferred request must be a commit or verify stage. "
+            f"Found {deferred.stage.value!r}."
+        )
+    if deferred.run_id != header.run_id or deferred.server_round >= header.server_round:
+        raise ProtocolError(
+            f"A deferred {deferred.stage.value!r} request must be for an earlier "
+            f"round of the same run. Found round {deferred.server_round} in a "
+            f"request of round {header.server_round}."
+        )
+
+    reply_fields, _ = _verification_stage(deferred, fields, msg, context)
+    return reply_fields
 
 
 def _load_state(context: Context, header: RoundHeader) -> protocol.ClientState:
@@ -688,8 +721,9 @@ def _save_verification(context: Context, state: ClientVerificationState) -> None
 def _setup_identity(
     header: RoundHeader, fields: dict[str, object], context: Context
 ) -> IdentityKey:
-    # Vectors kept from an earlier round are never needed again.
-    _take_kept_arrays(context)
+    # An input kept from an earlier round and never committed is not needed
+    # again. An aggregate kept for a pipelined verify request still is.
+    _discard_uncommitted_input(context)
     if not SetupRequest.from_fields(fields).verification:
         return IdentityKey(public_key=b"")
 
@@ -755,6 +789,12 @@ def _keep_input(
         {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}
     )
     _save_verification(context, state)
+
+
+def _discard_uncommitted_input(context: Context) -> None:
+    record = context.state.array_records.get(VERIFICATION_ARRAYS_RECORD)
+    if record is not None and ENCODED_UPDATE_KEY in record:
+        del context.state[VERIFICATION_ARRAYS_RECORD]
 
 
 def _take_kept_arrays(context: Context) -> dict[str, NDArray[np.uint32]]:

@@ -16,6 +16,10 @@ from .core.messages import Fields, _field
 PROTOCOL_RECORD = "fedsec.secagg"
 """ConfigRecord with the protocol stage and the request or reply fields."""
 
+DEFERRED_RECORD = "fedsec.secagg.deferred"
+"""ConfigRecord with a commit or verify stage of an earlier round, carried by
+a request or reply of the next round's exchange."""
+
 STATE_RECORD = "fedsec.secagg.state"
 """ConfigRecord in ``Context.state`` with the client's protocol state."""
 

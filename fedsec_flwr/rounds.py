@@ -6,7 +6,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -43,6 +43,7 @@ from .core.messages import (
 )
 from .core.run_keys import KeyDirectory, KeyedServerRound
 from .core.server import ServerRound
+from .core.transcript import RoundTranscript
 from .privacy import (
     ClientPrivacy,
     DPMode,
@@ -57,6 +58,7 @@ from .records import (
     ARRAYS_RECORD,
     BLINDING_KEY,
     CONFIG_RECORD,
+    DEFERRED_RECORD,
     ENCODED_UPDATE_KEY,
     MASKED_INPUT_RECORD,
     MASKED_VECTOR_KEY,
@@ -89,6 +91,7 @@ MEAN_RANGE_TOLERANCE = 1e-9
 """Relative slack of the range check for the float rounding of the decoding."""
 
 _Reply = TypeVar("_Reply")
+_Source = TypeVar("_Source")
 
 
 @dataclass
@@ -105,6 +108,106 @@ class RoundOutcome:
     epsilon: float | None = None
     verification: VerificationResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    pending: PendingVerification | None = None
+    """With pipelined verification: this round's aggregate, fixed and not yet
+    verified. ``verification`` is then ``None``."""
+    previous: PendingVerification | None = None
+    """With pipelined verification: the previous round, verified during this
+    round's share-keys exchange, with its ``result``."""
+
+
+class PendingVerification:
+    """A round whose aggregate is fixed and whose commit and verify stages wait.
+
+    Under pipelined verification these stages travel with the next round's
+    setup and share-keys requests, or, after the last round, run on their
+    own (`finish_verification`). Without it they run at once, the same way.
+    """
+
+    def __init__(
+        self,
+        verifier: ServerVerification,
+        *,
+        included: list[int],
+        aggregate: NDArray[np.uint32],
+        blinding_sums: NDArray[np.uint32],
+        audit_path: Path | None,
+    ) -> None:
+        self.verifier = verifier
+        self.audit_path = audit_path
+        self.dropped_by_stage: dict[str, int] = {}
+        """The included clients lost at the commit and verify stages."""
+        self.result: VerificationResult | None = None
+        """The outcome, once the verify replies are in."""
+        self._commit = verifier.commit_request(included, aggregate, blinding_sums)
+        self._aggregate = aggregate
+        self._transcript: RoundTranscript | None = None
+
+    @property
+    def server_round(self) -> int:
+        """The round whose aggregate waits for verification."""
+        return self.verifier.server_round
+
+    def commit_requests(self) -> _Deferred:
+        """The commit request of every included client, with the aggregate."""
+        return _Deferred(
+            header=self._header(Stage.COMMIT),
+            fields_by_node=dict.fromkeys(
+                self.verifier.included_node_ids, self._commit.to_fields()
+            ),
+            records={
+                AGGREGATE_RECORD: ArrayRecord({AGGREGATE_KEY: Array(self._aggregate)})
+            },
+        )
+
+    def receive_commitments(self, replies: Mapping[int, Mapping[str, object]]) -> None:
+        """Keep the commitments; a client without a valid one counts as dropped."""
+        parsed = _parse_replies(
+            replies, CommitReply.from_fields, Stage.COMMIT, self.server_round
+        )
+        self.verifier.receive_commitments(parsed)
+        self.dropped_by_stage[Stage.COMMIT.value] = len(
+            self.verifier.included_node_ids
+        ) - len(self.verifier.commitments)
+
+    def verify_requests(self) -> _Deferred:
+        """Build the transcript and the verify request of every committed client."""
+        self._transcript = self.verifier.transcript()
+        return _Deferred(
+            header=self._header(Stage.VERIFY),
+            fields_by_node={
+                node: self.verifier.verify_request(node, self._transcript).to_fields()
+                for node in sorted(self.verifier.commitments)
+            },
+        )
+
+    def receive_verdicts(
+        self, replies: Mapping[int, Mapping[str, object]]
+    ) -> VerificationResult:
+        """Audit the transcript, combine the verdicts and keep the result."""
+        if self._transcript is None:
+            raise ProtocolError("Verdicts must follow the verify requests.")
+        verdicts = _parse_replies(
+            replies, VerifyReply.from_fields, Stage.VERIFY, self.server_round
+        )
+        self.dropped_by_stage[Stage.VERIFY.value] = len(
+            self.verifier.commitments
+        ) - len(verdicts)
+        self.result = self.verifier.finish(
+            self._transcript, verdicts, audit_path=self.audit_path
+        )
+        return self.result
+
+    def _header(self, stage: Stage) -> RoundHeader:
+        return RoundHeader(
+            stage=stage,
+            run_id=self.verifier.run_id,
+            server_round=self.verifier.server_round,
+        )
+
+
+VerifiedCallback = Callable[[int, VerificationResult], None]
+"""Called with a pipelined round and its result before the next round trains."""
 
 
 DECODE_TIMING = "decode"
@@ -284,8 +387,8 @@ def _client_errors(exchange: _Exchange) -> str:
 
 
 def _parse_replies(
-    replies: Mapping[int, Message],
-    parse: Callable[[Message], _Reply],
+    replies: Mapping[int, _Source],
+    parse: Callable[[_Source], _Reply],
     stage: Stage,
     server_round: int,
 ) -> dict[int, _Reply]:
@@ -334,6 +437,8 @@ def run_secure_round(
     privacy: PrivacyRound | None = None,
     verification: VerificationConfig | None = None,
     directory: KeyDirectory | None = None,
+    previous: PendingVerification | None = None,
+    on_verified: VerifiedCallback | None = None,
 ) -> RoundOutcome:
     """Run one round of secure aggregation for a new model.
 
@@ -341,6 +446,12 @@ def run_secure_round(
     stages, then commit and verify if asked. With ``"run"`` it registers the
     clients missing from ``directory`` and runs keyed-input and keyed-unmask,
     then commit and verify if asked.
+
+    With ``verification.pipelined`` (keys per round only) the round's
+    aggregate is fixed but not verified: the outcome's ``pending`` holds it,
+    for the next round's ``previous`` or `finish_verification`. The setup
+    and share-keys exchanges carry the commit and verify requests of
+    ``previous``, and ``on_verified`` gets its result before masked-input.
 
     Raises:
         TooFewSurvivorsError: Too few clients remain at some stage.
@@ -372,7 +483,7 @@ def run_secure_round(
                 threshold=config.threshold,
                 rng=rng,
             )
-            total, masked_replies, result = _keyed_exchanges(
+            total, masked_replies, pending = _keyed_exchanges(
                 stages,
                 keyed,
                 plan,
@@ -384,7 +495,7 @@ def run_secure_round(
             survivors = set(keyed.survivors)
             dropped_by_stage = dict(keyed.dropped_by_stage)
         else:
-            total, masked_replies, server, result = _per_round_key_stages(
+            total, masked_replies, server, pending = _per_round_key_stages(
                 stages,
                 plan,
                 clock,
@@ -394,9 +505,16 @@ def run_secure_round(
                 config=config,
                 rng=rng,
                 verification=verification,
+                previous=previous,
+                on_verified=on_verified,
             )
             survivors = set(server.survivors)
             dropped_by_stage = dict(server.dropped_by_stage)
+        result = None
+        if pending is not None and not (verification and verification.pipelined):
+            result = _verification_stages(stages, pending)
+            dropped_by_stage.update(pending.dropped_by_stage)
+            pending = None
 
     clock.lap(VERIFICATION_TIMING)
     params = plan.params
@@ -441,6 +559,8 @@ def run_secure_round(
         epsilon=epsilon,
         verification=result,
         timings=clock.laps,
+        pending=pending,
+        previous=previous,
     )
 
 
@@ -455,10 +575,17 @@ def _per_round_key_stages(
     config: SecAggConfig,
     rng: random.Random,
     verification: VerificationConfig | None,
+    previous: PendingVerification | None,
+    on_verified: VerifiedCallback | None,
 ) -> tuple[
-    NDArray[np.uint32], dict[int, Message], ServerRound, VerificationResult | None
+    NDArray[np.uint32], dict[int, Message], ServerRound, PendingVerification | None
 ]:
-    """Run setup, share-keys, masked-input and unmask, then commit and verify."""
+    """Run setup, share-keys, masked-input and unmask; fix the aggregate if verified.
+
+    With ``previous``, the setup exchange carries that round's commit
+    requests and the share-keys exchange its verify requests.
+    ``on_verified`` gets its result before any client trains on its model.
+    """
     server = ServerRound(
         run_id=stages.run_id,
         server_round=stages.server_round,
@@ -474,10 +601,12 @@ def _per_round_key_stages(
             run_id=stages.run_id, server_round=stages.server_round
         )
 
-    _setup_stage(stages, server, verifier, nodes)
+    _setup_stage(stages, server, verifier, nodes, previous)
     clock.lap(Stage.SETUP.value)
-    _share_keys_stage(stages, server, verifier)
+    _share_keys_stage(stages, server, verifier, previous)
     clock.lap(Stage.SHARE_KEYS.value)
+    if previous is not None and previous.result is not None and on_verified:
+        on_verified(previous.server_round, previous.result)
     masked_replies = _masked_input_stage(
         stages, server, plan, arrays=arrays, train_config=train_config
     )
@@ -485,19 +614,16 @@ def _per_round_key_stages(
     total = _unmask_stage(stages, server)
     clock.lap(Stage.UNMASK.value)
 
-    result = None
+    pending = None
     if verifier is not None and verification is not None:
-        dropped_by_stage = server.dropped_by_stage
-        result = _verify_secure_total(
-            stages,
+        pending = _fix_secure_total(
             verifier,
             plan,
             total,
             included=list(server.survivors),
             audit_path=verification.audit_path,
-            dropped_by_stage=dropped_by_stage,
         )
-    return total, masked_replies, server, result
+    return total, masked_replies, server, pending
 
 
 def _keyed_exchanges(
@@ -509,8 +635,10 @@ def _keyed_exchanges(
     arrays: ArrayRecord,
     train_config: ConfigRecord,
     verification: VerificationConfig | None,
-) -> tuple[NDArray[np.uint32], dict[int, Message], VerificationResult | None]:
-    """Register new clients, run keyed-input and keyed-unmask, then verify if asked.
+) -> tuple[NDArray[np.uint32], dict[int, Message], PendingVerification | None]:
+    """Register new clients, run keyed-input and keyed-unmask, fix the aggregate.
+
+    The aggregate is fixed for verification only when ``verification`` is set.
 
     Clients that fail keyed-input lose their registration, so a client that
     restarted without its keys registers again when next sampled. Under
@@ -576,18 +704,16 @@ def _keyed_exchanges(
     )
     clock.lap(Stage.KEYED_UNMASK.value)
 
-    result = None
+    pending = None
     if verifier is not None and verification is not None:
-        result = _verify_secure_total(
-            stages,
+        pending = _fix_secure_total(
             verifier,
             plan,
             total,
             included=list(keyed.survivors),
             audit_path=verification.audit_path,
-            dropped_by_stage=keyed.dropped_by_stage,
         )
-    return total, replies, result
+    return total, replies, pending
 
 
 def _keyed_unmask_reply(message: Message) -> KeyedUnmaskReply:
@@ -687,19 +813,16 @@ def _check_mean_range(
         )
 
 
-def _verify_secure_total(
-    stages: _Stages,
+def _fix_secure_total(
     verifier: ServerVerification,
     plan: _SecurePlan,
     total: NDArray[np.uint32],
     *,
     included: list[int],
     audit_path: Path | None,
-    dropped_by_stage: dict[str, int],
-) -> VerificationResult:
-    """Split the unmasked sum into aggregate and limb sums, then verify it."""
-    return _verification_stages(
-        stages,
+) -> PendingVerification:
+    """Split the unmasked sum into aggregate and limb sums and fix both."""
+    return PendingVerification(
         verifier,
         included=included,
         aggregate=plan.commitment_layout.aggregate_vector(
@@ -707,7 +830,6 @@ def _verify_secure_total(
         ),
         blinding_sums=total[total.size - BLINDING_LIMBS :],
         audit_path=audit_path,
-        dropped_by_stage=dropped_by_stage,
     )
 
 
@@ -782,8 +904,14 @@ class _Stages:
         fields_by_node: Mapping[int, Mapping[str, object]],
         records: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         enough: Callable[[Mapping[int, Message]], bool] | None = None,
+        deferred: _Deferred | None = None,
     ) -> dict[int, Message]:
-        """Send one stage's request to each node and return the replies."""
+        """Send one stage's request to each node and return the replies.
+
+        With ``deferred``, a node that gets both requests gets the deferred
+        one in `DEFERRED_RECORD` of the same message, and a node that gets
+        only the deferred one gets it as the message's stage.
+        """
         logger.debug("Round %d: stage %s", self.server_round, stage.value)
         header = RoundHeader(
             stage=stage, run_id=self.run_id, server_round=self.server_round
@@ -791,19 +919,79 @@ class _Stages:
         contents = {}
         for node, fields in fields_by_node.items():
             content = _with_protocol(header, fields)
-            for name, record in (records or {}).items():
-                content[name] = record
+            _add_records(content, records or {})
+            if deferred is not None and node in deferred.fields_by_node:
+                content[DEFERRED_RECORD] = deferred.record(node)
+                _add_records(content, deferred.records)
             contents[node] = content
+        if deferred is not None:
+            for node, fields in deferred.fields_by_node.items():
+                if node not in contents:
+                    content = _with_protocol(deferred.header, fields)
+                    _add_records(content, deferred.records)
+                    contents[node] = content
         return self.exchange.send(contents, enough)
 
     def parse(
         self,
-        replies: Mapping[int, Message],
-        parse: Callable[[Message], _Reply],
+        replies: Mapping[int, _Source],
+        parse: Callable[[_Source], _Reply],
         stage: Stage,
     ) -> dict[int, _Reply]:
         """Parse replies; an invalid one counts as dropped."""
         return _parse_replies(replies, parse, stage, self.server_round)
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """Requests of an earlier round's stage that travel with this exchange."""
+
+    header: RoundHeader
+    fields_by_node: Mapping[int, Mapping[str, object]]
+    records: Mapping[str, ArrayRecord | ConfigRecord] = field(default_factory=dict)
+
+    def record(self, node: int) -> ConfigRecord:
+        """The request of ``node``, header included, as one ConfigRecord."""
+        content = _with_protocol(self.header, self.fields_by_node[node])
+        return content.config_records[PROTOCOL_RECORD]
+
+    def reply_fields(
+        self, replies: Mapping[int, Message], *, combined: Collection[int]
+    ) -> dict[int, dict[str, object]]:
+        """Return the fields of each reply to the deferred requests.
+
+        A node in ``combined`` got the deferred request inside another stage's
+        message and answers it in `DEFERRED_RECORD`; a reply without that
+        record counts as missing. The other nodes answer in the protocol
+        record.
+        """
+        found: dict[int, dict[str, object]] = {}
+        for node, message in replies.items():
+            if node not in self.fields_by_node:
+                continue
+            if node not in combined:
+                found[node] = dict(
+                    message.content.config_records.get(PROTOCOL_RECORD, {})
+                )
+                continue
+            record = message.content.config_records.get(DEFERRED_RECORD)
+            if record is None:
+                logger.warning(
+                    "Round %d: node %d sent no %s reply, so it counts as dropped",
+                    self.header.server_round,
+                    node,
+                    self.header.stage.value,
+                )
+                continue
+            found[node] = dict(record)
+        return found
+
+
+def _add_records(
+    content: RecordDict, records: Mapping[str, ArrayRecord | ConfigRecord]
+) -> None:
+    for name, record in records.items():
+        content[name] = record
 
 
 def _setup_stage(
@@ -811,12 +999,18 @@ def _setup_stage(
     server: ServerRound,
     verifier: ServerVerification | None,
     nodes: list[int],
+    previous: PendingVerification | None = None,
 ) -> None:
     verify = verifier is not None
     request = SetupRequest(verification=verify).to_fields()
-    replies = stages.send(Stage.SETUP, dict.fromkeys(nodes, request))
+    commit = previous.commit_requests() if previous is not None else None
+    replies = stages.send(Stage.SETUP, dict.fromkeys(nodes, request), deferred=commit)
+    if previous is not None and commit is not None:
+        previous.receive_commitments(commit.reply_fields(replies, combined=nodes))
     parsed = stages.parse(
-        replies, lambda m: _setup_reply(m, verify=verify), Stage.SETUP
+        {node: reply for node, reply in replies.items() if node in nodes},
+        lambda m: _setup_reply(m, verify=verify),
+        Stage.SETUP,
     )
     server.receive_setup(nodes, {node: reply for node, (reply, _) in parsed.items()})
     if verifier is not None:
@@ -826,7 +1020,10 @@ def _setup_stage(
 
 
 def _share_keys_stage(
-    stages: _Stages, server: ServerRound, verifier: ServerVerification | None
+    stages: _Stages,
+    server: ServerRound,
+    verifier: ServerVerification | None,
+    previous: PendingVerification | None = None,
 ) -> None:
     requests = {
         node: {
@@ -835,7 +1032,11 @@ def _share_keys_stage(
         }
         for node, request in server.share_keys_requests().items()
     }
-    replies = stages.send(Stage.SHARE_KEYS, requests)
+    verify = previous.verify_requests() if previous is not None else None
+    replies = stages.send(Stage.SHARE_KEYS, requests, deferred=verify)
+    if previous is not None and verify is not None:
+        previous.receive_verdicts(verify.reply_fields(replies, combined=requests))
+        replies = {node: reply for node, reply in replies.items() if node in requests}
 
     def parse(message: Message) -> tuple[EncryptedShares, KeyListSignature | None]:
         fields = protocol_fields(message.content)
@@ -893,52 +1094,29 @@ def _unmask_stage(stages: _Stages, server: ServerRound) -> NDArray[np.uint32]:
 
 
 def _verification_stages(
-    stages: _Stages,
-    verifier: ServerVerification,
-    *,
-    included: list[int],
-    aggregate: NDArray[np.uint32],
-    blinding_sums: NDArray[np.uint32],
-    audit_path: Path | None,
-    dropped_by_stage: dict[str, int],
+    stages: _Stages, pending: PendingVerification
 ) -> VerificationResult:
-    """Run the commit and verify stages over a fixed aggregate and record the round.
+    """Run the commit and verify stages of a fixed aggregate on their own."""
+    commit = pending.commit_requests()
+    replies = stages.send(Stage.COMMIT, {}, deferred=commit)
+    pending.receive_commitments(commit.reply_fields(replies, combined=()))
 
-    ``dropped_by_stage`` gets the included clients lost at each stage.
-    """
-    request = verifier.commit_request(included, aggregate, blinding_sums)
-    record = ArrayRecord({AGGREGATE_KEY: Array(aggregate)})
-    replies = stages.send(
-        Stage.COMMIT,
-        dict.fromkeys(included, request.to_fields()),
-        {AGGREGATE_RECORD: record},
-    )
-    verifier.receive_commitments(
-        stages.parse(
-            replies,
-            lambda m: CommitReply.from_fields(protocol_fields(m.content)),
-            Stage.COMMIT,
-        )
-    )
-    committed = sorted(verifier.commitments)
-    dropped_by_stage[Stage.COMMIT.value] = len(included) - len(committed)
+    verify = pending.verify_requests()
+    replies = stages.send(Stage.VERIFY, {}, deferred=verify)
+    return pending.receive_verdicts(verify.reply_fields(replies, combined=()))
 
-    round_transcript = verifier.transcript()
-    replies = stages.send(
-        Stage.VERIFY,
-        {
-            node: verifier.verify_request(node, round_transcript).to_fields()
-            for node in committed
-        },
-    )
-    verdicts = stages.parse(
-        replies,
-        lambda m: VerifyReply.from_fields(protocol_fields(m.content)),
-        Stage.VERIFY,
-    )
-    dropped_by_stage[Stage.VERIFY.value] = len(committed) - len(verdicts)
 
-    return verifier.finish(round_transcript, verdicts, audit_path=audit_path)
+def finish_verification(
+    grid: Grid, pending: PendingVerification, *, timeout: float
+) -> VerificationResult:
+    """Run the commit and verify stages of a pipelined run's last round."""
+    stages = _Stages(
+        _Exchange(grid, pending.server_round, timeout),
+        pending.verifier.run_id,
+        pending.server_round,
+    )
+    with _explain_client_errors(stages.exchange):
+        return _verification_stages(stages, pending)
 
 
 def _masked_vector(reply: Message) -> NDArray[np.uint32]:
@@ -1083,15 +1261,15 @@ def run_plain_verified_round(
     if params.modulus < 2**32:
         np.bitwise_and(total, np.uint32(params.modulus - 1), out=total)
 
-    result = _verification_stages(
-        stages,
+    pending = PendingVerification(
         verifier,
         included=included,
         aggregate=total,
         blinding_sums=blinding_sums,
         audit_path=verification.audit_path,
-        dropped_by_stage=dropped_by_stage,
     )
+    result = _verification_stages(stages, pending)
+    dropped_by_stage.update(pending.dropped_by_stage)
     decoded = decode_sum(total, params=params)
     new_arrays = layout.apply_update(global_arrays, decoded.mean)
     return RoundOutcome(

@@ -25,14 +25,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .config import SecAggConfig
+from .config import KEY_LIFETIME_RUN, SecAggConfig
+from .core.commitments import VerificationResult
 from .core.errors import TooFewSurvivorsError
 from .core.run_keys import KeyDirectory
 from .privacy import DPConfig, DPMode, ServerPrivacy
 from .records import FloatLayout, arrays_to_numpy
 from .rounds import (
+    PendingVerification,
     PrivacyRound,
     RoundOutcome,
+    finish_verification,
     run_plain_round,
     run_plain_verified_round,
     run_secure_round,
@@ -284,6 +287,10 @@ class SecureFedAvg(Strategy):
             )
         privacy = self._privacy(num_rounds)
         self._key_directory = KeyDirectory()
+        # Under pipelined verification the report of a round waits until the
+        # next round, or the end of the run, brings its result.
+        pending: PendingVerification | None = None
+        waiting_report: RoundReport | None = None
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
             nodes = self._sample_nodes(grid, server_round, timeout)
@@ -300,9 +307,11 @@ class SecureFedAvg(Strategy):
                 round_privacy = PrivacyRound(privacy, plan, dimension)
 
             outcome = self._run_round(
-                grid, server_round, nodes, arrays, train_config, round_privacy
+                grid, server_round, nodes, arrays, train_config, round_privacy, pending
             )
-            self._check_verified(server_round, outcome)
+            if outcome.previous is not None and waiting_report is not None:
+                self._release(waiting_report, outcome.previous)
+            self._check_verified(server_round, outcome.verification)
             arrays = outcome.arrays
             seconds = time.perf_counter() - started
 
@@ -324,12 +333,41 @@ class SecureFedAvg(Strategy):
                 report.num_sampled,
                 seconds,
             )
-            if self.on_round_end is not None:
-                self.on_round_end(report)
+            pending = outcome.pending
+            if pending is None:
+                self._emit(report)
+            else:
+                waiting_report = report
+        if pending is not None and waiting_report is not None:
+            self._finish_pending(grid, pending, waiting_report)
         return result
 
-    def _check_verified(self, server_round: int, outcome: RoundOutcome) -> None:
-        result = outcome.verification
+    def _emit(self, report: RoundReport) -> None:
+        if self.on_round_end is not None:
+            self.on_round_end(report)
+
+    def _release(self, report: RoundReport, verified: PendingVerification) -> None:
+        """Add a pipelined round's verification to its report and emit it."""
+        if verified.result is not None:
+            report.verified = verified.result.verified
+            report.verification_reason = verified.result.reason
+        report.dropped_by_stage.update(verified.dropped_by_stage)
+        self._emit(report)
+
+    def _finish_pending(
+        self, grid: Grid, pending: PendingVerification, report: RoundReport
+    ) -> None:
+        """Verify the last round of a pipelined run with exchanges of its own."""
+        started = time.perf_counter()
+        secagg = self.secure_aggregation or DEFAULT_SECAGG
+        result = finish_verification(grid, pending, timeout=secagg.stage_timeout)
+        report.seconds += time.perf_counter() - started
+        self._check_verified(pending.server_round, result)
+        self._release(report, pending)
+
+    def _check_verified(
+        self, server_round: int, result: VerificationResult | None
+    ) -> None:
         if self.verification is None or result is None or result.verified:
             return
         if self.verification.on_failure is FailurePolicy.REFUSE:
@@ -362,6 +400,7 @@ class SecureFedAvg(Strategy):
         arrays: ArrayRecord,
         train_config: ConfigRecord,
         privacy: PrivacyRound | None,
+        previous: PendingVerification | None,
     ) -> RoundOutcome:
         if self.secure_aggregation is None and self.verification is not None:
             return run_plain_verified_round(
@@ -394,6 +433,8 @@ class SecureFedAvg(Strategy):
             privacy=privacy,
             verification=self.verification,
             directory=self._key_directory,
+            previous=previous,
+            on_verified=self._check_verified,
         )
 
     def _sample_nodes(self, grid: Grid, server_round: int, timeout: float) -> list[int]:
@@ -496,6 +537,18 @@ def _verification_config(
             "verify the aggregate before the server adds noise, so each of them "
             "would see the un-noised sum. Use mode='distributed'. Found "
             "mode='central'."
+        )
+    if config.pipelined and (
+        secure_aggregation is None
+        or secure_aggregation.key_lifetime == KEY_LIFETIME_RUN
+    ):
+        lifetime = secure_aggregation.key_lifetime if secure_aggregation else None
+        raise ValueError(
+            "pipelined verification needs secure aggregation with keys per round, "
+            "whose setup and share-keys exchanges carry the previous round's "
+            "commit and verify requests. Found "
+            f"secure_aggregation={'None' if secure_aggregation is None else 'set'}"
+            f", key_lifetime={lifetime!r}."
         )
     if secure_aggregation is not None:
         check_blinding_capacity(

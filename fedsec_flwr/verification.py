@@ -89,12 +89,19 @@ class VerificationConfig:
         plain_encoding: The fixed-point encoding of updates in plain mode
             (``secure_aggregation=None``), where clients send their encoded
             update in clear. Secure mode uses its own `SecAggConfig`.
+        pipelined: Send the commit and verify requests of round r with the
+            setup and share-keys requests of round r + 1, which removes two
+            exchanges from every round but the last. Clients still check
+            round r before they train on its model, and the server still
+            raises before it sends that model. Round r's report waits for
+            its result. Needs secure aggregation with keys per round.
 
     """
 
     audit_path: Path | None = None
     on_failure: FailurePolicy = FailurePolicy.REFUSE
     plain_encoding: SecAggConfig = field(default_factory=SecAggConfig)
+    pipelined: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -104,6 +111,10 @@ class VerificationConfig:
                 f"on_failure must be 'refuse' or 'report'. Found {self.on_failure!r}."
             ) from None
         object.__setattr__(self, "on_failure", policy)
+        if not isinstance(self.pipelined, bool):
+            raise ValueError(
+                f"pipelined must be a bool. Found {type(self.pipelined).__name__}."
+            )
         if self.audit_path is not None:
             path = Path(self.audit_path)
             if not path.parent.is_dir():

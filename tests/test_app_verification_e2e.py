@@ -28,9 +28,10 @@ def _audit(path: Path) -> subprocess.CompletedProcess[str]:
     [
         "secure-aggregation=true",
         'secure-aggregation=true secagg-key-lifetime="run"',
+        "secure-aggregation=true verification-pipelined=true",
         "secure-aggregation=false",
     ],
-    ids=["secure", "secure-run-keys", "plain"],
+    ids=["secure", "secure-run-keys", "secure-pipelined", "plain"],
 )
 def test_every_round_verified_and_audited(tmp_path: Path, mode: str) -> None:
     output_dir = tmp_path / "run"

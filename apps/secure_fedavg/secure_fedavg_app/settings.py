@@ -68,6 +68,8 @@ class AppSettings:
             commitments.
         verification_policy: ``refuse`` (fail the run and stop clients from
             training on a model that failed) or ``report``.
+        verification_pipelined: Send each round's commit and verify requests
+            with the next round's first two exchanges.
     """
 
     dataset: str
@@ -105,6 +107,7 @@ class AppSettings:
     dp_sgd_max_grad_norm: float = 1.0
     verification: bool = False
     verification_policy: str = "refuse"
+    verification_pipelined: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, ConfigValue]) -> "AppSettings":
@@ -149,6 +152,7 @@ class AppSettings:
             dp_sgd_max_grad_norm=_get_float(run_config, "dp-sgd-max-grad-norm"),
             verification=_get_bool(run_config, "verification"),
             verification_policy=_get_str(run_config, "verification-policy"),
+            verification_pipelined=_get_bool(run_config, "verification-pipelined"),
         )
         settings.validate()
         return settings

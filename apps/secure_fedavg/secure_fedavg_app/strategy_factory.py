@@ -82,6 +82,7 @@ def build_verification_config(
     return VerificationConfig(
         audit_path=audit_path,
         on_failure=FailurePolicy(settings.verification_policy),
+        pipelined=settings.verification_pipelined,
         plain_encoding=_secagg_parameters(settings),
     )
 
