@@ -267,7 +267,7 @@ class ServerVerification:
     server_round: int
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     key_list_signatures: dict[int, bytes] = field(default_factory=dict)
-    commitments: dict[int, int] = field(default_factory=dict)
+    commitments: dict[int, bytes] = field(default_factory=dict)
     commitment_signatures: dict[int, bytes] = field(default_factory=dict)
     included_node_ids: tuple[int, ...] = ()
     aggregate: npt.NDArray[np.uint32] | None = None
@@ -343,13 +343,13 @@ class ServerVerification:
     def receive_commitments(self, replies: Mapping[int, CommitReply]) -> None:
         """Keep the well-formed commitments of included clients.
 
-        Signatures and subgroup membership are checked later, by the audit.
+        Signatures and group membership are checked later, by the audit.
         """
         for node, reply in sorted(replies.items()):
             if node not in self.included_node_ids:
                 continue
             try:
-                commitment = commitments.decode_commitment(reply.commitment)
+                commitments.check_commitment("commitment", reply.commitment)
             except ValueError as error:
                 logger.warning(
                     "Round %d: node %d sent a malformed commitment: %s",
@@ -366,7 +366,7 @@ class ServerVerification:
                     len(reply.signature),
                 )
                 continue
-            self.commitments[node] = commitment
+            self.commitments[node] = reply.commitment
             self.commitment_signatures[node] = reply.signature
 
     def transcript(self) -> RoundTranscript:
@@ -466,7 +466,7 @@ class ClientVerificationState:
         key_list_digest: The digest it signed in that round.
         input_round: The round whose update and blinding it keeps to commit.
         committed_round: The round it committed in and has no transcript of.
-        commitment: Its commitment in `committed_round`, big-endian.
+        commitment: Its encoded commitment in `committed_round`.
         failed_round: The first round of the run that failed verification.
         failure_reason: Why that round failed.
 
@@ -625,11 +625,10 @@ def client_commit(
         blinding_sums=np.array(request.blinding_sums, dtype=np.uint32),
         key_list_digest=state.key_list_digest,
     )
-    encoded = commitments.encode_commitment(commitment)
     new_state = replace(
-        state, input_round=0, committed_round=server_round, commitment=encoded
+        state, input_round=0, committed_round=server_round, commitment=commitment
     )
-    return new_state, CommitReply(commitment=encoded, signature=signature)
+    return new_state, CommitReply(commitment=commitment, signature=signature)
 
 
 def client_verify(
@@ -688,7 +687,7 @@ def _check_transcript(
         node_id=node_id,
         identity_public_key=state.identity_public_key,
         key_list_digest=state.key_list_digest,
-        commitment=commitments.decode_commitment(state.commitment),
+        commitment=state.commitment,
     )
 
 

@@ -132,7 +132,7 @@ def test_tamper_commitment_in_file_changed(audit_path, capsys):
     def edit(document):
         commitments = document["rounds"][1]["transcript"]["commitments"]
         node_id = next(iter(commitments))
-        commitments[node_id] = "4"
+        commitments[node_id] = "58" + "66" * 31
 
     rewrite(audit_path, edit)
     status, out, _ = run_main(audit_path, capsys)

@@ -34,7 +34,7 @@ from tests.test_secure_strategy import (
     initial_model,
 )
 from tests.test_verification_strategy import (
-    PRODUCT_MISMATCH,
+    SUM_MISMATCH,
     OtherRoundForOne,
     make_app,
     recording_train,
@@ -199,7 +199,7 @@ def test_tamper_detected_before_anyone_trains_on_the_model(
     deferred = target_round < 3
     found = verdicts_in(grid, target_round + int(deferred), deferred=deferred)
     assert set(found) == set(NODE_IDS)
-    assert all(not ok and PRODUCT_MISMATCH in reason for ok, reason in found.values())
+    assert all(not ok and SUM_MISMATCH in reason for ok, reason in found.values())
 
 
 def test_client_refuses_next_model_after_failed_pipelined_round(

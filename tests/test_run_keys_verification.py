@@ -38,8 +38,8 @@ from tests.test_secure_strategy import (
 )
 from tests.test_verification_strategy import (
     DISTRIBUTED_DP,
-    PRODUCT_MISMATCH,
     REPORT,
+    SUM_MISMATCH,
     OtherRoundForOne,
     SplitView,
     assert_all_failed,
@@ -179,7 +179,7 @@ def test_tamper_run_keys_aggregate_coordinate_detected(
         run(grid, reports=reports)
 
     assert reports == []
-    assert_all_failed(verdicts(grid), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid), SUM_MISMATCH)
 
 
 def test_hostile_run_keys_drop_of_included_update_detected(
@@ -205,7 +205,7 @@ def test_hostile_run_keys_drop_of_included_update_detected(
     run(grid, verification=REPORT, reports=reports)
 
     assert reports[0].verified is False
-    assert_all_failed(verdicts(grid), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid), SUM_MISMATCH)
 
 
 def test_hostile_run_keys_replayed_aggregate_detected(
@@ -228,7 +228,7 @@ def test_hostile_run_keys_replayed_aggregate_detected(
     run(grid, verification=REPORT, rounds=2, reports=reports)
 
     assert [r.verified for r in reports] == [True, False]
-    assert_all_failed(verdicts(grid, 2), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid, 2), SUM_MISMATCH)
 
 
 def test_hostile_run_keys_split_key_lists_detected(

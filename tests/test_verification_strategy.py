@@ -78,7 +78,7 @@ from tests.test_secure_strategy import (
 )
 
 REPORT = VerificationConfig(on_failure=FailurePolicy.REPORT)
-PRODUCT_MISMATCH = "product of the commitments does not match"
+SUM_MISMATCH = "sum of the commitments does not match"
 
 Verdicts = dict[int, tuple[bool, str]]
 
@@ -263,7 +263,7 @@ def test_distributed_dp_fails_without_offset(monkeypatch: pytest.MonkeyPatch) ->
     run(grid, verification=REPORT, reports=reports, dp=DISTRIBUTED_DP)
 
     assert reports[0].verified is False
-    assert PRODUCT_MISMATCH in reports[0].verification_reason
+    assert SUM_MISMATCH in reports[0].verification_reason
 
 
 def test_commitment_offsets_cancel_in_sum() -> None:
@@ -370,7 +370,7 @@ def test_tamper_one_aggregate_coordinate_detected(
         )
 
     assert reports == []
-    assert_all_failed(verdicts(grid), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid), SUM_MISMATCH)
     assert run_auditor(audit_path).returncode == 1
 
 
@@ -399,7 +399,7 @@ def test_hostile_drop_of_included_update_detected(
 
     assert reports[0].num_aggregated == NUM_NODES
     assert reports[0].verified is False
-    assert_all_failed(verdicts(grid), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid), SUM_MISMATCH)
 
 
 def test_hostile_substituted_update_detected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,7 +432,7 @@ def test_hostile_substituted_update_detected(monkeypatch: pytest.MonkeyPatch) ->
     run(grid, verification=REPORT, reports=reports)
 
     assert reports[0].verified is False
-    assert_all_failed(verdicts(grid), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid), SUM_MISMATCH)
 
 
 def test_hostile_plain_update_replayed_detected() -> None:
@@ -474,7 +474,7 @@ def test_hostile_plain_update_replayed_detected() -> None:
     )
 
     assert [r.verified for r in reports] == [True, False]
-    assert_all_failed(verdicts(grid, 2), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid, 2), SUM_MISMATCH)
 
 
 def test_hostile_replayed_aggregate_detected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -495,7 +495,7 @@ def test_hostile_replayed_aggregate_detected(monkeypatch: pytest.MonkeyPatch) ->
     run(grid, verification=REPORT, rounds=2, reports=reports)
 
     assert [r.verified for r in reports] == [True, False]
-    assert_all_failed(verdicts(grid, 2), PRODUCT_MISMATCH)
+    assert_all_failed(verdicts(grid, 2), SUM_MISMATCH)
 
 
 def test_hostile_replayed_transcript_detected(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -521,7 +521,7 @@ class CommitRequest:
 
 @dataclass(frozen=True)
 class CommitReply:
-    """A client's commitment, big-endian, and its signature over it."""
+    """A client's encoded commitment and its signature over it."""
 
     commitment: bytes
     signature: bytes

@@ -36,7 +36,7 @@ from .signatures import SignedStage
 
 logger = logging.getLogger("fedsec_flwr.verification")
 
-TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v1"
+TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v2"
 """Value of the "format" field of a serialized transcript."""
 
 _FIELDS = frozenset(
@@ -94,7 +94,7 @@ class RoundTranscript:
     aggregate_length: int
     aggregate_sha256: bytes
     blinding_sums: tuple[int, ...]
-    commitments: Mapping[int, int]
+    commitments: Mapping[int, bytes]
     commitment_signatures: Mapping[int, bytes]
 
     def __post_init__(self) -> None:
@@ -122,12 +122,12 @@ class RoundTranscript:
         for name, size in (
             ("identity_keys", signatures.IDENTITY_KEY_SIZE),
             ("key_list_signatures", signatures.SIGNATURE_SIZE),
+            ("commitments", commitments.COMMITMENT_SIZE),
             ("commitment_signatures", signatures.SIGNATURE_SIZE),
         ):
             object.__setattr__(
                 self, name, _sorted_bytes_map(name, getattr(self, name), size)
             )
-        object.__setattr__(self, "commitments", _sorted_commitments(self.commitments))
 
     @property
     def blinding_sum_array(self) -> npt.NDArray[np.uint32]:
@@ -164,9 +164,8 @@ class RoundTranscript:
     def to_dict(self) -> dict[str, Any]:
         """Convert to a JSON-ready dict: bytes as hex, large ints as decimal strings.
 
-        Node ids, the run id and commitments are decimal
-        strings, because they can exceed the 2**53 that JSON numbers carry
-        exactly in many parsers.
+        Node ids and the run id are decimal strings, because they can exceed
+        the 2**53 that JSON numbers carry exactly in many parsers.
         """
         return {
             "format": TRANSCRIPT_FORMAT,
@@ -178,9 +177,7 @@ class RoundTranscript:
             "aggregate_length": self.aggregate_length,
             "aggregate_sha256": self.aggregate_sha256.hex(),
             "blinding_sums": list(self.blinding_sums),
-            "commitments": {
-                str(node_id): str(value) for node_id, value in self.commitments.items()
-            },
+            "commitments": _hex_map(self.commitments),
             "commitment_signatures": _hex_map(self.commitment_signatures),
         }
 
@@ -221,10 +218,7 @@ class RoundTranscript:
                 "aggregate_sha256", _require(data, "aggregate_sha256", str)
             ),
             blinding_sums=tuple(_require(data, "blinding_sums", list)),
-            commitments={
-                _decimal("commitments", key): _decimal("commitments", value)
-                for key, value in _require(data, "commitments", dict).items()
-            },
+            commitments=_parse_hex_map(data, "commitments"),
             commitment_signatures=_parse_hex_map(data, "commitment_signatures"),
         )
 
@@ -274,7 +268,7 @@ def sign_key_list(
     return digest, signature
 
 
-def commitment_payload(*, node_id: int, commitment: int, rho_seed: bytes) -> bytes:
+def commitment_payload(*, node_id: int, commitment: bytes, rho_seed: bytes) -> bytes:
     """Encode what a client signs with its commitment.
 
     The payload is the node id (uint64, big-endian), the commitment
@@ -283,18 +277,15 @@ def commitment_payload(*, node_id: int, commitment: int, rho_seed: bytes) -> byt
     aggregate, limb sums and key list.
 
     Raises:
-        ValueError: If `node_id` is not a uint64, `commitment` is not in
-            [1, p) or `rho_seed` is not 32 bytes.
+        ValueError: If `node_id` is not a uint64, `commitment` is not
+            `commitments.COMMITMENT_SIZE` bytes or `rho_seed` is not 32 bytes.
 
     """
     _check_uint64("node_id", node_id)
+    commitments.check_commitment("commitment", commitment)
     _check_bytes("rho_seed", rho_seed, commitments.SEED_SIZE)
 
-    return (
-        struct.pack(">Q", node_id)
-        + commitments.encode_commitment(commitment)
-        + rho_seed
-    )
+    return struct.pack(">Q", node_id) + commitment + rho_seed
 
 
 def client_commit(
@@ -309,7 +300,7 @@ def client_commit(
     aggregate: npt.NDArray[np.uint32],
     blinding_sums: npt.NDArray[np.uint32],
     key_list_digest: bytes,
-) -> tuple[int, bytes]:
+) -> tuple[bytes, bytes]:
     """Commit to this client's update once the aggregate is fixed, and sign.
 
     Args:
@@ -322,7 +313,7 @@ def client_commit(
         blinding: The blinding vector l_i this client appended. Commit with
             it only once, then drop it from the client state: two
             commitments with one blinding vector and two seeds reveal
-            g**((rho - rho') . x_i).
+            ((rho - rho') . x_i) B.
         included_node_ids: The clients S that the server reports as
             included (untrusted).
         aggregate: The aggregate A the server released (untrusted).
@@ -385,7 +376,7 @@ def audit_round(
     SHA-256; the node-id sets agree (S is not empty, every client in S is in
     the key list, signed it and committed, and no other client committed); every
     key-list signature is valid; the projection seed re-derives; every
-    commitment signature is valid; and the product of the commitments
+    commitment signature is valid; and the sum of the commitments
     matches the aggregate (`commitments.verify_aggregate`).
 
     This proves the aggregate is the sum of the updates of exactly S, each
@@ -440,7 +431,7 @@ def verify_round_as_client(
     node_id: int,
     identity_public_key: bytes,
     key_list_digest: bytes,
-    commitment: int,
+    commitment: bytes,
 ) -> AuditResult:
     """Check a transcript as one of its included clients.
 
@@ -575,23 +566,6 @@ def _sorted_bytes_map(
     for node_id, value in mapping.items():
         _check_uint64(f"node id in {name}", node_id)
         _check_bytes(f"{name} entry of node {node_id}", value, size)
-
-    return {node_id: mapping[node_id] for node_id in sorted(mapping)}
-
-
-def _sorted_commitments(mapping: Mapping[int, int]) -> dict[int, int]:
-    if not isinstance(mapping, Mapping):
-        raise ValueError(
-            f"commitments must be a mapping. Found {type(mapping).__name__}."
-        )
-    for node_id, value in mapping.items():
-        _check_uint64("node id in commitments", node_id)
-        _check_int_type(f"commitment of node {node_id}", value)
-        if not 1 <= value < commitments.MODP_3072_PRIME:
-            raise ValueError(
-                f"commitment of node {node_id} must be in [1, p). "
-                "Found a value outside."
-            )
 
     return {node_id: mapping[node_id] for node_id in sorted(mapping)}
 

@@ -4,41 +4,80 @@ import random
 import subprocess
 import sys
 
+import nacl.bindings as sodium
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedsec_flwr.core import commitments as c
 from fedsec_flwr.core.errors import AuthenticationError
 from fedsec_flwr.core.keys import derive_key
-from fedsec_flwr.core.masks import chacha20_keystream
 
-P = c.MODP_3072_PRIME
 Q = c.GROUP_ORDER
-GROUP = c.MODP_3072_GROUP
+GROUP = c.ED25519_GROUP
+IDENTITY = c.ED25519_IDENTITY
 
 RUN_ID = 7
 SERVER_ROUND = 3
 KEY_LIST_DIGEST = bytes(range(32, 64))
 
+# The Ed25519 base point of RFC 8032: y = 4/5 mod 2**255 - 19, x even.
+BASE_POINT = bytes.fromhex(
+    "5866666666666666666666666666666666666666666666666666666666666666"
+)
+# y = -1 mod 2**255 - 19: the point of order 2.
+ORDER_TWO_POINT = bytes.fromhex(
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"
+)
+
 # Pinned outputs of this module. A change here changes every commitment, so
 # clients and auditors of two versions would no longer agree.
-GOLDEN_GENERATORS_SHA256 = (
-    "3b7ee8ac1e874346c2882729841a42e2c8579817822360547449be1dd5ec0ac7"
+GOLDEN_BLINDING_GENERATOR = (
+    "0bfe1237ab64a6c3085852364f71d7aeb20a3dd9128f1b7ad894bc8054a1e5ab"
 )
-GOLDEN_PROJECTION = 342919244725236777502885469106047790280303496000000
+GOLDEN_WEIGHTS_SHA256 = (
+    "58236d62e8be6f8c12721e3cbaeb2503780528ea4575d08d4a4f89670a45830a"
+)
+GOLDEN_PROJECTION = 348348272358507897198418088476692968548303668000000
 GOLDEN_SEED = "619098c1f06686e0fb9e830a3b6973df036cf4469c5ba190f9c2c33f0616bbcc"
 
-# A safe prime small enough to enumerate its subgroup, with generators
-# h_k = g**t_k for known t_k: commitments in it are hiding but not binding.
-SMALL_PRIME = 2039
-SMALL_ORDER = 1019
-TRAPDOORS = (123, 456, 789)
-TRAPDOOR_GROUP = c.PedersenGroup(
-    modulus=SMALL_PRIME,
-    order=SMALL_ORDER,
-    generator_root=2,
-    blinding_roots=tuple(pow(2, t, SMALL_PRIME) for t in TRAPDOORS),
-)
+
+class SmallGroup:
+    """The order-q subgroup of Z_p^* for p = 2039, with H = G**TRAPDOOR.
+
+    Its logarithms are known, so commitments in it hide but bind nothing.
+    It has the interface of `commitments.CommitmentGroup`.
+    """
+
+    modulus = 2039
+    order = 1019
+    element_size = 2
+    generator = 4
+    trapdoor = 321
+    blinding_weights = (123, 456, 789)
+
+    def combination(self, value: int, blinding: int) -> bytes:
+        exponent = (value + self.trapdoor * blinding) % self.order
+        return self.encode(pow(self.generator, exponent, self.modulus))
+
+    def sum(self, elements) -> bytes:
+        product = 1
+        for element in elements:
+            product = product * int.from_bytes(element, "big") % self.modulus
+        return self.encode(product)
+
+    def is_element(self, data: bytes) -> bool:
+        value = int.from_bytes(data, "big")
+        return 1 < value < self.modulus and pow(value, self.order, self.modulus) == 1
+
+    def encode(self, value: int) -> bytes:
+        return value.to_bytes(self.element_size, "big")
+
+
+SMALL = SmallGroup()
+SMALL_PRIME = SmallGroup.modulus
+SMALL_ORDER = SmallGroup.order
+TRAPDOORS = SmallGroup.blinding_weights
 
 MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13)
 
@@ -65,27 +104,6 @@ def is_probable_prime(n: int) -> bool:
         else:
             return False
     return True
-
-
-def arctan_inverse(x: int, one: int) -> int:
-    """Fixed-point arctan(1/x) * one by its Taylor series."""
-    total, term, k = 0, one // x, 0
-    while term:
-        total += term // (2 * k + 1) if k % 2 == 0 else -(term // (2 * k + 1))
-        term //= x * x
-        k += 1
-    return total
-
-
-def pi_times_power_of_two(bits: int) -> int:
-    """floor(pi * 2**bits) by Machin's formula, with guard bits."""
-    guard = 64
-    one = 1 << (bits + guard)
-    pi = 16 * arctan_inverse(5, one) - 4 * arctan_inverse(239, one)
-    # The series truncation errs by far less than 2**32 units of the guard.
-    low = pi & ((1 << guard) - 1)
-    assert 2**32 < low < 2**guard - 2**32
-    return pi >> guard
 
 
 def honest_round(n: int, d: int, seed: int) -> dict:
@@ -166,10 +184,18 @@ def seed_for(round_data: dict, aggregate: np.ndarray, **changes) -> bytes:
 
 
 def reference_weights(rho_seed: bytes, length: int) -> list[int]:
-    """The weights written out from the key schedule and bare ChaCha20."""
+    """The weights written out from the key schedule and AES-256 in ECB mode.
+
+    Counter mode encrypts the counter blocks 0, 1, ... as big-endian 128-bit
+    integers, and each weight reads its block of keystream little-endian.
+    """
     key = derive_key(rho_seed, info=c.PROJECTION_KEY_INFO)
-    words = chacha20_keystream(key, length=4 * length).tolist()
-    return [sum(words[4 * j + k] << (32 * k) for k in range(4)) for j in range(length)]
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    counters = b"".join(j.to_bytes(16, "big") for j in range(length))
+    blocks = encryptor.update(counters) + encryptor.finalize()
+    return [
+        int.from_bytes(blocks[16 * j : 16 * j + 16], "little") for j in range(length)
+    ]
 
 
 def reference_projection(vector: np.ndarray, rho_seed: bytes) -> int:
@@ -180,126 +206,129 @@ def reference_projection(vector: np.ndarray, rho_seed: bytes) -> int:
 # Group constants
 
 
-def test_prime_matches_rfc3526_formula():
-    expected = 2**3072 - 2**3008 - 1 + 2**64 * (pi_times_power_of_two(2942) + 1690314)
+def point_times(scalar: int, point: bytes) -> bytes:
+    """scalar * point by double-and-add over libsodium's point addition."""
+    total, addend = IDENTITY, point
+    while scalar:
+        if scalar & 1:
+            total = sodium.crypto_core_ed25519_add(total, addend)
+        addend = sodium.crypto_core_ed25519_add(addend, addend)
+        scalar >>= 1
+    return total
 
-    assert expected == P
 
-
-def test_prime_and_order_pass_miller_rabin():
-    assert is_probable_prime(P)
+def test_order_is_the_ed25519_prime():
+    assert Q == 2**252 + 27742317777372353535851937790883648493
     assert is_probable_prime(Q)
-    assert P == 2 * Q + 1
-
-
-def test_prime_and_order_pass_sympy():
-    sympy = pytest.importorskip("sympy")
-
-    assert sympy.isprime(P)
-    assert sympy.isprime(Q)
 
 
 def test_miller_rabin_rejects_composites():
-    assert not is_probable_prime(P * 3)
+    assert not is_probable_prime(Q * 3)
     assert not is_probable_prime(3215031751)  # strong pseudoprime to 2, 3, 5, 7
     assert not is_probable_prime(Q - 2)
 
 
-def test_generators_have_order_q():
-    # Euler's criterion on a sample. Every generator is a square by
-    # construction, which the next tests check.
-    for generator in (GROUP.g, *GROUP.blinding_generators[:2]):
-        assert pow(generator, Q, P) == 1
+@pytest.mark.parametrize("name", ["base", "blinding"])
+def test_generators_have_order_q(name):
+    point = BASE_POINT if name == "base" else GROUP.blinding_generator
+
+    assert point_times(Q, point) == IDENTITY
+    assert point_times(Q - 1, point) != IDENTITY
+    assert GROUP.is_element(point)
 
 
-def test_generators_are_distinct_group_elements():
-    generators = (GROUP.g, *GROUP.blinding_generators)
-
-    assert len(GROUP.blinding_generators) == c.BLINDING_LIMBS
-    assert len(set(generators)) == len(generators)
-    assert 1 not in generators
-    assert all(c.is_group_element(h, group=GROUP) for h in generators)
-
-
-def test_blinding_generators_are_squared_sha512_expansions():
-    for index in (0, 1, 255):
-        domain = c.BLINDING_GENERATOR_DOMAIN + index.to_bytes(4, "big")
-        expansion = b"".join(
-            hashlib.sha512(domain + counter.to_bytes(4, "big")).digest()
-            for counter in range(7)
-        )
-        root = int.from_bytes(expansion, "big") % P
-
-        assert len(expansion) * 8 >= 3072 + 128
-        assert pow(root, 2, P) == GROUP.blinding_generators[index]
-
-
-def test_generator_g_is_four():
-    assert GROUP.g == 4
-
-
-def test_blinding_generators_match_golden_value():
-    encoded = b"".join(
-        h.to_bytes(c.COMMITMENT_SIZE, "big") for h in GROUP.blinding_generators
+def test_base_multiple_matches_libsodium():
+    assert (
+        sodium.crypto_scalarmult_ed25519_base_noclamp((1).to_bytes(32, "little"))
+        == BASE_POINT
     )
-
-    assert hashlib.sha256(encoded).hexdigest() == GOLDEN_GENERATORS_SHA256
-
-
-def test_group_membership_matches_euler_criterion():
-    rng = random.Random(5)
-    values = [rng.randrange(1, P) for _ in range(8)]
-    values += [1, 2, 3, P - 1, P - 2, GROUP.blinding_generators[0]]
-
-    for value in values:
-        assert c.is_group_element(value, group=GROUP) == (pow(value, Q, P) == 1)
+    assert GROUP.combination(5, 0) == point_times(5, BASE_POINT)
 
 
-@pytest.mark.parametrize("value", [0, P, P + 4, -4, True, 4.0, "4"])
-def test_group_membership_rejects_non_elements(value):
-    assert not c.is_group_element(value, group=GROUP)
+def test_blinding_generator_is_sum_of_two_elligator_images():
+    images = [
+        sodium.crypto_core_ed25519_from_uniform(
+            hashlib.sha512(c.BLINDING_GENERATOR_DOMAIN + bytes([index])).digest()[:32]
+        )
+        for index in (0, 1)
+    ]
+
+    expected = sodium.crypto_core_ed25519_add(images[0], images[1])
+
+    assert GROUP.blinding_generator == expected
+    assert GROUP.blinding_generator != BASE_POINT
+
+
+def test_blinding_generator_matches_golden_value():
+    assert GROUP.blinding_generator.hex() == GOLDEN_BLINDING_GENERATOR
+
+
+def test_blinding_weights_are_sha512_mod_q():
+    for index in (0, 1, 255):
+        domain = c.BLINDING_WEIGHT_DOMAIN + index.to_bytes(4, "big")
+        digest = hashlib.sha512(domain).digest()
+
+        assert GROUP.blinding_weights[index] == int.from_bytes(digest, "little") % Q
+
+
+def test_blinding_weights_match_golden_value():
+    encoded = b"".join(t.to_bytes(32, "little") for t in GROUP.blinding_weights)
+
+    assert len(GROUP.blinding_weights) == c.BLINDING_LIMBS
+    assert len(set(GROUP.blinding_weights)) == c.BLINDING_LIMBS
+    assert hashlib.sha256(encoded).hexdigest() == GOLDEN_WEIGHTS_SHA256
+
+
+def test_group_rejects_no_blinding_weights():
+    with pytest.raises(ValueError, match=r"blinding_limbs must be positive\. Found 0"):
+        c.Ed25519Group(blinding_limbs=0)
+
+
+def small_order_points() -> list[bytes]:
+    """The identity, the point of order 2 and two points of order 4."""
+    order_four = [
+        bytes(32),  # y = 0, x = +-sqrt(-1)
+        bytes(31) + b"\x80",
+    ]
+    return [IDENTITY, ORDER_TWO_POINT, *order_four]
+
+
+def test_group_membership_rejects_small_order_points():
+    for point in small_order_points():
+        assert not c.is_group_element(point)
+
+
+def test_group_membership_rejects_points_with_torsion():
+    mixed = sodium.crypto_core_ed25519_add(GROUP.blinding_generator, ORDER_TWO_POINT)
+
+    assert not c.is_group_element(mixed)
+    assert point_times(2, mixed) == point_times(2, GROUP.blinding_generator)
+
+
+def test_group_membership_rejects_non_canonical_encoding():
+    # y = 2**255 - 19 + 1 encodes y = 1 without reduction.
+    non_canonical = (2**255 - 19 + 1).to_bytes(32, "little")
+
+    assert not c.is_group_element(non_canonical)
+
+
+def test_group_membership_rejects_points_off_the_curve():
+    # y = 2 gives x**2 = 3 / (1 + 2d), which has no square root mod p.
+    off_curve = (2).to_bytes(32, "little")
+
+    assert not c.is_group_element(off_curve)
+
+
+@pytest.mark.parametrize("value", [b"", bytes(31), bytes(33), 5, "58" * 32, None])
+def test_group_membership_rejects_malformed_values(value):
+    assert not c.is_group_element(value)
 
 
 def test_small_group_is_safe_prime_group():
     assert is_probable_prime(SMALL_PRIME)
     assert is_probable_prime(SMALL_ORDER)
-    assert TRAPDOOR_GROUP.element_size == 2
-    assert TRAPDOOR_GROUP.blinding_generators == tuple(
-        pow(4, t, SMALL_PRIME) for t in TRAPDOORS
-    )
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        ({"order": 1000}, "safe prime"),
-        ({"generator_root": 1}, r"roots must be in \[2, p - 2\]"),
-        ({"blinding_roots": (2038,)}, r"roots must be in \[2, p - 2\]"),
-        ({"blinding_roots": ()}, "must not be empty"),
-        ({"blinding_roots": (2,)}, "must all differ"),
-        ({"blinding_roots": (3, 2036)}, "must all differ"),
-    ],
-)
-def test_group_rejects_bad_parameters(fields, message):
-    arguments = {
-        "modulus": SMALL_PRIME,
-        "order": SMALL_ORDER,
-        "generator_root": 2,
-        "blinding_roots": (3, 5),
-    }
-    arguments.update(fields)
-
-    with pytest.raises(ValueError, match=message):
-        c.PedersenGroup(**arguments)
-
-
-def test_hash_to_root_gives_generator():
-    root = c.hash_to_root(b"another domain", modulus=SMALL_PRIME)
-
-    assert 2 <= root <= SMALL_PRIME - 2
-
-
-# Projection
+    assert SMALL_PRIME == 2 * SMALL_ORDER + 1
+    assert SMALL.is_element(SMALL.combination(1, 0))
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 16383, 16384, 16385])
@@ -402,7 +431,7 @@ def test_project_same_in_another_process(tmp_path):
         "value = c.project(update, rho_seed=bytes.fromhex(sys.argv[2]))\n"
         "print(value)\n"
         "blinding = np.frombuffer(bytes.fromhex(sys.argv[3]), dtype='<u4')\n"
-        "print(c.commit(value, blinding=blinding.astype(np.uint32)))\n"
+        "print(c.commit(value, blinding=blinding.astype(np.uint32)).hex())\n"
     )
 
     output = subprocess.run(
@@ -422,7 +451,7 @@ def test_project_same_in_another_process(tmp_path):
 
     value = c.project(update, rho_seed=rho_seed)
     assert int(output[0]) == value
-    assert int(output[1]) == c.commit(value, blinding=blinding)
+    assert bytes.fromhex(output[1]) == c.commit(value, blinding=blinding)
 
 
 # Projection seed
@@ -504,15 +533,6 @@ def test_blinding_limb_constants_fit():
     assert c.MAX_BLINDING_CLIENTS >= 65535
 
 
-def test_blinding_min_entropy_exceeds_order_with_margin():
-    # Two honest clients: given the limb sums, each limb keeps
-    # log2(2**32 / (2**17 - 1)) bits of average min-entropy.
-    bits_per_limb = math.log2((2**16) ** 2 / (2**17 - 1))
-    min_entropy = c.BLINDING_LIMBS * bits_per_limb
-
-    assert min_entropy - Q.bit_length() >= 2 * 384
-
-
 def test_draw_blinding_shape_and_range():
     blinding = c.draw_blinding(random_bytes=random.Random(1).randbytes)
 
@@ -574,18 +594,29 @@ def test_check_blinding_rejects_malformed_vector(blinding, message):
 # Commitments
 
 
-def test_commit_is_pedersen_vector_commitment():
+def test_commit_is_pedersen_commitment():
     blinding = c.draw_blinding(random_bytes=random.Random(2).randbytes)
-    expected = pow(4, 12, P)
-    for generator, exponent in zip(
-        GROUP.blinding_generators, blinding.tolist(), strict=True
-    ):
-        expected = expected * pow(generator, exponent, P) % P
+    scalar = sum(
+        t * int(value)
+        for t, value in zip(GROUP.blinding_weights, blinding.tolist(), strict=True)
+    )
+    expected = sodium.crypto_core_ed25519_add(
+        point_times(12, BASE_POINT), point_times(scalar % Q, GROUP.blinding_generator)
+    )
 
     commitment = c.commit(12, blinding=blinding)
 
     assert commitment == expected
-    assert c.is_group_element(commitment, group=GROUP)
+    assert len(commitment) == c.COMMITMENT_SIZE
+    assert c.is_group_element(commitment)
+
+
+def test_blinding_scalar_is_weighted_sum_mod_q():
+    limbs = np.full(c.BLINDING_LIMBS, 2**16 - 1, dtype=np.uint32)
+
+    expected = sum(GROUP.blinding_weights) * (2**16 - 1) % Q
+
+    assert c.blinding_scalar(limbs) == expected
 
 
 def test_commit_reduces_value_mod_q():
@@ -594,17 +625,21 @@ def test_commit_reduces_value_mod_q():
     assert c.commit(Q + 5, blinding=blinding) == c.commit(5, blinding=blinding)
 
 
-@pytest.mark.parametrize(
-    "exponents",
-    [[0, 0, 0], [1, 0, 2**32 - 1], [2**16 - 1, 2**16 - 1, 2**16 - 1], [64, 63, 65]],
-)
-def test_multi_power_matches_pow(exponents):
-    bases = TRAPDOOR_GROUP.blinding_generators
-    expected = 1
-    for base, exponent in zip(bases, exponents, strict=True):
-        expected = expected * pow(base, exponent, SMALL_PRIME) % SMALL_PRIME
+def test_commit_of_zero_value_and_blinding_is_identity():
+    zeros = np.zeros(c.BLINDING_LIMBS, dtype=np.uint32)
 
-    assert c._multi_power(bases, exponents, modulus=SMALL_PRIME) == expected
+    assert c.commit(0, blinding=zeros) == IDENTITY
+    assert c.commit(Q, blinding=zeros) == IDENTITY
+    assert not c.is_group_element(IDENTITY)
+
+
+def test_commitments_add_like_their_openings():
+    first = np.arange(c.BLINDING_LIMBS, dtype=np.uint32)
+    second = np.full(c.BLINDING_LIMBS, 7, dtype=np.uint32)
+
+    total = GROUP.sum([c.commit(40, blinding=first), c.commit(2, blinding=second)])
+
+    assert total == c.commit(42, blinding=first + second)
 
 
 def test_commit_rejects_negative_value():
@@ -612,26 +647,17 @@ def test_commit_rejects_negative_value():
         c.commit(-1, blinding=np.zeros(c.BLINDING_LIMBS, dtype=np.uint32))
 
 
-def test_commitment_encoding_round_trip():
-    commitment = c.commit(99, blinding=np.ones(c.BLINDING_LIMBS, dtype=np.uint32))
-
-    encoded = c.encode_commitment(commitment)
-
-    assert len(encoded) == c.COMMITMENT_SIZE
-    assert c.decode_commitment(encoded) == commitment
-
-
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (bytes(383), "must be 384 bytes long"),
-        (bytes(384), r"must be in \[1, p\)"),
-        (P.to_bytes(384, "big"), r"must be in \[1, p\)"),
+        (bytes(31), "must be 32 bytes long. Found 31 bytes"),
+        (bytes(384), "must be 32 bytes long. Found 384 bytes"),
+        ("00" * 32, "must be bytes. Found str"),
     ],
 )
-def test_decode_commitment_rejects_malformed_bytes(data, message):
-    with pytest.raises(ValueError, match=message):
-        c.decode_commitment(data)
+def test_check_commitment_rejects_malformed_bytes(data, message):
+    with pytest.raises(ValueError, match=f"commitment {message}"):
+        c.check_commitment("commitment", data)
 
 
 # Verification of honest rounds
@@ -693,7 +719,7 @@ def test_tamper_one_coordinate_plus_one_detected(round_of_ten):
             commitments=commitments,
         )
 
-        assert result == c.VerificationResult(False, c._PRODUCT_MISMATCH)
+        assert result == c.VerificationResult(False, c._SUM_MISMATCH)
 
 
 def test_tamper_aggregate_with_old_seed_detected(round_of_ten):
@@ -802,10 +828,11 @@ def test_tamper_commitment_from_another_client(round_of_ten):
     assert not verify(round_of_ten, commitments=commitments).verified
 
 
-def test_tamper_commitment_outside_subgroup(round_of_ten):
+@pytest.mark.parametrize("index", range(4))
+def test_tamper_small_order_commitment_rejected(round_of_ten, index):
     node_id = round_of_ten["node_ids"][3]
     commitments = dict(round_of_ten["commitments"])
-    commitments[node_id] = P - commitments[node_id]
+    commitments[node_id] = small_order_points()[index]
 
     result = verify(round_of_ten, commitments=commitments)
 
@@ -814,19 +841,30 @@ def test_tamper_commitment_outside_subgroup(round_of_ten):
     )
 
 
-def test_tamper_two_negated_commitments_keep_product_but_fail(round_of_ten):
-    # -1 is a non-residue (p = 3 mod 4): negating two commitments keeps the
-    # product, so only the per-commitment subgroup check catches it.
+def test_tamper_two_commitments_with_torsion_keep_sum_but_fail(round_of_ten):
+    # Adding the point of order 2 to two commitments keeps their sum, so
+    # only the per-commitment membership check catches it.
     first, second = round_of_ten["node_ids"][:2]
     commitments = dict(round_of_ten["commitments"])
-    commitments[first] = P - commitments[first]
-    commitments[second] = P - commitments[second]
+    for node_id in (first, second):
+        commitments[node_id] = sodium.crypto_core_ed25519_add(
+            commitments[node_id], ORDER_TWO_POINT
+        )
 
-    assert not verify(round_of_ten, commitments=commitments).verified
+    result = verify(round_of_ten, commitments=commitments)
+
+    assert GROUP.sum(list(commitments.values())) == GROUP.sum(
+        list(round_of_ten["commitments"].values())
+    )
+    assert result == c.VerificationResult(
+        False, f"the commitment of node {min(first, second)} is not a group element"
+    )
 
 
-@pytest.mark.parametrize("value", [0, P, P + 1, 1.0])
-def test_tamper_commitment_out_of_range(round_of_ten, value):
+@pytest.mark.parametrize(
+    "value", [b"", bytes(31), bytes(33), (2**255 - 18).to_bytes(32, "little"), 1.0]
+)
+def test_tamper_malformed_commitment_rejected(round_of_ten, value):
     node_id = round_of_ten["node_ids"][0]
     commitments = dict(round_of_ten["commitments"])
     commitments[node_id] = value
@@ -834,7 +872,7 @@ def test_tamper_commitment_out_of_range(round_of_ten, value):
     assert not verify(round_of_ten, commitments=commitments).verified
 
 
-def recommit(round_data: dict, rho_seed: bytes) -> dict[int, int]:
+def recommit(round_data: dict, rho_seed: bytes) -> dict[int, bytes]:
     return {
         node_id: c.commit(
             c.project(round_data["updates"][node_id], rho_seed=rho_seed),
@@ -844,7 +882,7 @@ def recommit(round_data: dict, rho_seed: bytes) -> dict[int, int]:
     }
 
 
-# Hiding and binding in a group with known logarithms t_k = log_g h_k
+# Hiding and binding in a group with known logarithm H = G**TRAPDOOR
 
 
 def trapdoor_blinding(*values: int) -> np.ndarray:
@@ -864,12 +902,12 @@ def box_exponent_distribution(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return distribution
 
 
-def test_each_generator_hides_over_a_full_period():
-    subgroup = {pow(4, k, SMALL_PRIME) for k in range(SMALL_ORDER)}
+def test_blinding_hides_over_a_full_period():
+    subgroup = {SMALL.encode(pow(4, k, SMALL_PRIME)) for k in range(SMALL_ORDER)}
 
     for value in (0, 5, 700, 10**30):
         commitments = {
-            c.commit(value, blinding=trapdoor_blinding(r, 0, 0), group=TRAPDOOR_GROUP)
+            c.commit(value, blinding=trapdoor_blinding(r, 0, 0), group=SMALL)
             for r in range(SMALL_ORDER)
         }
         assert commitments == subgroup
@@ -877,7 +915,7 @@ def test_each_generator_hides_over_a_full_period():
 
 def test_blinding_exponent_near_uniform_given_limb_sums():
     # Two clients, and the server receives only L = l_1 + l_2. Given L, l_1 is
-    # uniform in a box, and its exponent sum_k t_k l_1[k] mod q, which
+    # uniform in a box, and its blinding scalar sum_k t_k l_1[k] mod q, which
     # shifts the commitment, is close to uniform whatever the value is.
     rng = np.random.default_rng(12)
     top = 2**16 - 1
@@ -894,39 +932,48 @@ def test_blinding_exponent_near_uniform_given_limb_sums():
     assert distance < 1e-6
 
 
+def test_blinding_min_entropy_exceeds_order_with_margin():
+    # Two honest clients: given the limb sums, each limb keeps
+    # log2(2**32 / (2**17 - 1)) bits of average min-entropy. A margin of
+    # 2 * 897 bits gives a leftover-hash-lemma distance of 2**-897.
+    bits_per_limb = math.log2((2**16) ** 2 / (2**17 - 1))
+    min_entropy = c.BLINDING_LIMBS * bits_per_limb
+
+    assert min_entropy - math.log2(Q) >= 2 * 897
+
+
 def test_different_updates_share_commitment_with_matched_blinding():
-    # C = g**(m + sum_k t_k l_k): for m' != m, changing l_0 by (m - m') / t_0
-    # gives the same commitment, so C alone reveals nothing about m.
+    # C = G**(m + trapdoor * s(l)): for m' != m, changing l_0 by
+    # (m - m') / (trapdoor * t_0) gives the same commitment, so C alone
+    # reveals nothing about m.
     rng = np.random.default_rng(6)
     rho_seed = bytes(range(32))
     x = rng.integers(0, 2**32, size=100, dtype=np.uint32)
     x_other = rng.integers(0, 2**32, size=100, dtype=np.uint32)
     m = c.project(x, rho_seed=rho_seed)
     m_other = c.project(x_other, rho_seed=rho_seed)
-    inverse = pow(TRAPDOORS[0], -1, SMALL_ORDER)
+    inverse = pow(SMALL.trapdoor * TRAPDOORS[0], -1, SMALL_ORDER)
     blinding = trapdoor_blinding(77, 5000, 60000)
     blinding_other = blinding.copy()
     blinding_other[0] = (77 + (m - m_other) * inverse) % SMALL_ORDER
 
-    commitment = c.commit(m, blinding=blinding, group=TRAPDOOR_GROUP)
-    commitment_other = c.commit(m_other, blinding=blinding_other, group=TRAPDOOR_GROUP)
+    commitment = c.commit(m, blinding=blinding, group=SMALL)
+    commitment_other = c.commit(m_other, blinding=blinding_other, group=SMALL)
 
     assert m % SMALL_ORDER != m_other % SMALL_ORDER
     assert commitment == commitment_other
 
 
-def test_trapdoor_group_lets_server_forge():
-    # Why the h_k must come from a hash: a server that knows log_g h_0 passes
-    # a wrong aggregate by adjusting the limb sums.
+def test_trapdoor_lets_server_forge_under_a_known_seed():
+    # Why the seed must hash the limb sums: a server that knows log_G H and
+    # the weights before it fixes L passes a wrong aggregate by adjusting L.
     rng = np.random.default_rng(8)
     updates = [rng.integers(0, 2**20, size=50, dtype=np.uint32) for _ in range(3)]
     blindings = [trapdoor_blinding(11 * i, 22 * i, 33 * i) for i in (1, 2, 3)]
     rho_seed = bytes(range(32))
     commitments = {
         node_id: c.commit(
-            c.project(update, rho_seed=rho_seed),
-            blinding=blinding,
-            group=TRAPDOOR_GROUP,
+            c.project(update, rho_seed=rho_seed), blinding=blinding, group=SMALL
         )
         for node_id, (update, blinding) in enumerate(
             zip(updates, blindings, strict=True)
@@ -938,16 +985,15 @@ def test_trapdoor_group_lets_server_forge():
         sum(updates), rho_seed=rho_seed
     )
     forged_sums = sum(blindings)
-    forged_sums[0] = (
-        int(forged_sums[0]) - shift * pow(TRAPDOORS[0], -1, SMALL_ORDER)
-    ) % SMALL_ORDER
+    inverse = pow(SMALL.trapdoor * TRAPDOORS[0], -1, SMALL_ORDER)
+    forged_sums[0] = (int(forged_sums[0]) - shift * inverse) % SMALL_ORDER
 
     result = c.verify_aggregate(
         commitments,
         forged,
         blinding_sums=forged_sums,
         rho_seed=rho_seed,
-        group=TRAPDOOR_GROUP,
+        group=SMALL,
     )
 
     assert result.verified
