@@ -17,14 +17,15 @@ seed (`project`), and the t_k are public scalars. Anyone can then check
 Group: the prime-order subgroup of the Ed25519 curve, of order
 q = 2**252 + 27742317777372353535851937790883648493, through libsodium's
 point functions in PyNaCl. B is the standard base point. H is the sum of
-two Elligator 2 images of SHA-512 outputs, so no party knows its discrete
-logarithm to B, and the t_k are SHA-512 outputs reduced mod q.
+two Elligator 2 images of SHA-512 outputs, so its discrete logarithm to B
+is unknown to every party, and the t_k are SHA-512 outputs reduced mod q.
 
 Security contract:
 
 - Binding: a server that releases A' != sum x_i passes the check for a
-  seed with probability at most 2**-128, whatever it knows, because the
-  seed hashes A' and L' and a single weight must hit one residue mod q.
+  seed with probability at most 2**-128, even if it can compute log_B H,
+  because the seed hashes A' and L' and a single weight must hit one
+  residue mod q.
 - Hiding: s(l) is a universal hash of l with the public key t. Given the
   limb sums L, l_i keeps about 15 bits of min-entropy per limb (3840 bits),
   far above log2 q = 252.4, so by the leftover hash lemma C_i is within

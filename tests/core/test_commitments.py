@@ -313,7 +313,7 @@ def test_group_membership_rejects_non_canonical_encoding():
 
 
 def test_group_membership_rejects_points_off_the_curve():
-    # y = 2 gives x**2 = 3 / (1 + 2d), which has no square root mod p.
+    # y = 2 gives x**2 = 3 / (4d + 1), which has no square root mod p.
     off_curve = (2).to_bytes(32, "little")
 
     assert not c.is_group_element(off_curve)
@@ -841,7 +841,7 @@ def test_tamper_small_order_commitment_rejected(round_of_ten, index):
     )
 
 
-def test_tamper_two_commitments_with_torsion_keep_sum_but_fail(round_of_ten):
+def test_tamper_torsion_pair_keeps_sum_but_fails(round_of_ten):
     # Adding the point of order 2 to two commitments keeps their sum, so
     # only the per-commitment membership check catches it.
     first, second = round_of_ten["node_ids"][:2]
