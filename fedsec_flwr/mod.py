@@ -722,8 +722,8 @@ def _setup_identity(
     header: RoundHeader, fields: dict[str, object], context: Context
 ) -> IdentityKey:
     # An input kept from an earlier round and never committed is not needed
-    # again. An aggregate kept for a pipelined verify request still is.
-    _discard_uncommitted_input(context)
+    # again.
+    _take_kept_arrays(context)
     if not SetupRequest.from_fields(fields).verification:
         return IdentityKey(public_key=b"")
 
@@ -791,12 +791,6 @@ def _keep_input(
     _save_verification(context, state)
 
 
-def _discard_uncommitted_input(context: Context) -> None:
-    record = context.state.array_records.get(VERIFICATION_ARRAYS_RECORD)
-    if record is not None and ENCODED_UPDATE_KEY in record:
-        del context.state[VERIFICATION_ARRAYS_RECORD]
-
-
 def _take_kept_arrays(context: Context) -> dict[str, NDArray[np.uint32]]:
     """Remove the kept vectors from ``Context.state`` and return them."""
     record = context.state.array_records.get(VERIFICATION_ARRAYS_RECORD)
@@ -819,13 +813,6 @@ def _commit(
 ) -> Fields:
     state = _require_verification_state(context)
     request = CommitRequest.from_fields(fields)
-    record = msg.content.array_records.get(AGGREGATE_RECORD)
-    if record is None or list(record.keys()) != [AGGREGATE_KEY]:
-        raise ProtocolError(
-            f"The commit request must carry the {AGGREGATE_RECORD!r} ArrayRecord "
-            f"with the single key {AGGREGATE_KEY!r}."
-        )
-    aggregate = record[AGGREGATE_KEY].numpy()
     # The first commit request consumes the blinding vector, whatever follows.
     kept = _take_kept_arrays(context)
     if ENCODED_UPDATE_KEY not in kept or BLINDING_KEY not in kept:
@@ -842,10 +829,6 @@ def _commit(
         node_id=msg.metadata.dst_node_id,
         update=kept[ENCODED_UPDATE_KEY],
         blinding=kept[BLINDING_KEY],
-        aggregate=aggregate,
-    )
-    context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
-        {AGGREGATE_KEY: Array(aggregate)}
     )
     _save_verification(context, state)
     return reply.to_fields()
@@ -856,11 +839,11 @@ def _verify(
 ) -> Fields:
     state = _require_verification_state(context)
     request = VerifyRequest.from_fields(fields)
-    kept = _take_kept_arrays(context)
-    if AGGREGATE_KEY not in kept:
+    record = msg.content.array_records.get(AGGREGATE_RECORD)
+    if record is None or list(record.keys()) != [AGGREGATE_KEY]:
         raise ProtocolError(
-            f"Verify requests for round {header.server_round} must follow this "
-            "client's commitment of that round. Found no aggregate kept."
+            f"The verify request must carry the {AGGREGATE_RECORD!r} ArrayRecord "
+            f"with the single key {AGGREGATE_KEY!r}."
         )
 
     state, reply = verification.client_verify(
@@ -869,7 +852,7 @@ def _verify(
         run_id=header.run_id,
         server_round=header.server_round,
         node_id=msg.metadata.dst_node_id,
-        aggregate=kept[AGGREGATE_KEY],
+        aggregate=record[AGGREGATE_KEY].numpy(),
     )
     _save_verification(context, state)
     return reply.to_fields()

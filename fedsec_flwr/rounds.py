@@ -149,15 +149,12 @@ class PendingVerification:
         return self.verifier.server_round
 
     def commit_requests(self) -> _Deferred:
-        """The commit request of every included client, with the aggregate."""
+        """Return the commit request of every included client."""
         return _Deferred(
             header=self._header(Stage.COMMIT),
             fields_by_node=dict.fromkeys(
                 self.verifier.included_node_ids, self._commit.to_fields()
             ),
-            records={
-                AGGREGATE_RECORD: ArrayRecord({AGGREGATE_KEY: Array(self._aggregate)})
-            },
         )
 
     def receive_commitments(self, replies: Mapping[int, Mapping[str, object]]) -> None:
@@ -171,13 +168,16 @@ class PendingVerification:
         ) - len(self.verifier.commitments)
 
     def verify_requests(self) -> _Deferred:
-        """Build the transcript and the verify request of every committed client."""
+        """Build the transcript and the verify requests, which carry the aggregate."""
         self._transcript = self.verifier.transcript()
         return _Deferred(
             header=self._header(Stage.VERIFY),
             fields_by_node={
                 node: self.verifier.verify_request(node, self._transcript).to_fields()
                 for node in sorted(self.verifier.commitments)
+            },
+            records={
+                AGGREGATE_RECORD: ArrayRecord({AGGREGATE_KEY: Array(self._aggregate)})
             },
         )
 

@@ -272,6 +272,7 @@ class ServerVerification:
     included_node_ids: tuple[int, ...] = ()
     aggregate: npt.NDArray[np.uint32] | None = None
     blinding_sums: npt.NDArray[np.uint32] | None = None
+    aggregate_sha256: bytes = b""
     _transcript_json: tuple[RoundTranscript, str] | None = None
 
     def receive_identity_keys(self, keys: Mapping[int, bytes]) -> set[int]:
@@ -334,10 +335,13 @@ class ServerVerification:
         self.included_node_ids = tuple(sorted(included_node_ids))
         self.aggregate = aggregate
         self.blinding_sums = blinding_sums
+        self.aggregate_sha256 = commitments.aggregate_digest(aggregate)
 
         return CommitRequest(
             included_node_ids=self.included_node_ids,
             blinding_sums=tuple(int(value) for value in blinding_sums),
+            aggregate_length=aggregate.size,
+            aggregate_sha256=self.aggregate_sha256,
         )
 
     def receive_commitments(self, replies: Mapping[int, CommitReply]) -> None:
@@ -380,7 +384,7 @@ class ServerVerification:
             identity_keys=self.identity_keys,
             key_list_signatures=self.key_list_signatures,
             aggregate_length=aggregate.size,
-            aggregate_sha256=commitments.aggregate_digest(aggregate),
+            aggregate_sha256=self.aggregate_sha256,
             blinding_sums=tuple(int(value) for value in blinding_sums),
             commitments=self.commitments,
             commitment_signatures=self.commitment_signatures,
@@ -467,6 +471,7 @@ class ClientVerificationState:
         input_round: The round whose update and blinding it keeps to commit.
         committed_round: The round it committed in and has no transcript of.
         commitment: Its encoded commitment in `committed_round`.
+        aggregate_sha256: The digest of the aggregate it committed against.
         failed_round: The first round of the run that failed verification.
         failure_reason: Why that round failed.
 
@@ -479,6 +484,7 @@ class ClientVerificationState:
     input_round: int = 0
     committed_round: int = 0
     commitment: bytes = b""
+    aggregate_sha256: bytes = b""
     failed_round: int = 0
     failure_reason: str = ""
 
@@ -501,6 +507,7 @@ class ClientVerificationState:
             "input-round": self.input_round,
             "committed-round": self.committed_round,
             "commitment": self.commitment,
+            "aggregate-sha256": self.aggregate_sha256,
             "failed-round": self.failed_round,
             "failure-reason": self.failure_reason,
         }
@@ -517,6 +524,7 @@ class ClientVerificationState:
             input_round=_field(fields, "input-round", int),
             committed_round=_field(fields, "committed-round", int),
             commitment=_field(fields, "commitment", bytes),
+            aggregate_sha256=_field(fields, "aggregate-sha256", bytes),
             failed_round=_field(fields, "failed-round", int),
             failure_reason=_field(fields, "failure-reason", str),
         )
@@ -591,7 +599,6 @@ def client_commit(
     node_id: int,
     update: npt.NDArray[np.uint32],
     blinding: npt.NDArray[np.uint32],
-    aggregate: npt.NDArray[np.uint32],
 ) -> tuple[ClientVerificationState, CommitReply]:
     """Commit to this round's update against the released aggregate, once.
 
@@ -621,12 +628,17 @@ def client_commit(
         update=update,
         blinding=blinding,
         included_node_ids=request.included_node_ids,
-        aggregate=aggregate,
+        aggregate_length=request.aggregate_length,
+        aggregate_sha256=request.aggregate_sha256,
         blinding_sums=np.array(request.blinding_sums, dtype=np.uint32),
         key_list_digest=state.key_list_digest,
     )
     new_state = replace(
-        state, input_round=0, committed_round=server_round, commitment=commitment
+        state,
+        input_round=0,
+        committed_round=server_round,
+        commitment=commitment,
+        aggregate_sha256=request.aggregate_sha256,
     )
     return new_state, CommitReply(commitment=commitment, signature=signature)
 
@@ -657,7 +669,7 @@ def client_verify(
         )
 
     result = _check_transcript(state, request, node_id=node_id, aggregate=aggregate)
-    new_state = replace(state, committed_round=0, commitment=b"")
+    new_state = replace(state, committed_round=0, commitment=b"", aggregate_sha256=b"")
     if not result.verified and not state.failed_round:
         new_state = replace(
             new_state, failed_round=server_round, failure_reason=result.reason
@@ -678,6 +690,14 @@ def _check_transcript(
         untrusted = RoundTranscript.from_json(request.transcript)
     except ValueError as error:
         return VerificationResult(False, f"the transcript is malformed: {error}")
+    try:
+        digest = commitments.aggregate_digest(aggregate)
+    except ValueError as error:
+        return VerificationResult(False, f"the aggregate is malformed: {error}")
+    if digest != state.aggregate_sha256:
+        return VerificationResult(
+            False, "the aggregate differs from the one this client committed to"
+        )
 
     return transcripts.verify_round_as_client(
         untrusted,

@@ -52,8 +52,9 @@ from fedsec_flwr.mod import (
 )
 from fedsec_flwr.privacy import DPConfig, DPMode
 from fedsec_flwr.records import (
+    AGGREGATE_KEY,
+    AGGREGATE_RECORD,
     BLINDING_KEY,
-    ENCODED_UPDATE_KEY,
     PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
     VERIFICATION_ARRAYS_RECORD,
@@ -498,6 +499,33 @@ def test_hostile_replayed_aggregate_detected(monkeypatch: pytest.MonkeyPatch) ->
     assert_all_failed(verdicts(grid, 2), SUM_MISMATCH)
 
 
+def test_hostile_other_aggregate_at_verify_detected() -> None:
+    # The server commits the clients to one aggregate and shows one of them
+    # another, with a transcript made for it, at the verify stage.
+    victim = NODE_IDS[1]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == "verify":
+            record = msg.content[AGGREGATE_RECORD]
+            shown = record[AGGREGATE_KEY].numpy().copy()
+            shown[0] += np.uint32(1)
+            msg.content[AGGREGATE_RECORD] = ArrayRecord({AGGREGATE_KEY: Array(shown)})
+        return None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    run(grid, verification=REPORT, reports=reports)
+
+    found = verdicts(grid)
+    assert found[victim] == (
+        False,
+        "the aggregate differs from the one this client committed to",
+    )
+    assert reports[0].verified is False
+    assert all(ok for node, (ok, _) in found.items() if node != victim)
+
+
 def test_hostile_replayed_transcript_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     first: list[RoundTranscript] = []
 
@@ -735,11 +763,11 @@ def test_blinding_deleted_after_commit() -> None:
 
     run(grid, verification=REPORT)
 
+    # After the commit a client keeps no vector: not x_i or l_i, and not A,
+    # which only the verify request carries.
     for node in NODE_IDS:
         state = _load_context(grid._contexts[node]).state
-        kept = state.array_records[VERIFICATION_ARRAYS_RECORD]
-        assert BLINDING_KEY not in kept, node
-        assert ENCODED_UPDATE_KEY not in kept, node
+        assert VERIFICATION_ARRAYS_RECORD not in state.array_records, node
 
 
 def test_invalid_key_list_signature_counts_as_dropped() -> None:

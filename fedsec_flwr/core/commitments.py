@@ -422,9 +422,47 @@ def projection_seed(
             uint32 array, or `key_list_digest` is not 32 bytes.
 
     """
+    return projection_seed_of_digest(
+        run_id=run_id,
+        server_round=server_round,
+        node_ids=node_ids,
+        aggregate_length=aggregate.size,
+        aggregate_sha256=aggregate_digest(aggregate),
+        blinding_sums=blinding_sums,
+        key_list_digest=key_list_digest,
+    )
+
+
+def projection_seed_of_digest(
+    *,
+    run_id: int,
+    server_round: int,
+    node_ids: Sequence[int],
+    aggregate_length: int,
+    aggregate_sha256: bytes,
+    blinding_sums: npt.NDArray[np.uint32],
+    key_list_digest: bytes,
+) -> bytes:
+    """Derive the seed of `projection_seed` from the aggregate's length and digest.
+
+    A client commits with this, so it needs only the 32-byte digest of A,
+    not A itself, until it verifies.
+
+    Raises:
+        ValueError: As `projection_seed`, or if `aggregate_length` is not in
+            [0, `MAX_PROJECTION_LENGTH`] or `aggregate_sha256` is not 32 bytes.
+
+    """
     sorted_ids = _check_node_ids(node_ids)
     _check_uint64("run_id", run_id)
     _check_uint64("server_round", server_round)
+    _check_uint64("aggregate_length", aggregate_length)
+    if aggregate_length > MAX_PROJECTION_LENGTH:
+        raise ValueError(
+            f"aggregate_length must be at most {MAX_PROJECTION_LENGTH}. "
+            f"Found {aggregate_length}."
+        )
+    _check_size("aggregate_sha256", aggregate_sha256, SEED_SIZE)
     check_vector("blinding_sums", blinding_sums)
     _check_size("key_list_digest", key_list_digest, SEED_SIZE)
 
@@ -433,8 +471,8 @@ def projection_seed(
         PROJECTION_SEED_DOMAIN,
         struct.pack(">QQQ", run_id, server_round, len(sorted_ids)),
         struct.pack(f">{len(sorted_ids)}Q", *sorted_ids),
-        struct.pack(">Q", aggregate.size),
-        aggregate_digest(aggregate),
+        struct.pack(">Q", aggregate_length),
+        aggregate_sha256,
         struct.pack(">Q", blinding_sums.size),
         blinding_sums.astype(">u4").tobytes(),
         key_list_digest,

@@ -23,6 +23,7 @@ Fields = dict[str, FieldValue]
 
 NODE_ID_SIZE = 8
 MAX_NODE_ID = 2**64 - 1
+_SHA256_SIZE = 32
 _UINT32_SIZE = 4
 
 SHARE_KEY_INFO = b"fedsec_flwr/share-encryption/v1"
@@ -485,14 +486,17 @@ class KeyListSignature:
 
 @dataclass(frozen=True)
 class CommitRequest:
-    """The included clients S and the limb sums L of a released aggregate.
+    """The included clients S, the limb sums L and the digest of a released aggregate.
 
-    The aggregate itself travels as an array beside these fields.
+    The aggregate A itself travels with the verify request: a client needs
+    only its length and SHA-256 to derive the projection seed.
     ``blinding_sums`` contains the limb sums as big-endian uint32 values.
     """
 
     included_node_ids: tuple[int, ...]
     blinding_sums: tuple[int, ...]
+    aggregate_length: int
+    aggregate_sha256: bytes
 
     def to_fields(self) -> Fields:
         """Convert to record fields."""
@@ -501,6 +505,8 @@ class CommitRequest:
             "blinding-sums": struct.pack(
                 f">{len(self.blinding_sums)}I", *self.blinding_sums
             ),
+            "aggregate-length": self.aggregate_length,
+            "aggregate-sha256": self.aggregate_sha256,
         }
 
     @classmethod
@@ -516,7 +522,22 @@ class CommitRequest:
                 f"Found {len(packed)}."
             )
         sums = struct.unpack(f">{len(packed) // _UINT32_SIZE}I", packed)
-        return cls(included_node_ids=included, blinding_sums=sums)
+        length = _field(fields, "aggregate-length", int)
+        if length < 0:
+            raise ProtocolError(
+                f"aggregate-length must be non-negative. Found {length}."
+            )
+        digest = _field(fields, "aggregate-sha256", bytes)
+        if len(digest) != _SHA256_SIZE:
+            raise ProtocolError(
+                f"aggregate-sha256 must be {_SHA256_SIZE} bytes. Found {len(digest)}."
+            )
+        return cls(
+            included_node_ids=included,
+            blinding_sums=sums,
+            aggregate_length=length,
+            aggregate_sha256=digest,
+        )
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,8 @@ def client_commit(
     update: npt.NDArray[np.uint32],
     blinding: npt.NDArray[np.uint32],
     included_node_ids: Sequence[int],
-    aggregate: npt.NDArray[np.uint32],
+    aggregate_length: int,
+    aggregate_sha256: bytes,
     blinding_sums: npt.NDArray[np.uint32],
     key_list_digest: bytes,
 ) -> tuple[bytes, bytes]:
@@ -316,7 +317,10 @@ def client_commit(
             ((rho - rho') . x_i) B.
         included_node_ids: The clients S that the server reports as
             included (untrusted).
-        aggregate: The aggregate A the server released (untrusted).
+        aggregate_length: The length of the aggregate A that the server
+            released (untrusted).
+        aggregate_sha256: `commitments.aggregate_digest` of A (untrusted).
+            The client checks A against it when the transcript arrives.
         blinding_sums: The limb sums L the server released (untrusted).
         key_list_digest: The digest this client signed in `sign_key_list`.
 
@@ -336,18 +340,18 @@ def client_commit(
             "Found it missing."
         )
     commitments.check_vector("update", update)
-    commitments.check_vector("aggregate", aggregate)
-    if aggregate.size != update.size:
+    if aggregate_length != update.size:
         raise ProtocolError(
             f"aggregate must have {update.size} values like the update. "
-            f"Found {aggregate.size}."
+            f"Found {aggregate_length}."
         )
 
-    rho_seed = commitments.projection_seed(
+    rho_seed = commitments.projection_seed_of_digest(
         run_id=run_id,
         server_round=server_round,
         node_ids=included_node_ids,
-        aggregate=aggregate,
+        aggregate_length=aggregate_length,
+        aggregate_sha256=aggregate_sha256,
         blinding_sums=blinding_sums,
         key_list_digest=key_list_digest,
     )

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import random
+import re
 from dataclasses import dataclass, field
 
 import nacl.bindings as sodium
@@ -12,6 +13,7 @@ from fedsec_flwr.core import commitments as c
 from fedsec_flwr.core import signatures as s
 from fedsec_flwr.core import transcript as t
 from fedsec_flwr.core.errors import ProtocolError
+from fedsec_flwr.core.messages import CommitRequest
 
 RUN_ID = 2**64 - 3
 # y = -1 mod 2**255 - 19: the Ed25519 point of order 2.
@@ -128,7 +130,8 @@ def build_round(
             update=updates[node_id],
             blinding=blindings[node_id],
             included_node_ids=included,
-            aggregate=aggregate,
+            aggregate_length=aggregate.size,
+            aggregate_sha256=c.aggregate_digest(aggregate),
             blinding_sums=limb_sums,
             key_list_digest=digests[node_id],
         )
@@ -319,7 +322,8 @@ def test_client_commit_rejects_client_outside_included(honest):
             update=honest.updates[node_id],
             blinding=honest.blindings[node_id],
             included_node_ids=NODE_IDS[1:],
-            aggregate=honest.aggregate,
+            aggregate_length=honest.aggregate.size,
+            aggregate_sha256=c.aggregate_digest(honest.aggregate),
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
         )
@@ -337,7 +341,8 @@ def test_client_commit_rejects_aggregate_of_other_length(honest):
             update=honest.updates[node_id],
             blinding=honest.blindings[node_id],
             included_node_ids=NODE_IDS,
-            aggregate=np.append(honest.aggregate, np.uint32(0)),
+            aggregate_length=honest.aggregate.size + 1,
+            aggregate_sha256=c.aggregate_digest(honest.aggregate),
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
         )
@@ -635,3 +640,38 @@ def test_tamper_client_check_catches_own_entry(honest, change, reason):
 
     assert not result.verified
     assert reason in result.reason
+
+
+# The commit request, which carries the aggregate's digest in place of A
+
+
+def commit_request_fields(**changes: object) -> dict[str, object]:
+    request = CommitRequest(
+        included_node_ids=(5, 2**63),
+        blinding_sums=(1, 2**32 - 1),
+        aggregate_length=2_000_000,
+        aggregate_sha256=bytes(range(32)),
+    )
+    return {**request.to_fields(), **changes}
+
+
+def test_commit_request_survives_record_round_trip():
+    parsed = CommitRequest.from_fields(commit_request_fields())
+
+    assert parsed.included_node_ids == (5, 2**63)
+    assert parsed.blinding_sums == (1, 2**32 - 1)
+    assert parsed.aggregate_length == 2_000_000
+    assert parsed.aggregate_sha256 == bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"aggregate-length": -1}, "aggregate-length must be non-negative. Found -1"),
+        ({"aggregate-sha256": bytes(31)}, "aggregate-sha256 must be 32 bytes"),
+        ({"aggregate-sha256": "00" * 32}, "aggregate-sha256"),
+    ],
+)
+def test_commit_request_rejects_malformed_digest_fields(changes, message):
+    with pytest.raises(ProtocolError, match=re.escape(message)):
+        CommitRequest.from_fields(commit_request_fields(**changes))
