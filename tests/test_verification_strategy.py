@@ -501,15 +501,15 @@ def test_hostile_replayed_aggregate_detected(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_hostile_other_aggregate_at_verify_detected() -> None:
     # The server commits the clients to one aggregate and shows one of them
-    # another, with a transcript made for it, at the verify stage.
+    # another aggregate at the verify stage.
     victim = NODE_IDS[1]
 
     def fault(node: int, name: str, msg: Message) -> object:
         if node == victim and name == "verify":
             record = msg.content[AGGREGATE_RECORD]
-            shown = record[AGGREGATE_KEY].numpy().copy()
-            shown[0] += np.uint32(1)
-            msg.content[AGGREGATE_RECORD] = ArrayRecord({AGGREGATE_KEY: Array(shown)})
+            altered = record[AGGREGATE_KEY].numpy().copy()
+            altered[0] += np.uint32(1)
+            msg.content[AGGREGATE_RECORD] = ArrayRecord({AGGREGATE_KEY: Array(altered)})
         return None
 
     reports: list[RoundReport] = []
