@@ -118,13 +118,18 @@ def run(
     return {k: v.numpy() for k, v in result.arrays.items()}
 
 
-def verdicts(grid: LoopbackGrid, server_round: int = 1) -> Verdicts:
-    """Collect the verify replies the clients sent in one round."""
+def verdicts(
+    grid: LoopbackGrid, server_round: int = 1, *, record: str = PROTOCOL_RECORD
+) -> Verdicts:
+    """Collect the verify replies the clients sent in one round's exchanges.
+
+    A pipelined verify reply travels in the next round, in `DEFERRED_RECORD`.
+    """
     found: Verdicts = {}
     for reply in grid.received:
         if reply.has_error() or reply.metadata.group_id != str(server_round):
             continue
-        fields = reply.content.config_records.get(PROTOCOL_RECORD)
+        fields = reply.content.config_records.get(record)
         if fields is not None and "verified" in fields:
             found[reply.metadata.src_node_id] = (
                 bool(fields["verified"]),
@@ -628,8 +633,13 @@ def recording_train(calls: list[tuple[int, str]]) -> TrainFn:
     return train
 
 
+@pytest.mark.parametrize(
+    "verification",
+    [REPORT, dataclasses.replace(REPORT, pipelined=True)],
+    ids=["separate", "pipelined"],
+)
 def test_client_refuses_training_after_failed_verification(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, verification: VerificationConfig
 ) -> None:
     replace_verifier(monkeypatch, OtherRoundForOne)
     victim = OtherRoundForOne.victim
@@ -637,7 +647,7 @@ def test_client_refuses_training_after_failed_verification(
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(recording_train(calls)), NODE_IDS)
 
-    run(grid, verification=REPORT, rounds=2, reports=reports)
+    run(grid, verification=verification, rounds=2, reports=reports)
 
     assert reports[0].verified is False
     assert reports[0].verification_reason.startswith(f"node {victim} reports")
