@@ -448,7 +448,7 @@ def run_secure_round(
     then commit and verify if asked.
 
     With ``verification.pipelined`` (keys per round only) the round's
-    aggregate is fixed but not verified: the outcome's ``pending`` holds it,
+    aggregate is fixed but not verified: the outcome's ``pending`` contains it,
     for the next round's ``previous`` or `finish_verification`. The setup
     and share-keys exchanges carry the commit and verify requests of
     ``previous``, and ``on_verified`` gets its result before masked-input.
@@ -483,7 +483,7 @@ def run_secure_round(
                 threshold=config.threshold,
                 rng=rng,
             )
-            total, masked_replies, pending = _keyed_exchanges(
+            total, masked_replies, verifier = _keyed_exchanges(
                 stages,
                 keyed,
                 plan,
@@ -495,7 +495,7 @@ def run_secure_round(
             survivors = set(keyed.survivors)
             dropped_by_stage = dict(keyed.dropped_by_stage)
         else:
-            total, masked_replies, server, pending = _per_round_key_stages(
+            total, masked_replies, server, verifier = _per_round_key_stages(
                 stages,
                 plan,
                 clock,
@@ -511,10 +511,19 @@ def run_secure_round(
             survivors = set(server.survivors)
             dropped_by_stage = dict(server.dropped_by_stage)
         result = None
-        if pending is not None and not (verification and verification.pipelined):
-            result = _verification_stages(stages, pending)
-            dropped_by_stage.update(pending.dropped_by_stage)
-            pending = None
+        pending = None
+        if verifier is not None and verification is not None:
+            pending = _fix_secure_total(
+                verifier,
+                plan,
+                total,
+                included=sorted(survivors),
+                audit_path=verification.audit_path,
+            )
+            if not verification.pipelined:
+                result = _verification_stages(stages, pending)
+                dropped_by_stage.update(pending.dropped_by_stage)
+                pending = None
 
     clock.lap(VERIFICATION_TIMING)
     params = plan.params
@@ -578,9 +587,13 @@ def _per_round_key_stages(
     previous: PendingVerification | None,
     on_verified: VerifiedCallback | None,
 ) -> tuple[
-    NDArray[np.uint32], dict[int, Message], ServerRound, PendingVerification | None
+    NDArray[np.uint32], dict[int, Message], ServerRound, ServerVerification | None
 ]:
-    """Run setup, share-keys, masked-input and unmask; fix the aggregate if verified.
+    """Run setup, share-keys, masked-input and unmask.
+
+    Returns the unmasked sum, the masked-input replies, the round state and,
+    when verified, the verifier with the clients' identity keys and key-list
+    signatures.
 
     With ``previous``, the setup exchange carries that round's commit
     requests and the share-keys exchange its verify requests.
@@ -614,16 +627,7 @@ def _per_round_key_stages(
     total = _unmask_stage(stages, server)
     clock.lap(Stage.UNMASK.value)
 
-    pending = None
-    if verifier is not None and verification is not None:
-        pending = _fix_secure_total(
-            verifier,
-            plan,
-            total,
-            included=list(server.survivors),
-            audit_path=verification.audit_path,
-        )
-    return total, masked_replies, server, pending
+    return total, masked_replies, server, verifier
 
 
 def _keyed_exchanges(
@@ -635,10 +639,11 @@ def _keyed_exchanges(
     arrays: ArrayRecord,
     train_config: ConfigRecord,
     verification: VerificationConfig | None,
-) -> tuple[NDArray[np.uint32], dict[int, Message], PendingVerification | None]:
-    """Register new clients, run keyed-input and keyed-unmask, fix the aggregate.
+) -> tuple[NDArray[np.uint32], dict[int, Message], ServerVerification | None]:
+    """Register new clients and run keyed-input and keyed-unmask.
 
-    The aggregate is fixed for verification only when ``verification`` is set.
+    Returns the unmasked sum, the keyed-input replies and, when verified, the
+    verifier with the clients' identity keys and key-list signatures.
 
     Clients that fail keyed-input lose their registration, so a client that
     restarted without its keys registers again when next sampled. Under
@@ -704,16 +709,7 @@ def _keyed_exchanges(
     )
     clock.lap(Stage.KEYED_UNMASK.value)
 
-    pending = None
-    if verifier is not None and verification is not None:
-        pending = _fix_secure_total(
-            verifier,
-            plan,
-            total,
-            included=list(keyed.survivors),
-            audit_path=verification.audit_path,
-        )
-    return total, replies, pending
+    return total, replies, verifier
 
 
 def _keyed_unmask_reply(message: Message) -> KeyedUnmaskReply:
@@ -951,7 +947,7 @@ class _Deferred:
     records: Mapping[str, ArrayRecord | ConfigRecord] = field(default_factory=dict)
 
     def record(self, node: int) -> ConfigRecord:
-        """The request of ``node``, header included, as one ConfigRecord."""
+        """Return the request of ``node``, header included, as one ConfigRecord."""
         content = _with_protocol(self.header, self.fields_by_node[node])
         return content.config_records[PROTOCOL_RECORD]
 
@@ -961,9 +957,8 @@ class _Deferred:
         """Return the fields of each reply to the deferred requests.
 
         A node in ``combined`` got the deferred request inside another stage's
-        message and answers it in `DEFERRED_RECORD`; a reply without that
-        record counts as missing. The other nodes answer in the protocol
-        record.
+        message and replies to it in `DEFERRED_RECORD`, so a reply without that
+        record counts as missing. The other nodes reply in the protocol record.
         """
         found: dict[int, dict[str, object]] = {}
         for node, message in replies.items():

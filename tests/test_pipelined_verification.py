@@ -109,7 +109,7 @@ def test_pipelined_rounds_verify_every_round_in_fewer_exchanges() -> None:
         np.testing.assert_allclose(model[key], value, atol=1e-4)
 
 
-def test_pipelined_commit_rides_on_setup_and_verify_on_share_keys() -> None:
+def test_deferred_stages_nest_in_first_exchanges() -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
     run(grid, num_rounds=2)

@@ -965,8 +965,8 @@ def test_different_updates_share_commitment_with_matched_blinding():
 
 
 def test_trapdoor_lets_server_forge_under_a_known_seed():
-    # Why the seed must hash the limb sums: a server that knows log_G H and
-    # the weights before it fixes L passes a wrong aggregate by adjusting L.
+    # Why the seed must hash the limb sums: a server that can compute log_G H
+    # and learns rho before it fixes L passes a wrong aggregate by adjusting L.
     rng = np.random.default_rng(8)
     updates = [rng.integers(0, 2**20, size=50, dtype=np.uint32) for _ in range(3)]
     blindings = [trapdoor_blinding(11 * i, 22 * i, 33 * i) for i in (1, 2, 3)]
