@@ -8,7 +8,8 @@ aggregate A and the projection seed is public, the client sends
 
     C_i = (rho . x_i) B + s(l_i) H,    s(l) = sum_k t_k l[k] mod q,
 
-where rho is a vector of d pseudorandom 128-bit weights expanded from the
+where rho_j = u_a v_b for coordinate j = a C + b is the product of a row
+weight and a column weight, pseudorandom 128-bit integers expanded from the
 seed (`project`), and the t_k are public scalars. Anyone can then check
 (`verify_aggregate`)
 
@@ -23,9 +24,10 @@ is unknown to every party, and the t_k are SHA-512 outputs reduced mod q.
 Security contract:
 
 - Binding: a server that releases A' != sum x_i passes the check for a
-  seed with probability at most 2**-128, even if it can compute log_B H,
-  because the seed hashes A' and L' and a single weight must hit one
-  residue mod q.
+  seed with probability at most 2**-127, even if it can compute log_B H,
+  because the seed hashes A' and L', and u^T (A' - sum x_i) v is a nonzero
+  polynomial of degree 2 in weights drawn from a set of 2**128 values
+  (Schwartz-Zippel).
 - Hiding: s(l) is a universal hash of l with the public key t. Given the
   limb sums L, l_i keeps about 15 bits of min-entropy per limb (3840 bits),
   far above log2 q = 252.4, so by the leftover hash lemma C_i is within
@@ -84,33 +86,36 @@ BLINDING_LIMB_BITS = 16
 MAX_BLINDING_CLIENTS = (2**32 - 1) // (2**BLINDING_LIMB_BITS - 1)
 """Maximum number of clients whose limb sums stay below 2**32 (65,537)."""
 
-PROJECTION_KEY_INFO = b"fedsec_flwr/projection/v2"
+PROJECTION_KEY_INFO = b"fedsec_flwr/projection/v3"
 """HKDF info of the AES-256 key that expands a seed into projection weights."""
 
 PROJECTION_SEED_DOMAIN = b"fedsec_flwr/projection-seed/v1"
 """Prefix of the hash input that derives the projection seed of a round."""
 
 PROJECTION_WEIGHT_BITS = 128
-"""Width of one projection weight rho_j, uniform in [0, 2**128)."""
+"""Width of one row or column weight, uniform in [0, 2**128)."""
+
+PROJECTION_COLUMNS = 2**13
+"""Number C of columns: `project` reads a vector as a C-column matrix, row by row."""
 
 MAX_PROJECTION_LENGTH = 2**34
-"""Maximum vector length, one 16-byte AES-CTR block per weight."""
+"""Maximum vector length, 2**21 rows of `PROJECTION_COLUMNS` values."""
 
 SEED_SIZE = 32
 """Size in bytes of a projection seed and of the digests that feed it."""
 
 _WEIGHT_BYTES = PROJECTION_WEIGHT_BITS // 8
-_WORDS_PER_WEIGHT = PROJECTION_WEIGHT_BITS // 32
-_HALVES_PER_VALUE = 2
 _ZERO_COUNTER = bytes(16)
 _POINT_SIZE = 32
 
-# Weights are expanded and multiplied in blocks of this many coordinates, so
-# the keystream and the temporaries stay in cache. Each uint64 dot product is
-# a sum of at most 2**14 products of a 32-bit weight word and a 16-bit half of
-# a value, which is below 2**62 and cannot overflow.
-_PROJECTION_BLOCK = 1 << 14
-_ZERO_BLOCK = bytes(_PROJECTION_BLOCK * _WEIGHT_BYTES)
+# project multiplies rows of values, as float64, by the bytes of the column
+# weights. A product of a value below 2**32 and a byte is below 2**40, and a
+# row of 2**13 of them sums below 2**53, so every partial sum is an integer
+# that float64 represents exactly, in whatever order the matrix product adds.
+_ROWS_PER_BLOCK = 64
+
+# aggregate_digest hashes the aggregate in chunks of this many values.
+_DIGEST_CHUNK = 1 << 20
 
 _SUM_MISMATCH = "the sum of the commitments does not match the aggregate"
 
@@ -291,25 +296,25 @@ class VerificationResult:
 def project(vector: npt.NDArray[np.uint32], *, rho_seed: bytes) -> int:
     """Compute the exact projection rho . vector = sum_j rho_j * vector_j.
 
-    The weights rho_j are the AES-256-CTR keystream (initial counter block
+    The vector is read as a matrix of C = `PROJECTION_COLUMNS` columns, row
+    by row, with zeros after the last value. Coordinate j = a * C + b has
+    the weight rho_j = u_a * v_b, the product of a row weight and a column
+    weight. The weights are the AES-256-CTR keystream (initial counter block
     zero) under the key HKDF-SHA256(rho_seed, info=PROJECTION_KEY_INFO),
-    read in 16-byte little-endian words: rho_j is the encryption of the
-    counter block j. The same seed and length give the same weights on every
-    platform. AES-CTR, not ChaCha20, because with AES instructions it makes
-    this keystream about four times faster, and the keystream is most of the
-    projection's time.
+    read in 16-byte little-endian words: first v_0 .. v_{C-1}, then u_0,
+    u_1, ... for the rows. The same seed and length give the same weights
+    on every platform.
 
-    Each weight splits into four 32-bit words and each value into two 16-bit
-    halves. The eight dot products of words with halves are summed exactly
-    in uint64 over blocks of 2**14 coordinates, then in Python integers.
-    The result is below d * 2**160.
+    With weights of this form the keystream has C + d / C words instead of
+    d, and the product of the matrix with v is a float64 matrix product
+    (see `_ROWS_PER_BLOCK`), which is exact and runs through BLAS.
 
     Args:
         vector: One-dimensional uint32 array of length d.
         rho_seed: Public 32-byte seed from `projection_seed`.
 
     Returns:
-        The projection as a non-negative Python integer.
+        The projection as a non-negative Python integer, below d * 2**288.
 
     Raises:
         ValueError: If `vector` is not a one-dimensional uint32 array of at
@@ -319,56 +324,59 @@ def project(vector: npt.NDArray[np.uint32], *, rho_seed: bytes) -> int:
     check_vector("vector", vector)
     _check_size("rho_seed", rho_seed, SEED_SIZE)
 
-    key = derive_key(rho_seed, info=PROJECTION_KEY_INFO)
-    keystream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-    partial_sums = [[0] * _WORDS_PER_WEIGHT for _ in range(_HALVES_PER_VALUE)]
-
-    words = np.empty(_PROJECTION_BLOCK * _WORDS_PER_WEIGHT, dtype="<u4")
-    word_bytes = words.data.cast("B")
-    wide_words = np.empty((_PROJECTION_BLOCK, _WORDS_PER_WEIGHT), dtype=np.uint64)
-    halves = np.empty((_HALVES_PER_VALUE, _PROJECTION_BLOCK), dtype=np.uint64)
-
-    for start in range(0, vector.size, _PROJECTION_BLOCK):
-        block = vector[start : start + _PROJECTION_BLOCK]
-        count = block.size
-        size = count * _WEIGHT_BYTES
-        keystream.update_into(_ZERO_BLOCK[:size], word_bytes[:size])
-
-        block_words = words[: count * _WORDS_PER_WEIGHT]
-        block_sums = _block_sums(
-            block,
-            block_words.reshape(count, _WORDS_PER_WEIGHT),
-            wide_words=wide_words,
-            halves=halves,
-        )
-        for half, row in enumerate(block_sums):
-            for word, value in enumerate(row):
-                partial_sums[half][word] += value
-
-    return sum(
-        value << (16 * half + 32 * word)
-        for half, row in enumerate(partial_sums)
-        for word, value in enumerate(row)
+    rows = -(-vector.size // PROJECTION_COLUMNS)
+    keystream = _projection_keystream(rho_seed, PROJECTION_COLUMNS + rows)
+    column_bytes = np.frombuffer(
+        keystream, dtype=np.uint8, count=PROJECTION_COLUMNS * _WEIGHT_BYTES
     )
+    column_weight_bytes = column_bytes.reshape(PROJECTION_COLUMNS, _WEIGHT_BYTES)
+    row_weights = _words(keystream[PROJECTION_COLUMNS * _WEIGHT_BYTES :])
+
+    block = np.empty((_ROWS_PER_BLOCK, PROJECTION_COLUMNS), dtype=np.float64)
+    column_weights = column_weight_bytes.astype(np.float64)
+    total = 0
+    for first_row in range(0, rows, _ROWS_PER_BLOCK):
+        row_values = _row_projections(vector, first_row, block, column_weights)
+        for offset, row_value in enumerate(row_values):
+            total += row_weights[first_row + offset] * row_value
+
+    return total
 
 
-def _block_sums(
-    values: npt.NDArray[np.uint32],
-    words: npt.NDArray[np.uint32],
-    *,
-    wide_words: npt.NDArray[np.uint64],
-    halves: npt.NDArray[np.uint64],
-) -> list[list[int]]:
-    # Returns sums[half][word] = sum_j half_j(values) * words[j, word] for one
-    # block of at most _PROJECTION_BLOCK coordinates, using the scratch
-    # arrays wide_words (block, 4) and halves (2, block).
-    count = values.size
-    np.copyto(wide_words[:count], words)
-    np.bitwise_and(values, 0xFFFF, out=halves[0, :count], casting="unsafe")
-    np.right_shift(values, 16, out=halves[1, :count], casting="unsafe")
+def _projection_keystream(rho_seed: bytes, weights: int) -> bytes:
+    key = derive_key(rho_seed, info=PROJECTION_KEY_INFO)
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+    return encryptor.update(bytes(weights * _WEIGHT_BYTES))
 
-    sums: list[list[int]] = (halves[:, :count] @ wide_words[:count]).tolist()
-    return sums
+
+def _words(data: bytes) -> list[int]:
+    return [
+        int.from_bytes(data[start : start + _WEIGHT_BYTES], "little")
+        for start in range(0, len(data), _WEIGHT_BYTES)
+    ]
+
+
+def _row_projections(
+    vector: npt.NDArray[np.uint32],
+    first_row: int,
+    block: npt.NDArray[np.float64],
+    column_weights: npt.NDArray[np.float64],
+) -> list[int]:
+    # Returns sum_b vector[a * C + b] * v_b for the rows a of one block,
+    # starting at first_row. block is scratch space of _ROWS_PER_BLOCK rows,
+    # and column_weights contains the 16 bytes of each v_b as float64.
+    start = first_row * PROJECTION_COLUMNS
+    values = vector[start : start + block.size]
+    rows = -(-values.size // PROJECTION_COLUMNS)
+    flat = block.reshape(-1)
+    flat[: values.size] = values
+    flat[values.size : rows * PROJECTION_COLUMNS] = 0
+
+    byte_sums = (block[:rows] @ column_weights).tolist()
+    return [
+        sum(int(byte_sum) << (8 * position) for position, byte_sum in enumerate(row))
+        for row in byte_sums
+    ]
 
 
 def aggregate_digest(aggregate: npt.NDArray[np.uint32]) -> bytes:
@@ -381,8 +389,8 @@ def aggregate_digest(aggregate: npt.NDArray[np.uint32]) -> bytes:
     check_vector("aggregate", aggregate)
 
     digest = hashlib.sha256()
-    for start in range(0, aggregate.size, _PROJECTION_BLOCK * 64):
-        chunk = aggregate[start : start + _PROJECTION_BLOCK * 64]
+    for start in range(0, aggregate.size, _DIGEST_CHUNK):
+        chunk = aggregate[start : start + _DIGEST_CHUNK]
         digest.update(np.ascontiguousarray(chunk, dtype="<u4").data)
 
     return digest.digest()

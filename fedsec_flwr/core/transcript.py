@@ -36,7 +36,7 @@ from .signatures import SignedStage
 
 logger = logging.getLogger("fedsec_flwr.verification")
 
-TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v2"
+TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v3"
 """Value of the "format" field of a serialized transcript."""
 
 _FIELDS = frozenset(

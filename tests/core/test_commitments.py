@@ -38,7 +38,7 @@ GOLDEN_BLINDING_GENERATOR = (
 GOLDEN_WEIGHTS_SHA256 = (
     "58236d62e8be6f8c12721e3cbaeb2503780528ea4575d08d4a4f89670a45830a"
 )
-GOLDEN_PROJECTION = 348348272358507897198418088476692968548303668000000
+GOLDEN_PROJECTION = 293527134644233904194756567571859082539432938182500007455344860496670775886770839947400000
 GOLDEN_SEED = "619098c1f06686e0fb9e830a3b6973df036cf4469c5ba190f9c2c33f0616bbcc"
 
 
@@ -183,18 +183,29 @@ def seed_for(round_data: dict, aggregate: np.ndarray, **changes) -> bytes:
     return c.projection_seed(**arguments)
 
 
-def reference_weights(rho_seed: bytes, length: int) -> list[int]:
-    """The weights written out from the key schedule and AES-256 in ECB mode.
+def reference_keystream_words(rho_seed: bytes, count: int) -> list[int]:
+    """The first `count` keystream words, from the key schedule and AES-256-ECB.
 
     Counter mode encrypts the counter blocks 0, 1, ... as big-endian 128-bit
-    integers, and each weight reads its block of keystream little-endian.
+    integers, and each word reads its block of keystream little-endian.
     """
     key = derive_key(rho_seed, info=c.PROJECTION_KEY_INFO)
     encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-    counters = b"".join(j.to_bytes(16, "big") for j in range(length))
+    counters = b"".join(j.to_bytes(16, "big") for j in range(count))
     blocks = encryptor.update(counters) + encryptor.finalize()
     return [
-        int.from_bytes(blocks[16 * j : 16 * j + 16], "little") for j in range(length)
+        int.from_bytes(blocks[16 * j : 16 * j + 16], "little") for j in range(count)
+    ]
+
+
+def reference_weights(rho_seed: bytes, length: int) -> list[int]:
+    """rho_j = u_a * v_b for j = a * C + b, as the module docstring defines it."""
+    columns = c.PROJECTION_COLUMNS
+    rows = -(-length // columns)
+    words = reference_keystream_words(rho_seed, columns + rows)
+    column_weights, row_weights = words[:columns], words[columns:]
+    return [
+        row_weights[j // columns] * column_weights[j % columns] for j in range(length)
     ]
 
 
@@ -331,7 +342,14 @@ def test_small_group_is_safe_prime_group():
     assert SMALL.is_element(SMALL.combination(1, 0))
 
 
-@pytest.mark.parametrize("length", [0, 1, 7, 16383, 16384, 16385])
+COLUMNS = c.PROJECTION_COLUMNS
+BLOCK_VALUES = c._ROWS_PER_BLOCK * COLUMNS
+
+
+@pytest.mark.parametrize(
+    "length",
+    [0, 1, 7, COLUMNS - 1, COLUMNS, COLUMNS + 1, BLOCK_VALUES, BLOCK_VALUES + 3],
+)
 def test_project_matches_reference(length):
     rng = np.random.default_rng(length)
     vector = rng.integers(0, 2**32, size=length, dtype=np.uint32)
@@ -343,7 +361,7 @@ def test_project_matches_reference(length):
 
 
 def test_project_exact_at_max_values():
-    vector = np.full(20000, 2**32 - 1, dtype=np.uint32)
+    vector = np.full(3 * COLUMNS + 5, 2**32 - 1, dtype=np.uint32)
     rho_seed = bytes(32)
 
     assert c.project(vector, rho_seed=rho_seed) == reference_projection(
@@ -351,30 +369,38 @@ def test_project_exact_at_max_values():
     )
 
 
-def test_block_sums_exact_at_max_weights_and_values():
-    # The worst case for uint64 overflow: a full block of the largest values
-    # times weights of 2**128 - 1.
-    block = c._PROJECTION_BLOCK
-    values = np.full(block, 2**32 - 1, dtype=np.uint32)
-    words = np.full((block, 4), 2**32 - 1, dtype=np.uint32)
-    wide_words = np.empty((block, 4), dtype=np.uint64)
-    halves = np.empty((2, block), dtype=np.uint64)
+def test_row_projections_exact_at_maximum():
+    # The worst case for float64 rounding: full rows of the largest values
+    # times column weights whose bytes are all 255, so every row sum is
+    # C * (2**32 - 1) * 255 in each byte position, just below 2**53.
+    rows = c._ROWS_PER_BLOCK
+    vector = np.full(rows * COLUMNS, 2**32 - 1, dtype=np.uint32)
+    block = np.empty((rows, COLUMNS), dtype=np.float64)
+    column_weights = np.full((COLUMNS, 16), 255.0)
 
-    sums = c._block_sums(values, words, wide_words=wide_words, halves=halves)
+    row_values = c._row_projections(vector, 0, block, column_weights)
 
-    expected = block * (2**16 - 1) * (2**32 - 1)
-    assert sums == [[expected] * 4, [expected] * 4]
+    assert COLUMNS * (2**32 - 1) * 255 < 2**53
+    assert row_values == [COLUMNS * (2**32 - 1) * (2**128 - 1)] * rows
 
 
 def test_project_weights_cover_full_range():
-    weights = reference_weights(bytes(range(32)), 4000)
+    words = reference_keystream_words(bytes(range(32)), 4000)
 
-    assert max(weights) > 2**128 - 2**120
-    assert max(weights) < 2**128
+    assert max(words) > 2**128 - 2**120
+    assert max(words) < 2**128
+
+
+def test_project_weights_all_distinct():
+    # A coordinate's weight depends on both its row and its column, so an
+    # error moved to another row or column is weighted differently.
+    weights = reference_weights(bytes(range(32)), 2 * COLUMNS + 2)
+
+    assert len(set(weights)) == len(weights)
 
 
 def test_project_matches_golden_value():
-    vector = np.arange(1000, dtype=np.uint32) * np.uint32(4_000_000)
+    vector = np.arange(2 * COLUMNS + 5, dtype=np.uint32) * np.uint32(200_000)
 
     assert c.project(vector, rho_seed=bytes(range(32))) == GOLDEN_PROJECTION
 
