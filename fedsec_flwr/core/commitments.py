@@ -43,6 +43,7 @@ Security contract:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -55,6 +56,7 @@ import nacl.bindings as sodium
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from threadpoolctl import ThreadpoolController
 
 from .errors import AuthenticationError
 from .keys import derive_key
@@ -307,7 +309,8 @@ def project(vector: npt.NDArray[np.uint32], *, rho_seed: bytes) -> int:
 
     With weights of this form the keystream has C + d / C words instead of
     d, and the product of the matrix with v is a float64 matrix product
-    (see `_ROWS_PER_BLOCK`), which is exact and runs through BLAS.
+    (see `_ROWS_PER_BLOCK`), which is exact and runs through BLAS on one
+    thread.
 
     Args:
         vector: One-dimensional uint32 array of length d.
@@ -335,12 +338,21 @@ def project(vector: npt.NDArray[np.uint32], *, rho_seed: bytes) -> int:
     block = np.empty((_ROWS_PER_BLOCK, PROJECTION_COLUMNS), dtype=np.float64)
     column_weights = column_weight_bytes.astype(np.float64)
     total = 0
-    for first_row in range(0, rows, _ROWS_PER_BLOCK):
-        row_values = _row_projections(vector, first_row, block, column_weights)
-        for offset, row_value in enumerate(row_values):
-            total += row_weights[first_row + offset] * row_value
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        for first_row in range(0, rows, _ROWS_PER_BLOCK):
+            row_values = _row_projections(vector, first_row, block, column_weights)
+            for offset, row_value in enumerate(row_values):
+                total += row_weights[first_row + offset] * row_value
 
     return total
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    # project runs its matrix products on one BLAS thread. The product is
+    # limited by memory, so a second thread saves little time, and OpenBLAS's
+    # idle threads spin after each call, taking CPU from other processes.
+    return ThreadpoolController()
 
 
 def _projection_keystream(rho_seed: bytes, weights: int) -> bytes:

@@ -8,6 +8,7 @@ import nacl.bindings as sodium
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from threadpoolctl import ThreadpoolController
 
 from fedsec_flwr.core import commitments as c
 from fedsec_flwr.core.errors import AuthenticationError
@@ -382,6 +383,17 @@ def test_row_projections_exact_at_maximum():
 
     assert COLUMNS * (2**32 - 1) * 255 < 2**53
     assert row_values == [COLUMNS * (2**32 - 1) * (2**128 - 1)] * rows
+
+
+def test_project_restores_blas_threads():
+    controller = ThreadpoolController()
+    before = [info["num_threads"] for info in controller.info()]
+    vector = np.arange(3 * COLUMNS, dtype=np.uint32)
+
+    c.project(vector, rho_seed=bytes(32))
+
+    after = [info["num_threads"] for info in ThreadpoolController().info()]
+    assert after == before
 
 
 def test_project_weights_cover_full_range():
