@@ -186,15 +186,47 @@ def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint3
         return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
     path = _resolve_inside(folder, _entry_field(entry, "aggregate_path", str))
-    loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-    if not isinstance(loaded, np.ndarray):
-        raise ValueError(f"aggregate_path must name an .npy file. Found {path.name}.")
-    if loaded.dtype != np.uint32 or loaded.ndim != 1:
+    return _load_uint32_npy(path)
+
+
+def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
+    # The file is untrusted: its header is checked against its size before
+    # the values are mapped, so a truncated or hostile file gets a ValueError
+    # that names it instead of an error from deep inside numpy.
+    with path.open("rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(file)
+            elif version == (2, 0):
+                header = np.lib.format.read_array_header_2_0(file)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, EOFError) as error:
+            raise ValueError(
+                f"aggregate_path must name an .npy file. {path.name}: {error}"
+            ) from error
+        offset = file.tell()
+        file_size = os.fstat(file.fileno()).st_size
+
+    shape, _, dtype = header
+    if dtype != np.dtype("<u4") or len(shape) != 1:
         raise ValueError(
-            "aggregate_path must hold a one-dimensional uint32 array. "
-            f"Found dtype {loaded.dtype} and shape {loaded.shape}."
+            "aggregate_path must contain a one-dimensional little-endian uint32 "
+            f"array. Found dtype {dtype} and shape {shape} in {path.name}."
         )
-    aggregate: npt.NDArray[np.uint32] = loaded
+    length = shape[0]
+    if file_size != offset + 4 * length:
+        raise ValueError(
+            f"aggregate_path must contain {length} uint32 values after its header, "
+            f"as the header says. Found {file_size - offset} bytes in {path.name}."
+        )
+    if length == 0:
+        return np.zeros(0, dtype=np.uint32)
+
+    aggregate: npt.NDArray[np.uint32] = np.memmap(
+        path, dtype="<u4", mode="r", offset=offset, shape=(length,)
+    )
     return aggregate
 
 

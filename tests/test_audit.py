@@ -198,7 +198,61 @@ def test_hostile_aggregate_file_of_wrong_dtype(audit_path, capsys):
     status, out, _ = run_main(audit_path, capsys)
 
     assert status == audit.EXIT_FAILED
-    assert "one-dimensional uint32 array" in out
+    assert "one-dimensional little-endian uint32 array" in out
+
+
+def npy_header(shape: str, descr: str = "<u4") -> bytes:
+    """Build a version 1.0 .npy header for `shape`, padded to 64 bytes if it fits."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    text = text.ljust(64 - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "must name an .npy file"),
+        (b"\x93NUMPY\x01", "must name an .npy file"),
+        (b"\x93NUMPY\x09\x00" + bytes(60), "must name an .npy file"),
+        (npy_header("(4,)") + bytes(8), "must contain 4 uint32 values"),
+        (npy_header("(-4,)"), "must contain -4 uint32 values"),
+        (npy_header(f"({2**40},)"), f"must contain {2**40} uint32 values"),
+        (npy_header("(2,)", descr=">u4") + bytes(8), "little-endian uint32"),
+        (npy_header("(2, 2)") + bytes(16), "one-dimensional"),
+        (npy_header("(2,)") + bytes(12), "Found 12 bytes"),
+    ],
+    ids=[
+        "empty",
+        "short-magic",
+        "unknown-version",
+        "truncated",
+        "negative-length",
+        "huge-length",
+        "big-endian",
+        "two-dimensional",
+        "extra-bytes",
+    ],
+)
+def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    (audit_path.parent / entry["aggregate_path"]).write_bytes(content)
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 2: FAILED: the aggregate cannot be loaded" in out
+    assert reason in out
+
+
+def test_empty_aggregate_file_fails_audit(audit_path, capsys):
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    np.save(audit_path.parent / entry["aggregate_path"], np.zeros(0, np.uint32))
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 2: FAILED" in out
+    assert "round 1: verified" in out
 
 
 @pytest.mark.parametrize(
