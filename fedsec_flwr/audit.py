@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from .core import commitments
-from .core.transcript import AuditResult, RoundTranscript, audit_round
+from .core.transcript import (
+    AuditResult,
+    RoundTranscript,
+    audit_round,
+    parse_untrusted_json,
+)
 
 AUDIT_FORMAT = "fedsec_flwr/audit/v1"
 """Value of the "format" field of an audit file."""
@@ -43,6 +49,8 @@ INLINE_AGGREGATE_MAX_VALUES = 1024
 
 EXIT_VERIFIED = 0
 EXIT_FAILED = 1
+
+_LOWER_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -177,22 +185,37 @@ def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint3
         )
 
     if not has_path:
-        raw = bytes.fromhex(_entry_field(entry, "aggregate_hex", str))
-        if len(raw) % 4:
-            raise ValueError(
-                "aggregate_hex must encode whole uint32 values. "
-                f"Found {len(raw)} bytes."
-            )
-        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        return _parse_inline_aggregate(_entry_field(entry, "aggregate_hex", str))
 
     path = _resolve_inside(folder, _entry_field(entry, "aggregate_path", str))
     return _load_uint32_npy(path)
+
+
+def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
+    max_digits = 8 * INLINE_AGGREGATE_MAX_VALUES
+    if len(text) > max_digits:
+        raise ValueError(
+            f"aggregate_hex must encode at most {INLINE_AGGREGATE_MAX_VALUES} "
+            f"values ({max_digits} hex digits). Found {len(text)} digits; store "
+            "a longer aggregate in an .npy file."
+        )
+    if len(text) % 8 or any(digit not in _LOWER_HEX_DIGITS for digit in text):
+        raise ValueError(
+            "aggregate_hex must be lowercase hex of whole uint32 values, 8 digits "
+            f"each. Found {text[:80]!r}."
+        )
+    return np.frombuffer(bytes.fromhex(text), dtype="<u4").astype(np.uint32)
 
 
 def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
     # The file is untrusted: its header is checked against its size before
     # the values are mapped, so a truncated or hostile file gets a ValueError
     # that names it instead of an error from deep inside numpy.
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"aggregate_path must name a regular file. Found {path.name}, which "
+            "is not one."
+        )
     with path.open("rb") as file:
         try:
             version = np.lib.format.read_magic(file)
@@ -201,8 +224,10 @@ def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
             elif version == (2, 0):
                 header = np.lib.format.read_array_header_2_0(file)
             else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except (ValueError, EOFError) as error:
+                raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
+        except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as error:
+            # numpy parses the header's text with tokenize and ast, whose
+            # errors are not ValueErrors.
             raise ValueError(
                 f"aggregate_path must name an .npy file. {path.name}: {error}"
             ) from error
@@ -242,7 +267,7 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
 
 
 def _read_document(audit_path: Path) -> dict[str, Any]:
-    document = json.loads(audit_path.read_text(encoding="utf-8"))
+    document = parse_untrusted_json(audit_path.read_text(encoding="utf-8"))
     if not isinstance(document, dict) or document.get("format") != AUDIT_FORMAT:
         raise ValueError(
             f"the file must be a JSON object with format {AUDIT_FORMAT!r}."

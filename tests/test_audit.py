@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,7 +172,10 @@ def test_tamper_malformed_transcript_reported_by_entry(audit_path, capsys):
         ({"aggregate_path": "../outside.npy"}, "must be relative and inside"),
         ({"aggregate_path": "/etc/passwd"}, "must be relative and inside"),
         ({"aggregate_path": "missing.npy"}, "No such file"),
-        ({"aggregate_hex": "123"}, "non-hexadecimal"),
+        ({"aggregate_hex": "123"}, "lowercase hex of whole uint32 values"),
+        ({"aggregate_hex": "0100000A"}, "lowercase hex of whole uint32 values"),
+        ({"aggregate_hex": "01000000 "}, "lowercase hex of whole uint32 values"),
+        ({"aggregate_hex": "00" * 4 * 1025}, "at most 1024 values"),
         ({"aggregate_hex": "010203"}, "whole uint32 values"),
         ({}, "exactly one of aggregate_path and aggregate_hex"),
     ],
@@ -214,6 +218,10 @@ def npy_header(shape: str, descr: str = "<u4") -> bytes:
         (b"", "must name an .npy file"),
         (b"\x93NUMPY\x01", "must name an .npy file"),
         (b"\x93NUMPY\x09\x00" + bytes(60), "must name an .npy file"),
+        (
+            b"\x93NUMPY\x01\x00\x36\x00{'descr': '<u4', 'shape': (2,) " + b" " * 30,
+            "must name an .npy file",
+        ),
         (npy_header("(4,)") + bytes(8), "must contain 4 uint32 values"),
         (npy_header("(-4,)"), "must contain -4 uint32 values"),
         (npy_header(f"({2**40},)"), f"must contain {2**40} uint32 values"),
@@ -225,6 +233,7 @@ def npy_header(shape: str, descr: str = "<u4") -> bytes:
         "empty",
         "short-magic",
         "unknown-version",
+        "unclosed-header",
         "truncated",
         "negative-length",
         "huge-length",
@@ -242,6 +251,34 @@ def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
     assert status == audit.EXIT_FAILED
     assert "round 2: FAILED: the aggregate cannot be loaded" in out
     assert reason in out
+
+
+def test_hostile_aggregate_fifo_rejected(audit_path, capsys):
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    npy = audit_path.parent / entry["aggregate_path"]
+    npy.unlink()
+    os.mkfifo(npy)
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "must name a regular file" in out
+    assert "round 1: verified" in out
+
+
+def test_hostile_huge_integer_fails_only_its_round(audit_path, capsys):
+    text = audit_path.read_text()
+    first = text.index('"server_round": 1')
+    huge = '"server_round": ' + "9" * 5000
+    audit_path.write_text(
+        text[:first] + huge + text[first + len('"server_round": 1') :]
+    )
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "entry 0: FAILED: the transcript is malformed: server_round" in out
+    assert "round 2: verified" in out
 
 
 def test_empty_aggregate_file_fails_audit(audit_path, capsys):
@@ -264,7 +301,13 @@ def test_empty_aggregate_file_fails_audit(audit_path, capsys):
             '{"format": "fedsec_flwr/audit/v1", "rounds": {}}',
             "rounds must be a JSON list",
         ),
+        (
+            '{"format": "fedsec_flwr/audit/v1", "rounds": [], "rounds": []}',
+            "must not repeat a key",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
     ],
+    ids=["not-json", "other-format", "rounds-object", "repeated-key", "deep"],
 )
 def test_malformed_file_exits_one(tmp_path, capsys, text, message):
     path = tmp_path / "audit.json"

@@ -41,7 +41,12 @@ from fedsec_flwr import (
 )
 from fedsec_flwr.core import commitments, signatures
 from fedsec_flwr.core.encoding import encode_update
-from fedsec_flwr.core.messages import IdentityKeyList, RoundHeader, Stage
+from fedsec_flwr.core.messages import (
+    IdentityKeyList,
+    RoundHeader,
+    Stage,
+    VerifyRequest,
+)
 from fedsec_flwr.core.server import ServerRound
 from fedsec_flwr.core.transcript import RoundTranscript
 from fedsec_flwr.mod import (
@@ -548,6 +553,21 @@ def test_hostile_replayed_transcript_detected(monkeypatch: pytest.MonkeyPatch) -
 
     assert reports[0].verified is True
     assert_all_failed(verdicts(grid, 2), "the transcript is for another round")
+
+
+def test_hostile_deeply_nested_transcript_detected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NestedTranscript(ServerVerification):
+        def verify_request(self, node_id, round_transcript):  # type: ignore[no-untyped-def]
+            return VerifyRequest(transcript="[" * 100_000 + "]" * 100_000)
+
+    replace_verifier(monkeypatch, NestedTranscript)
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    run(grid, verification=REPORT, rounds=1)
+
+    assert_all_failed(verdicts(grid, 1), "nests too deeply")
 
 
 class SplitView(ServerVerification):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ logger = logging.getLogger("fedsec_flwr.verification")
 
 TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v3"
 """Value of the "format" field of a serialized transcript."""
+
+_UINT64_DIGITS = len(str(2**64 - 1))
+
+MAX_JSON_INTEGER_DIGITS = _UINT64_DIGITS
+"""Digits of the longest integer literal that `parse_untrusted_json` converts."""
+_LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 _FIELDS = frozenset(
     {
@@ -231,10 +238,46 @@ class RoundTranscript:
         """Parse untrusted JSON made by `to_json`.
 
         Raises:
-            ValueError: If `text` is not JSON or not a valid transcript.
+            ValueError: If `text` is not JSON, repeats a key, nests too
+                deeply or is not a valid transcript.
 
         """
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_untrusted_json(text))
+
+
+def parse_untrusted_json(text: str) -> Any:
+    """Parse JSON from an untrusted source, with every failure a ValueError.
+
+    A key that repeats in an object is rejected, because two parsers could
+    keep different copies of it. An integer literal longer than
+    `MAX_JSON_INTEGER_DIGITS` digits stays a string, so the field that
+    contains it fails its own type check and names itself, where a huge
+    int would fail the whole document. Nesting deeper than Python's
+    recursion limit is a ValueError too, not a RecursionError.
+
+    Raises:
+        ValueError: If `text` is not valid JSON or repeats a key.
+
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(
+                f"a JSON object must not repeat a key. Found {key!r} twice."
+            )
+        result[key] = value
+    return result
+
+
+def _bounded_int(text: str) -> int | str:
+    return int(text) if len(text.lstrip("-")) <= MAX_JSON_INTEGER_DIGITS else text
 
 
 def sign_key_list(
@@ -334,12 +377,25 @@ def client_commit(
         ValueError: If an argument is malformed.
 
     """
+    if not isinstance(included_node_ids, Sequence):
+        raise ValueError(
+            "included_node_ids must be a sequence of node ids. "
+            f"Found {type(included_node_ids).__name__}."
+        )
     if node_id not in included_node_ids:
         raise ProtocolError(
             f"node {node_id} must be among the included clients to commit. "
             "Found it missing."
         )
     commitments.check_vector("update", update)
+    commitments.check_vector("blinding", blinding)
+    commitments.check_vector("blinding_sums", blinding_sums)
+    if blinding_sums.size != blinding.size:
+        raise ProtocolError(
+            f"blinding_sums must have {blinding.size} values, one per limb of "
+            f"the blinding vector. Found {blinding_sums.size}."
+        )
+    _check_length(aggregate_length)
     if aggregate_length != update.size:
         raise ProtocolError(
             f"aggregate must have {update.size} values like the update. "
@@ -490,7 +546,7 @@ def _check_aggregate_matches(
     transcript: RoundTranscript, aggregate: npt.NDArray[np.uint32]
 ) -> str:
     try:
-        digest = commitments.aggregate_digest(aggregate)
+        commitments.check_vector("aggregate", aggregate)
     except ValueError as error:
         return f"the aggregate is malformed: {error}"
     if aggregate.size != transcript.aggregate_length:
@@ -498,7 +554,7 @@ def _check_aggregate_matches(
             f"the aggregate has {aggregate.size} values, "
             f"not the {transcript.aggregate_length} of the transcript"
         )
-    if digest != transcript.aggregate_sha256:
+    if commitments.aggregate_digest(aggregate) != transcript.aggregate_sha256:
         return "the aggregate does not match the SHA-256 of the transcript"
 
     return ""
@@ -593,7 +649,12 @@ def _parse_decimal(data: Mapping[str, Any], key: str) -> int:
 
 def _decimal(name: str, text: object) -> int:
     if not isinstance(text, str) or not text.isascii() or not text.isdigit():
-        raise ValueError(f"{name} must hold decimal strings. Found {text!r}.")
+        raise ValueError(f"{name} must hold decimal strings. Found {text!r:.80}.")
+    if len(text) > _UINT64_DIGITS:
+        raise ValueError(
+            f"{name} must hold uint64 decimal strings of at most {_UINT64_DIGITS} "
+            f"digits. Found {len(text)} digits."
+        )
     if len(text) > 1 and text.startswith("0"):
         raise ValueError(
             f"{name} must hold decimals without leading zeros. Found {text!r}."
@@ -604,12 +665,12 @@ def _decimal(name: str, text: object) -> int:
 def _hex(name: str, text: object) -> bytes:
     if not isinstance(text, str):
         raise ValueError(f"{name} must hold hex strings. Found {type(text).__name__}.")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
+    if not _LOWER_HEX.fullmatch(text):
         raise ValueError(
-            f"{name} must hold hex strings. Found {text[:80]!r}."
-        ) from None
+            f"{name} must hold lowercase hex strings of whole bytes. "
+            f"Found {text[:80]!r}."
+        )
+    return bytes.fromhex(text)
 
 
 def _parse_hex_map(data: Mapping[str, Any], key: str) -> dict[int, bytes]:

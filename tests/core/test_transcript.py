@@ -262,6 +262,10 @@ def test_json_has_no_whitespace(honest):
             "server_round must be a JSON int",
         ),
         (lambda data: data.update(aggregate_sha256="zz"), "hex strings"),
+        (lambda data: data.update(aggregate_sha256="AB" * 32), "lowercase hex"),
+        (lambda data: data.update(aggregate_sha256="ab " * 32), "lowercase hex"),
+        (lambda data: data.update(aggregate_sha256="abc"), "whole bytes"),
+        (lambda data: data.update(run_id="1" * 5000), "at most 20 digits"),
         (lambda data: data.update(aggregate_sha256="00"), "32 bytes long"),
         (
             lambda data: data["blinding_sums"].__setitem__(0, 2**32),
@@ -307,6 +311,29 @@ def test_from_json_rejects_non_object():
         t.RoundTranscript.from_json("[]")
 
 
+def test_from_json_rejects_repeated_key(honest):
+    text = honest.transcript.to_json()
+    repeated = text.replace(
+        '{"aggregate_length"', '{"run_id":"8","aggregate_length"', 1
+    )
+
+    with pytest.raises(ValueError, match=r"must not repeat a key\. Found 'run_id'"):
+        t.RoundTranscript.from_json(repeated)
+
+
+def test_from_json_rejects_deep_nesting():
+    with pytest.raises(ValueError, match="nests too deeply"):
+        t.RoundTranscript.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_from_json_names_field_of_huge_integer(honest):
+    text = honest.transcript.to_json()
+    huge = text.replace('"server_round":1', '"server_round":' + "9" * 5000, 1)
+
+    with pytest.raises(ValueError, match="server_round must be a JSON int"):
+        t.RoundTranscript.from_json(huge)
+
+
 # Client helpers
 
 
@@ -346,6 +373,56 @@ def test_client_commit_rejects_aggregate_of_other_length(honest):
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
         )
+
+
+def commit_with(honest, **changes):
+    node_id = NODE_IDS[0]
+    arguments = {
+        "run_id": RUN_ID,
+        "server_round": 1,
+        "node_id": node_id,
+        "update": honest.updates[node_id],
+        "blinding": honest.blindings[node_id],
+        "included_node_ids": NODE_IDS,
+        "aggregate_length": honest.aggregate.size,
+        "aggregate_sha256": c.aggregate_digest(honest.aggregate),
+        "blinding_sums": honest.transcript.blinding_sum_array,
+        "key_list_digest": honest.key_list_digests[node_id],
+    }
+    arguments.update(changes)
+    return t.client_commit(honest.private_keys[node_id], **arguments)
+
+
+@pytest.mark.parametrize("count", [0, 1, 255, 257])
+def test_client_commit_rejects_wrong_limb_sum_count(honest, count):
+    sums = np.zeros(count, dtype=np.uint32)
+
+    with pytest.raises(ProtocolError, match=f"must have 256 values.*Found {count}"):
+        commit_with(honest, blinding_sums=sums)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"included_node_ids": None}, "included_node_ids must be a sequence"),
+        ({"aggregate_length": "500"}, "aggregate_length must be an int"),
+        ({"aggregate_length": -1}, "aggregate_length must be between"),
+        ({"blinding": None}, "blinding must be a numpy array"),
+    ],
+)
+def test_client_commit_rejects_malformed_arguments(honest, changes, message):
+    with pytest.raises(ValueError, match=message):
+        commit_with(honest, **changes)
+
+
+def test_audit_checks_length_before_hashing(honest, monkeypatch):
+    def fail(aggregate):
+        raise AssertionError("the aggregate was hashed")
+
+    monkeypatch.setattr(c, "aggregate_digest", fail)
+    result = t.audit_round(honest.transcript, np.zeros(7, dtype=np.uint32))
+
+    assert result.reason == "the aggregate has 7 values, not the 500 of the transcript"
 
 
 def test_commitment_payload_encoding():
