@@ -37,7 +37,6 @@ from tests.test_secure_strategy import (
     initial_model,
 )
 from tests.test_verification_strategy import (
-    DISTRIBUTED_DP,
     REPORT,
     SUM_MISMATCH,
     OtherRoundForOne,
@@ -105,14 +104,6 @@ def test_run_keys_rounds_verify_every_round(tmp_path: Path) -> None:
     assert "share-keys" not in stages
 
 
-def test_run_keys_verified_model_equals_plaintext_mean() -> None:
-    grid = LoopbackGrid(make_app(), NODE_IDS)
-
-    model = run(grid)
-
-    assert_close(model, expected_model(list(range(NUM_NODES))))
-
-
 def test_run_keys_register_replies_carry_identity_keys() -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
@@ -128,35 +119,6 @@ def test_run_keys_register_replies_carry_identity_keys() -> None:
     for reply in registered:
         key = reply.content[PROTOCOL_RECORD]["identity-public-key"]
         assert len(key) == signatures.IDENTITY_KEY_SIZE  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("stage", ["keyed-input", "keyed-unmask"])
-def test_run_keys_dropout_still_verifies(stage: str) -> None:
-    lost = NODE_IDS[1]
-
-    def fault(node: int, name: str, _: Message) -> object:
-        return "drop" if node == lost and name == stage else None
-
-    reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
-
-    model = run(grid, reports=reports)
-
-    included = [p for p in range(NUM_NODES) if stage == "keyed-unmask" or p != 1]
-    assert reports[0].verified is True
-    assert reports[0].num_aggregated == len(included)
-    assert set(verdicts(grid)) == {NODE_IDS[p] for p in included}
-    assert_close(model, expected_model(included))
-
-
-def test_run_keys_distributed_dp_rounds_verify() -> None:
-    reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS)
-
-    run(grid, rounds=2, reports=reports, dp=DISTRIBUTED_DP)
-
-    assert [r.verified for r in reports] == [True, True]
-    assert reports[1].epsilon is not None
 
 
 # --- Hostile servers and clients -------------------------------------------------

@@ -39,6 +39,7 @@ from fedsec_flwr import (
     SecureFedAvg,
     TooFewSurvivorsError,
 )
+from fedsec_flwr.config import KEY_LIFETIME_ROUND, KEY_LIFETIME_RUN, KEY_LIFETIMES
 from fedsec_flwr.core import commitments, signatures
 from fedsec_flwr.core.encoding import encode_update
 from fedsec_flwr.core.messages import (
@@ -110,9 +111,11 @@ def run(
     rounds: int = 1,
     reports: list[RoundReport] | None = None,
     dp: DPConfig | None = None,
+    key_lifetime: str = KEY_LIFETIME_ROUND,
 ) -> dict[str, np.ndarray]:
+    config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
     strategy = SecureFedAvg(
-        secure_aggregation=CONFIG if secure else None,
+        secure_aggregation=config if secure else None,
         differential_privacy=dp,
         verification=verification,
         rng=random.Random(3),
@@ -170,10 +173,11 @@ def test_secure_rounds_verify_every_round() -> None:
     assert len(verdicts(grid, 2)) == NUM_NODES
 
 
-def test_secure_round_model_equals_plaintext_mean() -> None:
+@pytest.mark.parametrize("key_lifetime", KEY_LIFETIMES)
+def test_secure_round_model_equals_plaintext_mean(key_lifetime: str) -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
-    model = run(grid)
+    model = run(grid, key_lifetime=key_lifetime)
 
     assert_close(model, expected_model(list(range(NUM_NODES))))
 
@@ -214,8 +218,18 @@ def test_plain_mod_passes_unverified_rounds_through() -> None:
     assert_close(model, expected_model(list(range(NUM_NODES))))
 
 
-@pytest.mark.parametrize("stage", ["masked-input", "unmask"])
-def test_dropout_still_verifies(stage: str) -> None:
+@pytest.mark.parametrize(
+    ("key_lifetime", "stage", "input_counted"),
+    [
+        (KEY_LIFETIME_ROUND, "masked-input", False),
+        (KEY_LIFETIME_ROUND, "unmask", True),
+        (KEY_LIFETIME_RUN, "keyed-input", False),
+        (KEY_LIFETIME_RUN, "keyed-unmask", True),
+    ],
+)
+def test_dropout_still_verifies(
+    key_lifetime: str, stage: str, input_counted: bool
+) -> None:
     lost = NODE_IDS[1]
 
     def fault(node: int, name: str, _: Message) -> object:
@@ -224,9 +238,9 @@ def test_dropout_still_verifies(stage: str) -> None:
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
 
-    model = run(grid, reports=reports)
+    model = run(grid, reports=reports, key_lifetime=key_lifetime)
 
-    included = [p for p in range(NUM_NODES) if stage == "unmask" or p != 1]
+    included = [p for p in range(NUM_NODES) if input_counted or p != 1]
     assert reports[0].verified is True
     assert reports[0].num_aggregated == len(included)
     assert set(verdicts(grid)) == {NODE_IDS[p] for p in included}
@@ -253,11 +267,12 @@ DISTRIBUTED_DP = DPConfig(
 )
 
 
-def test_distributed_dp_rounds_verify() -> None:
+@pytest.mark.parametrize("key_lifetime", KEY_LIFETIMES)
+def test_distributed_dp_rounds_verify(key_lifetime: str) -> None:
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
-    run(grid, rounds=2, reports=reports, dp=DISTRIBUTED_DP)
+    run(grid, rounds=2, reports=reports, dp=DISTRIBUTED_DP, key_lifetime=key_lifetime)
 
     assert [r.verified for r in reports] == [True, True]
     assert reports[1].epsilon is not None
