@@ -319,8 +319,9 @@ def _load_state(context: Context, header: RoundHeader) -> protocol.ClientState:
     state = protocol.ClientState.from_fields(dict(record))
     if (state.run_id, state.server_round) != (header.run_id, header.server_round):
         raise ProtocolError(
-            f"Stage {header.stage.value!r} is for round {header.server_round}, but "
-            f"the client is in round {state.server_round}."
+            f"Stage {header.stage.value!r} is for run {header.run_id} round "
+            f"{header.server_round}, but the client is in run {state.run_id} "
+            f"round {state.server_round}."
         )
     return state
 

@@ -214,3 +214,28 @@ def test_two_clients_losing_one_fail_loudly() -> None:
 
     with pytest.raises(TooFewSurvivorsError):
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+
+def test_hostile_request_of_other_run_rejected() -> None:
+    victim = NODE_IDS[0]
+
+    def fault(node: int, stage: str, message: Message) -> object:
+        if node == victim and stage == "masked-input":
+            record = message.content[PROTOCOL_RECORD]
+            record["run-id"] = (RUN_ID + 1000).to_bytes(8, "big")
+        return None
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    strategy = SecureFedAvg(secure_aggregation=CONFIG, rng=random.Random(1))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+    errors = [
+        reply.error.reason
+        for reply in grid.received
+        if reply.has_error() and reply.metadata.src_node_id == victim
+    ]
+    assert len(errors) == 1
+    assert f"is for run {RUN_ID + 1000} round 1" in errors[0]
+    assert "but the client is in run" in errors[0]

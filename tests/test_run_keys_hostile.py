@@ -684,7 +684,7 @@ def _unmask_lists(nodes: list[int]) -> KeyedUnmaskRequest:
         ("nothing", "before this client registered its keys"),
         ("register", "Stage 'keyed-unmask' arrived before this client's 'keyed-input'"),
         ("setup", "must follow stage 'keyed-input'"),
-        ("keyed-input of round 1", "is for round 2, but the client is in round 1"),
+        ("keyed-input of round 1", "round 2, but the client is in run"),
         ("foreign register", "before this client registered its keys"),
     ],
 )
