@@ -40,7 +40,13 @@ from .dp.accounting import (
     noise_multiplier_for_target,
     quantized_l2_sensitivity,
 )
-from .dp.adaptive import AdaptiveClipping, client_bit, effective_noise_multiplier
+from .dp.adaptive import (
+    BIT_NOISE_FRACTION,
+    BIT_SENSITIVITY,
+    AdaptiveClipping,
+    client_bit,
+    effective_noise_multiplier,
+)
 from .dp.noise import (
     distributed_noise_headroom,
     distributed_noise_scale,
@@ -54,6 +60,16 @@ MAX_NOISE_MULTIPLIER = 1000.0
 """Upper end of the noise multiplier search for distributed DP."""
 
 SEARCH_STEPS = 40
+
+BIT_NOISE_PER_MULTIPLIER = 4.0
+"""Default sigma_b is at least this times z times the bit sum's sensitivity.
+
+A bit sum with noise multiplier 4 z costs 1/16 of what the updates cost in
+Renyi DP, so in central mode z_delta = z / sqrt(1 - 1/16), 3.3% above z.
+"""
+
+DISTRIBUTED_BIT_SENSITIVITY = 1.0
+"""L2 sensitivity of the bit sum in distributed mode, where bits are not centered."""
 
 
 class DPMode(StrEnum):
@@ -82,7 +98,9 @@ class DPConfig:
         target_quantile: gamma, the fraction of updates left unclipped.
         clipping_learning_rate: eta of the geometric clipping-norm update.
         clipped_count_stddev: sigma_b, the noise on the count of unclipped
-            updates; ``None`` means the expected clients per round over 20.
+            updates. ``None`` means the larger of the expected clients per
+            round over 20 and `BIT_NOISE_PER_MULTIPLIER` times the noise
+            multiplier times the bit sum's sensitivity.
         quantization_bits: Grid bits of the distributed mode's encoding.
 
     """
@@ -235,18 +253,18 @@ class ServerPrivacy:
 
     def plan(self, *, num_sampled: int, dimension: int) -> RoundPrivacy:
         """Plan the next round for ``num_sampled`` clients and ``dimension`` values."""
+        z = self._calibrated(num_sampled=num_sampled, dimension=dimension)
         if self.config.adaptive_clipping and self.adaptive is None:
             self.adaptive = AdaptiveClipping(
                 clipping_norm=self.config.clipping_norm,
                 num_sampled=num_sampled,
                 target_quantile=self.config.target_quantile,
                 learning_rate=self.config.clipping_learning_rate,
-                bit_noise_std=self.config.clipped_count_stddev,
+                bit_noise_std=self._bit_noise_std(z, num_sampled=num_sampled),
             )
         clipping_norm = (
             self.adaptive.clipping_norm if self.adaptive else self.config.clipping_norm
         )
-        z = self._calibrated(num_sampled=num_sampled, dimension=dimension)
 
         if self.config.mode is DPMode.CENTRAL:
             update_z = z
@@ -297,6 +315,27 @@ class ServerPrivacy:
             sigma_client=sigma_client,
             bit_sigma_client=bit_sigma,
             encoding=self._encoding(clipping_norm, headroom=headroom),
+        )
+
+    def _bit_noise_std(self, noise_multiplier: float, *, num_sampled: int) -> float:
+        """Return sigma_b, the configured one or the default for this round.
+
+        The default is the larger of m / 20, as Andrew et al. recommend, and
+        `BIT_NOISE_PER_MULTIPLIER` times z times the bit sum's sensitivity.
+        The second term matters when z is large for the number of clients.
+        There, m / 20 alone would leave no budget for the updates in central
+        mode, and would need far more noise on them in distributed mode.
+        """
+        if self.config.clipped_count_stddev is not None:
+            return self.config.clipped_count_stddev
+        sensitivity = (
+            BIT_SENSITIVITY
+            if self.config.mode is DPMode.CENTRAL
+            else DISTRIBUTED_BIT_SENSITIVITY
+        )
+        return max(
+            BIT_NOISE_FRACTION * num_sampled,
+            BIT_NOISE_PER_MULTIPLIER * noise_multiplier * sensitivity,
         )
 
     def budget_exceeded(self, plan: RoundPrivacy, *, dimension: int) -> str | None:
@@ -434,7 +473,7 @@ def _distributed_events(
             DistributedDiscreteGaussianEvent(
                 sigma_client=plan.bit_sigma_client,
                 num_survivors=num_clients,
-                l2_sensitivity=1.0,
+                l2_sensitivity=DISTRIBUTED_BIT_SENSITIVITY,
                 dimension=1,
                 sample_rate=plan.sample_rate,
             )

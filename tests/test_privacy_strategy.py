@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, secure_aggregation_mod
-from fedsec_flwr.privacy import DPConfig, DPMode
+from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
 from tests.loopback import LoopbackGrid
 
 NUM_COORDINATES = 100_000
@@ -260,6 +260,62 @@ def test_distributed_adaptive_clipping_runs() -> None:
     run(grid, dp, rounds=2, reports=reports)
 
     assert reports[1].clipping_norm < 5.0  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("mode", "num_sampled", "noise_multiplier", "expected"),
+    [
+        (DPMode.CENTRAL, 100, 1.0, 5.0),
+        (DPMode.CENTRAL, 10, 1.0, 2.0),
+        (DPMode.DISTRIBUTED, 10, 1.0, 4.0),
+        (DPMode.DISTRIBUTED, 200, 1.0, 10.0),
+    ],
+)
+def test_default_bit_noise_scales_with_noise_multiplier(
+    mode: DPMode, num_sampled: int, noise_multiplier: float, expected: float
+) -> None:
+    server = ServerPrivacy(
+        config=DPConfig(
+            mode=mode, noise_multiplier=noise_multiplier, adaptive_clipping=True
+        ),
+        num_rounds=1,
+        sample_rate=1.0,
+        max_clients=num_sampled,
+        modulus=2**32,
+    )
+
+    server.plan(num_sampled=num_sampled, dimension=100)
+
+    assert server.adaptive is not None
+    assert server.adaptive.noise_std == pytest.approx(expected)
+
+
+def test_central_adaptive_clipping_default_fits_few_clients() -> None:
+    # With m / 20 = 0.25 as sigma_b, z = 1 would leave no budget for the
+    # updates, and the round would fail before it starts.
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1.0, adaptive_clipping=True)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(scaled_train(1.0)), NODE_IDS)
+
+    run(grid, dp, rounds=2, reports=reports)
+
+    assert [r.epsilon is not None for r in reports] == [True, True]
+
+
+def test_distributed_adaptive_clipping_meets_small_target() -> None:
+    dp = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        target_epsilon=1.0,
+        clipping_norm=5.0,
+        adaptive_clipping=True,
+    )
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(scaled_train(1.0)), NODE_IDS)
+
+    run(grid, dp, rounds=2, reports=reports)
+
+    assert len(reports) == 2
+    assert 0 < reports[1].epsilon <= 1.0  # type: ignore[operator]
 
 
 def test_distributed_without_secure_aggregation_rejected() -> None:
