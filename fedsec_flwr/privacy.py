@@ -575,13 +575,20 @@ class ClientPrivacy:
             return None
         clipping_norm = _float_field(fields, "dp-clipping-norm")
         _check_positive("dp-clipping-norm", clipping_norm)
-        return cls(
+        privacy = cls(
             mode=_parse_mode(fields["dp-mode"]),
             clipping_norm=clipping_norm,
             adaptive=bool(fields.get("dp-adaptive")),
             sigma_client=_float_field(fields, "dp-sigma-client"),
             bit_sigma_client=_float_field(fields, "dp-bit-sigma-client"),
         )
+        if privacy.mode is DPMode.DISTRIBUTED:
+            # The server never plans less noise than this, so less means a
+            # server that tries to collect updates with too little noise.
+            _check_min_sigma("dp-sigma-client", privacy.sigma_client)
+            if privacy.adaptive:
+                _check_min_sigma("dp-bit-sigma-client", privacy.bit_sigma_client)
+        return privacy
 
     @classmethod
     def of(cls, plan: RoundPrivacy, config: DPConfig) -> ClientPrivacy:
@@ -592,6 +599,14 @@ class ClientPrivacy:
             adaptive=config.adaptive_clipping,
             sigma_client=plan.sigma_client,
             bit_sigma_client=plan.bit_sigma_client,
+        )
+
+
+def _check_min_sigma(key: str, sigma: float) -> None:
+    if sigma < MIN_DISCRETE_SIGMA:
+        raise ValueError(
+            f"Field {key!r} must be at least {MIN_DISCRETE_SIGMA} in distributed "
+            f"mode. Found {sigma!r}."
         )
 
 

@@ -293,15 +293,24 @@ def test_constants_match_honest_plan() -> None:
 
 # --- Malformed and hostile DP fields ---------------------------------------------
 
+SIGMA_BELOW_MIN = (
+    f"'dp-sigma-client' must be at least {MIN_DISCRETE_SIGMA} in distributed mode. "
+    "Found"
+)
+
 MALFORMED_FIELDS = [
     pytest.param({"dp-sigma-client": math.nan}, "'dp-sigma-client'", id="sigma-nan"),
     pytest.param({"dp-sigma-client": math.inf}, "'dp-sigma-client'", id="sigma-inf"),
     pytest.param({"dp-sigma-client": -1.0}, "'dp-sigma-client'", id="sigma-negative"),
     pytest.param({"dp-sigma-client": "1e9"}, "'dp-sigma-client'", id="sigma-string"),
     pytest.param({"dp-sigma-client": 40000}, "'dp-sigma-client'", id="sigma-int"),
-    pytest.param({"dp-sigma-client": 0.0}, "dp-sigma-client 0.0", id="sigma-zero"),
-    pytest.param({"dp-sigma-client": 0.49}, "dp-sigma-client 0.49", id="sigma-tiny"),
-    pytest.param({"dp-sigma-client": -0.0}, "dp-sigma-client -0.0", id="sigma-neg-0"),
+    pytest.param({"dp-sigma-client": 0.0}, f"{SIGMA_BELOW_MIN} 0.0.", id="sigma-zero"),
+    pytest.param(
+        {"dp-sigma-client": 0.49}, f"{SIGMA_BELOW_MIN} 0.49.", id="sigma-tiny"
+    ),
+    pytest.param(
+        {"dp-sigma-client": -0.0}, f"{SIGMA_BELOW_MIN} -0.0.", id="sigma-neg-0"
+    ),
     pytest.param({"dp-clipping-norm": math.nan}, "'dp-clipping-norm'", id="c-nan"),
     pytest.param({"dp-clipping-norm": math.inf}, "'dp-clipping-norm'", id="c-inf"),
     pytest.param({"dp-clipping-norm": -1.0}, "'dp-clipping-norm'", id="c-negative"),
@@ -319,12 +328,12 @@ MALFORMED_FIELDS = [
     ),
     pytest.param(
         {"dp-adaptive": 1, "dp-bit-sigma-client": 0.0},
-        "dp-bit-sigma-client 0.0",
+        f"'dp-bit-sigma-client' must be at least {MIN_DISCRETE_SIGMA}",
         id="adaptive-without-bit-noise",
     ),
     pytest.param(
         {"dp-adaptive": "false", "dp-bit-sigma-client": 0.0},
-        "dp-bit-sigma-client 0.0",
+        f"'dp-bit-sigma-client' must be at least {MIN_DISCRETE_SIGMA}",
         id="adaptive-string-is-truthy",
     ),
     pytest.param(
@@ -932,3 +941,22 @@ def test_invalid_budget_raises_before_training() -> None:
 
     with pytest.raises(ValueError, match="Invalid dp-\\* node config: max_epsilon"):
         client_app.train_handler(message, context)
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"dp-sigma-client": 0.0, "dp-bit-sigma-client": 0.0}, "dp-sigma-client"),
+        (
+            {"dp-sigma-client": 1.0, "dp-adaptive": 1, "dp-bit-sigma-client": 0.2},
+            "dp-bit-sigma-client",
+        ),
+    ],
+)
+def test_client_without_budget_rejects_too_little_noise(
+    fields: dict[str, object], key: str
+) -> None:
+    request = {"dp-mode": "distributed", "dp-clipping-norm": 1.0, **fields}
+
+    with pytest.raises(ValueError, match=f"'{key}' must be at least"):
+        ClientPrivacy.from_fields(request)
