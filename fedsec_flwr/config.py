@@ -79,6 +79,11 @@ class SecAggConfig:
             _check_int("num_neighbours", self.num_neighbours, minimum=1)
         if self.threshold is not None:
             _check_int("threshold", self.threshold, minimum=MIN_THRESHOLD)
+        if self.threshold is not None and self.threshold > self.max_clients:
+            raise ValueError(
+                f"threshold must not exceed max_clients {self.max_clients}, the "
+                f"most share holders a client can have. Found {self.threshold}."
+            )
         if (
             self.num_neighbours is not None
             and self.threshold is not None
@@ -89,9 +94,11 @@ class SecAggConfig:
                 f"(num_neighbours + 1 = {self.num_neighbours + 1}). "
                 f"Found {self.threshold}."
             )
-        if not isinstance(self.stage_timeout, int | float) or not (
-            math.isfinite(self.stage_timeout) and self.stage_timeout > 0
-        ):
+        _check_real("clip_range", self.clip_range)
+        if (
+            isinstance(self.stage_timeout, bool)
+            or not isinstance(self.stage_timeout, int | float)
+        ) or not (math.isfinite(self.stage_timeout) and self.stage_timeout > 0):
             raise ValueError(
                 "stage_timeout must be a finite number of seconds above 0. "
                 f"Found {self.stage_timeout!r}."
@@ -133,6 +140,13 @@ class SecAggConfig:
             max_weight=self.max_weight,
             max_clients=self.max_clients,
         )
+
+
+def _check_real(name: str, value: object) -> None:
+    # Range checks come later, in the encoding. This one keeps bools and
+    # strings out, which would otherwise pass as 1.0 or fail with a TypeError.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number. Found {value!r}.")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

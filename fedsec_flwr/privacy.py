@@ -130,8 +130,16 @@ class DPConfig:
             _check_positive("noise_multiplier", self.noise_multiplier)
         if self.target_epsilon is not None:
             _check_positive("target_epsilon", self.target_epsilon)
-        if not 0.0 < self.delta < 1.0:
+        if (
+            isinstance(self.delta, bool)
+            or not isinstance(self.delta, int | float)
+            or not 0.0 < self.delta < 1.0
+        ):
             raise ValueError(f"delta must be in (0, 1). Found {self.delta!r}.")
+        if not isinstance(self.adaptive_clipping, bool):
+            raise ValueError(
+                f"adaptive_clipping must be a bool. Found {self.adaptive_clipping!r}."
+            )
         if self.accountant not in (ACCOUNTANT_RDP, ACCOUNTANT_PRV):
             raise ValueError(
                 f"accountant must be 'rdp' or 'prv'. Found {self.accountant!r}."
@@ -141,7 +149,11 @@ class DPConfig:
                 "accountant 'prv' supports only the central mode; the distributed "
                 "mode needs 'rdp'. Found accountant='prv' with mode='distributed'."
             )
-        if not 0.0 < self.target_quantile < 1.0:
+        if (
+            isinstance(self.target_quantile, bool)
+            or not isinstance(self.target_quantile, int | float)
+            or not 0.0 < self.target_quantile < 1.0
+        ):
             raise ValueError(
                 f"target_quantile must be in (0, 1). Found {self.target_quantile!r}."
             )
@@ -160,7 +172,11 @@ class DPConfig:
                 f"({self.noise_multiplier / 2}), or the clipped count spends the "
                 f"whole budget. Found {self.clipped_count_stddev}."
             )
-        if not 2 <= self.quantization_bits <= 24:
+        if (
+            isinstance(self.quantization_bits, bool)
+            or not isinstance(self.quantization_bits, int)
+            or not 2 <= self.quantization_bits <= 24
+        ):
             raise ValueError(
                 "quantization_bits must be between 2 and 24. "
                 f"Found {self.quantization_bits!r}."
@@ -177,7 +193,11 @@ def _parse_mode(mode: object) -> DPMode:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
         raise ValueError(f"{name} must be a finite number above 0. Found {value!r}.")
 
 

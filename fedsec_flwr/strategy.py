@@ -15,6 +15,7 @@ by each client's ``num-examples``, and add it to the global model.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -113,6 +114,42 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 DEFAULT_SECAGG = SecAggConfig()
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_types(
+    *,
+    secure_aggregation: object,
+    differential_privacy: object,
+    verification: object,
+    on_round_end: object,
+    rng: object,
+) -> None:
+    """Reject arguments of the wrong type before they fail deep in a round."""
+    expected = (
+        ("secure_aggregation", secure_aggregation, SecAggConfig, "a SecAggConfig"),
+        ("differential_privacy", differential_privacy, DPConfig, "a DPConfig"),
+        ("rng", rng, random.Random, "a random.Random"),
+    )
+    for name, value, kind, description in expected:
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(
+                f"{name} must be {description} or None. "
+                f"Found {type(value).__name__} {value!r}."
+            )
+    if not isinstance(verification, bool | VerificationConfig):
+        raise ValueError(
+            "verification must be a bool or a VerificationConfig. "
+            f"Found {type(verification).__name__}."
+        )
+    if on_round_end is not None and not callable(on_round_end):
+        raise ValueError(
+            "on_round_end must be callable or None. "
+            f"Found {type(on_round_end).__name__}."
+        )
+
+
 class SecureFedAvg(Strategy):
     """Weighted FedAvg over SecAgg+ secure aggregation.
 
@@ -150,13 +187,40 @@ class SecureFedAvg(Strategy):
         rng: random.Random | None = None,
         verification: VerificationConfig | bool = False,
     ) -> None:
-        if not 0.0 < fraction_train <= 1.0:
+        _check_types(
+            secure_aggregation=secure_aggregation,
+            differential_privacy=differential_privacy,
+            verification=verification,
+            on_round_end=on_round_end,
+            rng=rng,
+        )
+        if not _is_number(fraction_train) or not 0.0 < fraction_train <= 1.0:
             raise ValueError(
                 f"fraction_train must be in (0, 1]. Found {fraction_train!r}."
             )
-        if min_train_nodes < 1:
+        for name, count in (
+            ("min_train_nodes", min_train_nodes),
+            ("min_available_nodes", min_available_nodes),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(
+                    f"{name} must be an int of at least 1. Found {count!r}."
+                )
+        if not _is_number(plain_timeout) or not (
+            math.isfinite(plain_timeout) and plain_timeout > 0
+        ):
             raise ValueError(
-                f"min_train_nodes must be at least 1. Found {min_train_nodes!r}."
+                "plain_timeout must be a finite number of seconds above 0. "
+                f"Found {plain_timeout!r}."
+            )
+        if (
+            secure_aggregation is not None
+            and min_train_nodes > secure_aggregation.max_clients
+        ):
+            raise ValueError(
+                "min_train_nodes must not exceed secure_aggregation.max_clients "
+                f"{secure_aggregation.max_clients}, or no round can start. "
+                f"Found {min_train_nodes}."
             )
         if min_available_nodes < min_train_nodes:
             raise ValueError(

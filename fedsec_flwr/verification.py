@@ -21,6 +21,7 @@ round structure of `SecureFedAvg` and the client mods, without Flower:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -116,7 +117,17 @@ class VerificationConfig:
                 f"pipelined must be a bool. Found {type(self.pipelined).__name__}."
             )
         if self.audit_path is not None:
+            if not isinstance(self.audit_path, str | os.PathLike):
+                raise ValueError(
+                    "audit_path must be a path. "
+                    f"Found {type(self.audit_path).__name__}."
+                )
             path = Path(self.audit_path)
+            if str(self.audit_path) == "" or path.is_dir():
+                raise ValueError(
+                    "audit_path must name a file, not a folder. "
+                    f"Found {str(self.audit_path)!r}."
+                )
             if not path.parent.is_dir():
                 raise ValueError(
                     "audit_path must be in an existing folder. "

@@ -91,3 +91,64 @@ def test_strategy_needs_two_clients_for_secure_aggregation() -> None:
 def test_plain_mode_is_explicit() -> None:
     assert SecureFedAvg().secure_aggregation is not None
     assert SecureFedAvg(secure_aggregation=None).secure_aggregation is None
+
+
+def test_threshold_above_max_clients_rejected() -> None:
+    with pytest.raises(ValueError, match="threshold must not exceed max_clients 10"):
+        SecAggConfig(max_clients=10, threshold=50)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"clip_range": True}, "clip_range must be a number. Found True"),
+        ({"clip_range": "1.0"}, "clip_range must be a number. Found '1.0'"),
+        ({"clip_range": None}, "clip_range must be a number. Found None"),
+        ({"stage_timeout": True}, "stage_timeout must be .* Found True"),
+        ({"stage_timeout": "5"}, "stage_timeout must be .* Found '5'"),
+    ],
+)
+def test_secagg_config_wrong_types_rejected(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SecAggConfig(**changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"secure_aggregation": True}, "secure_aggregation must be a SecAggConfig"),
+        (
+            {"differential_privacy": "central"},
+            "differential_privacy must be a DPConfig",
+        ),
+        (
+            {"verification": "yes"},
+            "verification must be a bool or a VerificationConfig",
+        ),
+        ({"on_round_end": 5}, "on_round_end must be callable"),
+        ({"rng": 7}, "rng must be a random.Random"),
+        ({"fraction_train": True}, "fraction_train must be in"),
+        ({"min_train_nodes": 2.5}, "min_train_nodes must be an int"),
+        ({"min_train_nodes": math.nan}, "min_train_nodes must be an int"),
+        ({"min_available_nodes": True}, "min_available_nodes must be an int"),
+        ({"plain_timeout": -1}, "plain_timeout must be .* Found -1"),
+        ({"plain_timeout": math.nan}, "plain_timeout must be .* Found nan"),
+        ({"plain_timeout": math.inf}, "plain_timeout must be .* Found inf"),
+        ({"plain_timeout": "5"}, "plain_timeout must be .* Found '5'"),
+        (
+            {
+                "secure_aggregation": SecAggConfig(max_clients=10),
+                "min_train_nodes": 11,
+                "min_available_nodes": 11,
+            },
+            "min_train_nodes must not exceed secure_aggregation.max_clients 10",
+        ),
+    ],
+)
+def test_strategy_wrong_arguments_rejected(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SecureFedAvg(**changes)  # type: ignore[arg-type]

@@ -390,3 +390,31 @@ def test_poisson_sampling_amplifies_central_accounting() -> None:
         epsilons[sampling] = reports[0].epsilon
 
     assert epsilons["poisson"] < epsilons["fixed"]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"quantization_bits": 2.5}, "quantization_bits must be between"),
+        ({"quantization_bits": "16"}, "quantization_bits must be between"),
+        ({"adaptive_clipping": "yes"}, "adaptive_clipping must be a bool"),
+        ({"adaptive_clipping": None}, "adaptive_clipping must be a bool"),
+        ({"noise_multiplier": True}, "noise_multiplier must be a finite number"),
+        ({"delta": "1e-5"}, "delta must be in"),
+        ({"delta": True}, "delta must be in"),
+        ({"target_quantile": "0.5"}, "target_quantile must be in"),
+    ],
+)
+def test_dp_config_wrong_types_rejected(
+    changes: dict[str, object], message: str
+) -> None:
+    arguments: dict[str, object] = {"mode": DPMode.CENTRAL, "noise_multiplier": 1.0}
+    arguments.update(changes)
+
+    with pytest.raises(ValueError, match=message):
+        DPConfig(**arguments)  # type: ignore[arg-type]
+
+
+def test_dp_config_target_epsilon_bool_rejected() -> None:
+    with pytest.raises(ValueError, match="target_epsilon must be a finite number"):
+        DPConfig(mode=DPMode.CENTRAL, target_epsilon=True)  # type: ignore[arg-type]

@@ -340,6 +340,15 @@ def test_missing_audit_folder_rejected(tmp_path: Path) -> None:
         VerificationConfig(audit_path=tmp_path / "missing" / "audit.json")
 
 
+@pytest.mark.parametrize("kind", ["folder", "empty", "int"])
+def test_audit_path_not_a_file_rejected(tmp_path: Path, kind: str) -> None:
+    value: object = {"folder": tmp_path, "empty": "", "int": 5}[kind]
+    message = "audit_path must be a path" if kind == "int" else "not a folder"
+
+    with pytest.raises(ValueError, match=message):
+        VerificationConfig(audit_path=value)  # type: ignore[arg-type]
+
+
 def test_modulus_too_small_for_blinding_rejected() -> None:
     small = SecAggConfig(modulus=2**20, max_weight=1, max_clients=100)
 
