@@ -5,6 +5,7 @@ The keys and their defaults live in ``[tool.flwr.app.config]`` of the app's
 checked here once, with errors that name the key, the constraint and the value.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -17,6 +18,9 @@ DP_MODES = ("off", "central", "distributed")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("rdp", "prv")
 POLICIES = ("refuse", "report")
+
+MAX_CONFIG_INT = 2**31 - 1
+"""Largest magnitude of an integer setting; no setting of the app needs more."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +198,7 @@ class AppSettings:
             _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS),
             _check_min_float("noise-multiplier", self.noise_multiplier),
             _check_min_float("target-epsilon", self.target_epsilon),
-            _check_fraction("delta", self.delta),
+            _check_open_fraction("delta", self.delta),
             _check_positive("clipping-norm", self.clipping_norm),
             _check_fraction("clipping-quantile", self.clipping_quantile),
             _check_positive("clipping-learning-rate", self.clipping_learning_rate),
@@ -203,7 +207,40 @@ class AppSettings:
             _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
             self._check_noise_choice(),
+            *self._check_unused_settings(),
         ]
+
+    def _check_unused_settings(self) -> list[str]:
+        # A setting that the other settings switch off is most likely a
+        # mistake, for example noise asked for with dp-mode still off.
+        problems = []
+        if self.dp_mode == "off":
+            settings = (
+                ("noise-multiplier", self.noise_multiplier, self.noise_multiplier > 0),
+                ("target-epsilon", self.target_epsilon, self.target_epsilon > 0),
+                ("adaptive-clipping", "true", self.adaptive_clipping),
+            )
+            unused = [f"{key}={value}" for key, value, used in settings if used]
+            if unused:
+                problems.append(
+                    f"dp-mode is off, so {', '.join(unused)} would have no effect; "
+                    "set dp-mode to central or distributed, or remove them."
+                )
+        if not self.dp_sgd and (
+            self.dp_sgd_noise_multiplier > 0 or self.dp_sgd_target_epsilon > 0
+        ):
+            problems.append(
+                "dp-sgd is false, so dp-sgd-noise-multiplier="
+                f"{self.dp_sgd_noise_multiplier} and dp-sgd-target-epsilon="
+                f"{self.dp_sgd_target_epsilon} would have no effect; set dp-sgd=true "
+                "or set them to 0."
+            )
+        if self.verification_pipelined and not self.verification:
+            problems.append(
+                "verification-pipelined=true needs verification=true; found "
+                "verification=false."
+            )
+        return problems
 
     def _check_noise_choice(self) -> str:
         if self.dp_mode != "off" and (self.noise_multiplier > 0) == (
@@ -255,6 +292,10 @@ def _get_int(run_config: Mapping[str, ConfigValue], key: str) -> int:
     value = _require(run_config, key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key} must be an integer. Found {value!r}.")
+    if abs(value) > MAX_CONFIG_INT:
+        raise ValueError(
+            f"{key} must be at most {MAX_CONFIG_INT} in magnitude. Found {value}."
+        )
     return value
 
 
@@ -263,6 +304,8 @@ def _get_float(run_config: Mapping[str, ConfigValue], key: str) -> float:
     value = _require(run_config, key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number. Found {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number. Found {value!r}.")
     return float(value)
 
 
@@ -296,7 +339,13 @@ def _check_fraction(key: str, value: float) -> str:
     return f"{key} must be in (0, 1]; found {value}."
 
 
-def _check_nonempty(key: str, value: str) -> str:
-    if value:
+def _check_open_fraction(key: str, value: float) -> str:
+    if 0.0 < value < 1.0:
         return ""
-    return f"{key} must not be empty."
+    return f"{key} must be in (0, 1); found {value}."
+
+
+def _check_nonempty(key: str, value: str) -> str:
+    if value.strip():
+        return ""
+    return f"{key} must not be empty or blank; found {value!r}."

@@ -1,0 +1,85 @@
+"""The app's run config is checked when it is parsed, before any round starts."""
+
+import math
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "secure_fedavg"
+sys.path.insert(0, str(APP_DIR))
+
+from secure_fedavg_app.settings import MAX_CONFIG_INT, AppSettings  # noqa: E402
+
+
+def default_config() -> dict[str, object]:
+    with (APP_DIR / "pyproject.toml").open("rb") as file:
+        project = tomllib.load(file)
+    return dict(project["tool"]["flwr"]["app"]["config"])
+
+
+def parse(**changes: object) -> AppSettings:
+    config = default_config()
+    config.update({key.replace("_", "-"): value for key, value in changes.items()})
+    return AppSettings.from_run_config(config)  # type: ignore[arg-type]
+
+
+def test_defaults_parse() -> None:
+    settings = parse()
+
+    assert settings.dp_mode == "off"
+    assert settings.verification is False
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"noise_multiplier": 1.0}, "dp-mode is off, so noise-multiplier=1.0"),
+        ({"target_epsilon": 3.0}, "dp-mode is off, so target-epsilon=3.0"),
+        ({"adaptive_clipping": True}, "dp-mode is off, so adaptive-clipping=true"),
+        ({"dp_sgd_target_epsilon": 3.0}, "dp-sgd is false, so dp-sgd-noise"),
+        ({"dp_sgd_noise_multiplier": 1.0}, "dp-sgd is false, so dp-sgd-noise"),
+        ({"verification_pipelined": True}, "verification-pipelined=true needs"),
+    ],
+)
+def test_settings_switched_off_rejected(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse(**changes)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["dirichlet_alpha", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm", "delta"],
+)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_numbers_rejected(key: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{key.replace('_', '-')} must be a finite"):
+        parse(**{key: value})
+
+
+@pytest.mark.parametrize(
+    "key", ["num_server_rounds", "local_epochs", "batch_size", "seed"]
+)
+@pytest.mark.parametrize("value", [2**63, 10**30, MAX_CONFIG_INT + 1])
+def test_huge_integers_rejected(key: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"at most {MAX_CONFIG_INT} in magnitude"):
+        parse(**{key: value})
+
+
+def test_delta_of_one_rejected() -> None:
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\); found 1.0"):
+        parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, delta=1.0)
+
+
+def test_blank_output_dir_rejected() -> None:
+    with pytest.raises(ValueError, match="output-dir must not be empty or blank"):
+        parse(output_dir="  ")
+
+
+def test_pipelined_verification_with_verification_accepted() -> None:
+    settings = parse(verification=True, verification_pipelined=True)
+
+    assert settings.verification_pipelined is True
