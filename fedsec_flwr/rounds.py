@@ -1163,7 +1163,7 @@ def run_plain_round(
         check_client_arrays(local, global_arrays)
         return layout.difference(local, global_arrays), num_examples(reply.content)
 
-    updates = _parse_replies(replies, parse, Stage.MASKED_INPUT, server_round)
+    updates = _parse_replies(replies, parse, Stage.PLAIN_INPUT, server_round)
     bit_sum = 0
     if privacy is not None:
         for node, (update, _) in updates.items():

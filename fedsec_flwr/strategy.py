@@ -55,6 +55,9 @@ NODE_WAIT_INTERVAL = 1.0
 SAMPLING_FIXED = "fixed"
 SAMPLING_POISSON = "poisson"
 
+MAX_SHORT_ROUND_PROBABILITY = 0.01
+"""Largest accepted chance that Poisson sampling stops a run with a short round."""
+
 
 @dataclass
 class RoundReport:
@@ -112,6 +115,21 @@ RoundCallback = Callable[[RoundReport], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 DEFAULT_SECAGG = SecAggConfig()
+
+
+def poisson_short_round_probability(
+    *, num_nodes: int, sample_rate: float, min_sampled: int
+) -> float:
+    """Return the probability that Poisson sampling draws fewer than `min_sampled`.
+
+    The count of sampled nodes is Binomial(num_nodes, sample_rate).
+    """
+    return sum(
+        math.comb(num_nodes, count)
+        * sample_rate**count
+        * (1.0 - sample_rate) ** (num_nodes - count)
+        for count in range(min(min_sampled, num_nodes + 1))
+    )
 
 
 def _is_number(value: object) -> bool:
@@ -357,7 +375,9 @@ class SecureFedAvg(Strategy):
         waiting_report: RoundReport | None = None
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
-            nodes = self._sample_nodes(grid, server_round, timeout)
+            nodes = self._sample_nodes(
+                grid, server_round, timeout, num_rounds=num_rounds
+            )
             round_privacy = None
             if privacy is not None:
                 plan = privacy.plan(num_sampled=len(nodes), dimension=dimension)
@@ -501,7 +521,9 @@ class SecureFedAvg(Strategy):
             on_verified=self._check_verified,
         )
 
-    def _sample_nodes(self, grid: Grid, server_round: int, timeout: float) -> list[int]:
+    def _sample_nodes(
+        self, grid: Grid, server_round: int, timeout: float, *, num_rounds: int
+    ) -> list[int]:
         deadline = time.monotonic() + timeout
         available = sorted(grid.get_node_ids())
         while len(available) < self.min_available_nodes:
@@ -514,6 +536,8 @@ class SecureFedAvg(Strategy):
             available = sorted(grid.get_node_ids())
 
         if self.client_sampling == SAMPLING_POISSON:
+            if server_round == 1:
+                self._check_poisson_sample_size(len(available), num_rounds)
             chosen = [n for n in available if self.rng.random() < self.fraction_train]
             if len(chosen) < self.min_train_nodes:
                 raise TooFewSurvivorsError(
@@ -528,6 +552,31 @@ class SecureFedAvg(Strategy):
         return self._check_limit(
             server_round, sorted(self.rng.sample(available, count))
         )
+
+    def _check_poisson_sample_size(self, num_nodes: int, num_rounds: int) -> None:
+        """Raise if some round would likely draw too few clients to run.
+
+        A round that draws fewer than ``min_train_nodes`` clients cannot run
+        and cannot be skipped quietly, since whether it runs depends on who
+        was sampled. So a setting where that is likely is rejected before
+        round 1.
+        """
+        short = poisson_short_round_probability(
+            num_nodes=num_nodes,
+            sample_rate=self.fraction_train,
+            min_sampled=self.min_train_nodes,
+        )
+        failure = 1.0 - (1.0 - short) ** num_rounds
+        if failure > MAX_SHORT_ROUND_PROBABILITY:
+            raise ValueError(
+                f"Poisson sampling with fraction_train {self.fraction_train} over "
+                f"{num_nodes} nodes draws fewer than min_train_nodes "
+                f"{self.min_train_nodes} in at least one of {num_rounds} rounds "
+                f"with probability {failure:.3g}, above "
+                f"{MAX_SHORT_ROUND_PROBABILITY}, and such a round stops the run. "
+                "Raise fraction_train or the number of nodes, or sample with "
+                f"client_sampling={SAMPLING_FIXED!r}."
+            )
 
     def _check_limit(self, server_round: int, nodes: list[int]) -> list[int]:
         count = len(nodes)

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, secure_aggregation_mod
 from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
+from fedsec_flwr.strategy import poisson_short_round_probability
 from tests.loopback import LoopbackGrid
 
 NUM_COORDINATES = 100_000
@@ -418,3 +419,27 @@ def test_dp_config_wrong_types_rejected(
 def test_dp_config_target_epsilon_bool_rejected() -> None:
     with pytest.raises(ValueError, match="target_epsilon must be a finite number"):
         DPConfig(mode=DPMode.CENTRAL, target_epsilon=True)  # type: ignore[arg-type]
+
+
+def test_poisson_short_round_probability_is_binomial_tail() -> None:
+    probability = poisson_short_round_probability(
+        num_nodes=5, sample_rate=0.3, min_sampled=2
+    )
+
+    assert probability == pytest.approx(0.7**5 + 5 * 0.3 * 0.7**4)
+
+
+def test_poisson_sampling_likely_to_stop_run_rejected() -> None:
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        fraction_train=0.3,
+        client_sampling="poisson",
+        rng=random.Random(0),
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    with pytest.raises(ValueError, match=r"fraction_train 0\.3 over 5 nodes"):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=3)
+
+    assert grid.sent == []
