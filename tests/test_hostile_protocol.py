@@ -239,3 +239,25 @@ def test_hostile_request_of_other_run_rejected() -> None:
     assert len(errors) == 1
     assert f"is for run {RUN_ID + 1000} round 1" in errors[0]
     assert "but the client is in run" in errors[0]
+
+
+@pytest.mark.parametrize("kind", ["encryption", "mask", "own"])
+def test_hostile_repeated_neighbour_keys_rejected(kind: str) -> None:
+    state, _ = protocol.client_setup(run_id=RUN_ID, server_round=ROUND, node_id=1)
+    encryption, masking = _neighbour_keys(3)
+    if kind == "encryption":
+        encryption = (encryption[0], encryption[0], encryption[2])
+    elif kind == "mask":
+        masking = (masking[1], masking[1], masking[2])
+    else:
+        own = keys.public_key_bytes(keys.load_private_key(state.mask_private_key))
+        masking = (own, masking[1], masking[2])
+    request = ShareKeysRequest(
+        threshold=3,
+        neighbour_ids=(2, 3, 4),
+        encryption_public_keys=encryption,
+        mask_public_keys=masking,
+    )
+
+    with pytest.raises(ProtocolError, match="Found a repeated key"):
+        protocol.client_share_keys(state, request)

@@ -1623,7 +1623,11 @@ def test_hostile_client_unusable_keys_left_out() -> None:
 
 
 def test_hostile_client_registers_copied_keys() -> None:
-    """A client that registers another client's public keys aborts the round."""
+    """A client that registers another client's public keys aborts the round.
+
+    Every client that sees both key sets rejects the repeated key before it
+    trains, so the round ends at keyed-input.
+    """
     hostile, copied = FIVE[4], FIVE[0]
     grid = LoopbackGrid(make_app(), FIVE)
 
@@ -1633,7 +1637,7 @@ def test_hostile_client_registers_copied_keys() -> None:
 
     grid.fault = _hostile_client(hostile, Stage.REGISTER, _rewrite_protocol(copy_keys))
 
-    with pytest.raises(TooFewSurvivorsError, match="Decryption failed"):
+    with pytest.raises(TooFewSurvivorsError, match="Found a repeated key"):
         _run_strategy(grid, rounds=1)
 
 

@@ -196,6 +196,22 @@ def check_neighbour_request(state: ClientState, request: ShareKeysRequest) -> No
             raise ProtocolError(
                 f"Public keys must be {keys.KEY_SIZE} bytes. Found {len(public_key)}."
             )
+    own_keys = {
+        keys.public_key_bytes(keys.load_private_key(private))
+        for private in (state.encryption_private_key, state.mask_private_key)
+    }
+    for kind, public_keys in (
+        ("encryption", request.encryption_public_keys),
+        ("mask", request.mask_public_keys),
+    ):
+        # Honest neighbours never share a key, so a repeated key means the
+        # server altered the list. The masks would still differ, because each
+        # pair's mask expansion binds both node ids.
+        if len(set(public_keys)) != len(public_keys) or own_keys & set(public_keys):
+            raise ProtocolError(
+                f"The neighbours' {kind} public keys must be distinct and differ "
+                "from this client's own keys. Found a repeated key."
+            )
 
 
 def share_key(state: ClientState, peer_public_key: bytes) -> bytes:
