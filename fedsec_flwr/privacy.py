@@ -363,6 +363,8 @@ class ServerPrivacy:
         target = self.config.target_epsilon
         if target is None:
             return None
+        # TODO: in distributed mode, calibrate and project with the fewest
+        # survivors a round can complete with, so dropouts cannot pass the target.
         projected = compute_epsilon(
             [
                 *self.accountant.history,
