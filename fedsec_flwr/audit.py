@@ -38,6 +38,7 @@ from .core.transcript import (
     AuditResult,
     RoundTranscript,
     audit_round,
+    is_lower_hex,
     parse_untrusted_json,
 )
 
@@ -49,8 +50,6 @@ INLINE_AGGREGATE_MAX_VALUES = 1024
 
 EXIT_VERIFIED = 0
 EXIT_FAILED = 1
-
-_LOWER_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -199,7 +198,7 @@ def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
             f"values ({max_digits} hex digits). Found {len(text)} digits; store "
             "a longer aggregate in an .npy file."
         )
-    if len(text) % 8 or any(digit not in _LOWER_HEX_DIGITS for digit in text):
+    if len(text) % 8 or not is_lower_hex(text):
         raise ValueError(
             "aggregate_hex must be lowercase hex of whole uint32 values, 8 digits "
             f"each. Found {text[:80]!r}."

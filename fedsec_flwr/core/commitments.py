@@ -110,10 +110,10 @@ _WEIGHT_BYTES = PROJECTION_WEIGHT_BITS // 8
 _ZERO_COUNTER = bytes(16)
 _POINT_SIZE = 32
 
-# project multiplies rows of values, as float64, by the bytes of the column
-# weights. A product of a value below 2**32 and a byte is below 2**40, and a
-# row of 2**13 of them sums below 2**53, so every partial sum is an integer
-# that float64 represents exactly, in whatever order the matrix product adds.
+# project converts this many rows of values to float64 at a time (4 MiB) and
+# multiplies them by the bytes of the column weights. Each product is below
+# 2**40 and a row adds 2**13 of them, so every partial sum is an integer below
+# 2**53, which float64 represents exactly in any order of addition.
 _ROWS_PER_BLOCK = 64
 
 # aggregate_digest hashes the aggregate in chunks of this many values.

@@ -265,6 +265,11 @@ def parse_untrusted_json(text: str) -> Any:
         raise ValueError("the JSON nests too deeply") from None
 
 
+def is_lower_hex(text: str) -> bool:
+    """Return whether `text` is lowercase hex of whole bytes, the canonical form."""
+    return _LOWER_HEX.fullmatch(text) is not None
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -665,7 +670,7 @@ def _decimal(name: str, text: object) -> int:
 def _hex(name: str, text: object) -> bytes:
     if not isinstance(text, str):
         raise ValueError(f"{name} must hold hex strings. Found {type(text).__name__}.")
-    if not _LOWER_HEX.fullmatch(text):
+    if not is_lower_hex(text):
         raise ValueError(
             f"{name} must hold lowercase hex strings of whole bytes. "
             f"Found {text[:80]!r}."
