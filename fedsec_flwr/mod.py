@@ -46,7 +46,7 @@ from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
 from . import verification
-from .budget import ClientPrivacyBudget, SpentRound
+from .budget import ClientPrivacyBudget, PrivacyBudgetError, SpentRound
 from .core import client as protocol
 from .core import commitments, run_keys
 from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
@@ -370,11 +370,28 @@ def _run_secure_stage(
     if header.stage is Stage.MASKED_INPUT:
         return _masked_input(state, header, fields, msg, context, call_next, options)
 
-    state, unmask_reply = protocol.client_unmask(
-        state, UnmaskRequest.from_fields(fields)
-    )
+    unmask_request = UnmaskRequest.from_fields(fields)
+    _check_budget_inputs(unmask_request.survivor_ids, options)
+    state, unmask_reply = protocol.client_unmask(state, unmask_request)
     _save_state(context, state)
     return unmask_reply.to_fields(), {}
+
+
+def _check_budget_inputs(survivor_ids: tuple[int, ...], options: _Options) -> None:
+    """Reject unmasking a sum of fewer inputs than the privacy budget counts on.
+
+    The budget counts the noise of ``min_honest_clients`` clients in each
+    sum, so revealing shares for a sum of fewer inputs would release more
+    than the client accounted for.
+    """
+    budget = options.privacy_budget
+    num_inputs = len(set(survivor_ids))
+    if budget is not None and num_inputs < budget.min_honest_clients:
+        raise PrivacyBudgetError(
+            f"The unmask request lists {num_inputs} masked input(s), fewer "
+            f"than min_honest_clients {budget.min_honest_clients} of this client's "
+            "privacy budget, which counts on their noise; no shares are revealed."
+        )
 
 
 def _masked_input(
@@ -492,8 +509,10 @@ def _run_keyed_stage(
             f"Stage {header.stage.value!r} arrived before this client's "
             f"{Stage.KEYED_INPUT.value!r} stage."
         )
+    keyed_request = KeyedUnmaskRequest.from_fields(fields)
+    _check_budget_inputs(keyed_request.survivor_ids, options)
     state, reply = run_keys.client_keyed_unmask(
-        _load_state(context, header), KeyedUnmaskRequest.from_fields(fields)
+        _load_state(context, header), keyed_request
     )
     _save_state(context, state)
     return reply.to_fields(), {}

@@ -8,7 +8,10 @@ Two modes, both with client-side L2 clipping of the update before encoding:
   encoded update before masking (Kairouz, Liu and Steinke 2021), so nobody,
   the server included, sees an un-noised sum. Each client's share is
   calibrated for the clients sampled in the round; when some drop out the
-  sum carries less noise, and the accountant records the survivors.
+  sum carries less noise, and the accountant records the survivors. In
+  target mode the noise also covers up to ``max_dropout_fraction`` of the
+  round's clients dropping out, and a round with more dropouts is aborted
+  before its sum is unmasked, so the reported epsilon never passes the target.
 
 Under DP every client has weight 1, because the sensitivity argument bounds
 one client's contribution to an unweighted sum. The clipping norm doubles as
@@ -71,6 +74,9 @@ Renyi DP, so in central mode z_delta = z / sqrt(1 - 1/16), 3.3% above z.
 DISTRIBUTED_BIT_SENSITIVITY = 1.0
 """L2 sensitivity of the bit sum in distributed mode, where bits are not centered."""
 
+DEFAULT_MAX_DROPOUT_FRACTION = 0.1
+"""Share of a distributed round's clients that may drop out in target mode."""
+
 
 class DPMode(StrEnum):
     """Placement of the noise: on the server or on every client."""
@@ -102,6 +108,12 @@ class DPConfig:
             round over 20 and `BIT_NOISE_PER_MULTIPLIER` times the noise
             multiplier times the bit sum's sensitivity.
         quantization_bits: Grid bits of the distributed mode's encoding.
+        max_dropout_fraction: In distributed mode with ``target_epsilon``,
+            the largest fraction of a round's sampled clients that may fail
+            to add their noise. Each round's noise is chosen so that even
+            the fewest clients this allows keep the run within the target,
+            and a round with fewer noised inputs is aborted before its sum
+            is unmasked. Ignored in the other modes.
 
     """
 
@@ -116,6 +128,7 @@ class DPConfig:
     clipping_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
     quantization_bits: int = 16
+    max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _parse_mode(self.mode))
@@ -181,6 +194,24 @@ class DPConfig:
                 "quantization_bits must be between 2 and 24. "
                 f"Found {self.quantization_bits!r}."
             )
+        if (
+            isinstance(self.max_dropout_fraction, bool)
+            or not isinstance(self.max_dropout_fraction, int | float)
+            or not 0.0 <= self.max_dropout_fraction < 1.0
+        ):
+            raise ValueError(
+                "max_dropout_fraction must be at least 0 and below 1. "
+                f"Found {self.max_dropout_fraction!r}."
+            )
+
+
+def min_noised_inputs(num_sampled: int, max_dropout_fraction: float) -> int:
+    """Return the fewest of ``num_sampled`` clients a round may release the sum of.
+
+    That is ``num_sampled`` minus the whole number of clients that
+    ``max_dropout_fraction`` allows to drop, and at least 1.
+    """
+    return max(1, num_sampled - math.floor(max_dropout_fraction * num_sampled))
 
 
 def _parse_mode(mode: object) -> DPMode:
@@ -218,6 +249,8 @@ class RoundPrivacy:
         bit_sigma_client: Each client's sigma on its clipping bit
             (distributed adaptive mode), else 0.
         encoding: The round's fixed-point encoding under DP.
+        min_inputs: The fewest noised inputs whose sum the round may release
+            (distributed target mode), else 0 for no limit.
 
     """
 
@@ -229,6 +262,7 @@ class RoundPrivacy:
     sigma_client: float
     bit_sigma_client: float
     encoding: EncodingParams | None
+    min_inputs: int = 0
 
 
 @dataclass
@@ -255,6 +289,7 @@ class ServerPrivacy:
     accountant: PrivacyAccountant = field(init=False)
     adaptive: AdaptiveClipping | None = field(init=False, default=None)
     _noise_multiplier: float | None = field(init=False, default=None)
+    _rounds_done: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if self.config.mode is DPMode.DISTRIBUTED and self.modulus is None:
@@ -306,11 +341,32 @@ class ServerPrivacy:
                 encoding=encoding,
             )
 
+        return self._distributed_plan(
+            z,
+            clipping_norm=clipping_norm,
+            num_sampled=num_sampled,
+            dimension=dimension,
+            bit_noise_std=self.adaptive.noise_std if self.adaptive else None,
+        )
+
+    def _distributed_plan(
+        self,
+        noise_multiplier: float,
+        *,
+        clipping_norm: float,
+        num_sampled: int,
+        dimension: int,
+        bit_noise_std: float | None,
+    ) -> RoundPrivacy:
+        """Plan a distributed round with noise multiplier z for all sampled clients.
+
+        ``bit_noise_std`` is sigma_b of adaptive clipping, ``None`` without it.
+        """
         scale = self._scale(clipping_norm)
         sigma_client = max(
             MIN_DISCRETE_SIGMA,
             distributed_noise_scale(
-                noise_multiplier=z,
+                noise_multiplier=noise_multiplier,
                 clipping_norm=clipping_norm,
                 quantization_scale=scale,
                 num_clients=num_sampled,
@@ -322,19 +378,23 @@ class ServerPrivacy:
             num_coordinates=dimension + 1,
         )
         bit_sigma = 0.0
-        if self.adaptive is not None:
-            bit_sigma = max(
-                MIN_DISCRETE_SIGMA, self.adaptive.noise_std / math.sqrt(num_sampled)
+        if bit_noise_std is not None:
+            bit_sigma = max(MIN_DISCRETE_SIGMA, bit_noise_std / math.sqrt(num_sampled))
+        min_inputs = 0
+        if self.config.target_epsilon is not None:
+            min_inputs = min_noised_inputs(
+                num_sampled, self.config.max_dropout_fraction
             )
         return RoundPrivacy(
             clipping_norm=clipping_norm,
-            noise_multiplier=z,
-            update_noise_multiplier=z,
+            noise_multiplier=noise_multiplier,
+            update_noise_multiplier=noise_multiplier,
             num_sampled=num_sampled,
             sample_rate=self.sample_rate,
             sigma_client=sigma_client,
             bit_sigma_client=bit_sigma,
             encoding=self._encoding(clipping_norm, headroom=headroom),
+            min_inputs=min_inputs,
         )
 
     def _bit_noise_std(self, noise_multiplier: float, *, num_sampled: int) -> float:
@@ -363,21 +423,27 @@ class ServerPrivacy:
         target = self.config.target_epsilon
         if target is None:
             return None
-        # TODO: in distributed mode, calibrate and project with the fewest
-        # survivors a round can complete with, so dropouts cannot pass the target.
+        # In distributed mode the round may release the sum of as few as
+        # min_inputs noised inputs, so that is the case to project.
         projected = compute_epsilon(
             [
                 *self.accountant.history,
-                *self._events(plan, plan.num_sampled, dimension),
+                *self._events(plan, plan.min_inputs or plan.num_sampled, dimension),
             ],
             delta=self.config.delta,
             accountant=self.config.accountant,
         )
         if projected <= target:
             return None
+        inputs = ""
+        if plan.min_inputs:
+            inputs = (
+                f" if only {plan.min_inputs} of its {plan.num_sampled} clients "
+                "add their noise"
+            )
         return (
-            f"the next round would raise epsilon to {projected:.4f}, above the "
-            f"target {target} at delta {self.config.delta}"
+            f"the next round would raise epsilon to {projected:.4f}{inputs}, above "
+            f"the target {target} at delta {self.config.delta}"
         )
 
     def record(
@@ -386,6 +452,7 @@ class ServerPrivacy:
         """Record what the round really released and return the new epsilon."""
         for event in self._events(plan, num_aggregated, dimension):
             self.accountant.record(event)
+        self._rounds_done += 1
         if self.config.mode is DPMode.DISTRIBUTED and num_aggregated < plan.num_sampled:
             logger.warning(
                 "Only %d of %d planned clients added noise; the accountant records "
@@ -447,29 +514,107 @@ class ServerPrivacy:
     def _calibrated(self, *, num_sampled: int, dimension: int) -> float:
         if self.config.noise_multiplier is not None:
             return self.config.noise_multiplier
-        if self._noise_multiplier is None:
-            self._noise_multiplier = self._search_noise_multiplier(
+        if self.config.mode is DPMode.DISTRIBUTED:
+            return self._distributed_calibration(
                 num_sampled=num_sampled, dimension=dimension
             )
-            logger.info(
-                "Noise multiplier %.4f meets target epsilon %s over %d rounds",
-                self._noise_multiplier,
-                self.config.target_epsilon,
-                self.num_rounds,
-            )
-        return self._noise_multiplier
-
-    def _search_noise_multiplier(self, *, num_sampled: int, dimension: int) -> float:
-        assert self.config.target_epsilon is not None
-        if self.config.mode is DPMode.CENTRAL:
-            return noise_multiplier_for_target(
+        if self._noise_multiplier is None:
+            assert self.config.target_epsilon is not None
+            self._noise_multiplier = noise_multiplier_for_target(
                 target_epsilon=self.config.target_epsilon,
                 delta=self.config.delta,
                 sample_rate=self.sample_rate,
                 num_steps=self.num_rounds,
                 accountant=self.config.accountant,
             )
-        return _distributed_search(self, num_sampled=num_sampled, dimension=dimension)
+            self._log_calibration()
+        return self._noise_multiplier
+
+    def _log_calibration(self) -> None:
+        logger.info(
+            "Noise multiplier %.4f meets target epsilon %s over %d rounds",
+            self._noise_multiplier,
+            self.config.target_epsilon,
+            self.num_rounds,
+        )
+
+    def _distributed_calibration(self, *, num_sampled: int, dimension: int) -> float:
+        """Return z for the next distributed round in target mode.
+
+        z must keep epsilon within the target if this round releases the sum
+        of only its fewest allowed noised inputs and every later round has
+        all its clients. Without dropouts the z of the first round passes
+        this check in every round. After a round with dropouts, z is raised
+        for the rounds left.
+        """
+        previous = self._noise_multiplier
+        if previous is not None and (
+            self._projected_epsilon(previous, num_sampled, dimension) <= self._target()
+        ):
+            return previous
+        found, limit = _distributed_search(
+            self, num_sampled=num_sampled, dimension=dimension, low=previous or 0.0
+        )
+        if found is None:
+            if previous is None:
+                raise ValueError(
+                    f"target_epsilon {self._target()} over {self.num_rounds} rounds "
+                    f"needs a noise multiplier above {limit}. {_LIMIT_REASON}"
+                )
+            # The budget check before the round then decides whether it runs.
+            return previous
+        self._noise_multiplier = found
+        if previous is None:
+            self._log_calibration()
+        else:
+            logger.info(
+                "Noise multiplier raised from %.4f to %.4f for the %d rounds left, "
+                "after dropouts",
+                previous,
+                found,
+                self.num_rounds - self._rounds_done,
+            )
+        return found
+
+    def _target(self) -> float:
+        assert self.config.target_epsilon is not None
+        return self.config.target_epsilon
+
+    def _projected_epsilon(
+        self, noise_multiplier: float, num_sampled: int, dimension: int
+    ) -> float:
+        """Epsilon after this round at its fewest inputs and the rest at all clients."""
+        bit_noise_std = None
+        if self.adaptive is not None:
+            bit_noise_std = self.adaptive.noise_std
+        elif self.config.adaptive_clipping:
+            bit_noise_std = self._bit_noise_std(
+                noise_multiplier, num_sampled=num_sampled
+            )
+        plan = self._distributed_plan(
+            noise_multiplier,
+            clipping_norm=self.config.clipping_norm,
+            num_sampled=num_sampled,
+            dimension=dimension,
+            bit_noise_std=bit_noise_std,
+        )
+        events = [
+            *self.accountant.history,
+            *_distributed_events(
+                plan, num_clients=plan.min_inputs, dimension=dimension
+            ),
+        ]
+        later = self.num_rounds - self._rounds_done - 1
+        if later > 0:
+            events += [
+                _repeat(event, later)
+                for event in _distributed_events(
+                    plan, num_clients=num_sampled, dimension=dimension
+                )
+            ]
+        return compute_epsilon(
+            events, delta=self.config.delta, accountant=ACCOUNTANT_RDP
+        )
 
 
 def _distributed_events(
@@ -503,54 +648,45 @@ def _distributed_events(
     return events
 
 
+_LIMIT_REASON = (
+    f"The search stops at {MAX_NOISE_MULTIPLIER}, or earlier where the noise "
+    "headroom would no longer fit the modulus; raise the modulus or lower "
+    "max_clients or the quantization bits for more room."
+)
+
+
 def _distributed_search(
-    server: ServerPrivacy, *, num_sampled: int, dimension: int
-) -> float:
-    """Bisect for the smallest z whose planned run meets the target epsilon.
+    server: ServerPrivacy, *, num_sampled: int, dimension: int, low: float
+) -> tuple[float | None, float]:
+    """Bisect for the smallest z above ``low`` that passes the server's projection.
 
-    The planned run is ``num_rounds`` rounds in which all ``num_sampled``
-    clients add noise; dropouts later raise epsilon, and the budget check
-    before each round stops the run if that would exceed the target.
+    Returns z twice, or ``None`` and a z that is too small when no z passes
+    whose noise headroom fits the modulus, up to `MAX_NOISE_MULTIPLIER`.
     """
-    assert server.config.target_epsilon is not None
     target = server.config.target_epsilon
+    assert target is not None
 
-    def epsilon_of(z: float) -> float:
-        trial = ServerPrivacy(
-            config=_with_noise(server.config, z),
-            num_rounds=server.num_rounds,
-            sample_rate=server.sample_rate,
-            max_clients=server.max_clients,
-            modulus=server.modulus,
-        )
-        plan = trial.plan(num_sampled=num_sampled, dimension=dimension)
-        events = _distributed_events(plan, num_clients=num_sampled, dimension=dimension)
-        repeated = [_repeat(event, server.num_rounds) for event in events]
-        return compute_epsilon(
-            repeated, delta=server.config.delta, accountant=ACCOUNTANT_RDP
-        )
+    def fits(z: float) -> bool | None:
+        try:
+            return server._projected_epsilon(z, num_sampled, dimension) <= target
+        except ValueError:
+            # The noise headroom of z no longer fits the modulus.
+            return None
 
-    low, high = 0.0, 1.0
-    while epsilon_of(high) > target:
-        low, high = high, 2 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"target_epsilon {target} needs a noise multiplier above "
-                f"{MAX_NOISE_MULTIPLIER} for {server.num_rounds} rounds."
-            )
+    high = min(max(1.0, 2 * low), MAX_NOISE_MULTIPLIER)
+    while not (fitted := fits(high)):
+        if fitted is None:
+            return None, low
+        if high >= MAX_NOISE_MULTIPLIER:
+            return None, high
+        low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
     for _ in range(SEARCH_STEPS):
         middle = 0.5 * (low + high)
-        if epsilon_of(middle) <= target:
+        if fits(middle):
             high = middle
         else:
             low = middle
-    return high
-
-
-def _with_noise(config: DPConfig, noise_multiplier: float) -> DPConfig:
-    values = {**config.__dict__, "noise_multiplier": noise_multiplier}
-    values["target_epsilon"] = None
-    return DPConfig(**values)
+    return high, high
 
 
 def _repeat(

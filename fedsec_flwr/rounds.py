@@ -481,6 +481,8 @@ def run_secure_round(
                 nodes=nodes,
                 num_neighbours=config.num_neighbours,
                 threshold=config.threshold,
+                min_inputs=plan.min_inputs,
+                min_inputs_reason=plan.min_inputs_reason,
                 rng=rng,
             )
             total, masked_replies, verifier = _keyed_exchanges(
@@ -606,6 +608,8 @@ def _per_round_key_stages(
         modulus=plan.params.modulus,
         num_neighbours=config.num_neighbours,
         threshold=config.threshold,
+        min_inputs=plan.min_inputs,
+        min_inputs_reason=plan.min_inputs_reason,
         rng=rng,
     )
     verifier = None
@@ -839,6 +843,8 @@ class _SecurePlan:
     blinding: bool
     vector_size: int
     commitment_layout: CommitmentLayout
+    min_inputs: int = 0
+    min_inputs_reason: str = ""
 
     @property
     def num_extra(self) -> int:
@@ -875,6 +881,17 @@ def _secure_plan(
             bit_sigma_client=client_privacy.bit_sigma_client,
         )
     num_extra = int(adaptive_bit) + (BLINDING_LIMBS if verify else 0)
+    min_inputs, min_inputs_reason = 0, ""
+    if privacy is not None and privacy.plan.min_inputs:
+        min_inputs = privacy.plan.min_inputs
+        dp_config = privacy.server.config
+        sampled = privacy.plan.num_sampled
+        min_inputs_reason = (
+            "the noise of fewer clients could take epsilon above target_epsilon "
+            f"{dp_config.target_epsilon}; max_dropout_fraction "
+            f"{dp_config.max_dropout_fraction} lets {sampled - min_inputs} of "
+            f"{sampled} sampled clients drop"
+        )
 
     return _SecurePlan(
         params=params,
@@ -883,6 +900,8 @@ def _secure_plan(
         blinding=verify,
         vector_size=num_coordinates + TRAILER_SIZE + num_extra,
         commitment_layout=commitment_layout,
+        min_inputs=min_inputs,
+        min_inputs_reason=min_inputs_reason,
     )
 
 

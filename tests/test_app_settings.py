@@ -83,3 +83,43 @@ def test_pipelined_verification_with_verification_accepted() -> None:
     settings = parse(verification=True, verification_pipelined=True)
 
     assert settings.verification_pipelined is True
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"dp_mode": "central", "target_epsilon": 3.0},
+        {"dp_mode": "distributed", "noise_multiplier": 1.0},
+        {},
+    ],
+)
+def test_dropout_fraction_outside_distributed_target_mode_rejected(
+    changes: dict[str, object],
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"dp-max-dropout-fraction=0\.3 applies only to dp-mode=distributed "
+        r"with target-epsilon above 0",
+    ):
+        parse(dp_max_dropout_fraction=0.3, **changes)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, 2.5])
+def test_dropout_fraction_out_of_range_rejected(value: float) -> None:
+    with pytest.raises(
+        ValueError, match=rf"dp-max-dropout-fraction must be in \[0, 1\); found {value}"
+    ):
+        parse(dp_mode="distributed", target_epsilon=3.0, dp_max_dropout_fraction=value)
+
+
+def test_dropout_fraction_reaches_the_dp_config() -> None:
+    from secure_fedavg_app.strategy_factory import build_dp_config
+
+    settings = parse(
+        dp_mode="distributed", target_epsilon=3.0, dp_max_dropout_fraction=0.3
+    )
+
+    config = build_dp_config(settings)
+
+    assert config is not None
+    assert config.max_dropout_fraction == 0.3

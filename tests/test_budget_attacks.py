@@ -558,11 +558,16 @@ def test_integer_only_model_rejected(
 
 
 def victim_budget(max_epsilon: float) -> BudgetOf:
-    """Return per-node budgets in which only the victim's budget can run out."""
+    """Return per-node budgets in which only the victim's budget can run out.
+
+    The other clients count on the noise of all but the victim, so they still
+    unmask the rounds that the victim rejects.
+    """
 
     def budget_of(node: int) -> ClientPrivacyBudget:
-        limit = max_epsilon if node == VICTIM else 1e6
-        return ClientPrivacyBudget(limit, min_honest_clients=HONEST)
+        if node == VICTIM:
+            return ClientPrivacyBudget(max_epsilon, min_honest_clients=HONEST)
+        return ClientPrivacyBudget(1e6, min_honest_clients=HONEST - 1)
 
     return budget_of
 
@@ -592,19 +597,27 @@ def replay_first_input(grid: LoopbackGrid, node: int) -> list[Message]:
 def test_replayed_input_request_rejected(
     key_lifetime: str, sent_inputs: dict[int, list[np.ndarray]]
 ) -> None:
-    """A second input request of the same round gets no second noised input."""
+    """A second input request of the same round gets no second noised input.
+
+    The victim's input then misses from the sum, so the other clients, whose
+    budgets count on the noise of all four, reveal no shares for it.
+    """
     trainer = Trainer()
     budget = ClientPrivacyBudget(1e6, min_honest_clients=HONEST)
     grid = LoopbackGrid(make_app(budget, trainer), list(NODE_IDS))
     replies = replay_first_input(grid, VICTIM)
 
-    run_server(grid, key_lifetime=key_lifetime)
+    with pytest.raises(TooFewSurvivorsError):
+        run_server(grid, key_lifetime=key_lifetime)
 
     assert not replies[0].has_error()
     assert trainer.calls[VICTIM] == 1
     assert len(sent_inputs[VICTIM]) == 1
     assert len(spent(grid, VICTIM)) == 1
-    [rejection] = error_reasons(grid)
+    reasons = error_reasons(grid)
+    unmask_rejections = [r for r in reasons if "min_honest_clients 4" in r]
+    assert len(unmask_rejections) == len(NODE_IDS) - 1
+    [rejection] = [r for r in reasons if r not in unmask_rejections]
     if key_lifetime == "round":
         assert "must follow stage 'share-keys'" in rejection
     else:

@@ -36,7 +36,7 @@ from fedsec_flwr.dp.accounting import (
 )
 from fedsec_flwr.mod import _load_spent
 from fedsec_flwr.privacy import ClientPrivacy, DPConfig, DPMode
-from tests.loopback import LoopbackGrid
+from tests.loopback import LoopbackGrid, stage_of
 
 NODE_IDS = [11, 22, 33, 44]
 NUM_COORDINATES = 500
@@ -324,6 +324,41 @@ def test_hostile_server_running_past_the_budget_is_stopped(key_lifetime: str) ->
     for node_id in NODE_IDS:
         assert spent_rounds(grid, node_id) == 2
         assert budget.epsilon(_spent(grid, node_id)) <= budget.max_epsilon
+
+
+@KEY_LIFETIMES
+def test_hostile_server_unmasking_fewer_inputs_than_counted_on_gets_no_shares(
+    key_lifetime: str,
+) -> None:
+    # The budget counts the noise of all 4 clients; after one drops, the
+    # server asks to unmask a sum of 3 inputs, and no client reveals a share.
+    budget = ClientPrivacyBudget(max_epsilon=50.0, min_honest_clients=len(NODE_IDS))
+    input_stage = "masked-input" if key_lifetime == "round" else "keyed-input"
+
+    def fault(node: int, stage: str, _: Message) -> object:
+        return "drop" if node == NODE_IDS[0] and stage == input_stage else None
+
+    train = CountingTrain()
+    grid = LoopbackGrid(make_app(budget, train), list(NODE_IDS), fault=fault)
+
+    with pytest.raises(
+        TooFewSurvivorsError,
+        match=r"lists 3 masked input\(s\), fewer than min_honest_clients 4",
+    ):
+        start(grid, DISTRIBUTED, rounds=1, key_lifetime=key_lifetime)
+
+    unmask_ids = {
+        request.metadata.message_id
+        for request in grid.sent
+        if stage_of(request) in ("unmask", "keyed-unmask")
+    }
+    replies = [
+        reply
+        for reply in grid.received
+        if reply.metadata.reply_to_message_id in unmask_ids
+    ]
+    assert len(replies) == len(NODE_IDS) - 1
+    assert all(reply.has_error() for reply in replies)
 
 
 def _spent(grid: LoopbackGrid, node_id: int) -> tuple[SpentRound, ...]:

@@ -9,6 +9,7 @@ standard deviation has a relative standard error of 1/sqrt(2n) = 0.22%, so a
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -16,10 +17,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, secure_aggregation_mod
+from fedsec_flwr import (
+    RoundReport,
+    SecAggConfig,
+    SecureFedAvg,
+    TooFewSurvivorsError,
+    secure_aggregation_mod,
+)
 from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
 from fedsec_flwr.strategy import poisson_short_round_probability
-from tests.loopback import LoopbackGrid
+from tests.loopback import LoopbackGrid, stage_of
 
 NUM_COORDINATES = 100_000
 NODE_IDS = [101, 202, 303, 404, 505]
@@ -197,20 +204,93 @@ def test_target_epsilon_never_exceeded(mode: DPMode) -> None:
     assert strategy.stopped_reason is None
 
 
-def test_run_stops_before_budget_exceeded() -> None:
-    def fault(node: int, stage: str, msg: Message) -> object:
-        dropping = msg.metadata.group_id == "1" and node in NODE_IDS[:2]
-        return "drop" if dropping and stage == "masked-input" else None
+def drop_at_input(nodes: list[int], rounds: set[int]):  # type: ignore[no-untyped-def]
+    """Drop ``nodes`` before they send their input in ``rounds``, either key lifetime."""
 
-    dp = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=2.0, clipping_norm=1.0)
+    def fault(node: int, stage: str, msg: Message) -> object:
+        dropping = int(msg.metadata.group_id) in rounds and node in nodes
+        return "drop" if dropping and stage in INPUT_STAGES else None
+
+    return fault
+
+
+INPUT_STAGES = ("masked-input", "keyed-input")
+UNMASK_STAGES = ("unmask", "keyed-unmask")
+
+
+def test_distributed_target_survives_dropouts_within_the_allowed_fraction() -> None:
+    # With 2 of 5 allowed to drop, 2 dropouts in round 1 leave 3 noised
+    # inputs; later rounds get more noise so that the run stays in budget.
+    dp = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        target_epsilon=2.0,
+        clipping_norm=1.0,
+        max_dropout_fraction=0.4,
+    )
     reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
 
     _, strategy = run(grid, dp, rounds=3, reports=reports)
 
-    assert len(reports) < 3
+    assert strategy.stopped_reason is None
+    assert [r.num_aggregated for r in reports] == [3, 5, 5]
+    assert all(r.epsilon is not None and r.epsilon <= 2.0 for r in reports)
+    multipliers = [r.noise_multiplier for r in reports]
+    assert multipliers[0] < multipliers[1] == multipliers[2]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("key_lifetime", ["round", "run"])
+def test_distributed_target_aborts_before_unmasking_too_few_inputs(
+    key_lifetime: str,
+) -> None:
+    # One round at target 2 released 2.26 here when a client dropped, before
+    # rounds were aborted; now the sum of 4 inputs is never unmasked.
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=2.0, clipping_norm=1.0)
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:1], {1}))
+    strategy = SecureFedAvg(
+        secure_aggregation=dataclasses.replace(SECAGG, key_lifetime=key_lifetime),
+        differential_privacy=dp,
+        rng=random.Random(1),
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(
+        TooFewSurvivorsError,
+        match=r"4 masked input\(s\) arrived, fewer than min_inputs 5 \(the noise "
+        r"of fewer clients could take epsilon above target_epsilon 2\.0",
+    ):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+    assert not [m for m in grid.sent if stage_of(m) in UNMASK_STAGES]
+
+
+def test_run_stops_before_budget_exceeded() -> None:
+    # A modulus of 2**23 leaves room for too little noise to absorb dropouts
+    # in every round, so the budget check stops the run before round 3.
+    dp = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        target_epsilon=2.0,
+        clipping_norm=1.0,
+        max_dropout_fraction=0.4,
+    )
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(
+        make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1, 2, 3})
+    )
+    strategy = SecureFedAvg(
+        secure_aggregation=dataclasses.replace(SECAGG, modulus=2**23),
+        differential_privacy=dp,
+        rng=random.Random(1),
+        on_round_end=reports.append,
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=3)
+
+    assert len(reports) == 2
     assert all(r.epsilon is not None and r.epsilon <= 2.0 for r in reports)
     assert strategy.stopped_reason is not None
+    assert "if only 3 of its 5 clients add their noise" in strategy.stopped_reason
     assert "above the target 2.0" in strategy.stopped_reason
 
 
@@ -353,6 +433,26 @@ def test_distributed_without_secure_aggregation_rejected() -> None:
         (
             {"mode": "central", "noise_multiplier": 1.0, "quantization_bits": 30},
             "quantization_bits must be",
+        ),
+        (
+            {"mode": "distributed", "target_epsilon": 1.0, "max_dropout_fraction": 1.0},
+            "max_dropout_fraction must be at least 0 and below 1. Found 1.0",
+        ),
+        (
+            {
+                "mode": "distributed",
+                "target_epsilon": 1.0,
+                "max_dropout_fraction": -0.1,
+            },
+            "max_dropout_fraction must be at least 0 and below 1. Found -0.1",
+        ),
+        (
+            {
+                "mode": "distributed",
+                "target_epsilon": 1.0,
+                "max_dropout_fraction": True,
+            },
+            "max_dropout_fraction must be at least 0 and below 1. Found True",
         ),
         (
             {

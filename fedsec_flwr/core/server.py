@@ -106,6 +106,10 @@ class RoundState:
     modulus: int
     num_neighbours: int | None = None
     threshold: int | None = None
+    min_inputs: int = 0
+    """Fewest masked inputs whose sum may be unmasked; 0 leaves only the threshold."""
+    min_inputs_reason: str = ""
+    """Reason for ``min_inputs``, named in the error of a round that falls short."""
     rng: random.Random = field(default_factory=random.SystemRandom)
     dropped_by_stage: dict[str, int] = field(default_factory=dict)
     _plan: RoundPlan | None = None
@@ -143,6 +147,17 @@ class RoundState:
             server_round=self.server_round,
             stage=stage,
         )
+
+    def _require_inputs(self, received: int, stage: Stage) -> None:
+        """Abort before unmasking when fewer inputs than needed were received."""
+        self._require(received, stage)
+        if received < self.min_inputs:
+            reason = f" ({self.min_inputs_reason})" if self.min_inputs_reason else ""
+            raise TooFewSurvivorsError(
+                f"Round {self.server_round}: {received} masked input(s) arrived, "
+                f"fewer than min_inputs {self.min_inputs}{reason}. The round is "
+                "aborted before unmasking, so no sum is released."
+            )
 
     def _is_well_formed(self, node: int, vector: NDArray[np.uint32]) -> bool:
         """Return whether a masked input has the round's dtype and shape."""
@@ -255,7 +270,7 @@ class ServerRound(RoundState):
             survivors.add(node)
 
         self._record_drops(Stage.MASKED_INPUT, self._share_keys_done, survivors)
-        self._require(len(survivors), Stage.MASKED_INPUT)
+        self._require_inputs(len(survivors), Stage.MASKED_INPUT)
         self._survivors = survivors
         self._total = total
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedsec_flwr.config import KEY_LIFETIMES
+from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
 ConfigValue = bool | int | float | str
@@ -63,6 +64,8 @@ class AppSettings:
         clipping_learning_rate: Step size of adaptive clipping.
         client_sampling: ``fixed`` or ``poisson`` (needed for amplification).
         dp_accountant: ``rdp`` or ``prv``.
+        dp_max_dropout_fraction: Share of a round's sampled clients that may
+            drop out without passing ``target_epsilon`` in distributed mode.
         dp_sgd: Train on clients with Opacus DP-SGD (sample-level DP).
         dp_sgd_noise_multiplier: DP-SGD noise multiplier; 0 means calibrate
             from ``dp_sgd_target_epsilon``.
@@ -105,6 +108,7 @@ class AppSettings:
     clipping_learning_rate: float = 0.2
     client_sampling: str = "fixed"
     dp_accountant: str = "rdp"
+    dp_max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION
     dp_sgd: bool = False
     dp_sgd_noise_multiplier: float = 0.0
     dp_sgd_target_epsilon: float = 0.0
@@ -150,6 +154,7 @@ class AppSettings:
             clipping_learning_rate=_get_float(run_config, "clipping-learning-rate"),
             client_sampling=_get_str(run_config, "client-sampling"),
             dp_accountant=_get_str(run_config, "dp-accountant"),
+            dp_max_dropout_fraction=_get_float(run_config, "dp-max-dropout-fraction"),
             dp_sgd=_get_bool(run_config, "dp-sgd"),
             dp_sgd_noise_multiplier=_get_float(run_config, "dp-sgd-noise-multiplier"),
             dp_sgd_target_epsilon=_get_float(run_config, "dp-sgd-target-epsilon"),
@@ -199,6 +204,9 @@ class AppSettings:
             _check_min_float("noise-multiplier", self.noise_multiplier),
             _check_min_float("target-epsilon", self.target_epsilon),
             _check_open_fraction("delta", self.delta),
+            _check_dropout_fraction(
+                "dp-max-dropout-fraction", self.dp_max_dropout_fraction
+            ),
             _check_positive("clipping-norm", self.clipping_norm),
             _check_fraction("clipping-quantile", self.clipping_quantile),
             _check_positive("clipping-learning-rate", self.clipping_learning_rate),
@@ -226,6 +234,16 @@ class AppSettings:
                     f"dp-mode is off, so {', '.join(unused)} would have no effect; "
                     "set dp-mode to central or distributed, or remove them."
                 )
+        distributed_target = self.dp_mode == "distributed" and self.target_epsilon > 0
+        if (
+            self.dp_max_dropout_fraction != DEFAULT_MAX_DROPOUT_FRACTION
+            and not distributed_target
+        ):
+            problems.append(
+                f"dp-max-dropout-fraction={self.dp_max_dropout_fraction} applies only "
+                "to dp-mode=distributed with target-epsilon above 0; found "
+                f"dp-mode={self.dp_mode} and target-epsilon={self.target_epsilon}."
+            )
         if not self.dp_sgd and (
             self.dp_sgd_noise_multiplier > 0 or self.dp_sgd_target_epsilon > 0
         ):
@@ -343,6 +361,12 @@ def _check_open_fraction(key: str, value: float) -> str:
     if 0.0 < value < 1.0:
         return ""
     return f"{key} must be in (0, 1); found {value}."
+
+
+def _check_dropout_fraction(key: str, value: float) -> str:
+    if 0.0 <= value < 1.0:
+        return ""
+    return f"{key} must be in [0, 1); found {value}."
 
 
 def _check_nonempty(key: str, value: str) -> str:

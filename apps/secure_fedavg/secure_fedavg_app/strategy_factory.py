@@ -68,6 +68,7 @@ def build_dp_config(settings: AppSettings) -> DPConfig | None:
             adaptive_clipping=settings.adaptive_clipping,
             target_quantile=settings.clipping_quantile,
             clipping_learning_rate=settings.clipping_learning_rate,
+            max_dropout_fraction=settings.dp_max_dropout_fraction,
         )
     except ValueError as error:
         raise ValueError(f"Invalid DP run config: {error}") from error

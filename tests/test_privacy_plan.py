@@ -1,0 +1,161 @@
+"""Target mode of distributed DP when clients drop out, on ServerPrivacy alone.
+
+Each simulated round records what the secure sum would release: the noise
+of every client that sent its input. The server aborts a round with fewer
+inputs than the plan's ``min_inputs`` before unmasking, so the simulation
+draws survivors between that minimum and all sampled clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from fedsec_flwr.privacy import (
+    DPConfig,
+    DPMode,
+    ServerPrivacy,
+    min_noised_inputs,
+)
+
+DIMENSION = 25_810
+MODULUS = 2**32
+
+
+def server(
+    *,
+    target: float,
+    rounds: int,
+    fraction: float,
+    sample_rate: float = 1.0,
+    max_clients: int = 60,
+    adaptive: bool = False,
+) -> ServerPrivacy:
+    config = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        target_epsilon=target,
+        max_dropout_fraction=fraction,
+        adaptive_clipping=adaptive,
+    )
+    return ServerPrivacy(
+        config=config,
+        num_rounds=rounds,
+        sample_rate=sample_rate,
+        max_clients=max_clients,
+        modulus=MODULUS,
+    )
+
+
+@pytest.mark.parametrize(
+    ("num_sampled", "fraction", "expected"),
+    [(5, 0.1, 5), (10, 0.1, 9), (40, 0.1, 36), (5, 0.4, 3), (7, 0.0, 7), (3, 0.9, 1)],
+)
+def test_min_noised_inputs(num_sampled: int, fraction: float, expected: int) -> None:
+    assert min_noised_inputs(num_sampled, fraction) == expected
+
+
+GRID = list(
+    itertools.product(
+        [1.0, 8.0],  # target epsilon
+        [1, 4, 10],  # rounds
+        [(5, 0.4), (40, 0.1), (40, 0.3)],  # sampled clients, dropout fraction
+        [1.0, 0.1],  # sample rate
+    )
+)
+
+
+@pytest.mark.parametrize(("target", "rounds", "clients", "sample_rate"), GRID)
+def test_dropouts_never_take_epsilon_above_target(
+    target: float, rounds: int, clients: tuple[int, float], sample_rate: float
+) -> None:
+    num_sampled, fraction = clients
+    privacy = server(
+        target=target, rounds=rounds, fraction=fraction, sample_rate=sample_rate
+    )
+    rng = random.Random(f"{target}-{rounds}-{clients}-{sample_rate}")
+
+    epsilons = []
+    for server_round in range(rounds):
+        plan = privacy.plan(num_sampled=num_sampled, dimension=DIMENSION)
+        assert privacy.budget_exceeded(plan, dimension=DIMENSION) is None
+        assert plan.min_inputs == min_noised_inputs(num_sampled, fraction)
+        # Every other round loses as many clients as allowed, the rest some.
+        survivors = (
+            plan.min_inputs
+            if server_round % 2 == 0
+            else rng.randint(plan.min_inputs, num_sampled)
+        )
+        epsilons.append(
+            privacy.record(plan, num_aggregated=survivors, dimension=DIMENSION)
+        )
+
+    assert epsilons == sorted(epsilons)
+    assert epsilons[-1] <= target
+
+
+def test_without_dropouts_the_noise_stays_as_first_calibrated() -> None:
+    privacy = server(target=3.0, rounds=10, fraction=0.1)
+    plans = []
+    for _ in range(10):
+        plan = privacy.plan(num_sampled=40, dimension=DIMENSION)
+        plans.append(plan)
+        privacy.record(plan, num_aggregated=40, dimension=DIMENSION)
+
+    assert {plan.noise_multiplier for plan in plans} == {plans[0].noise_multiplier}
+    # Only the next round is planned for its fewest inputs, so a run without
+    # dropouts ends close to the target.
+    assert 0.97 * 3.0 < privacy.epsilon <= 3.0
+
+
+def test_dropouts_raise_the_noise_of_later_rounds() -> None:
+    privacy = server(target=3.0, rounds=5, fraction=0.3)
+    first = privacy.plan(num_sampled=40, dimension=DIMENSION)
+    privacy.record(first, num_aggregated=first.min_inputs, dimension=DIMENSION)
+
+    second = privacy.plan(num_sampled=40, dimension=DIMENSION)
+
+    assert first.min_inputs == 28
+    assert second.noise_multiplier > first.noise_multiplier
+    assert second.sigma_client > first.sigma_client
+
+
+def test_adaptive_clipping_bit_noise_is_counted_under_dropouts() -> None:
+    privacy = server(target=2.0, rounds=4, fraction=0.3, adaptive=True)
+    for _ in range(4):
+        plan = privacy.plan(num_sampled=20, dimension=DIMENSION)
+        assert plan.bit_sigma_client > 0
+        assert privacy.budget_exceeded(plan, dimension=DIMENSION) is None
+        privacy.record(plan, num_aggregated=plan.min_inputs, dimension=DIMENSION)
+
+    assert privacy.epsilon <= 2.0
+
+
+def test_noise_beyond_the_modulus_stops_the_run_before_its_round() -> None:
+    privacy = server(target=2.0, rounds=3, fraction=0.4, max_clients=10)
+    privacy.modulus = 2**23
+    reasons = []
+    for _ in range(3):
+        plan = privacy.plan(num_sampled=5, dimension=100_000)
+        reason = privacy.budget_exceeded(plan, dimension=100_000)
+        if reason is not None:
+            reasons.append(reason)
+            break
+        privacy.record(plan, num_aggregated=plan.min_inputs, dimension=100_000)
+
+    assert privacy.epsilon <= 2.0
+    assert len(reasons) == 1
+    assert "if only 3 of its 5 clients add their noise" in reasons[0]
+
+
+def test_unreachable_target_names_the_limit() -> None:
+    privacy = server(target=2.0, rounds=3, fraction=0.4, max_clients=10)
+    privacy.modulus = 2**22
+
+    with pytest.raises(
+        ValueError,
+        match=r"target_epsilon 2\.0 over 3 rounds needs a noise multiplier above "
+        r"4\.0\. The search stops at 1000\.0, or earlier where the noise headroom",
+    ):
+        privacy.plan(num_sampled=5, dimension=100_000)
