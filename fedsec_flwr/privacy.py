@@ -39,6 +39,7 @@ from .dp.accounting import (
     DistributedDiscreteGaussianEvent,
     GaussianEvent,
     PrivacyAccountant,
+    check_noise_multiplier,
     compute_epsilon,
     noise_multiplier_for_target,
     quantized_l2_sensitivity,
@@ -141,6 +142,7 @@ class DPConfig:
         _check_positive("clipping_norm", self.clipping_norm)
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
+            check_noise_multiplier("noise_multiplier", self.noise_multiplier)
         if self.target_epsilon is not None:
             _check_positive("target_epsilon", self.target_epsilon)
         if (
@@ -341,13 +343,19 @@ class ServerPrivacy:
                 encoding=encoding,
             )
 
-        return self._distributed_plan(
-            z,
-            clipping_norm=clipping_norm,
-            num_sampled=num_sampled,
-            dimension=dimension,
-            bit_noise_std=self.adaptive.noise_std if self.adaptive else None,
-        )
+        try:
+            return self._distributed_plan(
+                z,
+                clipping_norm=clipping_norm,
+                num_sampled=num_sampled,
+                dimension=dimension,
+                bit_noise_std=self.adaptive.noise_std if self.adaptive else None,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"noise_multiplier {z} needs more noise headroom than the "
+                f"encoding leaves: {error}"
+            ) from error
 
     def _distributed_plan(
         self,

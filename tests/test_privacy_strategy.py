@@ -295,7 +295,7 @@ def test_run_stops_before_budget_exceeded() -> None:
 
 
 def test_client_update_is_clipped_before_encoding() -> None:
-    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1e-6, clipping_norm=0.5)
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=2**-10, clipping_norm=0.5)
     grid = LoopbackGrid(make_app(scaled_train(10.0)), NODE_IDS)
 
     model, _ = run(grid, dp)

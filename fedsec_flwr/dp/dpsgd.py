@@ -49,6 +49,7 @@ from .accounting import (
     ACCOUNTANT_RDP,
     ACCOUNTANTS,
     GaussianEvent,
+    check_noise_multiplier,
     compute_epsilon,
     noise_multiplier_for_target,
 )
@@ -179,6 +180,8 @@ class DPSGDConfig:
                     "noise_multiplier must be at least 0. "
                     f"Found {self.noise_multiplier}."
                 )
+            if self.noise_multiplier > 0:
+                check_noise_multiplier("noise_multiplier", self.noise_multiplier)
             if self.num_rounds is not None:
                 raise ValueError(
                     "num_rounds is used only to calibrate noise for "
@@ -247,6 +250,8 @@ class _Steps:
             raise ValueError(
                 f"noise_multiplier must be at least 0. Found {self.noise_multiplier}."
             )
+        if self.noise_multiplier > 0:
+            check_noise_multiplier("noise_multiplier", self.noise_multiplier)
         _check_number("sample_rate", self.sample_rate)
         if not 0 < self.sample_rate <= 1:
             raise ValueError(

@@ -6,6 +6,10 @@ import pytest
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedsec_flwr.dp.accounting import (
+    ACCOUNTANT_PRV,
+    ACCOUNTANT_RDP,
+    MIN_NOISE_MULTIPLIER,
+    PRV_MIN_NOISE_MULTIPLIER,
     RDP_ORDERS,
     DistributedDiscreteGaussianEvent,
     GaussianEvent,
@@ -159,7 +163,15 @@ def test_accountant_validation(arguments: dict, message: str) -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"noise_multiplier": 0.0}, r"noise_multiplier must be finite and positive"),
+        (
+            {"noise_multiplier": 0.0},
+            r"noise_multiplier must be finite and at least 0\.0009765625",
+        ),
+        (
+            {"noise_multiplier": 1e-300},
+            r"noise_multiplier must be finite and at least 0\.0009765625 \(2\*\*-10\)"
+            r"; smaller values protect nothing\. Found 1e-300",
+        ),
         ({"noise_multiplier": float("inf")}, r"noise_multiplier must be finite"),
         ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\]\. Found 0\.0"),
         ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\]\. Found 1\.5"),
@@ -507,3 +519,26 @@ def test_default_orders_sorted_above_one() -> None:
 
     assert np.all(orders > 1)
     assert np.all(np.diff(orders) > 0)
+
+
+def test_prv_below_its_range_falls_back_to_rdp() -> None:
+    # Opacus's PRV accountant returns infinity or exhausts memory here.
+    events = [GaussianEvent(noise_multiplier=0.01, sample_rate=1.0, num_steps=3)]
+
+    prv = compute_epsilon(events, delta=1e-5, accountant=ACCOUNTANT_PRV)
+    rdp = compute_epsilon(events, delta=1e-5, accountant=ACCOUNTANT_RDP)
+
+    assert math.isfinite(prv)
+    assert prv == rdp
+
+
+def test_prv_search_for_a_huge_target_stays_finite() -> None:
+    noise = noise_multiplier_for_target(
+        target_epsilon=1e5,
+        delta=1e-5,
+        sample_rate=1.0,
+        num_steps=3,
+        accountant=ACCOUNTANT_PRV,
+    )
+
+    assert MIN_NOISE_MULTIPLIER <= noise < PRV_MIN_NOISE_MULTIPLIER

@@ -442,6 +442,10 @@ def test_round_beyond_target_rejected() -> None:
             "exactly one of noise_multiplier and target_epsilon",
         ),
         ({"noise_multiplier": -0.5}, r"noise_multiplier must be at least 0\. Found"),
+        (
+            {"noise_multiplier": 1e-300},
+            r"noise_multiplier must be finite and at least 0\.0009765625",
+        ),
         ({"noise_multiplier": math.nan}, "noise_multiplier must be finite"),
         ({"noise_multiplier": "1"}, "noise_multiplier must be a number"),
         ({"noise_multiplier": 1.0, "num_rounds": 3}, "num_rounds is used only"),
