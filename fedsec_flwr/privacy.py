@@ -592,8 +592,10 @@ class ServerPrivacy:
         self, noise_multiplier: float, num_sampled: int, dimension: int
     ) -> float:
         """Epsilon after this round at its fewest inputs and the rest at all clients."""
+        clipping_norm = self.config.clipping_norm
         bit_noise_std = None
         if self.adaptive is not None:
+            clipping_norm = self.adaptive.clipping_norm
             bit_noise_std = self.adaptive.noise_std
         elif self.config.adaptive_clipping:
             bit_noise_std = self._bit_noise_std(
@@ -601,7 +603,7 @@ class ServerPrivacy:
             )
         plan = self._distributed_plan(
             noise_multiplier,
-            clipping_norm=self.config.clipping_norm,
+            clipping_norm=clipping_norm,
             num_sampled=num_sampled,
             dimension=dimension,
             bit_noise_std=bit_noise_std,
