@@ -586,7 +586,10 @@ def distributed_discrete_gaussian_rdp(
         alpha / 2 * (a_2 + tau sqrt(d))**2.
 
     With tau = 0 (one client) this is the continuous Gaussian's RDP, and tau
-    is what the sum of several discrete Gaussians costs on top of it.
+    is what the sum of several discrete Gaussians costs on top of it. The
+    bound returned is the least of these bounds for 1 to n clients, which
+    is valid because the other clients' noise and data are post-processing
+    for one client's privacy. It never grows with n, although tau does.
 
     With sample rate q < 1, the general Poisson-subsampling bound of Zhu and
     Wang (2019, "Poisson Subsampled Renyi Differential Privacy") is applied
@@ -647,6 +650,14 @@ def distributed_discrete_gaussian_epsilon(
 def _sum_of_discrete_gaussians_rdp(
     event: DistributedDiscreteGaussianEvent,
 ) -> Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]:
+    """Return the RDP bound of the sum, the least of the bounds for 1 to n clients.
+
+    For one client's privacy, the sum over n clients is the sum over any k of
+    them that include it, plus noise and data that do not depend on it. That
+    is post-processing, so the bound for k clients holds for n as well. The
+    bound of Proposition 14 can grow with k when sigma is small, because tau
+    does. Taking the least over k keeps the bound non-increasing in n.
+    """
     num_clients = event.num_survivors
     sigma = event.sigma_client
     dimension = event.dimension
@@ -655,17 +666,20 @@ def _sum_of_discrete_gaussians_rdp(
     if l1 is None:
         l1 = min(math.sqrt(dimension) * l2, l2**2)
 
-    k = np.arange(1, num_clients, dtype=np.float64)
-    tau = TAU_FACTOR * float(np.sum(np.exp(-2 * math.pi**2 * sigma**2 * k / (k + 1))))
-    sum_std = math.sqrt(num_clients) * sigma
-    l2_ratio = l2 / sum_std
-    l1_ratio = l1 / sum_std
+    # tau for k clients sums the terms j = 1 .. k - 1, so tau[0] = 0 for k = 1.
+    j = np.arange(1, num_clients, dtype=np.float64)
+    terms = np.exp(-2 * math.pi**2 * sigma**2 * j / (j + 1))
+    tau = TAU_FACTOR * np.concatenate(([0.0], np.cumsum(terms)))[:, np.newaxis]
+    sum_std = np.sqrt(np.arange(1, num_clients + 1, dtype=np.float64)) * sigma
+    l2_ratio = (l2 / sum_std)[:, np.newaxis]
+    l1_ratio = (l1 / sum_std)[:, np.newaxis]
 
     def rdp(orders: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         first = orders * l2_ratio**2 / 2 + tau * dimension
         second = orders / 2 * (l2_ratio**2 + 2 * l1_ratio * tau + tau**2 * dimension)
         third = orders / 2 * (l2_ratio + tau * math.sqrt(dimension)) ** 2
-        return np.minimum(np.minimum(first, second), third)
+        bounds = np.minimum(np.minimum(first, second), third)
+        return np.asarray(np.min(bounds, axis=0), dtype=np.float64)
 
     return rdp
 

@@ -542,3 +542,21 @@ def test_prv_search_for_a_huge_target_stays_finite() -> None:
     )
 
     assert MIN_NOISE_MULTIPLIER <= noise < PRV_MIN_NOISE_MULTIPLIER
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.7, 1.0, 3.0])
+def test_ddg_epsilon_never_grows_with_survivors(sigma: float) -> None:
+    # Proposition 14's tau grows with the number of clients; the bound takes
+    # the least over 1 to n clients, so more noise never costs epsilon.
+    def epsilon(survivors: int) -> float:
+        event = DistributedDiscreteGaussianEvent(
+            sigma_client=sigma,
+            num_survivors=survivors,
+            l2_sensitivity=2.0,
+            dimension=10,
+        )
+        return compute_epsilon([event], delta=1e-5, accountant=ACCOUNTANT_RDP)
+
+    epsilons = [epsilon(n) for n in (1, 2, 5, 20, 60, 200)]
+
+    assert epsilons == sorted(epsilons, reverse=True)
