@@ -65,6 +65,9 @@ MAX_NOISE_MULTIPLIER = 1000.0
 
 SEARCH_STEPS = 40
 
+BRACKET_STEPS = 60
+"""Steps to find a passing z: doubling to `MAX_NOISE_MULTIPLIER`, then bisection."""
+
 BIT_NOISE_PER_MULTIPLIER = 4.0
 """Default sigma_b is at least this times z times the bit sum's sensitivity.
 
@@ -77,6 +80,10 @@ DISTRIBUTED_BIT_SENSITIVITY = 1.0
 
 DEFAULT_MAX_DROPOUT_FRACTION = 0.1
 """Share of a distributed round's clients that may drop out in target mode."""
+
+
+class RoundNotPlannedError(ValueError):
+    """No noise multiplier keeps the next round within the budget and the modulus."""
 
 
 class DPMode(StrEnum):
@@ -225,6 +232,19 @@ def _parse_mode(mode: object) -> DPMode:
         ) from None
 
 
+def _check_count(name: str, value: object, *, maximum: int | None) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (maximum is not None and value > maximum)
+    ):
+        limit = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(
+            f"{name} must be an integer of at least 1{limit}. Found {value!r}."
+        )
+
+
 def _check_positive(name: str, value: float) -> None:
     if (
         isinstance(value, bool)
@@ -309,7 +329,20 @@ class ServerPrivacy:
         return self.accountant.epsilon
 
     def plan(self, *, num_sampled: int, dimension: int) -> RoundPrivacy:
-        """Plan the next round for ``num_sampled`` clients and ``dimension`` values."""
+        """Plan the next round for ``num_sampled`` clients and ``dimension`` values.
+
+        Raises:
+            RoundNotPlannedError: In distributed target mode after the first
+                round, no noise multiplier keeps the round within both the
+                budget and the modulus; the run should stop.
+            ValueError: An argument is out of range, or the first round
+                cannot be planned.
+
+        """
+        # max_clients bounds a round only under secure aggregation.
+        secure_maximum = self.max_clients if self.modulus is not None else None
+        _check_count("num_sampled", num_sampled, maximum=secure_maximum)
+        _check_count("dimension", dimension, maximum=None)
         z = self._calibrated(num_sampled=num_sampled, dimension=dimension)
         if self.config.adaptive_clipping and self.adaptive is None:
             self.adaptive = AdaptiveClipping(
@@ -352,10 +385,13 @@ class ServerPrivacy:
                 bit_noise_std=self.adaptive.noise_std if self.adaptive else None,
             )
         except ValueError as error:
-            raise ValueError(
+            message = (
                 f"noise_multiplier {z} needs more noise headroom than the "
                 f"encoding leaves: {error}"
-            ) from error
+            )
+            if self.config.target_epsilon is not None and self._rounds_done:
+                raise RoundNotPlannedError(message) from error
+            raise ValueError(message) from error
 
     def _distributed_plan(
         self,
@@ -380,9 +416,12 @@ class ServerPrivacy:
                 num_clients=num_sampled,
             ),
         )
+        # Only the sampled clients add noise, and their summed noise has the
+        # same spread whatever their number, so the headroom does not grow
+        # in rounds that sample fewer clients.
         headroom = distributed_noise_headroom(
             sigma_client=sigma_client,
-            num_clients=self.max_clients,
+            num_clients=num_sampled,
             num_coordinates=dimension + 1,
         )
         bit_sigma = 0.0
@@ -457,7 +496,17 @@ class ServerPrivacy:
     def record(
         self, plan: RoundPrivacy, *, num_aggregated: int, dimension: int
     ) -> float:
-        """Record what the round really released and return the new epsilon."""
+        """Record what the round really released and return the new epsilon.
+
+        Raises:
+            ValueError: ``num_aggregated`` is below the plan's ``min_inputs``,
+                a sum that the round should have aborted before unmasking.
+        """
+        if num_aggregated < plan.min_inputs:
+            raise ValueError(
+                f"num_aggregated {num_aggregated} is below the round's min_inputs "
+                f"{plan.min_inputs}; such a sum must not be released."
+            )
         for event in self._events(plan, num_aggregated, dimension):
             self.accountant.record(event)
         self._rounds_done += 1
@@ -556,9 +605,7 @@ class ServerPrivacy:
         for the rounds left.
         """
         previous = self._noise_multiplier
-        if previous is not None and (
-            self._projected_epsilon(previous, num_sampled, dimension) <= self._target()
-        ):
+        if previous is not None and self._fits(previous, num_sampled, dimension):
             return previous
         found, limit = _distributed_search(
             self, num_sampled=num_sampled, dimension=dimension, low=previous or 0.0
@@ -583,6 +630,16 @@ class ServerPrivacy:
                 self.num_rounds - self._rounds_done,
             )
         return found
+
+    def _fits(self, noise_multiplier: float, num_sampled: int, dimension: int) -> bool:
+        """Return whether z keeps the run in budget and its noise in the modulus."""
+        try:
+            projected = self._projected_epsilon(
+                noise_multiplier, num_sampled, dimension
+            )
+        except ValueError:
+            return False
+        return projected <= self._target()
 
     def _target(self) -> float:
         assert self.config.target_epsilon is not None
@@ -683,13 +740,27 @@ def _distributed_search(
             # The noise headroom of z no longer fits the modulus.
             return None
 
+    # Double z until it passes. Once some z overflows the modulus, bisect
+    # between the largest z known to miss the target and that one instead.
     high = min(max(1.0, 2 * low), MAX_NOISE_MULTIPLIER)
-    while not (fitted := fits(high)):
+    overflows = math.inf
+    for _ in range(BRACKET_STEPS):
+        fitted = fits(high)
+        if fitted:
+            break
         if fitted is None:
-            return None, low
-        if high >= MAX_NOISE_MULTIPLIER:
+            overflows = high
+        elif high >= MAX_NOISE_MULTIPLIER:
             return None, high
-        low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
+        else:
+            low = high
+        if math.isinf(overflows):
+            high = min(2 * high, MAX_NOISE_MULTIPLIER)
+        else:
+            high = 0.5 * (low + overflows)
+    else:
+        return None, low
+
     for _ in range(SEARCH_STEPS):
         middle = 0.5 * (low + high)
         if fits(middle):

@@ -30,7 +30,7 @@ from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core.commitments import VerificationResult
 from .core.errors import TooFewSurvivorsError
 from .core.run_keys import KeyDirectory
-from .privacy import DPConfig, DPMode, ServerPrivacy
+from .privacy import DPConfig, DPMode, RoundNotPlannedError, ServerPrivacy
 from .records import FloatLayout, arrays_to_numpy
 from .rounds import (
     PendingVerification,
@@ -380,8 +380,12 @@ class SecureFedAvg(Strategy):
             )
             round_privacy = None
             if privacy is not None:
-                plan = privacy.plan(num_sampled=len(nodes), dimension=dimension)
-                reason = privacy.budget_exceeded(plan, dimension=dimension)
+                try:
+                    plan = privacy.plan(num_sampled=len(nodes), dimension=dimension)
+                except RoundNotPlannedError as error:
+                    reason: str | None = str(error)
+                else:
+                    reason = privacy.budget_exceeded(plan, dimension=dimension)
                 if reason is not None:
                     self.stopped_reason = (
                         f"Stopped before round {server_round}: {reason}."

@@ -16,6 +16,7 @@ import pytest
 from fedsec_flwr.privacy import (
     DPConfig,
     DPMode,
+    RoundNotPlannedError,
     ServerPrivacy,
     min_noised_inputs,
 )
@@ -132,9 +133,9 @@ def test_adaptive_clipping_bit_noise_is_counted_under_dropouts() -> None:
     assert privacy.epsilon <= 2.0
 
 
-def test_noise_beyond_the_modulus_stops_the_run_before_its_round() -> None:
+def test_full_modulus_stops_run_before_round() -> None:
     privacy = server(target=2.0, rounds=3, fraction=0.4, max_clients=10)
-    privacy.modulus = 2**23
+    privacy.modulus = 2**22
     reasons = []
     for _ in range(3):
         plan = privacy.plan(num_sampled=5, dimension=100_000)
@@ -151,11 +152,86 @@ def test_noise_beyond_the_modulus_stops_the_run_before_its_round() -> None:
 
 def test_unreachable_target_names_the_limit() -> None:
     privacy = server(target=2.0, rounds=3, fraction=0.4, max_clients=10)
-    privacy.modulus = 2**22
+    privacy.modulus = 2**21
 
     with pytest.raises(
         ValueError,
         match=r"target_epsilon 2\.0 over 3 rounds needs a noise multiplier above "
-        r"4\.0\. The search stops at 1000\.0, or earlier where the noise headroom",
+        r"2\.4\d*\. The search stops at 1000\.0, or earlier where the noise headroom",
     ):
         privacy.plan(num_sampled=5, dimension=100_000)
+
+
+def test_small_sigma_stays_within_target() -> None:
+    # With 2 quantization bits each client's sigma is below 1, where the
+    # bound's tau term grows with the number of clients.
+    config = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=8.0, quantization_bits=2)
+    privacy = ServerPrivacy(
+        config=config, num_rounds=1, sample_rate=1.0, max_clients=250, modulus=MODULUS
+    )
+    plan = privacy.plan(num_sampled=200, dimension=10)
+
+    epsilon = privacy.record(plan, num_aggregated=200, dimension=10)
+
+    assert plan.sigma_client < 1.0
+    assert epsilon <= 8.0
+
+
+def test_search_below_overflowing_noise() -> None:
+    # Doubling z after the dropouts of round 1 overflows a modulus of 2**23,
+    # but a z in between fits both the modulus and the budget.
+    privacy = server(target=2.0, rounds=3, fraction=0.4, max_clients=10)
+    privacy.modulus = 2**23
+    epsilons = []
+    for _ in range(3):
+        plan = privacy.plan(num_sampled=5, dimension=100_000)
+        assert privacy.budget_exceeded(plan, dimension=100_000) is None
+        epsilons.append(
+            privacy.record(plan, num_aggregated=plan.min_inputs, dimension=100_000)
+        )
+
+    assert epsilons[-1] <= 2.0
+
+
+def test_small_modulus_later_round_not_planned() -> None:
+    privacy = server(target=2.0, rounds=3, fraction=0.4, max_clients=10)
+    plan = privacy.plan(num_sampled=5, dimension=100_000)
+    privacy.record(plan, num_aggregated=plan.min_inputs, dimension=100_000)
+    privacy.modulus = 2**20
+
+    with pytest.raises(RoundNotPlannedError, match="needs more noise headroom"):
+        privacy.plan(num_sampled=5, dimension=100_000)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            {"num_sampled": 0},
+            r"num_sampled must be an integer of at least 1 and at "
+            r"most 60\. Found 0",
+        ),
+        ({"num_sampled": True}, r"num_sampled must be an integer .* Found True"),
+        ({"num_sampled": 61}, r"num_sampled must be .* at most 60\. Found 61"),
+        ({"dimension": 0}, r"dimension must be an integer of at least 1\. Found 0"),
+    ],
+)
+def test_invalid_plan_arguments_rejected(
+    arguments: dict[str, object], message: str
+) -> None:
+    privacy = server(target=2.0, rounds=3, fraction=0.1)
+
+    with pytest.raises(ValueError, match=message):
+        privacy.plan(**{"num_sampled": 5, "dimension": 100, **arguments})  # type: ignore[arg-type]
+
+
+def test_recording_fewer_inputs_than_allowed_rejected() -> None:
+    privacy = server(target=2.0, rounds=3, fraction=0.1)
+    plan = privacy.plan(num_sampled=40, dimension=DIMENSION)
+
+    with pytest.raises(
+        ValueError, match="num_aggregated 35 is below the round's min_inputs 36"
+    ):
+        privacy.record(plan, num_aggregated=35, dimension=DIMENSION)
+
+    assert privacy.epsilon == 0.0

@@ -265,7 +265,7 @@ def test_distributed_target_aborts_before_unmasking_too_few_inputs(
 
 
 def test_run_stops_before_budget_exceeded() -> None:
-    # A modulus of 2**23 leaves room for too little noise to absorb dropouts
+    # A modulus of 2**22 leaves room for too little noise to absorb dropouts
     # in every round, so the budget check stops the run before round 3.
     dp = DPConfig(
         mode=DPMode.DISTRIBUTED,
@@ -278,7 +278,7 @@ def test_run_stops_before_budget_exceeded() -> None:
         make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1, 2, 3})
     )
     strategy = SecureFedAvg(
-        secure_aggregation=dataclasses.replace(SECAGG, modulus=2**23),
+        secure_aggregation=dataclasses.replace(SECAGG, modulus=2**22),
         differential_privacy=dp,
         rng=random.Random(1),
         on_round_end=reports.append,
