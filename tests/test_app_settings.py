@@ -123,3 +123,22 @@ def test_dropout_fraction_reaches_the_dp_config() -> None:
 
     assert config is not None
     assert config.max_dropout_fraction == 0.3
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"dp_mode": "central", "noise_multiplier": 1e-300}, "noise-multiplier"),
+        (
+            {"dp_sgd": True, "dp_sgd_noise_multiplier": 1e-300},
+            "dp-sgd-noise-multiplier",
+        ),
+    ],
+)
+def test_noise_multiplier_below_floor_rejected(
+    changes: dict[str, object], key: str
+) -> None:
+    with pytest.raises(
+        ValueError, match=rf"{key} must be 0 or at least 0\.0009765625 \(2\*\*-10\)"
+    ):
+        parse(**changes)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedsec_flwr.config import KEY_LIFETIMES
+from fedsec_flwr.dp.accounting import MIN_NOISE_MULTIPLIER
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
@@ -202,6 +203,7 @@ class AppSettings:
             _check_choice("client-sampling", self.client_sampling, SAMPLINGS),
             _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS),
             _check_min_float("noise-multiplier", self.noise_multiplier),
+            _check_noise_floor("noise-multiplier", self.noise_multiplier),
             _check_min_float("target-epsilon", self.target_epsilon),
             _check_open_fraction("delta", self.delta),
             _check_dropout_fraction(
@@ -211,6 +213,7 @@ class AppSettings:
             _check_fraction("clipping-quantile", self.clipping_quantile),
             _check_positive("clipping-learning-rate", self.clipping_learning_rate),
             _check_min_float("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
+            _check_noise_floor("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_min_float("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon),
             _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
@@ -343,6 +346,15 @@ def _check_min_float(key: str, value: float) -> str:
     if value >= 0.0:
         return ""
     return f"{key} must be at least 0; found {value}."
+
+
+def _check_noise_floor(key: str, value: float) -> str:
+    # 0 means "calibrate from the target", so only small positive values fail.
+    if value == 0.0 or value >= MIN_NOISE_MULTIPLIER:
+        return ""
+    return (
+        f"{key} must be 0 or at least {MIN_NOISE_MULTIPLIER} (2**-10); found {value}."
+    )
 
 
 def _check_positive(key: str, value: float) -> str:
