@@ -196,11 +196,11 @@ class CommitmentLayout:
         """Build the layout of a round with distributed DP.
 
         ``params.noise_headroom`` bounds the summed noise of every coordinate
-        of up to ``params.max_clients`` clients, with a failure probability
-        of 2**-40 (`distributed_noise_headroom`). The same bound covers any
-        one client's noise, since one client's sum is a sum of fewer terms.
-        The clipping bit gets the same kind of bound. The offset is the larger
-        of the two.
+        of the round's sampled clients, with a failure probability of 2**-40
+        (`distributed_noise_headroom`). The same bound covers any one
+        client's noise, since one client's sum is a sum of fewer terms. The
+        clipping bit gets the same kind of bound, for up to
+        ``params.max_clients`` clients. The offset is the larger of the two.
 
         Raises:
             ValueError: If max_clients * (max_weight * (levels - 1) + offset)
