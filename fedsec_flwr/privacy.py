@@ -31,7 +31,7 @@ from enum import StrEnum
 import numpy as np
 from numpy.typing import NDArray
 
-from .core.encoding import EncodingParams
+from .core.encoding import TRAILER_SIZE, EncodingParams
 from .dp.accounting import (
     ACCOUNTANT_PRV,
     ACCOUNTANT_RDP,
@@ -57,6 +57,7 @@ from .dp.noise import (
     sample_discrete_gaussian,
 )
 from .dp.random import SecureRandom
+from .verification import CommitmentLayout
 
 logger = logging.getLogger("fedsec_flwr.privacy")
 
@@ -299,6 +300,8 @@ class ServerPrivacy:
         modulus: Modulus of the secure sum; ``None`` without secure
             aggregation.
         rng: Cryptographically secure source of the server's noise.
+        verified: Whether rounds are verified, whose commitment offset needs
+            room in the modulus too (distributed mode).
 
     """
 
@@ -308,6 +311,7 @@ class ServerPrivacy:
     max_clients: int
     modulus: int | None
     rng: SecureRandom = field(default_factory=SecureRandom)
+    verified: bool = False
     accountant: PrivacyAccountant = field(init=False)
     adaptive: AdaptiveClipping | None = field(init=False, default=None)
     _noise_multiplier: float | None = field(init=False, default=None)
@@ -332,9 +336,10 @@ class ServerPrivacy:
         """Plan the next round for ``num_sampled`` clients and ``dimension`` values.
 
         Raises:
-            RoundNotPlannedError: In distributed target mode after the first
-                round, no noise multiplier keeps the round within both the
-                budget and the modulus; the run should stop.
+            RoundNotPlannedError: In distributed mode after the first round,
+                the noise does not fit the modulus, or in target mode no
+                noise multiplier keeps the round within both the budget and
+                the modulus; the run should stop.
             ValueError: An argument is out of range, or the first round
                 cannot be planned.
 
@@ -389,7 +394,7 @@ class ServerPrivacy:
                 f"noise_multiplier {z} needs more noise headroom than the "
                 f"encoding leaves: {error}"
             )
-            if self.config.target_epsilon is not None and self._rounds_done:
+            if self._rounds_done:
                 raise RoundNotPlannedError(message) from error
             raise ValueError(message) from error
 
@@ -427,6 +432,17 @@ class ServerPrivacy:
         bit_sigma = 0.0
         if bit_noise_std is not None:
             bit_sigma = max(MIN_DISCRETE_SIGMA, bit_noise_std / math.sqrt(num_sampled))
+        encoding = self._encoding(clipping_norm, headroom=headroom)
+        if self.verified:
+            # Raises like the encoding when the commitment offset does not fit.
+            CommitmentLayout.distributed(
+                encoding,
+                num_coordinates=dimension,
+                bit_slot=dimension + TRAILER_SIZE
+                if bit_noise_std is not None
+                else None,
+                bit_sigma_client=bit_sigma,
+            )
         min_inputs = 0
         if self.config.target_epsilon is not None:
             min_inputs = min_noised_inputs(
@@ -440,7 +456,7 @@ class ServerPrivacy:
             sample_rate=self.sample_rate,
             sigma_client=sigma_client,
             bit_sigma_client=bit_sigma,
-            encoding=self._encoding(clipping_norm, headroom=headroom),
+            encoding=encoding,
             min_inputs=min_inputs,
         )
 
@@ -499,9 +515,15 @@ class ServerPrivacy:
         """Record what the round really released and return the new epsilon.
 
         Raises:
-            ValueError: ``num_aggregated`` is below the plan's ``min_inputs``,
-                a sum that the round should have aborted before unmasking.
+            ValueError: ``num_aggregated`` is above the sampled clients, or
+                below the plan's ``min_inputs``, a sum that the round should
+                have aborted before unmasking.
         """
+        if num_aggregated > plan.num_sampled:
+            raise ValueError(
+                f"num_aggregated {num_aggregated} is above the round's "
+                f"{plan.num_sampled} sampled clients."
+            )
         if num_aggregated < plan.min_inputs:
             raise ValueError(
                 f"num_aggregated {num_aggregated} is below the round's min_inputs "

@@ -245,6 +245,16 @@ class PrivacyRound:
             self.plan, num_aggregated=num_aggregated, dimension=self.dimension
         )
 
+    def record_unreleased(self, *, num_aggregated: int) -> None:
+        """Record a distributed round whose unmasked sum failed to decode.
+
+        No model is released, but the server has seen the noised sum.
+        """
+        if self.server.config.mode is DPMode.DISTRIBUTED:
+            self.server.record(
+                self.plan, num_aggregated=num_aggregated, dimension=self.dimension
+            )
+
 
 @dataclass
 class _Exchange:
@@ -529,15 +539,20 @@ def run_secure_round(
 
     clock.lap(VERIFICATION_TIMING)
     params = plan.params
-    decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
-    _check_total_weight(
-        decoded.total_weight,
-        params=params,
-        num_aggregated=len(survivors),
-        server_round=server_round,
-    )
-    mean_update, num_clipped = decoded.mean, decoded.num_clipped
-    _check_mean_range(mean_update, params=params, server_round=server_round)
+    try:
+        decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
+        _check_total_weight(
+            decoded.total_weight,
+            params=params,
+            num_aggregated=len(survivors),
+            server_round=server_round,
+        )
+        mean_update, num_clipped = decoded.mean, decoded.num_clipped
+        _check_mean_range(mean_update, params=params, server_round=server_round)
+    except (ProtocolError, ValueError):
+        if privacy is not None:
+            privacy.record_unreleased(num_aggregated=len(survivors))
+        raise
     if num_clipped:
         logger.warning(
             "Round %d: %d update coordinates were clipped to the range +-%g",

@@ -471,6 +471,8 @@ class SecureFedAvg(Strategy):
         secagg = self.secure_aggregation
         sample_rate = 1.0
         if self.client_sampling == SAMPLING_POISSON:
+            # TODO: in distributed mode also report epsilon without this
+            # amplification, the guarantee against the server that samples.
             sample_rate = self.fraction_train
         return ServerPrivacy(
             config=config,
@@ -478,6 +480,7 @@ class SecureFedAvg(Strategy):
             sample_rate=sample_rate,
             max_clients=secagg.max_clients if secagg else 1,
             modulus=secagg.modulus if secagg else None,
+            verified=self.verification is not None,
         )
 
     def _run_round(

@@ -8,6 +8,7 @@ draws survivors between that minimum and all sampled clients.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -235,3 +236,42 @@ def test_recording_fewer_inputs_than_allowed_rejected() -> None:
         privacy.record(plan, num_aggregated=35, dimension=DIMENSION)
 
     assert privacy.epsilon == 0.0
+
+
+def test_recording_more_inputs_than_sampled_rejected() -> None:
+    privacy = server(target=2.0, rounds=3, fraction=0.1)
+    plan = privacy.plan(num_sampled=5, dimension=DIMENSION)
+
+    with pytest.raises(
+        ValueError, match="num_aggregated 1000 is above the round's 5 sampled"
+    ):
+        privacy.record(plan, num_aggregated=1000, dimension=DIMENSION)
+
+
+def test_fixed_noise_later_round_not_planned() -> None:
+    config = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=2.0)
+    privacy = ServerPrivacy(
+        config=config, num_rounds=3, sample_rate=1.0, max_clients=10, modulus=MODULUS
+    )
+    plan = privacy.plan(num_sampled=5, dimension=100_000)
+    privacy.record(plan, num_aggregated=5, dimension=100_000)
+    privacy.modulus = 2**20
+
+    with pytest.raises(RoundNotPlannedError, match=r"noise_multiplier 2\.0 needs more"):
+        privacy.plan(num_sampled=5, dimension=100_000)
+
+
+def test_verified_rounds_leave_room_for_the_commitment_offset() -> None:
+    # The encoding alone fits a modulus of 2**20 here; the commitment offset
+    # that verification adds for each of 5 clients does not.
+    config = DPConfig(
+        mode=DPMode.DISTRIBUTED, noise_multiplier=4.0, quantization_bits=14
+    )
+    plain = ServerPrivacy(
+        config=config, num_rounds=1, sample_rate=1.0, max_clients=5, modulus=2**20
+    )
+    verified = dataclasses.replace(plain, verified=True)
+
+    plain.plan(num_sampled=5, dimension=10)
+    with pytest.raises(ValueError, match="Verification with distributed DP needs"):
+        verified.plan(num_sampled=5, dimension=10)

@@ -24,7 +24,9 @@ from fedsec_flwr import (
     TooFewSurvivorsError,
     secure_aggregation_mod,
 )
+from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
+from fedsec_flwr.records import MASKED_INPUT_RECORD, MASKED_VECTOR_KEY
 from fedsec_flwr.strategy import poisson_short_round_probability
 from tests.loopback import LoopbackGrid, stage_of
 
@@ -543,3 +545,75 @@ def test_poisson_sampling_likely_to_stop_run_rejected() -> None:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=3)
 
     assert grid.sent == []
+
+
+def test_verified_run_stops_on_commitment_overflow() -> None:
+    # After round 1 loses the 2 clients that f allows, round 2 needs a larger
+    # z, whose commitment offset no longer fits a modulus of 2**20.
+    dp = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        target_epsilon=3.0,
+        quantization_bits=14,
+        max_dropout_fraction=0.4,
+    )
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
+    strategy = SecureFedAvg(
+        secure_aggregation=SecAggConfig(
+            modulus=2**20, max_clients=5, stage_timeout=0.3
+        ),
+        differential_privacy=dp,
+        verification=True,
+        rng=random.Random(1),
+        min_train_nodes=5,
+        min_available_nodes=5,
+        on_round_end=reports.append,
+    )
+    initial = ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})
+
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=2)
+
+    assert [r.num_aggregated for r in reports] == [3]
+    assert reports[0].epsilon is not None
+    assert reports[0].epsilon <= 3.0
+    assert strategy.stopped_reason is not None
+    assert strategy.stopped_reason.startswith("Stopped before round 2:")
+
+
+def test_hostile_weight_slot_still_counts_the_unmasked_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A client that inflates its weight slot makes the unmasked sum fail to
+    # decode. The server has seen that noised sum, so the round is recorded.
+    recorded: list[int] = []
+    honest_record = ServerPrivacy.record
+
+    def record(self: ServerPrivacy, plan: object, **kwargs: int) -> float:
+        recorded.append(kwargs["num_aggregated"])
+        return honest_record(self, plan, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ServerPrivacy, "record", record)
+
+    def fault(node: int, stage: str, _: Message) -> object:
+        if node != NODE_IDS[0] or stage != "masked-input":
+            return None
+
+        def inflate(reply: Message) -> Message:
+            vector = (
+                reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
+            )
+            vector[-2] += np.uint32(10**6)
+            reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
+                {MASKED_VECTOR_KEY: Array(vector)}
+            )
+            return reply
+
+        return inflate
+
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    with pytest.raises(ProtocolError, match="exceeds max_weight"):
+        run(grid, dp)
+
+    assert recorded == [len(NODE_IDS)]
