@@ -23,6 +23,7 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -316,6 +317,7 @@ class ServerPrivacy:
     adaptive: AdaptiveClipping | None = field(init=False, default=None)
     _noise_multiplier: float | None = field(init=False, default=None)
     _rounds_done: int = field(init=False, default=0)
+    _unamplified: PrivacyAccountant | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.config.mode is DPMode.DISTRIBUTED and self.modulus is None:
@@ -326,11 +328,27 @@ class ServerPrivacy:
         self.accountant = PrivacyAccountant(
             accountant=self.config.accountant, delta=self.config.delta
         )
+        if self.config.mode is DPMode.DISTRIBUTED:
+            self._unamplified = PrivacyAccountant(
+                accountant=ACCOUNTANT_RDP, delta=self.config.delta
+            )
 
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far, at the configured delta."""
         return self.accountant.epsilon
+
+    @property
+    def epsilon_against_server(self) -> float | None:
+        """Epsilon without amplification by sampling, in distributed mode.
+
+        The server draws the sample, so against the server a client that
+        took part in every round so far has this epsilon, not `epsilon`.
+        ``None`` in central mode, where the server is trusted with the sum.
+        """
+        if self._unamplified is None:
+            return None
+        return self._unamplified.epsilon
 
     def plan(self, *, num_sampled: int, dimension: int) -> RoundPrivacy:
         """Plan the next round for ``num_sampled`` clients and ``dimension`` values.
@@ -531,6 +549,8 @@ class ServerPrivacy:
             )
         for event in self._events(plan, num_aggregated, dimension):
             self.accountant.record(event)
+            if self._unamplified is not None:
+                self._unamplified.record(dataclasses.replace(event, sample_rate=1.0))
         self._rounds_done += 1
         if self.config.mode is DPMode.DISTRIBUTED and num_aggregated < plan.num_sampled:
             logger.warning(

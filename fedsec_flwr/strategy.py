@@ -79,6 +79,10 @@ class RoundReport:
         train_metrics: Mean of the clients' training metrics.
         evaluate_metrics: The central evaluation after the round.
         epsilon: Client-level epsilon spent so far under DP, else ``None``.
+        epsilon_against_server: In distributed mode, the epsilon of a client
+            that took part in every round so far, without amplification by
+            sampling, which does not hold against the server that samples.
+            ``None`` in central mode and without DP.
         clipping_norm: The round's DP clipping norm, else ``None``.
         noise_multiplier: The round's DP noise multiplier, else ``None``.
         verified: Whether the round's aggregate passed verification: the
@@ -104,6 +108,7 @@ class RoundReport:
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
+    epsilon_against_server: float | None = None
     clipping_norm: float | None = None
     noise_multiplier: float | None = None
     verified: bool | None = None
@@ -408,6 +413,9 @@ class SecureFedAvg(Strategy):
             if round_privacy is not None:
                 report.clipping_norm = round_privacy.plan.clipping_norm
                 report.noise_multiplier = round_privacy.plan.noise_multiplier
+                report.epsilon_against_server = (
+                    round_privacy.server.epsilon_against_server
+                )
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = MetricRecord(
                 dict(outcome.train_metrics)
@@ -471,8 +479,6 @@ class SecureFedAvg(Strategy):
         secagg = self.secure_aggregation
         sample_rate = 1.0
         if self.client_sampling == SAMPLING_POISSON:
-            # TODO: in distributed mode also report epsilon without this
-            # amplification, the guarantee against the server that samples.
             sample_rate = self.fraction_train
         return ServerPrivacy(
             config=config,

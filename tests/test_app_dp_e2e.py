@@ -24,6 +24,8 @@ def test_distributed_dp_with_secure_aggregation(tmp_path: Path) -> None:
     assert all(epsilon is not None and epsilon > 0 for epsilon in epsilons)
     assert epsilons == sorted(epsilons)
     assert epsilons[-1] <= 3.0
+    # Without client sampling the server's own figure is the same.
+    assert [entry["epsilon_against_server"] for entry in rounds] == epsilons
     assert rounds[-1]["accuracy"] >= 0.85
 
 

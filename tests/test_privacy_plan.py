@@ -275,3 +275,18 @@ def test_verified_rounds_leave_room_for_the_commitment_offset() -> None:
     plain.plan(num_sampled=5, dimension=10)
     with pytest.raises(ValueError, match="Verification with distributed DP needs"):
         verified.plan(num_sampled=5, dimension=10)
+
+
+def test_epsilon_against_server_counts_rounds_without_sampling() -> None:
+    privacy = server(target=3.0, rounds=4, fraction=0.1, sample_rate=0.1)
+    unamplified = server(target=3.0, rounds=4, fraction=0.1, sample_rate=1.0)
+    for _ in range(4):
+        plan = privacy.plan(num_sampled=40, dimension=DIMENSION)
+        privacy.record(plan, num_aggregated=40, dimension=DIMENSION)
+        unamplified.accountant.record(
+            dataclasses.replace(privacy.accountant.history[-1], sample_rate=1.0)
+        )
+
+    assert privacy.epsilon <= 3.0
+    assert privacy.epsilon_against_server == unamplified.epsilon
+    assert privacy.epsilon_against_server > 3.0

@@ -495,6 +495,45 @@ def test_poisson_sampling_amplifies_central_accounting() -> None:
     assert epsilons["poisson"] < epsilons["fixed"]  # type: ignore[operator]
 
 
+def test_distributed_poisson_reports_epsilon_against_server() -> None:
+    # The server draws the sample, so against it the round counts in full.
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0)
+    reports: list[RoundReport] = []
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        differential_privacy=dp,
+        fraction_train=0.8,
+        client_sampling="poisson",
+        rng=random.Random(0),
+        on_round_end=reports.append,
+    )
+    ids = [1000 + i for i in range(10)]
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    strategy.start(
+        grid=LoopbackGrid(make_app(), ids), initial_arrays=initial, num_rounds=1
+    )
+
+    [report] = reports
+    assert report.epsilon is not None
+    assert report.epsilon_against_server is not None
+    assert report.epsilon < report.epsilon_against_server
+
+
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_without_sampling_epsilon_against_server_is_epsilon(mode: DPMode) -> None:
+    dp = DPConfig(mode=mode, noise_multiplier=1.2, clipping_norm=1.0)
+    reports: list[RoundReport] = []
+
+    run(LoopbackGrid(make_app(), NODE_IDS), dp, rounds=2, reports=reports)
+
+    for report in reports:
+        if mode is DPMode.CENTRAL:
+            assert report.epsilon_against_server is None
+        else:
+            assert report.epsilon_against_server == report.epsilon
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
