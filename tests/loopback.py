@@ -13,7 +13,8 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Context, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import (
     context_from_proto,
@@ -25,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsec_flwr.records import PROTOCOL_RECORD
+from fedsec_flwr.records import MASKED_INPUT_RECORD, MASKED_VECTOR_KEY, PROTOCOL_RECORD
 
 SERVER_NODE_ID = 1
 
@@ -33,6 +34,28 @@ SERVER_NODE_ID = 1
 # to deliver normally, "drop" for no reply, "error" for an error reply, or a
 # function that rewrites the reply.
 Fault = Callable[[int, str, Message], object]
+
+
+def inflate_weight_slot(target: int, amount: int = 10**6) -> Fault:
+    """Return a fault that adds ``amount`` to the weight slot of a masked input."""
+
+    def fault(node: int, stage: str, _: Message) -> object:
+        if node != target or stage != "masked-input":
+            return None
+
+        def inflate(reply: Message) -> Message:
+            vector = (
+                reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
+            )
+            vector[-2] += np.uint32(amount)
+            reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
+                {MASKED_VECTOR_KEY: Array(vector)}
+            )
+            return reply
+
+        return inflate
+
+    return fault
 
 
 def stage_of(message: Message) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message
 
@@ -14,8 +13,8 @@ from fedsec_flwr.core import keys
 from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.core.messages import ShareKeysRequest, UnmaskReply, UnmaskRequest
 from fedsec_flwr.core.server import ServerRound
-from fedsec_flwr.records import MASKED_INPUT_RECORD, MASKED_VECTOR_KEY, PROTOCOL_RECORD
-from tests.loopback import LoopbackGrid
+from fedsec_flwr.records import PROTOCOL_RECORD
+from tests.loopback import LoopbackGrid, inflate_weight_slot
 from tests.test_secure_strategy import NODE_IDS, initial_model, make_app
 
 RUN_ID = 9
@@ -162,21 +161,7 @@ def test_hostile_corrupt_seed_share_detected() -> None:
 
 
 def test_hostile_weight_slot_inflation_rejected() -> None:
-    def fault(node: int, stage: str, _: Message) -> object:
-        if node != NODE_IDS[0] or stage != "masked-input":
-            return None
-
-        def inflate(reply: Message) -> Message:
-            vector = (
-                reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
-            )
-            vector[-2] += np.uint32(10**6)
-            reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
-                {MASKED_VECTOR_KEY: Array(vector)}
-            )
-            return reply
-
-        return inflate
+    fault = inflate_weight_slot(NODE_IDS[0])
 
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
     strategy = SecureFedAvg(secure_aggregation=CONFIG, rng=random.Random(1))

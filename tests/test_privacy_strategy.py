@@ -26,9 +26,8 @@ from fedsec_flwr import (
 )
 from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
-from fedsec_flwr.records import MASKED_INPUT_RECORD, MASKED_VECTOR_KEY
 from fedsec_flwr.strategy import poisson_short_round_probability
-from tests.loopback import LoopbackGrid, stage_of
+from tests.loopback import LoopbackGrid, inflate_weight_slot, stage_of
 
 NUM_COORDINATES = 100_000
 NODE_IDS = [101, 202, 303, 404, 505]
@@ -93,18 +92,35 @@ def run(
     dp: DPConfig,
     *,
     secure: bool = True,
+    secagg: SecAggConfig = SECAGG,
     rounds: int = 1,
     reports: list[RoundReport] | None = None,
+    model: dict[str, np.ndarray] | None = None,
+    **options: object,
 ) -> tuple[dict[str, np.ndarray], SecureFedAvg]:
     strategy = SecureFedAvg(
-        secure_aggregation=SECAGG if secure else None,
+        secure_aggregation=secagg if secure else None,
         differential_privacy=dp,
         rng=random.Random(1),
         on_round_end=reports.append if reports is not None else None,
+        **options,  # type: ignore[arg-type]
     )
-    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    arrays = initial_model() if model is None else model
+    initial = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
     return {k: v.numpy() for k, v in result.arrays.items()}, strategy
+
+
+def dropout_dp(target: float, **changes: object) -> DPConfig:
+    """Distributed DP at ``target`` that lets 2 of 5 clients drop (f = 0.4)."""
+    values: dict[str, object] = {
+        "mode": DPMode.DISTRIBUTED,
+        "target_epsilon": target,
+        "clipping_norm": 1.0,
+        "max_dropout_fraction": 0.4,
+        **changes,
+    }
+    return DPConfig(**values)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
@@ -223,16 +239,10 @@ UNMASK_STAGES = ("unmask", "keyed-unmask")
 def test_distributed_target_survives_dropouts_within_the_allowed_fraction() -> None:
     # With 2 of 5 allowed to drop, 2 dropouts in round 1 leave 3 noised
     # inputs; later rounds get more noise so that the run stays in budget.
-    dp = DPConfig(
-        mode=DPMode.DISTRIBUTED,
-        target_epsilon=2.0,
-        clipping_norm=1.0,
-        max_dropout_fraction=0.4,
-    )
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
 
-    _, strategy = run(grid, dp, rounds=3, reports=reports)
+    _, strategy = run(grid, dropout_dp(2.0), rounds=3, reports=reports)
 
     assert strategy.stopped_reason is None
     assert [r.num_aggregated for r in reports] == [3, 5, 5]
@@ -249,19 +259,14 @@ def test_distributed_target_aborts_before_unmasking_too_few_inputs(
     # rounds were aborted; now the sum of 4 inputs is never unmasked.
     dp = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=2.0, clipping_norm=1.0)
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:1], {1}))
-    strategy = SecureFedAvg(
-        secure_aggregation=dataclasses.replace(SECAGG, key_lifetime=key_lifetime),
-        differential_privacy=dp,
-        rng=random.Random(1),
-    )
-    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    secagg = dataclasses.replace(SECAGG, key_lifetime=key_lifetime)
 
     with pytest.raises(
         TooFewSurvivorsError,
         match=r"4 masked input\(s\) arrived, fewer than min_inputs 5 \(the noise "
         r"of fewer clients could take epsilon above target_epsilon 2\.0",
     ):
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+        run(grid, dp, secagg=secagg)
 
     assert not [m for m in grid.sent if stage_of(m) in UNMASK_STAGES]
 
@@ -269,25 +274,13 @@ def test_distributed_target_aborts_before_unmasking_too_few_inputs(
 def test_run_stops_before_budget_exceeded() -> None:
     # A modulus of 2**22 leaves room for too little noise to absorb dropouts
     # in every round, so the budget check stops the run before round 3.
-    dp = DPConfig(
-        mode=DPMode.DISTRIBUTED,
-        target_epsilon=2.0,
-        clipping_norm=1.0,
-        max_dropout_fraction=0.4,
-    )
     reports: list[RoundReport] = []
     grid = LoopbackGrid(
         make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1, 2, 3})
     )
-    strategy = SecureFedAvg(
-        secure_aggregation=dataclasses.replace(SECAGG, modulus=2**22),
-        differential_privacy=dp,
-        rng=random.Random(1),
-        on_round_end=reports.append,
-    )
-    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    secagg = dataclasses.replace(SECAGG, modulus=2**22)
 
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=3)
+    _, strategy = run(grid, dropout_dp(2.0), secagg=secagg, rounds=3, reports=reports)
 
     assert len(reports) == 2
     assert all(r.epsilon is not None and r.epsilon <= 2.0 for r in reports)
@@ -499,20 +492,9 @@ def test_distributed_poisson_reports_epsilon_against_server() -> None:
     # The server draws the sample, so against it the round counts in full.
     dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0)
     reports: list[RoundReport] = []
-    strategy = SecureFedAvg(
-        secure_aggregation=SECAGG,
-        differential_privacy=dp,
-        fraction_train=0.8,
-        client_sampling="poisson",
-        rng=random.Random(0),
-        on_round_end=reports.append,
-    )
-    ids = [1000 + i for i in range(10)]
-    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    grid = LoopbackGrid(make_app(), [1000 + i for i in range(10)])
 
-    strategy.start(
-        grid=LoopbackGrid(make_app(), ids), initial_arrays=initial, num_rounds=1
-    )
+    run(grid, dp, reports=reports, fraction_train=0.8, client_sampling="poisson")
 
     [report] = reports
     assert report.epsilon is not None
@@ -589,28 +571,20 @@ def test_poisson_sampling_likely_to_stop_run_rejected() -> None:
 def test_verified_run_stops_on_commitment_overflow() -> None:
     # After round 1 loses the 2 clients that f allows, round 2 needs a larger
     # z, whose commitment offset no longer fits a modulus of 2**20.
-    dp = DPConfig(
-        mode=DPMode.DISTRIBUTED,
-        target_epsilon=3.0,
-        quantization_bits=14,
-        max_dropout_fraction=0.4,
-    )
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
-    strategy = SecureFedAvg(
-        secure_aggregation=SecAggConfig(
-            modulus=2**20, max_clients=5, stage_timeout=0.3
-        ),
-        differential_privacy=dp,
+
+    _, strategy = run(
+        grid,
+        dropout_dp(3.0, quantization_bits=14),
+        secagg=SecAggConfig(modulus=2**20, max_clients=5, stage_timeout=0.3),
+        rounds=2,
+        reports=reports,
+        model={"w": np.zeros(10, dtype=np.float32)},
         verification=True,
-        rng=random.Random(1),
         min_train_nodes=5,
         min_available_nodes=5,
-        on_round_end=reports.append,
     )
-    initial = ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})
-
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=2)
 
     assert [r.num_aggregated for r in reports] == [3]
     assert reports[0].epsilon is not None
@@ -633,22 +607,7 @@ def test_hostile_weight_slot_still_counts_the_unmasked_sum(
 
     monkeypatch.setattr(ServerPrivacy, "record", record)
 
-    def fault(node: int, stage: str, _: Message) -> object:
-        if node != NODE_IDS[0] or stage != "masked-input":
-            return None
-
-        def inflate(reply: Message) -> Message:
-            vector = (
-                reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
-            )
-            vector[-2] += np.uint32(10**6)
-            reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
-                {MASKED_VECTOR_KEY: Array(vector)}
-            )
-            return reply
-
-        return inflate
-
+    fault = inflate_weight_slot(NODE_IDS[0])
     dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
 
