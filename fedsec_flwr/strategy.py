@@ -56,7 +56,11 @@ SAMPLING_FIXED = "fixed"
 SAMPLING_POISSON = "poisson"
 
 MAX_SHORT_ROUND_PROBABILITY = 0.01
-"""Largest accepted chance that Poisson sampling stops a run with a short round."""
+"""Largest accepted chance that Poisson sampling stops a run.
+
+It applies to rounds with too few clients and, separately, to rounds with
+more than ``max_clients``.
+"""
 
 
 @dataclass
@@ -134,6 +138,18 @@ def poisson_short_round_probability(
         * sample_rate**count
         * (1.0 - sample_rate) ** (num_nodes - count)
         for count in range(min(min_sampled, num_nodes + 1))
+    )
+
+
+def poisson_long_round_probability(
+    *, num_nodes: int, sample_rate: float, max_sampled: int
+) -> float:
+    """Return the probability that Poisson sampling draws more than `max_sampled`."""
+    return sum(
+        math.comb(num_nodes, count)
+        * sample_rate**count
+        * (1.0 - sample_rate) ** (num_nodes - count)
+        for count in range(max_sampled + 1, num_nodes + 1)
     )
 
 
@@ -399,9 +415,22 @@ class SecureFedAvg(Strategy):
                     break
                 round_privacy = PrivacyRound(privacy, plan, dimension)
 
-            outcome = self._run_round(
-                grid, server_round, nodes, arrays, train_config, round_privacy, pending
-            )
+            try:
+                outcome = self._run_round(
+                    grid,
+                    server_round,
+                    nodes,
+                    arrays,
+                    train_config,
+                    round_privacy,
+                    pending,
+                )
+            except Exception:
+                # The previous round's model was released; report it even
+                # though this round fails.
+                if pending is not None and waiting_report is not None:
+                    self._release_unfinished(waiting_report, pending, server_round)
+                raise
             if outcome.previous is not None and waiting_report is not None:
                 self._release(waiting_report, outcome.previous)
             self._check_verified(server_round, outcome.verification)
@@ -450,6 +479,16 @@ class SecureFedAvg(Strategy):
         report.dropped_by_stage.update(verified.dropped_by_stage)
         self._emit(report)
 
+    def _release_unfinished(
+        self, report: RoundReport, pending: PendingVerification, failed_round: int
+    ) -> None:
+        """Emit a pipelined round's report when the round after it fails."""
+        if pending.result is None:
+            report.verification_reason = (
+                f"round {failed_round} failed before this round's verification finished"
+            )
+        self._release(report, pending)
+
     def _finish_pending(
         self, grid: Grid, pending: PendingVerification, report: RoundReport
     ) -> None:
@@ -458,8 +497,9 @@ class SecureFedAvg(Strategy):
         secagg = self.secure_aggregation or DEFAULT_SECAGG
         result = finish_verification(grid, pending, timeout=secagg.stage_timeout)
         report.seconds += time.perf_counter() - started
-        self._check_verified(pending.server_round, result)
+        # A failed round is reported before the refuse policy raises.
         self._release(report, pending)
+        self._check_verified(pending.server_round, result)
 
     def _check_verified(
         self, server_round: int, result: VerificationResult | None
@@ -567,12 +607,12 @@ class SecureFedAvg(Strategy):
         )
 
     def _check_poisson_sample_size(self, num_nodes: int, num_rounds: int) -> None:
-        """Raise if some round would likely draw too few clients to run.
+        """Raise if some round would likely draw too few or too many clients.
 
-        A round that draws fewer than ``min_train_nodes`` clients cannot run
-        and cannot be skipped quietly, since whether it runs depends on who
-        was sampled. So a setting where that is likely is rejected before
-        round 1.
+        A round that draws fewer than ``min_train_nodes`` clients, or more
+        than the encoding's ``max_clients``, cannot run and cannot be skipped
+        quietly, since whether it runs depends on who was sampled. So a
+        setting where either is likely is rejected before round 1.
         """
         short = poisson_short_round_probability(
             num_nodes=num_nodes,
@@ -589,6 +629,27 @@ class SecureFedAvg(Strategy):
                 f"{MAX_SHORT_ROUND_PROBABILITY}, and such a round stops the run. "
                 "Raise fraction_train or the number of nodes, or sample with "
                 f"client_sampling={SAMPLING_FIXED!r}."
+            )
+
+        encoding = self.secure_aggregation
+        if encoding is None and self.verification is not None:
+            encoding = self.verification.plain_encoding
+        if encoding is None:
+            return
+        long = poisson_long_round_probability(
+            num_nodes=num_nodes,
+            sample_rate=self.fraction_train,
+            max_sampled=encoding.max_clients,
+        )
+        failure = 1.0 - (1.0 - long) ** num_rounds
+        if failure > MAX_SHORT_ROUND_PROBABILITY:
+            raise ValueError(
+                f"Poisson sampling with fraction_train {self.fraction_train} over "
+                f"{num_nodes} nodes draws more than max_clients "
+                f"{encoding.max_clients} in at least one of {num_rounds} rounds "
+                f"with probability {failure:.3g}, above "
+                f"{MAX_SHORT_ROUND_PROBABILITY}, and such a round stops the run. "
+                "Raise max_clients or lower fraction_train."
             )
 
     def _check_limit(self, server_round: int, nodes: list[int]) -> list[int]:

@@ -175,7 +175,11 @@ def test_tamper_detected_before_anyone_trains_on_the_model(
     with pytest.raises(VerificationError, match=f"Round {target_round}: .*No model"):
         run(grid, reports=reports)
 
-    assert [r.server_round for r in reports] == list(range(1, target_round))
+    # The failed round is reported, with its verdict, before the run fails.
+    assert [r.server_round for r in reports] == list(range(1, target_round + 1))
+    assert reports[-1].verified is False
+    assert SUM_MISMATCH in reports[-1].verification_reason
+    assert all(r.verified for r in reports[:-1])
     assert trained(calls, target_round + 1) == set()
     if target_round < 3:
         found = verdicts(grid, target_round + 1, record=DEFERRED_RECORD)
@@ -218,7 +222,9 @@ def test_client_dropped_before_next_setup_leaves_round_unverified() -> None:
     with pytest.raises(VerificationError, match="Round 1: "):
         run(grid, num_rounds=2, reports=reports)
 
-    assert reports == []
+    # Round 1 is reported with its failed verdict before the run fails.
+    assert [r.server_round for r in reports] == [1]
+    assert reports[0].verified is False
 
 
 # --- Hostile requests to a client ------------------------------------------------------

@@ -26,7 +26,11 @@ from fedsec_flwr import (
 )
 from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
-from fedsec_flwr.strategy import poisson_short_round_probability
+from fedsec_flwr.strategy import (
+    poisson_long_round_probability,
+    poisson_short_round_probability,
+)
+from fedsec_flwr.verification import VerificationConfig
 from tests.loopback import LoopbackGrid, inflate_weight_slot, stage_of
 
 NUM_COORDINATES = 100_000
@@ -615,3 +619,51 @@ def test_hostile_weight_slot_still_counts_the_unmasked_sum(
         run(grid, dp)
 
     assert recorded == [len(NODE_IDS)]
+
+
+def test_pipelined_report_survives_an_aborted_next_round() -> None:
+    # Round 1 is verified during round 2's first exchanges; round 2 then
+    # loses a client below min_inputs and aborts, and round 1 is reported.
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=4.0, clipping_norm=1.0)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:1], {2}))
+
+    with pytest.raises(TooFewSurvivorsError, match="fewer than min_inputs 5"):
+        run(
+            grid,
+            dp,
+            rounds=3,
+            reports=reports,
+            model={"w": np.zeros(1000, dtype=np.float32)},
+            verification=VerificationConfig(pipelined=True),
+        )
+
+    assert [r.server_round for r in reports] == [1]
+    assert reports[0].verified is True
+    assert reports[0].epsilon is not None
+
+
+def test_poisson_sampling_likely_to_exceed_max_clients_rejected() -> None:
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        fraction_train=0.8,
+        client_sampling="poisson",
+        rng=random.Random(0),
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    grid = LoopbackGrid(make_app(), [1000 + i for i in range(12)])
+
+    with pytest.raises(
+        ValueError, match=r"over 12 nodes draws more than max_clients 10 in at least"
+    ):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=10)
+
+    assert grid.sent == []
+
+
+def test_poisson_long_round_probability_is_binomial_tail() -> None:
+    probability = poisson_long_round_probability(
+        num_nodes=5, sample_rate=0.3, max_sampled=3
+    )
+
+    assert probability == pytest.approx(5 * 0.3**4 * 0.7 + 0.3**5)
