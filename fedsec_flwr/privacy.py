@@ -354,10 +354,10 @@ class ServerPrivacy:
         """Plan the next round for ``num_sampled`` clients and ``dimension`` values.
 
         Raises:
-            RoundNotPlannedError: In distributed mode after the first round,
-                the noise does not fit the modulus, or in target mode no
-                noise multiplier keeps the round within both the budget and
-                the modulus; the run should stop.
+            RoundNotPlannedError: A distributed round after the first cannot
+                be planned, so the run should stop. Either its noise does not
+                fit the modulus, or in target mode no noise multiplier keeps
+                it within both the budget and the modulus.
             ValueError: An argument is out of range, or the first round
                 cannot be planned.
 

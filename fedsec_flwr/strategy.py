@@ -133,23 +133,24 @@ def poisson_short_round_probability(
 
     The count of sampled nodes is Binomial(num_nodes, sample_rate).
     """
-    return sum(
-        math.comb(num_nodes, count)
-        * sample_rate**count
-        * (1.0 - sample_rate) ** (num_nodes - count)
-        for count in range(min(min_sampled, num_nodes + 1))
-    )
+    counts = range(min(min_sampled, num_nodes + 1))
+    return _binomial_mass(num_nodes, sample_rate, counts)
 
 
 def poisson_long_round_probability(
     *, num_nodes: int, sample_rate: float, max_sampled: int
 ) -> float:
     """Return the probability that Poisson sampling draws more than `max_sampled`."""
+    counts = range(max_sampled + 1, num_nodes + 1)
+    return _binomial_mass(num_nodes, sample_rate, counts)
+
+
+def _binomial_mass(num_nodes: int, sample_rate: float, counts: range) -> float:
     return sum(
         math.comb(num_nodes, count)
         * sample_rate**count
         * (1.0 - sample_rate) ** (num_nodes - count)
-        for count in range(max_sampled + 1, num_nodes + 1)
+        for count in counts
     )
 
 
@@ -619,21 +620,16 @@ class SecureFedAvg(Strategy):
             sample_rate=self.fraction_train,
             min_sampled=self.min_train_nodes,
         )
-        failure = 1.0 - (1.0 - short) ** num_rounds
-        if failure > MAX_SHORT_ROUND_PROBABILITY:
-            raise ValueError(
-                f"Poisson sampling with fraction_train {self.fraction_train} over "
-                f"{num_nodes} nodes draws fewer than min_train_nodes "
-                f"{self.min_train_nodes} in at least one of {num_rounds} rounds "
-                f"with probability {failure:.3g}, above "
-                f"{MAX_SHORT_ROUND_PROBABILITY}, and such a round stops the run. "
-                "Raise fraction_train or the number of nodes, or sample with "
-                f"client_sampling={SAMPLING_FIXED!r}."
-            )
+        self._check_stop_chance(
+            short,
+            num_nodes=num_nodes,
+            num_rounds=num_rounds,
+            event=f"fewer than min_train_nodes {self.min_train_nodes}",
+            remedy="Raise fraction_train or the number of nodes, or sample with "
+            f"client_sampling={SAMPLING_FIXED!r}.",
+        )
 
-        encoding = self.secure_aggregation
-        if encoding is None and self.verification is not None:
-            encoding = self.verification.plain_encoding
+        encoding = self._encoding_limit()
         if encoding is None:
             return
         long = poisson_long_round_probability(
@@ -641,22 +637,44 @@ class SecureFedAvg(Strategy):
             sample_rate=self.fraction_train,
             max_sampled=encoding.max_clients,
         )
-        failure = 1.0 - (1.0 - long) ** num_rounds
+        self._check_stop_chance(
+            long,
+            num_nodes=num_nodes,
+            num_rounds=num_rounds,
+            event=f"more than max_clients {encoding.max_clients}",
+            remedy="Raise max_clients or lower fraction_train.",
+        )
+
+    def _check_stop_chance(
+        self,
+        per_round: float,
+        *,
+        num_nodes: int,
+        num_rounds: int,
+        event: str,
+        remedy: str,
+    ) -> None:
+        """Raise if an event of chance ``per_round`` is too likely over the run."""
+        failure = 1.0 - (1.0 - per_round) ** num_rounds
         if failure > MAX_SHORT_ROUND_PROBABILITY:
             raise ValueError(
                 f"Poisson sampling with fraction_train {self.fraction_train} over "
-                f"{num_nodes} nodes draws more than max_clients "
-                f"{encoding.max_clients} in at least one of {num_rounds} rounds "
-                f"with probability {failure:.3g}, above "
+                f"{num_nodes} nodes draws {event} in at least one of {num_rounds} "
+                f"rounds with probability {failure:.3g}, above "
                 f"{MAX_SHORT_ROUND_PROBABILITY}, and such a round stops the run. "
-                "Raise max_clients or lower fraction_train."
+                f"{remedy}"
             )
 
-    def _check_limit(self, server_round: int, nodes: list[int]) -> list[int]:
-        count = len(nodes)
+    def _encoding_limit(self) -> SecAggConfig | None:
+        """Return the config whose max_clients bounds a round, if any."""
         encoding = self.secure_aggregation
         if encoding is None and self.verification is not None:
             encoding = self.verification.plain_encoding
+        return encoding
+
+    def _check_limit(self, server_round: int, nodes: list[int]) -> list[int]:
+        count = len(nodes)
+        encoding = self._encoding_limit()
         if encoding is not None and count > encoding.max_clients:
             raise ValueError(
                 f"Round {server_round} would sample {count} clients, more than "

@@ -327,11 +327,12 @@ def test_hostile_server_running_past_the_budget_is_stopped(key_lifetime: str) ->
 
 
 @KEY_LIFETIMES
-def test_hostile_server_unmasking_fewer_inputs_than_counted_on_gets_no_shares(
+def test_hostile_unmask_of_too_few_inputs_rejected(
     key_lifetime: str,
 ) -> None:
-    # The budget counts the noise of all 4 clients; after one drops, the
-    # server asks to unmask a sum of 3 inputs, and no client reveals a share.
+    # The budget counts the noise of all 4 clients. After one drops, the
+    # server requests the unmasking of a sum of 3 inputs, and no client
+    # reveals a share.
     budget = ClientPrivacyBudget(max_epsilon=50.0, min_honest_clients=len(NODE_IDS))
     input_stage = "masked-input" if key_lifetime == "round" else "keyed-input"
 

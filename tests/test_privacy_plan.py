@@ -69,7 +69,7 @@ GRID = list(
 
 
 @pytest.mark.parametrize(("target", "rounds", "clients", "sample_rate"), GRID)
-def test_dropouts_never_take_epsilon_above_target(
+def test_dropouts_keep_epsilon_within_target(
     target: float, rounds: int, clients: tuple[int, float], sample_rate: float
 ) -> None:
     num_sampled, fraction = clients
@@ -97,7 +97,7 @@ def test_dropouts_never_take_epsilon_above_target(
     assert epsilons[-1] <= target
 
 
-def test_without_dropouts_the_noise_stays_as_first_calibrated() -> None:
+def test_noise_constant_without_dropouts() -> None:
     privacy = server(target=3.0, rounds=10, fraction=0.1)
     plans = []
     for _ in range(10):
@@ -111,7 +111,7 @@ def test_without_dropouts_the_noise_stays_as_first_calibrated() -> None:
     assert 0.97 * 3.0 < privacy.epsilon <= 3.0
 
 
-def test_dropouts_raise_the_noise_of_later_rounds() -> None:
+def test_dropouts_raise_later_noise() -> None:
     privacy = server(target=3.0, rounds=5, fraction=0.3)
     first = privacy.plan(num_sampled=40, dimension=DIMENSION)
     privacy.record(first, num_aggregated=first.min_inputs, dimension=DIMENSION)
@@ -123,7 +123,7 @@ def test_dropouts_raise_the_noise_of_later_rounds() -> None:
     assert second.sigma_client > first.sigma_client
 
 
-def test_adaptive_clipping_bit_noise_is_counted_under_dropouts() -> None:
+def test_adaptive_bit_noise_under_dropouts() -> None:
     privacy = server(target=2.0, rounds=4, fraction=0.3, adaptive=True)
     for _ in range(4):
         plan = privacy.plan(num_sampled=20, dimension=DIMENSION)
@@ -258,7 +258,7 @@ def test_fixed_noise_later_round_not_planned() -> None:
         privacy.plan(num_sampled=5, dimension=100_000)
 
 
-def test_verified_rounds_leave_room_for_the_commitment_offset() -> None:
+def test_verified_plan_fits_commitment_offset() -> None:
     # The encoding alone fits a modulus of 2**20 here; the commitment offset
     # that verification adds for each of 5 clients does not.
     config = DPConfig(
@@ -274,7 +274,7 @@ def test_verified_rounds_leave_room_for_the_commitment_offset() -> None:
         verified.plan(num_sampled=5, dimension=10)
 
 
-def test_epsilon_against_server_counts_rounds_without_sampling() -> None:
+def test_epsilon_against_server_unamplified() -> None:
     privacy = server(target=3.0, rounds=4, fraction=0.1, sample_rate=0.1)
     unamplified = server(target=3.0, rounds=4, fraction=0.1, sample_rate=1.0)
     for _ in range(4):

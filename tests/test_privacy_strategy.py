@@ -240,9 +240,9 @@ INPUT_STAGES = ("masked-input", "keyed-input")
 UNMASK_STAGES = ("unmask", "keyed-unmask")
 
 
-def test_distributed_target_survives_dropouts_within_the_allowed_fraction() -> None:
+def test_target_absorbs_allowed_dropouts() -> None:
     # With 2 of 5 allowed to drop, 2 dropouts in round 1 leave 3 noised
-    # inputs; later rounds get more noise so that the run stays in budget.
+    # inputs. Later rounds get more noise, so the run stays in budget.
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
 
@@ -256,7 +256,7 @@ def test_distributed_target_survives_dropouts_within_the_allowed_fraction() -> N
 
 
 @pytest.mark.parametrize("key_lifetime", ["round", "run"])
-def test_distributed_target_aborts_before_unmasking_too_few_inputs(
+def test_target_aborts_too_few_inputs(
     key_lifetime: str,
 ) -> None:
     # One round at target 2 released 2.26 here when a client dropped, before
@@ -492,7 +492,7 @@ def test_poisson_sampling_amplifies_central_accounting() -> None:
     assert epsilons["poisson"] < epsilons["fixed"]  # type: ignore[operator]
 
 
-def test_distributed_poisson_reports_epsilon_against_server() -> None:
+def test_poisson_epsilon_against_server() -> None:
     # The server draws the sample, so against it the round counts in full.
     dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0)
     reports: list[RoundReport] = []
@@ -507,7 +507,7 @@ def test_distributed_poisson_reports_epsilon_against_server() -> None:
 
 
 @pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
-def test_without_sampling_epsilon_against_server_is_epsilon(mode: DPMode) -> None:
+def test_unsampled_epsilon_against_server(mode: DPMode) -> None:
     dp = DPConfig(mode=mode, noise_multiplier=1.2, clipping_norm=1.0)
     reports: list[RoundReport] = []
 
@@ -597,7 +597,7 @@ def test_verified_run_stops_on_commitment_overflow() -> None:
     assert strategy.stopped_reason.startswith("Stopped before round 2:")
 
 
-def test_hostile_weight_slot_still_counts_the_unmasked_sum(
+def test_hostile_weight_slot_still_recorded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A client that inflates its weight slot makes the unmasked sum fail to
@@ -621,7 +621,7 @@ def test_hostile_weight_slot_still_counts_the_unmasked_sum(
     assert recorded == [len(NODE_IDS)]
 
 
-def test_pipelined_report_survives_an_aborted_next_round() -> None:
+def test_pipelined_report_survives_abort() -> None:
     # Round 1 is verified during round 2's first exchanges; round 2 then
     # loses a client below min_inputs and aborts, and round 1 is reported.
     dp = DPConfig(mode=DPMode.DISTRIBUTED, target_epsilon=4.0, clipping_norm=1.0)
@@ -643,7 +643,7 @@ def test_pipelined_report_survives_an_aborted_next_round() -> None:
     assert reports[0].epsilon is not None
 
 
-def test_poisson_sampling_likely_to_exceed_max_clients_rejected() -> None:
+def test_poisson_above_max_clients_rejected() -> None:
     strategy = SecureFedAvg(
         secure_aggregation=SECAGG,
         fraction_train=0.8,
