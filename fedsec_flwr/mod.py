@@ -12,7 +12,10 @@ When the server asks for verification at setup, the mod also sends an
 identity key, signs the round's identity-key list, appends a blinding vector
 to its input, and answers the commit and verify stages. By default a client
 whose round failed verification refuses to train on any later model of the
-run (``make_secure_aggregation_mod`` changes that).
+run (``make_secure_aggregation_mod`` changes that). A client that verified
+round r and takes part in round r + 1 also checks that the model it gets is
+round r's model plus the decoded mean of round r's aggregate, and treats any
+other model as a failed verification.
 
 ``plain_verification_mod`` is the client side of plain FedAvg with
 verification: it sends the encoded update and the blinding vector in clear.
@@ -49,7 +52,7 @@ from . import verification
 from .budget import ClientPrivacyBudget, PrivacyBudgetError, SpentRound
 from .core import client as protocol
 from .core import commitments, run_keys
-from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
+from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum, encode_update
 from .core.errors import ProtocolError
 from .core.messages import (
     CommitRequest,
@@ -85,10 +88,14 @@ from .records import (
     RUN_KEYS_RECORD,
     STATE_RECORD,
     VERIFICATION_ARRAYS_RECORD,
+    VERIFICATION_DECODING_RECORD,
+    VERIFICATION_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
     FloatLayout,
     arrays_to_numpy,
     check_client_arrays,
+    encoding_fields,
+    model_digest,
     num_examples,
     parse_encoding,
     protocol_fields,
@@ -403,6 +410,7 @@ def _masked_input(
     call_next: ClientAppCallable,
     options: _Options,
 ) -> tuple[Fields, _Extra]:
+    _check_model(header, msg, context)
     _check_refusal(header, context, options)
     params = parse_encoding(fields)
     state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
@@ -436,6 +444,8 @@ def _train_for_round(
     verified_round = _signed_this_round(header, context)
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
+    # Training replaces the message's content, so take the model first.
+    model = msg.content.array_records.get(ARRAYS_RECORD)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -446,10 +456,11 @@ def _train_for_round(
         server_round=header.server_round,
         budget=options.privacy_budget,
     )
-    if blinding is not None:
+    if blinding is not None and model is not None:
         update = encoded[: encoded.size - blinding.size]
         layout = _commitment_layout(params, privacy, update_size=update.size)
         _keep_input(context, header, layout.client_vector(update), blinding)
+        _keep_model(context, header, model, params, layout)
     return encoded, metrics
 
 
@@ -532,6 +543,7 @@ def _keyed_input(
     call_next: ClientAppCallable,
     options: _Options,
 ) -> tuple[Fields, _Extra]:
+    _check_model(header, msg, context)
     _check_refusal(header, context, options)
     state, keys = run_keys.client_start_round(
         keys, ShareKeysRequest.from_fields(fields), server_round=header.server_round
@@ -851,6 +863,9 @@ def _commit(
         blinding=kept[BLINDING_KEY],
     )
     _save_verification(context, state)
+    decoding = context.state.config_records.get(VERIFICATION_DECODING_RECORD)
+    if decoding is not None:
+        decoding["num-included"] = len(request.included_node_ids)
     return reply.to_fields()
 
 
@@ -866,16 +881,98 @@ def _verify(
             f"with the single key {AGGREGATE_KEY!r}."
         )
 
+    aggregate = record[AGGREGATE_KEY].numpy()
     state, reply = verification.client_verify(
         state,
         request,
         run_id=header.run_id,
         server_round=header.server_round,
         node_id=msg.metadata.dst_node_id,
-        aggregate=record[AGGREGATE_KEY].numpy(),
+        aggregate=aggregate,
     )
+    next_model = _take_next_model(context, header, aggregate)
+    if reply.verified and next_model is not None:
+        state = verification.client_expect_model(
+            state, server_round=header.server_round, model_sha256=next_model
+        )
     _save_verification(context, state)
     return reply.to_fields()
+
+
+def _keep_model(
+    context: Context,
+    header: RoundHeader,
+    model: ArrayRecord,
+    params: EncodingParams,
+    layout: CommitmentLayout,
+) -> None:
+    """Keep the round's model and encoding until the transcript arrives."""
+    context.state[VERIFICATION_MODEL_RECORD] = ArrayRecord(dict(model.items()))
+    context.state[VERIFICATION_DECODING_RECORD] = to_config_record(
+        {
+            "server-round": header.server_round,
+            **encoding_fields(params),
+            **layout.to_fields(),
+        }
+    )
+
+
+def _take_next_model(
+    context: Context, header: RoundHeader, aggregate: NDArray[np.uint32]
+) -> bytes | None:
+    """Remove the kept model and return the digest of the model after this round.
+
+    The next model is computed as the server computes it: the kept model
+    plus the mean decoded from the aggregate without the commitment offset.
+    Returns ``None`` when nothing of this round is kept, or when the
+    aggregate does not decode, so that an honest server releases no model.
+    """
+    model = context.state.array_records.get(VERIFICATION_MODEL_RECORD)
+    decoding = context.state.config_records.get(VERIFICATION_DECODING_RECORD)
+    for name in (VERIFICATION_MODEL_RECORD, VERIFICATION_DECODING_RECORD):
+        if name in context.state:
+            del context.state[name]
+    if model is None or decoding is None:
+        return None
+    fields = dict(decoding)
+    if fields.get("server-round") != header.server_round:
+        return None
+
+    arrays = arrays_to_numpy(model)
+    layout = FloatLayout.of(arrays)
+    try:
+        num_included = fields["num-included"]
+        if not isinstance(num_included, int):
+            return None
+        total = CommitmentLayout.from_fields(fields).included_sum(
+            aggregate, num_included=num_included
+        )
+        num_extra = total.size - TRAILER_SIZE - layout.size
+        decoded = decode_sum(total, params=parse_encoding(fields), num_extra=num_extra)
+    except (KeyError, ProtocolError, ValueError):
+        return None
+
+    return model_digest(layout.apply_update(arrays, decoded.mean))
+
+
+def _check_model(header: RoundHeader, msg: Message, context: Context) -> None:
+    """Record a failure if this round's model is not the one the last round implies."""
+    state = _load_verification(context)
+    if state is None or state.run_id != header.run_id or not state.model_round:
+        return
+
+    def digest() -> bytes:
+        record = msg.content.array_records.get(ARRAYS_RECORD)
+        if record is None:
+            return b""
+        return model_digest(arrays_to_numpy(record))
+
+    _save_verification(
+        context,
+        verification.client_check_model(
+            state, server_round=header.server_round, model_sha256=digest
+        ),
+    )
 
 
 # --- Plain mode with verification -------------------------------------------------
@@ -970,8 +1067,10 @@ def _plain_input(
         raise ProtocolError(
             "A plain-input request must carry the identity-key list. Found none."
         )
+    _check_model(header, msg, context)
     _check_refusal(header, context, options)
 
+    model = msg.content.array_records.get(ARRAYS_RECORD)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -983,6 +1082,10 @@ def _plain_input(
     )
     blinding = commitments.draw_blinding()
     _keep_input(context, header, encoded, blinding)
+    if model is not None:
+        _keep_model(
+            context, header, model, params, CommitmentLayout(modulus=params.modulus)
+        )
 
     extra: _Extra = {
         PLAIN_INPUT_RECORD: ArrayRecord(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -58,6 +59,14 @@ VERIFICATION_ARRAYS_RECORD = "fedsec.verification.arrays"
 Between its input and its commitment it contains ``ENCODED_UPDATE_KEY`` and
 ``BLINDING_KEY``; between its commitment and the transcript, ``AGGREGATE_KEY``.
 """
+
+VERIFICATION_MODEL_RECORD = "fedsec.verification.model"
+"""ArrayRecord in ``Context.state`` with the global model of the round a
+client verifies, from its input until the transcript arrives."""
+
+VERIFICATION_DECODING_RECORD = "fedsec.verification.decoding"
+"""ConfigRecord in ``Context.state`` with what a client needs to decode the
+aggregate of the round in ``VERIFICATION_MODEL_RECORD`` as the server does."""
 
 ARRAYS_RECORD = "arrays"
 """ArrayRecord with the global model, and with a client's model in plain mode."""
@@ -191,6 +200,46 @@ class FloatLayout:
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
     """Convert an ArrayRecord to numpy arrays, keeping its key order."""
     return {key: array.numpy() for key, array in record.items()}
+
+
+MODEL_DIGEST_DOMAIN = b"fedsec-flwr/model-digest/v1"
+
+_MODEL_DIGEST_CHUNK = 1 << 22
+
+
+def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
+    """Compute SHA-256 of a model: names, dtypes, shapes and values, keys sorted.
+
+    Values are hashed as little-endian bytes in C order, so the digest does
+    not depend on the key order, the byte order or the memory layout of the
+    arrays, and any changed value, even by one ulp, changes it.
+
+    Raises:
+        ValueError: If an array's dtype has no fixed byte representation,
+            such as ``object``.
+
+    """
+    digest = hashlib.sha256(MODEL_DIGEST_DOMAIN)
+    digest.update(len(arrays).to_bytes(8, "little"))
+    for key in sorted(arrays):
+        array = np.asarray(arrays[key])
+        if array.dtype.hasobject or array.dtype.kind not in "biufc":
+            raise ValueError(
+                f"model_digest needs numeric arrays. Found dtype {array.dtype} "
+                f"for key {key!r}."
+            )
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        for part in (key.encode(), little.dtype.str.encode()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        digest.update(little.ndim.to_bytes(8, "little"))
+        for dimension in little.shape:
+            digest.update(dimension.to_bytes(8, "little"))
+        flat = little.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _MODEL_DIGEST_CHUNK):
+            digest.update(flat[start : start + _MODEL_DIGEST_CHUNK].data)
+
+    return digest.digest()
 
 
 def check_client_arrays(

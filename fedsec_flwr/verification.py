@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -242,6 +242,32 @@ class CommitmentLayout:
     ) -> npt.NDArray[np.uint32]:
         """Return the aggregate the included clients' commitments must match."""
         return self._shifted(aggregate, self.offset * num_included)
+
+    def included_sum(
+        self, aggregate: npt.NDArray[np.uint32], *, num_included: int
+    ) -> npt.NDArray[np.uint32]:
+        """Undo `aggregate_vector`: return the sum of the clients' encoded inputs."""
+        return self._shifted(aggregate, -self.offset * num_included)
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields for ``Context.state``."""
+        return {
+            "layout-modulus": self.modulus,
+            "layout-noisy-slots": self.noisy_slots,
+            "layout-bit-slot": -1 if self.bit_slot is None else self.bit_slot,
+            "layout-offset": self.offset,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> CommitmentLayout:
+        """Restore a layout stored by `to_fields`."""
+        bit_slot = _field(fields, "layout-bit-slot", int)
+        return cls(
+            modulus=_field(fields, "layout-modulus", int),
+            noisy_slots=_field(fields, "layout-noisy-slots", int),
+            bit_slot=None if bit_slot < 0 else bit_slot,
+            offset=_field(fields, "layout-offset", int),
+        )
 
     def _shifted(
         self, vector: npt.NDArray[np.uint32], shift: int
@@ -483,6 +509,10 @@ class ClientVerificationState:
         committed_round: The round it committed in and has no transcript of.
         commitment: Its encoded commitment in `committed_round`.
         aggregate_sha256: The digest of the aggregate it committed against.
+        model_round: The round whose global model this client can predict:
+            the round after the last one it verified.
+        model_sha256: The `model_digest` of that model: the verified round's
+            model plus the decoded mean of its verified aggregate.
         failed_round: The first round of the run that failed verification.
         failure_reason: Why that round failed.
 
@@ -496,6 +526,8 @@ class ClientVerificationState:
     committed_round: int = 0
     commitment: bytes = b""
     aggregate_sha256: bytes = b""
+    model_round: int = 0
+    model_sha256: bytes = b""
     failed_round: int = 0
     failure_reason: str = ""
 
@@ -519,6 +551,8 @@ class ClientVerificationState:
             "committed-round": self.committed_round,
             "commitment": self.commitment,
             "aggregate-sha256": self.aggregate_sha256,
+            "model-round": self.model_round,
+            "model-sha256": self.model_sha256,
             "failed-round": self.failed_round,
             "failure-reason": self.failure_reason,
         }
@@ -536,6 +570,8 @@ class ClientVerificationState:
             committed_round=_field(fields, "committed-round", int),
             commitment=_field(fields, "commitment", bytes),
             aggregate_sha256=_field(fields, "aggregate-sha256", bytes),
+            model_round=_field(fields, "model-round", int),
+            model_sha256=_field(fields, "model-sha256", bytes),
             failed_round=_field(fields, "failed-round", int),
             failure_reason=_field(fields, "failure-reason", str),
         )
@@ -688,6 +724,45 @@ def client_verify(
     if not result.verified:
         logger.warning("Round %d failed verification: %s", server_round, result.reason)
     return new_state, VerifyReply(verified=result.verified, reason=result.reason)
+
+
+def client_expect_model(
+    state: ClientVerificationState, *, server_round: int, model_sha256: bytes
+) -> ClientVerificationState:
+    """Keep the digest of the model that must follow a verified round.
+
+    The caller computes it from the round's model and verified aggregate
+    exactly as the server does, so an honest server's next model matches.
+    """
+    return replace(state, model_round=server_round + 1, model_sha256=model_sha256)
+
+
+def client_check_model(
+    state: ClientVerificationState,
+    *,
+    server_round: int,
+    model_sha256: Callable[[], bytes],
+) -> ClientVerificationState:
+    """Compare this round's global model with the one the verified round implies.
+
+    A client checks only when it verified the round just before this one;
+    otherwise rounds it did not see changed the model. A mismatch is
+    recorded as this round's failure, where `refusal_reason` finds it. The
+    digest is computed, by calling ``model_sha256``, only when it is needed.
+    """
+    expected = state.model_sha256 if state.model_round == server_round else b""
+    new_state = replace(state, model_round=0, model_sha256=b"")
+    if not expected or model_sha256() == expected:
+        return new_state
+
+    reason = (
+        f"the model sent for round {server_round} is not the model of round "
+        f"{server_round - 1} plus the mean of its verified aggregate"
+    )
+    logger.warning("Round %d failed verification: %s", server_round, reason)
+    if state.failed_round:
+        return new_state
+    return replace(new_state, failed_round=server_round, failure_reason=reason)
 
 
 def _check_transcript(

@@ -1,0 +1,312 @@
+"""Clients check that each global model follows from the round they verified.
+
+A server can release an aggregate that passes verification and then send a
+model that is not built from it. After verifying round r, a client computes
+round r's model plus the decoded mean of the verified aggregate, and refuses
+a round r + 1 model that differs. The honest runs prove that the client's
+computation matches the server's exactly, in every mode. The hostile runs
+replace the model after an honestly verified round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedsec_flwr import RoundReport, SecureFedAvg, TooFewSurvivorsError
+from fedsec_flwr.config import KEY_LIFETIME_ROUND, KEY_LIFETIME_RUN
+from fedsec_flwr.mod import make_secure_aggregation_mod
+from fedsec_flwr.privacy import DPConfig
+from fedsec_flwr.records import (
+    ARRAYS_RECORD,
+    VERIFICATION_MODEL_RECORD,
+    VERIFICATION_STATE_RECORD,
+    model_digest,
+)
+from fedsec_flwr.rounds import PendingVerification, PrivacyRound, RoundOutcome
+from fedsec_flwr.verification import (
+    ClientVerificationState,
+    FailurePolicy,
+    VerificationConfig,
+)
+from tests.loopback import LoopbackGrid, _load_context
+from tests.test_secure_strategy import CONFIG, NODE_IDS, NUM_NODES, initial_model
+from tests.test_verification_strategy import (
+    DISTRIBUTED_DP,
+    error_reasons,
+    make_app,
+    recording_train,
+)
+
+MISMATCH = "is not the model of round 1 plus the mean of its verified aggregate"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One way to run verified rounds: secure or plain, keys, pipelining, DP."""
+
+    name: str
+    secure: bool = True
+    key_lifetime: str = KEY_LIFETIME_ROUND
+    pipelined: bool = False
+    dp: DPConfig | None = None
+
+    def input_stage(self) -> str:
+        if not self.secure:
+            return "plain-input"
+        return (
+            "keyed-input" if self.key_lifetime == KEY_LIFETIME_RUN else "masked-input"
+        )
+
+
+MODES = [
+    Mode("round-keys"),
+    Mode("run-keys", key_lifetime=KEY_LIFETIME_RUN),
+    Mode("pipelined", pipelined=True),
+    Mode("plain", secure=False),
+    Mode("distributed-dp", dp=DISTRIBUTED_DP),
+    Mode("distributed-dp-run-keys", dp=DISTRIBUTED_DP, key_lifetime=KEY_LIFETIME_RUN),
+]
+
+Rewrite = Callable[[ArrayRecord], ArrayRecord]
+
+
+def one_ulp_up(record: ArrayRecord) -> ArrayRecord:
+    """Move the first value of the first array up by one unit in the last place."""
+    arrays = {key: array.numpy().copy() for key, array in record.items()}
+    first = next(iter(arrays))
+    flat = arrays[first].reshape(-1)
+    flat[0] = np.nextafter(flat[0], np.inf)
+    return ArrayRecord({key: Array(value) for key, value in arrays.items()})
+
+
+class RewritingFedAvg(SecureFedAvg):
+    """An honest server that rewrites the model after round 1 is aggregated."""
+
+    def __init__(self, rewrite: Rewrite | None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.rewrite = rewrite
+
+    def _run_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        nodes: list[int],
+        arrays: ArrayRecord,
+        train_config: ConfigRecord,
+        privacy: PrivacyRound | None,
+        previous: PendingVerification | None,
+    ) -> RoundOutcome:
+        outcome = super()._run_round(
+            grid, server_round, nodes, arrays, train_config, privacy, previous
+        )
+        if server_round == 1 and self.rewrite is not None:
+            outcome.arrays = self.rewrite(outcome.arrays)
+        return outcome
+
+
+def run(
+    grid: LoopbackGrid,
+    mode: Mode,
+    *,
+    rewrite: Rewrite | None = None,
+    rounds: int = 3,
+    reports: list[RoundReport] | None = None,
+    on_failure: FailurePolicy = FailurePolicy.REFUSE,
+) -> dict[str, np.ndarray]:
+    strategy = RewritingFedAvg(
+        rewrite,
+        secure_aggregation=(
+            dataclasses.replace(CONFIG, key_lifetime=mode.key_lifetime)
+            if mode.secure
+            else None
+        ),
+        differential_privacy=mode.dp,
+        verification=VerificationConfig(
+            pipelined=mode.pipelined,
+            on_failure=on_failure,
+            plain_encoding=CONFIG,
+        ),
+        rng=random.Random(5),
+        on_round_end=reports.append if reports is not None else None,
+    )
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
+    return {k: v.numpy() for k, v in result.arrays.items()}
+
+
+def trained(calls: list[tuple[int, str]], server_round: int) -> set[int]:
+    return {node for node, group in calls if group == str(server_round)}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_honest_models_pass_check(mode: Mode) -> None:
+    calls: list[tuple[int, str]] = []
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(recording_train(calls), secure=mode.secure), NODE_IDS)
+
+    run(grid, mode, reports=reports)
+
+    assert [r.verified for r in reports] == [True, True, True]
+    for server_round in (1, 2, 3):
+        assert trained(calls, server_round) == set(NODE_IDS)
+        assert error_reasons(grid, server_round) == {}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_tamper_next_model_refused(mode: Mode) -> None:
+    # Round 1's aggregate is honest and verifies. The model sent for round 2
+    # differs by one ulp from round 1's model plus that aggregate's mean.
+    calls: list[tuple[int, str]] = []
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(recording_train(calls), secure=mode.secure), NODE_IDS)
+
+    with pytest.raises((TooFewSurvivorsError, ValueError)):
+        run(grid, mode, rewrite=one_ulp_up, reports=reports)
+
+    assert reports[0].verified is True
+    assert trained(calls, 2) == set()
+    reasons = error_reasons(grid, 2)
+    assert set(reasons) == set(NODE_IDS)
+    assert all(MISMATCH in reason for reason in reasons.values())
+
+
+def test_hostile_replayed_model_refused() -> None:
+    # The server sends round 1's model again in round 2, as if round 1's
+    # aggregate had never been applied.
+    def replay(_: ArrayRecord) -> ArrayRecord:
+        return ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    with pytest.raises(TooFewSurvivorsError):
+        run(grid, MODES[0], rewrite=replay)
+
+    reasons = error_reasons(grid, 2)
+    assert len(reasons) == NUM_NODES
+    assert all(MISMATCH in reason for reason in reasons.values())
+
+
+def split_model_for(victim: int, stage: str) -> object:
+    """Return a fault that shows ``victim`` a one-ulp different model in round 2."""
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == stage and msg.metadata.group_id == "2":
+            msg.content[ARRAYS_RECORD] = one_ulp_up(msg.content[ARRAYS_RECORD])
+        return None
+
+    return fault
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_split_model_refused(mode: Mode) -> None:
+    # Different models for different clients in one round: only the victim
+    # gets the altered one, and only the victim can tell.
+    victim = NODE_IDS[2]
+    calls: list[tuple[int, str]] = []
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(
+        make_app(recording_train(calls), secure=mode.secure),
+        NODE_IDS,
+        fault=split_model_for(victim, mode.input_stage()),  # type: ignore[arg-type]
+    )
+
+    run(grid, mode, reports=reports)
+
+    assert trained(calls, 2) == set(NODE_IDS) - {victim}
+    assert MISMATCH in error_reasons(grid, 2)[victim]
+    # Under the refuse policy the victim also refuses every later model.
+    assert victim not in trained(calls, 3)
+    assert "round 2 failed verification" in error_reasons(grid, 3)[victim]
+    assert [r.num_aggregated for r in reports] == [NUM_NODES] + [NUM_NODES - 1] * 2
+
+
+def test_report_policy_trains_on_mismatch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    victim = NODE_IDS[0]
+    calls: list[tuple[int, str]] = []
+    mod = make_secure_aggregation_mod(on_verification_failure="report")
+    grid = LoopbackGrid(
+        make_app(recording_train(calls), mod=mod),
+        NODE_IDS,
+        fault=split_model_for(victim, "masked-input"),  # type: ignore[arg-type]
+    )
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.verification"):
+        run(grid, MODES[0], rounds=2)
+
+    assert victim in trained(calls, 2)
+    assert any(MISMATCH in record.getMessage() for record in caplog.records)
+
+
+def test_skipped_round_not_checked() -> None:
+    # A client that did not verify round r cannot predict round r + 1's model.
+    victim = NODE_IDS[1]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and msg.metadata.group_id == "1" and name == "setup":
+            return "drop"
+        return split_model_for(victim, "masked-input")(node, name, msg)  # type: ignore[operator]
+
+    calls: list[tuple[int, str]] = []
+    grid = LoopbackGrid(make_app(recording_train(calls)), NODE_IDS, fault=fault)
+
+    run(grid, MODES[0], rounds=2)
+
+    assert victim not in trained(calls, 1)
+    assert victim in trained(calls, 2)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_client_expects_released_model(mode: Mode) -> None:
+    grid = LoopbackGrid(make_app(secure=mode.secure), NODE_IDS)
+
+    released = run(grid, mode, rounds=1)
+
+    for node in NODE_IDS:
+        state = _load_context(grid._contexts[node]).state
+        assert VERIFICATION_MODEL_RECORD not in state.array_records
+        kept = ClientVerificationState.from_fields(
+            dict(state.config_records[VERIFICATION_STATE_RECORD])
+        )
+        assert kept.model_round == 2
+        assert kept.model_sha256 == model_digest(released)
+
+
+def test_model_digest_is_canonical() -> None:
+    model = initial_model()
+    model["dense.weight"] = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    reordered = dict(reversed(list(model.items())))
+    big_endian = {k: v.astype(v.dtype.newbyteorder(">")) for k, v in model.items()}
+    fortran = {k: np.asfortranarray(v) for k, v in model.items()}
+
+    digest = model_digest(model)
+
+    assert model_digest(reordered) == digest
+    assert model_digest(big_endian) == digest
+    assert model_digest(fortran) == digest
+    nudged = dict(model)
+    nudged["dense.weight"] = model["dense.weight"].copy()
+    nudged["dense.weight"][2, 3] = np.nextafter(nudged["dense.weight"][2, 3], 0)
+    assert model_digest(nudged) != digest
+    renamed = {("x" + k if k == "dense.bias" else k): v for k, v in model.items()}
+    assert model_digest(renamed) != digest
+    reshaped = dict(model)
+    reshaped["dense.weight"] = model["dense.weight"].reshape(4, 3)
+    assert model_digest(reshaped) != digest
+    retyped = dict(model)
+    retyped["dense.bias"] = model["dense.bias"].astype(np.float32)
+    assert model_digest(retyped) != digest
+
+
+def test_model_digest_rejects_object_arrays() -> None:
+    with pytest.raises(ValueError, match="dtype object for key 'bad'"):
+        model_digest({"bad": np.array([None, 1], dtype=object)})
