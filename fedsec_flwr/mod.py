@@ -410,7 +410,7 @@ def _masked_input(
     call_next: ClientAppCallable,
     options: _Options,
 ) -> tuple[Fields, _Extra]:
-    _check_model(header, msg, context)
+    model_sha256 = _check_model(header, msg, context)
     _check_refusal(header, context, options)
     params = parse_encoding(fields)
     state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
@@ -419,7 +419,14 @@ def _masked_input(
     started = time.perf_counter()
     cpu_started = time.process_time()
     encoded, metrics = _train_for_round(
-        header, fields, msg, context, call_next, options, params=params
+        header,
+        fields,
+        msg,
+        context,
+        call_next,
+        options,
+        params=params,
+        model_sha256=model_sha256,
     )
     encoded_at = time.perf_counter()
     masked = protocol.client_mask(state, encoded, modulus=params.modulus)
@@ -436,16 +443,18 @@ def _train_for_round(
     options: _Options,
     *,
     params: EncodingParams,
+    model_sha256: bytes | None,
 ) -> tuple[NDArray[np.uint32], MetricRecord]:
     """Train and encode; in a verified round, append and keep the blinding vector.
 
     A round is verified when this client signed its identity-key list.
+    ``model_sha256`` is the digest of the global model if already computed.
     """
     verified_round = _signed_this_round(header, context)
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
     # Training replaces the message's content, so take the model first.
-    model = msg.content.array_records.get(ARRAYS_RECORD)
+    model = _global_model(msg)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -456,11 +465,16 @@ def _train_for_round(
         server_round=header.server_round,
         budget=options.privacy_budget,
     )
-    if blinding is not None and model is not None:
+    if blinding is not None:
         update = encoded[: encoded.size - blinding.size]
         layout = _commitment_layout(params, privacy, update_size=update.size)
-        _keep_input(context, header, layout.client_vector(update), blinding)
-        _keep_model(context, header, model, params, layout)
+        _keep_input(
+            context,
+            header,
+            layout.client_vector(update),
+            blinding,
+            _KeptModel(model, model_sha256, params, layout),
+        )
     return encoded, metrics
 
 
@@ -543,7 +557,7 @@ def _keyed_input(
     call_next: ClientAppCallable,
     options: _Options,
 ) -> tuple[Fields, _Extra]:
-    _check_model(header, msg, context)
+    model_sha256 = _check_model(header, msg, context)
     _check_refusal(header, context, options)
     state, keys = run_keys.client_start_round(
         keys, ShareKeysRequest.from_fields(fields), server_round=header.server_round
@@ -558,7 +572,14 @@ def _keyed_input(
     started = time.perf_counter()
     cpu_started = time.process_time()
     encoded, metrics = _train_for_round(
-        header, fields, msg, context, call_next, options, params=params
+        header,
+        fields,
+        msg,
+        context,
+        call_next,
+        options,
+        params=params,
+        model_sha256=model_sha256,
     )
     encoded_at = time.perf_counter()
     state, masked, shares = run_keys.client_keyed_input(
@@ -587,9 +608,7 @@ def _train_and_encode(
     With a privacy budget, a round that would exceed it is rejected before
     training, and an admitted round is recorded once its noise is added.
     """
-    global_record = msg.content.array_records.get(ARRAYS_RECORD)
-    if global_record is None:
-        raise ProtocolError(f"The message has no {ARRAYS_RECORD!r} ArrayRecord.")
+    global_record = _global_model(msg)
     global_arrays = arrays_to_numpy(global_record)
     layout = FloatLayout.of(global_arrays)
 
@@ -806,19 +825,42 @@ def _check_refusal(header: RoundHeader, context: Context, options: _Options) -> 
         raise ProtocolError(f"This client does not train on this model: {reason}.")
 
 
+@dataclass(frozen=True)
+class _KeptModel:
+    """The global model of a verified round and how to decode its aggregate."""
+
+    record: ArrayRecord
+    sha256: bytes | None
+    """Its `model_digest`, or ``None`` if not computed yet."""
+    params: EncodingParams
+    layout: CommitmentLayout
+
+
 def _keep_input(
     context: Context,
     header: RoundHeader,
     update: NDArray[np.uint32],
     blinding: NDArray[np.uint32],
+    model: _KeptModel,
 ) -> None:
+    """Keep the input to commit to, and the model to check the next one against."""
+    model_sha256 = model.sha256 or model_digest(arrays_to_numpy(model.record))
     state = verification.client_start_input(
         _require_verification_state(context),
         run_id=header.run_id,
         server_round=header.server_round,
+        model_sha256=model_sha256,
     )
     context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
         {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}
+    )
+    context.state[VERIFICATION_MODEL_RECORD] = ArrayRecord(dict(model.record.items()))
+    context.state[VERIFICATION_DECODING_RECORD] = to_config_record(
+        {
+            "server-round": header.server_round,
+            **encoding_fields(model.params),
+            **model.layout.to_fields(),
+        }
     )
     _save_verification(context, state)
 
@@ -890,8 +932,8 @@ def _verify(
         node_id=msg.metadata.dst_node_id,
         aggregate=aggregate,
     )
-    next_model = _take_next_model(context, header, aggregate)
-    if reply.verified and next_model is not None:
+    next_model = _take_next_model(context, header, aggregate, verified=reply.verified)
+    if next_model is not None:
         state = verification.client_expect_model(
             state, server_round=header.server_round, model_sha256=next_model
         )
@@ -899,40 +941,27 @@ def _verify(
     return reply.to_fields()
 
 
-def _keep_model(
+def _take_next_model(
     context: Context,
     header: RoundHeader,
-    model: ArrayRecord,
-    params: EncodingParams,
-    layout: CommitmentLayout,
-) -> None:
-    """Keep the round's model and encoding until the transcript arrives."""
-    context.state[VERIFICATION_MODEL_RECORD] = ArrayRecord(dict(model.items()))
-    context.state[VERIFICATION_DECODING_RECORD] = to_config_record(
-        {
-            "server-round": header.server_round,
-            **encoding_fields(params),
-            **layout.to_fields(),
-        }
-    )
-
-
-def _take_next_model(
-    context: Context, header: RoundHeader, aggregate: NDArray[np.uint32]
+    aggregate: NDArray[np.uint32],
+    *,
+    verified: bool,
 ) -> bytes | None:
     """Remove the kept model and return the digest of the model after this round.
 
     The next model is computed as the server computes it: the kept model
     plus the mean decoded from the aggregate without the commitment offset.
-    Returns ``None`` when nothing of this round is kept, or when the
-    aggregate does not decode, so that an honest server releases no model.
+    Returns ``None`` when the round failed verification, when nothing of
+    this round is kept, or when the aggregate does not decode, so that an
+    honest server releases no model.
     """
     model = context.state.array_records.get(VERIFICATION_MODEL_RECORD)
     decoding = context.state.config_records.get(VERIFICATION_DECODING_RECORD)
     for name in (VERIFICATION_MODEL_RECORD, VERIFICATION_DECODING_RECORD):
         if name in context.state:
             del context.state[name]
-    if model is None or decoding is None:
+    if not verified or model is None or decoding is None:
         return None
     fields = dict(decoding)
     if fields.get("server-round") != header.server_round:
@@ -955,17 +984,20 @@ def _take_next_model(
     return model_digest(layout.apply_update(arrays, decoded.mean))
 
 
-def _check_model(header: RoundHeader, msg: Message, context: Context) -> None:
-    """Record a failure if this round's model is not the one the last round implies."""
+def _check_model(header: RoundHeader, msg: Message, context: Context) -> bytes | None:
+    """Record a failure if this round's model is not the one the last round implies.
+
+    Returns the model's digest if the check computed it, else ``None``.
+    """
     state = _load_verification(context)
-    if state is None or state.run_id != header.run_id or not state.model_round:
-        return
+    if state is None or state.run_id != header.run_id or not state.next_model_round:
+        return None
+
+    computed: list[bytes] = []
 
     def digest() -> bytes:
-        record = msg.content.array_records.get(ARRAYS_RECORD)
-        if record is None:
-            return b""
-        return model_digest(arrays_to_numpy(record))
+        computed.append(model_digest(arrays_to_numpy(_global_model(msg))))
+        return computed[0]
 
     _save_verification(
         context,
@@ -973,6 +1005,14 @@ def _check_model(header: RoundHeader, msg: Message, context: Context) -> None:
             state, server_round=header.server_round, model_sha256=digest
         ),
     )
+    return computed[0] if computed else None
+
+
+def _global_model(msg: Message) -> ArrayRecord:
+    record = msg.content.array_records.get(ARRAYS_RECORD)
+    if record is None:
+        raise ProtocolError(f"The message has no {ARRAYS_RECORD!r} ArrayRecord.")
+    return record
 
 
 # --- Plain mode with verification -------------------------------------------------
@@ -1067,10 +1107,10 @@ def _plain_input(
         raise ProtocolError(
             "A plain-input request must carry the identity-key list. Found none."
         )
-    _check_model(header, msg, context)
+    model_sha256 = _check_model(header, msg, context)
     _check_refusal(header, context, options)
 
-    model = msg.content.array_records.get(ARRAYS_RECORD)
+    model = _global_model(msg)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -1081,11 +1121,15 @@ def _plain_input(
         server_round=header.server_round,
     )
     blinding = commitments.draw_blinding()
-    _keep_input(context, header, encoded, blinding)
-    if model is not None:
-        _keep_model(
-            context, header, model, params, CommitmentLayout(modulus=params.modulus)
-        )
+    _keep_input(
+        context,
+        header,
+        encoded,
+        blinding,
+        _KeptModel(
+            model, model_sha256, params, CommitmentLayout(modulus=params.modulus)
+        ),
+    )
 
     extra: _Extra = {
         PLAIN_INPUT_RECORD: ArrayRecord(

@@ -69,6 +69,7 @@ from .records import (
     check_client_arrays,
     content_bytes,
     encoding_fields,
+    model_digest,
     num_examples,
     protocol_fields,
     single_array_record,
@@ -478,6 +479,7 @@ def run_secure_round(
         _Exchange(grid, server_round, config.stage_timeout), run_id, server_round
     )
     clock = _StageClock()
+    model_sha256 = model_digest(global_arrays) if verification is not None else b""
     with _explain_client_errors(stages.exchange):
         if config.key_lifetime == KEY_LIFETIME_RUN:
             if directory is None:
@@ -503,6 +505,7 @@ def run_secure_round(
                 arrays=arrays,
                 train_config=train_config,
                 verification=verification,
+                model_sha256=model_sha256,
             )
             survivors = set(keyed.survivors)
             dropped_by_stage = dict(keyed.dropped_by_stage)
@@ -517,6 +520,7 @@ def run_secure_round(
                 config=config,
                 rng=rng,
                 verification=verification,
+                model_sha256=model_sha256,
                 previous=previous,
                 on_verified=on_verified,
             )
@@ -601,6 +605,7 @@ def _per_round_key_stages(
     config: SecAggConfig,
     rng: random.Random,
     verification: VerificationConfig | None,
+    model_sha256: bytes,
     previous: PendingVerification | None,
     on_verified: VerifiedCallback | None,
 ) -> tuple[
@@ -630,7 +635,9 @@ def _per_round_key_stages(
     verifier = None
     if verification is not None:
         verifier = ServerVerification(
-            run_id=stages.run_id, server_round=stages.server_round
+            run_id=stages.run_id,
+            server_round=stages.server_round,
+            model_sha256=model_sha256,
         )
 
     _setup_stage(stages, server, verifier, nodes, previous)
@@ -658,6 +665,7 @@ def _keyed_exchanges(
     arrays: ArrayRecord,
     train_config: ConfigRecord,
     verification: VerificationConfig | None,
+    model_sha256: bytes,
 ) -> tuple[NDArray[np.uint32], dict[int, Message], ServerVerification | None]:
     """Register new clients and run keyed-input and keyed-unmask.
 
@@ -672,7 +680,9 @@ def _keyed_exchanges(
     verifier = None
     if verification is not None:
         verifier = ServerVerification(
-            run_id=stages.run_id, server_round=stages.server_round
+            run_id=stages.run_id,
+            server_round=stages.server_round,
+            model_sha256=model_sha256,
         )
     _register_stage(stages, keyed.directory, keyed.nodes, verify=verifier is not None)
     clock.lap(Stage.REGISTER.value)
@@ -1258,7 +1268,11 @@ def run_plain_verified_round(
     layout = FloatLayout.of(global_arrays)
     params = verification.plain_encoding.encoding()
     run_id = grid.run.run_id
-    verifier = ServerVerification(run_id=run_id, server_round=server_round)
+    verifier = ServerVerification(
+        run_id=run_id,
+        server_round=server_round,
+        model_sha256=model_digest(global_arrays),
+    )
     stages = _Stages(_Exchange(grid, server_round, timeout), run_id, server_round)
 
     replies = stages.send(

@@ -302,6 +302,8 @@ class ServerVerification:
 
     run_id: int
     server_round: int
+    model_sha256: bytes
+    """The `model_digest` of the global model the server sent this round."""
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     key_list_signatures: dict[int, bytes] = field(default_factory=dict)
     commitments: dict[int, bytes] = field(default_factory=dict)
@@ -422,6 +424,7 @@ class ServerVerification:
             key_list_signatures=self.key_list_signatures,
             aggregate_length=aggregate.size,
             aggregate_sha256=self.aggregate_sha256,
+            model_sha256=self.model_sha256,
             blinding_sums=tuple(int(value) for value in blinding_sums),
             commitments=self.commitments,
             commitment_signatures=self.commitment_signatures,
@@ -509,10 +512,12 @@ class ClientVerificationState:
         committed_round: The round it committed in and has no transcript of.
         commitment: Its encoded commitment in `committed_round`.
         aggregate_sha256: The digest of the aggregate it committed against.
-        model_round: The round whose global model this client can predict:
-            the round after the last one it verified.
-        model_sha256: The `model_digest` of that model: the verified round's
-            model plus the decoded mean of its verified aggregate.
+        round_model_sha256: The `model_digest` of the global model it trained
+            on in `input_round` or `committed_round`.
+        next_model_round: The round whose global model this client can
+            predict: the round after the last one it verified.
+        next_model_sha256: The `model_digest` of that model: the verified
+            round's model plus the decoded mean of its verified aggregate.
         failed_round: The first round of the run that failed verification.
         failure_reason: Why that round failed.
 
@@ -526,8 +531,9 @@ class ClientVerificationState:
     committed_round: int = 0
     commitment: bytes = b""
     aggregate_sha256: bytes = b""
-    model_round: int = 0
-    model_sha256: bytes = b""
+    round_model_sha256: bytes = b""
+    next_model_round: int = 0
+    next_model_sha256: bytes = b""
     failed_round: int = 0
     failure_reason: str = ""
 
@@ -551,8 +557,9 @@ class ClientVerificationState:
             "committed-round": self.committed_round,
             "commitment": self.commitment,
             "aggregate-sha256": self.aggregate_sha256,
-            "model-round": self.model_round,
-            "model-sha256": self.model_sha256,
+            "round-model-sha256": self.round_model_sha256,
+            "next-model-round": self.next_model_round,
+            "next-model-sha256": self.next_model_sha256,
             "failed-round": self.failed_round,
             "failure-reason": self.failure_reason,
         }
@@ -570,8 +577,9 @@ class ClientVerificationState:
             committed_round=_field(fields, "committed-round", int),
             commitment=_field(fields, "commitment", bytes),
             aggregate_sha256=_field(fields, "aggregate-sha256", bytes),
-            model_round=_field(fields, "model-round", int),
-            model_sha256=_field(fields, "model-sha256", bytes),
+            round_model_sha256=_field(fields, "round-model-sha256", bytes),
+            next_model_round=_field(fields, "next-model-round", int),
+            next_model_sha256=_field(fields, "next-model-sha256", bytes),
             failed_round=_field(fields, "failed-round", int),
             failure_reason=_field(fields, "failure-reason", str),
         )
@@ -624,9 +632,16 @@ def client_sign_key_list(
 
 
 def client_start_input(
-    state: ClientVerificationState, *, run_id: int, server_round: int
+    state: ClientVerificationState,
+    *,
+    run_id: int,
+    server_round: int,
+    model_sha256: bytes,
 ) -> ClientVerificationState:
     """Record that the client sends its input in this round, with a new blinding.
+
+    ``model_sha256`` is the `model_digest` of the global model it trained on,
+    which its commitment signature covers.
 
     Raises:
         ProtocolError: If the client signed no key list in this round.
@@ -634,7 +649,7 @@ def client_start_input(
     """
     _require_signed(state, run_id, server_round)
 
-    return replace(state, input_round=server_round)
+    return replace(state, input_round=server_round, round_model_sha256=model_sha256)
 
 
 def client_commit(
@@ -679,6 +694,7 @@ def client_commit(
         aggregate_sha256=request.aggregate_sha256,
         blinding_sums=np.array(request.blinding_sums, dtype=np.uint32),
         key_list_digest=state.key_list_digest,
+        model_sha256=state.round_model_sha256,
     )
     new_state = replace(
         state,
@@ -716,7 +732,13 @@ def client_verify(
         )
 
     result = _check_transcript(state, request, node_id=node_id, aggregate=aggregate)
-    new_state = replace(state, committed_round=0, commitment=b"", aggregate_sha256=b"")
+    new_state = replace(
+        state,
+        committed_round=0,
+        commitment=b"",
+        aggregate_sha256=b"",
+        round_model_sha256=b"",
+    )
     if not result.verified and not state.failed_round:
         new_state = replace(
             new_state, failed_round=server_round, failure_reason=result.reason
@@ -734,7 +756,9 @@ def client_expect_model(
     The caller computes it from the round's model and verified aggregate
     exactly as the server does, so an honest server's next model matches.
     """
-    return replace(state, model_round=server_round + 1, model_sha256=model_sha256)
+    return replace(
+        state, next_model_round=server_round + 1, next_model_sha256=model_sha256
+    )
 
 
 def client_check_model(
@@ -750,8 +774,10 @@ def client_check_model(
     recorded as this round's failure, where `refusal_reason` finds it. The
     digest is computed, by calling ``model_sha256``, only when it is needed.
     """
-    expected = state.model_sha256 if state.model_round == server_round else b""
-    new_state = replace(state, model_round=0, model_sha256=b"")
+    expected = (
+        state.next_model_sha256 if state.next_model_round == server_round else b""
+    )
+    new_state = replace(state, next_model_round=0, next_model_sha256=b"")
     if not expected or model_sha256() == expected:
         return new_state
 
@@ -794,6 +820,7 @@ def _check_transcript(
         identity_public_key=state.identity_public_key,
         key_list_digest=state.key_list_digest,
         commitment=state.commitment,
+        model_sha256=state.round_model_sha256,
     )
 
 

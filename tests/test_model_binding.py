@@ -46,6 +46,10 @@ from tests.test_verification_strategy import (
 )
 
 MISMATCH = "is not the model of round 1 plus the mean of its verified aggregate"
+SIGNATURE_INVALID = "a commitment signature is not valid"
+OTHER_MODEL_NAMED = (
+    "the transcript names another model than the one this client trained on"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +232,10 @@ def test_hostile_split_model_refused(mode: Mode) -> None:
     assert [r.num_aggregated for r in reports] == [NUM_NODES] + [NUM_NODES - 1] * 2
 
 
-def test_report_policy_trains_on_mismatch(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_report_policy_trains_on_mismatch(caplog: pytest.LogCaptureFixture) -> None:
     victim = NODE_IDS[0]
     calls: list[tuple[int, str]] = []
+    reports: list[RoundReport] = []
     mod = make_secure_aggregation_mod(on_verification_failure="report")
     grid = LoopbackGrid(
         make_app(recording_train(calls), mod=mod),
@@ -241,14 +244,50 @@ def test_report_policy_trains_on_mismatch(
     )
 
     with caplog.at_level(logging.WARNING, logger="fedsec_flwr.verification"):
-        run(grid, MODES[0], rounds=2)
+        run(grid, MODES[0], rounds=2, reports=reports, on_failure=FailurePolicy.REPORT)
 
     assert victim in trained(calls, 2)
     assert any(MISMATCH in record.getMessage() for record in caplog.records)
+    # The victim's commitment signature covers the model it trained on, so
+    # the round fails for everyone.
+    assert reports[1].verified is False
+    assert reports[1].verification_reason == SIGNATURE_INVALID
 
 
-def test_skipped_round_not_checked() -> None:
-    # A client that did not verify round r cannot predict round r + 1's model.
+def failure_reason(grid: LoopbackGrid, node: int) -> str:
+    state = _load_context(grid._contexts[node]).state
+    fields = dict(state.config_records[VERIFICATION_STATE_RECORD])
+    return ClientVerificationState.from_fields(fields).failure_reason
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_split_first_model_detected(mode: Mode) -> None:
+    # No round precedes round 1, so no client can predict its model. The
+    # commitment signatures still cover each client's model, so a split
+    # fails the round for every included client.
+    victim = NODE_IDS[3]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == mode.input_stage():
+            msg.content[ARRAYS_RECORD] = one_ulp_up(msg.content[ARRAYS_RECORD])
+        return None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(secure=mode.secure), NODE_IDS, fault=fault)
+
+    run(grid, mode, rounds=1, reports=reports, on_failure=FailurePolicy.REPORT)
+
+    assert reports[0].verified is False
+    assert reports[0].verification_reason == SIGNATURE_INVALID
+    assert failure_reason(grid, victim) == OTHER_MODEL_NAMED
+    for node in set(NODE_IDS) - {victim}:
+        assert failure_reason(grid, node) == SIGNATURE_INVALID
+
+
+def test_skipped_round_split_caught_by_signature() -> None:
+    # A client that did not verify round 1 cannot predict round 2's model, so
+    # it trains on a split model. Its commitment signature still covers that
+    # model, so round 2 fails verification.
     victim = NODE_IDS[1]
 
     def fault(node: int, name: str, msg: Message) -> object:
@@ -257,12 +296,15 @@ def test_skipped_round_not_checked() -> None:
         return split_model_for(victim, "masked-input")(node, name, msg)  # type: ignore[operator]
 
     calls: list[tuple[int, str]] = []
+    reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(recording_train(calls)), NODE_IDS, fault=fault)
 
-    run(grid, MODES[0], rounds=2)
+    run(grid, MODES[0], rounds=2, reports=reports, on_failure=FailurePolicy.REPORT)
 
     assert victim not in trained(calls, 1)
     assert victim in trained(calls, 2)
+    assert reports[1].verified is False
+    assert failure_reason(grid, victim) == OTHER_MODEL_NAMED
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
@@ -277,8 +319,8 @@ def test_client_expects_released_model(mode: Mode) -> None:
         kept = ClientVerificationState.from_fields(
             dict(state.config_records[VERIFICATION_STATE_RECORD])
         )
-        assert kept.model_round == 2
-        assert kept.model_sha256 == model_digest(released)
+        assert kept.next_model_round == 2
+        assert kept.next_model_sha256 == model_digest(released)
 
 
 def test_model_digest_is_canonical() -> None:

@@ -8,7 +8,8 @@ A round of verification goes:
    (`commitments.draw_blinding`) to its masked input. Secure aggregation
    gives the server the aggregate A and the limb sums L = sum_i l_i.
 3. The server sends A, L and the included node ids S to the clients, which
-   derive the projection seed, commit and sign (`client_commit`).
+   derive the projection seed, commit and sign the commitment with the
+   digest of the global model they trained on (`client_commit`).
 4. The server publishes a `RoundTranscript`. Clients check it with
    `verify_round_as_client` and anyone can check it later with `audit_round`.
 
@@ -37,8 +38,11 @@ from .signatures import SignedStage
 
 logger = logging.getLogger("fedsec_flwr.verification")
 
-TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v3"
+TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v4"
 """Value of the "format" field of a serialized transcript."""
+
+MODEL_DIGEST_SIZE = 32
+"""Length in bytes of a model digest: SHA-256."""
 
 _UINT64_DIGITS = len(str(2**64 - 1))
 
@@ -56,6 +60,7 @@ _FIELDS = frozenset(
         "key_list_signatures",
         "aggregate_length",
         "aggregate_sha256",
+        "model_sha256",
         "blinding_sums",
         "commitments",
         "commitment_signatures",
@@ -87,6 +92,10 @@ class RoundTranscript:
             `identity_keys`.
         aggregate_length: Number of uint32 values d of the aggregate.
         aggregate_sha256: `commitments.aggregate_digest` of the aggregate.
+        model_sha256: SHA-256 of the global model the server sent every
+            client in S for this round. Each commitment signature covers
+            the digest of the model its client trained on, so it verifies
+            only if that model is this one.
         blinding_sums: The limb sums L, K uint32 values.
         commitments: Commitment C_i of each client in S.
         commitment_signatures: Each client's signature over its commitment.
@@ -100,6 +109,7 @@ class RoundTranscript:
     key_list_signatures: Mapping[int, bytes]
     aggregate_length: int
     aggregate_sha256: bytes
+    model_sha256: bytes
     blinding_sums: tuple[int, ...]
     commitments: Mapping[int, bytes]
     commitment_signatures: Mapping[int, bytes]
@@ -109,6 +119,7 @@ class RoundTranscript:
         _check_uint64("server_round", self.server_round)
         _check_length(self.aggregate_length)
         _check_bytes("aggregate_sha256", self.aggregate_sha256, commitments.SEED_SIZE)
+        _check_bytes("model_sha256", self.model_sha256, MODEL_DIGEST_SIZE)
         sums = tuple(self.blinding_sums)
         if len(sums) != commitments.BLINDING_LIMBS:
             raise ValueError(
@@ -183,6 +194,7 @@ class RoundTranscript:
             "key_list_signatures": _hex_map(self.key_list_signatures),
             "aggregate_length": self.aggregate_length,
             "aggregate_sha256": self.aggregate_sha256.hex(),
+            "model_sha256": self.model_sha256.hex(),
             "blinding_sums": list(self.blinding_sums),
             "commitments": _hex_map(self.commitments),
             "commitment_signatures": _hex_map(self.commitment_signatures),
@@ -224,6 +236,7 @@ class RoundTranscript:
             aggregate_sha256=_hex(
                 "aggregate_sha256", _require(data, "aggregate_sha256", str)
             ),
+            model_sha256=_hex("model_sha256", _require(data, "model_sha256", str)),
             blinding_sums=tuple(_require(data, "blinding_sums", list)),
             commitments=_parse_hex_map(data, "commitments"),
             commitment_signatures=_parse_hex_map(data, "commitment_signatures"),
@@ -316,24 +329,29 @@ def sign_key_list(
     return digest, signature
 
 
-def commitment_payload(*, node_id: int, commitment: bytes, rho_seed: bytes) -> bytes:
+def commitment_payload(
+    *, node_id: int, commitment: bytes, rho_seed: bytes, model_sha256: bytes
+) -> bytes:
     """Encode what a client signs with its commitment.
 
     The payload is the node id (uint64, big-endian), the commitment
-    (`commitments.COMMITMENT_SIZE` bytes) and the 32-byte projection seed.
-    The seed binds the signature to the run, round, included clients,
-    aggregate, limb sums and key list.
+    (`commitments.COMMITMENT_SIZE` bytes), the 32-byte projection seed and
+    the 32-byte digest of the global model the client trained on. The seed
+    binds the signature to the run, round, included clients, aggregate,
+    limb sums and key list.
 
     Raises:
         ValueError: If `node_id` is not a uint64, `commitment` is not
-            `commitments.COMMITMENT_SIZE` bytes or `rho_seed` is not 32 bytes.
+            `commitments.COMMITMENT_SIZE` bytes, or `rho_seed` or
+            `model_sha256` is not 32 bytes.
 
     """
     _check_uint64("node_id", node_id)
     commitments.check_commitment("commitment", commitment)
     _check_bytes("rho_seed", rho_seed, commitments.SEED_SIZE)
+    _check_bytes("model_sha256", model_sha256, MODEL_DIGEST_SIZE)
 
-    return struct.pack(">Q", node_id) + commitment + rho_seed
+    return struct.pack(">Q", node_id) + commitment + rho_seed + model_sha256
 
 
 def client_commit(
@@ -349,6 +367,7 @@ def client_commit(
     aggregate_sha256: bytes,
     blinding_sums: npt.NDArray[np.uint32],
     key_list_digest: bytes,
+    model_sha256: bytes,
 ) -> tuple[bytes, bytes]:
     """Commit to this client's update once the aggregate is fixed, and sign.
 
@@ -371,6 +390,8 @@ def client_commit(
             The client checks A against it when the transcript arrives.
         blinding_sums: The limb sums L the server released (untrusted).
         key_list_digest: The digest this client signed in `sign_key_list`.
+        model_sha256: The digest of the global model this client trained on
+            in this round.
 
     Returns:
         The commitment C_i and the client's signature over
@@ -425,7 +446,10 @@ def client_commit(
         server_round=server_round,
         stage=SignedStage.COMMITMENT,
         payload=commitment_payload(
-            node_id=node_id, commitment=commitment, rho_seed=rho_seed
+            node_id=node_id,
+            commitment=commitment,
+            rho_seed=rho_seed,
+            model_sha256=model_sha256,
         ),
     )
 
@@ -441,12 +465,14 @@ def audit_round(
     SHA-256; the node-id sets agree (S is not empty, every client in S is in
     the key list, signed it and committed, and no other client committed); every
     key-list signature is valid; the projection seed re-derives; every
-    commitment signature is valid; and the sum of the commitments
-    matches the aggregate (`commitments.verify_aggregate`).
+    commitment signature is valid for the transcript's model digest; and the
+    sum of the commitments matches the aggregate
+    (`commitments.verify_aggregate`).
 
     This proves the aggregate is the sum of the updates of exactly S, each
-    committed under a key in `identity_keys`. It does not prove the keys
-    belong to real clients: compare them with keys obtained elsewhere.
+    committed under a key in `identity_keys` by a client that trained on
+    the model of `model_sha256`. It does not prove the keys belong to real
+    clients: compare them with keys obtained elsewhere.
 
     Returns:
         A verified result, or a failed one with the first failed check.
@@ -497,14 +523,16 @@ def verify_round_as_client(
     identity_public_key: bytes,
     key_list_digest: bytes,
     commitment: bytes,
+    model_sha256: bytes,
 ) -> AuditResult:
     """Check a transcript as one of its included clients.
 
     Beyond `audit_round`, the client checks what only it can check: the
     transcript is for the current run and round (so an old, valid
     transcript cannot be replayed), it is included with its own identity key
-    and its own commitment, and the key list is the one it signed (so a
-    server that showed other clients another list is caught).
+    and its own commitment, the key list is the one it signed (so a
+    server that showed other clients another list is caught), and the model
+    digest is that of the model it trained on.
 
     Args:
         transcript: The transcript the server published (untrusted).
@@ -515,6 +543,7 @@ def verify_round_as_client(
         identity_public_key: This client's identity public key.
         key_list_digest: The digest this client signed in `sign_key_list`.
         commitment: The commitment this client sent in `client_commit`.
+        model_sha256: The digest of the model this client trained on.
 
     Returns:
         A verified result, or a failed one with the first failed check.
@@ -535,6 +564,10 @@ def verify_round_as_client(
             "the key list holds another identity key for this client",
         ),
         (same_key_list, "the key list differs from the one this client signed"),
+        (
+            transcript.model_sha256 == model_sha256,
+            "the transcript names another model than the one this client trained on",
+        ),
         (
             transcript.commitments.get(node_id) == commitment,
             "the transcript holds another commitment for this client",
@@ -602,6 +635,7 @@ def _verify_commitment_signatures(transcript: RoundTranscript, rho_seed: bytes) 
             node_id=node_id,
             commitment=transcript.commitments[node_id],
             rho_seed=rho_seed,
+            model_sha256=transcript.model_sha256,
         )
         signatures.verify(
             transcript.identity_keys[node_id],

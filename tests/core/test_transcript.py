@@ -21,6 +21,8 @@ ORDER_TWO_POINT = bytes.fromhex(
     "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"
 )
 NODE_IDS = (2**63 + 1, 17, 2**40)
+MODEL_SHA256 = bytes(range(32))
+OTHER_MODEL_SHA256 = bytes(range(1, 33))
 
 
 @dataclass
@@ -36,6 +38,7 @@ class SimulatedRound:
     aggregate: np.ndarray
     transcript: t.RoundTranscript
     own_commitments: dict[int, int] = field(default_factory=dict)
+    model_digests: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def public_keys(self) -> dict[int, bytes]:
@@ -55,6 +58,7 @@ class SimulatedRound:
             "identity_public_key": self.public_keys[node_id],
             "key_list_digest": self.key_list_digests[node_id],
             "commitment": self.own_commitments[node_id],
+            "model_sha256": self.model_digests.get(node_id, MODEL_SHA256),
         }
         if "as_node" in changes:
             changes["node_id"] = changes.pop("as_node")
@@ -76,6 +80,7 @@ def build_round(
     aggregate_offset: np.ndarray | None = None,
     blinding_sums_offset: np.ndarray | None = None,
     forged_key_lists: dict[int, dict[int, bytes]] | None = None,
+    model_digests: dict[int, bytes] | None = None,
 ) -> SimulatedRound:
     """Run a round in which the server may cheat.
 
@@ -84,6 +89,8 @@ def build_round(
     `aggregate_offset` and `blinding_sums_offset` are added to the released
     aggregate and limb sums, and
     `forged_key_lists` is the key list the server shows to some clients.
+    `model_digests` is the digest of the model the server sends some
+    clients; the others, and the transcript, get `MODEL_SHA256`.
     """
     rng = np.random.default_rng(seed)
     draw = random.Random(seed).randbytes
@@ -134,6 +141,7 @@ def build_round(
             aggregate_sha256=c.aggregate_digest(aggregate),
             blinding_sums=limb_sums,
             key_list_digest=digests[node_id],
+            model_sha256=(model_digests or {}).get(node_id, MODEL_SHA256),
         )
 
     transcript = t.RoundTranscript(
@@ -144,6 +152,7 @@ def build_round(
         key_list_signatures=key_list_signatures,
         aggregate_length=d,
         aggregate_sha256=c.aggregate_digest(aggregate),
+        model_sha256=MODEL_SHA256,
         blinding_sums=tuple(limb_sums.tolist()),
         commitments=own_commitments,
         commitment_signatures=commitment_signatures,
@@ -158,6 +167,7 @@ def build_round(
         aggregate=aggregate,
         transcript=transcript,
         own_commitments=own_commitments,
+        model_digests=dict(model_digests or {}),
     )
 
 
@@ -268,6 +278,11 @@ def test_json_has_no_whitespace(honest):
         (lambda data: data.update(run_id="1" * 5000), "at most 20 digits"),
         (lambda data: data.update(aggregate_sha256="00"), "32 bytes long"),
         (
+            lambda data: data.update(model_sha256="00" * 33),
+            "model_sha256 must be 32 bytes long. Found 33 bytes",
+        ),
+        (lambda data: data.pop("model_sha256"), "model_sha256 must be a JSON str"),
+        (
             lambda data: data["blinding_sums"].__setitem__(0, 2**32),
             "blinding_sums value must be between 0 and 4294967295",
         ),
@@ -353,6 +368,7 @@ def test_client_commit_rejects_client_outside_included(honest):
             aggregate_sha256=c.aggregate_digest(honest.aggregate),
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
+            model_sha256=MODEL_SHA256,
         )
 
 
@@ -372,6 +388,7 @@ def test_client_commit_rejects_aggregate_of_other_length(honest):
             aggregate_sha256=c.aggregate_digest(honest.aggregate),
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
+            model_sha256=MODEL_SHA256,
         )
 
 
@@ -388,6 +405,7 @@ def commit_with(honest, **changes):
         "aggregate_sha256": c.aggregate_digest(honest.aggregate),
         "blinding_sums": honest.transcript.blinding_sum_array,
         "key_list_digest": honest.key_list_digests[node_id],
+        "model_sha256": MODEL_SHA256,
     }
     arguments.update(changes)
     return t.client_commit(honest.private_keys[node_id], **arguments)
@@ -429,10 +447,58 @@ def test_commitment_payload_encoding():
     commitment = bytes(range(32))
 
     payload = t.commitment_payload(
-        node_id=258, commitment=commitment, rho_seed=bytes(32)
+        node_id=258,
+        commitment=commitment,
+        rho_seed=bytes(32),
+        model_sha256=MODEL_SHA256,
     )
 
-    assert payload == (258).to_bytes(8, "big") + commitment + bytes(32)
+    assert payload == (258).to_bytes(8, "big") + commitment + bytes(32) + MODEL_SHA256
+
+
+@pytest.mark.parametrize("size", [0, 31, 33])
+def test_commitment_payload_rejects_model_digest_size(size):
+    with pytest.raises(
+        ValueError, match=f"model_sha256 must be 32 bytes long. Found {size}"
+    ):
+        t.commitment_payload(
+            node_id=258,
+            commitment=bytes(range(32)),
+            rho_seed=bytes(32),
+            model_sha256=bytes(size),
+        )
+
+
+def test_hostile_split_model_detected():
+    # The server sends one client another model and names the others' model
+    # in the transcript: that client's signature covers another digest.
+    victim = NODE_IDS[1]
+    split = build_round(model_digests={victim: OTHER_MODEL_SHA256})
+
+    assert t.audit_round(split.transcript, split.aggregate) == t.AuditResult(
+        False, "a commitment signature is not valid"
+    )
+    assert split.verify_as(victim) == t.AuditResult(
+        False,
+        "the transcript names another model than the one this client trained on",
+    )
+    for node_id in set(NODE_IDS) - {victim}:
+        assert not split.verify_as(node_id).verified
+
+
+def test_hostile_transcript_names_victims_model():
+    # The transcript names the victim's model instead: now every other
+    # client finds another model named.
+    victim = NODE_IDS[1]
+    split = build_round(model_digests={victim: OTHER_MODEL_SHA256})
+    renamed = replace(split.transcript, model_sha256=OTHER_MODEL_SHA256)
+    split.transcript = renamed
+
+    for node_id in set(NODE_IDS) - {victim}:
+        assert split.verify_as(node_id) == t.AuditResult(
+            False,
+            "the transcript names another model than the one this client trained on",
+        )
 
 
 # Hostile servers
@@ -638,7 +704,10 @@ def test_tamper_commitment_outside_subgroup(honest):
         server_round=1,
         stage=s.SignedStage.COMMITMENT,
         payload=t.commitment_payload(
-            node_id=node_id, commitment=bad, rho_seed=rho_seed
+            node_id=node_id,
+            commitment=bad,
+            rho_seed=rho_seed,
+            model_sha256=MODEL_SHA256,
         ),
     )
     transcript = replace(
