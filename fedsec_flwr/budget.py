@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._scalars import plain_fields
 from .dp.accounting import (
     ACCOUNTANT_RDP,
     MIN_DISCRETE_SIGMA,
@@ -82,6 +83,7 @@ class ClientPrivacyBudget:
     min_honest_clients: int = 1
 
     def __post_init__(self) -> None:
+        plain_fields(self, "max_epsilon", "delta", "min_honest_clients")
         if not _is_number(self.max_epsilon) or not (
             math.isfinite(self.max_epsilon) and self.max_epsilon > 0
         ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._scalars import plain_fields
 from .core.encoding import (
     MAX_MODULUS,
     EncodingParams,
@@ -70,6 +71,17 @@ class SecAggConfig:
     key_lifetime: str = KEY_LIFETIME_ROUND
 
     def __post_init__(self) -> None:
+        plain_fields(
+            self,
+            "clip_range",
+            "modulus",
+            "quantization_bits",
+            "max_weight",
+            "max_clients",
+            "num_neighbours",
+            "threshold",
+            "stage_timeout",
+        )
         _check_int("max_weight", self.max_weight, minimum=1)
         _check_int("max_clients", self.max_clients, minimum=2)
         _check_int("modulus", self.modulus, minimum=2)

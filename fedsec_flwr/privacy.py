@@ -32,6 +32,7 @@ from enum import StrEnum
 import numpy as np
 from numpy.typing import NDArray
 
+from ._scalars import plain_fields, plain_number
 from .core.encoding import TRAILER_SIZE, EncodingParams
 from .dp.accounting import (
     ACCOUNTANT_PRV,
@@ -141,6 +142,18 @@ class DPConfig:
     max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION
 
     def __post_init__(self) -> None:
+        plain_fields(
+            self,
+            "clipping_norm",
+            "noise_multiplier",
+            "target_epsilon",
+            "delta",
+            "target_quantile",
+            "clipping_learning_rate",
+            "clipped_count_stddev",
+            "quantization_bits",
+            "max_dropout_fraction",
+        )
         object.__setattr__(self, "mode", _parse_mode(self.mode))
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
@@ -362,6 +375,7 @@ class ServerPrivacy:
                 cannot be planned.
 
         """
+        num_sampled, dimension = plain_number(num_sampled), plain_number(dimension)
         # max_clients bounds a round only under secure aggregation.
         secure_maximum = self.max_clients if self.modulus is not None else None
         _check_count("num_sampled", num_sampled, maximum=secure_maximum)

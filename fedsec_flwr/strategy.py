@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from ._scalars import plain_number
 from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core.commitments import VerificationResult
 from .core.errors import TooFewSurvivorsError
@@ -234,6 +235,10 @@ class SecureFedAvg(Strategy):
             on_round_end=on_round_end,
             rng=rng,
         )
+        fraction_train = plain_number(fraction_train)
+        min_train_nodes = plain_number(min_train_nodes)
+        min_available_nodes = plain_number(min_available_nodes)
+        plain_timeout = plain_number(plain_timeout)
         if not _is_number(fraction_train) or not 0.0 < fraction_train <= 1.0:
             raise ValueError(
                 f"fraction_train must be in (0, 1]. Found {fraction_train!r}."

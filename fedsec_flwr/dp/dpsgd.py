@@ -45,6 +45,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .._scalars import plain_fields
 from .accounting import (
     ACCOUNTANT_RDP,
     ACCOUNTANTS,
@@ -151,6 +152,14 @@ class DPSGDConfig:
     secure_rng: bool = False
 
     def __post_init__(self) -> None:
+        plain_fields(
+            self,
+            "delta",
+            "noise_multiplier",
+            "target_epsilon",
+            "num_rounds",
+            "max_grad_norm",
+        )
         _check_probability("delta", self.delta)
         self._check_noise_mode()
         _check_number("max_grad_norm", self.max_grad_norm)
