@@ -52,7 +52,7 @@ from . import verification
 from .budget import ClientPrivacyBudget, PrivacyBudgetError, SpentRound
 from .core import client as protocol
 from .core import commitments, run_keys
-from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum, encode_update
+from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
 from .core.errors import ProtocolError
 from .core.messages import (
     CommitRequest,
@@ -69,6 +69,7 @@ from .core.messages import (
     VerifyRequest,
 )
 from .dp.random import SecureRandom
+from .models import CommitmentLayout, FloatLayout, model_digest, next_model
 from .privacy import ClientPrivacy, DPMode, add_distributed_noise, clip_flat_update
 from .records import (
     AGGREGATE_KEY,
@@ -91,11 +92,9 @@ from .records import (
     VERIFICATION_DECODING_RECORD,
     VERIFICATION_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
-    FloatLayout,
     arrays_to_numpy,
     check_client_arrays,
     encoding_fields,
-    model_digest,
     num_examples,
     parse_encoding,
     protocol_fields,
@@ -104,7 +103,6 @@ from .records import (
 )
 from .verification import (
     ClientVerificationState,
-    CommitmentLayout,
     FailurePolicy,
 )
 
@@ -967,21 +965,21 @@ def _take_next_model(
     if fields.get("server-round") != header.server_round:
         return None
 
-    arrays = arrays_to_numpy(model)
-    layout = FloatLayout.of(arrays)
+    num_included = fields.get("num-included")
+    if not isinstance(num_included, int):
+        return None
     try:
-        num_included = fields["num-included"]
-        if not isinstance(num_included, int):
-            return None
-        total = CommitmentLayout.from_fields(fields).included_sum(
-            aggregate, num_included=num_included
+        following = next_model(
+            arrays_to_numpy(model),
+            aggregate,
+            params=parse_encoding(fields),
+            layout=CommitmentLayout.from_fields(fields),
+            num_included=num_included,
         )
-        num_extra = total.size - TRAILER_SIZE - layout.size
-        decoded = decode_sum(total, params=parse_encoding(fields), num_extra=num_extra)
-    except (KeyError, ProtocolError, ValueError):
+    except (ProtocolError, ValueError):
         return None
 
-    return model_digest(layout.apply_update(arrays, decoded.mean))
+    return model_digest(following)
 
 
 def _check_model(header: RoundHeader, msg: Message, context: Context) -> bytes | None:

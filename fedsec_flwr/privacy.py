@@ -59,7 +59,7 @@ from .dp.noise import (
     sample_discrete_gaussian,
 )
 from .dp.random import SecureRandom
-from .verification import CommitmentLayout
+from .models import CommitmentLayout
 
 logger = logging.getLogger("fedsec_flwr.privacy")
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -126,120 +124,9 @@ def parse_encoding(fields: Mapping[str, object]) -> EncodingParams:
         raise ProtocolError(f"Invalid encoding parameters: {error}") from None
 
 
-@dataclass(frozen=True)
-class FloatLayout:
-    """Layout of the aggregated arrays of a model: keys, order and shapes.
-
-    Floating-point arrays (0-d included) are aggregated as one flat vector in
-    the order of the model's keys. Other arrays, such as BatchNorm's int64
-    ``num_batches_tracked``, are not aggregated: the global model keeps its
-    value for them, in plain and secure mode alike.
-    """
-
-    keys: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[np.dtype[np.floating], ...]
-
-    @classmethod
-    def of(cls, arrays: Mapping[str, NDArray[np.generic]]) -> FloatLayout:
-        """Return the layout of the floating-point arrays of a model."""
-        keys: list[str] = []
-        shapes: list[tuple[int, ...]] = []
-        dtypes: list[np.dtype[np.floating]] = []
-        for key, array in arrays.items():
-            if np.issubdtype(array.dtype, np.floating):
-                keys.append(key)
-                shapes.append(tuple(array.shape))
-                dtypes.append(np.dtype(array.dtype.str))
-        return cls(keys=tuple(keys), shapes=tuple(shapes), dtypes=tuple(dtypes))
-
-    @property
-    def size(self) -> int:
-        """Number of aggregated coordinates."""
-        return sum(int(np.prod(shape)) for shape in self.shapes)
-
-    def difference(
-        self,
-        local: Mapping[str, NDArray[np.generic]],
-        reference: Mapping[str, NDArray[np.generic]],
-    ) -> NDArray[np.float64]:
-        """Return ``local - reference`` over the aggregated arrays, flat, in float64."""
-        result = np.empty(self.size, dtype=np.float64)
-        offset = 0
-        for key, shape in zip(self.keys, self.shapes, strict=True):
-            size = int(np.prod(shape))
-            np.subtract(
-                np.ravel(local[key]),
-                np.ravel(reference[key]),
-                out=result[offset : offset + size],
-                dtype=np.float64,
-            )
-            offset += size
-        return result
-
-    def apply_update(
-        self,
-        global_arrays: Mapping[str, NDArray[np.generic]],
-        update: NDArray[np.float64],
-    ) -> dict[str, NDArray[np.generic]]:
-        """Add a flat update to the global model; non-float arrays stay as they are."""
-        result = {
-            key: np.array(value, copy=True) for key, value in global_arrays.items()
-        }
-        offset = 0
-        for key, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
-            size = int(np.prod(shape))
-            chunk = update[offset : offset + size].reshape(shape)
-            result[key] = (np.asarray(global_arrays[key], np.float64) + chunk).astype(
-                dtype
-            )
-            offset += size
-        return result
-
-
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
     """Convert an ArrayRecord to numpy arrays, keeping its key order."""
     return {key: array.numpy() for key, array in record.items()}
-
-
-MODEL_DIGEST_DOMAIN = b"fedsec-flwr/model-digest/v1"
-
-_MODEL_DIGEST_CHUNK = 1 << 22
-
-
-def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
-    """Compute SHA-256 of a model: names, dtypes, shapes and values, keys sorted.
-
-    Values are hashed as little-endian bytes in C order, so the digest does
-    not depend on the key order, the byte order or the memory layout of the
-    arrays, and any changed value, even by one ulp, changes it.
-
-    Raises:
-        ValueError: If an array's dtype has no fixed byte representation,
-            such as ``object``.
-
-    """
-    digest = hashlib.sha256(MODEL_DIGEST_DOMAIN)
-    digest.update(len(arrays).to_bytes(8, "little"))
-    for key in sorted(arrays):
-        array = np.asarray(arrays[key])
-        if array.dtype.hasobject or array.dtype.kind not in "biufc":
-            raise ValueError(
-                f"model_digest needs numeric arrays. Found dtype {array.dtype} "
-                f"for key {key!r}."
-            )
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        for part in (key.encode(), little.dtype.str.encode()):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
-        digest.update(little.ndim.to_bytes(8, "little"))
-        for dimension in little.shape:
-            digest.update(dimension.to_bytes(8, "little"))
-        flat = little.reshape(-1).view(np.uint8)
-        for start in range(0, flat.size, _MODEL_DIGEST_CHUNK):
-            digest.update(flat[start : start + _MODEL_DIGEST_CHUNK].data)
-
-    return digest.digest()
 
 
 def check_client_arrays(

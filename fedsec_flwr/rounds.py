@@ -44,6 +44,7 @@ from .core.messages import (
 from .core.run_keys import KeyDirectory, KeyedServerRound
 from .core.server import ServerRound
 from .core.transcript import RoundTranscript
+from .models import CommitmentLayout, FloatLayout, model_digest
 from .privacy import (
     ClientPrivacy,
     DPMode,
@@ -64,18 +65,16 @@ from .records import (
     MASKED_VECTOR_KEY,
     PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
-    FloatLayout,
     arrays_to_numpy,
     check_client_arrays,
     content_bytes,
     encoding_fields,
-    model_digest,
     num_examples,
     protocol_fields,
     single_array_record,
     to_config_record,
 )
-from .verification import CommitmentLayout, ServerVerification, VerificationConfig
+from .verification import ServerVerification, VerificationConfig
 
 logger = logging.getLogger("fedsec_flwr.rounds")
 

@@ -31,8 +31,9 @@ from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core.commitments import VerificationResult
 from .core.errors import TooFewSurvivorsError
 from .core.run_keys import KeyDirectory
+from .models import FloatLayout
 from .privacy import DPConfig, DPMode, RoundNotPlannedError, ServerPrivacy
-from .records import FloatLayout, arrays_to_numpy
+from .records import arrays_to_numpy
 from .rounds import (
     PendingVerification,
     PrivacyRound,

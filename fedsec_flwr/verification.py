@@ -11,11 +11,8 @@ round structure of `SecureFedAvg` and the client mods, without Flower:
   side. The state contains the identity key of the run, so it must persist
   across rounds. It never contains the update or the blinding vector, which the
   mod keeps beside it as arrays.
-- `CommitmentLayout` maps an encoded vector to the vector a client commits
-  to. Under distributed DP the noise can push a client's coordinate below
-  zero, where it wraps around the modulus, and the commitment check needs
-  the plain integer sum. The layout adds a public offset to the noisy slots
-  so that every committed value and their sum stay in [0, modulus).
+- `CommitmentLayout`, in `fedsec_flwr.models`, maps an encoded vector to
+  the vector a client commits to.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ from .config import SecAggConfig
 from .core import commitments, signatures
 from .core import transcript as transcripts
 from .core.commitments import BLINDING_LIMB_BITS, VerificationResult
-from .core.encoding import EncodingParams
 from .core.errors import AuthenticationError, ProtocolError
 from .core.messages import (
     CommitReply,
@@ -52,7 +48,6 @@ from .core.messages import (
 )
 from .core.signatures import SignedStage
 from .core.transcript import RoundTranscript
-from .dp.noise import distributed_noise_headroom
 
 logger = logging.getLogger("fedsec_flwr.verification")
 
@@ -158,133 +153,6 @@ def check_blinding_capacity(*, modulus: int, max_clients: int) -> None:
             f"{worst_case} with modulus {modulus}. Lower max_clients or raise the "
             "modulus."
         )
-
-
-@dataclass(frozen=True)
-class CommitmentLayout:
-    """The slots of an encoded vector that carry distributed noise, and their offset.
-
-    A client commits to its encoded vector reduced modulo the modulus, with
-    `offset` added to each noisy slot. The server adds `offset` times the
-    number of included clients to the same slots of the aggregate. Without
-    noise the offset is 0 and both vectors are unchanged.
-
-    Attributes:
-        modulus: The encoding's modulus.
-        noisy_slots: Number of leading slots with noise: the model coordinates
-            under distributed DP, else 0.
-        bit_slot: Index of the noisy adaptive-clipping bit, or ``None``.
-        offset: The value added to each noisy slot, at least the bound on any
-            one client's noise, so no committed value wraps.
-
-    """
-
-    modulus: int
-    noisy_slots: int = 0
-    bit_slot: int | None = None
-    offset: int = 0
-
-    @classmethod
-    def distributed(
-        cls,
-        params: EncodingParams,
-        *,
-        num_coordinates: int,
-        bit_slot: int | None,
-        bit_sigma_client: float,
-    ) -> CommitmentLayout:
-        """Build the layout of a round with distributed DP.
-
-        ``params.noise_headroom`` bounds the summed noise of every coordinate
-        of the round's sampled clients, with a failure probability of 2**-40
-        (`distributed_noise_headroom`). The same bound covers any one
-        client's noise, since one client's sum is a sum of fewer terms. The
-        clipping bit gets the same kind of bound, for up to
-        ``params.max_clients`` clients. The offset is the larger of the two.
-
-        Raises:
-            ValueError: If max_clients * (max_weight * (levels - 1) + offset)
-                + offset reaches the modulus, so committed sums could wrap.
-
-        """
-        bit_bound = 0
-        if bit_slot is not None and bit_sigma_client > 0:
-            bit_bound = distributed_noise_headroom(
-                sigma_client=bit_sigma_client,
-                num_clients=params.max_clients,
-                num_coordinates=1,
-            )
-        offset = max(params.noise_headroom, bit_bound)
-        signal = params.max_weight * (params.quantization_levels - 1)
-        worst_case = params.max_clients * (signal + offset) + offset
-        if worst_case >= params.modulus:
-            raise ValueError(
-                "Verification with distributed DP needs max_clients * "
-                "(max_weight * (quantization_levels - 1) + offset) + offset below "
-                f"the modulus. Found {params.max_clients} * ({signal} + {offset}) "
-                f"+ {offset} = {worst_case} with modulus {params.modulus}. Lower "
-                "max_clients or the quantization bits."
-            )
-
-        return cls(
-            modulus=params.modulus,
-            noisy_slots=num_coordinates,
-            bit_slot=bit_slot,
-            offset=offset,
-        )
-
-    def client_vector(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
-        """Return the vector a client commits to for its encoded input."""
-        return self._shifted(encoded, self.offset)
-
-    def aggregate_vector(
-        self, aggregate: npt.NDArray[np.uint32], *, num_included: int
-    ) -> npt.NDArray[np.uint32]:
-        """Return the aggregate the included clients' commitments must match."""
-        return self._shifted(aggregate, self.offset * num_included)
-
-    def included_sum(
-        self, aggregate: npt.NDArray[np.uint32], *, num_included: int
-    ) -> npt.NDArray[np.uint32]:
-        """Undo `aggregate_vector`: return the sum of the clients' encoded inputs."""
-        return self._shifted(aggregate, -self.offset * num_included)
-
-    def to_fields(self) -> Fields:
-        """Convert to record fields for ``Context.state``."""
-        return {
-            "layout-modulus": self.modulus,
-            "layout-noisy-slots": self.noisy_slots,
-            "layout-bit-slot": -1 if self.bit_slot is None else self.bit_slot,
-            "layout-offset": self.offset,
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> CommitmentLayout:
-        """Restore a layout stored by `to_fields`."""
-        bit_slot = _field(fields, "layout-bit-slot", int)
-        return cls(
-            modulus=_field(fields, "layout-modulus", int),
-            noisy_slots=_field(fields, "layout-noisy-slots", int),
-            bit_slot=None if bit_slot < 0 else bit_slot,
-            offset=_field(fields, "layout-offset", int),
-        )
-
-    def _shifted(
-        self, vector: npt.NDArray[np.uint32], shift: int
-    ) -> npt.NDArray[np.uint32]:
-        result = vector.astype(np.uint32, copy=True)
-        if shift:
-            # uint32 addition wraps modulo 2**32, which the mask below
-            # reduces to the modulus.
-            step = np.uint32(shift % self.modulus)
-            result[: self.noisy_slots] += step
-            if self.bit_slot is not None:
-                bit = int(result[self.bit_slot]) + int(step)
-                result[self.bit_slot] = bit % 2**32
-        if self.modulus < 2**32:
-            np.bitwise_and(result, np.uint32(self.modulus - 1), out=result)
-
-        return result
 
 
 # --- Server side -----------------------------------------------------------------

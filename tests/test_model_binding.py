@@ -23,12 +23,12 @@ from flwr.serverapp import Grid
 from fedsec_flwr import RoundReport, SecureFedAvg, TooFewSurvivorsError
 from fedsec_flwr.config import KEY_LIFETIME_ROUND, KEY_LIFETIME_RUN
 from fedsec_flwr.mod import make_secure_aggregation_mod
+from fedsec_flwr.models import model_digest
 from fedsec_flwr.privacy import DPConfig
 from fedsec_flwr.records import (
     ARRAYS_RECORD,
     VERIFICATION_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
-    model_digest,
 )
 from fedsec_flwr.rounds import PendingVerification, PrivacyRound, RoundOutcome
 from fedsec_flwr.verification import (

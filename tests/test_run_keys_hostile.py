@@ -45,6 +45,7 @@ from fedsec_flwr.core.messages import (
     self_mask_context,
 )
 from fedsec_flwr.core.server import ServerRound
+from fedsec_flwr.models import FloatLayout
 from fedsec_flwr.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -53,7 +54,6 @@ from fedsec_flwr.records import (
     PROTOCOL_RECORD,
     RUN_KEYS_RECORD,
     STATE_RECORD,
-    FloatLayout,
     encoding_fields,
     protocol_fields,
 )

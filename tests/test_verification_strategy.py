@@ -56,6 +56,7 @@ from fedsec_flwr.mod import (
     plain_verification_mod,
     secure_aggregation_mod,
 )
+from fedsec_flwr.models import CommitmentLayout
 from fedsec_flwr.privacy import DPConfig, DPMode
 from fedsec_flwr.records import (
     AGGREGATE_KEY,
@@ -66,7 +67,6 @@ from fedsec_flwr.records import (
     VERIFICATION_ARRAYS_RECORD,
 )
 from fedsec_flwr.verification import (
-    CommitmentLayout,
     FailurePolicy,
     ServerVerification,
     VerificationConfig,

@@ -1,0 +1,300 @@
+"""The flat vector of a model: layout, commitment offsets, digest and update.
+
+This module imports no Flower code, so the clients, the server and the
+offline auditor share it:
+
+- `FloatLayout` flattens a model's floating-point arrays into the vector
+  that is encoded and summed, and adds a mean update back.
+- `CommitmentLayout` maps an encoded vector to the vector a client commits
+  to. Under distributed DP the noise can push a client's coordinate below
+  zero, where it wraps around the modulus, and the commitment check needs
+  the plain integer sum. The layout adds a public offset to the noisy slots
+  so that every committed value and their sum stay in [0, modulus).
+- `model_digest` hashes a model, and `next_model` computes the model that
+  follows a round from the round's model and its aggregate, exactly as the
+  server does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from numpy.typing import NDArray
+
+from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
+from .core.messages import Fields, _field
+from .dp.noise import distributed_noise_headroom
+
+
+@dataclass(frozen=True)
+class FloatLayout:
+    """Layout of the aggregated arrays of a model: keys, order and shapes.
+
+    Floating-point arrays (0-d included) are aggregated as one flat vector in
+    the order of the model's keys. Other arrays, such as BatchNorm's int64
+    ``num_batches_tracked``, are not aggregated: the global model keeps its
+    value for them, in plain and secure mode alike.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype[np.floating], ...]
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, NDArray[np.generic]]) -> FloatLayout:
+        """Return the layout of the floating-point arrays of a model."""
+        keys: list[str] = []
+        shapes: list[tuple[int, ...]] = []
+        dtypes: list[np.dtype[np.floating]] = []
+        for key, array in arrays.items():
+            if np.issubdtype(array.dtype, np.floating):
+                keys.append(key)
+                shapes.append(tuple(array.shape))
+                dtypes.append(np.dtype(array.dtype.str))
+        return cls(keys=tuple(keys), shapes=tuple(shapes), dtypes=tuple(dtypes))
+
+    @property
+    def size(self) -> int:
+        """Number of aggregated coordinates."""
+        return sum(int(np.prod(shape)) for shape in self.shapes)
+
+    def difference(
+        self,
+        local: Mapping[str, NDArray[np.generic]],
+        reference: Mapping[str, NDArray[np.generic]],
+    ) -> NDArray[np.float64]:
+        """Return ``local - reference`` over the aggregated arrays, flat, in float64."""
+        result = np.empty(self.size, dtype=np.float64)
+        offset = 0
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            size = int(np.prod(shape))
+            np.subtract(
+                np.ravel(local[key]),
+                np.ravel(reference[key]),
+                out=result[offset : offset + size],
+                dtype=np.float64,
+            )
+            offset += size
+        return result
+
+    def apply_update(
+        self,
+        global_arrays: Mapping[str, NDArray[np.generic]],
+        update: NDArray[np.float64],
+    ) -> dict[str, NDArray[np.generic]]:
+        """Add a flat update to the global model; non-float arrays stay as they are."""
+        result = {
+            key: np.array(value, copy=True) for key, value in global_arrays.items()
+        }
+        offset = 0
+        for key, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
+            size = int(np.prod(shape))
+            chunk = update[offset : offset + size].reshape(shape)
+            result[key] = (np.asarray(global_arrays[key], np.float64) + chunk).astype(
+                dtype
+            )
+            offset += size
+        return result
+
+
+@dataclass(frozen=True)
+class CommitmentLayout:
+    """The slots of an encoded vector that carry distributed noise, and their offset.
+
+    A client commits to its encoded vector reduced modulo the modulus, with
+    `offset` added to each noisy slot. The server adds `offset` times the
+    number of included clients to the same slots of the aggregate. Without
+    noise the offset is 0 and both vectors are unchanged.
+
+    Attributes:
+        modulus: The encoding's modulus.
+        noisy_slots: Number of leading slots with noise: the model coordinates
+            under distributed DP, else 0.
+        bit_slot: Index of the noisy adaptive-clipping bit, or ``None``.
+        offset: The value added to each noisy slot, at least the bound on any
+            one client's noise, so no committed value wraps.
+
+    """
+
+    modulus: int
+    noisy_slots: int = 0
+    bit_slot: int | None = None
+    offset: int = 0
+
+    @classmethod
+    def distributed(
+        cls,
+        params: EncodingParams,
+        *,
+        num_coordinates: int,
+        bit_slot: int | None,
+        bit_sigma_client: float,
+    ) -> CommitmentLayout:
+        """Build the layout of a round with distributed DP.
+
+        ``params.noise_headroom`` bounds the summed noise of every coordinate
+        of the round's sampled clients, with a failure probability of 2**-40
+        (`distributed_noise_headroom`). The same bound covers any one
+        client's noise, since one client's sum is a sum of fewer terms. The
+        clipping bit gets the same kind of bound, for up to
+        ``params.max_clients`` clients. The offset is the larger of the two.
+
+        Raises:
+            ValueError: If max_clients * (max_weight * (levels - 1) + offset)
+                + offset reaches the modulus, so committed sums could wrap.
+
+        """
+        bit_bound = 0
+        if bit_slot is not None and bit_sigma_client > 0:
+            bit_bound = distributed_noise_headroom(
+                sigma_client=bit_sigma_client,
+                num_clients=params.max_clients,
+                num_coordinates=1,
+            )
+        offset = max(params.noise_headroom, bit_bound)
+        signal = params.max_weight * (params.quantization_levels - 1)
+        worst_case = params.max_clients * (signal + offset) + offset
+        if worst_case >= params.modulus:
+            raise ValueError(
+                "Verification with distributed DP needs max_clients * "
+                "(max_weight * (quantization_levels - 1) + offset) + offset below "
+                f"the modulus. Found {params.max_clients} * ({signal} + {offset}) "
+                f"+ {offset} = {worst_case} with modulus {params.modulus}. Lower "
+                "max_clients or the quantization bits."
+            )
+
+        return cls(
+            modulus=params.modulus,
+            noisy_slots=num_coordinates,
+            bit_slot=bit_slot,
+            offset=offset,
+        )
+
+    def client_vector(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+        """Return the vector a client commits to for its encoded input."""
+        return self._shifted(encoded, self.offset)
+
+    def aggregate_vector(
+        self, aggregate: npt.NDArray[np.uint32], *, num_included: int
+    ) -> npt.NDArray[np.uint32]:
+        """Return the aggregate the included clients' commitments must match."""
+        return self._shifted(aggregate, self.offset * num_included)
+
+    def included_sum(
+        self, aggregate: npt.NDArray[np.uint32], *, num_included: int
+    ) -> npt.NDArray[np.uint32]:
+        """Undo `aggregate_vector`: return the sum of the clients' encoded inputs."""
+        return self._shifted(aggregate, -self.offset * num_included)
+
+    def to_fields(self) -> Fields:
+        """Convert to record fields for ``Context.state``."""
+        return {
+            "layout-modulus": self.modulus,
+            "layout-noisy-slots": self.noisy_slots,
+            "layout-bit-slot": -1 if self.bit_slot is None else self.bit_slot,
+            "layout-offset": self.offset,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> CommitmentLayout:
+        """Restore a layout stored by `to_fields`."""
+        bit_slot = _field(fields, "layout-bit-slot", int)
+        return cls(
+            modulus=_field(fields, "layout-modulus", int),
+            noisy_slots=_field(fields, "layout-noisy-slots", int),
+            bit_slot=None if bit_slot < 0 else bit_slot,
+            offset=_field(fields, "layout-offset", int),
+        )
+
+    def _shifted(
+        self, vector: npt.NDArray[np.uint32], shift: int
+    ) -> npt.NDArray[np.uint32]:
+        result = vector.astype(np.uint32, copy=True)
+        if shift:
+            # uint32 addition wraps modulo 2**32, which the mask below
+            # reduces to the modulus.
+            step = np.uint32(shift % self.modulus)
+            result[: self.noisy_slots] += step
+            if self.bit_slot is not None:
+                bit = int(result[self.bit_slot]) + int(step)
+                result[self.bit_slot] = bit % 2**32
+        if self.modulus < 2**32:
+            np.bitwise_and(result, np.uint32(self.modulus - 1), out=result)
+
+        return result
+
+
+MODEL_DIGEST_DOMAIN = b"fedsec-flwr/model-digest/v1"
+
+_MODEL_DIGEST_CHUNK = 1 << 22
+
+
+def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
+    """Compute SHA-256 of a model: names, dtypes, shapes and values, keys sorted.
+
+    Values are hashed as little-endian bytes in C order, so the digest does
+    not depend on the key order, the byte order or the memory layout of the
+    arrays, and any changed value, even by one ulp, changes it.
+
+    Raises:
+        ValueError: If an array's dtype has no fixed byte representation,
+            such as ``object``.
+
+    """
+    digest = hashlib.sha256(MODEL_DIGEST_DOMAIN)
+    digest.update(len(arrays).to_bytes(8, "little"))
+    for key in sorted(arrays):
+        array = np.asarray(arrays[key])
+        if array.dtype.hasobject or array.dtype.kind not in "biufc":
+            raise ValueError(
+                f"model_digest needs numeric arrays. Found dtype {array.dtype} "
+                f"for key {key!r}."
+            )
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        for part in (key.encode(), little.dtype.str.encode()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        digest.update(little.ndim.to_bytes(8, "little"))
+        for dimension in little.shape:
+            digest.update(dimension.to_bytes(8, "little"))
+        flat = little.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _MODEL_DIGEST_CHUNK):
+            digest.update(flat[start : start + _MODEL_DIGEST_CHUNK].data)
+
+    return digest.digest()
+
+
+def next_model(
+    model: Mapping[str, NDArray[np.generic]],
+    aggregate: npt.NDArray[np.uint32],
+    *,
+    params: EncodingParams,
+    layout: CommitmentLayout,
+    num_included: int,
+) -> dict[str, NDArray[np.generic]]:
+    """Return the model after a round: ``model`` plus the aggregate's decoded mean.
+
+    ``aggregate`` is the vector the commitments sum to, with the commitment
+    offset of ``num_included`` clients, which is removed before decoding.
+    The blinding limbs are not part of it; any slots between the trailer
+    and its end, such as the clipping bit, are extra slots.
+
+    Raises:
+        ValueError: If the aggregate is shorter than the model's vector and
+            trailer, or its total weight is zero.
+
+    """
+    floats = FloatLayout.of(model)
+    total = layout.included_sum(aggregate, num_included=num_included)
+    num_extra = total.size - TRAILER_SIZE - floats.size
+    if num_extra < 0:
+        raise ValueError(
+            f"The aggregate must hold at least {floats.size + TRAILER_SIZE} values "
+            f"for this model. Found {total.size}."
+        )
+    decoded = decode_sum(total, params=params, num_extra=num_extra)
+    return floats.apply_update(model, decoded.mean)
