@@ -9,12 +9,22 @@ The audit file is JSON::
 Each transcript is `RoundTranscript.to_dict`. Its aggregate is either an
 ``.npy`` file of uint32 values, at a path relative to the JSON file's
 folder, or inline hex of the little-endian uint32 bytes for short vectors.
+A round may also have a "decoding" object (`ModelDecoding.to_dict`), the
+public parameters that turn its aggregate into its mean update.
 `append_round` writes this format.
 
 The command prints one line per round and exits with 0 when every round
 verifies, and 1 when a round fails, the file is malformed or it contains no
 round. Run ids and rounds are printed so that an auditor can match them with
 the server's records.
+
+With ``--initial-model FILE.npz`` it also follows the models of the run
+(`audit_models`): starting from the initial model, each round's model must
+be the one its clients signed (the transcript's model digest), and the
+model after it is computed from the round's aggregate (`next_model`). With
+``--final-model FILE.npz`` the model after the last round must equal that
+file. The .npz files list the arrays in the model's order, as the app's
+``initial_model.npz`` and ``final_model.npz`` do.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 import sys
 import tempfile
 import tokenize
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +52,7 @@ from .core.transcript import (
     is_lower_hex,
     parse_untrusted_json,
 )
+from .models import ModelDecoding, model_digest, next_model
 
 AUDIT_FORMAT = "fedsec_flwr/audit/v1"
 """Value of the "format" field of an audit file."""
@@ -67,13 +79,18 @@ class RoundAudit:
 
 
 def append_round(
-    audit_path: Path, transcript: RoundTranscript, aggregate: npt.NDArray[np.uint32]
+    audit_path: Path,
+    transcript: RoundTranscript,
+    aggregate: npt.NDArray[np.uint32],
+    *,
+    decoding: ModelDecoding | None = None,
 ) -> None:
     """Add one round to an audit file, creating the file if it does not exist.
 
     An aggregate of at most `INLINE_AGGREGATE_MAX_VALUES` values is stored as
     inline hex. A longer one goes to ``<stem>-run-<run>-round-<round>.npy``
-    in the JSON file's folder. The JSON file is replaced atomically.
+    in the JSON file's folder. The JSON file is replaced atomically. With
+    ``decoding``, the entry also records how the aggregate is decoded.
 
     Raises:
         ValueError: If the existing file is not an audit file, or `aggregate`
@@ -87,6 +104,8 @@ def append_round(
     document = _read_document(audit_path) if audit_path.exists() else _new_document()
 
     entry: dict[str, Any] = {"transcript": transcript.to_dict()}
+    if decoding is not None:
+        entry["decoding"] = decoding.to_dict()
     if aggregate.size <= INLINE_AGGREGATE_MAX_VALUES:
         entry["aggregate_hex"] = aggregate.astype("<u4").tobytes().hex()
     else:
@@ -136,6 +155,118 @@ def audit_file(audit_path: Path) -> list[RoundAudit]:
     return audits
 
 
+Model = dict[str, npt.NDArray[np.generic]]
+
+
+def audit_models(
+    audit_path: Path, initial_model: Model
+) -> tuple[list[RoundAudit], Model | None]:
+    """Follow the models of the run in an audit file, from its initial model.
+
+    Rounds are taken in order. A round passes when the model its clients
+    signed (the transcript's ``model_sha256``) is the model that the
+    initial model and the earlier rounds give. The model after it is that
+    model plus the mean of the round's aggregate, decoded with the entry's
+    "decoding" (`next_model`). A round missing from the file released no
+    model, so the model carries over. Once a round fails, every later one
+    fails too, because the model is unknown.
+
+    Returns:
+        One result per round, labelled "run R round N model", and the model
+        after the last round, or ``None`` if a round failed.
+
+    Raises:
+        ValueError: If the file is not an audit file, a transcript is
+            malformed, a round appears twice, or the file contains
+            rounds of more than one run.
+        OSError: If the file cannot be read.
+
+    """
+    document = _read_document(audit_path)
+    entries: dict[int, tuple[RoundTranscript, dict[str, Any]]] = {}
+    for index, entry in enumerate(document["rounds"]):
+        try:
+            transcript = RoundTranscript.from_dict(_entry_field(entry, "transcript"))
+        except ValueError as error:
+            raise ValueError(f"entry {index} is malformed: {error}") from None
+        if transcript.server_round in entries:
+            raise ValueError(f"round {transcript.server_round} appears more than once.")
+        entries[transcript.server_round] = (transcript, entry)
+    runs = sorted({transcript.run_id for transcript, _ in entries.values()})
+    if len(runs) > 1:
+        raise ValueError(
+            f"following models needs the rounds of one run. Found runs {runs}."
+        )
+
+    model: Model | None = dict(initial_model)
+    audits = []
+    for server_round in sorted(entries):
+        transcript, entry = entries[server_round]
+        label = f"run {transcript.run_id} round {server_round} model"
+        result, model = _follow_model(audit_path.parent, entry, transcript, model)
+        audits.append(RoundAudit(label, result))
+    return audits, model
+
+
+def _follow_model(
+    folder: Path,
+    entry: dict[str, Any],
+    transcript: RoundTranscript,
+    model: Model | None,
+) -> tuple[AuditResult, Model | None]:
+    if model is None:
+        return AuditResult(False, "the model is unknown after an earlier failure"), None
+    if model_digest(model) != transcript.model_sha256:
+        return (
+            AuditResult(
+                False,
+                "the clients signed another model than the initial model and the "
+                "earlier rounds give",
+            ),
+            None,
+        )
+
+    try:
+        decoding = ModelDecoding.from_dict(_entry_field(entry, "decoding"))
+        following = next_model(
+            model,
+            _load_aggregate(folder, entry),
+            params=decoding.params,
+            layout=decoding.layout,
+            num_included=len(transcript.included_node_ids),
+        )
+    except (OSError, ValueError) as error:
+        return (
+            AuditResult(
+                False, f"the model after this round cannot be computed: {error}"
+            ),
+            None,
+        )
+    return AuditResult(True, ""), following
+
+
+def load_model(path: Path) -> Model:
+    """Load a model saved with ``numpy.savez``, keeping the order of its arrays.
+
+    Raises:
+        ValueError: If the file is not an .npz file of arrays.
+        OSError: If the file cannot be read.
+
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot load the model {path.name}: {error}") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"the model {path.name} must be an .npz file of named arrays.")
+
+    with archive:
+        try:
+            return {name: archive[name] for name in archive.files}
+        except (ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"cannot load the model {path.name}: {error}") from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the audit command and return its exit status."""
     parser = argparse.ArgumentParser(
@@ -143,7 +274,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Verify every round of a fedsec_flwr audit file.",
     )
     parser.add_argument("audit_file", type=Path, help="path of the audit JSON file")
+    parser.add_argument(
+        "--initial-model",
+        type=Path,
+        help=".npz file of the run's initial model: also follow the run's models",
+    )
+    parser.add_argument(
+        "--final-model",
+        type=Path,
+        help=".npz file that must equal the model after the last round "
+        "(needs --initial-model)",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.final_model is not None and arguments.initial_model is None:
+        parser.error("--final-model needs --initial-model.")
 
     try:
         audits = audit_file(arguments.audit_file)
@@ -162,7 +306,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     failed = sum(not audit.result.verified for audit in audits)
     print(f"{len(audits) - failed} of {len(audits)} rounds verified")
+    if arguments.initial_model is not None:
+        failed += _print_models(
+            arguments.audit_file, arguments.initial_model, arguments.final_model
+        )
     return EXIT_FAILED if failed else EXIT_VERIFIED
+
+
+def _print_models(audit_path: Path, initial_path: Path, final_path: Path | None) -> int:
+    """Print the model audit and return the number of failures."""
+    try:
+        audits, last = audit_models(audit_path, load_model(initial_path))
+        final = load_model(final_path) if final_path is not None else None
+    except (OSError, ValueError) as error:
+        print(f"error: cannot follow the models: {error}", file=sys.stderr)
+        return 1
+
+    for audit in audits:
+        if audit.result.verified:
+            print(f"{audit.label}: follows from the earlier rounds")
+        else:
+            print(f"{audit.label}: FAILED: {audit.result.reason}")
+    failed = sum(not audit.result.verified for audit in audits)
+    if final is None:
+        return failed
+    if last is not None and model_digest(final) == model_digest(last):
+        print("final model: follows from the last round")
+        return failed
+    print("final model: FAILED: it is not the model after the last round")
+    return failed + 1
 
 
 def _audit_entry(

@@ -285,16 +285,120 @@ def next_model(
 
     Raises:
         ValueError: If the aggregate is shorter than the model's vector and
-            trailer, or its total weight is zero.
+            trailer or than the layout's slots, or its total weight is zero.
 
     """
     floats = FloatLayout.of(model)
+    bit_slot = -1 if layout.bit_slot is None else layout.bit_slot
+    if layout.noisy_slots > aggregate.size or bit_slot >= aggregate.size:
+        raise ValueError(
+            f"The commitment layout's noisy slots ({layout.noisy_slots}) and "
+            f"clipping-bit slot ({layout.bit_slot}) must lie inside the "
+            f"aggregate's {aggregate.size} values."
+        )
     total = layout.included_sum(aggregate, num_included=num_included)
     num_extra = total.size - TRAILER_SIZE - floats.size
     if num_extra < 0:
         raise ValueError(
-            f"The aggregate must hold at least {floats.size + TRAILER_SIZE} values "
+            f"The aggregate must have at least {floats.size + TRAILER_SIZE} values "
             f"for this model. Found {total.size}."
         )
     decoded = decode_sum(total, params=params, num_extra=num_extra)
     return floats.apply_update(model, decoded.mean)
+
+
+_DECODING_INTEGERS = (
+    "quantization_levels",
+    "modulus",
+    "max_weight",
+    "max_clients",
+    "noise_headroom",
+    "noisy_slots",
+    "bit_slot",
+    "offset",
+)
+
+
+@dataclass(frozen=True)
+class ModelDecoding:
+    """The public parameters that turn a round's committed aggregate into its mean.
+
+    The server records it for each round in the audit file, so that an
+    auditor with the first model can compute every later one (`next_model`).
+    It contains only public parameters.
+
+    Attributes:
+        params: The round's fixed-point encoding.
+        layout: The round's commitment offsets.
+
+    """
+
+    params: EncodingParams
+    layout: CommitmentLayout
+
+    def to_dict(self) -> dict[str, int | float]:
+        """Convert to a JSON-ready dict."""
+        return {
+            "clip_range": self.params.clip_range,
+            "quantization_levels": self.params.quantization_levels,
+            "modulus": self.params.modulus,
+            "max_weight": self.params.max_weight,
+            "max_clients": self.params.max_clients,
+            "noise_headroom": self.params.noise_headroom,
+            "noisy_slots": self.layout.noisy_slots,
+            "bit_slot": -1 if self.layout.bit_slot is None else self.layout.bit_slot,
+            "offset": self.layout.offset,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> ModelDecoding:
+        """Parse an untrusted dict made by `to_dict`.
+
+        Raises:
+            ValueError: Naming the first field that is missing, unknown, of
+                the wrong type or out of range.
+
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"decoding must be an object. Found {type(data).__name__}."
+            )
+        expected = {"clip_range", *_DECODING_INTEGERS}
+        if set(data) != expected:
+            raise ValueError(
+                f"decoding must have the fields {sorted(expected)}. "
+                f"Found {sorted(data)}."
+            )
+        for name in _DECODING_INTEGERS:
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"decoding {name} must be an int. Found {value!r}.")
+        clip_range = data["clip_range"]
+        if isinstance(clip_range, bool) or not isinstance(clip_range, int | float):
+            raise ValueError(
+                f"decoding clip_range must be a number. Found {clip_range!r}."
+            )
+        for name in ("noisy_slots", "offset"):
+            if data[name] < 0:
+                raise ValueError(
+                    f"decoding {name} must be at least 0. Found {data[name]}."
+                )
+
+        params = EncodingParams(
+            clip_range=float(clip_range),
+            quantization_levels=data["quantization_levels"],
+            modulus=data["modulus"],
+            max_weight=data["max_weight"],
+            max_clients=data["max_clients"],
+            noise_headroom=data["noise_headroom"],
+        )
+        bit_slot = data["bit_slot"]
+        return cls(
+            params=params,
+            layout=CommitmentLayout(
+                modulus=params.modulus,
+                noisy_slots=data["noisy_slots"],
+                bit_slot=None if bit_slot < 0 else bit_slot,
+                offset=data["offset"],
+            ),
+        )

@@ -44,7 +44,7 @@ from .core.messages import (
 from .core.run_keys import KeyDirectory, KeyedServerRound
 from .core.server import ServerRound
 from .core.transcript import RoundTranscript
-from .models import CommitmentLayout, FloatLayout, model_digest
+from .models import CommitmentLayout, FloatLayout, ModelDecoding, model_digest
 from .privacy import (
     ClientPrivacy,
     DPMode,
@@ -132,9 +132,11 @@ class PendingVerification:
         aggregate: NDArray[np.uint32],
         blinding_sums: NDArray[np.uint32],
         audit_path: Path | None,
+        decoding: ModelDecoding,
     ) -> None:
         self.verifier = verifier
         self.audit_path = audit_path
+        self.decoding = decoding
         self.dropped_by_stage: dict[str, int] = {}
         """The included clients lost at the commit and verify stages."""
         self.result: VerificationResult | None = None
@@ -194,7 +196,10 @@ class PendingVerification:
             self.verifier.commitments
         ) - len(verdicts)
         self.result = self.verifier.finish(
-            self._transcript, verdicts, audit_path=self.audit_path
+            self._transcript,
+            verdicts,
+            audit_path=self.audit_path,
+            decoding=self.decoding,
         )
         return self.result
 
@@ -854,6 +859,7 @@ def _fix_secure_total(
         ),
         blinding_sums=total[total.size - BLINDING_LIMBS :],
         audit_path=audit_path,
+        decoding=ModelDecoding(plan.params, plan.commitment_layout),
     )
 
 
@@ -1309,6 +1315,7 @@ def run_plain_verified_round(
         aggregate=total,
         blinding_sums=blinding_sums,
         audit_path=verification.audit_path,
+        decoding=ModelDecoding(params, CommitmentLayout(modulus=params.modulus)),
     )
     result = _verification_stages(stages, pending)
     dropped_by_stage.update(pending.dropped_by_stage)

@@ -48,6 +48,7 @@ from .core.messages import (
 )
 from .core.signatures import SignedStage
 from .core.transcript import RoundTranscript
+from .models import ModelDecoding
 
 logger = logging.getLogger("fedsec_flwr.verification")
 
@@ -314,20 +315,24 @@ class ServerVerification:
         replies: Mapping[int, VerifyReply],
         *,
         audit_path: Path | None = None,
+        decoding: ModelDecoding | None = None,
     ) -> VerificationResult:
         """Audit the transcript, combine the clients' verdicts and record the round.
 
         The round is verified when the server's own audit passes and every
         included client that replied reports success. The first failure
         found is the reason. With `audit_path`, the transcript and aggregate
-        are appended to that audit file, verified or not.
+        are appended to that audit file, verified or not, with `decoding` if
+        given, so that an auditor can compute the model after the round.
         """
         aggregate, _ = self._fixed_aggregate()
         result = transcripts.audit_round(round_transcript, aggregate)
         if result.verified:
             result = _client_verdict(replies, self.included_node_ids)
         if audit_path is not None:
-            audit.append_round(audit_path, round_transcript, aggregate)
+            audit.append_round(
+                audit_path, round_transcript, aggregate, decoding=decoding
+            )
 
         if result.verified:
             logger.info(

@@ -11,9 +11,9 @@ from tests.app_runs import REPO_ROOT, launch_app
 pytestmark = pytest.mark.e2e
 
 
-def _audit(path: Path) -> subprocess.CompletedProcess[str]:
+def _audit(path: Path, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fedsec_flwr.audit", str(path)],
+        [sys.executable, "-m", "fedsec_flwr.audit", str(path), *options],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -41,8 +41,16 @@ def test_every_round_verified_and_audited(tmp_path: Path, mode: str) -> None:
         num_supernodes=4,
     )
 
-    audit = _audit(output_dir / "audit.json")
+    audit = _audit(
+        output_dir / "audit.json",
+        "--initial-model",
+        str(output_dir / "initial_model.npz"),
+        "--final-model",
+        str(output_dir / "final_model.npz"),
+    )
 
     assert [entry["verified"] for entry in results["rounds"]] == [True, True]
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "2 of 2 rounds verified" in audit.stdout
+    assert "round 2 model: follows from the earlier rounds" in audit.stdout
+    assert "final model: follows from the last round" in audit.stdout

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,7 @@ def run(
     rounds: int = 3,
     reports: list[RoundReport] | None = None,
     on_failure: FailurePolicy = FailurePolicy.REFUSE,
+    audit_path: Path | None = None,
 ) -> dict[str, np.ndarray]:
     strategy = RewritingFedAvg(
         rewrite,
@@ -137,6 +139,7 @@ def run(
             pipelined=mode.pipelined,
             on_failure=on_failure,
             plain_encoding=CONFIG,
+            audit_path=audit_path,
         ),
         rng=random.Random(5),
         on_round_end=reports.append if reports is not None else None,

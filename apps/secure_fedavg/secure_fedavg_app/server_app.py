@@ -35,6 +35,7 @@ AUDIT_FILE_NAME = "audit.json"
 """File next to results.json with each verified round's transcript."""
 
 FINAL_MODEL_FILE_NAME = "final_model.npz"
+INITIAL_MODEL_FILE_NAME = "initial_model.npz"
 """File next to results.json with the final global model's arrays."""
 
 app = ServerApp()
@@ -75,6 +76,8 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
     split = load_dataset_cached(settings.dataset, settings.seed)
     model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
     initial_arrays = ArrayRecord(model.state_dict())
+    # With the audit file, the initial model lets an auditor follow the run.
+    _save_model(initial_arrays, results.path.parent / INITIAL_MODEL_FILE_NAME)
 
     def on_round_end(report: RoundReport) -> None:
         entry = round_entry(report)
@@ -101,7 +104,7 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         ),
     )
 
-    _save_final_model(result.arrays, results.path.parent / FINAL_MODEL_FILE_NAME)
+    _save_model(result.arrays, results.path.parent / FINAL_MODEL_FILE_NAME)
     if strategy.stopped_reason is not None:
         # The privacy budget ended the run early: a planned outcome, not a failure.
         results.update(stopped_reason=strategy.stopped_reason)
@@ -134,7 +137,7 @@ def make_central_evaluate(
     return central_evaluate
 
 
-def _save_final_model(arrays: ArrayRecord, path: Path) -> None:
+def _save_model(arrays: ArrayRecord, path: Path) -> None:
     named: dict[str, Any] = {key: array.numpy() for key, array in arrays.items()}
     np.savez(path, **named)
 

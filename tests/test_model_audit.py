@@ -1,0 +1,243 @@
+"""The auditor follows a run's models from its initial model.
+
+Each test runs rounds through `SecureFedAvg`, the client mods and the
+loopback Grid with an audit file, then audits the file with the initial
+model: in every mode, for an honest server and for one that changes the
+model or the audit file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedsec_flwr import audit
+from fedsec_flwr.mod import make_secure_aggregation_mod
+from fedsec_flwr.models import ModelDecoding, model_digest
+from fedsec_flwr.verification import FailurePolicy
+from tests.loopback import LoopbackGrid
+from tests.test_model_binding import MODES, Mode, one_ulp_up, run
+from tests.test_secure_strategy import NODE_IDS, initial_model
+from tests.test_verification_strategy import make_app
+
+SIGNED_OTHER_MODEL = (
+    "the clients signed another model than the initial model and the earlier "
+    "rounds give"
+)
+
+
+def honest_audit(tmp_path: Path, mode: Mode, rounds: int = 3) -> tuple[Path, dict]:
+    path = tmp_path / "audit.json"
+    grid = LoopbackGrid(make_app(secure=mode.secure), NODE_IDS)
+    released = run(grid, mode, rounds=rounds, audit_path=path)
+    return path, released
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_honest_models_followed(tmp_path: Path, mode: Mode) -> None:
+    path, released = honest_audit(tmp_path, mode)
+
+    audits, last = audit.audit_models(path, initial_model())
+
+    assert [a.label for a in audits] == [f"run 42 round {r} model" for r in (1, 2, 3)]
+    assert all(a.result.verified for a in audits), audits
+    assert last is not None
+    assert model_digest(last) == model_digest(released)
+
+
+def test_tamper_model_after_round_caught(tmp_path: Path) -> None:
+    # Clients that only report train on the changed model, so the run goes
+    # on. The auditor finds that round 2's clients signed another model.
+    path = tmp_path / "audit.json"
+    mod = make_secure_aggregation_mod(on_verification_failure="report")
+    grid = LoopbackGrid(make_app(mod=mod), NODE_IDS)
+    run(
+        grid,
+        MODES[0],
+        rewrite=one_ulp_up,
+        on_failure=FailurePolicy.REPORT,
+        audit_path=path,
+    )
+
+    audits, last = audit.audit_models(path, initial_model())
+
+    assert audits[0].result.verified
+    assert audits[1].result.reason == SIGNED_OTHER_MODEL
+    assert audits[2].result.reason == "the model is unknown after an earlier failure"
+    assert last is None
+
+
+def edit_entry(path: Path, index: int, edit) -> None:  # type: ignore[no-untyped-def]
+    document = json.loads(path.read_text())
+    edit(document["rounds"][index])
+    path.write_text(json.dumps(document))
+
+
+def test_tamper_decoding_in_file_caught(tmp_path: Path) -> None:
+    # A server that records another clip range than it used: the model it
+    # claims after round 1 is not the one round 2's clients signed.
+    path, _ = honest_audit(tmp_path, MODES[0])
+    edit_entry(path, 0, lambda entry: entry["decoding"].update(clip_range=1.5))
+
+    audits, _ = audit.audit_models(path, initial_model())
+
+    assert audits[0].result.verified
+    assert audits[1].result.reason == SIGNED_OTHER_MODEL
+
+
+def test_other_initial_model_fails_first_round(tmp_path: Path) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    other = initial_model()
+    other["dense.bias"] = other["dense.bias"] + 1.0
+
+    audits, last = audit.audit_models(path, other)
+
+    assert audits[0].result.reason == SIGNED_OTHER_MODEL
+    assert last is None
+
+
+def test_missing_round_carries_model_over(tmp_path: Path) -> None:
+    # Dropping a round from the file is like a round that released no model:
+    # the next round's clients then signed a model the auditor cannot reach.
+    path, _ = honest_audit(tmp_path, MODES[0])
+    document = json.loads(path.read_text())
+    del document["rounds"][1]
+    path.write_text(json.dumps(document))
+
+    audits, _ = audit.audit_models(path, initial_model())
+
+    assert [a.label for a in audits] == ["run 42 round 1 model", "run 42 round 3 model"]
+    assert audits[0].result.verified
+    assert audits[1].result.reason == SIGNED_OTHER_MODEL
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda d: d.pop("offset"), "decoding must have the fields"),
+        (lambda d: d.update(extra=1), "decoding must have the fields"),
+        (lambda d: d.update(modulus="4294967296"), "decoding modulus must be an int"),
+        (lambda d: d.update(max_clients=True), "decoding max_clients must be an int"),
+        (lambda d: d.update(clip_range=None), "decoding clip_range must be a number"),
+        (lambda d: d.update(offset=-1), "decoding offset must be at least 0"),
+        (lambda d: d.update(modulus=1000), "power of two"),
+        (lambda d: d.update(bit_slot=10**9), "must lie inside the aggregate"),
+        (lambda d: d.update(noisy_slots=10**9), "must lie inside the aggregate"),
+    ],
+)
+def test_hostile_decoding_fails_cleanly(tmp_path: Path, edit, reason: str) -> None:  # type: ignore[no-untyped-def]
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=2)
+    edit_entry(path, 0, lambda entry: edit(entry["decoding"]))
+
+    audits, last = audit.audit_models(path, initial_model())
+
+    assert audits[0].result.reason.startswith(
+        "the model after this round cannot be computed: "
+    )
+    assert reason in audits[0].result.reason
+    assert last is None
+
+
+def test_entry_without_decoding_fails(tmp_path: Path) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    edit_entry(path, 0, lambda entry: entry.pop("decoding"))
+
+    audits, _ = audit.audit_models(path, initial_model())
+
+    assert "decoding must be a JSON dict" in audits[0].result.reason
+
+
+def test_decoding_round_trip() -> None:
+    decoding = ModelDecoding.from_dict(
+        {
+            "clip_range": 2.0,
+            "quantization_levels": 2**12,
+            "modulus": 2**32,
+            "max_weight": 1000,
+            "max_clients": 10,
+            "noise_headroom": 0,
+            "noisy_slots": 0,
+            "bit_slot": -1,
+            "offset": 0,
+        }
+    )
+
+    assert ModelDecoding.from_dict(decoding.to_dict()) == decoding
+    assert decoding.layout.bit_slot is None
+
+
+def save_model(path: Path, model: dict) -> Path:  # type: ignore[type-arg]
+    np.savez(path, **model)
+    return path
+
+
+def test_command_follows_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, released = honest_audit(tmp_path, MODES[0], rounds=2)
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+    final = save_model(tmp_path / "final.npz", released)
+
+    code = audit.main(
+        [str(path), "--initial-model", str(initial), "--final-model", str(final)]
+    )
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "run 42 round 2 model: follows from the earlier rounds" in out
+    assert "final model: follows from the last round" in out
+
+
+def test_tamper_final_model_exits_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, released = honest_audit(tmp_path, MODES[0], rounds=2)
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+    changed = {
+        k: v.numpy()
+        for k, v in one_ulp_up(
+            ArrayRecord({k: Array(v) for k, v in released.items()})
+        ).items()
+    }
+    final = save_model(tmp_path / "final.npz", changed)
+
+    code = audit.main(
+        [str(path), "--initial-model", str(initial), "--final-model", str(final)]
+    )
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "final model: FAILED: it is not the model after the last round" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"not a zip", "cannot load the model"), (None, "must be an .npz file")],
+)
+def test_hostile_model_file_rejected(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes | None,
+    message: str,
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    model = tmp_path / "model.npz"
+    if content is None:
+        np.save(model, np.zeros(3))
+        model = tmp_path / "model.npz.npy"
+    else:
+        model.write_bytes(content)
+
+    code = audit.main([str(path), "--initial-model", str(model)])
+
+    assert code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_final_model_needs_initial_model(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        audit.main([str(tmp_path / "audit.json"), "--final-model", "x.npz"])
