@@ -408,7 +408,7 @@ def _masked_input(
     call_next: ClientAppCallable,
     options: _Options,
 ) -> tuple[Fields, _Extra]:
-    model_sha256 = _check_model(header, msg, context)
+    model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
     params = parse_encoding(fields)
     state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
@@ -451,8 +451,8 @@ def _train_for_round(
     verified_round = _signed_this_round(header, context)
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
-    # Training replaces the message's content, so take the model first.
-    model = _global_model(msg)
+    # Training may replace or change the message's model, so keep it first.
+    kept = _capture_model(msg, model_sha256) if blinding is not None else None
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -463,7 +463,7 @@ def _train_for_round(
         server_round=header.server_round,
         budget=options.privacy_budget,
     )
-    if blinding is not None:
+    if blinding is not None and kept is not None:
         update = encoded[: encoded.size - blinding.size]
         layout = _commitment_layout(params, privacy, update_size=update.size)
         _keep_input(
@@ -471,7 +471,7 @@ def _train_for_round(
             header,
             layout.client_vector(update),
             blinding,
-            _KeptModel(model, model_sha256, params, layout),
+            _KeptModel(*kept, params, layout),
         )
     return encoded, metrics
 
@@ -555,7 +555,7 @@ def _keyed_input(
     call_next: ClientAppCallable,
     options: _Options,
 ) -> tuple[Fields, _Extra]:
-    model_sha256 = _check_model(header, msg, context)
+    model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
     state, keys = run_keys.client_start_round(
         keys, ShareKeysRequest.from_fields(fields), server_round=header.server_round
@@ -827,11 +827,19 @@ def _check_refusal(header: RoundHeader, context: Context, options: _Options) -> 
 class _KeptModel:
     """The global model of a verified round and how to decode its aggregate."""
 
-    record: ArrayRecord
-    sha256: bytes | None
-    """Its `model_digest`, or ``None`` if not computed yet."""
+    arrays: dict[str, NDArray[np.generic]]
+    sha256: bytes
+    """Its `model_digest`."""
     params: EncodingParams
     layout: CommitmentLayout
+
+
+def _capture_model(
+    msg: Message, model_sha256: bytes | None
+) -> tuple[dict[str, NDArray[np.generic]], bytes]:
+    """Copy the global model out of ``msg`` and return it with its digest."""
+    arrays = arrays_to_numpy(_global_model(msg))
+    return arrays, model_sha256 or model_digest(arrays)
 
 
 def _keep_input(
@@ -842,17 +850,18 @@ def _keep_input(
     model: _KeptModel,
 ) -> None:
     """Keep the input to commit to, and the model to check the next one against."""
-    model_sha256 = model.sha256 or model_digest(arrays_to_numpy(model.record))
     state = verification.client_start_input(
         _require_verification_state(context),
         run_id=header.run_id,
         server_round=header.server_round,
-        model_sha256=model_sha256,
+        model_sha256=model.sha256,
     )
     context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
         {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}
     )
-    context.state[VERIFICATION_MODEL_RECORD] = ArrayRecord(dict(model.record.items()))
+    context.state[VERIFICATION_MODEL_RECORD] = ArrayRecord(
+        {key: Array(np.array(value, order="C")) for key, value in model.arrays.items()}
+    )
     context.state[VERIFICATION_DECODING_RECORD] = to_config_record(
         {
             "server-round": header.server_round,
@@ -930,7 +939,14 @@ def _verify(
         node_id=msg.metadata.dst_node_id,
         aggregate=aggregate,
     )
-    next_model = _take_next_model(context, header, aggregate, verified=reply.verified)
+    # The transcript verified even if the reply reports a failed model check
+    # of this round; the next model then follows the model that was used.
+    next_model = _take_next_model(
+        context,
+        header,
+        aggregate,
+        verified=state.verified_round == header.server_round,
+    )
     if next_model is not None:
         state = verification.client_expect_model(
             state, server_round=header.server_round, model_sha256=next_model
@@ -982,13 +998,15 @@ def _take_next_model(
     return model_digest(following)
 
 
-def _check_model(header: RoundHeader, msg: Message, context: Context) -> bytes | None:
+def _check_model(
+    run_id: int, server_round: int, msg: Message, context: Context
+) -> bytes | None:
     """Record a failure if this round's model is not the one the last round implies.
 
     Returns the model's digest if the check computed it, else ``None``.
     """
     state = _load_verification(context)
-    if state is None or state.run_id != header.run_id or not state.next_model_round:
+    if state is None or state.run_id != run_id or not state.verified_round:
         return None
 
     computed: list[bytes] = []
@@ -1000,7 +1018,7 @@ def _check_model(header: RoundHeader, msg: Message, context: Context) -> bytes |
     _save_verification(
         context,
         verification.client_check_model(
-            state, server_round=header.server_round, model_sha256=digest
+            state, server_round=server_round, model_sha256=digest
         ),
     )
     return computed[0] if computed else None
@@ -1040,12 +1058,15 @@ def _plain_stage(
 
 
 def _check_plain_refusal(msg: Message, context: Context, options: _Options) -> None:
-    """Apply the refusal policy to a plain train message of an unverified round."""
+    """Apply the model check and the refusal policy to an unverified plain round."""
+    server_round = _round_of(msg)
+    if server_round:
+        _check_model(msg.metadata.run_id, server_round, msg, context)
     state = _load_verification(context)
     reason = verification.refusal_reason(
         state,
         run_id=msg.metadata.run_id,
-        server_round=_round_of(msg),
+        server_round=server_round,
         policy=options.on_verification_failure,
         require_verification=options.require_verification,
     )
@@ -1105,10 +1126,10 @@ def _plain_input(
         raise ProtocolError(
             "A plain-input request must carry the identity-key list. Found none."
         )
-    model_sha256 = _check_model(header, msg, context)
+    model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
 
-    model = _global_model(msg)
+    kept = _capture_model(msg, model_sha256)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -1124,9 +1145,7 @@ def _plain_input(
         header,
         encoded,
         blinding,
-        _KeptModel(
-            model, model_sha256, params, CommitmentLayout(modulus=params.modulus)
-        ),
+        _KeptModel(*kept, params, CommitmentLayout(modulus=params.modulus)),
     )
 
     extra: _Extra = {

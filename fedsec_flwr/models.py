@@ -18,7 +18,7 @@ offline auditor share it:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,21 +238,25 @@ def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
 
     Values are hashed as little-endian bytes in C order, so the digest does
     not depend on the key order, the byte order or the memory layout of the
-    arrays, and any changed value, even by one ulp, changes it.
+    arrays, and any changed value, even by one ulp, changes it. Numbers,
+    booleans, strings, dates and durations are supported. The x87 extended
+    precision of ``np.longdouble`` on x86 is stored in 12 or 16 bytes of which
+    only 10 are significant; only those 10 are hashed, because the rest are
+    not set deterministically.
 
     Raises:
         ValueError: If an array's dtype has no fixed byte representation,
-            such as ``object``.
+            such as ``object`` or a structured dtype.
 
     """
     digest = hashlib.sha256(MODEL_DIGEST_DOMAIN)
     digest.update(len(arrays).to_bytes(8, "little"))
     for key in sorted(arrays):
         array = np.asarray(arrays[key])
-        if array.dtype.hasobject or array.dtype.kind not in "biufc":
+        if array.dtype.hasobject or array.dtype.kind not in _DIGEST_KINDS:
             raise ValueError(
-                f"model_digest needs numeric arrays. Found dtype {array.dtype} "
-                f"for key {key!r}."
+                "model_digest needs arrays of numbers, booleans, strings, dates or "
+                f"durations. Found dtype {array.dtype} for key {key!r}."
             )
         little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         for part in (key.encode(), little.dtype.str.encode()):
@@ -261,11 +265,41 @@ def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
         digest.update(little.ndim.to_bytes(8, "little"))
         for dimension in little.shape:
             digest.update(dimension.to_bytes(8, "little"))
-        flat = little.reshape(-1).view(np.uint8)
-        for start in range(0, flat.size, _MODEL_DIGEST_CHUNK):
-            digest.update(flat[start : start + _MODEL_DIGEST_CHUNK].data)
+        for chunk in _significant_bytes(little):
+            digest.update(chunk.data)
 
     return digest.digest()
+
+
+_DIGEST_KINDS = "biufcmMSU"
+"""dtype kinds whose values have one byte representation."""
+
+_X87_SIGNIFICANT_BYTES = 10
+"""Bytes of an x87 extended-precision value: 64-bit significand, sign, exponent."""
+
+
+def _significant_bytes(
+    little: NDArray[np.generic],
+) -> Iterator[NDArray[np.uint8]]:
+    """Yield the value bytes of a little-endian C-ordered array in chunks."""
+    flat = little.reshape(-1).view(np.uint8)
+    if _is_x87_extended(little.dtype):
+        width = little.dtype.itemsize // (2 if little.dtype.kind == "c" else 1)
+        flat = np.ascontiguousarray(
+            flat.reshape(-1, width)[:, :_X87_SIGNIFICANT_BYTES]
+        ).reshape(-1)
+    for start in range(0, flat.size, _MODEL_DIGEST_CHUNK):
+        yield flat[start : start + _MODEL_DIGEST_CHUNK]
+
+
+def _is_x87_extended(dtype: np.dtype[np.generic]) -> bool:
+    """Return whether ``dtype`` is a real or complex x87 extended-precision type."""
+    if dtype.kind not in "fc":
+        return False
+    real = np.dtype(f"f{dtype.itemsize // 2}") if dtype.kind == "c" else dtype
+    if real.itemsize <= 8:
+        return False
+    return bool(np.finfo(real).nmant == 63)
 
 
 def next_model(

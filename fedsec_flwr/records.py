@@ -125,8 +125,22 @@ def parse_encoding(fields: Mapping[str, object]) -> EncodingParams:
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
-    """Convert an ArrayRecord to numpy arrays, keeping its key order."""
-    return {key: array.numpy() for key, array in record.items()}
+    """Convert an ArrayRecord to numpy arrays, keeping its key order.
+
+    Raises:
+        ProtocolError: If an array is not in numpy's serialization.
+
+    """
+    arrays = {}
+    for key, array in record.items():
+        try:
+            arrays[key] = array.numpy()
+        except (TypeError, ValueError) as error:
+            raise ProtocolError(
+                f"Array {key!r} must be a serialized numpy array. Found "
+                f"stype {array.stype!r}: {error}"
+            ) from None
+    return arrays
 
 
 def check_client_arrays(

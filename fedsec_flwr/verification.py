@@ -387,10 +387,11 @@ class ClientVerificationState:
         aggregate_sha256: The digest of the aggregate it committed against.
         round_model_sha256: The `model_digest` of the global model it trained
             on in `input_round` or `committed_round`.
-        next_model_round: The round whose global model this client can
-            predict: the round after the last one it verified.
-        next_model_sha256: The `model_digest` of that model: the verified
-            round's model plus the decoded mean of its verified aggregate.
+        verified_round: The last round this client verified. Input
+            requests of this round or an earlier one are rejected.
+        next_model_sha256: The `model_digest` of the model that must follow
+            `verified_round`: its model plus the decoded mean of its
+            verified aggregate, or empty if the client could not compute it.
         failed_round: The first round of the run that failed verification.
         failure_reason: Why that round failed.
 
@@ -405,7 +406,7 @@ class ClientVerificationState:
     commitment: bytes = b""
     aggregate_sha256: bytes = b""
     round_model_sha256: bytes = b""
-    next_model_round: int = 0
+    verified_round: int = 0
     next_model_sha256: bytes = b""
     failed_round: int = 0
     failure_reason: str = ""
@@ -431,7 +432,7 @@ class ClientVerificationState:
             "commitment": self.commitment,
             "aggregate-sha256": self.aggregate_sha256,
             "round-model-sha256": self.round_model_sha256,
-            "next-model-round": self.next_model_round,
+            "verified-round": self.verified_round,
             "next-model-sha256": self.next_model_sha256,
             "failed-round": self.failed_round,
             "failure-reason": self.failure_reason,
@@ -451,7 +452,7 @@ class ClientVerificationState:
             commitment=_field(fields, "commitment", bytes),
             aggregate_sha256=_field(fields, "aggregate-sha256", bytes),
             round_model_sha256=_field(fields, "round-model-sha256", bytes),
-            next_model_round=_field(fields, "next-model-round", int),
+            verified_round=_field(fields, "verified-round", int),
             next_model_sha256=_field(fields, "next-model-sha256", bytes),
             failed_round=_field(fields, "failed-round", int),
             failure_reason=_field(fields, "failure-reason", str),
@@ -612,6 +613,14 @@ def client_verify(
         aggregate_sha256=b"",
         round_model_sha256=b"",
     )
+    if result.verified:
+        new_state = replace(
+            new_state, verified_round=server_round, next_model_sha256=b""
+        )
+    if result.verified and state.failed_round == server_round:
+        # Under the report policy the client trained on a model that failed
+        # its model check; the server learns that here.
+        result = VerificationResult(False, state.failure_reason)
     if not result.verified and not state.failed_round:
         new_state = replace(
             new_state, failed_round=server_round, failure_reason=result.reason
@@ -628,10 +637,18 @@ def client_expect_model(
 
     The caller computes it from the round's model and verified aggregate
     exactly as the server does, so an honest server's next model matches.
+
+    Raises:
+        ProtocolError: If ``server_round`` is not the round the client
+            verified last.
+
     """
-    return replace(
-        state, next_model_round=server_round + 1, next_model_sha256=model_sha256
-    )
+    if state.verified_round != server_round:
+        raise ProtocolError(
+            f"The next model must follow the last verified round "
+            f"{state.verified_round}. Found round {server_round}."
+        )
+    return replace(state, next_model_sha256=model_sha256)
 
 
 def client_check_model(
@@ -640,28 +657,37 @@ def client_check_model(
     server_round: int,
     model_sha256: Callable[[], bytes],
 ) -> ClientVerificationState:
-    """Compare this round's global model with the one the verified round implies.
+    """Check an input request against the last round this client verified.
 
-    A client checks only when it verified the round just before this one;
-    otherwise rounds it did not see changed the model. A mismatch is
-    recorded as this round's failure, where `refusal_reason` finds it. The
-    digest is computed, by calling ``model_sha256``, only when it is needed.
+    An input request of that round or an earlier one fails, because round
+    numbers only increase. In the round right after it, the global model
+    must be the one the verified round implies. A later round is not
+    checked: rounds the client did not see changed the model. A failure is
+    recorded as this round's, where `refusal_reason` finds it. The digest is
+    computed, by calling ``model_sha256``, only when it is needed. The
+    expectation stays until the next verified round, so every input
+    request of the round is checked.
     """
-    expected = (
-        state.next_model_sha256 if state.next_model_round == server_round else b""
-    )
-    new_state = replace(state, next_model_round=0, next_model_sha256=b"")
-    if not expected or model_sha256() == expected:
-        return new_state
+    verified = state.verified_round
+    if not verified or server_round > verified + 1:
+        return state
+    if server_round <= verified:
+        reason = (
+            f"the server sent an input request for round {server_round} after this "
+            f"client verified round {verified}, and round numbers must increase"
+        )
+    elif not state.next_model_sha256 or model_sha256() == state.next_model_sha256:
+        return state
+    else:
+        reason = (
+            f"the model sent for round {server_round} is not the model of round "
+            f"{verified} plus the mean of its verified aggregate"
+        )
 
-    reason = (
-        f"the model sent for round {server_round} is not the model of round "
-        f"{server_round - 1} plus the mean of its verified aggregate"
-    )
     logger.warning("Round %d failed verification: %s", server_round, reason)
     if state.failed_round:
-        return new_state
-    return replace(new_state, failed_round=server_round, failure_reason=reason)
+        return state
+    return replace(state, failed_round=server_round, failure_reason=reason)
 
 
 def _check_transcript(

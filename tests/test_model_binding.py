@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
 from fedsec_flwr import RoundReport, SecureFedAvg, TooFewSurvivorsError
@@ -28,6 +36,7 @@ from fedsec_flwr.models import model_digest
 from fedsec_flwr.privacy import DPConfig
 from fedsec_flwr.records import (
     ARRAYS_RECORD,
+    PROTOCOL_RECORD,
     VERIFICATION_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
 )
@@ -37,8 +46,14 @@ from fedsec_flwr.verification import (
     FailurePolicy,
     VerificationConfig,
 )
-from tests.loopback import LoopbackGrid, _load_context
-from tests.test_secure_strategy import CONFIG, NODE_IDS, NUM_NODES, initial_model
+from tests.loopback import LoopbackGrid, _load_context, _wire, stage_of
+from tests.test_secure_strategy import (
+    CONFIG,
+    NODE_IDS,
+    NUM_NODES,
+    honest_train,
+    initial_model,
+)
 from tests.test_verification_strategy import (
     DISTRIBUTED_DP,
     error_reasons,
@@ -126,6 +141,7 @@ def run(
     reports: list[RoundReport] | None = None,
     on_failure: FailurePolicy = FailurePolicy.REFUSE,
     audit_path: Path | None = None,
+    model: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     strategy = RewritingFedAvg(
         rewrite,
@@ -144,7 +160,8 @@ def run(
         rng=random.Random(5),
         on_round_end=reports.append if reports is not None else None,
     )
-    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    first = initial_model() if model is None else model
+    initial = ArrayRecord({k: Array(v) for k, v in first.items()})
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
     return {k: v.numpy() for k, v in result.arrays.items()}
 
@@ -322,7 +339,7 @@ def test_client_expects_released_model(mode: Mode) -> None:
         kept = ClientVerificationState.from_fields(
             dict(state.config_records[VERIFICATION_STATE_RECORD])
         )
-        assert kept.next_model_round == 2
+        assert kept.verified_round == 1
         assert kept.next_model_sha256 == model_digest(released)
 
 
@@ -355,3 +372,179 @@ def test_model_digest_is_canonical() -> None:
 def test_model_digest_rejects_object_arrays() -> None:
     with pytest.raises(ValueError, match="dtype object for key 'bad'"):
         model_digest({"bad": np.array([None, 1], dtype=object)})
+
+
+# --- Hostile requests around the model check ----------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_decoy_request_does_not_disarm_check(mode: Mode) -> None:
+    # Before each real round-2 input request, which carries a changed model,
+    # the server sends the client a decoy with the honest model. In secure
+    # modes the decoy has a malformed field, so it fails after the model
+    # check. The real request must still be checked.
+    honest: dict[str, ArrayRecord] = {}
+    decoyed: set[int] = set()
+
+    def rewrite(record: ArrayRecord) -> ArrayRecord:
+        honest["model"] = record
+        return one_ulp_up(record)
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if name != mode.input_stage() or msg.metadata.group_id != "2":
+            return None
+        if node in decoyed:
+            return None
+        decoyed.add(node)
+        decoy = _wire(msg)
+        decoy.content[ARRAYS_RECORD] = honest["model"]
+        if mode.secure:
+            decoy.content[PROTOCOL_RECORD]["clip-range"] = 2
+        grid.deliver_again(decoy)
+        return None
+
+    calls: list[tuple[int, str]] = []
+    grid = LoopbackGrid(
+        make_app(recording_train(calls), secure=mode.secure), NODE_IDS, fault=fault
+    )
+
+    with pytest.raises((TooFewSurvivorsError, ValueError)):
+        run(grid, mode, rewrite=rewrite, rounds=2)
+
+    assert decoyed == set(NODE_IDS)
+    assert all(MISMATCH in reason for reason in error_reasons(grid, 2).values())
+    # The plain decoy is a valid request, so clients train on it once; the
+    # changed model is never trained on.
+    assert len(calls) - len(NODE_IDS) == (0 if mode.secure else len(NODE_IDS))
+
+
+def test_hostile_repeated_round_number_refused() -> None:
+    # After round 1 verified, the server sends a round-1 input request again.
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    run(grid, MODES[0], rounds=1)
+    first_input = next(m for m in grid.sent if stage_of(m) == "masked-input")
+
+    reply = grid.deliver_again(_wire(first_input))
+
+    assert reply.has_error()
+    assert "round numbers must increase" in (reply.error.reason or "")
+
+
+def reusing_train(msg: Message, context: Context) -> Message:
+    """Train like `honest_train`, but write the result into the received record."""
+    trained = honest_train(msg, context)
+    record = msg.content[ARRAYS_RECORD]
+    for key, array in trained.content[ARRAYS_RECORD].items():
+        record[key] = array
+    return Message(
+        RecordDict({ARRAYS_RECORD: record, "metrics": trained.content["metrics"]}),
+        reply_to=msg,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_app_reusing_received_record_passes(mode: Mode) -> None:
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(reusing_train, secure=mode.secure), NODE_IDS)
+
+    run(grid, mode, reports=reports)
+
+    assert [r.verified for r in reports] == [True, True, True]
+    for server_round in (1, 2, 3):
+        assert error_reasons(grid, server_round) == {}
+
+
+def test_report_policy_mismatch_reaches_server() -> None:
+    # Every client gets the same changed model and trains on it under
+    # "report"; their round-2 verdicts carry the mismatch to the server.
+    reports: list[RoundReport] = []
+    mod = make_secure_aggregation_mod(on_verification_failure="report")
+    grid = LoopbackGrid(make_app(mod=mod), NODE_IDS)
+
+    run(
+        grid,
+        MODES[0],
+        rewrite=one_ulp_up,
+        reports=reports,
+        on_failure=FailurePolicy.REPORT,
+    )
+
+    assert reports[0].verified is True
+    assert reports[1].verified is False
+    assert MISMATCH in reports[1].verification_reason
+    # Round 3's model follows the changed round-2 model, which was used.
+    assert reports[2].verified is True
+
+
+def test_hostile_unprotocoled_plain_round_checked() -> None:
+    # After a verified plain round, the server sends a plain train message
+    # without the protocol record, and with a changed model.
+    grid = LoopbackGrid(make_app(secure=False), NODE_IDS)
+    released = run(grid, MODES[3], rounds=1)
+    record = one_ulp_up(ArrayRecord({k: Array(v) for k, v in released.items()}))
+    message = grid.create_message(
+        RecordDict({ARRAYS_RECORD: record, "config": ConfigRecord()}),
+        MessageType.TRAIN,
+        NODE_IDS[0],
+        "2",
+    )
+
+    reply = grid.deliver_again(message)
+
+    assert reply.has_error()
+    assert MISMATCH in (reply.error.reason or "")
+
+
+def test_hostile_foreign_array_gets_error_reply() -> None:
+    victim = NODE_IDS[0]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == "masked-input" and msg.metadata.group_id == "2":
+            items = dict(msg.content[ARRAYS_RECORD].items())
+            first = next(iter(items))
+            items[first] = Array(
+                dtype="float32", shape=(2, 3), stype="torch.raw", data=bytes(24)
+            )
+            msg.content[ARRAYS_RECORD] = ArrayRecord(items)
+        return None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    run(grid, MODES[0], rounds=2, reports=reports)
+
+    assert "must be a serialized numpy array" in error_reasons(grid, 2)[victim]
+    assert reports[1].num_aggregated == NUM_NODES - 1
+
+
+def with_extra_arrays(model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        **model,
+        "labels": np.array(["cat", "dog"]),
+        "precise": np.arange(3, dtype=np.longdouble) / 3,
+    }
+
+
+def test_string_and_longdouble_arrays_pass() -> None:
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    run(grid, MODES[0], reports=reports, model=with_extra_arrays(initial_model()))
+
+    assert [r.verified for r in reports] == [True, True, True]
+    assert error_reasons(grid, 2) == {}
+
+
+def test_model_digest_ignores_longdouble_padding() -> None:
+    values = np.arange(4, dtype=np.longdouble) / 3
+    padded = values.copy()
+    width = padded.dtype.itemsize
+    if width <= 10:
+        pytest.skip("np.longdouble has no padding bytes on this platform")
+    raw = padded.view(np.uint8).reshape(-1, width)
+    raw[:, 10:] = 0xAB
+
+    assert model_digest({"x": padded}) == model_digest({"x": values})
+    nudged = values.copy()
+    nudged[1] = np.nextafter(nudged[1], np.longdouble(2))
+    assert model_digest({"x": nudged}) != model_digest({"x": values})
