@@ -69,7 +69,13 @@ from .core.messages import (
     VerifyRequest,
 )
 from .dp.random import SecureRandom
-from .models import CommitmentLayout, FloatLayout, model_digest, next_model
+from .models import (
+    CommitmentLayout,
+    FloatLayout,
+    model_digest,
+    next_model,
+    settings_digest,
+)
 from .privacy import ClientPrivacy, DPMode, add_distributed_noise, clip_flat_update
 from .records import (
     AGGREGATE_KEY,
@@ -452,7 +458,9 @@ def _train_for_round(
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
     # Training may replace or change the message's model, so keep it first.
-    kept = _capture_model(msg, model_sha256) if blinding is not None else None
+    kept = None
+    if blinding is not None:
+        kept = _capture_model(msg, model_sha256, params=params, privacy=privacy)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -830,16 +838,35 @@ class _KeptModel:
     arrays: dict[str, NDArray[np.generic]]
     sha256: bytes
     """Its `model_digest`."""
+    settings_sha256: bytes
+    """The `settings_digest` of the round's training and encoding settings."""
     params: EncodingParams
     layout: CommitmentLayout
 
 
 def _capture_model(
-    msg: Message, model_sha256: bytes | None
-) -> tuple[dict[str, NDArray[np.generic]], bytes]:
-    """Copy the global model out of ``msg`` and return it with its digest."""
+    msg: Message,
+    model_sha256: bytes | None,
+    *,
+    params: EncodingParams,
+    privacy: ClientPrivacy | None,
+) -> tuple[dict[str, NDArray[np.generic]], bytes, bytes]:
+    """Copy the global model out of ``msg``; return it, its digest and the settings'.
+
+    The settings are the training configuration and the encoding and DP
+    fields, as the server computes them in `settings_digest`.
+    """
     arrays = arrays_to_numpy(_global_model(msg))
-    return arrays, model_sha256 or model_digest(arrays)
+    train_config = msg.content.config_records.get(CONFIG_RECORD)
+    request_fields = {
+        **encoding_fields(params),
+        **(privacy.to_fields() if privacy is not None else {}),
+    }
+    settings_sha256 = settings_digest(
+        dict(train_config.items()) if train_config is not None else {},
+        request_fields,
+    )
+    return arrays, model_sha256 or model_digest(arrays), settings_sha256
 
 
 def _keep_input(
@@ -855,6 +882,7 @@ def _keep_input(
         run_id=header.run_id,
         server_round=header.server_round,
         model_sha256=model.sha256,
+        settings_sha256=model.settings_sha256,
     )
     context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
         {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}
@@ -1129,7 +1157,7 @@ def _plain_input(
     model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
 
-    kept = _capture_model(msg, model_sha256)
+    kept = _capture_model(msg, model_sha256, params=params, privacy=None)
     encoded, metrics = _train_and_encode(
         msg,
         context,

@@ -239,10 +239,9 @@ def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
     Values are hashed as little-endian bytes in C order, so the digest does
     not depend on the key order, the byte order or the memory layout of the
     arrays, and any changed value, even by one ulp, changes it. Numbers,
-    booleans, strings, dates and durations are supported. The x87 extended
-    precision of ``np.longdouble`` on x86 is stored in 12 or 16 bytes of which
-    only 10 are significant; only those 10 are hashed, because the rest are
-    not set deterministically.
+    booleans, strings, dates and durations are supported. On x86,
+    ``np.longdouble`` stores 10 significant bytes in 12 or 16. Only those 10
+    are hashed, because the padding is not set deterministically.
 
     Raises:
         ValueError: If an array's dtype has no fixed byte representation,
@@ -436,3 +435,58 @@ class ModelDecoding:
                 offset=data["offset"],
             ),
         )
+
+
+SETTINGS_DIGEST_DOMAIN = b"fedsec-flwr/round-settings-digest/v1"
+
+
+def settings_digest(
+    train_config: Mapping[str, object], request_fields: Mapping[str, object]
+) -> bytes:
+    """Compute SHA-256 of the settings a round sends every client to train with.
+
+    ``train_config`` is the training configuration the wrapped app gets
+    (learning rate, epochs and so on), and ``request_fields`` the encoding
+    and DP fields of the input request. Keys are sorted and every value is
+    tagged with its type and length, so two settings have one digest only
+    if they are equal, value type included.
+
+    Raises:
+        ValueError: If a value is not a bool, int, float, str, bytes or a
+            list of them, the values of a Flower ConfigRecord.
+
+    """
+    digest = hashlib.sha256(SETTINGS_DIGEST_DOMAIN)
+    for mapping in (train_config, request_fields):
+        digest.update(_canonical_mapping(mapping))
+    return digest.digest()
+
+
+def _canonical_mapping(mapping: Mapping[str, object]) -> bytes:
+    parts = [b"d", len(mapping).to_bytes(8, "little")]
+    for key in sorted(mapping):
+        parts.append(_canonical_value(key))
+        parts.append(_canonical_value(mapping[key]))
+    return b"".join(parts)
+
+
+def _canonical_value(value: object) -> bytes:
+    if isinstance(value, bool):
+        return b"b1" if value else b"b0"
+    if isinstance(value, list):
+        items = [_canonical_value(item) for item in value]
+        return b"l" + len(items).to_bytes(8, "little") + b"".join(items)
+    if isinstance(value, int):
+        tag, text = b"i", str(int(value)).encode()
+    elif isinstance(value, float):
+        tag, text = b"f", float(value).hex().encode()
+    elif isinstance(value, str):
+        tag, text = b"s", str(value).encode()
+    elif isinstance(value, bytes):
+        tag, text = b"y", bytes(value)
+    else:
+        raise ValueError(
+            "settings_digest needs bool, int, float, str, bytes or list values. "
+            f"Found {type(value).__name__}."
+        )
+    return tag + len(text).to_bytes(8, "little") + text

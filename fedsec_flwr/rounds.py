@@ -44,7 +44,13 @@ from .core.messages import (
 from .core.run_keys import KeyDirectory, KeyedServerRound
 from .core.server import ServerRound
 from .core.transcript import RoundTranscript
-from .models import CommitmentLayout, FloatLayout, ModelDecoding, model_digest
+from .models import (
+    CommitmentLayout,
+    FloatLayout,
+    ModelDecoding,
+    model_digest,
+    settings_digest,
+)
 from .privacy import (
     ClientPrivacy,
     DPMode,
@@ -483,7 +489,13 @@ def run_secure_round(
         _Exchange(grid, server_round, config.stage_timeout), run_id, server_round
     )
     clock = _StageClock()
-    model_sha256 = model_digest(global_arrays) if verification is not None else b""
+    model_sha256 = settings_sha256 = b""
+    if verification is not None:
+        model_sha256 = model_digest(global_arrays)
+        settings_sha256 = settings_digest(
+            dict(train_config.items()),
+            {**encoding_fields(plan.params), **plan.request_fields},
+        )
     with _explain_client_errors(stages.exchange):
         if config.key_lifetime == KEY_LIFETIME_RUN:
             if directory is None:
@@ -510,6 +522,7 @@ def run_secure_round(
                 train_config=train_config,
                 verification=verification,
                 model_sha256=model_sha256,
+                settings_sha256=settings_sha256,
             )
             survivors = set(keyed.survivors)
             dropped_by_stage = dict(keyed.dropped_by_stage)
@@ -525,6 +538,7 @@ def run_secure_round(
                 rng=rng,
                 verification=verification,
                 model_sha256=model_sha256,
+                settings_sha256=settings_sha256,
                 previous=previous,
                 on_verified=on_verified,
             )
@@ -610,6 +624,7 @@ def _per_round_key_stages(
     rng: random.Random,
     verification: VerificationConfig | None,
     model_sha256: bytes,
+    settings_sha256: bytes,
     previous: PendingVerification | None,
     on_verified: VerifiedCallback | None,
 ) -> tuple[
@@ -642,6 +657,7 @@ def _per_round_key_stages(
             run_id=stages.run_id,
             server_round=stages.server_round,
             model_sha256=model_sha256,
+            settings_sha256=settings_sha256,
         )
 
     _setup_stage(stages, server, verifier, nodes, previous)
@@ -670,6 +686,7 @@ def _keyed_exchanges(
     train_config: ConfigRecord,
     verification: VerificationConfig | None,
     model_sha256: bytes,
+    settings_sha256: bytes,
 ) -> tuple[NDArray[np.uint32], dict[int, Message], ServerVerification | None]:
     """Register new clients and run keyed-input and keyed-unmask.
 
@@ -687,6 +704,7 @@ def _keyed_exchanges(
             run_id=stages.run_id,
             server_round=stages.server_round,
             model_sha256=model_sha256,
+            settings_sha256=settings_sha256,
         )
     _register_stage(stages, keyed.directory, keyed.nodes, verify=verifier is not None)
     clock.lap(Stage.REGISTER.value)
@@ -1277,6 +1295,9 @@ def run_plain_verified_round(
         run_id=run_id,
         server_round=server_round,
         model_sha256=model_digest(global_arrays),
+        settings_sha256=settings_digest(
+            dict(train_config.items()), encoding_fields(params)
+        ),
     )
     stages = _Stages(_Exchange(grid, server_round, timeout), run_id, server_round)
 

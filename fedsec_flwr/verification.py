@@ -173,6 +173,8 @@ class ServerVerification:
     server_round: int
     model_sha256: bytes
     """The `model_digest` of the global model the server sent this round."""
+    settings_sha256: bytes
+    """The `settings_digest` of the settings the server sent this round."""
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     key_list_signatures: dict[int, bytes] = field(default_factory=dict)
     commitments: dict[int, bytes] = field(default_factory=dict)
@@ -294,6 +296,7 @@ class ServerVerification:
             aggregate_length=aggregate.size,
             aggregate_sha256=self.aggregate_sha256,
             model_sha256=self.model_sha256,
+            settings_sha256=self.settings_sha256,
             blinding_sums=tuple(int(value) for value in blinding_sums),
             commitments=self.commitments,
             commitment_signatures=self.commitment_signatures,
@@ -387,6 +390,8 @@ class ClientVerificationState:
         aggregate_sha256: The digest of the aggregate it committed against.
         round_model_sha256: The `model_digest` of the global model it trained
             on in `input_round` or `committed_round`.
+        round_settings_sha256: The `settings_digest` of the settings it
+            trained with in that round.
         verified_round: The last round this client verified. Input
             requests of this round or an earlier one are rejected.
         next_model_sha256: The `model_digest` of the model that must follow
@@ -406,6 +411,7 @@ class ClientVerificationState:
     commitment: bytes = b""
     aggregate_sha256: bytes = b""
     round_model_sha256: bytes = b""
+    round_settings_sha256: bytes = b""
     verified_round: int = 0
     next_model_sha256: bytes = b""
     failed_round: int = 0
@@ -432,6 +438,7 @@ class ClientVerificationState:
             "commitment": self.commitment,
             "aggregate-sha256": self.aggregate_sha256,
             "round-model-sha256": self.round_model_sha256,
+            "round-settings-sha256": self.round_settings_sha256,
             "verified-round": self.verified_round,
             "next-model-sha256": self.next_model_sha256,
             "failed-round": self.failed_round,
@@ -452,6 +459,7 @@ class ClientVerificationState:
             commitment=_field(fields, "commitment", bytes),
             aggregate_sha256=_field(fields, "aggregate-sha256", bytes),
             round_model_sha256=_field(fields, "round-model-sha256", bytes),
+            round_settings_sha256=_field(fields, "round-settings-sha256", bytes),
             verified_round=_field(fields, "verified-round", int),
             next_model_sha256=_field(fields, "next-model-sha256", bytes),
             failed_round=_field(fields, "failed-round", int),
@@ -511,11 +519,13 @@ def client_start_input(
     run_id: int,
     server_round: int,
     model_sha256: bytes,
+    settings_sha256: bytes,
 ) -> ClientVerificationState:
     """Record that the client sends its input in this round, with a new blinding.
 
-    ``model_sha256`` is the `model_digest` of the global model it trained on,
-    which its commitment signature covers.
+    ``model_sha256`` is the `model_digest` of the global model it trained on
+    and ``settings_sha256`` the `settings_digest` of the settings it trained
+    with; its commitment signature covers both.
 
     Raises:
         ProtocolError: If the client signed no key list in this round.
@@ -523,7 +533,12 @@ def client_start_input(
     """
     _require_signed(state, run_id, server_round)
 
-    return replace(state, input_round=server_round, round_model_sha256=model_sha256)
+    return replace(
+        state,
+        input_round=server_round,
+        round_model_sha256=model_sha256,
+        round_settings_sha256=settings_sha256,
+    )
 
 
 def client_commit(
@@ -569,6 +584,7 @@ def client_commit(
         blinding_sums=np.array(request.blinding_sums, dtype=np.uint32),
         key_list_digest=state.key_list_digest,
         model_sha256=state.round_model_sha256,
+        settings_sha256=state.round_settings_sha256,
     )
     new_state = replace(
         state,
@@ -612,6 +628,7 @@ def client_verify(
         commitment=b"",
         aggregate_sha256=b"",
         round_model_sha256=b"",
+        round_settings_sha256=b"",
     )
     if result.verified:
         new_state = replace(
@@ -720,6 +737,7 @@ def _check_transcript(
         key_list_digest=state.key_list_digest,
         commitment=state.commitment,
         model_sha256=state.round_model_sha256,
+        settings_sha256=state.round_settings_sha256,
     )
 
 

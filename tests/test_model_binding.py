@@ -66,6 +66,9 @@ SIGNATURE_INVALID = "a commitment signature is not valid"
 OTHER_MODEL_NAMED = (
     "the transcript names another model than the one this client trained on"
 )
+OTHER_SETTINGS_NAMED = (
+    "the transcript names other settings than the ones this client trained with"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +381,7 @@ def test_model_digest_rejects_object_arrays() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
-def test_hostile_decoy_request_does_not_disarm_check(mode: Mode) -> None:
+def test_hostile_decoy_request_still_checked(mode: Mode) -> None:
     # Before each real round-2 input request, which carries a changed model,
     # the server sends the client a decoy with the honest model. In secure
     # modes the decoy has a malformed field, so it fails after the model
@@ -548,3 +551,43 @@ def test_model_digest_ignores_longdouble_padding() -> None:
     nudged = values.copy()
     nudged[1] = np.nextafter(nudged[1], np.longdouble(2))
     assert model_digest({"x": nudged}) != model_digest({"x": values})
+
+
+def split_settings(victim: int, stage: str, *, encoding: bool) -> object:
+    """Return a fault that changes the round-1 settings of every client but one.
+
+    With ``encoding`` it changes the clip range of the encoding. Otherwise
+    it sets a learning rate of 0 in the training configuration, so that
+    only the victim's update would be in the sum.
+    """
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim or name != stage or msg.metadata.group_id != "1":
+            return None
+        if encoding:
+            msg.content[PROTOCOL_RECORD]["clip-range"] = 1.5
+        else:
+            msg.content["config"] = ConfigRecord({"learning-rate": 0.0})
+        return None
+
+    return fault
+
+
+@pytest.mark.parametrize("encoding", [False, True], ids=["config", "encoding"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_split_settings_detected(mode: Mode, encoding: bool) -> None:
+    victim = NODE_IDS[1]
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(
+        make_app(secure=mode.secure),
+        NODE_IDS,
+        fault=split_settings(victim, mode.input_stage(), encoding=encoding),  # type: ignore[arg-type]
+    )
+
+    run(grid, mode, rounds=1, reports=reports, on_failure=FailurePolicy.REPORT)
+
+    # The transcript names the settings the server computed, the victim's.
+    assert failure_reason(grid, victim) == SIGNATURE_INVALID
+    for node in set(NODE_IDS) - {victim}:
+        assert failure_reason(grid, node) == OTHER_SETTINGS_NAMED
+    assert reports[0].verified is False

@@ -9,7 +9,8 @@ A round of verification goes:
    gives the server the aggregate A and the limb sums L = sum_i l_i.
 3. The server sends A, L and the included node ids S to the clients, which
    derive the projection seed, commit and sign the commitment with the
-   digest of the global model they trained on (`client_commit`).
+   digests of the global model and the settings they trained with
+   (`client_commit`).
 4. The server publishes a `RoundTranscript`. Clients check it with
    `verify_round_as_client` and anyone can check it later with `audit_round`.
 
@@ -42,7 +43,7 @@ TRANSCRIPT_FORMAT = "fedsec_flwr/transcript/v4"
 """Value of the "format" field of a serialized transcript."""
 
 MODEL_DIGEST_SIZE = 32
-"""Length in bytes of a model digest: SHA-256."""
+"""Length in bytes of a model or settings digest: SHA-256."""
 
 _UINT64_DIGITS = len(str(2**64 - 1))
 
@@ -61,6 +62,7 @@ _FIELDS = frozenset(
         "aggregate_length",
         "aggregate_sha256",
         "model_sha256",
+        "settings_sha256",
         "blinding_sums",
         "commitments",
         "commitment_signatures",
@@ -96,6 +98,9 @@ class RoundTranscript:
             client in S for this round. Each commitment signature covers
             the digest of the model its client trained on, so it verifies
             only if that model is this one.
+        settings_sha256: SHA-256 of the training configuration and the
+            encoding and DP fields the server sent every client in S. The
+            commitment signatures cover it the same way.
         blinding_sums: The limb sums L, K uint32 values.
         commitments: Commitment C_i of each client in S.
         commitment_signatures: Each client's signature over its commitment.
@@ -110,6 +115,7 @@ class RoundTranscript:
     aggregate_length: int
     aggregate_sha256: bytes
     model_sha256: bytes
+    settings_sha256: bytes
     blinding_sums: tuple[int, ...]
     commitments: Mapping[int, bytes]
     commitment_signatures: Mapping[int, bytes]
@@ -120,6 +126,7 @@ class RoundTranscript:
         _check_length(self.aggregate_length)
         _check_bytes("aggregate_sha256", self.aggregate_sha256, commitments.SEED_SIZE)
         _check_bytes("model_sha256", self.model_sha256, MODEL_DIGEST_SIZE)
+        _check_bytes("settings_sha256", self.settings_sha256, MODEL_DIGEST_SIZE)
         sums = tuple(self.blinding_sums)
         if len(sums) != commitments.BLINDING_LIMBS:
             raise ValueError(
@@ -195,6 +202,7 @@ class RoundTranscript:
             "aggregate_length": self.aggregate_length,
             "aggregate_sha256": self.aggregate_sha256.hex(),
             "model_sha256": self.model_sha256.hex(),
+            "settings_sha256": self.settings_sha256.hex(),
             "blinding_sums": list(self.blinding_sums),
             "commitments": _hex_map(self.commitments),
             "commitment_signatures": _hex_map(self.commitment_signatures),
@@ -237,6 +245,9 @@ class RoundTranscript:
                 "aggregate_sha256", _require(data, "aggregate_sha256", str)
             ),
             model_sha256=_hex("model_sha256", _require(data, "model_sha256", str)),
+            settings_sha256=_hex(
+                "settings_sha256", _require(data, "settings_sha256", str)
+            ),
             blinding_sums=tuple(_require(data, "blinding_sums", list)),
             commitments=_parse_hex_map(data, "commitments"),
             commitment_signatures=_parse_hex_map(data, "commitment_signatures"),
@@ -330,28 +341,40 @@ def sign_key_list(
 
 
 def commitment_payload(
-    *, node_id: int, commitment: bytes, rho_seed: bytes, model_sha256: bytes
+    *,
+    node_id: int,
+    commitment: bytes,
+    rho_seed: bytes,
+    model_sha256: bytes,
+    settings_sha256: bytes,
 ) -> bytes:
     """Encode what a client signs with its commitment.
 
     The payload is the node id (uint64, big-endian), the commitment
-    (`commitments.COMMITMENT_SIZE` bytes), the 32-byte projection seed and
-    the 32-byte digest of the global model the client trained on. The seed
-    binds the signature to the run, round, included clients, aggregate,
-    limb sums and key list.
+    (`commitments.COMMITMENT_SIZE` bytes), the 32-byte projection seed, and
+    the 32-byte digests of the global model and of the settings the client
+    trained with. The seed binds the signature to the run, round, included
+    clients, aggregate, limb sums and key list.
 
     Raises:
         ValueError: If `node_id` is not a uint64, `commitment` is not
-            `commitments.COMMITMENT_SIZE` bytes, or `rho_seed` or
-            `model_sha256` is not 32 bytes.
+            `commitments.COMMITMENT_SIZE` bytes, or `rho_seed`,
+            `model_sha256` or `settings_sha256` is not 32 bytes.
 
     """
     _check_uint64("node_id", node_id)
     commitments.check_commitment("commitment", commitment)
     _check_bytes("rho_seed", rho_seed, commitments.SEED_SIZE)
     _check_bytes("model_sha256", model_sha256, MODEL_DIGEST_SIZE)
+    _check_bytes("settings_sha256", settings_sha256, MODEL_DIGEST_SIZE)
 
-    return struct.pack(">Q", node_id) + commitment + rho_seed + model_sha256
+    return (
+        struct.pack(">Q", node_id)
+        + commitment
+        + rho_seed
+        + model_sha256
+        + settings_sha256
+    )
 
 
 def client_commit(
@@ -368,6 +391,7 @@ def client_commit(
     blinding_sums: npt.NDArray[np.uint32],
     key_list_digest: bytes,
     model_sha256: bytes,
+    settings_sha256: bytes,
 ) -> tuple[bytes, bytes]:
     """Commit to this client's update once the aggregate is fixed, and sign.
 
@@ -392,6 +416,8 @@ def client_commit(
         key_list_digest: The digest this client signed in `sign_key_list`.
         model_sha256: The digest of the global model this client trained on
             in this round.
+        settings_sha256: The digest of the settings it trained and encoded
+            with in this round.
 
     Returns:
         The commitment C_i and the client's signature over
@@ -450,6 +476,7 @@ def client_commit(
             commitment=commitment,
             rho_seed=rho_seed,
             model_sha256=model_sha256,
+            settings_sha256=settings_sha256,
         ),
     )
 
@@ -524,6 +551,7 @@ def verify_round_as_client(
     key_list_digest: bytes,
     commitment: bytes,
     model_sha256: bytes,
+    settings_sha256: bytes,
 ) -> AuditResult:
     """Check a transcript as one of its included clients.
 
@@ -532,7 +560,7 @@ def verify_round_as_client(
     transcript cannot be replayed), it is included with its own identity key
     and its own commitment, the key list is the one it signed (so a
     server that showed other clients another list is caught), and the model
-    digest is that of the model it trained on.
+    and settings digests are those it trained with.
 
     Args:
         transcript: The transcript the server published (untrusted).
@@ -544,6 +572,7 @@ def verify_round_as_client(
         key_list_digest: The digest this client signed in `sign_key_list`.
         commitment: The commitment this client sent in `client_commit`.
         model_sha256: The digest of the model this client trained on.
+        settings_sha256: The digest of the settings it trained with.
 
     Returns:
         A verified result, or a failed one with the first failed check.
@@ -567,6 +596,11 @@ def verify_round_as_client(
         (
             transcript.model_sha256 == model_sha256,
             "the transcript names another model than the one this client trained on",
+        ),
+        (
+            transcript.settings_sha256 == settings_sha256,
+            "the transcript names other settings than the ones this client "
+            "trained with",
         ),
         (
             transcript.commitments.get(node_id) == commitment,
@@ -636,6 +670,7 @@ def _verify_commitment_signatures(transcript: RoundTranscript, rho_seed: bytes) 
             commitment=transcript.commitments[node_id],
             rho_seed=rho_seed,
             model_sha256=transcript.model_sha256,
+            settings_sha256=transcript.settings_sha256,
         )
         signatures.verify(
             transcript.identity_keys[node_id],

@@ -23,6 +23,8 @@ ORDER_TWO_POINT = bytes.fromhex(
 NODE_IDS = (2**63 + 1, 17, 2**40)
 MODEL_SHA256 = bytes(range(32))
 OTHER_MODEL_SHA256 = bytes(range(1, 33))
+SETTINGS_SHA256 = bytes(range(2, 34))
+OTHER_SETTINGS_SHA256 = bytes(range(3, 35))
 
 
 @dataclass
@@ -39,6 +41,7 @@ class SimulatedRound:
     transcript: t.RoundTranscript
     own_commitments: dict[int, int] = field(default_factory=dict)
     model_digests: dict[int, bytes] = field(default_factory=dict)
+    settings_digests: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def public_keys(self) -> dict[int, bytes]:
@@ -59,6 +62,7 @@ class SimulatedRound:
             "key_list_digest": self.key_list_digests[node_id],
             "commitment": self.own_commitments[node_id],
             "model_sha256": self.model_digests.get(node_id, MODEL_SHA256),
+            "settings_sha256": self.settings_digests.get(node_id, SETTINGS_SHA256),
         }
         if "as_node" in changes:
             changes["node_id"] = changes.pop("as_node")
@@ -81,6 +85,7 @@ def build_round(
     blinding_sums_offset: np.ndarray | None = None,
     forged_key_lists: dict[int, dict[int, bytes]] | None = None,
     model_digests: dict[int, bytes] | None = None,
+    settings_digests: dict[int, bytes] | None = None,
 ) -> SimulatedRound:
     """Run a round in which the server may cheat.
 
@@ -91,6 +96,7 @@ def build_round(
     `forged_key_lists` is the key list the server shows to some clients.
     `model_digests` is the digest of the model the server sends some
     clients; the others, and the transcript, get `MODEL_SHA256`.
+    `settings_digests` does the same for the settings digest.
     """
     rng = np.random.default_rng(seed)
     draw = random.Random(seed).randbytes
@@ -142,6 +148,7 @@ def build_round(
             blinding_sums=limb_sums,
             key_list_digest=digests[node_id],
             model_sha256=(model_digests or {}).get(node_id, MODEL_SHA256),
+            settings_sha256=(settings_digests or {}).get(node_id, SETTINGS_SHA256),
         )
 
     transcript = t.RoundTranscript(
@@ -153,6 +160,7 @@ def build_round(
         aggregate_length=d,
         aggregate_sha256=c.aggregate_digest(aggregate),
         model_sha256=MODEL_SHA256,
+        settings_sha256=SETTINGS_SHA256,
         blinding_sums=tuple(limb_sums.tolist()),
         commitments=own_commitments,
         commitment_signatures=commitment_signatures,
@@ -168,6 +176,7 @@ def build_round(
         transcript=transcript,
         own_commitments=own_commitments,
         model_digests=dict(model_digests or {}),
+        settings_digests=dict(settings_digests or {}),
     )
 
 
@@ -283,6 +292,10 @@ def test_json_has_no_whitespace(honest):
         ),
         (lambda data: data.pop("model_sha256"), "model_sha256 must be a JSON str"),
         (
+            lambda data: data.update(settings_sha256="ab"),
+            "settings_sha256 must be 32 bytes long. Found 1 bytes",
+        ),
+        (
             lambda data: data["blinding_sums"].__setitem__(0, 2**32),
             "blinding_sums value must be between 0 and 4294967295",
         ),
@@ -369,6 +382,7 @@ def test_client_commit_rejects_client_outside_included(honest):
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
             model_sha256=MODEL_SHA256,
+            settings_sha256=SETTINGS_SHA256,
         )
 
 
@@ -389,6 +403,7 @@ def test_client_commit_rejects_aggregate_of_other_length(honest):
             blinding_sums=honest.transcript.blinding_sum_array,
             key_list_digest=honest.key_list_digests[node_id],
             model_sha256=MODEL_SHA256,
+            settings_sha256=SETTINGS_SHA256,
         )
 
 
@@ -406,6 +421,7 @@ def commit_with(honest, **changes):
         "blinding_sums": honest.transcript.blinding_sum_array,
         "key_list_digest": honest.key_list_digests[node_id],
         "model_sha256": MODEL_SHA256,
+        "settings_sha256": SETTINGS_SHA256,
     }
     arguments.update(changes)
     return t.client_commit(honest.private_keys[node_id], **arguments)
@@ -451,9 +467,16 @@ def test_commitment_payload_encoding():
         commitment=commitment,
         rho_seed=bytes(32),
         model_sha256=MODEL_SHA256,
+        settings_sha256=SETTINGS_SHA256,
     )
 
-    assert payload == (258).to_bytes(8, "big") + commitment + bytes(32) + MODEL_SHA256
+    assert payload == (
+        (258).to_bytes(8, "big")
+        + commitment
+        + bytes(32)
+        + MODEL_SHA256
+        + SETTINGS_SHA256
+    )
 
 
 @pytest.mark.parametrize("size", [0, 31, 33])
@@ -466,7 +489,37 @@ def test_commitment_payload_rejects_model_digest_size(size):
             commitment=bytes(range(32)),
             rho_seed=bytes(32),
             model_sha256=bytes(size),
+            settings_sha256=SETTINGS_SHA256,
         )
+
+
+@pytest.mark.parametrize("size", [0, 31, 33])
+def test_commitment_payload_rejects_settings_digest_size(size):
+    with pytest.raises(
+        ValueError, match=f"settings_sha256 must be 32 bytes long. Found {size}"
+    ):
+        t.commitment_payload(
+            node_id=258,
+            commitment=bytes(range(32)),
+            rho_seed=bytes(32),
+            model_sha256=MODEL_SHA256,
+            settings_sha256=bytes(size),
+        )
+
+
+def test_hostile_split_settings_detected():
+    # One client trained with other settings, for example a learning rate
+    # of 0 for all but a victim, so that the sum isolates the victim.
+    odd = NODE_IDS[0]
+    split = build_round(settings_digests={odd: OTHER_SETTINGS_SHA256})
+
+    assert t.audit_round(split.transcript, split.aggregate) == t.AuditResult(
+        False, "a commitment signature is not valid"
+    )
+    assert split.verify_as(odd) == t.AuditResult(
+        False,
+        "the transcript names other settings than the ones this client trained with",
+    )
 
 
 def test_hostile_split_model_detected():
@@ -708,6 +761,7 @@ def test_tamper_commitment_outside_subgroup(honest):
             commitment=bad,
             rho_seed=rho_seed,
             model_sha256=MODEL_SHA256,
+            settings_sha256=SETTINGS_SHA256,
         ),
     )
     transcript = replace(
