@@ -9,8 +9,11 @@ The audit file is JSON::
 Each transcript is `RoundTranscript.to_dict`. Its aggregate is either an
 ``.npy`` file of uint32 values, at a path relative to the JSON file's
 folder, or inline hex of the little-endian uint32 bytes for short vectors.
-A round may also have a "decoding" object (`ModelDecoding.to_dict`), the
-public parameters that turn its aggregate into its mean update.
+A round may also have its settings (`RoundSettings`): a "decoding" object
+(`ModelDecoding.to_dict`), the public parameters that turn its aggregate
+into its mean update, and the hex digests "config_sha256" and
+"fields_sha256" of its training configuration and request fields. The
+round's clients signed the digest of the three.
 `append_round` writes this format.
 
 The command prints one line per round and exits with 0 when every round
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import tokenize
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +56,13 @@ from .core.transcript import (
     is_lower_hex,
     parse_untrusted_json,
 )
-from .models import ModelDecoding, model_digest, next_model
+from .models import (
+    DIGEST_SIZE,
+    ModelDecoding,
+    RoundSettings,
+    model_digest,
+    next_model,
+)
 
 AUDIT_FORMAT = "fedsec_flwr/audit/v1"
 """Value of the "format" field of an audit file."""
@@ -83,14 +93,14 @@ def append_round(
     transcript: RoundTranscript,
     aggregate: npt.NDArray[np.uint32],
     *,
-    decoding: ModelDecoding | None = None,
+    settings: RoundSettings | None = None,
 ) -> None:
     """Add one round to an audit file, creating the file if it does not exist.
 
     An aggregate of at most `INLINE_AGGREGATE_MAX_VALUES` values is stored as
     inline hex. A longer one goes to ``<stem>-run-<run>-round-<round>.npy``
     in the JSON file's folder. The JSON file is replaced atomically. With
-    ``decoding``, the entry also records how the aggregate is decoded.
+    ``settings``, the entry also records them, for `audit_models`.
 
     Raises:
         ValueError: If the existing file is not an audit file, or `aggregate`
@@ -104,8 +114,10 @@ def append_round(
     document = _read_document(audit_path) if audit_path.exists() else _new_document()
 
     entry: dict[str, Any] = {"transcript": transcript.to_dict()}
-    if decoding is not None:
-        entry["decoding"] = decoding.to_dict()
+    if settings is not None:
+        entry["decoding"] = settings.decoding.to_dict()
+        entry["config_sha256"] = settings.config_sha256.hex()
+        entry["fields_sha256"] = settings.fields_sha256.hex()
     if aggregate.size <= INLINE_AGGREGATE_MAX_VALUES:
         entry["aggregate_hex"] = aggregate.astype("<u4").tobytes().hex()
     else:
@@ -227,7 +239,20 @@ def _follow_model(
         )
 
     try:
-        decoding = ModelDecoding.from_dict(_entry_field(entry, "decoding"))
+        settings = _entry_settings(entry)
+    except ValueError as error:
+        return AuditResult(False, f"the round's settings are malformed: {error}"), None
+    if settings.digest() != transcript.settings_sha256:
+        return (
+            AuditResult(
+                False,
+                "the round's recorded settings are not the ones its clients signed",
+            ),
+            None,
+        )
+
+    decoding = settings.decoding
+    try:
         following = next_model(
             model,
             _load_aggregate(folder, entry),
@@ -245,26 +270,60 @@ def _follow_model(
     return AuditResult(True, ""), following
 
 
+def _entry_settings(entry: dict[str, Any]) -> RoundSettings:
+    digests = {}
+    for name in ("config_sha256", "fields_sha256"):
+        text = _entry_field(entry, name, str)
+        if not is_lower_hex(text) or len(text) != 2 * DIGEST_SIZE:
+            raise ValueError(
+                f"{name} must be {2 * DIGEST_SIZE} lowercase hex digits. "
+                f"Found {text[:80]!r}."
+            )
+        digests[name] = bytes.fromhex(text)
+    return RoundSettings(
+        config_sha256=digests["config_sha256"],
+        fields_sha256=digests["fields_sha256"],
+        decoding=ModelDecoding.from_dict(_entry_field(entry, "decoding")),
+    )
+
+
+_MODEL_FILE_ERRORS = (
+    ValueError,
+    EOFError,
+    OSError,
+    MemoryError,
+    NotImplementedError,
+    RuntimeError,
+    SyntaxError,
+    tokenize.TokenError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+"""Exceptions of numpy and zipfile for a malformed, corrupt or oversized .npz file."""
+
+
 def load_model(path: Path) -> Model:
     """Load a model saved with ``numpy.savez``, keeping the order of its arrays.
 
     Raises:
-        ValueError: If the file is not an .npz file of arrays.
-        OSError: If the file cannot be read.
+        ValueError: If the file cannot be read, or is not an .npz file of
+            arrays with fixed byte representations.
 
     """
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+    except _MODEL_FILE_ERRORS as error:
         raise ValueError(f"cannot load the model {path.name}: {error}") from error
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"the model {path.name} must be an .npz file of named arrays.")
 
     with archive:
         try:
-            return {name: archive[name] for name in archive.files}
-        except (ValueError, EOFError, zipfile.BadZipFile) as error:
+            model = {name: archive[name] for name in archive.files}
+        except _MODEL_FILE_ERRORS as error:
             raise ValueError(f"cannot load the model {path.name}: {error}") from error
+    model_digest(model)
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

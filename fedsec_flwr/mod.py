@@ -72,9 +72,11 @@ from .dp.random import SecureRandom
 from .models import (
     CommitmentLayout,
     FloatLayout,
+    ModelDecoding,
+    RoundSettings,
+    mapping_digest,
     model_digest,
     next_model,
-    settings_digest,
 )
 from .privacy import ClientPrivacy, DPMode, add_distributed_noise, clip_flat_update
 from .records import (
@@ -838,8 +840,10 @@ class _KeptModel:
     arrays: dict[str, NDArray[np.generic]]
     sha256: bytes
     """Its `model_digest`."""
-    settings_sha256: bytes
-    """The `settings_digest` of the round's training and encoding settings."""
+    config_sha256: bytes
+    """The `mapping_digest` of the training configuration."""
+    fields_sha256: bytes
+    """The `mapping_digest` of the encoding and DP fields."""
     params: EncodingParams
     layout: CommitmentLayout
 
@@ -850,11 +854,12 @@ def _capture_model(
     *,
     params: EncodingParams,
     privacy: ClientPrivacy | None,
-) -> tuple[dict[str, NDArray[np.generic]], bytes, bytes]:
-    """Copy the global model out of ``msg``; return it, its digest and the settings'.
+) -> tuple[dict[str, NDArray[np.generic]], bytes, bytes, bytes]:
+    """Copy the global model out of ``msg`` and digest it and the settings.
 
-    The settings are the training configuration and the encoding and DP
-    fields, as the server computes them in `settings_digest`.
+    Returns the model, its digest, and the digests of the training
+    configuration and of the encoding and DP fields, as the server computes
+    them for `RoundSettings`.
     """
     arrays = arrays_to_numpy(_global_model(msg))
     train_config = msg.content.config_records.get(CONFIG_RECORD)
@@ -862,11 +867,15 @@ def _capture_model(
         **encoding_fields(params),
         **(privacy.to_fields() if privacy is not None else {}),
     }
-    settings_sha256 = settings_digest(
-        dict(train_config.items()) if train_config is not None else {},
-        request_fields,
+    config_sha256 = mapping_digest(
+        dict(train_config.items()) if train_config is not None else {}
     )
-    return arrays, model_sha256 or model_digest(arrays), settings_sha256
+    return (
+        arrays,
+        model_sha256 or model_digest(arrays),
+        config_sha256,
+        mapping_digest(request_fields),
+    )
 
 
 def _keep_input(
@@ -882,7 +891,11 @@ def _keep_input(
         run_id=header.run_id,
         server_round=header.server_round,
         model_sha256=model.sha256,
-        settings_sha256=model.settings_sha256,
+        settings_sha256=RoundSettings(
+            config_sha256=model.config_sha256,
+            fields_sha256=model.fields_sha256,
+            decoding=ModelDecoding(model.params, model.layout),
+        ).digest(),
     )
     context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
         {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}

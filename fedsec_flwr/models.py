@@ -234,11 +234,14 @@ _MODEL_DIGEST_CHUNK = 1 << 22
 
 
 def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
-    """Compute SHA-256 of a model: names, dtypes, shapes and values, keys sorted.
+    """Compute SHA-256 of a model: names, dtypes, shapes and values, in key order.
 
-    Values are hashed as little-endian bytes in C order, so the digest does
-    not depend on the key order, the byte order or the memory layout of the
-    arrays, and any changed value, even by one ulp, changes it. Numbers,
+    The key order is part of the digest, because `FloatLayout` flattens the
+    arrays in that order: the same arrays in another order put each client's
+    update at other coordinates of the sum. Values are hashed as
+    little-endian bytes in C order, so the digest does not depend on the
+    byte order or the memory layout of the arrays, and any changed value,
+    even by one ulp, changes it. Numbers,
     booleans, strings, dates and durations are supported. On x86,
     ``np.longdouble`` stores 10 significant bytes in 12 or 16. Only those 10
     are hashed, because the padding is not set deterministically.
@@ -250,8 +253,8 @@ def model_digest(arrays: Mapping[str, NDArray[np.generic]]) -> bytes:
     """
     digest = hashlib.sha256(MODEL_DIGEST_DOMAIN)
     digest.update(len(arrays).to_bytes(8, "little"))
-    for key in sorted(arrays):
-        array = np.asarray(arrays[key])
+    for key, value in arrays.items():
+        array = np.asarray(value)
         if array.dtype.hasobject or array.dtype.kind not in _DIGEST_KINDS:
             raise ValueError(
                 "model_digest needs arrays of numbers, booleans, strings, dates or "
@@ -439,27 +442,60 @@ class ModelDecoding:
 
 SETTINGS_DIGEST_DOMAIN = b"fedsec-flwr/round-settings-digest/v1"
 
+DIGEST_SIZE = 32
+"""Length in bytes of a SHA-256 digest."""
 
-def settings_digest(
-    train_config: Mapping[str, object], request_fields: Mapping[str, object]
-) -> bytes:
-    """Compute SHA-256 of the settings a round sends every client to train with.
 
-    ``train_config`` is the training configuration the wrapped app gets
-    (learning rate, epochs and so on), and ``request_fields`` the encoding
-    and DP fields of the input request. Keys are sorted and every value is
-    tagged with its type and length, so two settings have one digest only
-    if they are equal, value type included.
+def mapping_digest(mapping: Mapping[str, object]) -> bytes:
+    """Compute SHA-256 of a mapping of ConfigRecord values, keys sorted.
+
+    Every value is tagged with its type and length, so two mappings have
+    one digest only if they are equal, value types included.
 
     Raises:
         ValueError: If a value is not a bool, int, float, str, bytes or a
             list of them, the values of a Flower ConfigRecord.
 
     """
-    digest = hashlib.sha256(SETTINGS_DIGEST_DOMAIN)
-    for mapping in (train_config, request_fields):
-        digest.update(_canonical_mapping(mapping))
-    return digest.digest()
+    return hashlib.sha256(_canonical_mapping(mapping)).digest()
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The settings every client of a round trains and encodes with, by digest.
+
+    Each client signs `digest` with its commitment, so a client that got
+    other settings than the others makes the round fail, and the decoding
+    that the audit file records is the one the clients used.
+
+    Attributes:
+        config_sha256: `mapping_digest` of the training configuration as the
+            clients receive it.
+        fields_sha256: `mapping_digest` of the encoding and DP fields of the
+            input request.
+        decoding: The encoding and commitment offsets of the round.
+
+    """
+
+    config_sha256: bytes
+    fields_sha256: bytes
+    decoding: ModelDecoding
+
+    def __post_init__(self) -> None:
+        for name in ("config_sha256", "fields_sha256"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != DIGEST_SIZE:
+                raise ValueError(
+                    f"{name} must be {DIGEST_SIZE} bytes. Found {value!r}."
+                )
+
+    def digest(self) -> bytes:
+        """Return the SHA-256 digest that the round's clients sign."""
+        digest = hashlib.sha256(SETTINGS_DIGEST_DOMAIN)
+        digest.update(self.config_sha256)
+        digest.update(self.fields_sha256)
+        digest.update(mapping_digest(self.decoding.to_dict()))
+        return digest.digest()
 
 
 def _canonical_mapping(mapping: Mapping[str, object]) -> bytes:
@@ -486,7 +522,7 @@ def _canonical_value(value: object) -> bytes:
         tag, text = b"y", bytes(value)
     else:
         raise ValueError(
-            "settings_digest needs bool, int, float, str, bytes or list values. "
+            "mapping_digest needs bool, int, float, str, bytes or list values. "
             f"Found {type(value).__name__}."
         )
     return tag + len(text).to_bytes(8, "little") + text

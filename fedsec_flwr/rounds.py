@@ -20,6 +20,7 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
+from flwr.common.serde import config_record_from_proto, config_record_to_proto
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
@@ -48,8 +49,9 @@ from .models import (
     CommitmentLayout,
     FloatLayout,
     ModelDecoding,
+    RoundSettings,
+    mapping_digest,
     model_digest,
-    settings_digest,
 )
 from .privacy import (
     ClientPrivacy,
@@ -138,11 +140,11 @@ class PendingVerification:
         aggregate: NDArray[np.uint32],
         blinding_sums: NDArray[np.uint32],
         audit_path: Path | None,
-        decoding: ModelDecoding,
+        settings: RoundSettings,
     ) -> None:
         self.verifier = verifier
         self.audit_path = audit_path
-        self.decoding = decoding
+        self.settings = settings
         self.dropped_by_stage: dict[str, int] = {}
         """The included clients lost at the commit and verify stages."""
         self.result: VerificationResult | None = None
@@ -205,7 +207,7 @@ class PendingVerification:
             self._transcript,
             verdicts,
             audit_path=self.audit_path,
-            decoding=self.decoding,
+            settings=self.settings,
         )
         return self.result
 
@@ -490,12 +492,15 @@ def run_secure_round(
     )
     clock = _StageClock()
     model_sha256 = settings_sha256 = b""
+    settings = None
     if verification is not None:
-        model_sha256 = model_digest(global_arrays)
-        settings_sha256 = settings_digest(
-            dict(train_config.items()),
+        settings = _round_settings(
+            train_config,
             {**encoding_fields(plan.params), **plan.request_fields},
+            ModelDecoding(plan.params, plan.commitment_layout),
         )
+        model_sha256 = model_digest(global_arrays)
+        settings_sha256 = settings.digest()
     with _explain_client_errors(stages.exchange):
         if config.key_lifetime == KEY_LIFETIME_RUN:
             if directory is None:
@@ -546,13 +551,14 @@ def run_secure_round(
             dropped_by_stage = dict(server.dropped_by_stage)
         result = None
         pending = None
-        if verifier is not None and verification is not None:
+        if verifier is not None and verification is not None and settings:
             pending = _fix_secure_total(
                 verifier,
                 plan,
                 total,
                 included=sorted(survivors),
                 audit_path=verification.audit_path,
+                settings=settings,
             )
             if not verification.pipelined:
                 result = _verification_stages(stages, pending)
@@ -860,6 +866,25 @@ def _check_mean_range(
         )
 
 
+def _round_settings(
+    train_config: ConfigRecord,
+    request_fields: Mapping[str, object],
+    decoding: ModelDecoding,
+) -> RoundSettings:
+    """Return the settings of a round as the clients will receive them.
+
+    The configuration is hashed after a round trip through Flower's
+    serialization, which the clients' copy also took: it turns, for
+    example, a bool in a list of ints into an int.
+    """
+    delivered = config_record_from_proto(config_record_to_proto(train_config))
+    return RoundSettings(
+        config_sha256=mapping_digest(dict(delivered.items())),
+        fields_sha256=mapping_digest(request_fields),
+        decoding=decoding,
+    )
+
+
 def _fix_secure_total(
     verifier: ServerVerification,
     plan: _SecurePlan,
@@ -867,6 +892,7 @@ def _fix_secure_total(
     *,
     included: list[int],
     audit_path: Path | None,
+    settings: RoundSettings,
 ) -> PendingVerification:
     """Split the unmasked sum into aggregate and limb sums and fix both."""
     return PendingVerification(
@@ -877,7 +903,7 @@ def _fix_secure_total(
         ),
         blinding_sums=total[total.size - BLINDING_LIMBS :],
         audit_path=audit_path,
-        decoding=ModelDecoding(plan.params, plan.commitment_layout),
+        settings=settings,
     )
 
 
@@ -1290,14 +1316,17 @@ def run_plain_verified_round(
     global_arrays = arrays_to_numpy(arrays)
     layout = FloatLayout.of(global_arrays)
     params = verification.plain_encoding.encoding()
+    settings = _round_settings(
+        train_config,
+        encoding_fields(params),
+        ModelDecoding(params, CommitmentLayout(modulus=params.modulus)),
+    )
     run_id = grid.run.run_id
     verifier = ServerVerification(
         run_id=run_id,
         server_round=server_round,
         model_sha256=model_digest(global_arrays),
-        settings_sha256=settings_digest(
-            dict(train_config.items()), encoding_fields(params)
-        ),
+        settings_sha256=settings.digest(),
     )
     stages = _Stages(_Exchange(grid, server_round, timeout), run_id, server_round)
 
@@ -1336,7 +1365,7 @@ def run_plain_verified_round(
         aggregate=total,
         blinding_sums=blinding_sums,
         audit_path=verification.audit_path,
-        decoding=ModelDecoding(params, CommitmentLayout(modulus=params.modulus)),
+        settings=settings,
     )
     result = _verification_stages(stages, pending)
     dropped_by_stage.update(pending.dropped_by_stage)

@@ -48,7 +48,7 @@ from .core.messages import (
 )
 from .core.signatures import SignedStage
 from .core.transcript import RoundTranscript
-from .models import ModelDecoding
+from .models import RoundSettings
 
 logger = logging.getLogger("fedsec_flwr.verification")
 
@@ -174,7 +174,7 @@ class ServerVerification:
     model_sha256: bytes
     """The `model_digest` of the global model the server sent this round."""
     settings_sha256: bytes
-    """The `settings_digest` of the settings the server sent this round."""
+    """The `RoundSettings.digest` of the settings the server sent this round."""
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     key_list_signatures: dict[int, bytes] = field(default_factory=dict)
     commitments: dict[int, bytes] = field(default_factory=dict)
@@ -318,14 +318,14 @@ class ServerVerification:
         replies: Mapping[int, VerifyReply],
         *,
         audit_path: Path | None = None,
-        decoding: ModelDecoding | None = None,
+        settings: RoundSettings | None = None,
     ) -> VerificationResult:
         """Audit the transcript, combine the clients' verdicts and record the round.
 
         The round is verified when the server's own audit passes and every
         included client that replied reports success. The first failure
         found is the reason. With `audit_path`, the transcript and aggregate
-        are appended to that audit file, verified or not, with `decoding` if
+        are appended to that audit file, verified or not, with `settings` if
         given, so that an auditor can compute the model after the round.
         """
         aggregate, _ = self._fixed_aggregate()
@@ -334,7 +334,7 @@ class ServerVerification:
             result = _client_verdict(replies, self.included_node_ids)
         if audit_path is not None:
             audit.append_round(
-                audit_path, round_transcript, aggregate, decoding=decoding
+                audit_path, round_transcript, aggregate, settings=settings
             )
 
         if result.verified:
@@ -390,7 +390,7 @@ class ClientVerificationState:
         aggregate_sha256: The digest of the aggregate it committed against.
         round_model_sha256: The `model_digest` of the global model it trained
             on in `input_round` or `committed_round`.
-        round_settings_sha256: The `settings_digest` of the settings it
+        round_settings_sha256: The `RoundSettings.digest` of the settings it
             trained with in that round.
         verified_round: The last round this client verified. Input
             requests of this round or an earlier one are rejected.
@@ -524,7 +524,7 @@ def client_start_input(
     """Record that the client sends its input in this round, with a new blinding.
 
     ``model_sha256`` is the `model_digest` of the global model it trained on
-    and ``settings_sha256`` the `settings_digest` of the settings it trained
+    and ``settings_sha256`` the `RoundSettings.digest` of the settings it trained
     with; its commitment signature covers both.
 
     Raises:

@@ -17,13 +17,16 @@ from flwr.app import Array, ArrayRecord
 
 from fedsec_flwr import audit
 from fedsec_flwr.mod import make_secure_aggregation_mod
-from fedsec_flwr.models import ModelDecoding, model_digest
+from fedsec_flwr.models import ModelDecoding, model_digest, next_model
 from fedsec_flwr.verification import FailurePolicy
 from tests.loopback import LoopbackGrid
 from tests.test_model_binding import MODES, Mode, one_ulp_up, run
 from tests.test_secure_strategy import NODE_IDS, initial_model
 from tests.test_verification_strategy import make_app
 
+SETTINGS_NOT_SIGNED = (
+    "the round's recorded settings are not the ones its clients signed"
+)
 SIGNED_OTHER_MODEL = (
     "the clients signed another model than the initial model and the earlier "
     "rounds give"
@@ -77,16 +80,18 @@ def edit_entry(path: Path, index: int, edit) -> None:  # type: ignore[no-untyped
     path.write_text(json.dumps(document))
 
 
-def test_tamper_decoding_in_file_caught(tmp_path: Path) -> None:
-    # A server that records another clip range than it used: the model it
-    # claims after round 1 is not the one round 2's clients signed.
+@pytest.mark.parametrize("last", [False, True], ids=["first-round", "last-round"])
+def test_tamper_decoding_in_file_caught(tmp_path: Path, last: bool) -> None:
+    # A server that records another clip range than it used. The clients
+    # signed the decoding with their settings, so even the last round, which
+    # no later round checks, fails.
     path, _ = honest_audit(tmp_path, MODES[0])
-    edit_entry(path, 0, lambda entry: entry["decoding"].update(clip_range=1.5))
+    index = 2 if last else 0
+    edit_entry(path, index, lambda entry: entry["decoding"].update(clip_range=1.5))
 
     audits, _ = audit.audit_models(path, initial_model())
 
-    assert audits[0].result.verified
-    assert audits[1].result.reason == SIGNED_OTHER_MODEL
+    assert audits[index].result.reason == SETTINGS_NOT_SIGNED
 
 
 def test_other_initial_model_fails_first_round(tmp_path: Path) -> None:
@@ -115,31 +120,71 @@ def test_missing_round_carries_model_over(tmp_path: Path) -> None:
     assert audits[1].result.reason == SIGNED_OTHER_MODEL
 
 
+MALFORMED = "the round's settings are malformed: "
+
+
 @pytest.mark.parametrize(
     ("edit", "reason"),
     [
-        (lambda d: d.pop("offset"), "decoding must have the fields"),
-        (lambda d: d.update(extra=1), "decoding must have the fields"),
-        (lambda d: d.update(modulus="4294967296"), "decoding modulus must be an int"),
-        (lambda d: d.update(max_clients=True), "decoding max_clients must be an int"),
-        (lambda d: d.update(clip_range=None), "decoding clip_range must be a number"),
-        (lambda d: d.update(offset=-1), "decoding offset must be at least 0"),
-        (lambda d: d.update(modulus=1000), "power of two"),
-        (lambda d: d.update(bit_slot=10**9), "must lie inside the aggregate"),
-        (lambda d: d.update(noisy_slots=10**9), "must lie inside the aggregate"),
+        (lambda e: e["decoding"].pop("offset"), MALFORMED + "decoding must have"),
+        (lambda e: e["decoding"].update(extra=1), MALFORMED + "decoding must have"),
+        (
+            lambda e: e["decoding"].update(modulus="4294967296"),
+            MALFORMED + "decoding modulus must be an int",
+        ),
+        (
+            lambda e: e["decoding"].update(max_clients=True),
+            MALFORMED + "decoding max_clients must be an int",
+        ),
+        (
+            lambda e: e["decoding"].update(clip_range=None),
+            MALFORMED + "decoding clip_range must be a number",
+        ),
+        (
+            lambda e: e["decoding"].update(offset=-1),
+            MALFORMED + "decoding offset must be at least 0",
+        ),
+        (lambda e: e["decoding"].update(modulus=1000), "power of two"),
+        (lambda e: e["decoding"].update(clip_range=1e308), "finite, nonzero grid"),
+        (lambda e: e["decoding"].update(bit_slot=10**9), SETTINGS_NOT_SIGNED),
+        (lambda e: e.update(config_sha256="AB" * 32), MALFORMED + "config_sha256"),
+        (lambda e: e.update(fields_sha256="ab"), MALFORMED + "fields_sha256"),
+        (lambda e: e.update(fields_sha256="00" * 32), SETTINGS_NOT_SIGNED),
     ],
 )
-def test_hostile_decoding_fails_cleanly(tmp_path: Path, edit, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_settings_fail_cleanly(tmp_path: Path, edit, reason: str) -> None:  # type: ignore[no-untyped-def]
     path, _ = honest_audit(tmp_path, MODES[0], rounds=2)
-    edit_entry(path, 0, lambda entry: edit(entry["decoding"]))
+    edit_entry(path, 0, edit)
 
     audits, last = audit.audit_models(path, initial_model())
 
-    assert audits[0].result.reason.startswith(
-        "the model after this round cannot be computed: "
-    )
     assert reason in audits[0].result.reason
     assert last is None
+
+
+def test_next_model_rejects_slots_outside_aggregate() -> None:
+    decoding = ModelDecoding.from_dict(
+        {
+            "clip_range": 2.0,
+            "quantization_levels": 2**12,
+            "modulus": 2**32,
+            "max_weight": 1000,
+            "max_clients": 10,
+            "noise_headroom": 0,
+            "noisy_slots": 100,
+            "bit_slot": -1,
+            "offset": 0,
+        }
+    )
+
+    with pytest.raises(ValueError, match="must lie inside the aggregate"):
+        next_model(
+            {"w": np.zeros(4, dtype=np.float32)},
+            np.zeros(6, dtype=np.uint32),
+            params=decoding.params,
+            layout=decoding.layout,
+            num_included=1,
+        )
 
 
 def test_entry_without_decoding_fails(tmp_path: Path) -> None:
@@ -241,3 +286,47 @@ def test_hostile_model_file_rejected(
 def test_final_model_needs_initial_model(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         audit.main([str(tmp_path / "audit.json"), "--final-model", "x.npz"])
+
+
+def corrupt_member(path: Path) -> None:
+    """Flip bytes inside the compressed data of an .npz file's first member."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"PK\x03\x04") + 30 + 40
+    data[start : start + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("which", ["initial", "final"])
+def test_hostile_corrupt_model_file_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str
+) -> None:
+    path, released = honest_audit(tmp_path, MODES[0], rounds=1)
+    initial = tmp_path / "initial.npz"
+    np.savez_compressed(initial, **initial_model())
+    final = tmp_path / "final.npz"
+    np.savez_compressed(final, **released)
+    corrupt_member(initial if which == "initial" else final)
+
+    code = audit.main(
+        [str(path), "--initial-model", str(initial), "--final-model", str(final)]
+    )
+
+    assert code == 1
+    assert "cannot load the model" in capsys.readouterr().err
+
+
+def test_hostile_structured_final_model_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+    final = save_model(
+        tmp_path / "final.npz", {"w": np.zeros(2, dtype=[("a", "i4"), ("b", "f8")])}
+    )
+
+    code = audit.main(
+        [str(path), "--initial-model", str(initial), "--final-model", str(final)]
+    )
+
+    assert code == 1
+    assert "model_digest needs arrays" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
+from flwr.common.serde import config_record_to_proto
 from flwr.serverapp import Grid
 
 from fedsec_flwr import RoundReport, SecureFedAvg, TooFewSurvivorsError
@@ -145,6 +146,7 @@ def run(
     on_failure: FailurePolicy = FailurePolicy.REFUSE,
     audit_path: Path | None = None,
     model: dict[str, np.ndarray] | None = None,
+    train_config: ConfigRecord | None = None,
 ) -> dict[str, np.ndarray]:
     strategy = RewritingFedAvg(
         rewrite,
@@ -165,7 +167,9 @@ def run(
     )
     first = initial_model() if model is None else model
     initial = ArrayRecord({k: Array(v) for k, v in first.items()})
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
+    result = strategy.start(
+        grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config
+    )
     return {k: v.numpy() for k, v in result.arrays.items()}
 
 
@@ -355,7 +359,8 @@ def test_model_digest_is_canonical() -> None:
 
     digest = model_digest(model)
 
-    assert model_digest(reordered) == digest
+    # The key order sets the coordinates of the update, so it counts.
+    assert model_digest(reordered) != digest
     assert model_digest(big_endian) == digest
     assert model_digest(fortran) == digest
     nudged = dict(model)
@@ -370,6 +375,30 @@ def test_model_digest_is_canonical() -> None:
     retyped = dict(model)
     retyped["dense.bias"] = model["dense.bias"].astype(np.float32)
     assert model_digest(retyped) != digest
+
+
+def reversed_keys(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord(dict(reversed(list(record.items()))))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_key_order_split_detected(mode: Mode) -> None:
+    # The victim gets the same arrays in another order, so its update lands
+    # on other coordinates, where the others add nothing.
+    victim = NODE_IDS[2]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == mode.input_stage():
+            msg.content[ARRAYS_RECORD] = reversed_keys(msg.content[ARRAYS_RECORD])
+        return None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(secure=mode.secure), NODE_IDS, fault=fault)
+
+    run(grid, mode, rounds=1, reports=reports, on_failure=FailurePolicy.REPORT)
+
+    assert reports[0].verified is False
+    assert failure_reason(grid, victim) == OTHER_MODEL_NAMED
 
 
 def test_model_digest_rejects_object_arrays() -> None:
@@ -591,3 +620,59 @@ def test_hostile_split_settings_detected(mode: Mode, encoding: bool) -> None:
     for node in set(NODE_IDS) - {victim}:
         assert failure_reason(grid, node) == OTHER_SETTINGS_NAMED
     assert reports[0].verified is False
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_config_of_every_value_type_passes(mode: Mode) -> None:
+    config = ConfigRecord(
+        {
+            "learning-rate": 0.01,
+            "epochs": 2,
+            "name": "tiny",
+            "salt": b"\x00\x01",
+            "shuffle": False,
+            "weights": [0.5, -0.0],
+            "tags": ["a", "b"],
+            "sizes": [],
+        }
+    )
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(secure=mode.secure), NODE_IDS)
+
+    run(grid, mode, rounds=2, reports=reports, train_config=config)
+
+    assert [r.verified for r in reports] == [True, True]
+
+
+@pytest.mark.filterwarnings("ignore:Field flwr.proto.SintList.vals")
+def test_config_changed_by_serialization_passes() -> None:
+    # Flower sends a bool in a list of ints as an int; the server hashes the
+    # configuration as the clients receive it.
+    config = ConfigRecord({"layers": [1, True]})
+    try:
+        config_record_to_proto(config)
+    except (TypeError, ValueError):
+        pytest.skip("this protobuf rejects a bool in a list of ints")
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+
+    run(grid, MODES[0], rounds=1, reports=reports, train_config=config)
+
+    assert reports[0].verified is True
+
+
+def test_hostile_clip_range_without_grid_step_rejected() -> None:
+    # 2 * 1e308 overflows, so the grid step would be infinite and the
+    # client's decoding would divide by zero.
+    victim = NODE_IDS[0]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == "masked-input":
+            msg.content[PROTOCOL_RECORD]["clip-range"] = 1e308
+        return None
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    run(grid, MODES[0], rounds=1)
+
+    assert "finite, nonzero grid step" in error_reasons(grid, 1)[victim]

@@ -115,6 +115,13 @@ def validate_capacity(
             "quantization_levels must be at least 2 and below the modulus "
             f"{modulus}. Found {quantization_levels!r}."
         )
+    scale = (quantization_levels - 1) / (2.0 * clip_range)
+    if not (math.isfinite(scale) and scale > 0 and math.isfinite(1.0 / scale)):
+        raise ValueError(
+            "clip_range must leave a finite, nonzero grid step "
+            f"2 * clip_range / (quantization_levels - 1). Found clip_range "
+            f"{clip_range!r} with {quantization_levels} levels."
+        )
     if max_weight < 1:
         raise ValueError(f"max_weight must be at least 1. Found {max_weight!r}.")
     if max_clients < 1:
