@@ -162,20 +162,24 @@ def test_hostile_settings_fail_cleanly(tmp_path: Path, edit, reason: str) -> Non
     assert last is None
 
 
+def decoding_fields(**changes: object) -> dict[str, object]:
+    """Return the fields of a plain round's decoding, with ``changes``."""
+    fields: dict[str, object] = {
+        "clip_range": 2.0,
+        "quantization_levels": 2**12,
+        "modulus": 2**32,
+        "max_weight": 1000,
+        "max_clients": 10,
+        "noise_headroom": 0,
+        "noisy_slots": 0,
+        "bit_slot": -1,
+        "offset": 0,
+    }
+    return {**fields, **changes}
+
+
 def test_next_model_rejects_slots_outside_aggregate() -> None:
-    decoding = ModelDecoding.from_dict(
-        {
-            "clip_range": 2.0,
-            "quantization_levels": 2**12,
-            "modulus": 2**32,
-            "max_weight": 1000,
-            "max_clients": 10,
-            "noise_headroom": 0,
-            "noisy_slots": 100,
-            "bit_slot": -1,
-            "offset": 0,
-        }
-    )
+    decoding = ModelDecoding.from_dict(decoding_fields(noisy_slots=100))
 
     with pytest.raises(ValueError, match="must lie inside the aggregate"):
         next_model(
@@ -197,19 +201,7 @@ def test_entry_without_decoding_fails(tmp_path: Path) -> None:
 
 
 def test_decoding_round_trip() -> None:
-    decoding = ModelDecoding.from_dict(
-        {
-            "clip_range": 2.0,
-            "quantization_levels": 2**12,
-            "modulus": 2**32,
-            "max_weight": 1000,
-            "max_clients": 10,
-            "noise_headroom": 0,
-            "noisy_slots": 0,
-            "bit_slot": -1,
-            "offset": 0,
-        }
-    )
+    decoding = ModelDecoding.from_dict(decoding_fields())
 
     assert ModelDecoding.from_dict(decoding.to_dict()) == decoding
     assert decoding.layout.bit_slot is None
