@@ -460,9 +460,9 @@ def _train_for_round(
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
     # Training may replace or change the message's model, so keep it first.
-    kept = None
+    captured = None
     if blinding is not None:
-        kept = _capture_model(msg, model_sha256, params=params, privacy=privacy)
+        captured = _capture_model(msg, model_sha256, params=params, privacy=privacy)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -473,7 +473,7 @@ def _train_for_round(
         server_round=header.server_round,
         budget=options.privacy_budget,
     )
-    if blinding is not None and kept is not None:
+    if blinding is not None and captured is not None:
         update = encoded[: encoded.size - blinding.size]
         layout = _commitment_layout(params, privacy, update_size=update.size)
         _keep_input(
@@ -481,7 +481,7 @@ def _train_for_round(
             header,
             layout.client_vector(update),
             blinding,
-            _KeptModel(*kept, params, layout),
+            _KeptModel(*captured, ModelDecoding(params, layout)),
         )
     return encoded, metrics
 
@@ -844,8 +844,7 @@ class _KeptModel:
     """The `mapping_digest` of the training configuration."""
     fields_sha256: bytes
     """The `mapping_digest` of the encoding and DP fields."""
-    params: EncodingParams
-    layout: CommitmentLayout
+    decoding: ModelDecoding
 
 
 def _capture_model(
@@ -894,7 +893,7 @@ def _keep_input(
         settings_sha256=RoundSettings(
             config_sha256=model.config_sha256,
             fields_sha256=model.fields_sha256,
-            decoding=ModelDecoding(model.params, model.layout),
+            decoding=model.decoding,
         ).digest(),
     )
     context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
@@ -904,11 +903,7 @@ def _keep_input(
         {key: Array(np.array(value, order="C")) for key, value in model.arrays.items()}
     )
     context.state[VERIFICATION_DECODING_RECORD] = to_config_record(
-        {
-            "server-round": header.server_round,
-            **encoding_fields(model.params),
-            **model.layout.to_fields(),
-        }
+        {"server-round": header.server_round, **model.decoding.to_dict()}
     )
     _save_verification(context, state)
 
@@ -1019,18 +1014,18 @@ def _take_next_model(
     if not verified or model is None or decoding is None:
         return None
     fields = dict(decoding)
-    if fields.get("server-round") != header.server_round:
+    kept_round = fields.pop("server-round", None)
+    num_included = fields.pop("num-included", None)
+    if kept_round != header.server_round or not isinstance(num_included, int):
         return None
 
-    num_included = fields.get("num-included")
-    if not isinstance(num_included, int):
-        return None
     try:
+        round_decoding = ModelDecoding.from_dict(fields)
         following = next_model(
             arrays_to_numpy(model),
             aggregate,
-            params=parse_encoding(fields),
-            layout=CommitmentLayout.from_fields(fields),
+            params=round_decoding.params,
+            layout=round_decoding.layout,
             num_included=num_included,
         )
     except (ProtocolError, ValueError):
@@ -1170,7 +1165,7 @@ def _plain_input(
     model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
 
-    kept = _capture_model(msg, model_sha256, params=params, privacy=None)
+    captured = _capture_model(msg, model_sha256, params=params, privacy=None)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -1186,7 +1181,10 @@ def _plain_input(
         header,
         encoded,
         blinding,
-        _KeptModel(*kept, params, CommitmentLayout(modulus=params.modulus)),
+        _KeptModel(
+            *captured,
+            ModelDecoding(params, CommitmentLayout(modulus=params.modulus)),
+        ),
     )
 
     extra: _Extra = {

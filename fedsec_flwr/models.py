@@ -26,7 +26,6 @@ import numpy.typing as npt
 from numpy.typing import NDArray
 
 from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
-from .core.messages import Fields, _field
 from .dp.noise import distributed_noise_headroom
 
 
@@ -189,26 +188,6 @@ class CommitmentLayout:
     ) -> npt.NDArray[np.uint32]:
         """Undo `aggregate_vector`: return the sum of the clients' encoded inputs."""
         return self._shifted(aggregate, -self.offset * num_included)
-
-    def to_fields(self) -> Fields:
-        """Convert to record fields for ``Context.state``."""
-        return {
-            "layout-modulus": self.modulus,
-            "layout-noisy-slots": self.noisy_slots,
-            "layout-bit-slot": -1 if self.bit_slot is None else self.bit_slot,
-            "layout-offset": self.offset,
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> CommitmentLayout:
-        """Restore a layout stored by `to_fields`."""
-        bit_slot = _field(fields, "layout-bit-slot", int)
-        return cls(
-            modulus=_field(fields, "layout-modulus", int),
-            noisy_slots=_field(fields, "layout-noisy-slots", int),
-            bit_slot=None if bit_slot < 0 else bit_slot,
-            offset=_field(fields, "layout-offset", int),
-        )
 
     def _shifted(
         self, vector: npt.NDArray[np.uint32], shift: int

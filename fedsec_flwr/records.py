@@ -63,8 +63,9 @@ VERIFICATION_MODEL_RECORD = "fedsec.verification.model"
 client verifies, from its input until the transcript arrives."""
 
 VERIFICATION_DECODING_RECORD = "fedsec.verification.decoding"
-"""ConfigRecord in ``Context.state`` with what a client needs to decode the
-aggregate of the round in ``VERIFICATION_MODEL_RECORD`` as the server does."""
+"""ConfigRecord in ``Context.state`` with the `ModelDecoding` of the round in
+``VERIFICATION_MODEL_RECORD``, that round, and, after the commit stage, the
+number of included clients."""
 
 ARRAYS_RECORD = "arrays"
 """ArrayRecord with the global model, and with a client's model in plain mode."""

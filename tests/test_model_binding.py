@@ -343,11 +343,11 @@ def test_client_expects_released_model(mode: Mode) -> None:
     for node in NODE_IDS:
         state = _load_context(grid._contexts[node]).state
         assert VERIFICATION_MODEL_RECORD not in state.array_records
-        kept = ClientVerificationState.from_fields(
+        saved = ClientVerificationState.from_fields(
             dict(state.config_records[VERIFICATION_STATE_RECORD])
         )
-        assert kept.verified_round == 1
-        assert kept.next_model_sha256 == model_digest(released)
+        assert saved.verified_round == 1
+        assert saved.next_model_sha256 == model_digest(released)
 
 
 def test_model_digest_is_canonical() -> None:

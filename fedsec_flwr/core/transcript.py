@@ -492,14 +492,15 @@ def audit_round(
     SHA-256; the node-id sets agree (S is not empty, every client in S is in
     the key list, signed it and committed, and no other client committed); every
     key-list signature is valid; the projection seed re-derives; every
-    commitment signature is valid for the transcript's model digest; and the
-    sum of the commitments matches the aggregate
+    commitment signature is valid for the transcript's model and settings
+    digests; and the sum of the commitments matches the aggregate
     (`commitments.verify_aggregate`).
 
     This proves the aggregate is the sum of the updates of exactly S, each
     committed under a key in `identity_keys` by a client that trained on
-    the model of `model_sha256`. It does not prove the keys belong to real
-    clients: compare them with keys obtained elsewhere.
+    the model of `model_sha256` with the settings of `settings_sha256`. It
+    does not prove the keys belong to real clients: compare them with keys
+    obtained elsewhere.
 
     Returns:
         A verified result, or a failed one with the first failed check.
