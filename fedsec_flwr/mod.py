@@ -94,11 +94,11 @@ from .records import (
     PLAIN_INPUT_RECORD,
     PRIVACY_BUDGET_RECORD,
     PROTOCOL_RECORD,
+    ROUND_MODEL_RECORD,
     RUN_KEYS_RECORD,
     STATE_RECORD,
     VERIFICATION_ARRAYS_RECORD,
     VERIFICATION_DECODING_RECORD,
-    VERIFICATION_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
     arrays_to_numpy,
     check_client_arrays,
@@ -459,10 +459,10 @@ def _train_for_round(
     verified_round = _signed_this_round(header, context)
     blinding = commitments.draw_blinding() if verified_round else None
     privacy = ClientPrivacy.from_fields(fields)
-    # Training may replace or change the message's model, so keep it first.
+    # Training may replace or change the message's model, so digest it first.
     captured = None
     if blinding is not None:
-        captured = _capture_model(msg, model_sha256, params=params, privacy=privacy)
+        captured = _round_digests(msg, model_sha256, params=params, privacy=privacy)
     encoded, metrics = _train_and_encode(
         msg,
         context,
@@ -835,11 +835,10 @@ def _check_refusal(header: RoundHeader, context: Context, options: _Options) -> 
 
 @dataclass(frozen=True)
 class _KeptModel:
-    """The global model of a verified round and how to decode its aggregate."""
+    """Digests and decoding that a client keeps of a verified round's model."""
 
-    arrays: dict[str, NDArray[np.generic]]
     sha256: bytes
-    """Its `model_digest`."""
+    """The model's `model_digest`."""
     config_sha256: bytes
     """The `mapping_digest` of the training configuration."""
     fields_sha256: bytes
@@ -847,20 +846,19 @@ class _KeptModel:
     decoding: ModelDecoding
 
 
-def _capture_model(
+def _round_digests(
     msg: Message,
     model_sha256: bytes | None,
     *,
     params: EncodingParams,
     privacy: ClientPrivacy | None,
-) -> tuple[dict[str, NDArray[np.generic]], bytes, bytes, bytes]:
-    """Copy the global model out of ``msg`` and digest it and the settings.
+) -> tuple[bytes, bytes, bytes]:
+    """Digest the global model in ``msg`` and the round's settings.
 
-    Returns the model, its digest, and the digests of the training
-    configuration and of the encoding and DP fields, as the server computes
-    them for `RoundSettings`.
+    Returns the model's digest, unless ``model_sha256`` already holds it,
+    and the digests of the training configuration and of the encoding and
+    DP fields, as the server computes them for `RoundSettings`.
     """
-    arrays = arrays_to_numpy(_global_model(msg))
     train_config = msg.content.config_records.get(CONFIG_RECORD)
     request_fields = {
         **encoding_fields(params),
@@ -870,8 +868,7 @@ def _capture_model(
         dict(train_config.items()) if train_config is not None else {}
     )
     return (
-        arrays,
-        model_sha256 or model_digest(arrays),
+        model_sha256 or model_digest(arrays_to_numpy(_global_model(msg))),
         config_sha256,
         mapping_digest(request_fields),
     )
@@ -884,7 +881,7 @@ def _keep_input(
     blinding: NDArray[np.uint32],
     model: _KeptModel,
 ) -> None:
-    """Keep the input to commit to, and the model to check the next one against."""
+    """Keep the input to commit to, and how to decode the round's aggregate."""
     state = verification.client_start_input(
         _require_verification_state(context),
         run_id=header.run_id,
@@ -898,9 +895,6 @@ def _keep_input(
     )
     context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
         {ENCODED_UPDATE_KEY: Array(update), BLINDING_KEY: Array(blinding)}
-    )
-    context.state[VERIFICATION_MODEL_RECORD] = ArrayRecord(
-        {key: Array(np.array(value, order="C")) for key, value in model.arrays.items()}
     )
     context.state[VERIFICATION_DECODING_RECORD] = to_config_record(
         {"server-round": header.server_round, **model.decoding.to_dict()}
@@ -967,6 +961,7 @@ def _verify(
         )
 
     aggregate = record[AGGREGATE_KEY].numpy()
+    model, model_sha256 = _round_model(msg)
     state, reply = verification.client_verify(
         state,
         request,
@@ -974,14 +969,13 @@ def _verify(
         server_round=header.server_round,
         node_id=msg.metadata.dst_node_id,
         aggregate=aggregate,
+        model_sha256=model_sha256,
     )
     # The transcript verified even if the reply reports a failed model check
-    # of this round; the next model then follows the model that was used.
+    # of this round; the model then is the one this client trained on.
+    verified = state.verified_round == header.server_round
     next_model = _take_next_model(
-        context,
-        header,
-        aggregate,
-        verified=state.verified_round == header.server_round,
+        context, header, aggregate, model if verified else None
     )
     if next_model is not None:
         state = verification.client_expect_model(
@@ -991,27 +985,42 @@ def _verify(
     return reply.to_fields()
 
 
+def _round_model(msg: Message) -> tuple[dict[str, NDArray[np.generic]] | None, bytes]:
+    """Return the round's model that a verify request carries, and its digest.
+
+    A missing or malformed model, or one whose digest cannot be computed,
+    counts as none, with an empty digest, which fails the round.
+    """
+    record = msg.content.array_records.get(ROUND_MODEL_RECORD)
+    if record is None:
+        return None, b""
+    try:
+        model = arrays_to_numpy(record)
+        return model, model_digest(model)
+    except (ProtocolError, ValueError):
+        return None, b""
+
+
 def _take_next_model(
     context: Context,
     header: RoundHeader,
     aggregate: NDArray[np.uint32],
-    *,
-    verified: bool,
+    model: dict[str, NDArray[np.generic]] | None,
 ) -> bytes | None:
-    """Remove the kept model and return the digest of the model after this round.
+    """Remove the kept decoding and return the digest of the model after this round.
 
-    The next model is computed as the server computes it: the kept model
-    plus the mean decoded from the aggregate without the commitment offset.
-    Returns ``None`` when the round failed verification, when nothing of
-    this round is kept, or when the aggregate does not decode, so that an
-    honest server releases no model.
+    ``model`` is the round's verified model, or ``None`` when the round
+    failed verification. The next model is computed as the server computes
+    it: that model plus the mean decoded from the aggregate without the
+    commitment offset. Returns ``None`` when the round failed verification,
+    when no decoding of this round is kept, or when the aggregate does not
+    decode; an honest server then releases no model, and the next round's
+    model check fails whatever model arrives.
     """
-    model = context.state.array_records.get(VERIFICATION_MODEL_RECORD)
     decoding = context.state.config_records.get(VERIFICATION_DECODING_RECORD)
-    for name in (VERIFICATION_MODEL_RECORD, VERIFICATION_DECODING_RECORD):
-        if name in context.state:
-            del context.state[name]
-    if not verified or model is None or decoding is None:
+    if VERIFICATION_DECODING_RECORD in context.state:
+        del context.state[VERIFICATION_DECODING_RECORD]
+    if model is None or decoding is None:
         return None
     fields = dict(decoding)
     kept_round = fields.pop("server-round", None)
@@ -1022,7 +1031,7 @@ def _take_next_model(
     try:
         round_decoding = ModelDecoding.from_dict(fields)
         following = next_model(
-            arrays_to_numpy(model),
+            model,
             aggregate,
             params=round_decoding.params,
             layout=round_decoding.layout,
@@ -1165,7 +1174,7 @@ def _plain_input(
     model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
 
-    captured = _capture_model(msg, model_sha256, params=params, privacy=None)
+    captured = _round_digests(msg, model_sha256, params=params, privacy=None)
     encoded, metrics = _train_and_encode(
         msg,
         context,

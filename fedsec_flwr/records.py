@@ -58,14 +58,15 @@ Between its input and its commitment it contains ``ENCODED_UPDATE_KEY`` and
 ``BLINDING_KEY``; between its commitment and the transcript, ``AGGREGATE_KEY``.
 """
 
-VERIFICATION_MODEL_RECORD = "fedsec.verification.model"
-"""ArrayRecord in ``Context.state`` with the global model of the round a
-client verifies, from its input until the transcript arrives."""
+ROUND_MODEL_RECORD = "fedsec.round-model"
+"""ArrayRecord in a verify request with the global model of the round it
+verifies. The client checks it against the digest it signed and computes the
+next model from it, so it keeps no copy of the model between stages."""
 
 VERIFICATION_DECODING_RECORD = "fedsec.verification.decoding"
-"""ConfigRecord in ``Context.state`` with the `ModelDecoding` of the round in
-``VERIFICATION_MODEL_RECORD``, that round, and, after the commit stage, the
-number of included clients."""
+"""ConfigRecord in ``Context.state`` with the `ModelDecoding` of the round a
+client verifies, that round, and, after the commit stage, the number of
+included clients."""
 
 ARRAYS_RECORD = "arrays"
 """ArrayRecord with the global model, and with a client's model in plain mode."""

@@ -73,6 +73,7 @@ from .records import (
     MASKED_VECTOR_KEY,
     PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
+    ROUND_MODEL_RECORD,
     arrays_to_numpy,
     check_client_arrays,
     content_bytes,
@@ -139,12 +140,15 @@ class PendingVerification:
         included: list[int],
         aggregate: NDArray[np.uint32],
         blinding_sums: NDArray[np.uint32],
+        model: ArrayRecord,
         audit_path: Path | None,
         settings: RoundSettings,
     ) -> None:
         self.verifier = verifier
         self.audit_path = audit_path
         self.settings = settings
+        self.model = model
+        """The round's global model, which the verify requests carry again."""
         self.dropped_by_stage: dict[str, int] = {}
         """The included clients lost at the commit and verify stages."""
         self.result: VerificationResult | None = None
@@ -178,7 +182,11 @@ class PendingVerification:
         ) - len(self.verifier.commitments)
 
     def verify_requests(self) -> _Deferred:
-        """Build the transcript and the verify requests, which carry the aggregate."""
+        """Build the transcript and the verify requests.
+
+        They carry the aggregate and the round's model, from which a client
+        computes the model that must follow the round.
+        """
         self._transcript = self.verifier.transcript()
         return _Deferred(
             header=self._header(Stage.VERIFY),
@@ -187,7 +195,8 @@ class PendingVerification:
                 for node in sorted(self.verifier.commitments)
             },
             records={
-                AGGREGATE_RECORD: ArrayRecord({AGGREGATE_KEY: Array(self._aggregate)})
+                AGGREGATE_RECORD: ArrayRecord({AGGREGATE_KEY: Array(self._aggregate)}),
+                ROUND_MODEL_RECORD: self.model,
             },
         )
 
@@ -557,6 +566,7 @@ def run_secure_round(
                 plan,
                 total,
                 included=sorted(survivors),
+                model=arrays,
                 audit_path=verification.audit_path,
                 settings=settings,
             )
@@ -891,6 +901,7 @@ def _fix_secure_total(
     total: NDArray[np.uint32],
     *,
     included: list[int],
+    model: ArrayRecord,
     audit_path: Path | None,
     settings: RoundSettings,
 ) -> PendingVerification:
@@ -902,6 +913,7 @@ def _fix_secure_total(
             total[: total.size - BLINDING_LIMBS], num_included=len(included)
         ),
         blinding_sums=total[total.size - BLINDING_LIMBS :],
+        model=model,
         audit_path=audit_path,
         settings=settings,
     )
@@ -1364,6 +1376,7 @@ def run_plain_verified_round(
         included=included,
         aggregate=total,
         blinding_sums=blinding_sums,
+        model=arrays,
         audit_path=verification.audit_path,
         settings=settings,
     )

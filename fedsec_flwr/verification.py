@@ -604,9 +604,13 @@ def client_verify(
     server_round: int,
     node_id: int,
     aggregate: npt.NDArray[np.uint32],
+    model_sha256: bytes,
 ) -> tuple[ClientVerificationState, VerifyReply]:
     """Check the round's transcript against the aggregate this client committed to.
 
+    ``model_sha256`` is the `model_digest` of the model that the verify
+    request carries, or empty if it carries none. It must be the model this
+    client trained on, because the client computes the next model from it.
     A failure is recorded in the state, where `refusal_reason` finds it.
 
     Raises:
@@ -621,7 +625,9 @@ def client_verify(
             "commitment of that round, and come once. Found none pending."
         )
 
-    result = _check_transcript(state, request, node_id=node_id, aggregate=aggregate)
+    result = _check_transcript(
+        state, request, node_id=node_id, aggregate=aggregate, model_sha256=model_sha256
+    )
     new_state = replace(
         state,
         committed_round=0,
@@ -678,7 +684,9 @@ def client_check_model(
 
     An input request of that round or an earlier one fails, because round
     numbers only increase. In the round right after it, the global model
-    must be the one the verified round implies. A later round is not
+    must be the one the verified round implies, and any model fails if the
+    client could not compute that one: an honest server cannot release a
+    model from an aggregate that does not decode. A later round is not
     checked: rounds the client did not see changed the model. A failure is
     recorded as this round's, where `refusal_reason` finds it. The digest is
     computed, by calling ``model_sha256``, only when it is needed. The
@@ -693,7 +701,12 @@ def client_check_model(
             f"the server sent an input request for round {server_round} after this "
             f"client verified round {verified}, and round numbers must increase"
         )
-    elif not state.next_model_sha256 or model_sha256() == state.next_model_sha256:
+    elif not state.next_model_sha256:
+        reason = (
+            f"this client could not compute the model that follows round "
+            f"{verified}, so no model of round {server_round} can be the right one"
+        )
+    elif model_sha256() == state.next_model_sha256:
         return state
     else:
         reason = (
@@ -713,6 +726,7 @@ def _check_transcript(
     *,
     node_id: int,
     aggregate: npt.NDArray[np.uint32],
+    model_sha256: bytes,
 ) -> VerificationResult:
     try:
         untrusted = RoundTranscript.from_json(request.transcript)
@@ -727,7 +741,7 @@ def _check_transcript(
             False, "the aggregate differs from the one this client committed to"
         )
 
-    return transcripts.verify_round_as_client(
+    result = transcripts.verify_round_as_client(
         untrusted,
         aggregate,
         run_id=state.run_id,
@@ -739,6 +753,11 @@ def _check_transcript(
         model_sha256=state.round_model_sha256,
         settings_sha256=state.round_settings_sha256,
     )
+    if result.verified and model_sha256 != state.round_model_sha256:
+        return VerificationResult(
+            False, "the verify request does not carry the model this client trained on"
+        )
+    return result
 
 
 def refusal_reason(

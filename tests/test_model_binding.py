@@ -38,7 +38,7 @@ from fedsec_flwr.privacy import DPConfig
 from fedsec_flwr.records import (
     ARRAYS_RECORD,
     PROTOCOL_RECORD,
-    VERIFICATION_MODEL_RECORD,
+    ROUND_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
 )
 from fedsec_flwr.rounds import PendingVerification, PrivacyRound, RoundOutcome
@@ -46,6 +46,7 @@ from fedsec_flwr.verification import (
     ClientVerificationState,
     FailurePolicy,
     VerificationConfig,
+    client_check_model,
 )
 from tests.loopback import LoopbackGrid, _load_context, _wire, stage_of
 from tests.test_secure_strategy import (
@@ -70,6 +71,7 @@ OTHER_MODEL_NAMED = (
 OTHER_SETTINGS_NAMED = (
     "the transcript names other settings than the ones this client trained with"
 )
+OTHER_ROUND_MODEL = "the verify request does not carry the model this client trained on"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +344,8 @@ def test_client_expects_released_model(mode: Mode) -> None:
 
     for node in NODE_IDS:
         state = _load_context(grid._contexts[node]).state
-        assert VERIFICATION_MODEL_RECORD not in state.array_records
+        # The verify request carries the round's model, so none is kept.
+        assert not state.array_records
         saved = ClientVerificationState.from_fields(
             dict(state.config_records[VERIFICATION_STATE_RECORD])
         )
@@ -676,3 +679,60 @@ def test_hostile_clip_range_without_grid_step_rejected() -> None:
     run(grid, MODES[0], rounds=1)
 
     assert "finite, nonzero grid step" in error_reasons(grid, 1)[victim]
+
+
+def replace_round_model(victim: int, change: str) -> object:
+    """Return a fault that alters or removes the model in ``victim``'s verify requests."""
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node != victim or ROUND_MODEL_RECORD not in msg.content.array_records:
+            return None
+        if change == "remove":
+            del msg.content[ROUND_MODEL_RECORD]
+        else:
+            msg.content[ROUND_MODEL_RECORD] = one_ulp_up(
+                msg.content[ROUND_MODEL_RECORD]
+            )
+        return None
+
+    return fault
+
+
+@pytest.mark.parametrize("change", ["one-ulp", "remove"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_round_model_in_verify_request(mode: Mode, change: str) -> None:
+    # The client computes the next model from the model its verify request
+    # carries. One that is not the model it trained on fails the round, so
+    # the server cannot steer the next model through it.
+    victim = NODE_IDS[1]
+    calls: list[tuple[int, str]] = []
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(
+        make_app(recording_train(calls), secure=mode.secure),
+        NODE_IDS,
+        fault=replace_round_model(victim, change),  # type: ignore[arg-type]
+    )
+
+    run(grid, mode, rounds=2, reports=reports, on_failure=FailurePolicy.REPORT)
+
+    assert reports[0].verified is False
+    assert reports[0].verification_reason.endswith(f"reports: {OTHER_ROUND_MODEL}")
+    assert failure_reason(grid, victim) == OTHER_ROUND_MODEL
+    assert trained(calls, 2) == set(NODE_IDS) - {victim}
+    assert "round 1 failed verification" in error_reasons(grid, 2)[victim]
+
+
+def test_model_check_fails_without_expected_model() -> None:
+    # A verified round whose next model the client could not compute, for
+    # example because its aggregate does not decode: an honest server
+    # releases no model, so any model of the next round fails.
+    state = ClientVerificationState(
+        run_id=1, identity_private_key=bytes(32), verified_round=3
+    )
+
+    checked = client_check_model(state, server_round=4, model_sha256=lambda: bytes(32))
+    later = client_check_model(state, server_round=5, model_sha256=lambda: bytes(32))
+
+    assert checked.failed_round == 4
+    assert "could not compute the model that follows round 3" in checked.failure_reason
+    assert later == state
