@@ -41,8 +41,10 @@ class SecAggConfig:
         max_weight: Largest weight (number of training examples) one client
             may report; a client with more is rejected in that round.
         max_clients: Largest number of clients in one round.
-        num_neighbours: Degree of the neighbour graph. ``None`` picks
-            ``ceil(log2 n) + 1``; ``n - 1`` or more gives classic SecAgg.
+        num_neighbours: Degree of the neighbour graph, at least 2. ``None``
+            picks ``ceil(log2 n) + 1``; ``n - 1`` or more gives classic
+            SecAgg. A round whose surviving clients the graph no longer
+            connects is aborted before unmasking.
         threshold: Shamir threshold over a client's share holders (its
             neighbours and itself); at least 2. ``None`` picks a strict
             majority of the holders.
@@ -88,7 +90,8 @@ class SecAggConfig:
         if self.quantization_bits is not None:
             _check_int("quantization_bits", self.quantization_bits, minimum=1)
         if self.num_neighbours is not None:
-            _check_int("num_neighbours", self.num_neighbours, minimum=1)
+            # A degree of 1 pairs the clients up, and each pair's sum is released.
+            _check_int("num_neighbours", self.num_neighbours, minimum=2)
         if self.threshold is not None:
             _check_int("threshold", self.threshold, minimum=MIN_THRESHOLD)
         if self.threshold is not None and self.threshold > self.max_clients:

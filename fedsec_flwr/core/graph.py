@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 
 def default_num_neighbours(num_clients: int) -> int:
@@ -44,8 +44,10 @@ def neighbour_graph(
 
     Args:
         node_ids: Distinct node ids, at least two.
-        num_neighbours: The degree ``k``, at least 1; values of ``n - 1`` and
-            above give the complete graph.
+        num_neighbours: The degree ``k``: at least 2 for more than two
+            clients, since a degree of 1 would pair them up and the server
+            would learn each pair's sum. Values of ``n - 1`` and above give
+            the complete graph.
         rng: Source of the random ordering (``random.SystemRandom()`` in
             production).
 
@@ -60,6 +62,12 @@ def neighbour_graph(
         raise ValueError("node_ids must be distinct. Found a repeated id.")
     if num_neighbours < 1:
         raise ValueError(f"num_neighbours must be at least 1. Found {num_neighbours}.")
+    if num_neighbours < 2 < num_nodes:
+        raise ValueError(
+            f"num_neighbours must be at least 2 for {num_nodes} clients, because a "
+            "degree of 1 pairs them up and the server would learn each pair's sum. "
+            f"Found {num_neighbours}."
+        )
 
     ring = list(node_ids)
     rng.shuffle(ring)
@@ -82,3 +90,30 @@ def neighbour_graph(
                     neighbours[other].add(node)
 
     return {node: tuple(sorted(peers)) for node, peers in neighbours.items()}
+
+
+def connected_groups(
+    neighbours: Mapping[int, Sequence[int]], members: Collection[int]
+) -> list[set[int]]:
+    """Split ``members`` into the groups that the graph connects among themselves.
+
+    Only edges between two members count. Pairwise masks cancel within each
+    group, so unmasking the sum of more than one group would reveal the sum
+    of each.
+    """
+    remaining = set(members)
+    groups = []
+    while remaining:
+        start = min(remaining)
+        group = {start}
+        frontier = [start]
+        while frontier:
+            node = frontier.pop()
+            for peer in neighbours.get(node, ()):
+                if peer in remaining and peer not in group:
+                    group.add(peer)
+                    frontier.append(peer)
+        remaining -= group
+        groups.append(group)
+
+    return groups

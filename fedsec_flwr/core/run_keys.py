@@ -479,7 +479,7 @@ class KeyedServerRound(RoundState):
                 routed[receiver][node] = ciphertext
 
         self._record_drops(Stage.KEYED_INPUT, set(graph), survivors)
-        self._require_inputs(len(survivors), Stage.KEYED_INPUT)
+        self._require_inputs(survivors, Stage.KEYED_INPUT)
         self._survivors = survivors
         self._routed = routed
         self._total = total

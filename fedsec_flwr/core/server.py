@@ -25,7 +25,12 @@ from numpy.typing import NDArray
 from . import keys, masks, shamir
 from .client import SEED_SIZE, min_secure_threshold, pair_seed, share_holders
 from .errors import ProtocolError, TooFewSurvivorsError
-from .graph import default_num_neighbours, default_threshold, neighbour_graph
+from .graph import (
+    connected_groups,
+    default_num_neighbours,
+    default_threshold,
+    neighbour_graph,
+)
 from .messages import (
     EncryptedShares,
     SetupReply,
@@ -148,8 +153,13 @@ class RoundState:
             stage=stage,
         )
 
-    def _require_inputs(self, received: int, stage: Stage) -> None:
-        """Abort before unmasking when fewer inputs than needed were received."""
+    def _require_inputs(self, survivors: set[int], stage: Stage) -> None:
+        """Abort before unmasking unless the inputs received may be unmasked.
+
+        There must be enough of them, and the neighbour graph must connect
+        them among themselves.
+        """
+        received = len(survivors)
         self._require(received, stage)
         if received < self.min_inputs:
             reason = f" ({self.min_inputs_reason})" if self.min_inputs_reason else ""
@@ -157,6 +167,18 @@ class RoundState:
                 f"Round {self.server_round}: {received} masked input(s) arrived, "
                 f"fewer than min_inputs {self.min_inputs}{reason}. The round is "
                 "aborted before unmasking, so no sum is released."
+            )
+
+        groups = connected_groups(self.plan.neighbours, survivors)
+        if len(groups) > 1:
+            sizes = sorted(len(group) for group in groups)
+            raise TooFewSurvivorsError(
+                f"Round {self.server_round}: the {received} masked inputs that "
+                f"arrived form {len(groups)} groups of sizes {sizes} with no "
+                "neighbours between them, after the dropouts at stage "
+                f"{stage.value!r}. Unmasking would reveal the sum of each group, "
+                "so the round is aborted before unmasking. A higher num_neighbours "
+                "keeps the graph connected through more dropouts."
             )
 
     def _is_well_formed(self, node: int, vector: NDArray[np.uint32]) -> bool:
@@ -270,7 +292,7 @@ class ServerRound(RoundState):
             survivors.add(node)
 
         self._record_drops(Stage.MASKED_INPUT, self._share_keys_done, survivors)
-        self._require_inputs(len(survivors), Stage.MASKED_INPUT)
+        self._require_inputs(survivors, Stage.MASKED_INPUT)
         self._survivors = survivors
         self._total = total
 
