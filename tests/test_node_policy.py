@@ -74,6 +74,32 @@ def test_node_policy_rejects_invalid_values(
         NodePolicy.from_node_config(node_config)
 
 
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("require_secure_aggregation", "require-secure-aggregation"),
+        ("require-secure-aggregaton", "require-secure-aggregation"),
+        ("Require-Secure-Aggregation", "require-secure-aggregation"),
+        ("require-verifcation", "require-verification"),
+        ("dp_max_epsilon", "dp-max-epsilon"),
+        ("dp-max-epsilson", "dp-max-epsilon"),
+        ("dp-min-honest-client", "dp-min-honest-clients"),
+    ],
+)
+def test_misspelled_policy_key_rejected(key: str, meant: str) -> None:
+    # Ignoring the key would run the node without the requirement it names.
+    with pytest.raises(ValueError, match=f"{key!r} is not a policy key") as error:
+        NodePolicy.from_node_config({key: True, "partition-id": 0})
+
+    assert f"Did you mean {meant!r}?" in str(error.value)
+
+
+def test_other_node_keys_accepted() -> None:
+    config = {"partition-id": 0, "num-partitions": 3, "data-dir": "/data", "seed": 1}
+
+    assert NodePolicy.from_node_config(config) == NodePolicy()
+
+
 def plain_train_message() -> Message:
     # Messages take their run and sender from the process's task identity.
     TaskIdentity.run_id = 1

@@ -18,9 +18,13 @@ the run config and the server say:
   default 1): the delta of that budget and the number of clients, this one
   included, whose noise the client counts on in each sum.
 
-All keys are optional; a node without them follows the run config.
+All keys are optional; a node without them follows the run config. A key
+that is close to one of them, such as ``require_secure_aggregation`` or
+``require-secure-aggregaton``, is rejected, because ignoring it would run the
+node without the requirement its operator meant to set.
 """
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +37,17 @@ REQUIRE_VERIFICATION = "require-verification"
 DP_MAX_EPSILON = "dp-max-epsilon"
 DP_DELTA = "dp-delta"
 DP_MIN_HONEST_CLIENTS = "dp-min-honest-clients"
+
+POLICY_KEYS = (
+    REQUIRE_SECURE_AGGREGATION,
+    REQUIRE_VERIFICATION,
+    DP_MAX_EPSILON,
+    DP_DELTA,
+    DP_MIN_HONEST_CLIENTS,
+)
+
+MISSPELLING_CUTOFF = 0.85
+"""`difflib` similarity above which an unknown key counts as a misspelled policy key."""
 
 DEFAULT_DELTA = 1e-5
 
@@ -59,8 +74,10 @@ class NodePolicy:
 
         Raises:
             ValueError: If a policy key has the wrong type or is out of range,
-                naming the key and its value.
+                naming the key and its value, or if another key looks like a
+                misspelled policy key.
         """
+        _reject_misspelled_keys(node_config)
         budget = None
         max_epsilon = _optional_number(node_config, DP_MAX_EPSILON)
         if max_epsilon is not None:
@@ -86,6 +103,21 @@ class NodePolicy:
             require_verification=_optional_bool(node_config, REQUIRE_VERIFICATION),
             privacy_budget=budget,
         )
+
+
+def _reject_misspelled_keys(node_config: Mapping[str, ConfigValue]) -> None:
+    for key in node_config:
+        if key in POLICY_KEYS:
+            continue
+        normalized = key.strip().lower().replace("_", "-")
+        close = difflib.get_close_matches(
+            normalized, POLICY_KEYS, n=1, cutoff=MISSPELLING_CUTOFF
+        )
+        if close:
+            raise ValueError(
+                f"Node config key {key!r} is not a policy key. Did you mean "
+                f"{close[0]!r}? The policy keys are {', '.join(POLICY_KEYS)}."
+            )
 
 
 def _reject_orphans(node_config: Mapping[str, ConfigValue]) -> None:
