@@ -66,6 +66,11 @@ logger = logging.getLogger("fedsec_flwr.privacy")
 MAX_NOISE_MULTIPLIER = 1000.0
 """Upper end of the noise multiplier search for distributed DP."""
 
+MAX_NOISE_STD = float(np.finfo(np.float32).max) / 32
+"""Largest noise multiplier times clipping norm. Gaussian draws stay within
+8.57 standard deviations (`SecureRandom.normal`), so noise up to this bound
+leaves a float32 model finite."""
+
 SEARCH_STEPS = 40
 
 BRACKET_STEPS = 60
@@ -165,6 +170,14 @@ class DPConfig:
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
             check_noise_multiplier("noise_multiplier", self.noise_multiplier)
+            if self.noise_multiplier * self.clipping_norm > MAX_NOISE_STD:
+                raise ValueError(
+                    "noise_multiplier * clipping_norm, the noise standard deviation "
+                    f"for one update, must be at most {MAX_NOISE_STD:.3g}, or the "
+                    f"noisy model overflows float32. Found {self.noise_multiplier} * "
+                    f"{self.clipping_norm} = "
+                    f"{self.noise_multiplier * self.clipping_norm:.3g}."
+                )
         if self.target_epsilon is not None:
             _check_positive("target_epsilon", self.target_epsilon)
         if (

@@ -608,7 +608,9 @@ def run_secure_round(
         epsilon = privacy.finish(
             mean_update, num_aggregated=len(survivors), bit_sum=bit_sum
         )
-    new_arrays = layout.apply_update(global_arrays, mean_update)
+    new_arrays = _finite_model(
+        layout.apply_update(global_arrays, mean_update), server_round
+    )
     clock.lap(DECODE_TIMING)
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
@@ -1230,6 +1232,26 @@ def _masked_vector(reply: Message) -> NDArray[np.uint32]:
     return vector
 
 
+def _finite_model(
+    arrays: dict[str, NDArray[np.generic]], server_round: int
+) -> dict[str, NDArray[np.generic]]:
+    """Return the new model, or raise if a float array has a NaN or an infinity.
+
+    Raises:
+        ValueError: Naming the round and the array, so that no such model is
+            released.
+
+    """
+    for key, value in arrays.items():
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"Round {server_round}: the new model's array {key!r} has NaN or "
+                "infinite values, for example from noise or updates beyond the "
+                "float range of its dtype. No model from this round is released."
+            )
+    return arrays
+
+
 def _array(value: NDArray[np.generic]) -> Array:
     # np.ascontiguousarray would turn a 0-d array into shape (1,).
     return Array(np.array(value, order="C", copy=True))
@@ -1292,7 +1314,9 @@ def run_plain_round(
         epsilon = privacy.finish(
             mean_update, num_aggregated=len(updates), bit_sum=float(bit_sum)
         )
-    new_arrays = layout.apply_update(global_arrays, mean_update)
+    new_arrays = _finite_model(
+        layout.apply_update(global_arrays, mean_update), server_round
+    )
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
         num_aggregated=len(updates),
@@ -1383,7 +1407,9 @@ def run_plain_verified_round(
     result = _verification_stages(stages, pending)
     dropped_by_stage.update(pending.dropped_by_stage)
     decoded = decode_sum(total, params=params)
-    new_arrays = layout.apply_update(global_arrays, decoded.mean)
+    new_arrays = _finite_model(
+        layout.apply_update(global_arrays, decoded.mean), server_round
+    )
     return RoundOutcome(
         arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
         num_aggregated=len(included),

@@ -667,3 +667,33 @@ def test_poisson_long_round_probability_is_binomial_tail() -> None:
     )
 
     assert probability == pytest.approx(5 * 0.3**4 * 0.7 + 0.3**5)
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["secure", "plain"])
+def test_overflowing_noise_releases_no_model(secure: bool) -> None:
+    # Noise of standard deviation 2e36 on float32 values at the type's
+    # maximum: about half of the 100,000 coordinates overflow.
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=2**14, clipping_norm=6e32)
+    model = initial_model()
+    model["w"][:] = np.finfo(np.float32).max
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(secure=secure), NODE_IDS)
+
+    with pytest.raises(ValueError, match="'w' has NaN or infinite values"):
+        run(grid, dp, secure=secure, model=model, reports=reports)
+
+    assert reports == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"noise_multiplier": 1e300}, "must be at most 16384"),
+        ({"noise_multiplier": 1e4, "clipping_norm": 1e35}, "overflows float32"),
+    ],
+)
+def test_noise_beyond_float_range_rejected(
+    changes: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        DPConfig(mode=DPMode.CENTRAL, **changes)  # type: ignore[arg-type]

@@ -560,3 +560,16 @@ def test_ddg_epsilon_never_grows_with_survivors(sigma: float) -> None:
     epsilons = [epsilon(n) for n in (1, 2, 5, 20, 60, 200)]
 
     assert epsilons == sorted(epsilons, reverse=True)
+
+
+def test_prv_rejects_too_many_steps() -> None:
+    # The PRV composition's memory grows with the steps; the search for
+    # 100,000 steps tried to allocate 84 GiB before this limit.
+    with pytest.raises(ValueError, match=r"at most 1000 steps, .* Found 100000 steps"):
+        noise_multiplier_for_target(
+            target_epsilon=1.0,
+            delta=1e-5,
+            sample_rate=1.0,
+            num_steps=100_000,
+            accountant="prv",
+        )
