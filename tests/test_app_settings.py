@@ -1,5 +1,6 @@
 """The app's run config is checked when it is parsed, before any round starts."""
 
+import dataclasses
 import math
 import sys
 import tomllib
@@ -142,3 +143,78 @@ def test_noise_multiplier_below_floor_rejected(
         ValueError, match=rf"{key} must be 0 or at least 0\.0009765625 \(2\*\*-10\)"
     ):
         parse(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"clipping_norm": 2.0}, "dp-mode is off, so clipping-norm=2.0"),
+        ({"dp_accountant": "prv"}, "dp-mode is off, so dp-accountant=prv"),
+        (
+            {"dp_mode": "central", "noise_multiplier": 1.0, "clipping_quantile": 0.9},
+            "adaptive-clipping is false, so clipping-quantile=0.9",
+        ),
+        ({"dp_sgd_max_grad_norm": 3.0}, "dp-sgd is false, so dp-sgd-max-grad-norm"),
+        ({"verification_policy": "report"}, "verification is false, so verif"),
+    ],
+)
+def test_changed_setting_that_is_switched_off_rejected(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse(**changes)
+
+
+def test_dataclass_defaults_match_app_config() -> None:
+    # A setting counts as changed when it differs from its dataclass default,
+    # so those defaults must be the app's.
+    parsed = parse()
+    defaults = AppSettings.__dataclass_fields__
+
+    for name, field in defaults.items():
+        if field.default is not dataclasses.MISSING:
+            assert getattr(parsed, name) == field.default, name
+
+
+def test_quantile_of_one_rejected_with_key() -> None:
+    with pytest.raises(ValueError, match=r"clipping-quantile must be in \(0, 1\)"):
+        parse(dp_mode="central", noise_multiplier=1.0, clipping_quantile=1.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"min_train_clients": 1}, "min-train-clients .min_train_nodes. must be"),
+        (
+            {
+                "secure_aggregation": False,
+                "dp_mode": "distributed",
+                "target_epsilon": 3,
+            },
+            r"secure-aggregation \(secure_aggregation\)=None",
+        ),
+        (
+            {"dp_mode": "central", "noise_multiplier": 1e4, "clipping_norm": 1e35},
+            r"noise-multiplier \(noise_multiplier\) \* clipping-norm",
+        ),
+    ],
+)
+def test_strategy_errors_name_run_config_keys(
+    changes: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    from secure_fedavg_app.strategy_factory import build_strategy
+
+    settings = parse(**changes)
+
+    with pytest.raises(ValueError, match=message):
+        build_strategy(settings, lambda report: None, audit_path=tmp_path / "a.json")
+
+
+def test_prv_accountant_over_many_rounds_rejected() -> None:
+    with pytest.raises(ValueError, match="dp-accountant=prv composes at most 1000"):
+        parse(
+            dp_mode="central",
+            target_epsilon=1.0,
+            dp_accountant="prv",
+            num_server_rounds=100_000,
+        )

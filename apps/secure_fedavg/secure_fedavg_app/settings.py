@@ -7,10 +7,10 @@ checked here once, with errors that name the key, the constraint and the value.
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from fedsec_flwr.config import KEY_LIFETIMES
-from fedsec_flwr.dp.accounting import MIN_NOISE_MULTIPLIER
+from fedsec_flwr.dp.accounting import MAX_PRV_STEPS, MIN_NOISE_MULTIPLIER
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
@@ -191,7 +191,7 @@ class AppSettings:
             _check_positive("dirichlet-alpha", self.dirichlet_alpha),
             _check_nonempty("output-dir", self.output_dir),
             _check_positive("secagg-clip-range", self.secagg_clip_range),
-            _check_min("secagg-neighbours", self.secagg_neighbours, 0),
+            _check_neighbours(self.secagg_neighbours),
             _check_min("secagg-threshold", self.secagg_threshold, 0),
             _check_min("secagg-max-weight", self.secagg_max_weight, 1),
             _check_min("secagg-max-clients", self.secagg_max_clients, 2),
@@ -210,7 +210,7 @@ class AppSettings:
                 "dp-max-dropout-fraction", self.dp_max_dropout_fraction
             ),
             _check_positive("clipping-norm", self.clipping_norm),
-            _check_fraction("clipping-quantile", self.clipping_quantile),
+            _check_open_fraction("clipping-quantile", self.clipping_quantile),
             _check_positive("clipping-learning-rate", self.clipping_learning_rate),
             _check_min_float("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_noise_floor("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
@@ -218,6 +218,7 @@ class AppSettings:
             _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
             self._check_noise_choice(),
+            self._check_accountant_steps(),
             *self._check_unused_settings(),
         ]
 
@@ -247,6 +248,27 @@ class AppSettings:
                 "to dp-mode=distributed with target-epsilon above 0; found "
                 f"dp-mode={self.dp_mode} and target-epsilon={self.target_epsilon}."
             )
+        unused_by_mode = (
+            (
+                self.dp_mode == "off",
+                "dp-mode is off",
+                ("clipping_norm", "dp_accountant"),
+            ),
+            (
+                not self.adaptive_clipping,
+                "adaptive-clipping is false",
+                ("clipping_quantile", "clipping_learning_rate"),
+            ),
+            (not self.dp_sgd, "dp-sgd is false", ("dp_sgd_max_grad_norm",)),
+            (not self.verification, "verification is false", ("verification_policy",)),
+        )
+        for switched_off, reason, names in unused_by_mode:
+            changed = self._changed_from_default(names) if switched_off else []
+            if changed:
+                problems.append(
+                    f"{reason}, so {', '.join(changed)} would have no effect; "
+                    "switch it on, or remove them."
+                )
         if not self.dp_sgd and (
             self.dp_sgd_noise_multiplier > 0 or self.dp_sgd_target_epsilon > 0
         ):
@@ -262,6 +284,24 @@ class AppSettings:
                 "verification=false."
             )
         return problems
+
+    def _check_accountant_steps(self) -> str:
+        if self.dp_accountant == "prv" and self.num_server_rounds > MAX_PRV_STEPS:
+            return (
+                f"dp-accountant=prv composes at most {MAX_PRV_STEPS} rounds, because "
+                f"its memory grows with them; found num-server-rounds="
+                f"{self.num_server_rounds}. Use dp-accountant=rdp."
+            )
+        return ""
+
+    def _changed_from_default(self, names: tuple[str, ...]) -> list[str]:
+        """Return ``key=value`` for each named field that differs from its default."""
+        defaults = {item.name: item.default for item in fields(self)}
+        return [
+            f"{name.replace('_', '-')}={getattr(self, name)}"
+            for name in names
+            if getattr(self, name) != defaults[name]
+        ]
 
     def _check_noise_choice(self) -> str:
         if self.dp_mode != "off" and (self.noise_multiplier > 0) == (
@@ -340,6 +380,16 @@ def _check_min(key: str, value: int, minimum: int) -> str:
     if value >= minimum:
         return ""
     return f"{key} must be at least {minimum}; found {value}."
+
+
+def _check_neighbours(value: int) -> str:
+    if value == 0 or value >= 2:
+        return ""
+    return (
+        f"secagg-neighbours must be 0 (automatic) or at least 2, because a degree "
+        f"of 1 pairs the clients up and the server would learn each pair's sum; "
+        f"found {value}."
+    )
 
 
 def _check_min_float(key: str, value: float) -> str:

@@ -1,5 +1,6 @@
 """Build fedsec_flwr's SecureFedAvg strategy from the app settings."""
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,50 @@ from secure_fedavg_app.settings import AppSettings
 STRATEGY_NAME = "fedsec_flwr.SecureFedAvg"
 
 RoundCallback = Callable[[RoundReport], None]
+
+RUN_CONFIG_KEYS = {
+    "clip_range": "secagg-clip-range",
+    "num_neighbours": "secagg-neighbours",
+    "threshold": "secagg-threshold",
+    "max_weight": "secagg-max-weight",
+    "max_clients": "secagg-max-clients",
+    "stage_timeout": "secagg-timeout",
+    "key_lifetime": "secagg-key-lifetime",
+    "clipping_norm": "clipping-norm",
+    "noise_multiplier": "noise-multiplier",
+    "target_epsilon": "target-epsilon",
+    "accountant": "dp-accountant",
+    "target_quantile": "clipping-quantile",
+    "clipping_learning_rate": "clipping-learning-rate",
+    "max_dropout_fraction": "dp-max-dropout-fraction",
+    "min_train_nodes": "min-train-clients",
+    "min_available_nodes": "min-train-clients",
+    "fraction_train": "fraction-train",
+    "secure_aggregation": "secure-aggregation",
+    "differential_privacy": "dp-mode",
+    "client_sampling": "client-sampling",
+}
+"""Run-config key of each library parameter that the app sets from one."""
+
+_PARAMETER_PATTERN = re.compile(
+    r"\b(?:("
+    + "|".join(key for key in RUN_CONFIG_KEYS if "_" in key)
+    + r")|("
+    + "|".join(key for key in RUN_CONFIG_KEYS if "_" not in key)
+    + r")(?= must|=))\b"
+)
+"""Parameter names in messages. A name without an underscore is also a
+common word, so it counts only before " must" or "="."""
+
+
+def name_run_config_keys(message: str) -> str:
+    """Name the run-config key before each library parameter in ``message``."""
+
+    def name(match: re.Match[str]) -> str:
+        parameter = match.group(1) or match.group(2)
+        return f"{RUN_CONFIG_KEYS[parameter]} ({parameter})"
+
+    return _PARAMETER_PATTERN.sub(name, message)
 
 
 def build_secagg_config(settings: AppSettings) -> SecAggConfig | None:
@@ -45,7 +90,9 @@ def _secagg_parameters(settings: AppSettings) -> SecAggConfig:
             key_lifetime=settings.secagg_key_lifetime,
         )
     except ValueError as error:
-        raise ValueError(f"Invalid secagg-* run config: {error}") from error
+        raise ValueError(
+            f"Invalid secagg-* run config: {name_run_config_keys(str(error))}"
+        ) from error
 
 
 def build_dp_config(settings: AppSettings) -> DPConfig | None:
@@ -71,7 +118,9 @@ def build_dp_config(settings: AppSettings) -> DPConfig | None:
             max_dropout_fraction=settings.dp_max_dropout_fraction,
         )
     except ValueError as error:
-        raise ValueError(f"Invalid DP run config: {error}") from error
+        raise ValueError(
+            f"Invalid DP run config: {name_run_config_keys(str(error))}"
+        ) from error
 
 
 def build_verification_config(
@@ -102,14 +151,26 @@ def build_strategy(
     Returns:
         ``SecureFedAvg`` with secure aggregation when ``secure-aggregation``
         is true, and in its explicit plain-FedAvg mode otherwise.
+
+    Raises:
+        ValueError: If the settings do not combine; the message names the
+            run-config keys.
     """
-    return SecureFedAvg(
-        secure_aggregation=build_secagg_config(settings),
-        fraction_train=settings.fraction_train,
-        min_train_nodes=settings.min_train_clients,
-        min_available_nodes=settings.min_train_clients,
-        differential_privacy=build_dp_config(settings),
-        verification=build_verification_config(settings, audit_path) or False,
-        client_sampling=settings.client_sampling,
-        on_round_end=on_round_end,
-    )
+    secure_aggregation = build_secagg_config(settings)
+    differential_privacy = build_dp_config(settings)
+    verification = build_verification_config(settings, audit_path) or False
+    try:
+        return SecureFedAvg(
+            secure_aggregation=secure_aggregation,
+            fraction_train=settings.fraction_train,
+            min_train_nodes=settings.min_train_clients,
+            min_available_nodes=settings.min_train_clients,
+            differential_privacy=differential_privacy,
+            verification=verification,
+            client_sampling=settings.client_sampling,
+            on_round_end=on_round_end,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"Invalid run config: {name_run_config_keys(str(error))}"
+        ) from error
