@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -265,8 +266,48 @@ def to_toml(values: Mapping[str, bool | int | float | str]) -> str:
     """Serialize flat run-config values as a TOML document."""
     lines = []
     for key, value in values.items():
-        lines.append(f"{json.dumps(key)} = {_toml_value(value)}")
+        lines.append(f"{toml_string(key)} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+"""Short escapes of TOML basic strings."""
+
+
+def toml_string(text: str) -> str:
+    """Quote ``text`` as a TOML basic string.
+
+    Characters outside ASCII are written as they are, because TOML files are
+    UTF-8 and its escapes cannot express a surrogate pair. Control characters
+    and DEL are escaped.
+
+    Raises:
+        ValueError: If ``text`` contains a lone surrogate, which no UTF-8 file
+            can hold.
+    """
+    parts = []
+    for character in text:
+        code = ord(character)
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError(
+                f"Run config text must be valid Unicode. Found the lone surrogate "
+                f"U+{code:04X} in {text!r}."
+            )
+        if character in TOML_ESCAPES:
+            parts.append(TOML_ESCAPES[character])
+        elif code < 0x20 or code == 0x7F:
+            parts.append(f"\\u{code:04X}")
+        else:
+            parts.append(character)
+    return '"' + "".join(parts) + '"'
 
 
 def _toml_value(value: bool | int | float | str) -> str:
@@ -280,7 +321,7 @@ def _toml_value(value: bool | int | float | str) -> str:
         if value in (float("inf"), float("-inf")):
             return "inf" if value > 0 else "-inf"
         return repr(value)
-    return json.dumps(value)
+    return toml_string(value)
 
 
 def read_app_config_keys(app_dir: Path) -> set[str]:
@@ -878,10 +919,14 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     run_config = dict(options.run_config)
     run_config["output-dir"] = str(options.output_dir)
     check_run_config_keys(run_config, known_keys, options.app_dir)
+    try:
+        run_config_text = to_toml(run_config)
+    except ValueError as error:
+        raise LaunchError(str(error)) from None
 
     paths = RunPaths(options.output_dir)
     paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    paths.run_config_file.write_text(to_toml(run_config), encoding="utf-8")
+    paths.run_config_file.write_text(run_config_text, encoding="utf-8")
     write_flower_config(paths.flwr_home)
 
     ports = pick_ports()
@@ -1068,8 +1113,11 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         raise LaunchError(
             f"--client-cpus must be at least 1. Found {args.client_cpus}."
         )
-    if args.timeout <= 0:
-        raise LaunchError(f"--timeout must be positive. Found {args.timeout}.")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise LaunchError(
+            f"--timeout must be a finite number of seconds above 0. "
+            f"Found {args.timeout}."
+        )
 
     output_dir = args.output_dir
     if output_dir is None:

@@ -120,6 +120,31 @@ def test_to_toml_round_trip() -> None:
     assert tomllib.loads(launch.to_toml(values)) == values
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["runs/emoji\U0001f600", "tab\there", "del\x7fand\x01bell", "back\\slash", "é ß"],
+    ids=["astral", "tab", "controls", "backslash", "latin"],
+)
+def test_to_toml_round_trips_any_text(text: str) -> None:
+    values: dict[str, bool | int | float | str] = {"output-dir": text, text: 1}
+
+    assert tomllib.loads(launch.to_toml(values)) == values
+
+
+def test_to_toml_rejects_lone_surrogate() -> None:
+    with pytest.raises(ValueError, match=r"lone surrogate U\+DCFF"):
+        launch.to_toml({"output-dir": "runs/\udcff"})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_non_finite_timeout_is_usage_error(value: str, tmp_path: Path) -> None:
+    exit_code = launch.main(
+        [str(APP_DIR), "--output-dir", str(tmp_path), "--timeout", value]
+    )
+
+    assert exit_code == launch.EXIT_USAGE
+
+
 def test_unknown_run_config_key_rejected() -> None:
     known = launch.read_app_config_keys(APP_DIR)
 
