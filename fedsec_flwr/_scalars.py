@@ -26,7 +26,23 @@ def plain_number(value: Any) -> Any:
     return value
 
 
+MAX_SETTING_DIGITS = 300
+"""Most decimal digits of an integer setting; float64 ends at about 1.8e308."""
+
+
 def plain_fields(instance: object, *names: str) -> None:
-    """Replace numpy scalars in the named fields of a frozen dataclass."""
+    """Replace numpy scalars in the named fields of a frozen dataclass.
+
+    Raises:
+        ValueError: If a field is an integer beyond the range of float64,
+            which the checks that compare it with floats cannot handle.
+
+    """
     for name in names:
-        object.__setattr__(instance, name, plain_number(getattr(instance, name)))
+        value = plain_number(getattr(instance, name))
+        if isinstance(value, int) and abs(value) >= 10**MAX_SETTING_DIGITS:
+            raise ValueError(
+                f"{name} must be a number within the range of float64. Found an "
+                f"integer of {len(str(abs(value)))} digits."
+            )
+        object.__setattr__(instance, name, value)

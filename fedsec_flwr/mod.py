@@ -137,6 +137,13 @@ class _Options:
     require_verification: bool
     privacy_budget: ClientPrivacyBudget | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.require_verification, bool):
+            raise ValueError(
+                "require_verification must be True or False. "
+                f"Found {self.require_verification!r}."
+            )
+
 
 _DEFAULT_OPTIONS = _Options(
     on_verification_failure=FailurePolicy.REFUSE, require_verification=False
@@ -177,8 +184,9 @@ def make_secure_aggregation_mod(
             follows the server's DP instructions, including none.
 
     Raises:
-        ValueError: If `on_verification_failure` is not a policy, or
-            `privacy_budget` is not a `ClientPrivacyBudget`.
+        ValueError: If `on_verification_failure` is not a policy,
+            `require_verification` is not a bool, or `privacy_budget` is not
+            a `ClientPrivacyBudget`.
 
     """
     if privacy_budget is not None and not isinstance(
@@ -223,7 +231,8 @@ def make_plain_verification_mod(
     The arguments are those of `make_secure_aggregation_mod`.
 
     Raises:
-        ValueError: If `on_verification_failure` is not a policy.
+        ValueError: If `on_verification_failure` is not a policy, or
+            `require_verification` is not a bool.
 
     """
     options = _Options(

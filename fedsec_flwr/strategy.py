@@ -183,7 +183,7 @@ def _check_types(
     if not isinstance(verification, bool | VerificationConfig):
         raise ValueError(
             "verification must be a bool or a VerificationConfig. "
-            f"Found {type(verification).__name__}."
+            f"Found {type(verification).__module__}.{type(verification).__qualname__}."
         )
     if on_round_end is not None and not callable(on_round_end):
         raise ValueError(
@@ -737,7 +737,7 @@ def _verification_config(
     else:
         raise ValueError(
             "verification must be a bool or a VerificationConfig. "
-            f"Found {type(verification).__name__}."
+            f"Found {type(verification).__module__}.{type(verification).__qualname__}."
         )
     if config is None:
         return None

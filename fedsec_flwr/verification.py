@@ -108,6 +108,11 @@ class VerificationConfig:
                 f"on_failure must be 'refuse' or 'report'. Found {self.on_failure!r}."
             ) from None
         object.__setattr__(self, "on_failure", policy)
+        if not isinstance(self.plain_encoding, SecAggConfig):
+            raise ValueError(
+                "plain_encoding must be a SecAggConfig. "
+                f"Found {type(self.plain_encoding).__name__}."
+            )
         if not isinstance(self.pipelined, bool):
             raise ValueError(
                 f"pipelined must be a bool. Found {type(self.pipelined).__name__}."

@@ -127,3 +127,46 @@ def test_plan_accepts_numpy_counts() -> None:
 
     assert plan.num_sampled == 5
     assert type(plan.num_sampled) is int
+
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: SecAggConfig(stage_timeout=HUGE), "stage_timeout"),
+        (
+            lambda: DPConfig(mode=DPMode.CENTRAL, noise_multiplier=HUGE),
+            "noise_multiplier",
+        ),
+        (lambda: DPConfig(mode=DPMode.CENTRAL, target_epsilon=HUGE), "target_epsilon"),
+        (
+            lambda: DPConfig(
+                mode=DPMode.CENTRAL, noise_multiplier=1, clipping_norm=HUGE
+            ),
+            "clipping_norm",
+        ),
+        (lambda: ClientPrivacyBudget(max_epsilon=HUGE), "max_epsilon"),
+        (lambda: DPSGDConfig(noise_multiplier=HUGE, delta=1e-5), "noise_multiplier"),
+    ],
+)
+def test_integer_beyond_float_range_rejected(
+    build: Callable[[], object], name: str
+) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a number within the range"):
+        build()
+
+
+def test_non_bool_policies_rejected() -> None:
+    from fedsec_flwr import VerificationConfig
+    from fedsec_flwr.mod import make_plain_verification_mod, make_secure_aggregation_mod
+
+    with pytest.raises(ValueError, match="require_verification must be True or"):
+        make_secure_aggregation_mod(require_verification="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="require_verification must be True or"):
+        make_plain_verification_mod(require_verification="false")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="plain_encoding must be a SecAggConfig"):
+        VerificationConfig(plain_encoding=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Found numpy\.bool"):
+        SecureFedAvg(verification=np.bool_(True))  # type: ignore[arg-type]
