@@ -366,14 +366,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = sum(not audit.result.verified for audit in audits)
     print(f"{len(audits) - failed} of {len(audits)} rounds verified")
     if arguments.initial_model is not None:
+        failed_labels = {audit.label for audit in audits if not audit.result.verified}
         failed += _print_models(
-            arguments.audit_file, arguments.initial_model, arguments.final_model
+            arguments.audit_file,
+            arguments.initial_model,
+            arguments.final_model,
+            failed_labels=failed_labels,
         )
     return EXIT_FAILED if failed else EXIT_VERIFIED
 
 
-def _print_models(audit_path: Path, initial_path: Path, final_path: Path | None) -> int:
-    """Print the model audit and return the number of failures."""
+def _print_models(
+    audit_path: Path,
+    initial_path: Path,
+    final_path: Path | None,
+    *,
+    failed_labels: set[str],
+) -> int:
+    """Print the model audit and return the number of failures.
+
+    ``failed_labels`` names the rounds that failed their own audit; their
+    models are marked, because a model that follows from a failed round is
+    no more trustworthy than the round.
+    """
     try:
         audits, last = audit_models(audit_path, load_model(initial_path))
         final = load_model(final_path) if final_path is not None else None
@@ -382,7 +397,13 @@ def _print_models(audit_path: Path, initial_path: Path, final_path: Path | None)
         return 1
 
     for audit in audits:
-        if audit.result.verified:
+        round_label = audit.label.removesuffix(" model")
+        if audit.result.verified and round_label in failed_labels:
+            print(
+                f"{audit.label}: follows from the earlier rounds, but {round_label} "
+                "FAILED its audit above"
+            )
+        elif audit.result.verified:
             print(f"{audit.label}: follows from the earlier rounds")
         else:
             print(f"{audit.label}: FAILED: {audit.result.reason}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,13 @@ from .core.encoding import (
 MAX_AUTO_QUANTIZATION_BITS = 24
 """Cap on automatic quantization bits: float32 updates carry 24 significant bits."""
 
+MIN_AUTO_QUANTIZATION_BITS = 8
+"""Fewest automatic quantization bits without a warning: 256 levels over the
+clip range. Fewer come from a large max_weight or max_clients."""
+
 MIN_THRESHOLD = 2
+
+logger = logging.getLogger("fedsec_flwr.config")
 
 KEY_LIFETIME_ROUND = "round"
 """New keys every round: four exchanges per round (SecAgg+ as published)."""
@@ -123,7 +130,17 @@ class SecAggConfig:
                 f"key_lifetime must be {KEY_LIFETIME_ROUND!r} or "
                 f"{KEY_LIFETIME_RUN!r}. Found {self.key_lifetime!r}."
             )
-        self.encoding()
+        levels = self.encoding().quantization_levels
+        if self.quantization_bits is None and levels < 2**MIN_AUTO_QUANTIZATION_BITS:
+            logger.warning(
+                "SecAggConfig leaves %d quantization levels per coordinate for "
+                "max_weight %d and max_clients %d in a modulus of %d, so updates "
+                "lose most of their precision; lower max_weight or max_clients",
+                levels,
+                self.max_weight,
+                self.max_clients,
+                self.modulus,
+            )
 
     def encoding(self) -> EncodingParams:
         """Return the fixed-point encoding these parameters define."""

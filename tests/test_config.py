@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -152,3 +153,14 @@ def test_strategy_wrong_arguments_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         SecureFedAvg(**changes)  # type: ignore[arg-type]
+
+
+def test_few_automatic_levels_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.config"):
+        SecAggConfig(max_weight=20_000_000)
+        SecAggConfig()
+
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "leaves 2 quantization levels" in warnings[0]
+    assert "max_weight 20000000" in warnings[0]

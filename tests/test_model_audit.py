@@ -229,6 +229,34 @@ def test_command_follows_models(
     assert "final model: follows from the last round" in out
 
 
+def flip_first_signature(entry: dict) -> None:  # type: ignore[type-arg]
+    signatures = entry["transcript"]["commitment_signatures"]
+    node = next(iter(signatures))
+    value = signatures[node]
+    signatures[node] = ("0" if value[0] != "0" else "1") + value[1:]
+
+
+def test_model_of_failed_round_marked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A forged signature fails round 2's audit, but not the model chain,
+    # which the model section must not present as a clean pass.
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=2)
+    edit_entry(path, 1, flip_first_signature)
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+
+    code = audit.main([str(path), "--initial-model", str(initial)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "run 42 round 2: FAILED" in out
+    assert (
+        "run 42 round 2 model: follows from the earlier rounds, but run 42 round 2 "
+        "FAILED its audit above"
+    ) in out
+    assert "run 42 round 1 model: follows from the earlier rounds\n" in out
+
+
 def test_tamper_final_model_exits_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -49,6 +50,17 @@ def round_entry(report: RoundReport) -> dict[str, Any]:
             entry[field.name] = _to_json_value(getattr(report, field.name))
 
     return entry
+
+
+def _finite_json(value: Any) -> Any:
+    """Return ``value`` with each NaN or infinite float replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(item) for item in value]
+    return value
 
 
 def format_round_line(entry: Mapping[str, Any], num_rounds: int) -> str:
@@ -114,7 +126,9 @@ class ResultsFile:
         self.update(status=status, error=error, finished_at=_utc_timestamp())
 
     def _write(self) -> None:
-        text = json.dumps(self._document, indent=2, sort_keys=False) + "\n"
+        # JSON has no NaN or infinity, so such numbers are written as null.
+        document = _finite_json(self._document)
+        text = json.dumps(document, indent=2, sort_keys=False, allow_nan=False) + "\n"
         descriptor, temp_name = tempfile.mkstemp(
             prefix=".results-", suffix=".json.tmp", dir=self.path.parent
         )
