@@ -2,9 +2,11 @@
 
 Each mode runs ``python -m fedsec_flwr.deploy run-local``: one SuperLink and
 N SuperNodes on loopback with TLS and SuperNode authentication, the same app
-and run config, one run per mode and repeat. The modes alternate within a
-repeat, so a slow period of the machine touches each of them. The seconds of
-a round are the ``seconds`` field of the run's ``results.json``::
+and run config, one run per mode and repeat. With ``--grid simulation`` each
+mode runs ``python -m fedsec_flwr.launch`` instead, with N simulated clients.
+The modes alternate within a repeat, so a slow period of the machine touches
+each of them. The seconds of a round are the ``seconds`` field of the run's
+``results.json``::
 
     python -m benchmarks.deployment --rounds 5 --repeats 2 --json deployment.json
 """
@@ -26,6 +28,9 @@ from typing import Any
 from benchmarks.common import REPOSITORY_ROOT, git_commit, machine_info
 
 APP_DIR = REPOSITORY_ROOT / "apps" / "secure_fedavg"
+
+DEPLOYMENT_GRID = "deployment"
+SIMULATION_GRID = "simulation"
 
 MODE_CONFIGS: dict[str, str] = {
     "plain": "secure-aggregation=false",
@@ -74,13 +79,56 @@ def run_mode(
     nodes: int,
     timeout: float,
     extra_config: str = "",
+    grid: str = DEPLOYMENT_GRID,
 ) -> dict[str, Any]:
     """Run the app once in ``mode`` and return its per-round seconds."""
     run_config = (
         f"num-server-rounds={rounds} min-train-clients={nodes} "
         f"{MODE_CONFIGS[mode]} {extra_config}"
     ).strip()
-    command = [
+    if grid == SIMULATION_GRID:
+        command = launch_command(
+            run_config, work_dir=work_dir, nodes=nodes, timeout=timeout
+        )
+    else:
+        command = deployment_command(
+            run_config,
+            credentials=credentials,
+            work_dir=work_dir,
+            nodes=nodes,
+            timeout=timeout,
+        )
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    completed = subprocess.run(
+        command, cwd=REPOSITORY_ROOT, capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"Mode {mode!r} failed with exit code {completed.returncode}. Its log "
+            f"ends with:\n{(completed.stdout + completed.stderr)[-3000:]}"
+        )
+
+    results_path = next(work_dir.glob("**/results.json"))
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    return {
+        "mode": mode,
+        "run_config": run_config,
+        "round_seconds": [entry["seconds"] for entry in results["rounds"]],
+        "accuracy": [entry["accuracy"] for entry in results["rounds"]],
+        "timings": [entry.get("timings", {}) for entry in results["rounds"]],
+        "wall_s": wall,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+    }
+
+
+def deployment_command(
+    run_config: str, *, credentials: Path, work_dir: Path, nodes: int, timeout: float
+) -> list[str]:
+    """Return the command that runs the app on a local SuperLink and SuperNodes."""
+    return [
         sys.executable,
         "-m",
         "fedsec_flwr.deploy",
@@ -98,30 +146,26 @@ def run_mode(
         "-c",
         run_config,
     ]
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    completed = subprocess.run(
-        command, cwd=REPOSITORY_ROOT, capture_output=True, text=True, check=False
-    )
-    wall = time.perf_counter() - started
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"Mode {mode!r} failed with exit code {completed.returncode}. Its log "
-            f"ends with:\n{(completed.stdout + completed.stderr)[-3000:]}"
-        )
 
-    results_path = next(work_dir.glob("outputs/**/results.json"))
-    results = json.loads(results_path.read_text(encoding="utf-8"))
-    return {
-        "mode": mode,
-        "run_config": run_config,
-        "round_seconds": [entry["seconds"] for entry in results["rounds"]],
-        "accuracy": [entry["accuracy"] for entry in results["rounds"]],
-        "timings": [entry.get("timings", {}) for entry in results["rounds"]],
-        "wall_s": wall,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg()[0],
-    }
+
+def launch_command(
+    run_config: str, *, work_dir: Path, nodes: int, timeout: float
+) -> list[str]:
+    """Return the command that runs the app on Flower's simulation engine."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsec_flwr.launch",
+        str(APP_DIR),
+        "--run-config",
+        run_config,
+        "--num-supernodes",
+        str(nodes),
+        "--output-dir",
+        str(work_dir),
+        "--timeout",
+        str(timeout),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument(
+        "--grid",
+        choices=(DEPLOYMENT_GRID, SIMULATION_GRID),
+        default=DEPLOYMENT_GRID,
+        help="SuperLink and SuperNode processes, or the simulation engine.",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument(
         "--run-config",
@@ -184,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     nodes=args.nodes,
                     timeout=args.timeout,
                     extra_config=args.run_config,
+                    grid=args.grid,
                 )
                 runs.append(run)
                 rounded = ", ".join(f"{s:.1f}" for s in run["round_seconds"])
@@ -203,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document = {
             "machine": machine_info(),
             **git_commit(),
+            "grid": args.grid,
             "nodes": args.nodes,
             "run_config": args.run_config,
             "rounds": args.rounds,
