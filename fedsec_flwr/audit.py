@@ -17,9 +17,11 @@ round's clients signed the digest of the three.
 `append_round` writes this format.
 
 The command prints one line per round and exits with 0 when every round
-verifies, and 1 when a round fails, the file is malformed or it contains no
-round. Run ids and rounds are printed so that an auditor can match them with
-the server's records.
+verifies or is discarded, and 1 when a round fails, the file is malformed or
+it contains no round. A round is discarded when some of its included
+clients did not commit: the aggregate cannot be checked, and the model
+carries over to the next round unchanged. Run ids and rounds are printed
+so that an auditor can match them with the server's records.
 
 With ``--initial-model FILE.npz`` it also follows the models of the run
 (`audit_models`): starting from the initial model, each round's model must
@@ -54,6 +56,7 @@ from .core.transcript import (
     RoundTranscript,
     audit_round,
     is_lower_hex,
+    missing_commitments,
     parse_untrusted_json,
 )
 from .models import (
@@ -180,7 +183,8 @@ def audit_models(
     initial model and the earlier rounds give. The model after it is that
     model plus the mean of the round's aggregate, decoded with the entry's
     "decoding" (`next_model`). A round missing from the file released no
-    model, so the model carries over. Once a round fails, every later one
+    model, and a discarded round released its model unchanged, so in both
+    the model carries over. Once a round fails, every later one
     fails too, because the model is unknown.
 
     Returns:
@@ -251,6 +255,9 @@ def _follow_model(
             None,
         )
 
+    if missing_commitments(transcript):
+        # The round's update was discarded, so the model carries over.
+        return AuditResult(True, ""), model
     decoding = settings.decoding
     try:
         following = next_model(
@@ -357,16 +364,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for audit in audits:
         if audit.result.verified:
             print(f"{audit.label}: verified")
+        elif audit.result.discarded:
+            print(f"{audit.label}: discarded: {audit.result.reason}")
         else:
             print(f"{audit.label}: FAILED: {audit.result.reason}")
 
     if not audits:
         print("error: the audit file contains no round", file=sys.stderr)
         return EXIT_FAILED
-    failed = sum(not audit.result.verified for audit in audits)
-    print(f"{len(audits) - failed} of {len(audits)} rounds verified")
+    failed = sum(
+        not (audit.result.verified or audit.result.discarded) for audit in audits
+    )
+    discarded = sum(audit.result.discarded for audit in audits)
+    print(
+        f"{len(audits) - failed - discarded} of {len(audits)} rounds verified, "
+        f"{discarded} discarded"
+    )
     if arguments.initial_model is not None:
-        failed_labels = {audit.label for audit in audits if not audit.result.verified}
+        failed_labels = {
+            audit.label
+            for audit in audits
+            if not (audit.result.verified or audit.result.discarded)
+        }
         failed += _print_models(
             arguments.audit_file,
             arguments.initial_model,
@@ -385,7 +404,7 @@ def _print_models(
 ) -> int:
     """Print the model audit and return the number of failures.
 
-    ``failed_labels`` names the rounds that failed their own audit; their
+    ``failed_labels`` names the rounds that failed their own audit. Their
     models are marked, because a model that follows from a failed round is
     no more trustworthy than the round.
     """

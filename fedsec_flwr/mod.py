@@ -981,8 +981,11 @@ def _verify(
         model_sha256=model_sha256,
     )
     # The transcript verified even if the reply reports a failed model check
-    # of this round; the model then is the one this client trained on.
-    verified = state.verified_round == header.server_round
+    # of this round; the model then is the one this client trained on. A
+    # discarded round already expects that model again.
+    verified = (
+        state.verified_round == header.server_round and not state.next_model_sha256
+    )
     next_model = _take_next_model(
         context, header, aggregate, model if verified else None
     )

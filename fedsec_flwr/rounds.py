@@ -267,15 +267,19 @@ class PrivacyRound:
             self.plan, num_aggregated=num_aggregated, dimension=self.dimension
         )
 
-    def record_unreleased(self, *, num_aggregated: int) -> None:
-        """Record a distributed round whose unmasked sum failed to decode.
+    def record_unreleased(self, *, num_aggregated: int) -> float | None:
+        """Record a distributed round whose unmasked sum is not used.
 
-        No model is released, but the server has seen the noised sum.
+        Its sum failed to decode, or the round was discarded. No model is
+        released, but the server has seen the noised sum. Returns the
+        epsilon after the round, or ``None`` in central mode, whose noise
+        was never added.
         """
         if self.server.config.mode is DPMode.DISTRIBUTED:
-            self.server.record(
+            return self.server.record(
                 self.plan, num_aggregated=num_aggregated, dimension=self.dimension
             )
+        return None
 
 
 @dataclass
@@ -541,7 +545,7 @@ def run_secure_round(
             survivors = set(keyed.survivors)
             dropped_by_stage = dict(keyed.dropped_by_stage)
         else:
-            total, masked_replies, server, verifier = _per_round_key_stages(
+            total, masked_replies, server, verifier, sent = _per_round_key_stages(
                 stages,
                 plan,
                 clock,
@@ -558,6 +562,9 @@ def run_secure_round(
             )
             survivors = set(server.survivors)
             dropped_by_stage = dict(server.dropped_by_stage)
+            if sent is not arrays:
+                arrays = sent
+                global_arrays = arrays_to_numpy(arrays)
         result = None
         pending = None
         if verifier is not None and verification is not None and settings:
@@ -576,6 +583,27 @@ def run_secure_round(
                 pending = None
 
     clock.lap(VERIFICATION_TIMING)
+    if result is not None and result.discarded:
+        epsilon = (
+            privacy.record_unreleased(num_aggregated=len(survivors))
+            if privacy is not None
+            else None
+        )
+        return RoundOutcome(
+            arrays=arrays,
+            num_aggregated=len(survivors),
+            dropped_by_stage=dropped_by_stage,
+            clipped_coordinates=0,
+            upload_bytes=stages.exchange.upload_bytes,
+            download_bytes=stages.exchange.download_bytes,
+            train_metrics=_mean_metrics(
+                {n: m for n, m in masked_replies.items() if n in survivors}
+            ),
+            epsilon=epsilon,
+            verification=result,
+            timings=clock.laps,
+            previous=previous,
+        )
     params = plan.params
     try:
         decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
@@ -646,17 +674,23 @@ def _per_round_key_stages(
     previous: PendingVerification | None,
     on_verified: VerifiedCallback | None,
 ) -> tuple[
-    NDArray[np.uint32], dict[int, Message], ServerRound, ServerVerification | None
+    NDArray[np.uint32],
+    dict[int, Message],
+    ServerRound,
+    ServerVerification | None,
+    ArrayRecord,
 ]:
     """Run setup, share-keys, masked-input and unmask.
 
-    Returns the unmasked sum, the masked-input replies, the round state and,
-    when verified, the verifier with the clients' identity keys and key-list
-    signatures.
+    Returns the unmasked sum, the masked-input replies, the round state,
+    when verified the verifier with the clients' identity keys and key-list
+    signatures, and the model the masked-input requests carried.
 
     With ``previous``, the setup exchange carries that round's commit
     requests and the share-keys exchange its verify requests.
     ``on_verified`` gets its result before any client trains on its model.
+    When ``previous`` is discarded, its update must not reach any client,
+    so this round trains on ``previous.model`` instead of ``arrays``.
     """
     server = ServerRound(
         run_id=stages.run_id,
@@ -682,8 +716,13 @@ def _per_round_key_stages(
     clock.lap(Stage.SETUP.value)
     _share_keys_stage(stages, server, verifier, previous)
     clock.lap(Stage.SHARE_KEYS.value)
-    if previous is not None and previous.result is not None and on_verified:
-        on_verified(previous.server_round, previous.result)
+    if previous is not None and previous.result is not None:
+        if previous.result.discarded:
+            arrays = previous.model
+            if verifier is not None:
+                verifier.model_sha256 = model_digest(arrays_to_numpy(arrays))
+        if on_verified:
+            on_verified(previous.server_round, previous.result)
     masked_replies = _masked_input_stage(
         stages, server, plan, arrays=arrays, train_config=train_config
     )
@@ -691,7 +730,7 @@ def _per_round_key_stages(
     total = _unmask_stage(stages, server)
     clock.lap(Stage.UNMASK.value)
 
-    return total, masked_replies, server, verifier
+    return total, masked_replies, server, verifier, arrays
 
 
 def _keyed_exchanges(
@@ -1406,6 +1445,18 @@ def run_plain_verified_round(
     )
     result = _verification_stages(stages, pending)
     dropped_by_stage.update(pending.dropped_by_stage)
+    train_metrics = _mean_metrics({n: input_replies[n] for n in included})
+    if result.discarded:
+        return RoundOutcome(
+            arrays=arrays,
+            num_aggregated=len(included),
+            dropped_by_stage=dropped_by_stage,
+            clipped_coordinates=0,
+            upload_bytes=stages.exchange.upload_bytes,
+            download_bytes=stages.exchange.download_bytes,
+            train_metrics=train_metrics,
+            verification=result,
+        )
     decoded = decode_sum(total, params=params)
     new_arrays = _finite_model(
         layout.apply_update(global_arrays, decoded.mean), server_round
@@ -1417,7 +1468,7 @@ def run_plain_verified_round(
         clipped_coordinates=decoded.num_clipped,
         upload_bytes=stages.exchange.upload_bytes,
         download_bytes=stages.exchange.download_bytes,
-        train_metrics=_mean_metrics({n: input_replies[n] for n in included}),
+        train_metrics=train_metrics,
         verification=result,
     )
 

@@ -99,6 +99,10 @@ class RoundReport:
             and ``decode`` on the server.
         verification_reason: The first failed check when ``verified`` is
             ``False``, else "".
+        discarded: Whether the round's update was discarded because
+            included clients did not commit, so that the aggregate could not
+            be checked. The model after the round is then the model before
+            it, and ``verified`` is ``False``.
 
     """
 
@@ -120,6 +124,7 @@ class RoundReport:
     verified: bool | None = None
     verification_reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    discarded: bool = False
 
 
 RoundCallback = Callable[[RoundReport], None]
@@ -471,7 +476,9 @@ class SecureFedAvg(Strategy):
             else:
                 waiting_report = report
         if pending is not None and waiting_report is not None:
-            self._finish_pending(grid, pending, waiting_report)
+            last = self._finish_pending(grid, pending, waiting_report)
+            if last.discarded:
+                result.arrays = pending.model
         return result
 
     def _emit(self, report: RoundReport) -> None:
@@ -483,6 +490,7 @@ class SecureFedAvg(Strategy):
         if verified.result is not None:
             report.verified = verified.result.verified
             report.verification_reason = verified.result.reason
+            report.discarded = verified.result.discarded
         report.dropped_by_stage.update(verified.dropped_by_stage)
         self._emit(report)
 
@@ -498,7 +506,7 @@ class SecureFedAvg(Strategy):
 
     def _finish_pending(
         self, grid: Grid, pending: PendingVerification, report: RoundReport
-    ) -> None:
+    ) -> VerificationResult:
         """Verify the last round of a pipelined run with exchanges of its own."""
         started = time.perf_counter()
         secagg = self.secure_aggregation or DEFAULT_SECAGG
@@ -507,11 +515,14 @@ class SecureFedAvg(Strategy):
         # A failed round is reported before the refuse policy raises.
         self._release(report, pending)
         self._check_verified(pending.server_round, result)
+        return result
 
     def _check_verified(
         self, server_round: int, result: VerificationResult | None
     ) -> None:
-        if self.verification is None or result is None or result.verified:
+        if self.verification is None or result is None:
+            return
+        if result.verified or result.discarded:
             return
         if self.verification.on_failure is FailurePolicy.REFUSE:
             raise VerificationError(
@@ -718,6 +729,7 @@ def _report(
         verification_reason=(
             outcome.verification.reason if outcome.verification else ""
         ),
+        discarded=outcome.verification.discarded if outcome.verification else False,
         train_metrics=dict(outcome.train_metrics),
         evaluate_metrics={
             key: float(np.asarray(value)) for key, value in (evaluation or {}).items()

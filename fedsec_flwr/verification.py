@@ -328,15 +328,17 @@ class ServerVerification:
         """Audit the transcript, combine the clients' verdicts and record the round.
 
         The round is verified when the server's own audit passes and every
-        included client that replied reports success. The first failure
-        found is the reason. With `audit_path`, the transcript and aggregate
+        included client that replied reports success. It is discarded when
+        the audit finds included clients that did not commit, and every
+        client that replied expects the discard. The first failure found is
+        the reason. With `audit_path`, the transcript and aggregate
         are appended to that audit file, verified or not, with `settings` if
         given, so that an auditor can compute the model after the round.
         """
         aggregate, _ = self._fixed_aggregate()
         result = transcripts.audit_round(round_transcript, aggregate)
-        if result.verified:
-            result = _client_verdict(replies, self.included_node_ids)
+        if result.verified or result.discarded:
+            result = _client_verdict(replies, self.included_node_ids, result)
         if audit_path is not None:
             audit.append_round(
                 audit_path, round_transcript, aggregate, settings=settings
@@ -349,6 +351,8 @@ class ServerVerification:
                 len(replies),
                 len(self.included_node_ids),
             )
+        elif result.discarded:
+            logger.warning("Round %d: %s", self.server_round, result.reason)
         else:
             logger.warning(
                 "Round %d: aggregate failed verification: %s",
@@ -366,15 +370,26 @@ class ServerVerification:
 
 
 def _client_verdict(
-    replies: Mapping[int, VerifyReply], included_node_ids: Sequence[int]
+    replies: Mapping[int, VerifyReply],
+    included_node_ids: Sequence[int],
+    audit: VerificationResult,
 ) -> VerificationResult:
+    """Combine the clients' replies with the server's passing or discarding audit.
+
+    A client that reports another outcome than the audit's fails the round.
+    """
     for node in sorted(replies):
         reply = replies[node]
-        if node in included_node_ids and not reply.verified:
-            reason = reply.reason[:MAX_REASON_LENGTH] or "no reason given"
-            return VerificationResult(False, f"node {node} reports: {reason}")
+        if node not in included_node_ids:
+            continue
+        if reply.verified == audit.verified and reply.discarded == audit.discarded:
+            continue
+        reason = reply.reason[:MAX_REASON_LENGTH] or "no reason given"
+        if reply.verified:
+            reason = "verified a round whose update the server must discard"
+        return VerificationResult(False, f"node {node} reports: {reason}")
 
-    return VerificationResult(True)
+    return audit
 
 
 # --- Client side -----------------------------------------------------------------
@@ -397,11 +412,13 @@ class ClientVerificationState:
             on in `input_round` or `committed_round`.
         round_settings_sha256: The `RoundSettings.digest` of the settings it
             trained with in that round.
-        verified_round: The last round this client verified. Input
-            requests of this round or an earlier one are rejected.
+        verified_round: The last round this client verified, or whose
+            update it found discarded. Input requests of this round or an
+            earlier one are rejected.
         next_model_sha256: The `model_digest` of the model that must follow
             `verified_round`: its model plus the decoded mean of its
-            verified aggregate, or empty if the client could not compute it.
+            verified aggregate, its model itself if the round was
+            discarded, or empty if the client could not compute it.
         failed_round: The first round of the run that failed verification.
         failure_reason: Why that round failed.
 
@@ -645,17 +662,30 @@ def client_verify(
         new_state = replace(
             new_state, verified_round=server_round, next_model_sha256=b""
         )
-    if result.verified and state.failed_round == server_round:
+    elif result.discarded:
+        # The round's update must not be applied, so the next model is the
+        # one this client trained on.
+        new_state = replace(
+            new_state,
+            verified_round=server_round,
+            next_model_sha256=state.round_model_sha256,
+        )
+    settled = result.verified or result.discarded
+    if settled and state.failed_round == server_round:
         # Under the report policy the client trained on a model that failed
         # its model check; the server learns that here.
         result = VerificationResult(False, state.failure_reason)
-    if not result.verified and not state.failed_round:
-        new_state = replace(
-            new_state, failed_round=server_round, failure_reason=result.reason
-        )
-    if not result.verified:
+    elif result.discarded:
+        logger.warning("Round %d is discarded: %s", server_round, result.reason)
+    if not (result.verified or result.discarded):
         logger.warning("Round %d failed verification: %s", server_round, result.reason)
-    return new_state, VerifyReply(verified=result.verified, reason=result.reason)
+        if not state.failed_round:
+            new_state = replace(
+                new_state, failed_round=server_round, failure_reason=result.reason
+            )
+    return new_state, VerifyReply(
+        verified=result.verified, reason=result.reason, discarded=result.discarded
+    )
 
 
 def client_expect_model(

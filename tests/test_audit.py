@@ -77,7 +77,7 @@ def test_honest_rounds_exit_zero(audit_path, capsys):
     assert status == audit.EXIT_VERIFIED
     assert f"run {RUN_ID} round 1: verified" in out
     assert f"run {RUN_ID} round 2: verified" in out
-    assert "2 of 2 rounds verified" in out
+    assert "2 of 2 rounds verified, 0 discarded" in out
     assert err == ""
 
 
@@ -91,7 +91,7 @@ def test_command_runs_as_module(audit_path):
     )
 
     assert completed.returncode == 0
-    assert "2 of 2 rounds verified" in completed.stdout
+    assert "2 of 2 rounds verified, 0 discarded" in completed.stdout
 
 
 def test_tamper_module_exits_one_on_changed_file(audit_path):
@@ -126,7 +126,7 @@ def test_tamper_inline_aggregate_changed(audit_path, capsys):
     assert status == audit.EXIT_FAILED
     assert "round 1: FAILED: the aggregate does not match" in out
     assert "round 2: verified" in out
-    assert "1 of 2 rounds verified" in out
+    assert "1 of 2 rounds verified, 0 discarded" in out
 
 
 def test_tamper_commitment_in_file_changed(audit_path, capsys):

@@ -165,6 +165,7 @@ def run(
             audit_path=audit_path,
         ),
         rng=random.Random(5),
+        plain_timeout=CONFIG.stage_timeout,
         on_round_end=reports.append if reports is not None else None,
     )
     first = initial_model() if model is None else model

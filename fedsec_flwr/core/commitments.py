@@ -280,11 +280,15 @@ class VerificationResult:
     Attributes:
         verified: True if every check passed.
         reason: Empty when verified, else the first check that failed.
+        discarded: True if every check that could run passed, but some
+            included clients did not commit, so the aggregate cannot be
+            checked and must not be used. ``verified`` is then False.
 
     """
 
     verified: bool
     reason: str = ""
+    discarded: bool = False
 
     def require_verified(self) -> None:
         """Raise `AuthenticationError` unless verified.

@@ -578,19 +578,36 @@ class VerifyRequest:
 
 @dataclass(frozen=True)
 class VerifyReply:
-    """A client's verdict on the round's transcript, and why it failed."""
+    """A client's verdict on the round's transcript, and why it failed.
+
+    ``discarded`` means that the transcript passed every check it allows,
+    but some included clients did not commit, so the client expects the
+    round's update to be discarded.
+    """
 
     verified: bool
     reason: str
+    discarded: bool = False
 
     def to_fields(self) -> Fields:
         """Convert to record fields."""
-        return {"verified": int(self.verified), "reason": self.reason}
+        return {
+            "verified": int(self.verified),
+            "reason": self.reason,
+            "discarded": int(self.discarded),
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> VerifyReply:
         """Parse untrusted record fields."""
-        flag = _field(fields, "verified", int)
-        if flag not in (0, 1):
-            raise ProtocolError(f"Field 'verified' must be 0 or 1. Found {flag}.")
-        return cls(verified=bool(flag), reason=_field(fields, "reason", str))
+        flags = {name: _field(fields, name, int) for name in ("verified", "discarded")}
+        for name, flag in flags.items():
+            if flag not in (0, 1):
+                raise ProtocolError(f"Field {name!r} must be 0 or 1. Found {flag}.")
+        if flags["verified"] and flags["discarded"]:
+            raise ProtocolError("A verify reply cannot be verified and discarded.")
+        return cls(
+            verified=bool(flags["verified"]),
+            reason=_field(fields, "reason", str),
+            discarded=bool(flags["discarded"]),
+        )

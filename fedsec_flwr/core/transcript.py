@@ -490,11 +490,16 @@ def audit_round(
 
     The checks, in order: the aggregate matches the transcript's length and
     SHA-256; the node-id sets agree (S is not empty, every client in S is in
-    the key list, signed it and committed, and no other client committed); every
+    the key list and signed it, and only clients in S committed); every
     key-list signature is valid; the projection seed re-derives; every
     commitment signature is valid for the transcript's model and settings
-    digests; and the sum of the commitments matches the aggregate
-    (`commitments.verify_aggregate`).
+    digests; every client in S committed; and the sum of the commitments
+    matches the aggregate (`commitments.verify_aggregate`).
+
+    Some clients in S may not have committed, for example because they
+    dropped out after their input. When every other check up to that one
+    passes, the result is discarded: the transcript shows nothing wrong,
+    but the aggregate cannot be checked, so it must not be used.
 
     This proves the aggregate is the sum of the updates of exactly S, each
     committed under a key in `identity_keys` by a client that trained on
@@ -521,6 +526,10 @@ def audit_round(
         _verify_commitment_signatures(transcript, rho_seed)
     except AuthenticationError:
         return _failed(transcript, "a commitment signature is not valid")
+
+    missing = missing_commitments(transcript)
+    if missing:
+        return _discarded(transcript, len(missing))
 
     result = commitments.verify_aggregate(
         transcript.commitments,
@@ -643,12 +652,17 @@ def _check_node_sets(transcript: RoundTranscript) -> str:
         return "a key-list signature comes from a client outside the key list"
     if not included <= transcript.key_list_signatures.keys():
         return "an included client did not sign the key list"
-    if transcript.commitments.keys() != included:
-        return "the committed clients differ from the included clients"
-    if transcript.commitment_signatures.keys() != included:
-        return "the signed commitments differ from the included clients"
+    if not transcript.commitments.keys() <= included:
+        return "a client outside the included clients committed"
+    if transcript.commitment_signatures.keys() != transcript.commitments.keys():
+        return "the signed commitments differ from the committed clients"
 
     return ""
+
+
+def missing_commitments(transcript: RoundTranscript) -> set[int]:
+    """Return the included clients whose commitment the transcript lacks."""
+    return set(transcript.included_node_ids) - transcript.commitments.keys()
 
 
 def _verify_key_list_signatures(transcript: RoundTranscript) -> None:
@@ -665,7 +679,7 @@ def _verify_key_list_signatures(transcript: RoundTranscript) -> None:
 
 
 def _verify_commitment_signatures(transcript: RoundTranscript, rho_seed: bytes) -> None:
-    for node_id in transcript.included_node_ids:
+    for node_id in sorted(transcript.commitments):
         payload = commitment_payload(
             node_id=node_id,
             commitment=transcript.commitments[node_id],
@@ -681,6 +695,21 @@ def _verify_commitment_signatures(transcript: RoundTranscript, rho_seed: bytes) 
             stage=SignedStage.COMMITMENT,
             payload=payload,
         )
+
+
+def _discarded(transcript: RoundTranscript, num_missing: int) -> AuditResult:
+    reason = (
+        f"{num_missing} of {len(transcript.included_node_ids)} included clients did "
+        "not commit, so the aggregate cannot be checked and the round's update is "
+        "discarded"
+    )
+    logger.info(
+        "Run %d round %d is discarded: %s.",
+        transcript.run_id,
+        transcript.server_round,
+        reason,
+    )
+    return AuditResult(False, reason, discarded=True)
 
 
 def _failed(transcript: RoundTranscript, reason: str) -> AuditResult:

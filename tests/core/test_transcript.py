@@ -784,10 +784,13 @@ def test_tamper_commitment_outside_subgroup(honest):
     ("edit", "reason"),
     [
         ({"included_node_ids": ()}, "no client is included"),
-        ({"commitments": {}}, "the committed clients differ from the included clients"),
+        (
+            {"commitments": {}},
+            "the signed commitments differ from the committed clients",
+        ),
         (
             {"commitment_signatures": {}},
-            "the signed commitments differ from the included clients",
+            "the signed commitments differ from the committed clients",
         ),
         ({"key_list_signatures": {}}, "an included client did not sign the key list"),
         ({"identity_keys": {}}, "an included client has no identity key"),
@@ -821,7 +824,44 @@ def test_tamper_extra_commitment_from_outsider(honest):
         honest.aggregate,
     )
 
-    assert result.reason == "the committed clients differ from the included clients"
+    assert result.reason == "a client outside the included clients committed"
+
+
+def without_commitment(
+    transcript: t.RoundTranscript, node_id: int
+) -> t.RoundTranscript:
+    return replace(
+        transcript,
+        commitments={k: v for k, v in transcript.commitments.items() if k != node_id},
+        commitment_signatures={
+            k: v for k, v in transcript.commitment_signatures.items() if k != node_id
+        },
+    )
+
+
+def test_missing_commitment_discards_round(honest):
+    # A client that dropped out after its input leaves its update in the
+    # aggregate with no commitment: the aggregate cannot be checked.
+    transcript = without_commitment(honest.transcript, NODE_IDS[1])
+
+    result = t.audit_round(transcript, honest.aggregate)
+
+    assert result.discarded
+    assert not result.verified
+    assert result.reason.startswith(f"1 of {len(NODE_IDS)} included clients did not")
+    assert t.missing_commitments(transcript) == {NODE_IDS[1]}
+
+
+def test_tamper_discarded_round_still_checks_signatures(honest):
+    transcript = without_commitment(honest.transcript, NODE_IDS[1])
+    signatures = dict(transcript.commitment_signatures)
+    signatures[NODE_IDS[0]] = bytes(64)
+
+    result = t.audit_round(
+        replace(transcript, commitment_signatures=signatures), honest.aggregate
+    )
+
+    assert result == t.AuditResult(False, "a commitment signature is not valid")
 
 
 @pytest.mark.parametrize(
