@@ -584,64 +584,25 @@ def run_secure_round(
 
     clock.lap(VERIFICATION_TIMING)
     if result is not None and result.discarded:
+        # The round's update is never applied, but its noised sum was seen.
+        released, num_clipped = arrays, 0
         epsilon = (
             privacy.record_unreleased(num_aggregated=len(survivors))
             if privacy is not None
             else None
         )
-        return RoundOutcome(
-            arrays=arrays,
-            num_aggregated=len(survivors),
-            dropped_by_stage=dropped_by_stage,
-            clipped_coordinates=0,
-            upload_bytes=stages.exchange.upload_bytes,
-            download_bytes=stages.exchange.download_bytes,
-            train_metrics=_mean_metrics(
-                {n: m for n, m in masked_replies.items() if n in survivors}
-            ),
-            epsilon=epsilon,
-            verification=result,
-            timings=clock.laps,
-            previous=previous,
-        )
-    params = plan.params
-    try:
-        decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
-        _check_total_weight(
-            decoded.total_weight,
-            params=params,
+    else:
+        released, num_clipped, epsilon = _apply_secure_total(
+            total,
+            plan,
+            privacy,
+            global_arrays,
             num_aggregated=len(survivors),
             server_round=server_round,
         )
-        mean_update, num_clipped = decoded.mean, decoded.num_clipped
-        _check_mean_range(mean_update, params=params, server_round=server_round)
-    except (ProtocolError, ValueError):
-        if privacy is not None:
-            privacy.record_unreleased(num_aggregated=len(survivors))
-        raise
-    if num_clipped:
-        logger.warning(
-            "Round %d: %d update coordinates were clipped to the range +-%g",
-            server_round,
-            num_clipped,
-            params.clip_range,
-        )
-    epsilon = None
-    if privacy is not None:
-        bit_sum = (
-            float(signed(int(decoded.extra[0]), params.modulus))
-            if plan.adaptive_bit
-            else 0.0
-        )
-        epsilon = privacy.finish(
-            mean_update, num_aggregated=len(survivors), bit_sum=bit_sum
-        )
-    new_arrays = _finite_model(
-        layout.apply_update(global_arrays, mean_update), server_round
-    )
     clock.lap(DECODE_TIMING)
     return RoundOutcome(
-        arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        arrays=released,
         num_aggregated=len(survivors),
         dropped_by_stage=dropped_by_stage,
         clipped_coordinates=num_clipped,
@@ -655,6 +616,70 @@ def run_secure_round(
         timings=clock.laps,
         pending=pending,
         previous=previous,
+    )
+
+
+def _apply_secure_total(
+    total: NDArray[np.uint32],
+    plan: _SecurePlan,
+    privacy: PrivacyRound | None,
+    global_arrays: dict[str, NDArray[np.generic]],
+    *,
+    num_aggregated: int,
+    server_round: int,
+) -> tuple[ArrayRecord, int, float | None]:
+    """Decode the unmasked sum, add central noise and apply the mean update.
+
+    Returns the new model, the number of clipped coordinates and the
+    epsilon after the round (``None`` without DP).
+
+    Raises:
+        ProtocolError: If the sum does not decode.
+        ValueError: If the total weight or the mean is out of range, or the
+            new model is not finite.
+
+    """
+    params = plan.params
+    try:
+        decoded = decode_sum(total, params=params, num_extra=plan.num_extra)
+        _check_total_weight(
+            decoded.total_weight,
+            params=params,
+            num_aggregated=num_aggregated,
+            server_round=server_round,
+        )
+        mean_update, num_clipped = decoded.mean, decoded.num_clipped
+        _check_mean_range(mean_update, params=params, server_round=server_round)
+    except (ProtocolError, ValueError):
+        if privacy is not None:
+            privacy.record_unreleased(num_aggregated=num_aggregated)
+        raise
+    if num_clipped:
+        logger.warning(
+            "Round %d: %d update coordinates were clipped to the range +-%g",
+            server_round,
+            num_clipped,
+            params.clip_range,
+        )
+
+    epsilon = None
+    if privacy is not None:
+        bit_sum = (
+            float(signed(int(decoded.extra[0]), params.modulus))
+            if plan.adaptive_bit
+            else 0.0
+        )
+        epsilon = privacy.finish(
+            mean_update, num_aggregated=num_aggregated, bit_sum=bit_sum
+        )
+    new_arrays = _finite_model(
+        FloatLayout.of(global_arrays).apply_update(global_arrays, mean_update),
+        server_round,
+    )
+    return (
+        ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        num_clipped,
+        epsilon,
     )
 
 
@@ -1445,30 +1470,23 @@ def run_plain_verified_round(
     )
     result = _verification_stages(stages, pending)
     dropped_by_stage.update(pending.dropped_by_stage)
-    train_metrics = _mean_metrics({n: input_replies[n] for n in included})
-    if result.discarded:
-        return RoundOutcome(
-            arrays=arrays,
-            num_aggregated=len(included),
-            dropped_by_stage=dropped_by_stage,
-            clipped_coordinates=0,
-            upload_bytes=stages.exchange.upload_bytes,
-            download_bytes=stages.exchange.download_bytes,
-            train_metrics=train_metrics,
-            verification=result,
+    # A discarded round keeps the model; otherwise the mean update is applied.
+    released, num_clipped = arrays, 0
+    if not result.discarded:
+        decoded = decode_sum(total, params=params)
+        new_arrays = _finite_model(
+            layout.apply_update(global_arrays, decoded.mean), server_round
         )
-    decoded = decode_sum(total, params=params)
-    new_arrays = _finite_model(
-        layout.apply_update(global_arrays, decoded.mean), server_round
-    )
+        released = ArrayRecord({k: _array(v) for k, v in new_arrays.items()})
+        num_clipped = decoded.num_clipped
     return RoundOutcome(
-        arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        arrays=released,
         num_aggregated=len(included),
         dropped_by_stage=dropped_by_stage,
-        clipped_coordinates=decoded.num_clipped,
+        clipped_coordinates=num_clipped,
         upload_bytes=stages.exchange.upload_bytes,
         download_bytes=stages.exchange.download_bytes,
-        train_metrics=train_metrics,
+        train_metrics=_mean_metrics({n: input_replies[n] for n in included}),
         verification=result,
     )
 
