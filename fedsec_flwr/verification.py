@@ -377,6 +377,8 @@ def _client_verdict(
     """Combine the clients' replies with the server's passing or discarding audit.
 
     A client that reports another outcome than the audit's fails the round.
+    A round that the audit discards stays discarded, so that its unchecked
+    aggregate is never applied, and the reason names the client.
     """
     for node in sorted(replies):
         reply = replies[node]
@@ -387,6 +389,10 @@ def _client_verdict(
         reason = reply.reason[:MAX_REASON_LENGTH] or "no reason given"
         if reply.verified:
             reason = "verified a round whose update the server must discard"
+        if audit.discarded:
+            return VerificationResult(
+                False, f"{audit.reason}; node {node} reports: {reason}", discarded=True
+            )
         return VerificationResult(False, f"node {node} reports: {reason}")
 
     return audit
@@ -745,8 +751,9 @@ def client_check_model(
         return state
     else:
         reason = (
-            f"the model sent for round {server_round} is not the model of round "
-            f"{verified} plus the mean of its verified aggregate"
+            f"the model sent for round {server_round} is not the one that round "
+            f"{verified} implies: its model plus the mean of its verified "
+            "aggregate, or its model unchanged if it was discarded"
         )
 
     logger.warning("Round %d failed verification: %s", server_round, reason)
@@ -767,6 +774,10 @@ def _check_transcript(
         untrusted = RoundTranscript.from_json(request.transcript)
     except ValueError as error:
         return VerificationResult(False, f"the transcript is malformed: {error}")
+    if aggregate.size == 0:
+        return VerificationResult(
+            False, "the aggregate is malformed: it is empty or could not be read"
+        )
     try:
         digest = commitments.aggregate_digest(aggregate)
     except ValueError as error:

@@ -147,3 +147,51 @@ def test_hostile_hidden_commitment_fails_round(mode: Mode) -> None:
     assert reports[0].verified is False
     assert reports[0].discarded is False
     assert "reports:" in reports[0].verification_reason
+
+
+def report_failure_for(node_id: int):  # type: ignore[no-untyped-def]
+    """Return a fault that turns ``node_id``'s verify reply into a failure."""
+
+    def rewrite(reply: Message) -> Message:
+        for record_name in (PROTOCOL_RECORD, DEFERRED_RECORD):
+            record = reply.content.config_records.get(record_name)
+            if record is None or "verified" not in record:
+                continue
+            reply.content[record_name] = ConfigRecord(
+                {**dict(record), "verified": 0, "discarded": 0, "reason": "disputed"}
+            )
+        return reply
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        return rewrite if node == node_id else None
+
+    return fault
+
+
+@pytest.mark.parametrize("mode", MODES[:4], ids=lambda mode: mode.name)
+def test_disputed_discard_keeps_model(mode: Mode) -> None:
+    # The server's own audit discards round 1 and one client reports a
+    # failure instead. Under the report policy the round must stay
+    # discarded: its aggregate was never checked, so it is never applied.
+    drop = drop_commit_of_round_one(mode)
+    disputing = report_failure_for(NODE_IDS[0])
+    received: dict[tuple[int, str], bytes] = {}
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        return drop(node, name, msg) or disputing(node, name, msg)
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(
+        make_app(recording_models(received), secure=mode.secure),
+        NODE_IDS,
+        fault=fault,
+    )
+
+    run(grid, mode, rounds=2, reports=reports, on_failure=FailurePolicy.REPORT)
+
+    assert reports[0].discarded is True
+    assert f"node {NODE_IDS[0]} reports: disputed" in reports[0].verification_reason
+    initial = model_digest(initial_model())
+    assert {received[(node, "2")] for node in NODE_IDS[1:] if node != VICTIM} == {
+        initial
+    }
