@@ -60,6 +60,7 @@ from .core.transcript import (
     parse_untrusted_json,
 )
 from .models import (
+    ARRAY_DECODE_ERRORS,
     DIGEST_SIZE,
     ModelDecoding,
     RoundSettings,
@@ -294,18 +295,7 @@ def _entry_settings(entry: dict[str, Any]) -> RoundSettings:
     )
 
 
-_MODEL_FILE_ERRORS = (
-    ValueError,
-    EOFError,
-    OSError,
-    MemoryError,
-    NotImplementedError,
-    RuntimeError,
-    SyntaxError,
-    tokenize.TokenError,
-    zipfile.BadZipFile,
-    zlib.error,
-)
+_MODEL_FILE_ERRORS = (*ARRAY_DECODE_ERRORS, zipfile.BadZipFile, zlib.error)
 """Exceptions of numpy and zipfile for a malformed, corrupt or oversized .npz file."""
 
 

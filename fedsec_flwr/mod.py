@@ -100,6 +100,7 @@ from .records import (
     VERIFICATION_ARRAYS_RECORD,
     VERIFICATION_DECODING_RECORD,
     VERIFICATION_STATE_RECORD,
+    array_to_numpy,
     arrays_to_numpy,
     check_client_arrays,
     encoding_fields,
@@ -969,7 +970,11 @@ def _verify(
             f"with the single key {AGGREGATE_KEY!r}."
         )
 
-    aggregate = record[AGGREGATE_KEY].numpy()
+    try:
+        aggregate = array_to_numpy(AGGREGATE_KEY, record[AGGREGATE_KEY])
+    except ProtocolError:
+        # An empty aggregate fails the round with a recorded reason.
+        aggregate = np.zeros(0, dtype=np.uint32)
     model, model_sha256 = _round_model(msg)
     state, reply = verification.client_verify(
         state,

@@ -18,6 +18,7 @@ offline auditor share it:
 from __future__ import annotations
 
 import hashlib
+import tokenize
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,20 @@ from numpy.typing import NDArray
 
 from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
 from .dp.noise import distributed_noise_headroom
+
+ARRAY_DECODE_ERRORS = (
+    TypeError,
+    ValueError,
+    EOFError,
+    OSError,
+    MemoryError,
+    NotImplementedError,
+    RuntimeError,
+    SyntaxError,
+    tokenize.TokenError,
+)
+"""Exceptions that ``numpy.load`` raises for malformed, truncated or oversized
+``.npy`` data, such as a header that declares 2**40 values."""
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from numpy.typing import NDArray
 
 from .core.encoding import EncodingParams
 from .core.errors import ProtocolError
 from .core.messages import Fields, _field
+from .models import ARRAY_DECODE_ERRORS
 
 PROTOCOL_RECORD = "fedsec.secagg"
 """ConfigRecord with the protocol stage and the request or reply fields."""
@@ -126,23 +128,31 @@ def parse_encoding(fields: Mapping[str, object]) -> EncodingParams:
         raise ProtocolError(f"Invalid encoding parameters: {error}") from None
 
 
+def array_to_numpy(key: str, array: Array) -> NDArray[Any]:
+    """Convert one untrusted Array to a numpy array.
+
+    Raises:
+        ProtocolError: If the array is not a well-formed serialized numpy
+            array, naming ``key``.
+
+    """
+    try:
+        return array.numpy()
+    except ARRAY_DECODE_ERRORS as error:
+        raise ProtocolError(
+            f"Array {key!r} must be a serialized numpy array. Found "
+            f"stype {array.stype!r}: {type(error).__name__}: {error}"
+        ) from None
+
+
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
     """Convert an ArrayRecord to numpy arrays, keeping its key order.
 
     Raises:
-        ProtocolError: If an array is not in numpy's serialization.
+        ProtocolError: If an array is not a well-formed serialized numpy array.
 
     """
-    arrays = {}
-    for key, array in record.items():
-        try:
-            arrays[key] = array.numpy()
-        except (TypeError, ValueError) as error:
-            raise ProtocolError(
-                f"Array {key!r} must be a serialized numpy array. Found "
-                f"stype {array.stype!r}: {error}"
-            ) from None
-    return arrays
+    return {key: array_to_numpy(key, array) for key, array in record.items()}
 
 
 def check_client_arrays(

@@ -74,6 +74,7 @@ from .records import (
     PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
     ROUND_MODEL_RECORD,
+    array_to_numpy,
     arrays_to_numpy,
     check_client_arrays,
     content_bytes,
@@ -1292,7 +1293,9 @@ def _masked_vector(reply: Message) -> NDArray[np.uint32]:
             f"The reply must carry the {MASKED_INPUT_RECORD!r} ArrayRecord with the "
             f"single key {MASKED_VECTOR_KEY!r}."
         )
-    vector: NDArray[np.uint32] = record[MASKED_VECTOR_KEY].numpy()
+    vector: NDArray[np.uint32] = array_to_numpy(
+        MASKED_VECTOR_KEY, record[MASKED_VECTOR_KEY]
+    )
     return vector
 
 
@@ -1540,8 +1543,8 @@ def _plain_input(reply: Message, params: EncodingParams, *, size: int) -> _Plain
             f"The reply must carry the {PLAIN_INPUT_RECORD!r} ArrayRecord with the "
             f"keys {ENCODED_UPDATE_KEY!r} and {BLINDING_KEY!r}."
         )
-    update = record[ENCODED_UPDATE_KEY].numpy()
-    blinding = record[BLINDING_KEY].numpy()
+    update = array_to_numpy(ENCODED_UPDATE_KEY, record[ENCODED_UPDATE_KEY])
+    blinding = array_to_numpy(BLINDING_KEY, record[BLINDING_KEY])
     if update.dtype != np.uint32 or update.shape != (size,):
         raise ProtocolError(
             f"The encoded update must be uint32 of shape ({size},). "

@@ -11,6 +11,7 @@ replace the model after an honestly verified round.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import random
 from collections.abc import Callable
@@ -36,7 +37,11 @@ from fedsec_flwr.mod import make_secure_aggregation_mod
 from fedsec_flwr.models import model_digest
 from fedsec_flwr.privacy import DPConfig
 from fedsec_flwr.records import (
+    AGGREGATE_KEY,
+    AGGREGATE_RECORD,
     ARRAYS_RECORD,
+    MASKED_INPUT_RECORD,
+    MASKED_VECTOR_KEY,
     PROTOCOL_RECORD,
     ROUND_MODEL_RECORD,
     VERIFICATION_STATE_RECORD,
@@ -63,7 +68,7 @@ from tests.test_verification_strategy import (
     recording_train,
 )
 
-MISMATCH = "is not the model of round 1 plus the mean of its verified aggregate"
+MISMATCH = "is not the one that round 1 implies"
 SIGNATURE_INVALID = "a commitment signature is not valid"
 OTHER_MODEL_NAMED = (
     "the transcript names another model than the one this client trained on"
@@ -690,16 +695,36 @@ def replace_round_model(victim: int, change: str) -> object:
             return None
         if change == "remove":
             del msg.content[ROUND_MODEL_RECORD]
-        else:
+        elif change == "one-ulp":
             msg.content[ROUND_MODEL_RECORD] = one_ulp_up(
                 msg.content[ROUND_MODEL_RECORD]
+            )
+        else:
+            record = msg.content[ROUND_MODEL_RECORD]
+            first = next(iter(record))
+            msg.content[ROUND_MODEL_RECORD] = ArrayRecord(
+                {**dict(record.items()), first: malformed_array(change)}
             )
         return None
 
     return fault
 
 
-@pytest.mark.parametrize("change", ["one-ulp", "remove"])
+def malformed_array(kind: str) -> Array:
+    """Return an Array whose data numpy cannot load, in one of three ways."""
+    if kind == "empty-data":
+        return Array(dtype="<u4", shape=(4,), stype="numpy.ndarray", data=b"")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<u4", "fortran_order": False, "shape": (2**40,)}
+    )
+    data = header.getvalue() if kind == "huge-header" else header.getvalue()[:15]
+    return Array(dtype="<u4", shape=(4,), stype="numpy.ndarray", data=data)
+
+
+@pytest.mark.parametrize(
+    "change", ["one-ulp", "remove", "empty-data", "huge-header", "cut-header"]
+)
 @pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
 def test_hostile_round_model_in_verify_request(mode: Mode, change: str) -> None:
     # The client computes the next model from the model its verify request
@@ -737,3 +762,48 @@ def test_model_check_fails_without_expected_model() -> None:
     assert checked.failed_round == 4
     assert "could not compute the model that follows round 3" in checked.failure_reason
     assert later == state
+
+
+@pytest.mark.parametrize("kind", ["empty-data", "huge-header", "cut-header"])
+def test_hostile_malformed_aggregate_fails_round(kind: str) -> None:
+    # numpy raises EOFError, MemoryError or a header error for these. The
+    # client records a failed round with a reason instead of crashing.
+    victim = NODE_IDS[1]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and AGGREGATE_RECORD in msg.content.array_records:
+            msg.content[AGGREGATE_RECORD] = ArrayRecord(
+                {AGGREGATE_KEY: malformed_array(kind)}
+            )
+        return None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    run(grid, MODES[0], rounds=1, reports=reports, on_failure=FailurePolicy.REPORT)
+
+    assert reports[0].verified is False
+    assert "the aggregate is malformed" in failure_reason(grid, victim)
+
+
+@pytest.mark.parametrize("kind", ["empty-data", "huge-header", "cut-header"])
+def test_hostile_malformed_masked_input_counts_as_dropped(kind: str) -> None:
+    # A client's malformed masked vector must not stop the server's run.
+    victim = NODE_IDS[3]
+
+    def rewrite(reply: Message) -> Message:
+        reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
+            {MASKED_VECTOR_KEY: malformed_array(kind)}
+        )
+        return reply
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        return rewrite if node == victim and name == "masked-input" else None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+
+    run(grid, MODES[0], rounds=1, reports=reports)
+
+    assert reports[0].num_aggregated == NUM_NODES - 1
+    assert reports[0].dropped_by_stage["masked-input"] == 1
