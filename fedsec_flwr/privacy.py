@@ -37,6 +37,7 @@ from .core.encoding import TRAILER_SIZE, EncodingParams
 from .dp.accounting import (
     ACCOUNTANT_PRV,
     ACCOUNTANT_RDP,
+    MAX_PRV_STEPS,
     MIN_DISCRETE_SIGMA,
     DistributedDiscreteGaussianEvent,
     GaussianEvent,
@@ -350,6 +351,12 @@ class ServerPrivacy:
             raise ValueError(
                 "Distributed DP needs secure aggregation: clients add noise "
                 "inside the secure sum. Found secure_aggregation=None."
+            )
+        if self.config.accountant == ACCOUNTANT_PRV and self.num_rounds > MAX_PRV_STEPS:
+            raise ValueError(
+                f"accountant 'prv' composes at most {MAX_PRV_STEPS} rounds, "
+                f"because its memory grows with them. Found {self.num_rounds} "
+                "rounds; use the 'rdp' accountant."
             )
         self.accountant = PrivacyAccountant(
             accountant=self.config.accountant, delta=self.config.delta

@@ -94,6 +94,23 @@ def test_misspelled_policy_key_rejected(key: str, meant: str) -> None:
     assert f"Did you mean {meant!r}?" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "require-secagg",
+        "require-secure-agg",
+        "require-verify",
+        "dp-epsilon",
+        "dp-max-eps",
+        "dp-min-honest",
+        "DP_Budget",
+    ],
+)
+def test_unknown_policy_like_key_rejected(key: str) -> None:
+    with pytest.raises(ValueError, match=f"{key!r} is not a policy key"):
+        NodePolicy.from_node_config({key: True})
+
+
 def test_other_node_keys_accepted() -> None:
     config = {"partition-id": 0, "num-partitions": 3, "data-dir": "/data", "seed": 1}
 

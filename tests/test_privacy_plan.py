@@ -287,3 +287,14 @@ def test_epsilon_against_server_unamplified() -> None:
     assert privacy.epsilon <= 3.0
     assert privacy.epsilon_against_server == unamplified.epsilon
     assert privacy.epsilon_against_server > 3.0
+
+
+def test_prv_run_over_step_limit_rejected_before_round_one() -> None:
+    # The PRV accountant's memory grows with its steps, so a run that would
+    # pass the limit must fail at its start, not after 1000 rounds.
+    dp = DPConfig(mode=DPMode.CENTRAL, accountant="prv", noise_multiplier=1.0)
+
+    with pytest.raises(ValueError, match="composes at most 1000 rounds"):
+        ServerPrivacy(
+            config=dp, num_rounds=1001, sample_rate=1.0, max_clients=10, modulus=None
+        )

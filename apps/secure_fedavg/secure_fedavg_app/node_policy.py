@@ -18,10 +18,11 @@ the run config and the server say:
   default 1): the delta of that budget and the number of clients, this one
   included, whose noise the client counts on in each sum.
 
-All keys are optional; a node without them follows the run config. A key
-that is close to one of them, such as ``require_secure_aggregation`` or
-``require-secure-aggregaton``, is rejected, because ignoring it would run the
-node without the requirement its operator meant to set.
+All keys are optional; a node without them follows the run config. Another
+key that starts with ``require`` or ``dp`` (in any case, with ``-`` or ``_``)
+or is close to a policy key, such as ``require_secure_aggregation``,
+``require-secagg`` or ``dp-max-eps``, is rejected, because ignoring it would
+run the node without the requirement its operator meant to set.
 """
 
 import difflib
@@ -46,7 +47,10 @@ POLICY_KEYS = (
     DP_MIN_HONEST_CLIENTS,
 )
 
-MISSPELLING_CUTOFF = 0.85
+POLICY_PREFIXES = ("require", "dp-", "dp_")
+"""Beginnings of keys that can only be meant as policy keys."""
+
+MISSPELLING_CUTOFF = 0.75
 """`difflib` similarity above which an unknown key counts as a misspelled policy key."""
 
 DEFAULT_DELTA = 1e-5
@@ -113,10 +117,11 @@ def _reject_misspelled_keys(node_config: Mapping[str, ConfigValue]) -> None:
         close = difflib.get_close_matches(
             normalized, POLICY_KEYS, n=1, cutoff=MISSPELLING_CUTOFF
         )
-        if close:
+        if close or normalized.startswith(POLICY_PREFIXES):
+            meant = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(
-                f"Node config key {key!r} is not a policy key. Did you mean "
-                f"{close[0]!r}? The policy keys are {', '.join(POLICY_KEYS)}."
+                f"Node config key {key!r} is not a policy key.{meant} The policy "
+                f"keys are {', '.join(POLICY_KEYS)}."
             )
 
 
