@@ -18,8 +18,8 @@ MAX_AUTO_QUANTIZATION_BITS = 24
 """Cap on automatic quantization bits: float32 updates carry 24 significant bits."""
 
 MIN_AUTO_QUANTIZATION_BITS = 8
-"""Fewest automatic quantization bits without a warning: 256 levels over the
-clip range. Fewer come from a large max_weight or max_clients."""
+"""Minimum automatic quantization bits without a warning: 256 levels over the
+clip range. A large max_weight or max_clients leaves fewer."""
 
 MIN_THRESHOLD = 2
 

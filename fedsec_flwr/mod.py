@@ -865,7 +865,7 @@ def _round_digests(
 ) -> tuple[bytes, bytes, bytes]:
     """Digest the global model in ``msg`` and the round's settings.
 
-    Returns the model's digest, unless ``model_sha256`` already holds it,
+    Returns the model's digest, unless ``model_sha256`` already contains it,
     and the digests of the training configuration and of the encoding and
     DP fields, as the server computes them for `RoundSettings`.
     """
@@ -1031,7 +1031,7 @@ def _take_next_model(
     it: that model plus the mean decoded from the aggregate without the
     commitment offset. Returns ``None`` when the round failed verification,
     when no decoding of this round is kept, or when the aggregate does not
-    decode; an honest server then releases no model, and the next round's
+    decode. An honest server then releases no model, so the next round's
     model check fails whatever model arrives.
     """
     decoding = context.state.config_records.get(VERIFICATION_DECODING_RECORD)

@@ -673,12 +673,8 @@ def _apply_secure_total(
         epsilon = privacy.finish(
             mean_update, num_aggregated=num_aggregated, bit_sum=bit_sum
         )
-    new_arrays = _finite_model(
-        FloatLayout.of(global_arrays).apply_update(global_arrays, mean_update),
-        server_round,
-    )
     return (
-        ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        _updated_model(global_arrays, mean_update, server_round),
         num_clipped,
         epsilon,
     )
@@ -1299,16 +1295,20 @@ def _masked_vector(reply: Message) -> NDArray[np.uint32]:
     return vector
 
 
-def _finite_model(
-    arrays: dict[str, NDArray[np.generic]], server_round: int
-) -> dict[str, NDArray[np.generic]]:
-    """Return the new model, or raise if a float array has a NaN or an infinity.
+def _updated_model(
+    global_arrays: dict[str, NDArray[np.generic]],
+    mean_update: NDArray[np.float64],
+    server_round: int,
+) -> ArrayRecord:
+    """Apply the mean update to the global model and return the new model.
 
     Raises:
-        ValueError: Naming the round and the array, so that no such model is
-            released.
+        ValueError: If a float array of the new model has a NaN or an
+            infinity, naming the round and the array, so that no such model
+            is released.
 
     """
+    arrays = FloatLayout.of(global_arrays).apply_update(global_arrays, mean_update)
     for key, value in arrays.items():
         if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
             raise ValueError(
@@ -1316,7 +1316,7 @@ def _finite_model(
                 "infinite values, for example from noise or updates beyond the "
                 "float range of its dtype. No model from this round is released."
             )
-    return arrays
+    return ArrayRecord({k: _array(v) for k, v in arrays.items()})
 
 
 def _array(value: NDArray[np.generic]) -> Array:
@@ -1381,11 +1381,8 @@ def run_plain_round(
         epsilon = privacy.finish(
             mean_update, num_aggregated=len(updates), bit_sum=float(bit_sum)
         )
-    new_arrays = _finite_model(
-        layout.apply_update(global_arrays, mean_update), server_round
-    )
     return RoundOutcome(
-        arrays=ArrayRecord({k: _array(v) for k, v in new_arrays.items()}),
+        arrays=_updated_model(global_arrays, mean_update, server_round),
         num_aggregated=len(updates),
         epsilon=epsilon,
         dropped_by_stage={"train": len(nodes) - len(updates)},
@@ -1477,10 +1474,7 @@ def run_plain_verified_round(
     released, num_clipped = arrays, 0
     if not result.discarded:
         decoded = decode_sum(total, params=params)
-        new_arrays = _finite_model(
-            layout.apply_update(global_arrays, decoded.mean), server_round
-        )
-        released = ArrayRecord({k: _array(v) for k, v in new_arrays.items()})
+        released = _updated_model(global_arrays, decoded.mean, server_round)
         num_clipped = decoded.num_clipped
     return RoundOutcome(
         arrays=released,

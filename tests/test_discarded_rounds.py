@@ -133,8 +133,8 @@ def hide_commitment(node_id: int):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("mode", MODES[:4], ids=lambda mode: mode.name)
 def test_hostile_hidden_commitment_fails_round(mode: Mode) -> None:
     # The victim committed, but the transcript leaves it out, so the round
-    # looks discarded to everyone else. The victim knows better, and the
-    # round fails instead of being discarded.
+    # looks discarded to everyone else. The victim detects the omission, and
+    # the round fails instead of being discarded.
     reports: list[RoundReport] = []
     grid = LoopbackGrid(
         make_app(honest_train, secure=mode.secure),

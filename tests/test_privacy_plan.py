@@ -289,7 +289,7 @@ def test_epsilon_against_server_unamplified() -> None:
     assert privacy.epsilon_against_server > 3.0
 
 
-def test_prv_run_over_step_limit_rejected_before_round_one() -> None:
+def test_prv_over_step_limit_rejected() -> None:
     # The PRV accountant's memory grows with its steps, so a run that would
     # pass the limit must fail at its start, not after 1000 rounds.
     dp = DPConfig(mode=DPMode.CENTRAL, accountant="prv", noise_multiplier=1.0)

@@ -87,7 +87,7 @@ MIN_SEARCH_NOISE_MULTIPLIER = MIN_NOISE_MULTIPLIER
 """Smallest noise multiplier that `noise_multiplier_for_target` tries."""
 
 MAX_PRV_STEPS = 1000
-"""Most steps that the PRV accountant composes. Its memory and time grow with
+"""Maximum steps that the PRV accountant composes. Its memory and time grow with
 the steps: at q = 1 and epsilon 1, finding z for 1000 steps took 1.3 GB and
 11 s on a 2-core VM, and the search for 100,000 steps tried to allocate
 84 GiB. The RDP accountant has no such limit."""
