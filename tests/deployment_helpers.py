@@ -19,7 +19,6 @@ from typing import Any
 from fedsec_flwr.deploy.local import (
     ManagedProcess,
     build_environment,
-    is_alive,
     start_process,
 )
 
@@ -73,27 +72,6 @@ def find_free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def live_processes_mentioning(text: str) -> list[int]:
-    """Return PIDs of running processes whose command line or environment has ``text``.
-
-    Every Flower process a test starts has its ``FLWR_HOME`` under the test's
-    folder, and every Ray process has the cluster's temp folder on its command
-    line, so this finds leftovers even when they were re-parented.
-    """
-    needle = text.encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in blob and is_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
 
 
 def run_simulation(

@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,11 +39,11 @@ from fedsec_flwr.deploy.local import (
     LocalFederation,
     build_environment,
     is_alive,
+    processes_mentioning,
     stop_processes,
 )
 from tests.deployment_helpers import (
     APP_DIR,
-    live_processes_mentioning,
     ray_head_started,
     read_results,
     received_train_messages,
@@ -132,7 +133,7 @@ def start_federation(
 
     for federation in started:
         federation.stop()
-    leftovers = live_processes_mentioning(str(tmp_path))
+    leftovers = processes_mentioning(str(tmp_path))
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
@@ -142,7 +143,7 @@ def assert_stopped(federation: LocalFederation) -> None:
     assert started, "the federation recorded no processes"
     still_running = [pid for pid in started if is_alive(pid)]
     assert still_running == []
-    leftovers = live_processes_mentioning(str(federation.paths.work_dir))
+    leftovers = processes_mentioning(str(federation.paths.work_dir))
     assert leftovers == []
 
 
@@ -410,6 +411,38 @@ def test_unregistered_supernode_rejected(
 
 
 @pytest.mark.deployment
+@pytest.mark.timeout(60)
+def test_stop_ends_processes_outside_the_tree(
+    credentials: CredentialPaths, tmp_path: Path
+) -> None:
+    # A SuperNode that exits before it is stopped leaves its flower-superexec
+    # in a session of its own; only its FLWR_HOME ties it to the federation.
+    federation = LocalFederation(
+        credentials=credentials,
+        app_dir=APP_DIR,
+        work_dir=tmp_path / "federation",
+        num_supernodes=1,
+    )
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        env=build_environment(os.environ, federation.paths.supernode_home("gone")),
+        start_new_session=True,
+    )
+    try:
+        assert wait_for(lambda: processes_mentioning(str(tmp_path)) != [], timeout=10)
+
+        federation.stop()
+
+        # The sweep may reap the child itself, so only its end is checked.
+        stray.wait(timeout=10)
+        assert processes_mentioning(str(tmp_path)) == []
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+
+
+@pytest.mark.deployment
 @pytest.mark.timeout(300)
 def test_superlink_serves_only_tls(start_federation: FederationFactory) -> None:
     federation = start_federation(num_supernodes=1)
@@ -634,9 +667,7 @@ def test_simulation_on_existing_ray_cluster(tmp_path: Path) -> None:
         survivors = stop_processes(processes)
 
     assert survivors == []
-    leftovers = live_processes_mentioning(str(ray_dir)) + live_processes_mentioning(
-        str(tmp_path)
-    )
+    leftovers = processes_mentioning(str(ray_dir)) + processes_mentioning(str(tmp_path))
     assert leftovers == []
     shutil.rmtree(ray_dir, ignore_errors=True)
 
@@ -694,4 +725,4 @@ def test_deploy_script_fails_on_failed_run(tmp_path: Path) -> None:
         read_results(tmp_path / "work" / "federation" / "outputs" / "run-1")["status"]
         == "failed"
     )
-    assert live_processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []

@@ -197,12 +197,7 @@ def stop_processes(processes: Sequence[ManagedProcess]) -> list[int]:
         [process.pid for process in processes if process.is_running()]
         + [pid for process in processes for pid in process.descendants]
     )
-    for pid in leftovers:
-        _signal_pid(pid, signal.SIGTERM)
-    survivors = _wait_gone(leftovers, KILL_GRACE_SECONDS)
-    for pid in survivors:
-        _signal_pid(pid, signal.SIGKILL)
-    survivors = _wait_gone(survivors, KILL_GRACE_SECONDS)
+    survivors = stop_pids(leftovers)
 
     for process in processes:
         if process.is_running():
@@ -226,6 +221,39 @@ def is_alive(pid: int) -> bool:
         _reap(pid)
         return False
     return True
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Return PIDs of live processes whose command line or environment has ``text``.
+
+    Every Flower process of a federation has its ``FLWR_HOME`` under the
+    federation's folder, so this finds the ones that left its process tree:
+    a SuperNode that exits early leaves its ``flower-superexec`` behind, in a
+    session of its own, until that process notices its parent is gone. This
+    process itself is never listed.
+    """
+    needle = text.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in blob and is_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_pids(pids: Sequence[int]) -> list[int]:
+    """Send SIGTERM to ``pids``, then SIGKILL after a grace; return survivors."""
+    for pid in pids:
+        _signal_pid(pid, signal.SIGTERM)
+    survivors = _wait_gone(pids, KILL_GRACE_SECONDS)
+    for pid in survivors:
+        _signal_pid(pid, signal.SIGKILL)
+    return _wait_gone(survivors, KILL_GRACE_SECONDS)
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
@@ -649,6 +677,11 @@ class LocalFederation:
         if self.superlink is not None:
             order.append(self.superlink)
         survivors = stop_processes(order)
+        # Processes that left the tree before their parent was stopped.
+        strays = processes_mentioning(str(self.paths.work_dir))
+        if strays:
+            logger.info("Stopping %d process(es) outside the tree", len(strays))
+            survivors += stop_pids(strays)
         if survivors:
             logger.error("Processes still alive after SIGKILL: %s", survivors)
         elif order:
