@@ -227,10 +227,10 @@ def processes_mentioning(text: str) -> list[int]:
     """Return PIDs of live processes whose command line or environment has ``text``.
 
     Every Flower process of a federation has its ``FLWR_HOME`` under the
-    federation's folder, so this finds the ones that left its process tree:
-    a SuperNode that exits early leaves its ``flower-superexec`` behind, in a
-    session of its own, until that process notices its parent is gone. This
-    process itself is never listed.
+    federation's folder, so this also finds processes that left its process
+    tree. A SuperNode that exits early leaves its ``flower-superexec`` behind
+    in a session of its own until that process notices its parent is gone.
+    The calling process is not listed.
     """
     needle = text.encode()
     found = []
@@ -247,7 +247,11 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def stop_pids(pids: Sequence[int]) -> list[int]:
-    """Send SIGTERM to ``pids``, then SIGKILL after a grace; return survivors."""
+    """Send SIGTERM to ``pids``, then SIGKILL after a grace period.
+
+    Returns:
+        PIDs still alive after SIGKILL.
+    """
     for pid in pids:
         _signal_pid(pid, signal.SIGTERM)
     survivors = _wait_gone(pids, KILL_GRACE_SECONDS)
