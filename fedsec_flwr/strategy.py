@@ -311,6 +311,8 @@ class SecureFedAvg(Strategy):
         self.on_round_end = on_round_end
         self.rng = rng or random.SystemRandom()
         self._key_directory = KeyDirectory()
+        self._evaluate_fn: EvaluateFn | None = None
+        self._result = Result()
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -402,6 +404,8 @@ class SecureFedAvg(Strategy):
             )
         privacy = self._privacy(num_rounds)
         self._key_directory = KeyDirectory()
+        self._evaluate_fn = evaluate_fn
+        self._result = result
         # Under pipelined verification the report of a round waits until the
         # next round, or the end of the run, brings its result.
         pending: PendingVerification | None = None
@@ -492,7 +496,25 @@ class SecureFedAvg(Strategy):
             report.verification_reason = verified.result.reason
             report.discarded = verified.result.discarded
         report.dropped_by_stage.update(verified.dropped_by_stage)
+        if report.discarded:
+            self._evaluate_kept_model(report, verified.model)
         self._emit(report)
+
+    def _evaluate_kept_model(self, report: RoundReport, model: ArrayRecord) -> None:
+        """Evaluate again the model that a discarded pipelined round keeps.
+
+        The round was evaluated on the model its aggregate would give, which
+        is never released, so the report and the result get the metrics of
+        the model the round trained on.
+        """
+        if self._evaluate_fn is None:
+            return
+        evaluation = self._evaluate_fn(report.server_round, model)
+        report.evaluate_metrics = _metric_values(evaluation)
+        if evaluation is None:
+            self._result.evaluate_metrics_serverapp.pop(report.server_round, None)
+        else:
+            self._result.evaluate_metrics_serverapp[report.server_round] = evaluation
 
     def _release_unfinished(
         self, report: RoundReport, pending: PendingVerification, failed_round: int
@@ -731,10 +753,12 @@ def _report(
         ),
         discarded=outcome.verification.discarded if outcome.verification else False,
         train_metrics=dict(outcome.train_metrics),
-        evaluate_metrics={
-            key: float(np.asarray(value)) for key, value in (evaluation or {}).items()
-        },
+        evaluate_metrics=_metric_values(evaluation),
     )
+
+
+def _metric_values(evaluation: MetricRecord | None) -> dict[str, float]:
+    return {key: float(np.asarray(value)) for key, value in (evaluation or {}).items()}
 
 
 def _verification_config(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
 from fedsec_flwr import RoundReport, TooFewSurvivorsError, audit
 from fedsec_flwr.models import model_digest
@@ -84,6 +84,33 @@ def test_dropout_at_commit_discards_round(mode: Mode, tmp_path: Path) -> None:
     np.savez(final_path, **released)
     command = [str(path), "--initial-model", str(initial_path)]
     assert audit.main([*command, "--final-model", str(final_path)]) == 0
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_discarded_round_evaluates_kept_model(mode: Mode) -> None:
+    # Pipelined, round 1 is evaluated before its verification discards it,
+    # on a model no client ever receives. Its report must carry the metrics
+    # of the model it kept, in every mode.
+    model_numbers: dict[bytes, int] = {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+        number = model_numbers.setdefault(digest, len(model_numbers))
+        return MetricRecord({"model": number})
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(
+        make_app(honest_train, secure=mode.secure),
+        NODE_IDS,
+        fault=drop_commit_of_round_one(mode),  # type: ignore[arg-type]
+    )
+
+    run(grid, mode, rounds=2, reports=reports, evaluate_fn=evaluate)
+
+    assert [r.discarded for r in reports] == [True, False]
+    # Model 0 is the initial model, evaluated before round 1.
+    assert reports[0].evaluate_metrics == {"model": 0.0}
+    assert reports[1].evaluate_metrics["model"] != 0.0
 
 
 @pytest.mark.parametrize("mode", MODES[:4], ids=lambda mode: mode.name)

@@ -47,6 +47,7 @@ from fedsec_flwr.records import (
     VERIFICATION_STATE_RECORD,
 )
 from fedsec_flwr.rounds import PendingVerification, PrivacyRound, RoundOutcome
+from fedsec_flwr.strategy import EvaluateFn
 from fedsec_flwr.verification import (
     ClientVerificationState,
     FailurePolicy,
@@ -154,6 +155,7 @@ def run(
     audit_path: Path | None = None,
     model: dict[str, np.ndarray] | None = None,
     train_config: ConfigRecord | None = None,
+    evaluate_fn: EvaluateFn | None = None,
 ) -> dict[str, np.ndarray]:
     strategy = RewritingFedAvg(
         rewrite,
@@ -176,7 +178,11 @@ def run(
     first = initial_model() if model is None else model
     initial = ArrayRecord({k: Array(v) for k, v in first.items()})
     result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=rounds,
+        train_config=train_config,
+        evaluate_fn=evaluate_fn,
     )
     return {k: v.numpy() for k, v in result.arrays.items()}
 
