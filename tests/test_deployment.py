@@ -490,6 +490,67 @@ def test_supernode_killed_after_key_sharing(
     assert_stopped(federation)
 
 
+# A verified round adds commit and verify after unmask, so the fourth train
+# message of a round is the unmask request.
+UNMASK_MESSAGE = 4
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1200)
+def test_supernode_killed_before_commit_discards_round(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    federation = start_federation()
+    victim = federation.supernodes["supernode-2"]
+    output_dir = tmp_path / "discard"
+    config = {
+        **DROPOUT_CONFIG,
+        "num-server-rounds": 3,
+        "verification": True,
+        "output-dir": str(output_dir),
+    }
+    submitted = federation.submit_run(config)
+
+    # The victim received the unmask request, so its masked input is in the
+    # round's aggregate, but it never commits to it.
+    reached = wait_for(
+        lambda: received_train_messages(victim.read_log(), 2) >= UNMASK_MESSAGE,
+        timeout=900,
+        interval=0.05,
+    )
+    assert reached, "supernode-2 never reached the unmask stage of round 2"
+    federation.kill_supernode(2)
+    assert not victim.is_running()
+
+    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
+    assert result.status == RUN_STATUS_COMPLETED
+    results = read_results(output_dir)
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [entry["verified"] for entry in rounds] == [True, False, True]
+    assert [entry["discarded"] for entry in rounds] == [False, True, False]
+    assert [entry["num_aggregated"] for entry in rounds] == [3, 3, 2]
+    audit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsec_flwr.audit",
+            str(output_dir / "audit.json"),
+            "--initial-model",
+            str(output_dir / "initial_model.npz"),
+            "--final-model",
+            str(output_dir / "final_model.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "2 of 3 rounds verified, 1 discarded" in audit.stdout
+    assert_stopped(federation)
+
+
 # With run keys a round has two train messages per SuperNode: keyed-input
 # (which trains) and keyed-unmask.
 KEYED_UNMASK_MESSAGE = 2
