@@ -156,6 +156,23 @@ def test_noise_multiplier_below_floor_rejected(
         ),
         ({"dp_sgd_max_grad_norm": 3.0}, "dp-sgd is false, so dp-sgd-max-grad-norm"),
         ({"verification_policy": "report"}, "verification is false, so verif"),
+        ({"dirichlet_alpha": 0.1}, "partitioning is iid, so dirichlet-alpha=0.1"),
+        (
+            {"secure_aggregation": False, "secagg_max_weight": 200},
+            "secure-aggregation and verification are false, so secagg-max-weight",
+        ),
+        (
+            {"secure_aggregation": False, "secagg_key_lifetime": "run"},
+            "secure-aggregation and verification are false, so secagg-key-lifetime",
+        ),
+        (
+            {"secure_aggregation": False, "verification": True, "secagg_timeout": 9.0},
+            "secure-aggregation is false, so secagg-timeout=9.0",
+        ),
+        (
+            {"secure_aggregation": False, "verification": True, "secagg_threshold": 3},
+            "secure-aggregation is false, so secagg-threshold=3",
+        ),
     ],
 )
 def test_changed_setting_that_is_switched_off_rejected(
@@ -163,6 +180,23 @@ def test_changed_setting_that_is_switched_off_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         parse(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"partitioning": "dirichlet", "dirichlet_alpha": 0.1},
+        # A plain verified round encodes updates with these settings.
+        {"secure_aggregation": False, "verification": True, "secagg_max_weight": 200},
+        {"secure_aggregation": False, "verification": True, "secagg_clip_range": 2.0},
+        {"secure_aggregation": False, "verification": True, "secagg_max_clients": 9},
+    ],
+)
+def test_setting_in_use_accepted(changes: dict[str, object]) -> None:
+    settings = parse(**changes)
+
+    for key, value in changes.items():
+        assert getattr(settings, key) == value
 
 
 def test_dataclass_defaults_match_app_config() -> None:

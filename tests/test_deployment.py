@@ -663,9 +663,14 @@ def test_node_budget_holds_against_the_run_config(
         },
         timeout=600,
     )
+    plain_config = {
+        key: value
+        for key, value in COMPARISON_CONFIG.items()
+        if not key.startswith("secagg-")
+    }
     plain = federation.run(
         {
-            **COMPARISON_CONFIG,
+            **plain_config,
             "secure-aggregation": False,
             "output-dir": str(tmp_path / "plain"),
         },
@@ -683,7 +688,10 @@ def test_node_budget_holds_against_the_run_config(
     assert "above its max_epsilon 1.05" in above_error
     assert plain.status == "finished:failed"
     assert plain.exit_code != 0
-    assert read_results(tmp_path / "plain")["status"] == "failed"
+    plain_results = read_results(tmp_path / "plain")
+    assert plain_results["status"] == "failed"
+    # The nodes, not the run config, reject the plain run.
+    assert "has no 'fedsec.secagg' ConfigRecord" in plain_results["error"]
     assert_stopped(federation)
 
 

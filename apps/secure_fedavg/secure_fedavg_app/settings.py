@@ -22,6 +22,25 @@ ACCOUNTANTS = ("rdp", "prv")
 POLICIES = ("refuse", "report")
 
 MAX_CONFIG_INT = 2**31 - 1
+
+SECAGG_FIELDS = (
+    "secagg_clip_range",
+    "secagg_neighbours",
+    "secagg_threshold",
+    "secagg_max_weight",
+    "secagg_max_clients",
+    "secagg_timeout",
+    "secagg_key_lifetime",
+)
+"""Settings of secure aggregation; plain verified rounds use the encoding ones."""
+
+PROTOCOL_ONLY_SECAGG_FIELDS = (
+    "secagg_neighbours",
+    "secagg_threshold",
+    "secagg_timeout",
+    "secagg_key_lifetime",
+)
+"""Settings that only the secure-aggregation protocol reads, not the encoding."""
 """Largest magnitude of an integer setting; no setting of the app needs more."""
 
 
@@ -90,14 +109,14 @@ class AppSettings:
     fraction_train: float
     min_train_clients: int
     partitioning: str
-    dirichlet_alpha: float
+    dirichlet_alpha: float = 0.5
     output_dir: str
-    secagg_clip_range: float
-    secagg_neighbours: int
-    secagg_threshold: int
-    secagg_max_weight: int
-    secagg_max_clients: int
-    secagg_timeout: float
+    secagg_clip_range: float = 1.0
+    secagg_neighbours: int = 0
+    secagg_threshold: int = 0
+    secagg_max_weight: int = 10_000
+    secagg_max_clients: int = 100
+    secagg_timeout: float = 120.0
     secagg_key_lifetime: str = "round"
     dp_mode: str = "off"
     noise_multiplier: float = 0.0
@@ -250,6 +269,21 @@ class AppSettings:
             )
         unused_by_mode = (
             (
+                self.partitioning != "dirichlet",
+                f"partitioning is {self.partitioning}",
+                ("dirichlet_alpha",),
+            ),
+            (
+                not (self.secure_aggregation or self.verification),
+                "secure-aggregation and verification are false",
+                SECAGG_FIELDS,
+            ),
+            (
+                self.verification and not self.secure_aggregation,
+                "secure-aggregation is false",
+                PROTOCOL_ONLY_SECAGG_FIELDS,
+            ),
+            (
                 self.dp_mode == "off",
                 "dp-mode is off",
                 ("clipping_norm", "dp_accountant"),
@@ -267,7 +301,7 @@ class AppSettings:
             if changed:
                 problems.append(
                     f"{reason}, so {', '.join(changed)} would have no effect; "
-                    "switch it on, or remove them."
+                    "remove them, or change the setting that switches them off."
                 )
         if not self.dp_sgd and (
             self.dp_sgd_noise_multiplier > 0 or self.dp_sgd_target_epsilon > 0
