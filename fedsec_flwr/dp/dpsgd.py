@@ -32,6 +32,7 @@ import importlib.util
 import json
 import logging
 import math
+import secrets
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -132,14 +133,15 @@ class DPSGDConfig:
             variables), as in `fedsec_flwr.dp.accounting`.
         secure_rng: Whether Opacus draws noise and batches from a
             cryptographically secure generator (its `secure_mode`), which
-            needs the torchcsprng package. With False, the default, noise
-            comes from torch's global generator and batch sampling from the
-            train loader's generator, or the global one if it has none. Both
-            are Mersenne Twisters, so anyone with their seed can reproduce
-            the noise and subtract it. Opacus's secure mode also sums four
-            Gaussian draws per coordinate against attacks on the low bits of
-            floating-point noise, as Opacus 1.6's `_generate_noise`
-            documents.
+            needs the torchcsprng package. With False, the default, each
+            call draws noise and batches from two new torch generators
+            (Mersenne Twisters) seeded with 63 bits from the operating
+            system's random source. So neither torch's global seed nor the
+            train loader's generator can replay the noise, and training
+            with DP-SGD does not repeat from run to run. Opacus's secure mode
+            also sums four Gaussian draws per coordinate against attacks on
+            the low bits of floating-point noise, as Opacus 1.6's
+            `_generate_noise` documents.
 
     """
 
@@ -407,8 +409,9 @@ def train_dp_sgd(
         model: Model to start from, compatible with Opacus (see
             `make_private_compatible`). It is never modified.
         train_loader: Map-style loader of (features, labels) batches.
-            Opacus keeps its dataset, collate function, workers and
-            generator, and replaces its sampler.
+            Opacus keeps its dataset, collate function and workers, and
+            replaces its sampler. Its generator is not used (see
+            `DPSGDConfig.secure_rng`).
         epochs: Passes over the data, at least 1.
         learning_rate: SGD step size, positive.
         config: Privacy settings. Keep them the same in every round.
@@ -750,6 +753,17 @@ def _train_private_copy(
     private_model.train()
     trainable = [p for p in private_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=learning_rate)
+    device = trainable[0].device
+    noise_generator = None
+    if not config.secure_rng:
+        # Opacus would otherwise draw from torch's global generator, which
+        # callers often seed from a public value, so the noise could be
+        # replayed and subtracted.
+        noise_generator = _unpredictable_generator(device)
+        train_loader = _with_generator(
+            train_loader, _unpredictable_generator(torch.device("cpu"))
+        )
+
     engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
     wrapped, dp_optimizer, dp_loader = engine.make_private(
         module=private_model,
@@ -758,8 +772,8 @@ def _train_private_copy(
         noise_multiplier=noise_multiplier,
         max_grad_norm=config.max_grad_norm,
         poisson_sampling=True,
+        noise_generator=noise_generator,
     )
-    device = trainable[0].device
 
     try:
         train_loss = math.nan
@@ -783,6 +797,26 @@ def _train_private_copy(
         train_loss=train_loss,
         recorded_history=list(engine.accountant.history),
     )
+
+
+def _unpredictable_generator(device: torch.device) -> torch.Generator:
+    """Return a torch generator on ``device`` seeded from the OS random source."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
+def _with_generator(
+    train_loader: DataLoader[Any], generator: torch.Generator
+) -> DataLoader[Any]:
+    """Return a shallow copy of ``train_loader`` that samples with ``generator``.
+
+    Opacus's Poisson sampler takes the loader's generator, and the caller's
+    loader stays as it was.
+    """
+    copied = copy.copy(train_loader)
+    copied.generator = generator
+    return copied
 
 
 def _train_epoch(

@@ -194,13 +194,45 @@ def test_torch_threads_restored() -> None:
 
 @pytest.mark.timeout(20)
 def test_empty_poisson_batches_tolerated() -> None:
-    torch.manual_seed(3)
+    # Sample rate 1/3 over 15 steps draws an empty batch with probability
+    # above 0.99.
     loader = tabular_loader(num_examples=3, batch_size=1)
 
     result = train_round(tiny_model(), loader=loader, epochs=5)
 
     assert result.num_steps == 15
     assert all(torch.isfinite(value).all() for value in result.state_dict.values())
+
+
+@pytest.mark.timeout(20)
+def test_noise_not_replayed_from_seeds() -> None:
+    # With the global seed and the loader's generator set alike, a replay
+    # that gave the same weights would let anyone who knows the seeds
+    # subtract the noise.
+    results = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        loader = tabular_loader()
+        loader.generator = torch.Generator().manual_seed(8)
+        results.append(train_round(tiny_model(), loader=loader))
+
+    first, second = (
+        torch.cat([value.flatten() for value in result.state_dict.values()])
+        for result in results
+    )
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.timeout(20)
+def test_caller_loader_keeps_its_generator() -> None:
+    loader = tabular_loader()
+    generator = torch.Generator().manual_seed(9)
+    loader.generator = generator
+
+    train_round(tiny_model(), loader=loader)
+
+    assert loader.generator is generator
+    assert type(loader) is DataLoader
 
 
 # --- accountant state --------------------------------------------------------
