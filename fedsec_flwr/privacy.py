@@ -274,6 +274,13 @@ def _check_count(name: str, value: object, *, maximum: int | None) -> None:
         )
 
 
+def central_denominator(plan: RoundPrivacy, *, num_aggregated: int) -> float:
+    """Return m, what the noisy sum of a central round is divided by."""
+    if plan.expected_clients is not None:
+        return plan.expected_clients
+    return float(num_aggregated)
+
+
 def _check_positive(name: str, value: float) -> None:
     if (
         isinstance(value, bool)
@@ -302,6 +309,9 @@ class RoundPrivacy:
         encoding: The round's fixed-point encoding under DP.
         min_inputs: The fewest noised inputs whose sum the round may release
             (distributed target mode), else 0 for no limit.
+        expected_clients: In central mode under Poisson sampling, the
+            expected number of sampled clients, q * N, which divides the
+            noisy sum in place of the count aggregated; else ``None``.
 
     """
 
@@ -314,6 +324,7 @@ class RoundPrivacy:
     bit_sigma_client: float
     encoding: EncodingParams | None
     min_inputs: int = 0
+    expected_clients: float | None = None
 
 
 @dataclass
@@ -383,8 +394,19 @@ class ServerPrivacy:
             return None
         return self._unamplified.epsilon
 
-    def plan(self, *, num_sampled: int, dimension: int) -> RoundPrivacy:
+    def plan(
+        self,
+        *,
+        num_sampled: int,
+        dimension: int,
+        expected_clients: float | None = None,
+    ) -> RoundPrivacy:
         """Plan the next round for ``num_sampled`` clients and ``dimension`` values.
+
+        Under Poisson sampling the number of clients in a round depends on
+        who was sampled, and a mean over that count, with noise scaled by
+        it, would release it. So central mode divides the noisy sum by
+        ``expected_clients``, q times the nodes sampled from, when given.
 
         Raises:
             RoundNotPlannedError: A distributed round after the first cannot
@@ -414,6 +436,8 @@ class ServerPrivacy:
         )
 
         if self.config.mode is DPMode.CENTRAL:
+            if expected_clients is not None:
+                _check_positive("expected_clients", expected_clients)
             update_z = z
             if self.adaptive is not None:
                 update_z = effective_noise_multiplier(
@@ -431,6 +455,7 @@ class ServerPrivacy:
                 sigma_client=0.0,
                 bit_sigma_client=0.0,
                 encoding=encoding,
+                expected_clients=expected_clients,
             )
 
         try:
@@ -598,13 +623,22 @@ class ServerPrivacy:
     def add_central_noise(
         self, mean: NDArray[np.float64], plan: RoundPrivacy, *, num_aggregated: int
     ) -> None:
-        """Add N(0, (z * C / m)**2) to every coordinate of the mean, in place."""
+        """Add N(0, (z * C / m)**2) to every coordinate of the mean, in place.
+
+        m is the plan's ``expected_clients`` when it has one, and the mean
+        over ``num_aggregated`` updates is first rescaled to the sum over m.
+        """
         if self.config.mode is not DPMode.CENTRAL:
             return
-        std = plan.update_noise_multiplier * plan.clipping_norm / num_aggregated
+        denominator = central_denominator(plan, num_aggregated=num_aggregated)
+        if plan.expected_clients is not None:
+            mean *= num_aggregated / denominator
+        std = plan.update_noise_multiplier * plan.clipping_norm / denominator
         mean += self.rng.normal(mean.shape, std=std)
 
-    def update_clipping_norm(self, bit_sum: float, *, num_aggregated: int) -> None:
+    def update_clipping_norm(
+        self, bit_sum: float, plan: RoundPrivacy, *, num_aggregated: int
+    ) -> None:
         """Feed the round's count of unclipped updates to adaptive clipping.
 
         In central mode the server adds the count's noise here; in distributed
@@ -613,9 +647,11 @@ class ServerPrivacy:
         if self.adaptive is None:
             return
         noisy = bit_sum
+        denominator: float = num_aggregated
         if self.config.mode is DPMode.CENTRAL:
             noisy = self.adaptive.noisy_bit_sum(int(bit_sum), rng=self.rng)
-        self.adaptive.update(noisy_bit_sum=noisy, num_aggregated=num_aggregated)
+            denominator = central_denominator(plan, num_aggregated=num_aggregated)
+        self.adaptive.update(noisy_bit_sum=noisy, num_aggregated=denominator)
 
     def _scale(self, clipping_norm: float) -> float:
         levels = 1 << self.config.quantization_bits
@@ -642,6 +678,9 @@ class ServerPrivacy:
                     sample_rate=plan.sample_rate,
                 )
             ]
+        # NOTE: the noise of a distributed sum grows with the clients that
+        # added it, so the released model shows their count, which the
+        # Poisson amplification in these events assumes hidden.
         return _distributed_events(plan, num_clients=num_clients, dimension=dimension)
 
     def _calibrated(self, *, num_sampled: int, dimension: int) -> float:

@@ -263,7 +263,9 @@ class PrivacyRound:
     ) -> float:
         """Add central noise, adapt the clipping norm and return the new epsilon."""
         self.server.add_central_noise(mean, self.plan, num_aggregated=num_aggregated)
-        self.server.update_clipping_norm(bit_sum, num_aggregated=num_aggregated)
+        self.server.update_clipping_norm(
+            bit_sum, self.plan, num_aggregated=num_aggregated
+        )
         return self.server.record(
             self.plan, num_aggregated=num_aggregated, dimension=self.dimension
         )

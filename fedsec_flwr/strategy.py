@@ -311,6 +311,7 @@ class SecureFedAvg(Strategy):
         self.on_round_end = on_round_end
         self.rng = rng or random.SystemRandom()
         self._key_directory = KeyDirectory()
+        self._num_available = 0
         self._evaluate_fn: EvaluateFn | None = None
         self._result = Result()
 
@@ -418,7 +419,11 @@ class SecureFedAvg(Strategy):
             round_privacy = None
             if privacy is not None:
                 try:
-                    plan = privacy.plan(num_sampled=len(nodes), dimension=dimension)
+                    plan = privacy.plan(
+                        num_sampled=len(nodes),
+                        dimension=dimension,
+                        expected_clients=self._expected_clients(),
+                    )
                 except RoundNotPlannedError as error:
                     reason: str | None = str(error)
                 else:
@@ -627,6 +632,7 @@ class SecureFedAvg(Strategy):
                 )
             time.sleep(NODE_WAIT_INTERVAL)
             available = sorted(grid.get_node_ids())
+        self._num_available = len(available)
 
         if self.client_sampling == SAMPLING_POISSON:
             if server_round == 1:
@@ -645,6 +651,12 @@ class SecureFedAvg(Strategy):
         return self._check_limit(
             server_round, sorted(self.rng.sample(available, count))
         )
+
+    def _expected_clients(self) -> float | None:
+        """Return q * N under Poisson sampling, for N nodes sampled from, else None."""
+        if self.client_sampling != SAMPLING_POISSON:
+            return None
+        return self.fraction_train * self._num_available
 
     def _check_poisson_sample_size(self, num_nodes: int, num_rounds: int) -> None:
         """Raise if some round would likely draw too few or too many clients.

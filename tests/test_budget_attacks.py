@@ -814,9 +814,18 @@ def hostile_plan(
     honest_plan = privacy_module.ServerPrivacy.plan
 
     def plan(
-        self: privacy_module.ServerPrivacy, *, num_sampled: int, dimension: int
+        self: privacy_module.ServerPrivacy,
+        *,
+        num_sampled: int,
+        dimension: int,
+        expected_clients: float | None = None,
     ) -> privacy_module.RoundPrivacy:
-        planned = honest_plan(self, num_sampled=num_sampled, dimension=dimension)
+        planned = honest_plan(
+            self,
+            num_sampled=num_sampled,
+            dimension=dimension,
+            expected_clients=expected_clients,
+        )
         assert planned.encoding is not None
         factor = (clipping_norm / planned.clipping_norm) * (
             planned.encoding.clip_range / clip_range

@@ -169,6 +169,54 @@ def test_dropout_noise_matches_aggregated_count(mode: DPMode) -> None:
     assert model["w"].std() == pytest.approx(expected, rel=TOLERANCE)
 
 
+def constant_train(shift: float):  # type: ignore[no-untyped-def]
+    """Return a train function whose update adds ``shift`` to every weight."""
+
+    def train(msg: Message, context: Context) -> Message:
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        arrays["w"] = (arrays["w"] + shift).astype(np.float32)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return train
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_poisson_central_round_hides_client_count(secure: bool) -> None:
+    # Under Poisson sampling the count of clients depends on who was
+    # sampled. Neither the update's scale nor its noise may show it: both
+    # use q * N = 6 expected clients, whatever the sample.
+    nodes = [1000 + i for i in range(12)]
+    shift, z, clipping_norm = 0.01, 0.1, 4.0
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=z, clipping_norm=clipping_norm)
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(constant_train(shift), secure=secure), nodes)
+
+    model, _ = run(
+        grid,
+        dp,
+        secure=secure,
+        reports=reports,
+        fraction_train=0.5,
+        client_sampling="poisson",
+    )
+
+    [report] = reports
+    expected_clients = 0.5 * len(nodes)
+    # The test is meaningful only when the sample differs from its mean.
+    assert report.num_aggregated != expected_clients
+    std = z * clipping_norm / expected_clients
+    assert model["w"].std() == pytest.approx(std, rel=TOLERANCE)
+    mean_error = 6 * std / np.sqrt(NUM_COORDINATES)
+    expected_mean = shift * report.num_aggregated / expected_clients
+    assert abs(model["w"].mean() - expected_mean) < mean_error
+
+
 def test_distributed_dropout_raises_epsilon() -> None:
     def fault(node: int, stage: str, _: Message) -> object:
         return "drop" if node == NODE_IDS[0] and stage == "masked-input" else None

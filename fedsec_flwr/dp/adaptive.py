@@ -167,7 +167,7 @@ class AdaptiveClipping:
 
         return float(bit_sum) + float(rng.normal(1, std=self.noise_std)[0])
 
-    def update(self, *, noisy_bit_sum: float, num_aggregated: int) -> float:
+    def update(self, *, noisy_bit_sum: float, num_aggregated: float) -> float:
         """Move the clipping norm toward the target quantile and return it.
 
         b_hat = noisy_bit_sum / num_aggregated, clamped to [0, 1], and
@@ -177,9 +177,9 @@ class AdaptiveClipping:
         Args:
             noisy_bit_sum: Sum of the clients' bits plus noise of standard
                 deviation sigma_b, finite.
-            num_aggregated: Denominator of the estimate, at least 1. Pass the
-                expected number of clients (`num_sampled`) when the real count
-                must stay private.
+            num_aggregated: Denominator of the estimate, finite and positive:
+                the count of updates aggregated, or the expected number of
+                clients when the real count must stay private.
 
         Returns:
             The new clipping norm.
@@ -190,7 +190,7 @@ class AdaptiveClipping:
         """
         if not math.isfinite(noisy_bit_sum):
             raise ValueError(f"noisy_bit_sum must be finite. Found {noisy_bit_sum}.")
-        _check_positive_int("num_aggregated", num_aggregated)
+        _check_positive("num_aggregated", num_aggregated)
 
         unclipped_fraction = min(max(noisy_bit_sum / num_aggregated, 0.0), 1.0)
         step = -self.learning_rate * (unclipped_fraction - self.target_quantile)

@@ -197,7 +197,11 @@ def test_state_validation(arguments: dict, message: str) -> None:
     ("arguments", "message"),
     [
         ({"noisy_bit_sum": float("nan")}, r"noisy_bit_sum must be finite\. Found nan"),
-        ({"num_aggregated": 0}, r"num_aggregated must be at least 1\. Found 0"),
+        (
+            {"num_aggregated": 0},
+            r"num_aggregated must be finite and positive\. Found 0",
+        ),
+        ({"num_aggregated": math.inf}, r"num_aggregated must be finite and positive"),
     ],
 )
 def test_update_validation(arguments: dict, message: str) -> None:
