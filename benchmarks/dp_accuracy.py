@@ -460,6 +460,8 @@ def client_level_overrides(
     overrides = secagg_overrides(settings)
     if target_epsilon is None:
         return overrides
+    # Under DP every client has weight 1, so the app rejects a max weight.
+    del overrides["secagg-max-weight"]
     return {
         **overrides,
         "dp-mode": CLIENT_LEVEL_MODES[method],

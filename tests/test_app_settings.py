@@ -173,6 +173,15 @@ def test_noise_multiplier_below_floor_rejected(
             {"secure_aggregation": False, "verification": True, "secagg_threshold": 3},
             "secure-aggregation is false, so secagg-threshold=3",
         ),
+        (
+            {"dp_mode": "central", "noise_multiplier": 1.0, "secagg_clip_range": 5.0},
+            "dp-mode is central, whose encoding .* so secagg-clip-range=5.0",
+        ),
+        (
+            {"dp_mode": "distributed", "noise_multiplier": 1.0, "secagg_max_weight": 7},
+            "dp-mode is distributed, whose encoding .* so secagg-max-weight=7",
+        ),
+        ({"delta": 0.01}, "dp-mode is off and dp-sgd is false, so delta=0.01"),
     ],
 )
 def test_changed_setting_that_is_switched_off_rejected(
@@ -190,6 +199,8 @@ def test_changed_setting_that_is_switched_off_rejected(
         {"secure_aggregation": False, "verification": True, "secagg_max_weight": 200},
         {"secure_aggregation": False, "verification": True, "secagg_clip_range": 2.0},
         {"secure_aggregation": False, "verification": True, "secagg_max_clients": 9},
+        {"dp_sgd": True, "dp_sgd_noise_multiplier": 1.0, "delta": 1e-6},
+        {"dp_mode": "central", "noise_multiplier": 1.0, "secagg_max_clients": 9},
     ],
 )
 def test_setting_in_use_accepted(changes: dict[str, object]) -> None:
@@ -197,6 +208,50 @@ def test_setting_in_use_accepted(changes: dict[str, object]) -> None:
 
     for key, value in changes.items():
         assert getattr(settings, key) == value
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {
+                "dp_mode": "distributed",
+                "noise_multiplier": 1.0,
+                "secure_aggregation": False,
+            },
+            "dp-mode=distributed needs secure-aggregation=true",
+        ),
+        (
+            {"dp_mode": "central", "noise_multiplier": 1.0, "verification": True},
+            "verification=true cannot be combined with dp-mode=central",
+        ),
+        (
+            {
+                "verification": True,
+                "verification_pipelined": True,
+                "secagg_key_lifetime": "run",
+            },
+            'found secure-aggregation=true and secagg-key-lifetime="run"',
+        ),
+        (
+            {
+                "verification": True,
+                "verification_pipelined": True,
+                "secure_aggregation": False,
+            },
+            "verification-pipelined=true needs secure-aggregation=true",
+        ),
+        (
+            {"min_train_clients": 200},
+            "min-train-clients=200 is above secagg-max-clients=100",
+        ),
+    ],
+)
+def test_protocol_combination_names_keys(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse(**changes)
 
 
 def test_dataclass_defaults_match_app_config() -> None:
@@ -215,18 +270,23 @@ def test_quantile_of_one_rejected_with_key() -> None:
         parse(dp_mode="central", noise_multiplier=1.0, clipping_quantile=1.0)
 
 
+def test_dotted_parameter_named_as_one_key() -> None:
+    from secure_fedavg_app.strategy_factory import name_run_config_keys
+
+    message = name_run_config_keys(
+        "min_train_nodes must not exceed secure_aggregation.max_clients 100"
+    )
+
+    assert message == (
+        "min-train-clients (min_train_nodes) must not exceed secagg-max-clients "
+        "(secure_aggregation.max_clients) 100"
+    )
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"min_train_clients": 1}, "min-train-clients .min_train_nodes. must be"),
-        (
-            {
-                "secure_aggregation": False,
-                "dp_mode": "distributed",
-                "target_epsilon": 3,
-            },
-            r"secure-aggregation \(secure_aggregation\)=None",
-        ),
         (
             {"dp_mode": "central", "noise_multiplier": 1e4, "clipping_norm": 1e35},
             r"noise-multiplier \(noise_multiplier\) \* clipping-norm",

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from benchmarks.dp_accuracy import (
 
 # benchmarks.dp_accuracy puts the app's folder on sys.path when imported.
 app_data = importlib.import_module("secure_fedavg_app.data")
+AppSettings = importlib.import_module("secure_fedavg_app.settings").AppSettings
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -144,6 +146,29 @@ def test_tuned_method_changes_only_dp_step() -> None:
 def test_federated_settings_rejects_central() -> None:
     with pytest.raises(ValueError, match="federated method"):
         federated_settings(FULL, CENTRAL_DP_SGD)
+
+
+@pytest.mark.parametrize("target_epsilon", [None, 8.0, 1.0])
+@pytest.mark.parametrize("profile", [FULL, SMOKE], ids=["full", "smoke"])
+def test_every_run_config_accepted_by_app(
+    profile: Any, target_epsilon: float | None
+) -> None:
+    # The app rejects settings that others switch off, so each benchmark
+    # run config must parse as the app's run config would.
+    defaults_path = REPOSITORY_ROOT / "apps" / "secure_fedavg" / "pyproject.toml"
+    defaults = tomllib.loads(defaults_path.read_text(encoding="utf-8"))
+    app_config = defaults["tool"]["flwr"]["app"]["config"]
+    run_configs = [
+        dp_sgd_overrides(federated_settings(profile, FEDERATED_DP_SGD), target_epsilon)
+    ]
+    for method in (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED):
+        settings = federated_settings(profile, method)
+        run_configs.append(
+            client_level_overrides(settings, method, target_epsilon, CLIPPING_NORM)
+        )
+
+    for overrides in run_configs:
+        AppSettings.from_run_config({**app_config, **overrides})
 
 
 def test_client_level_overrides() -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -700,3 +701,19 @@ def test_smoke_run_writes_report_and_plots(smoke_run: tuple[Path, Any]) -> None:
     assert "logical cores" in text
     for png in out_dir.glob("*.png"):
         assert f"]({png.name})" in text
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_accuracy_run_config_accepted_by_app(name: str) -> None:
+    # The app rejects settings that others switch off, so every run config
+    # that a profile plans must parse as the app's run config would.
+    sys.path.insert(0, str(APP_DIR))
+    from secure_fedavg_app.settings import AppSettings
+
+    with (APP_DIR / "pyproject.toml").open("rb") as file:
+        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
+
+    for plan in PROFILES[name].accuracy:
+        for configuration in plan.configurations:
+            overrides = accuracy.run_overrides(plan, configuration)
+            AppSettings.from_run_config({**defaults, **overrides})

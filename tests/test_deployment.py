@@ -633,8 +633,9 @@ BUDGET_NODE_CONFIG: dict[str, bool | int | float | str] = {
     "dp-max-epsilon": 1.05,
     "dp-min-honest-clients": NUM_SUPERNODES,
 }
+# Under DP every client has weight 1, so the app rejects secagg-max-weight.
 DISTRIBUTED_DP_CONFIG: dict[str, bool | int | float | str] = {
-    **COMPARISON_CONFIG,
+    **{k: v for k, v in COMPARISON_CONFIG.items() if k != "secagg-max-weight"},
     "dp-mode": "distributed",
     "clipping-norm": 1.0,
 }

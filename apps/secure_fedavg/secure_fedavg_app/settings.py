@@ -32,7 +32,7 @@ SECAGG_FIELDS = (
     "secagg_timeout",
     "secagg_key_lifetime",
 )
-"""Settings of secure aggregation; plain verified rounds use the encoding ones."""
+"""Settings of secure aggregation. Plain verified rounds also read the encoding ones."""
 
 PROTOCOL_ONLY_SECAGG_FIELDS = (
     "secagg_neighbours",
@@ -239,7 +239,42 @@ class AppSettings:
             self._check_noise_choice(),
             self._check_accountant_steps(),
             *self._check_unused_settings(),
+            *self._check_protocol_combinations(),
         ]
+
+    def _check_protocol_combinations(self) -> list[str]:
+        # The strategy rejects these too, but its messages name its own
+        # parameters, and these name the run-config keys.
+        problems = []
+        if self.dp_mode == "distributed" and not self.secure_aggregation:
+            problems.append(
+                "dp-mode=distributed needs secure-aggregation=true, because the "
+                "clients add their noise inside the secure sum; found "
+                "secure-aggregation=false."
+            )
+        if self.verification and self.dp_mode == "central":
+            problems.append(
+                "verification=true cannot be combined with dp-mode=central: the "
+                "clients would check the sum before the server adds noise, so "
+                "each of them would see the sum without noise. Use "
+                "dp-mode=distributed."
+            )
+        round_keys = self.secagg_key_lifetime == "round"
+        if self.verification_pipelined and not (self.secure_aggregation and round_keys):
+            secure = str(self.secure_aggregation).lower()
+            problems.append(
+                "verification-pipelined=true needs secure-aggregation=true and "
+                f'secagg-key-lifetime="round"; found secure-aggregation={secure} '
+                f'and secagg-key-lifetime="{self.secagg_key_lifetime}".'
+            )
+        encodes = self.secure_aggregation or self.verification
+        if encodes and self.min_train_clients > self.secagg_max_clients:
+            problems.append(
+                f"min-train-clients={self.min_train_clients} is above "
+                f"secagg-max-clients={self.secagg_max_clients}, so no round can "
+                "start. Raise secagg-max-clients or lower min-train-clients."
+            )
+        return problems
 
     def _check_unused_settings(self) -> list[str]:
         # A setting that the other settings switch off is most likely a
@@ -287,6 +322,17 @@ class AppSettings:
                 self.dp_mode == "off",
                 "dp-mode is off",
                 ("clipping_norm", "dp_accountant"),
+            ),
+            (
+                self.dp_mode != "off",
+                f"dp-mode is {self.dp_mode}, whose encoding takes its range from "
+                "clipping-norm and gives every client weight 1",
+                ("secagg_clip_range", "secagg_max_weight"),
+            ),
+            (
+                self.dp_mode == "off" and not self.dp_sgd,
+                "dp-mode is off and dp-sgd is false",
+                ("delta",),
             ),
             (
                 not self.adaptive_clipping,

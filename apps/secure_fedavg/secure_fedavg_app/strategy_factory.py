@@ -39,14 +39,17 @@ RUN_CONFIG_KEYS = {
     "secure_aggregation": "secure-aggregation",
     "differential_privacy": "dp-mode",
     "client_sampling": "client-sampling",
+    "secure_aggregation.max_clients": "secagg-max-clients",
 }
 """Run-config key of each library parameter that the app sets from one."""
 
+_LONGEST_FIRST = sorted(RUN_CONFIG_KEYS, key=len, reverse=True)
+
 _PARAMETER_PATTERN = re.compile(
     r"\b(?:("
-    + "|".join(key for key in RUN_CONFIG_KEYS if "_" in key)
+    + "|".join(re.escape(key) for key in _LONGEST_FIRST if "_" in key)
     + r")|("
-    + "|".join(key for key in RUN_CONFIG_KEYS if "_" not in key)
+    + "|".join(re.escape(key) for key in _LONGEST_FIRST if "_" not in key)
     + r")(?= must|=))\b"
 )
 """Parameter names in messages. A name without an underscore is also a
