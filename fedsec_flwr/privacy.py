@@ -418,26 +418,32 @@ class ServerPrivacy:
 
         """
         num_sampled, dimension = plain_number(num_sampled), plain_number(dimension)
+        if expected_clients is not None:
+            _check_positive("expected_clients", expected_clients)
         # max_clients bounds a round only under secure aggregation.
         secure_maximum = self.max_clients if self.modulus is not None else None
         _check_count("num_sampled", num_sampled, maximum=secure_maximum)
         _check_count("dimension", dimension, maximum=None)
         z = self._calibrated(num_sampled=num_sampled, dimension=dimension)
         if self.config.adaptive_clipping and self.adaptive is None:
+            # The default bit noise scales with the clients of a round, which
+            # in central mode under Poisson sampling is the expected number,
+            # so that it does not depend on who the first round sampled.
+            typical = num_sampled
+            if self.config.mode is DPMode.CENTRAL and expected_clients is not None:
+                typical = max(1, round(expected_clients))
             self.adaptive = AdaptiveClipping(
                 clipping_norm=self.config.clipping_norm,
-                num_sampled=num_sampled,
+                num_sampled=typical,
                 target_quantile=self.config.target_quantile,
                 learning_rate=self.config.clipping_learning_rate,
-                bit_noise_std=self._bit_noise_std(z, num_sampled=num_sampled),
+                bit_noise_std=self._bit_noise_std(z, num_sampled=typical),
             )
         clipping_norm = (
             self.adaptive.clipping_norm if self.adaptive else self.config.clipping_norm
         )
 
         if self.config.mode is DPMode.CENTRAL:
-            if expected_clients is not None:
-                _check_positive("expected_clients", expected_clients)
             update_z = z
             if self.adaptive is not None:
                 update_z = effective_noise_multiplier(

@@ -215,6 +215,11 @@ def test_small_modulus_later_round_not_planned() -> None:
         ({"num_sampled": True}, r"num_sampled must be an integer .* Found True"),
         ({"num_sampled": 61}, r"num_sampled must be .* at most 60\. Found 61"),
         ({"dimension": 0}, r"dimension must be an integer of at least 1\. Found 0"),
+        (
+            {"expected_clients": float("nan")},
+            r"expected_clients must be a finite number above 0\. Found nan",
+        ),
+        ({"expected_clients": 0.0}, r"expected_clients must be .* Found 0\.0"),
     ],
 )
 def test_invalid_plan_arguments_rejected(
@@ -298,3 +303,23 @@ def test_prv_over_step_limit_rejected() -> None:
         ServerPrivacy(
             config=dp, num_rounds=1001, sample_rate=1.0, max_clients=10, modulus=None
         )
+
+
+def test_central_bit_noise_follows_expected_clients() -> None:
+    # Under Poisson sampling the first round's sample size must not set the
+    # adaptive clipping's default bit noise, which shapes every later norm.
+    config = DPConfig(
+        mode=DPMode.CENTRAL,
+        noise_multiplier=0.5,
+        adaptive_clipping=True,
+    )
+    privacy = ServerPrivacy(
+        config=config, num_rounds=3, sample_rate=0.1, max_clients=60, modulus=None
+    )
+
+    plan = privacy.plan(num_sampled=13, dimension=DIMENSION, expected_clients=40.0)
+
+    assert plan.expected_clients == 40.0
+    assert privacy.adaptive is not None
+    assert privacy.adaptive.num_sampled == 40
+    assert privacy.adaptive.noise_std == 2.0
