@@ -650,6 +650,7 @@ def _apply_secure_total(
             params=params,
             num_aggregated=num_aggregated,
             server_round=server_round,
+            private=privacy is not None,
         )
         mean_update, num_clipped = decoded.mean, decoded.num_clipped
         _check_mean_range(mean_update, params=params, server_round=server_round)
@@ -904,13 +905,28 @@ def _setup_reply(message: Message, *, verify: bool) -> tuple[SetupReply, bytes]:
 
 
 def _check_total_weight(
-    total_weight: int, *, params: EncodingParams, num_aggregated: int, server_round: int
+    total_weight: int,
+    *,
+    params: EncodingParams,
+    num_aggregated: int,
+    server_round: int,
+    private: bool,
 ) -> None:
     """Reject a sum whose weight slot no set of honest clients could produce.
 
-    Each honest client adds a weight of at most ``max_weight`` (exactly 1 under
-    DP), so a larger total means a client wrote into the weight slot.
+    Each honest client adds a weight of at most ``max_weight``, so a larger
+    total means a client wrote into the weight slot. Under DP each adds
+    exactly 1, and the noise is calibrated for a mean over the clients. A
+    smaller total would divide by less and scale every honest update up
+    against the same noise, so under DP the total must equal the count.
     """
+    if private and total_weight != num_aggregated:
+        raise ProtocolError(
+            f"Round {server_round}: the aggregated weight {total_weight} differs "
+            f"from the {num_aggregated} clients aggregated, although each client "
+            "adds weight 1 under DP; a client sent a malformed input. The round "
+            "is aborted and no model is released."
+        )
     limit = params.max_weight * num_aggregated
     if total_weight > limit:
         raise ProtocolError(

@@ -663,10 +663,23 @@ def test_hostile_weight_slot_still_recorded(
     dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
     grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
 
-    with pytest.raises(ProtocolError, match="exceeds max_weight"):
+    with pytest.raises(ProtocolError, match="differs from the 5 clients aggregated"):
         run(grid, dp)
 
     assert recorded == [len(NODE_IDS)]
+
+
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_hostile_weight_below_count_rejected(mode: DPMode) -> None:
+    # A client that writes weight 0 (1 - 1 mod 2**32) would make the server
+    # divide by 4 clients' weight while the noise is calibrated for 5, so
+    # the honest updates would grow against the same noise.
+    dp = DPConfig(mode=mode, noise_multiplier=1.0, clipping_norm=1.0)
+    fault = inflate_weight_slot(NODE_IDS[0], amount=2**32 - 1)
+    grid = LoopbackGrid(make_app(constant_train(0.001)), NODE_IDS, fault=fault)
+
+    with pytest.raises(ProtocolError, match="weight 4 differs from the 5 clients"):
+        run(grid, dp)
 
 
 def test_pipelined_report_survives_abort() -> None:
