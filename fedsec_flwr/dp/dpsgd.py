@@ -44,7 +44,13 @@ from opacus.grad_sample import AbstractGradSampleModule
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from .._scalars import plain_fields
 from .accounting import (
@@ -89,6 +95,15 @@ UNTRAINED_BATCH_NORM_PROBLEM = (
     "BatchNorm without trainable parameters normalizes each example with the "
     "statistics of its batch and stores running statistics of the private "
     "data, and Opacus's validator skips layers without trainable parameters."
+)
+
+EMBEDDING_MAX_NORM_PROBLEM = (
+    "max_norm renormalizes the looked-up rows in the forward pass, so the "
+    "weights change with the data outside clipping and noise"
+)
+
+INSTANCE_NORM_RUNNING_STATS_PROBLEM = (
+    "track_running_stats stores running statistics of the private data without noise"
 )
 
 TRAINABLE_WITH_BUFFERS_PROBLEM = (
@@ -327,8 +342,11 @@ def check_private_compatible(model: nn.Module) -> None:
     Runs Opacus's per-layer validators, as `ModuleValidator.validate` does,
     but names each layer and ignores whether the model is in training mode.
     It also rejects trainable layers with buffers, as Opacus's
-    `GradSampleModule` does, and BatchNorm layers without trainable
-    parameters, which Opacus's validator skips.
+    `GradSampleModule` does, BatchNorm layers and InstanceNorm layers with
+    running statistics that have no trainable parameters, which Opacus's
+    validator skips, and embeddings with ``max_norm``, which change their
+    weights from the data in the forward pass. `train_dp_sgd` also refuses
+    to return a model whose buffers changed during training.
 
     Raises:
         ValueError: Listing every problem, one per layer.
@@ -462,6 +480,7 @@ def train_dp_sgd(
             loss_fn=loss_fn if loss_fn is not None else nn.CrossEntropyLoss(),
         )
     _check_recorded_steps(output.recorded_history, planned=planned)
+    _check_buffers_unchanged(model, output.state_dict)
 
     round_epsilon = _epsilon(
         [planned], delta=config.delta, accountant=config.accountant
@@ -509,6 +528,17 @@ def _find_problems(model: nn.Module) -> list[str]:
         if _is_untrained_batch_norm(module):
             problems.append(
                 _describe_problem(name, module, UNTRAINED_BATCH_NORM_PROBLEM)
+            )
+        embedding = isinstance(module, nn.Embedding | nn.EmbeddingBag)
+        if embedding and module.max_norm is not None:
+            problems.append(_describe_problem(name, module, EMBEDDING_MAX_NORM_PROBLEM))
+        # Opacus's validator reports the InstanceNorm layers it visits, those
+        # with trainable parameters.
+        instance_norm = isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+        if instance_norm and module.track_running_stats and not trainable:
+            problems.append(
+                _describe_problem(name, module, INSTANCE_NORM_RUNNING_STATS_PROBLEM)
             )
 
     return problems
@@ -559,6 +589,28 @@ def _describe_replacements(*, original: nn.Module, fixed: nn.Module) -> list[str
                 f"{type(module).__name__}"
             )
     return replacements
+
+
+def _check_buffers_unchanged(
+    model: nn.Module, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Raise unless every buffer of the trained copy equals the model's.
+
+    DP-SGD clips and noises gradients only. A buffer that a layer updates in
+    its forward pass, such as a running statistic, would carry the private
+    data out without noise, so such a round releases nothing.
+    """
+    changed = [
+        name
+        for name, buffer in model.named_buffers()
+        if name in state_dict and not torch.equal(state_dict[name], buffer)
+    ]
+    if changed:
+        raise ValueError(
+            "model has buffers that changed during DP-SGD training, so they "
+            f"would carry the training data without noise: {', '.join(changed)}. "
+            "Remove the layers that update them in the forward pass."
+        )
 
 
 def _display_name(name: str) -> str:
@@ -945,6 +997,26 @@ def _check_loader(train_loader: DataLoader[Any]) -> None:
         raise ValueError(
             "train_loader's dataset must have at least 1 example. "
             f"Found {num_examples}."
+        )
+    sampler = train_loader.sampler
+    whole = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler)
+        and not sampler.replacement
+        and sampler.num_samples == num_examples
+    )
+    if not whole or type(train_loader.batch_sampler) is not BatchSampler:
+        raise ValueError(
+            "train_loader must read its whole dataset in batches of batch_size, "
+            "because Opacus replaces its sampler with Poisson sampling over every "
+            f"example. Found a {type(sampler).__name__} and a "
+            f"{type(train_loader.batch_sampler).__name__}; pass a Subset of the "
+            "data to train on instead."
+        )
+    if len(train_loader) == 0:
+        raise ValueError(
+            "train_loader must yield at least one batch. Found none: drop_last "
+            f"with batch_size {train_loader.batch_size} above the "
+            f"{num_examples} examples."
         )
 
 

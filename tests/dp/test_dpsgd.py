@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 from fedsec_flwr.dp.accounting import GaussianEvent, compute_epsilon
 from fedsec_flwr.dp.dpsgd import (
@@ -515,6 +515,84 @@ def test_invalid_config_rejected(changes: dict, message: str) -> None:
 def test_invalid_training_arguments_rejected(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         train_round(tiny_model(), **arguments)
+
+
+def test_restricted_sampler_rejected() -> None:
+    # Opacus would sample from all 64 examples, including the 54 that the
+    # loader's sampler leaves out.
+    dataset = tabular_loader().dataset
+    loader = DataLoader(dataset, batch_size=10, sampler=SubsetRandomSampler(range(10)))
+
+    with pytest.raises(ValueError, match=r"must read its whole dataset.*SubsetRandom"):
+        train_round(tiny_model(), loader=loader)
+
+
+def test_custom_batch_sampler_rejected() -> None:
+    dataset = tabular_loader().dataset
+    batches = [list(range(10)), list(range(10, 20))]
+    loader = DataLoader(dataset, batch_sampler=batches)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match=r"must read its whole dataset.*and a list"):
+        train_round(tiny_model(), loader=loader)
+
+
+def test_shuffled_loader_accepted() -> None:
+    loader = DataLoader(tabular_loader().dataset, batch_size=BATCH_SIZE, shuffle=True)
+
+    result = train_round(tiny_model(), loader=loader)
+
+    assert result.num_steps == STEPS_PER_EPOCH
+
+
+def test_loader_without_batches_rejected() -> None:
+    dataset = tabular_loader(num_examples=5).dataset
+    loader = DataLoader(dataset, batch_size=8, drop_last=True)
+
+    with pytest.raises(ValueError, match=r"batch_size 8 above the 5 examples"):
+        train_round(tiny_model(), loader=loader)
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (nn.Embedding(10, 4, max_norm=1.0), r"0 \(Embedding\): max_norm"),
+        (nn.EmbeddingBag(10, 4, max_norm=1.0), r"0 \(EmbeddingBag\): max_norm"),
+    ],
+)
+def test_embedding_with_max_norm_rejected(layer: nn.Module, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_private_compatible(nn.Sequential(layer))
+
+
+def test_parameter_free_instance_norm_with_running_stats_rejected() -> None:
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.InstanceNorm1d(4, track_running_stats=True)
+    )
+
+    with pytest.raises(ValueError, match=r"1 \(InstanceNorm1d\): track_running"):
+        check_private_compatible(model)
+
+
+class DataSumLayer(nn.Module):
+    """A parameter-free layer that adds each batch's features to a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(NUM_FEATURES))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.seen += features.sum(dim=0)
+        return features
+
+
+@pytest.mark.timeout(20)
+def test_buffer_changed_by_training_releases_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(DataSumLayer(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
+
+    with pytest.raises(ValueError, match=r"buffers that changed .*: 0\.seen"):
+        train_round(model)
 
 
 def test_empty_dataset_rejected() -> None:
