@@ -216,7 +216,10 @@ class SecureFedAvg(Strategy):
             would see the aggregate before the server adds the noise.
         on_round_end: Called with each round's report after evaluation.
         rng: Source of sampling and graph randomness; a
-            ``random.SystemRandom`` by default.
+            ``random.SystemRandom`` by default. A seeded generator makes the
+            client sample predictable from its seed, which voids the
+            amplification by Poisson sampling under DP, so the strategy
+            warns then.
 
     """
 
@@ -310,6 +313,14 @@ class SecureFedAvg(Strategy):
         self.plain_timeout = plain_timeout
         self.on_round_end = on_round_end
         self.rng = rng or random.SystemRandom()
+        seeded = not isinstance(self.rng, random.SystemRandom)
+        if seeded and differential_privacy and client_sampling == SAMPLING_POISSON:
+            logger.warning(
+                "rng is a %s, so anyone who knows its seed can predict the "
+                "Poisson sample, while the privacy amplification by sampling "
+                "assumes it secret. Leave rng unset for a random.SystemRandom.",
+                type(self.rng).__name__,
+            )
         self._key_directory = KeyDirectory()
         self._num_available = 0
         self._evaluate_fn: EvaluateFn | None = None

@@ -10,6 +10,7 @@ standard deviation has a relative standard error of 1/sqrt(2n) = 0.22%, so a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 
 import numpy as np
@@ -758,3 +759,23 @@ def test_noise_beyond_float_range_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         DPConfig(mode=DPMode.CENTRAL, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("rng", "warned"), [(random.Random(3), True), (random.SystemRandom(), False)]
+)
+def test_seeded_poisson_sample_warned(
+    rng: random.Random, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1.0)
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr"):
+        SecureFedAvg(
+            differential_privacy=dp,
+            client_sampling="poisson",
+            fraction_train=0.5,
+            rng=rng,
+        )
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("predict the Poisson sample" in m for m in messages) is warned
