@@ -370,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(audits) - failed - discarded} of {len(audits)} rounds verified, "
         f"{discarded} discarded"
     )
+    if discarded and arguments.final_model is None:
+        print(
+            "note: a discarded round is the server's account, because a server "
+            "that deletes commitments from a transcript makes any round look "
+            "discarded. Pass --initial-model and --final-model to check that no "
+            "discarded aggregate reached a released model."
+        )
     if arguments.initial_model is not None:
         failed_labels = {
             audit.label

@@ -57,7 +57,9 @@ def drop_commit_of_round_one(mode: Mode):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
-def test_dropout_at_commit_discards_round(mode: Mode, tmp_path: Path) -> None:
+def test_dropout_at_commit_discards_round(
+    mode: Mode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     received: dict[tuple[int, str], bytes] = {}
     reports: list[RoundReport] = []
     path = tmp_path / "audit.json"
@@ -83,7 +85,12 @@ def test_dropout_at_commit_discards_round(mode: Mode, tmp_path: Path) -> None:
     np.savez(initial_path, **initial_model())
     np.savez(final_path, **released)
     command = [str(path), "--initial-model", str(initial_path)]
+    capsys.readouterr()
     assert audit.main([*command, "--final-model", str(final_path)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    # Without the models, a discard is only the server's account.
+    assert audit.main([str(path)]) == 0
+    assert "note: a discarded round is the server's account" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
