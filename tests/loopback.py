@@ -47,7 +47,8 @@ def inflate_weight_slot(target: int, amount: int = 10**6) -> Fault:
             vector = (
                 reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
             )
-            vector[-2] += np.uint32(amount)
+            # The slot wraps modulo 2**32, as the secure sum does.
+            vector[-2] = np.uint32((int(vector[-2]) + amount) % 2**32)
             reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
                 {MASKED_VECTOR_KEY: Array(vector)}
             )

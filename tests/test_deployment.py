@@ -416,7 +416,7 @@ def test_stop_ends_processes_outside_the_tree(
     credentials: CredentialPaths, tmp_path: Path
 ) -> None:
     # A SuperNode that exits before it is stopped leaves its flower-superexec
-    # in a session of its own; only its FLWR_HOME ties it to the federation.
+    # in a session of its own. Only its FLWR_HOME ties it to the federation.
     federation = LocalFederation(
         credentials=credentials,
         app_dir=APP_DIR,
@@ -454,31 +454,51 @@ def test_superlink_serves_only_tls(start_federation: FederationFactory) -> None:
     assert_stopped(federation)
 
 
+def run_and_kill_in_round_two(
+    federation: LocalFederation,
+    config: dict[str, bool | int | float | str],
+    *,
+    messages: int,
+    stage: str,
+    interval: float = 0.2,
+) -> dict[str, Any]:
+    """Run ``config``, kill supernode-2 at its ``messages``-th message of round 2.
+
+    Returns the results of the run, which must complete.
+    """
+    victim = federation.supernodes["supernode-2"]
+    submitted = federation.submit_run(config)
+
+    reached = wait_for(
+        lambda: received_train_messages(victim.read_log(), 2) >= messages,
+        timeout=900,
+        interval=interval,
+    )
+    assert reached, f"supernode-2 never reached the {stage} stage of round 2"
+    federation.kill_supernode(2)
+    assert not victim.is_running()
+
+    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
+    assert result.status == RUN_STATUS_COMPLETED
+    results = read_results(Path(str(config["output-dir"])))
+    assert results["status"] == "completed"
+    return results
+
+
 @pytest.mark.deployment
 @pytest.mark.timeout(1200)
 def test_supernode_killed_after_key_sharing(
     start_federation: FederationFactory, tmp_path: Path
 ) -> None:
     federation = start_federation()
-    victim = federation.supernodes["supernode-2"]
-    output_dir = tmp_path / "dropout"
-    submitted = federation.submit_run({**DROPOUT_CONFIG, "output-dir": str(output_dir)})
+    config = {**DROPOUT_CONFIG, "output-dir": str(tmp_path / "dropout")}
 
     # The third train message of round 2 starts the masked-input stage, so the
     # victim has sent its key shares but not its masked update.
-    reached = wait_for(
-        lambda: received_train_messages(victim.read_log(), 2) >= MASKED_INPUT_MESSAGE,
-        timeout=900,
-        interval=0.2,
+    results = run_and_kill_in_round_two(
+        federation, config, messages=MASKED_INPUT_MESSAGE, stage="masked-input"
     )
-    assert reached, "supernode-2 never reached the masked-input stage of round 2"
-    federation.kill_supernode(2)
-    assert not victim.is_running()
 
-    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
-    assert result.status == RUN_STATUS_COMPLETED
-    results = read_results(output_dir)
-    assert results["status"] == "completed"
     assert _round_summary(results) == [(1, 3, 0), (2, 2, 1)]
     second_round = results["rounds"][1]
     assert second_round["dropped_by_stage"]["masked-input"] == 1
@@ -501,7 +521,6 @@ def test_supernode_killed_before_commit_discards_round(
     start_federation: FederationFactory, tmp_path: Path
 ) -> None:
     federation = start_federation()
-    victim = federation.supernodes["supernode-2"]
     output_dir = tmp_path / "discard"
     config = {
         **DROPOUT_CONFIG,
@@ -509,23 +528,13 @@ def test_supernode_killed_before_commit_discards_round(
         "verification": True,
         "output-dir": str(output_dir),
     }
-    submitted = federation.submit_run(config)
 
     # The victim received the unmask request, so its masked input is in the
     # round's aggregate, but it never commits to it.
-    reached = wait_for(
-        lambda: received_train_messages(victim.read_log(), 2) >= UNMASK_MESSAGE,
-        timeout=900,
-        interval=0.05,
+    results = run_and_kill_in_round_two(
+        federation, config, messages=UNMASK_MESSAGE, stage="unmask", interval=0.05
     )
-    assert reached, "supernode-2 never reached the unmask stage of round 2"
-    federation.kill_supernode(2)
-    assert not victim.is_running()
 
-    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
-    assert result.status == RUN_STATUS_COMPLETED
-    results = read_results(output_dir)
-    assert results["status"] == "completed"
     rounds = results["rounds"]
     assert [entry["verified"] for entry in rounds] == [True, False, True]
     assert [entry["discarded"] for entry in rounds] == [False, True, False]
@@ -562,30 +571,18 @@ def test_run_keys_survive_supernode_killed_after_input(
     start_federation: FederationFactory, tmp_path: Path
 ) -> None:
     federation = start_federation()
-    victim = federation.supernodes["supernode-2"]
-    output_dir = tmp_path / "run-keys"
     config = {
         **DROPOUT_CONFIG,
         "secagg-key-lifetime": "run",
-        "output-dir": str(output_dir),
+        "output-dir": str(tmp_path / "run-keys"),
     }
-    submitted = federation.submit_run(config)
 
     # The second train message of round 2 is the unmask request, so the victim
     # has already sent its masked input and its seed shares.
-    reached = wait_for(
-        lambda: received_train_messages(victim.read_log(), 2) >= KEYED_UNMASK_MESSAGE,
-        timeout=900,
-        interval=0.2,
+    results = run_and_kill_in_round_two(
+        federation, config, messages=KEYED_UNMASK_MESSAGE, stage="keyed-unmask"
     )
-    assert reached, "supernode-2 never reached the keyed-unmask stage of round 2"
-    federation.kill_supernode(2)
-    assert not victim.is_running()
 
-    result = federation.wait_for_run(submitted, deadline=time.monotonic() + 600)
-    assert result.status == RUN_STATUS_COMPLETED
-    results = read_results(output_dir)
-    assert results["status"] == "completed"
     rounds = results["rounds"]
     # Round 2 keeps the victim's input: its seed is rebuilt from the shares.
     # With 3 clients a dropout before keyed-input would abort a round (each
