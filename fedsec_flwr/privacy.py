@@ -274,8 +274,8 @@ def _check_count(name: str, value: object, *, maximum: int | None) -> None:
         )
 
 
-def central_denominator(plan: RoundPrivacy, *, num_aggregated: int) -> float:
-    """Return m, what the noisy sum of a central round is divided by."""
+def release_denominator(plan: RoundPrivacy, *, num_aggregated: int) -> float:
+    """Return m, what the noisy sum of a DP round is divided by."""
     if plan.expected_clients is not None:
         return plan.expected_clients
     return float(num_aggregated)
@@ -309,9 +309,9 @@ class RoundPrivacy:
         encoding: The round's fixed-point encoding under DP.
         min_inputs: The fewest noised inputs whose sum the round may release
             (distributed target mode), else 0 for no limit.
-        expected_clients: In central mode under Poisson sampling, the
-            expected number of sampled clients, q * N, which divides the
-            noisy sum in place of the count aggregated; else ``None``.
+        expected_clients: Under Poisson sampling, the expected number of
+            sampled clients, q * N, which divides the noisy sum in place of
+            the count aggregated; else ``None``.
 
     """
 
@@ -404,9 +404,11 @@ class ServerPrivacy:
         """Plan the next round for ``num_sampled`` clients and ``dimension`` values.
 
         Under Poisson sampling the number of clients in a round depends on
-        who was sampled, and a mean over that count, with noise scaled by
-        it, would release it. So central mode divides the noisy sum by
-        ``expected_clients``, q times the nodes sampled from, when given.
+        who was sampled, and a mean over that count would release it. So the
+        noisy sum is divided by ``expected_clients``, q times the nodes
+        sampled from, when given. The noise of the sum does not depend on
+        the count: the server adds it in central mode, and in distributed
+        mode each sampled client adds its share of it.
 
         Raises:
             RoundNotPlannedError: A distributed round after the first cannot
@@ -427,10 +429,10 @@ class ServerPrivacy:
         z = self._calibrated(num_sampled=num_sampled, dimension=dimension)
         if self.config.adaptive_clipping and self.adaptive is None:
             # The default bit noise scales with the clients of a round, which
-            # in central mode under Poisson sampling is the expected number,
-            # so that it does not depend on who the first round sampled.
+            # under Poisson sampling is the expected number, so that it does
+            # not depend on who the first round sampled.
             typical = num_sampled
-            if self.config.mode is DPMode.CENTRAL and expected_clients is not None:
+            if expected_clients is not None:
                 typical = max(1, round(expected_clients))
             self.adaptive = AdaptiveClipping(
                 clipping_norm=self.config.clipping_norm,
@@ -465,7 +467,7 @@ class ServerPrivacy:
             )
 
         try:
-            return self._distributed_plan(
+            planned = self._distributed_plan(
                 z,
                 clipping_norm=clipping_norm,
                 num_sampled=num_sampled,
@@ -480,6 +482,7 @@ class ServerPrivacy:
             if self._rounds_done:
                 raise RoundNotPlannedError(message) from error
             raise ValueError(message) from error
+        return dataclasses.replace(planned, expected_clients=expected_clients)
 
     def _distributed_plan(
         self,
@@ -626,21 +629,21 @@ class ServerPrivacy:
             )
         return self.accountant.epsilon
 
-    def add_central_noise(
+    def release_mean(
         self, mean: NDArray[np.float64], plan: RoundPrivacy, *, num_aggregated: int
     ) -> None:
-        """Add N(0, (z * C / m)**2) to every coordinate of the mean, in place.
+        """Turn the mean over ``num_aggregated`` updates into the released one.
 
-        m is the plan's ``expected_clients`` when it has one, and the mean
-        over ``num_aggregated`` updates is first rescaled to the sum over m.
+        Works in place. With the plan's ``expected_clients`` m, the mean is
+        rescaled to the sum over m. Central mode then adds N(0, (z * C / m)**2)
+        to every coordinate, with m the count aggregated otherwise.
         """
-        if self.config.mode is not DPMode.CENTRAL:
-            return
-        denominator = central_denominator(plan, num_aggregated=num_aggregated)
+        denominator = release_denominator(plan, num_aggregated=num_aggregated)
         if plan.expected_clients is not None:
             mean *= num_aggregated / denominator
-        std = plan.update_noise_multiplier * plan.clipping_norm / denominator
-        mean += self.rng.normal(mean.shape, std=std)
+        if self.config.mode is DPMode.CENTRAL:
+            std = plan.update_noise_multiplier * plan.clipping_norm / denominator
+            mean += self.rng.normal(mean.shape, std=std)
 
     def update_clipping_norm(
         self, bit_sum: float, plan: RoundPrivacy, *, num_aggregated: int
@@ -653,10 +656,9 @@ class ServerPrivacy:
         if self.adaptive is None:
             return
         noisy = bit_sum
-        denominator: float = num_aggregated
         if self.config.mode is DPMode.CENTRAL:
             noisy = self.adaptive.noisy_bit_sum(int(bit_sum), rng=self.rng)
-            denominator = central_denominator(plan, num_aggregated=num_aggregated)
+        denominator = release_denominator(plan, num_aggregated=num_aggregated)
         self.adaptive.update(noisy_bit_sum=noisy, num_aggregated=denominator)
 
     def _scale(self, clipping_norm: float) -> float:
@@ -684,9 +686,6 @@ class ServerPrivacy:
                     sample_rate=plan.sample_rate,
                 )
             ]
-        # NOTE: the noise of a distributed sum grows with the clients that
-        # added it, so the released model shows their count, which the
-        # Poisson amplification in these events assumes hidden.
         return _distributed_events(plan, num_clients=num_clients, dimension=dimension)
 
     def _calibrated(self, *, num_sampled: int, dimension: int) -> float:
@@ -725,6 +724,8 @@ class ServerPrivacy:
         this check in every round. After a round with dropouts, z is raised
         for the rounds left.
         """
+        # NOTE: z depends on the round's number of sampled clients, so under
+        # Poisson sampling the released noise level varies slightly with it.
         previous = self._noise_multiplier
         if previous is not None and self._fits(previous, num_sampled, dimension):
             return previous

@@ -261,8 +261,8 @@ class PrivacyRound:
     def finish(
         self, mean: NDArray[np.float64], *, num_aggregated: int, bit_sum: float
     ) -> float:
-        """Add central noise, adapt the clipping norm and return the new epsilon."""
-        self.server.add_central_noise(mean, self.plan, num_aggregated=num_aggregated)
+        """Scale and noise the mean, adapt the clipping norm, return the epsilon."""
+        self.server.release_mean(mean, self.plan, num_aggregated=num_aggregated)
         self.server.update_clipping_norm(
             bit_sum, self.plan, num_aggregated=num_aggregated
         )

@@ -314,7 +314,15 @@ class SecureFedAvg(Strategy):
         self.on_round_end = on_round_end
         self.rng = rng or random.SystemRandom()
         seeded = not isinstance(self.rng, random.SystemRandom)
-        if seeded and differential_privacy and client_sampling == SAMPLING_POISSON:
+        poisson_dp = differential_privacy and client_sampling == SAMPLING_POISSON
+        if poisson_dp and self.verification is not None:
+            logger.warning(
+                "Verified rounds name their clients in the transcript that every "
+                "client and auditor sees, and divide by their count, so the "
+                "privacy amplification by Poisson sampling holds only against "
+                "parties that see neither the transcripts nor the released models."
+            )
+        if seeded and poisson_dp:
             logger.warning(
                 "rng is a %s, so anyone who knows its seed can predict the "
                 "Poisson sample, while the privacy amplification by sampling "
@@ -664,8 +672,13 @@ class SecureFedAvg(Strategy):
         )
 
     def _expected_clients(self) -> float | None:
-        """Return q * N under Poisson sampling, for N nodes sampled from, else None."""
-        if self.client_sampling != SAMPLING_POISSON:
+        """Return q * N under Poisson sampling, for N nodes sampled from, else None.
+
+        Verified rounds divide by the count aggregated, because the clients
+        and the auditor rebuild the next model that way; their transcripts
+        name the included clients anyway.
+        """
+        if self.client_sampling != SAMPLING_POISSON or self.verification is not None:
             return None
         return self.fraction_train * self._num_available
 

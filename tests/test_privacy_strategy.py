@@ -187,14 +187,17 @@ def constant_train(shift: float):  # type: ignore[no-untyped-def]
     return train
 
 
-@pytest.mark.parametrize("secure", [True, False])
-def test_poisson_central_round_hides_client_count(secure: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "secure"),
+    [(DPMode.CENTRAL, True), (DPMode.CENTRAL, False), (DPMode.DISTRIBUTED, True)],
+)
+def test_poisson_round_hides_client_count(mode: DPMode, secure: bool) -> None:
     # Under Poisson sampling the count of clients depends on who was
     # sampled. Neither the update's scale nor its noise may show it: both
     # use q * N = 6 expected clients, whatever the sample.
     nodes = [1000 + i for i in range(12)]
     shift, z, clipping_norm = 0.01, 0.1, 4.0
-    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=z, clipping_norm=clipping_norm)
+    dp = DPConfig(mode=mode, noise_multiplier=z, clipping_norm=clipping_norm)
     reports: list[RoundReport] = []
     grid = LoopbackGrid(make_app(constant_train(shift), secure=secure), nodes)
 
@@ -779,3 +782,18 @@ def test_seeded_poisson_sample_warned(
 
     messages = [record.getMessage() for record in caplog.records]
     assert any("predict the Poisson sample" in m for m in messages) is warned
+
+
+def test_verified_poisson_rounds_warned(caplog: pytest.LogCaptureFixture) -> None:
+    dp = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0)
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr"):
+        SecureFedAvg(
+            differential_privacy=dp,
+            client_sampling="poisson",
+            fraction_train=0.5,
+            verification=True,
+        )
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("name their clients in the transcript" in m for m in messages)
