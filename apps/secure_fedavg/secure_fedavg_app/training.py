@@ -55,7 +55,8 @@ def plain_train(msg: Message, context: Context) -> Message:
 
     The reply contains ArrayRecord ``arrays`` with the same keys, in the same
     order, as the received one, and MetricRecord ``metrics`` with
-    ``num-examples`` and ``train-loss`` (mean cross-entropy, nats).
+    ``num-examples`` and, in plain rounds without DP, ``train-loss`` (mean
+    cross-entropy, nats).
     """
     settings = AppSettings.from_run_config(context.run_config)
     use_single_thread()
@@ -83,9 +84,9 @@ def plain_train(msg: Message, context: Context) -> Message:
 
     received_keys = list(msg.content.array_records[ARRAYS_KEY].keys())
     arrays = ArrayRecord({key: state[key] for key in received_keys})
-    metrics = MetricRecord(
-        {"num-examples": len(labels), "train-loss": train_loss, **extra_metrics}
-    )
+    metrics = MetricRecord({"num-examples": len(labels), **extra_metrics})
+    if not _private_round(settings):
+        metrics["train-loss"] = train_loss
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -161,6 +162,16 @@ def _model_from_message(settings: AppSettings, msg: Message) -> nn.Module:
     model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
     model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     return model
+
+
+def _private_round(settings: AppSettings) -> bool:
+    """Return whether the server may learn nothing per client but the update.
+
+    The mods send the handler's metrics in clear, and the training loss is a
+    statistic of this client's data that neither secure aggregation nor DP
+    covers, so such rounds leave it out.
+    """
+    return settings.secure_aggregation or settings.dp_mode != "off" or settings.dp_sgd
 
 
 def _server_round(msg: Message) -> int:

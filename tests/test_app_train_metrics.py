@@ -1,0 +1,65 @@
+"""The app's train handler sends no per-client statistic beyond the update."""
+
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "secure_fedavg"
+sys.path.insert(0, str(APP_DIR))
+
+from secure_fedavg_app.models import build_model  # noqa: E402
+from secure_fedavg_app.training import plain_train  # noqa: E402
+
+
+def train_metrics(**changes: object) -> dict[str, object]:
+    with (APP_DIR / "pyproject.toml").open("rb") as file:
+        run_config = dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+    run_config.update({key.replace("_", "-"): value for key, value in changes.items()})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=run_config,  # type: ignore[arg-type]
+    )
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1
+    dp_sgd = bool(changes.get("dp_sgd", False))
+    model = build_model(str(run_config["dataset"]), dp_sgd=dp_sgd)
+    message = Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict())}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+
+    reply = plain_train(message, context)
+
+    return dict(reply.content["metrics"])
+
+
+def test_plain_round_reports_train_loss() -> None:
+    metrics = train_metrics(secure_aggregation=False)
+
+    assert metrics["train-loss"] > 0  # type: ignore[operator]
+    assert metrics["num-examples"] > 0  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"secure_aggregation": False, "dp_mode": "central", "noise_multiplier": 1.0},
+        {"secure_aggregation": False, "dp_sgd": True, "dp_sgd_noise_multiplier": 1.0},
+    ],
+    ids=["secure", "central-dp", "dp-sgd"],
+)
+def test_private_round_omits_train_loss(changes: dict[str, object]) -> None:
+    metrics = train_metrics(**changes)
+
+    assert "train-loss" not in metrics
+    assert metrics["num-examples"] > 0  # type: ignore[operator]
