@@ -97,6 +97,11 @@ UNTRAINED_BATCH_NORM_PROBLEM = (
     "data, and Opacus's validator skips layers without trainable parameters."
 )
 
+BATCH_NORM_SUBCLASS_PROBLEM = (
+    "a BatchNorm subclass normalizes each example with the statistics of its "
+    "batch, so one example changes the others' gradients"
+)
+
 EMBEDDING_MAX_NORM_PROBLEM = (
     "max_norm renormalizes the looked-up rows in the forward pass, so the "
     "weights change with the data outside clipping and noise"
@@ -343,10 +348,11 @@ def check_private_compatible(model: nn.Module) -> None:
     but names each layer and ignores whether the model is in training mode.
     It also rejects trainable layers with buffers, as Opacus's
     `GradSampleModule` does, BatchNorm layers and InstanceNorm layers with
-    running statistics that have no trainable parameters, which Opacus's
-    validator skips, and embeddings with ``max_norm``, which change their
-    weights from the data in the forward pass. `train_dp_sgd` also refuses
-    to return a model whose buffers changed during training.
+    running statistics that have no trainable parameters, and subclasses of
+    BatchNorm, which Opacus's validator skips, and embeddings with
+    ``max_norm``, which change their weights from the data in the forward
+    pass. `train_dp_sgd` also refuses to return a model whose buffers or
+    frozen parameters changed during training.
 
     Raises:
         ValueError: Listing every problem, one per layer.
@@ -480,7 +486,7 @@ def train_dp_sgd(
             loss_fn=loss_fn if loss_fn is not None else nn.CrossEntropyLoss(),
         )
     _check_recorded_steps(output.recorded_history, planned=planned)
-    _check_buffers_unchanged(model, output.state_dict)
+    _check_untrained_state_unchanged(model, output.state_dict)
 
     round_epsilon = _epsilon(
         [planned], delta=config.delta, accountant=config.accountant
@@ -529,6 +535,10 @@ def _find_problems(model: nn.Module) -> list[str]:
             problems.append(
                 _describe_problem(name, module, UNTRAINED_BATCH_NORM_PROBLEM)
             )
+        elif _is_batch_norm_subclass(module):
+            problems.append(
+                _describe_problem(name, module, BATCH_NORM_SUBCLASS_PROBLEM)
+            )
         embedding = isinstance(module, nn.Embedding | nn.EmbeddingBag)
         if embedding and module.max_norm is not None:
             problems.append(_describe_problem(name, module, EMBEDDING_MAX_NORM_PROBLEM))
@@ -554,6 +564,12 @@ def _describe_problem(name: str, module: nn.Module, message: str) -> str:
 def _is_untrained_batch_norm(module: nn.Module) -> bool:
     trainable = any(p.requires_grad for p in module.parameters(recurse=False))
     return isinstance(module, BATCH_NORM_TYPES) and not trainable
+
+
+def _is_batch_norm_subclass(module: nn.Module) -> bool:
+    # Opacus finds its validators by exact type, so it never sees these.
+    batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return batch_norm and type(module) not in BATCH_NORM_TYPES
 
 
 def _replace_untrained_batch_norms(model: nn.Module) -> nn.Module:
@@ -591,26 +607,43 @@ def _describe_replacements(*, original: nn.Module, fixed: nn.Module) -> list[str
     return replacements
 
 
-def _check_buffers_unchanged(
+def _check_untrained_state_unchanged(
     model: nn.Module, state_dict: dict[str, torch.Tensor]
 ) -> None:
-    """Raise unless every buffer of the trained copy equals the model's.
+    """Raise unless the trained copy's buffers and frozen parameters are the model's.
 
-    DP-SGD clips and noises gradients only. A buffer that a layer updates in
-    its forward pass, such as a running statistic, would carry the private
-    data out without noise, so such a round releases nothing.
+    DP-SGD clips and noises the gradients of trainable parameters only. A
+    buffer or frozen parameter that a layer updates in its forward pass, such
+    as a running statistic, would carry the private data out without noise,
+    so such a round releases nothing. Values are compared bit for bit, so a
+    constant NaN counts as unchanged.
     """
+    untrained = dict(model.named_buffers())
+    untrained.update(
+        (name, parameter)
+        for name, parameter in model.named_parameters()
+        if not parameter.requires_grad
+    )
     changed = [
         name
-        for name, buffer in model.named_buffers()
-        if name in state_dict and not torch.equal(state_dict[name], buffer)
+        for name, value in untrained.items()
+        if name in state_dict and not _same_bits(state_dict[name], value)
     ]
     if changed:
         raise ValueError(
-            "model has buffers that changed during DP-SGD training, so they "
-            f"would carry the training data without noise: {', '.join(changed)}. "
-            "Remove the layers that update them in the forward pass."
+            "model has buffers or frozen parameters that changed during DP-SGD "
+            "training, so they would carry the training data without noise: "
+            f"{', '.join(changed)}. Remove the layers that update them in the "
+            "forward pass."
         )
+
+
+def _same_bits(first: torch.Tensor, second: torch.Tensor) -> bool:
+    if first.dtype != second.dtype or first.shape != second.shape:
+        return False
+    first_bytes = first.detach().reshape(-1).contiguous().view(torch.uint8)
+    second_bytes = second.detach().reshape(-1).contiguous().view(torch.uint8)
+    return torch.equal(first_bytes, second_bytes)
 
 
 def _display_name(name: str) -> str:
@@ -999,11 +1032,14 @@ def _check_loader(train_loader: DataLoader[Any]) -> None:
             f"Found {num_examples}."
         )
     sampler = train_loader.sampler
-    whole = isinstance(sampler, SequentialSampler) or (
+    # Either sampler draws indices 0 to n - 1 once each when its length is n.
+    in_order = isinstance(sampler, SequentialSampler) and len(sampler) == num_examples
+    shuffled = (
         isinstance(sampler, RandomSampler)
         and not sampler.replacement
         and sampler.num_samples == num_examples
     )
+    whole = in_order or shuffled
     if not whole or type(train_loader.batch_sampler) is not BatchSampler:
         raise ValueError(
             "train_loader must read its whole dataset in batches of batch_size, "

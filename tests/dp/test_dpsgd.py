@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 from fedsec_flwr.dp.accounting import GaussianEvent, compute_epsilon
 from fedsec_flwr.dp.dpsgd import (
@@ -591,8 +596,74 @@ def test_buffer_changed_by_training_releases_nothing() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(DataSumLayer(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
 
-    with pytest.raises(ValueError, match=r"buffers that changed .*: 0\.seen"):
+    with pytest.raises(ValueError, match=r"buffers or frozen parameters .*: 0\.seen"):
         train_round(model)
+
+
+def test_sampler_over_other_indices_rejected() -> None:
+    dataset = tabular_loader().dataset
+    loader = DataLoader(dataset, batch_size=4, sampler=SequentialSampler(range(8)))
+
+    with pytest.raises(ValueError, match=r"must read its whole dataset"):
+        train_round(tiny_model(), loader=loader)
+
+
+class PlainBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm subclass, which Opacus's validator lookup does not match."""
+
+
+def test_batch_norm_subclass_rejected() -> None:
+    model = nn.Sequential(
+        nn.Linear(NUM_FEATURES, 4),
+        PlainBatchNorm(4, track_running_stats=False),
+        nn.Linear(4, NUM_CLASSES),
+    )
+
+    with pytest.raises(ValueError, match=r"1 \(PlainBatchNorm\): a BatchNorm subclass"):
+        check_private_compatible(model)
+
+
+class FrozenMean(nn.Module):
+    """A layer that keeps a running mean of its inputs in a frozen parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(NUM_FEATURES), requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if len(features):
+            self.mean.data.mul_(0.9).add_(0.1 * features.mean(dim=0))
+        return features
+
+
+@pytest.mark.timeout(20)
+def test_frozen_parameter_changed_by_training_releases_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(FrozenMean(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
+
+    with pytest.raises(ValueError, match=r"frozen parameters that changed .*: 0\.mean"):
+        train_round(model)
+
+
+class ConstantNan(nn.Module):
+    """A layer with a constant buffer that holds NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("marker", torch.tensor([float("nan"), 1.0]))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+@pytest.mark.timeout(20)
+def test_constant_nan_buffer_accepted() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(ConstantNan(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
+
+    result = train_round(model)
+
+    assert torch.isnan(result.state_dict["0.marker"][0])
 
 
 def test_empty_dataset_rejected() -> None:
