@@ -654,6 +654,17 @@ def _apply_secure_total(
         )
         mean_update, num_clipped = decoded.mean, decoded.num_clipped
         _check_mean_range(mean_update, params=params, server_round=server_round)
+        bit_sum = 0.0
+        if privacy is not None:
+            if plan.adaptive_bit:
+                bit_sum = float(signed(int(decoded.extra[0]), params.modulus))
+            _check_private_slots(
+                privacy,
+                num_clipped=num_clipped,
+                bit_sum=bit_sum,
+                num_aggregated=num_aggregated,
+                server_round=server_round,
+            )
     except (ProtocolError, ValueError):
         if privacy is not None:
             privacy.record_unreleased(num_aggregated=num_aggregated)
@@ -668,11 +679,6 @@ def _apply_secure_total(
 
     epsilon = None
     if privacy is not None:
-        bit_sum = (
-            float(signed(int(decoded.extra[0]), params.modulus))
-            if plan.adaptive_bit
-            else 0.0
-        )
         epsilon = privacy.finish(
             mean_update, num_aggregated=num_aggregated, bit_sum=bit_sum
         )
@@ -933,6 +939,38 @@ def _check_total_weight(
             f"Round {server_round}: the aggregated weight {total_weight} exceeds "
             f"max_weight * clients = {limit}; a client sent a malformed input. "
             "The round is aborted and no model is released."
+        )
+
+
+def _check_private_slots(
+    privacy: PrivacyRound,
+    *,
+    num_clipped: int,
+    bit_sum: float,
+    num_aggregated: int,
+    server_round: int,
+) -> None:
+    """Reject DP sums whose count slots no honest clients could produce.
+
+    Under DP every client clips its update before encoding, so none counts a
+    coordinate clipped. In central mode each sends its clipping bit without
+    noise, so the bits add up to between 0 and the number of clients. A
+    client that wrote other values would forge the report or steer the
+    clipping norm.
+    """
+    if num_clipped:
+        raise ProtocolError(
+            f"Round {server_round}: the sum counts {num_clipped} clipped "
+            "coordinates, although every client clips before encoding under DP; "
+            "a client sent a malformed input. The round is aborted and no model "
+            "is released."
+        )
+    central = privacy.server.config.mode is DPMode.CENTRAL
+    if central and not 0 <= bit_sum <= num_aggregated:
+        raise ProtocolError(
+            f"Round {server_round}: the clipping bits sum to {bit_sum:g}, outside "
+            f"0 to {num_aggregated} for the clients aggregated; a client sent a "
+            "malformed input. The round is aborted and no model is released."
         )
 
 

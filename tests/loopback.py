@@ -37,7 +37,15 @@ Fault = Callable[[int, str, Message], object]
 
 
 def inflate_weight_slot(target: int, amount: int = 10**6) -> Fault:
-    """Return a fault that adds ``amount`` to the weight slot of a masked input."""
+    """Return a fault that adds ``amount`` to the weight slot of a masked input.
+
+    The weight slot is second to last when the input has no extra slots.
+    """
+    return add_to_slot(target, -2, amount)
+
+
+def add_to_slot(target: int, index: int, amount: int) -> Fault:
+    """Return a fault that adds ``amount`` to slot ``index`` of a masked input."""
 
     def fault(node: int, stage: str, _: Message) -> object:
         if node != target or stage != "masked-input":
@@ -48,7 +56,7 @@ def inflate_weight_slot(target: int, amount: int = 10**6) -> Fault:
                 reply.content[MASKED_INPUT_RECORD][MASKED_VECTOR_KEY].numpy().copy()
             )
             # The slot wraps modulo 2**32, as the secure sum does.
-            vector[-2] = np.uint32((int(vector[-2]) + amount) % 2**32)
+            vector[index] = np.uint32((int(vector[index]) + amount) % 2**32)
             reply.content[MASKED_INPUT_RECORD] = ArrayRecord(
                 {MASKED_VECTOR_KEY: Array(vector)}
             )

@@ -32,7 +32,7 @@ from fedsec_flwr.strategy import (
     poisson_short_round_probability,
 )
 from fedsec_flwr.verification import VerificationConfig
-from tests.loopback import LoopbackGrid, inflate_weight_slot, stage_of
+from tests.loopback import LoopbackGrid, add_to_slot, inflate_weight_slot, stage_of
 
 NUM_COORDINATES = 100_000
 NODE_IDS = [101, 202, 303, 404, 505]
@@ -797,3 +797,31 @@ def test_verified_poisson_rounds_warned(caplog: pytest.LogCaptureFixture) -> Non
 
     messages = [record.getMessage() for record in caplog.records]
     assert any("name their clients in the transcript" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "amount", "message"),
+    [
+        # Without adaptive clipping the last slot counts clipped coordinates.
+        (False, 10**6, "the sum counts 1000000 clipped coordinates"),
+        # With it, the last slot sums the clipping bits: 5 below zero here.
+        (True, 2**32 - 10, r"the clipping bits sum to -\d+, outside 0 to 5"),
+        (True, 100, r"the clipping bits sum to \d+, outside 0 to 5"),
+    ],
+)
+def test_hostile_count_slots_rejected(
+    adaptive: bool, amount: int, message: str
+) -> None:
+    # A client that writes into the count slots would forge the clipped
+    # count in the report or steer the clipping norm round after round.
+    dp = DPConfig(
+        mode=DPMode.CENTRAL,
+        noise_multiplier=0.5,
+        clipping_norm=1.0,
+        adaptive_clipping=adaptive,
+    )
+    fault = add_to_slot(NODE_IDS[0], -1, amount)
+    grid = LoopbackGrid(make_app(constant_train(0.001)), NODE_IDS, fault=fault)
+
+    with pytest.raises(ProtocolError, match=message):
+        run(grid, dp)
