@@ -352,7 +352,7 @@ def check_private_compatible(model: nn.Module) -> None:
     BatchNorm, which Opacus's validator skips, and embeddings with
     ``max_norm``, which change their weights from the data in the forward
     pass. `train_dp_sgd` also refuses to return a model whose buffers or
-    frozen parameters changed during training.
+    frozen parameters or extra state changed during training.
 
     Raises:
         ValueError: Listing every problem, one per layer.
@@ -608,42 +608,52 @@ def _describe_replacements(*, original: nn.Module, fixed: nn.Module) -> list[str
 
 
 def _check_untrained_state_unchanged(
-    model: nn.Module, state_dict: dict[str, torch.Tensor]
+    model: nn.Module, state_dict: dict[str, Any]
 ) -> None:
-    """Raise unless the trained copy's buffers and frozen parameters are the model's.
+    """Raise unless the trained copy's state, trainable weights aside, is the model's.
 
     DP-SGD clips and noises the gradients of trainable parameters only. A
-    buffer or frozen parameter that a layer updates in its forward pass, such
-    as a running statistic, would carry the private data out without noise,
-    so such a round releases nothing. Values are compared bit for bit, so a
-    constant NaN counts as unchanged.
+    buffer, frozen parameter or extra state that a layer updates in its
+    forward pass, such as a running statistic, would carry the private data
+    out without noise, so such a round releases nothing. NaN equals NaN here,
+    so a constant NaN counts as unchanged. A layer without state that mixes
+    the examples of a batch cannot be detected this way.
     """
-    untrained = dict(model.named_buffers())
-    untrained.update(
-        (name, parameter)
-        for name, parameter in model.named_parameters()
-        if not parameter.requires_grad
-    )
+    trainable = {
+        name for name, parameter in model.named_parameters() if parameter.requires_grad
+    }
     changed = [
         name
-        for name, value in untrained.items()
-        if name in state_dict and not _same_bits(state_dict[name], value)
+        for name, value in model.state_dict().items()
+        if name not in trainable
+        and name in state_dict
+        and not _same_entry(state_dict[name], value)
     ]
     if changed:
         raise ValueError(
-            "model has buffers or frozen parameters that changed during DP-SGD "
-            "training, so they would carry the training data without noise: "
-            f"{', '.join(changed)}. Remove the layers that update them in the "
-            "forward pass."
+            "model has buffers, frozen parameters or extra state that changed "
+            "during DP-SGD training, so they would carry the training data "
+            f"without noise: {', '.join(changed)}. Remove the layers that update "
+            "them in the forward pass."
         )
 
 
-def _same_bits(first: torch.Tensor, second: torch.Tensor) -> bool:
+def _same_entry(first: object, second: object) -> bool:
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        try:
+            return bool(first == second)
+        except (TypeError, ValueError, RuntimeError):
+            return False
     if first.dtype != second.dtype or first.shape != second.shape:
         return False
-    first_bytes = first.detach().reshape(-1).contiguous().view(torch.uint8)
-    second_bytes = second.detach().reshape(-1).contiguous().view(torch.uint8)
-    return torch.equal(first_bytes, second_bytes)
+    if torch.equal(first, second):
+        return True
+    if not (first.is_floating_point() or first.is_complex()):
+        return False
+    first_nan, second_nan = torch.isnan(first), torch.isnan(second)
+    return torch.equal(first_nan, second_nan) and torch.equal(
+        first[~first_nan], second[~second_nan]
+    )
 
 
 def _display_name(name: str) -> str:

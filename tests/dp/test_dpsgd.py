@@ -596,7 +596,9 @@ def test_buffer_changed_by_training_releases_nothing() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(DataSumLayer(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
 
-    with pytest.raises(ValueError, match=r"buffers or frozen parameters .*: 0\.seen"):
+    with pytest.raises(
+        ValueError, match=r"buffers, frozen parameters or extra state .*: 0\.seen"
+    ):
         train_round(model)
 
 
@@ -641,7 +643,9 @@ def test_frozen_parameter_changed_by_training_releases_nothing() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(FrozenMean(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
 
-    with pytest.raises(ValueError, match=r"frozen parameters that changed .*: 0\.mean"):
+    with pytest.raises(
+        ValueError, match=r"frozen parameters or extra state .*: 0\.mean"
+    ):
         train_round(model)
 
 
@@ -664,6 +668,54 @@ def test_constant_nan_buffer_accepted() -> None:
     result = train_round(model)
 
     assert torch.isnan(result.state_dict["0.marker"][0])
+
+
+class InputMeanState(nn.Module):
+    """A layer that keeps the mean of its inputs as extra state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = torch.zeros(NUM_FEATURES)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if len(features):
+            self.seen = features.mean(dim=0).detach()
+        return features
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.seen
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.seen = state
+
+
+@pytest.mark.timeout(20)
+def test_extra_state_changed_by_training_releases_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(InputMeanState(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
+
+    with pytest.raises(ValueError, match=r"extra state .*: 0\._extra_state"):
+        train_round(model)
+
+
+@pytest.mark.parametrize(
+    "buffer",
+    [
+        torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+        torch.tensor([1 + 2j, 3 - 1j]).conj(),
+    ],
+    ids=["quantized", "conjugate"],
+)
+@pytest.mark.timeout(20)
+def test_unusual_constant_buffer_accepted(buffer: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    holder = nn.Identity()
+    holder.register_buffer("constant", buffer)
+    model = nn.Sequential(holder, nn.Linear(NUM_FEATURES, NUM_CLASSES))
+
+    result = train_round(model)
+
+    assert "0.constant" in result.state_dict
 
 
 def test_empty_dataset_rejected() -> None:
