@@ -12,17 +12,19 @@ APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "secure_fedavg"
 sys.path.insert(0, str(APP_DIR))
 
 from secure_fedavg_app.models import build_model  # noqa: E402
-from secure_fedavg_app.training import plain_train  # noqa: E402
+from secure_fedavg_app.training import evaluate_local, plain_train  # noqa: E402
 
 
-def train_metrics(**changes: object) -> dict[str, object]:
+def message_and_context(
+    node_policy: dict[str, object] | None = None, **changes: object
+) -> tuple[Message, Context]:
     with (APP_DIR / "pyproject.toml").open("rb") as file:
         run_config = dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
     run_config.update({key.replace("_", "-"): value for key, value in changes.items()})
     context = Context(
         run_id=1,
         node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 4},
+        node_config={"partition-id": 0, "num-partitions": 4, **(node_policy or {})},  # type: ignore[dict-item]
         state=RecordDict(),
         run_config=run_config,  # type: ignore[arg-type]
     )
@@ -36,6 +38,13 @@ def train_metrics(**changes: object) -> dict[str, object]:
         dst_node_id=7,
         message_type=MessageType.TRAIN,
     )
+    return message, context
+
+
+def train_metrics(
+    node_policy: dict[str, object] | None = None, **changes: object
+) -> dict[str, object]:
+    message, context = message_and_context(node_policy, **changes)
 
     reply = plain_train(message, context)
 
@@ -63,3 +72,42 @@ def test_private_round_omits_train_loss(changes: dict[str, object]) -> None:
 
     assert "train-loss" not in metrics
     assert metrics["num-examples"] > 0  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "node_policy",
+    [{"require-secure-aggregation": True}, {"dp-max-epsilon": 5.0}],
+    ids=["secure-aggregation", "dp-budget"],
+)
+def test_node_policy_omits_train_loss(node_policy: dict[str, object]) -> None:
+    # The node's policy runs the secure mod even when the run config turns
+    # secure aggregation off, so the loss must stay out here too.
+    metrics = train_metrics(node_policy, secure_aggregation=False)
+
+    assert "train-loss" not in metrics
+
+
+def test_plain_node_evaluates() -> None:
+    message, context = message_and_context(secure_aggregation=False)
+
+    reply = evaluate_local(message, context)
+
+    assert 0.0 <= reply.content["metrics"]["accuracy"] <= 1.0  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("node_policy", "changes"),
+    [
+        (None, {}),
+        ({"require-secure-aggregation": True}, {"secure_aggregation": False}),
+        ({"dp-max-epsilon": 5.0}, {"secure_aggregation": False}),
+    ],
+    ids=["secure-run", "secure-policy", "dp-budget"],
+)
+def test_private_node_refuses_evaluate(
+    node_policy: dict[str, object] | None, changes: dict[str, object]
+) -> None:
+    message, context = message_and_context(node_policy, **changes)
+
+    with pytest.raises(ValueError, match="answers no evaluate message"):
+        evaluate_local(message, context)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from secure_fedavg_app.data import FloatArray, LabelArray, load_partition
 from secure_fedavg_app.models import build_model
+from secure_fedavg_app.node_policy import NodePolicy
 from secure_fedavg_app.settings import AppSettings
 from secure_fedavg_app.task import derive_seed, evaluate, train, use_single_thread
 
@@ -32,8 +33,21 @@ DP_SGD_STATE_KEY = "fedsec.dp-sgd"
 
 
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on the local partition."""
+    """Evaluate the received model on the local partition.
+
+    Raises:
+        ValueError: In runs with secure aggregation or DP, or when the node
+            config requires them. The metrics would reach the server in
+            clear, and a server can pick the model to learn statistics of
+            the partition; the strategy evaluates centrally and never asks.
+    """
     settings = AppSettings.from_run_config(context.run_config)
+    if _private_round(settings, context):
+        raise ValueError(
+            "This node answers no evaluate message in runs with secure "
+            "aggregation or DP, or when its node config requires them: the "
+            "metrics of its data would reach the server in clear."
+        )
     use_single_thread()
     features, labels = _local_partition(settings, context)
 
@@ -85,7 +99,7 @@ def plain_train(msg: Message, context: Context) -> Message:
     received_keys = list(msg.content.array_records[ARRAYS_KEY].keys())
     arrays = ArrayRecord({key: state[key] for key in received_keys})
     metrics = MetricRecord({"num-examples": len(labels), **extra_metrics})
-    if not _private_round(settings):
+    if not _private_round(settings, context):
         metrics["train-loss"] = train_loss
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
@@ -164,14 +178,22 @@ def _model_from_message(settings: AppSettings, msg: Message) -> nn.Module:
     return model
 
 
-def _private_round(settings: AppSettings) -> bool:
+def _private_round(settings: AppSettings, context: Context) -> bool:
     """Return whether the server may learn nothing per client but the update.
 
-    The mods send the handler's metrics in clear, and the training loss is a
-    statistic of this client's data that neither secure aggregation nor DP
-    covers, so such rounds leave it out.
+    That holds when the run config or this node's policy asks for secure
+    aggregation or DP. The mods send the handler's metrics in clear, and a
+    loss or accuracy is a statistic of this client's data that neither
+    secure aggregation nor DP covers, so such rounds leave them out.
     """
-    return settings.secure_aggregation or settings.dp_mode != "off" or settings.dp_sgd
+    policy = NodePolicy.from_node_config(context.node_config)
+    return (
+        settings.secure_aggregation
+        or settings.dp_mode != "off"
+        or settings.dp_sgd
+        or policy.require_secure_aggregation
+        or policy.privacy_budget is not None
+    )
 
 
 def _server_round(msg: Message) -> int:
