@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -942,6 +943,13 @@ def _check_total_weight(
         )
 
 
+BIT_SUM_NOISE_WIDTHS = 10.0
+"""Widths of the total bit noise by which a distributed bit sum may leave 0 to m.
+
+The sum of the clients' discrete Gaussian shares is sub-Gaussian, so an honest
+sum leaves that range by more with probability at most 2 exp(-50), below 4e-22."""
+
+
 def _check_private_slots(
     privacy: PrivacyRound,
     *,
@@ -954,9 +962,12 @@ def _check_private_slots(
 
     Under DP every client clips its update before encoding, so none counts a
     coordinate clipped. In central mode each sends its clipping bit without
-    noise, so the bits add up to between 0 and the number of clients. A
-    client that wrote other values would forge the report or steer the
-    clipping norm.
+    noise, so the bits add up to between 0 and the number of clients, and in
+    distributed mode to that range widened by `BIT_SUM_NOISE_WIDTHS` widths
+    of the bits' total noise. A client that wrote other values would forge
+    the report or steer the clipping norm. Within these ranges one client
+    can still shift the sum, which changes the norm by a factor of at most
+    exp(learning rate) per round, as an honest round can.
     """
     if num_clipped:
         raise ProtocolError(
@@ -965,12 +976,20 @@ def _check_private_slots(
             "a client sent a malformed input. The round is aborted and no model "
             "is released."
         )
-    central = privacy.server.config.mode is DPMode.CENTRAL
-    if central and not 0 <= bit_sum <= num_aggregated:
+    # In distributed mode each client's bit carries its noise share, so the
+    # sum may leave 0 to m by a few widths of their total noise.
+    margin = 0.0
+    if privacy.server.config.mode is DPMode.DISTRIBUTED:
+        total_sigma = privacy.plan.bit_sigma_client * math.sqrt(num_aggregated)
+        margin = BIT_SUM_NOISE_WIDTHS * total_sigma
+    # 0.0 - margin is +0.0 without a margin, so the message never shows -0.
+    lower, upper = 0.0 - margin, num_aggregated + margin
+    if not lower <= bit_sum <= upper:
         raise ProtocolError(
             f"Round {server_round}: the clipping bits sum to {bit_sum:g}, outside "
-            f"0 to {num_aggregated} for the clients aggregated; a client sent a "
-            "malformed input. The round is aborted and no model is released."
+            f"{lower:g} to {upper:g} for the "
+            f"{num_aggregated} clients aggregated; a client sent a malformed "
+            "input. The round is aborted and no model is released."
         )
 
 

@@ -825,3 +825,19 @@ def test_hostile_count_slots_rejected(
 
     with pytest.raises(ProtocolError, match=message):
         run(grid, dp)
+
+
+def test_hostile_distributed_bit_sum_rejected() -> None:
+    # In distributed mode the bit sum carries noise, so it may leave 0 to m
+    # by a few noise widths, but not by a million.
+    dp = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        noise_multiplier=0.5,
+        clipping_norm=1.0,
+        adaptive_clipping=True,
+    )
+    fault = add_to_slot(NODE_IDS[0], -1, 2**32 - 10**6)
+    grid = LoopbackGrid(make_app(constant_train(0.001)), NODE_IDS, fault=fault)
+
+    with pytest.raises(ProtocolError, match=r"the clipping bits sum to -\d+, outside"):
+        run(grid, dp)
