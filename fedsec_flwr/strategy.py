@@ -675,7 +675,7 @@ class SecureFedAvg(Strategy):
         """Return q * N under Poisson sampling, for N nodes sampled from, else None.
 
         Verified rounds divide by the count aggregated, because the clients
-        and the auditor rebuild the next model that way; their transcripts
+        and the auditor rebuild the next model that way. Their transcripts
         name the included clients anyway.
         """
         if self.client_sampling != SAMPLING_POISSON or self.verification is not None:

@@ -109,5 +109,5 @@ def test_private_node_refuses_evaluate(
 ) -> None:
     message, context = message_and_context(node_policy, **changes)
 
-    with pytest.raises(ValueError, match="answers no evaluate message"):
+    with pytest.raises(ValueError, match="rejects evaluate messages"):
         evaluate_local(message, context)

@@ -39,14 +39,15 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         ValueError: In runs with secure aggregation or DP, or when the node
             config requires them. The metrics would reach the server in
             clear, and a server can pick the model to learn statistics of
-            the partition; the strategy evaluates centrally and never asks.
+            the partition. The strategy evaluates centrally and sends no
+            evaluate message.
     """
     settings = AppSettings.from_run_config(context.run_config)
     if _private_round(settings, context):
         raise ValueError(
-            "This node answers no evaluate message in runs with secure "
-            "aggregation or DP, or when its node config requires them: the "
-            "metrics of its data would reach the server in clear."
+            "This node rejects evaluate messages in runs with secure "
+            "aggregation or DP, or when its node config requires them, because "
+            "the metrics of its data would reach the server in clear."
         )
     use_single_thread()
     features, labels = _local_partition(settings, context)
@@ -181,7 +182,7 @@ def _model_from_message(settings: AppSettings, msg: Message) -> nn.Module:
 def _private_round(settings: AppSettings, context: Context) -> bool:
     """Return whether the server may learn nothing per client but the update.
 
-    That holds when the run config or this node's policy asks for secure
+    That holds when the run config or this node's policy requires secure
     aggregation or DP. The mods send the handler's metrics in clear, and a
     loss or accuracy is a statistic of this client's data that neither
     secure aggregation nor DP covers, so such rounds leave them out.
