@@ -567,7 +567,7 @@ def _is_untrained_batch_norm(module: nn.Module) -> bool:
 
 
 def _is_batch_norm_subclass(module: nn.Module) -> bool:
-    # Opacus finds its validators by exact type, so it never sees these.
+    # Opacus looks its validators up by exact type, so it never checks these.
     batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
     return batch_norm and type(module) not in BATCH_NORM_TYPES
 
