@@ -35,9 +35,10 @@ import math
 import secrets
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
@@ -619,8 +620,11 @@ def _check_untrained_state_unchanged(
     so a constant NaN counts as unchanged. A layer without state that mixes
     the examples of a batch cannot be detected this way.
     """
+    # A tied parameter appears under each of its names in the state dict.
     trainable = {
-        name for name, parameter in model.named_parameters() if parameter.requires_grad
+        name
+        for name, parameter in model.named_parameters(remove_duplicate=False)
+        if parameter.requires_grad
     }
     changed = [
         name
@@ -639,6 +643,21 @@ def _check_untrained_state_unchanged(
 
 
 def _same_entry(first: object, second: object) -> bool:
+    """Compare state dict entries: tensors, arrays, and containers of them."""
+    if isinstance(first, Mapping) and isinstance(second, Mapping):
+        return first.keys() == second.keys() and all(
+            _same_entry(first[key], second[key]) for key in first
+        )
+    if isinstance(first, list | tuple) and isinstance(second, list | tuple):
+        return len(first) == len(second) and all(
+            _same_entry(a, b) for a, b in zip(first, second, strict=True)
+        )
+    if isinstance(first, np.ndarray) and isinstance(second, np.ndarray):
+        try:
+            return _same_entry(torch.from_numpy(first), torch.from_numpy(second))
+        except TypeError:
+            # Object and string arrays have no tensor form.
+            return bool(np.array_equal(first, second))
     if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
         try:
             return bool(first == second)

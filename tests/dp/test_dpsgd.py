@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -716,6 +717,53 @@ def test_unusual_constant_buffer_accepted(buffer: torch.Tensor) -> None:
     result = train_round(model)
 
     assert "0.constant" in result.state_dict
+
+
+class TiedLayers(nn.Module):
+    """Two dense layers that share one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(NUM_FEATURES, NUM_FEATURES)
+        self.second = nn.Linear(NUM_FEATURES, NUM_FEATURES)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(NUM_FEATURES, NUM_CLASSES)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.second(torch.relu(self.first(features))))
+
+
+@pytest.mark.timeout(20)
+def test_tied_weights_trained() -> None:
+    torch.manual_seed(0)
+    model = TiedLayers()
+
+    result = train_round(model)
+
+    assert torch.equal(
+        result.state_dict["first.weight"], result.state_dict["second.weight"]
+    )
+    assert not torch.equal(result.state_dict["first.weight"], model.first.weight)
+
+
+class ConstantExtraState(nn.Identity):
+    """A layer whose extra state is a dict of a tensor and an array."""
+
+    def get_extra_state(self) -> dict[str, object]:
+        return {"scale": torch.ones(2), "offsets": np.zeros(3)}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        del state
+
+
+@pytest.mark.timeout(20)
+def test_constant_container_extra_state_accepted() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(ConstantExtraState(), nn.Linear(NUM_FEATURES, NUM_CLASSES))
+
+    result = train_round(model)
+
+    assert "0._extra_state" in result.state_dict
 
 
 def test_empty_dataset_rejected() -> None:
