@@ -213,7 +213,7 @@ def test_empty_poisson_batches_tolerated() -> None:
 @pytest.mark.timeout(20)
 def test_noise_not_replayed_from_seeds() -> None:
     # With the global seed and the loader's generator set alike, a replay
-    # that gave the same weights would let anyone who knows the seeds
+    # that gave the same weights would let anyone with the seeds
     # subtract the noise.
     results = []
     for _ in range(2):
@@ -651,7 +651,7 @@ def test_frozen_parameter_changed_by_training_releases_nothing() -> None:
 
 
 class ConstantNan(nn.Module):
-    """A layer with a constant buffer that holds NaN."""
+    """A layer with a constant buffer that contains NaN."""
 
     def __init__(self) -> None:
         super().__init__()
