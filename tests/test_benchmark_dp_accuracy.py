@@ -18,6 +18,8 @@ from benchmarks.dp_accuracy import (
     CENTRAL_DP_SGD,
     CLIENT_DP_CENTRAL,
     CLIENT_DP_DISTRIBUTED,
+    CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
+    DELTA,
     DP_SGD_LEARNING_RATE,
     FEDERATED_DP_SGD,
     FEDERATED_DP_SGD_TUNED,
@@ -27,15 +29,18 @@ from benchmarks.dp_accuracy import (
     PLOT_FILENAME,
     SMOKE,
     TABLE_FILENAME,
+    central_noise_multiplier,
     client_level_overrides,
     dp_sgd_overrides,
     federated_settings,
     mean_of_last_rounds,
+    parse_args,
     plan_configurations,
     plot_results,
     points_by_method,
     results_table,
 )
+from fedsec_flwr.dp.accounting import noise_multiplier_for_target
 
 # benchmarks.dp_accuracy puts the app's folder on sys.path when imported.
 app_data = importlib.import_module("secure_fedavg_app.data")
@@ -78,30 +83,30 @@ def test_full_plan_has_every_point() -> None:
     configurations = plan_configurations(FULL)
     names = [configuration.name for configuration in configurations]
 
-    # Five methods at four epsilons, less the two runs without DP that two
-    # pairs of methods share.
-    assert len(configurations) == 18
+    # Six methods at four epsilons, less the three runs without DP that
+    # the DP-SGD pair and the client-level triple share.
+    assert len(configurations) == 21
     assert len(set(names)) == len(names)
     assert {c.method for c in configurations} == set(METHODS)
 
 
 @pytest.mark.parametrize(
-    ("first", "second"),
+    "group",
     [
         (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED),
-        (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED),
+        (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED, CLIENT_DP_DISTRIBUTED_EQUAL_NOISE),
     ],
 )
-def test_baseline_is_shared(first: str, second: str) -> None:
+def test_baseline_is_shared(group: tuple[str, ...]) -> None:
     baselines = [
         c
         for c in plan_configurations(FULL)
-        if c.target_epsilon is None and c.method in (first, second)
+        if c.target_epsilon is None and c.method in group
     ]
 
     assert len(baselines) == 1
-    assert baselines[0].method == first
-    assert baselines[0].shared_with == (second,)
+    assert baselines[0].method == group[0]
+    assert baselines[0].shared_with == group[1:]
 
 
 def test_smoke_plan_without_central_mode_keeps_baseline() -> None:
@@ -161,7 +166,11 @@ def test_every_run_config_accepted_by_app(
     run_configs = [
         dp_sgd_overrides(federated_settings(profile, FEDERATED_DP_SGD), target_epsilon)
     ]
-    for method in (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED):
+    for method in (
+        CLIENT_DP_CENTRAL,
+        CLIENT_DP_DISTRIBUTED,
+        CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
+    ):
         settings = federated_settings(profile, method)
         run_configs.append(
             client_level_overrides(settings, method, target_epsilon, CLIPPING_NORM)
@@ -187,6 +196,55 @@ def test_client_level_overrides() -> None:
     assert distributed["client-sampling"] == "poisson"
     assert distributed["secure-aggregation"] is True
     assert settings.num_clients >= 100
+
+
+def test_equal_noise_method_takes_central_noise_multiplier() -> None:
+    settings = FULL.client_level
+    central_z = noise_multiplier_for_target(
+        target_epsilon=1.0,
+        delta=DELTA,
+        sample_rate=settings.fraction_train,
+        num_steps=settings.num_rounds,
+    )
+
+    overrides = client_level_overrides(
+        settings, CLIENT_DP_DISTRIBUTED_EQUAL_NOISE, 1.0, CLIPPING_NORM
+    )
+
+    assert overrides["dp-mode"] == "distributed"
+    assert overrides["noise-multiplier"] == central_z
+    assert "target-epsilon" not in overrides
+    # 20 rounds at q 0.1 need z of about 2.3 for epsilon 1 in central mode.
+    assert 2.0 < central_z < 2.6
+
+
+def test_central_noise_multiplier_without_amplification_for_fixed_sampling() -> None:
+    poisson = FULL.client_level
+    fixed = dataclasses.replace(poisson, client_sampling="fixed")
+
+    # Without Poisson sampling the accountant takes no amplification, so
+    # the same target needs more noise.
+    assert central_noise_multiplier(fixed, 3.0) > 2 * central_noise_multiplier(
+        poisson, 3.0
+    )
+
+
+def test_methods_option_keeps_benchmark_order() -> None:
+    options = parse_args(
+        ["--out", "x", "--methods", f"{CLIENT_DP_DISTRIBUTED},{CLIENT_DP_CENTRAL}"]
+    )
+
+    assert options.methods == (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED)
+
+
+@pytest.mark.parametrize("text", ["client-dp-nowhere", "", ","])
+def test_methods_option_rejects_unknown_names(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--methods", text])
+
+    assert f"Found {text!r}" in capsys.readouterr().err
 
 
 def test_max_clients_allows_poisson_spread() -> None:
