@@ -130,6 +130,16 @@ class SecAggConfig:
                 f"key_lifetime must be {KEY_LIFETIME_ROUND!r} or "
                 f"{KEY_LIFETIME_RUN!r}. Found {self.key_lifetime!r}."
             )
+        # Building the encoding checks that one quantization level fits.
+        self.encoding()
+
+    def warn_if_imprecise(self) -> None:
+        """Log a warning if the automatic quantization keeps few levels.
+
+        The strategy calls this for the weighted encoding only: under DP
+        the updates are encoded from the clipping norm, and max_weight plays
+        no part.
+        """
         levels = self.encoding().quantization_levels
         if self.quantization_bits is None and levels < 2**MIN_AUTO_QUANTIZATION_BITS:
             logger.warning(

@@ -305,6 +305,9 @@ class SecureFedAvg(Strategy):
         )
         self.secure_aggregation = secure_aggregation
         self.differential_privacy = differential_privacy
+        weighted = self._encoding_limit()
+        if weighted is not None and differential_privacy is None:
+            weighted.warn_if_imprecise()
         self.client_sampling = client_sampling
         self.stopped_reason: str | None = None
         self.fraction_train = fraction_train

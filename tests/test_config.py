@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from fedsec_flwr import SecAggConfig, SecureFedAvg
+from fedsec_flwr import (
+    DPConfig,
+    DPMode,
+    SecAggConfig,
+    SecureFedAvg,
+    VerificationConfig,
+)
 
 
 @pytest.mark.parametrize("clip_range", [0.0, -1.0, math.nan, math.inf])
@@ -157,10 +163,36 @@ def test_strategy_wrong_arguments_rejected(
 
 def test_few_automatic_levels_warn(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="fedsec_flwr.config"):
-        SecAggConfig(max_weight=20_000_000)
-        SecAggConfig()
+        SecureFedAvg(secure_aggregation=SecAggConfig(max_weight=20_000_000))
+        SecureFedAvg(secure_aggregation=SecAggConfig())
 
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
     assert "leaves 2 quantization levels" in warnings[0]
     assert "max_weight 20000000" in warnings[0]
+
+
+def test_plain_verification_encoding_warns(caplog: pytest.LogCaptureFixture) -> None:
+    encoding = SecAggConfig(max_weight=20_000_000)
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.config"):
+        SecureFedAvg(
+            secure_aggregation=None,
+            verification=VerificationConfig(plain_encoding=encoding),
+        )
+
+    assert "leaves 2 quantization levels" in caplog.text
+
+
+def test_dp_encoding_does_not_warn_about_max_weight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under DP every update is encoded from the clipping norm with weight 1,
+    # so a large max_weight costs no precision.
+    secagg = SecAggConfig(max_weight=20_000_000)
+    dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=1.0, clipping_norm=1.0)
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.config"):
+        SecureFedAvg(secure_aggregation=secagg, differential_privacy=dp)
+
+    assert "quantization levels" not in caplog.text
