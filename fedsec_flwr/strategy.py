@@ -316,6 +316,7 @@ class SecureFedAvg(Strategy):
         self.plain_timeout = plain_timeout
         self.on_round_end = on_round_end
         self.rng = rng or random.SystemRandom()
+        self._poisson_checked_nodes = 0
         seeded = not isinstance(self.rng, random.SystemRandom)
         poisson_dp = differential_privacy and client_sampling == SAMPLING_POISSON
         if poisson_dp and self.verification is not None:
@@ -657,8 +658,7 @@ class SecureFedAvg(Strategy):
         self._num_available = len(available)
 
         if self.client_sampling == SAMPLING_POISSON:
-            if server_round == 1:
-                self._check_poisson_sample_size(len(available), num_rounds)
+            self._check_poisson_population(server_round, len(available), num_rounds)
             chosen = [n for n in available if self.rng.random() < self.fraction_train]
             if len(chosen) < self.min_train_nodes:
                 raise TooFewSurvivorsError(
@@ -684,6 +684,31 @@ class SecureFedAvg(Strategy):
         if self.client_sampling != SAMPLING_POISSON or self.verification is not None:
             return None
         return self.fraction_train * self._num_available
+
+    def _check_poisson_population(
+        self, server_round: int, num_nodes: int, num_rounds: int
+    ) -> None:
+        """Check the Poisson sample size before round 1 and when nodes join.
+
+        Before round 1 a likely short or long round is an error. Nodes that
+        connect or leave later change the chance of a round below
+        ``min_train_nodes`` or above ``max_clients``. Then the run goes on,
+        and a warning gives the new chance over the rounds left if it is
+        too high.
+        """
+        if server_round == 1:
+            self._check_poisson_sample_size(num_nodes, num_rounds)
+            self._poisson_checked_nodes = num_nodes
+            return
+        if num_nodes == self._poisson_checked_nodes:
+            return
+
+        self._poisson_checked_nodes = num_nodes
+        rounds_left = max(1, num_rounds - server_round + 1)
+        try:
+            self._check_poisson_sample_size(num_nodes, rounds_left)
+        except ValueError as error:
+            logger.warning("Round %d: %s", server_round, error)
 
     def _check_poisson_sample_size(self, num_nodes: int, num_rounds: int) -> None:
         """Raise if some round would likely draw too few or too many clients.

@@ -9,6 +9,7 @@ standard deviation has a relative standard error of 1/sqrt(2n) = 0.22%, so a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -833,3 +834,38 @@ def test_hostile_count_slots_rejected(
 
     with pytest.raises(ProtocolError, match=message):
         run(grid, dp)
+
+
+class GrowingNodes:
+    """A grid stand-in whose node list grows after the first call."""
+
+    def __init__(self, first: list[int], later: list[int]) -> None:
+        self.calls = 0
+        self.first = first
+        self.later = later
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return self.first if self.calls == 1 else self.later
+
+
+def test_poisson_warns_when_joined_nodes_make_long_rounds_likely(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG, fraction_train=0.6, client_sampling="poisson"
+    )
+    # 10 nodes never give more than max_clients 10; 18 give 10.8 on average.
+    grid = GrowingNodes(list(range(10)), list(range(18)))
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr"):
+        strategy._sample_nodes(grid, 1, timeout=1.0, num_rounds=3)  # type: ignore[arg-type]
+        assert "draws more than max_clients" not in caplog.text
+        # The round itself may draw more than 10 and raise.
+        with contextlib.suppress(ValueError):
+            strategy._sample_nodes(grid, 2, timeout=1.0, num_rounds=3)  # type: ignore[arg-type]
+
+    warnings = [r.getMessage() for r in caplog.records if "18 nodes" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Round 2: ")
+    assert "draws more than max_clients 10 in at least one of 2 rounds" in warnings[0]
