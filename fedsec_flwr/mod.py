@@ -129,6 +129,15 @@ CLIENT_MASK_SECONDS = "fedsec.client-mask-seconds"
 CLIENT_CPU_SECONDS = "fedsec.client-cpu-seconds"
 """Reply metric: CPU seconds of the client's process in the input stage."""
 
+CLIENT_TIMING_METRICS = (
+    CLIENT_TRAIN_SECONDS,
+    CLIENT_TRAIN_AND_ENCODE_SECONDS,
+    CLIENT_MASK_SECONDS,
+    CLIENT_CPU_SECONDS,
+)
+"""Reply metrics sent only with ``report_timings=True``: they travel in clear,
+and the training time hints at the size of the client's dataset."""
+
 _Extra = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
 
 
@@ -137,13 +146,13 @@ class _Options:
     on_verification_failure: FailurePolicy
     require_verification: bool
     privacy_budget: ClientPrivacyBudget | None = None
+    report_timings: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.require_verification, bool):
-            raise ValueError(
-                "require_verification must be True or False. "
-                f"Found {self.require_verification!r}."
-            )
+        for name in ("require_verification", "report_timings"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False. Found {value!r}.")
 
 
 _DEFAULT_OPTIONS = _Options(
@@ -169,6 +178,7 @@ def make_secure_aggregation_mod(
     on_verification_failure: FailurePolicy | str = FailurePolicy.REFUSE,
     require_verification: bool = False,
     privacy_budget: ClientPrivacyBudget | None = None,
+    report_timings: bool = False,
 ) -> Mod:
     """Build a ``secure_aggregation_mod`` with client-side policies.
 
@@ -183,11 +193,15 @@ def make_secure_aggregation_mod(
         privacy_budget: Train only in rounds with distributed DP whose noise
             keeps this client's epsilon over the run within the budget. None
             follows the server's DP instructions, including none.
+        report_timings: Add the seconds this client spent training, encoding
+            and masking (``CLIENT_TIMING_METRICS``) to its input reply. They
+            travel in clear, outside the secure sum, and the training time
+            hints at the size of the client's dataset.
 
     Raises:
         ValueError: If `on_verification_failure` is not a policy,
-            `require_verification` is not a bool, or `privacy_budget` is not
-            a `ClientPrivacyBudget`.
+            `require_verification` or `report_timings` is not a bool, or
+            `privacy_budget` is not a `ClientPrivacyBudget`.
 
     """
     if privacy_budget is not None and not isinstance(
@@ -201,6 +215,7 @@ def make_secure_aggregation_mod(
         on_verification_failure=_parse_policy(on_verification_failure),
         require_verification=require_verification,
         privacy_budget=privacy_budget,
+        report_timings=report_timings,
     )
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -226,6 +241,7 @@ def make_plain_verification_mod(
     *,
     on_verification_failure: FailurePolicy | str = FailurePolicy.REFUSE,
     require_verification: bool = False,
+    report_timings: bool = False,
 ) -> Mod:
     """Build a ``plain_verification_mod`` with a client-side verification policy.
 
@@ -233,12 +249,13 @@ def make_plain_verification_mod(
 
     Raises:
         ValueError: If `on_verification_failure` is not a policy, or
-            `require_verification` is not a bool.
+            `require_verification` or `report_timings` is not a bool.
 
     """
     options = _Options(
         on_verification_failure=_parse_policy(on_verification_failure),
         require_verification=require_verification,
+        report_timings=report_timings,
     )
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -271,10 +288,16 @@ def _error_reply(msg: Message, prefix: str, error: Exception) -> Message:
     )
 
 
-def _reply(msg: Message, reply_fields: Fields, extra: _Extra) -> Message:
+def _reply(
+    msg: Message, reply_fields: Fields, extra: _Extra, options: _Options
+) -> Message:
     content = RecordDict({PROTOCOL_RECORD: to_config_record(reply_fields)})
     for key, record in extra.items():
         content[key] = record
+    metrics = extra.get(METRICS_RECORD)
+    if isinstance(metrics, MetricRecord) and not options.report_timings:
+        for key in CLIENT_TIMING_METRICS:
+            metrics.pop(key, None)
     return Message(content, reply_to=msg)
 
 
@@ -301,7 +324,7 @@ def _secure_stage(
 
     if deferred is not None:
         extra = {**extra, DEFERRED_RECORD: to_config_record(deferred)}
-    return _reply(msg, reply_fields, extra)
+    return _reply(msg, reply_fields, extra, options)
 
 
 def _deferred_stage(
@@ -1116,7 +1139,7 @@ def _plain_stage(
     except _InnerAppError as error:
         return error.reply
 
-    return _reply(msg, reply_fields, extra)
+    return _reply(msg, reply_fields, extra, options)
 
 
 def _check_plain_refusal(msg: Message, context: Context, options: _Options) -> None:

@@ -1,4 +1,5 @@
-"""The app's train handler sends no per-client statistic beyond the update."""
+"""The app's train handler sends no per-client statistic beyond the update,
+unless the run config asks for the clients' stage timings."""
 
 import sys
 import tomllib
@@ -11,8 +12,16 @@ from flwr.supercore.task_identity import TaskIdentity
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "secure_fedavg"
 sys.path.insert(0, str(APP_DIR))
 
+from secure_fedavg_app.client_app import app as client_app  # noqa: E402
+from secure_fedavg_app.client_app import reports_timings  # noqa: E402
 from secure_fedavg_app.models import build_model  # noqa: E402
+from secure_fedavg_app.node_policy import NodePolicy  # noqa: E402
+from secure_fedavg_app.settings import AppSettings  # noqa: E402
+from secure_fedavg_app.strategy_factory import build_strategy  # noqa: E402
 from secure_fedavg_app.training import evaluate_local, plain_train  # noqa: E402
+
+from fedsec_flwr import RoundReport  # noqa: E402
+from tests.loopback import LoopbackGrid  # noqa: E402
 
 
 def message_and_context(
@@ -111,3 +120,57 @@ def test_private_node_refuses_evaluate(
 
     with pytest.raises(ValueError, match="rejects evaluate messages"):
         evaluate_local(message, context)
+
+
+CLIENT_TIMING_KEYS = {
+    "fedsec.client-train-seconds",
+    "fedsec.client-train-encode-seconds",
+    "fedsec.client-mask-seconds",
+    "fedsec.client-cpu-seconds",
+}
+
+
+def secure_round_metrics(**changes: object) -> dict[str, object]:
+    """Run one secure round of the app's own ClientApp; return its metrics."""
+    with (APP_DIR / "pyproject.toml").open("rb") as file:
+        run_config = dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+    run_config.update({key.replace("_", "-"): value for key, value in changes.items()})
+    settings = AppSettings.from_run_config(run_config)  # type: ignore[arg-type]
+    reports: list[RoundReport] = []
+    strategy = build_strategy(settings, reports.append, audit_path=Path("unused"))
+    model = build_model(settings.dataset)
+    grid = LoopbackGrid(client_app, [101, 102, 103], run_config=run_config)
+
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()))
+
+    return dict(reports[0].train_metrics)
+
+
+@pytest.mark.parametrize("client_timings", [False, True])
+def test_app_sends_timings_only_when_asked(client_timings: bool) -> None:
+    metrics = secure_round_metrics(
+        num_server_rounds=1, min_train_clients=3, client_timings=client_timings
+    )
+
+    expected = CLIENT_TIMING_KEYS if client_timings else set()
+    assert CLIENT_TIMING_KEYS & set(metrics) == expected
+
+
+@pytest.mark.parametrize(
+    ("node_policy", "expected"),
+    [
+        ({}, True),
+        ({"require-verification": True}, True),
+        ({"require-secure-aggregation": True}, False),
+        ({"dp-max-epsilon": 5.0}, False),
+    ],
+    ids=["none", "verification", "secure-aggregation", "dp-budget"],
+)
+def test_private_node_policy_withholds_timings(
+    node_policy: dict[str, object], expected: bool
+) -> None:
+    _, context = message_and_context(node_policy, client_timings=True)
+    settings = AppSettings.from_run_config(context.run_config)
+    policy = NodePolicy.from_node_config(context.node_config)
+
+    assert reports_timings(settings, policy) is expected

@@ -284,6 +284,18 @@ def test_plan_runs_declared_keys(tmp_path: Path) -> None:
     assert skipped == []
     assert experiments[1].config["overrides"]["dataset"] == "breast-cancer"
     assert experiments[1].config["overrides"]["num-server-rounds"] == 2
+    assert all("client-timings" not in e.config["overrides"] for e in experiments)
+
+
+def test_plan_asks_for_client_timings_where_declared(tmp_path: Path) -> None:
+    keys = ["dataset", "num-server-rounds", "secure-aggregation", "partitioning"]
+    app_dir = _write_app(tmp_path / "app", [*keys, "client-timings"])
+
+    experiments, _ = accuracy.plan_experiments(
+        _accuracy_profile(), app_dir=app_dir, runs_dir=tmp_path / "runs"
+    )
+
+    assert [e.config["overrides"]["client-timings"] for e in experiments] == [True]
 
 
 def test_unique_points_keep_first_family() -> None:

@@ -7,6 +7,7 @@ the plaintext weighted mean of known updates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -16,14 +17,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedsec_flwr import (
     RoundReport,
     SecAggConfig,
     SecureFedAvg,
     TooFewSurvivorsError,
+    make_secure_aggregation_mod,
     secure_aggregation_mod,
 )
+from fedsec_flwr.mod import CLIENT_TIMING_METRICS
 from fedsec_flwr.records import MASKED_INPUT_RECORD
 from tests.loopback import LoopbackGrid, stage_of
 
@@ -76,13 +80,17 @@ def honest_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def make_app(train: TrainFn = honest_train, secure: bool = True) -> ClientApp:
+def make_app(
+    train: TrainFn = honest_train,
+    secure: bool = True,
+    mod: Mod = secure_aggregation_mod,
+) -> ClientApp:
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         if secure:
-            return secure_aggregation_mod(msg, context, train)
+            return mod(msg, context, train)
         return train(msg, context)
 
     return app
@@ -383,9 +391,12 @@ def test_stage_replayed_from_other_round_rejected() -> None:
     assert stage_of(old) == "unmask"
 
 
+TIMED_MOD = make_secure_aggregation_mod(report_timings=True)
+
+
 def test_round_reports_stage_and_client_timings() -> None:
     reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS)
+    grid = LoopbackGrid(make_app(mod=TIMED_MOD), NODE_IDS)
 
     run(grid, reports=reports)
 
@@ -393,13 +404,22 @@ def test_round_reports_stage_and_client_timings() -> None:
     for stage in ("setup", "share-keys", "masked-input", "unmask", "decode"):
         assert timings[stage] >= 0.0, stage
     assert sum(timings.values()) <= reports[0].seconds
-    for key in (
-        "fedsec.client-train-seconds",
-        "fedsec.client-train-encode-seconds",
-        "fedsec.client-mask-seconds",
-        "fedsec.client-cpu-seconds",
-    ):
+    for key in CLIENT_TIMING_METRICS:
         assert reports[0].train_metrics[key] >= 0.0, key
+
+
+@pytest.mark.parametrize("key_lifetime", ["round", "run"])
+def test_client_timings_stay_on_the_client_by_default(key_lifetime: str) -> None:
+    # They travel in clear, and training time hints at the dataset's size.
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
+
+    run(grid, config=config, rounds=2, reports=reports)
+
+    for report in reports:
+        assert report.train_metrics["train-loss"] == 0.5
+        assert not set(CLIENT_TIMING_METRICS) & set(report.train_metrics)
 
 
 def test_client_cpu_seconds_count_cpu_not_waiting() -> None:
@@ -409,7 +429,7 @@ def test_client_cpu_seconds_count_cpu_not_waiting() -> None:
         return honest_train(msg, context)
 
     reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(sleepy_train), NODE_IDS)
+    grid = LoopbackGrid(make_app(sleepy_train, mod=TIMED_MOD), NODE_IDS)
 
     run(grid, reports=reports)
 

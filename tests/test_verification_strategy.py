@@ -51,6 +51,7 @@ from fedsec_flwr.core.messages import (
 from fedsec_flwr.core.server import ServerRound
 from fedsec_flwr.core.transcript import RoundTranscript
 from fedsec_flwr.mod import (
+    CLIENT_TIMING_METRICS,
     make_plain_verification_mod,
     make_secure_aggregation_mod,
     plain_verification_mod,
@@ -762,6 +763,24 @@ def test_plain_mod_refuses_after_failed_verification(
 
     assert "round 1 failed verification" in error_reasons(grid, 2)[NODE_IDS[2]]
     assert reports[1].num_aggregated == NUM_NODES - 1
+
+
+@pytest.mark.parametrize("report_timings", [False, True])
+def test_plain_mod_sends_timings_only_when_asked(report_timings: bool) -> None:
+    reports: list[RoundReport] = []
+    mod = make_plain_verification_mod(report_timings=report_timings)
+    grid = LoopbackGrid(make_app(secure=False, mod=mod), NODE_IDS)
+
+    run(grid, verification=plain_config(), secure=False, reports=reports)
+
+    sent = set(CLIENT_TIMING_METRICS) & set(reports[0].train_metrics)
+    assert reports[0].verified is True
+    assert sent == ({"fedsec.client-train-seconds"} if report_timings else set())
+
+
+def test_timings_option_must_be_bool() -> None:
+    with pytest.raises(ValueError, match="report_timings must be True or False"):
+        make_secure_aggregation_mod(report_timings="yes")  # type: ignore[arg-type]
 
 
 # --- Messages a hostile server could send --------------------------------------

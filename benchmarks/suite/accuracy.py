@@ -51,6 +51,10 @@ LAST_ROUNDS = 3
 SAMPLE_EPSILON_METRIC = "sample-epsilon"
 """Training metric of DP-SGD runs: the clients' mean per-example epsilon so far."""
 
+CLIENT_TIMINGS_KEY = "client-timings"
+"""Run-config key that makes the app's clients send their stage timings,
+which ``cost.round_breakdown`` splits rounds by. Set where the app declares it."""
+
 AUDIT_FILENAME = "audit.json"
 AUDIT_TIMEOUT_SECONDS = 600.0
 AUDIT_OUTPUT_LINES = 20
@@ -89,7 +93,8 @@ def plan_experiments(
     """Build one experiment per accuracy run and list the runs to skip.
 
     A run is skipped when one of its override keys is not declared in the
-    ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``.
+    ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``. Where
+    the app declares ``client-timings``, every run sets it to true.
 
     Returns:
         The experiments, and one skipped entry (name, configuration, reason)
@@ -101,6 +106,8 @@ def plan_experiments(
     for plan in profile.accuracy:
         for configuration in plan.configurations:
             config = _recorded_config(plan, configuration)
+            if CLIENT_TIMINGS_KEY in declared:
+                config["overrides"][CLIENT_TIMINGS_KEY] = True
             unknown = missing_keys(config["overrides"], declared)
             name = experiment_name(plan, configuration)
             if unknown:

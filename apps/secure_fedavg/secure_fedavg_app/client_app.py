@@ -28,18 +28,34 @@ def train_handler(msg: Message, context: Context) -> Message:
     """
     settings = AppSettings.from_run_config(context.run_config)
     policy = NodePolicy.from_node_config(context.node_config)
+    report_timings = reports_timings(settings, policy)
     if settings.secure_aggregation or policy.require_secure_aggregation:
         secure_mod = make_secure_aggregation_mod(
             require_verification=policy.require_verification,
             privacy_budget=policy.privacy_budget,
+            report_timings=report_timings,
         )
         return secure_mod(msg, context, plain_train)
     if settings.verification or policy.require_verification:
         verification_mod = make_plain_verification_mod(
-            require_verification=policy.require_verification
+            require_verification=policy.require_verification,
+            report_timings=report_timings,
         )
         return verification_mod(msg, context, plain_train)
     return plain_train(msg, context)
+
+
+def reports_timings(settings: AppSettings, policy: NodePolicy) -> bool:
+    """Return whether this node adds its stage timings to its replies.
+
+    The run config asks for them with ``client-timings``. A node whose own
+    policy requires secure aggregation or sets a DP budget never sends them,
+    because they travel in clear.
+    """
+    private_node = policy.require_secure_aggregation or (
+        policy.privacy_budget is not None
+    )
+    return settings.client_timings and not private_node
 
 
 @app.evaluate()

@@ -97,6 +97,8 @@ class AppSettings:
             training on a model that failed) or ``report``.
         verification_pipelined: Send each round's commit and verify requests
             with the next round's first two exchanges.
+        client_timings: Clients add the seconds they spent training, encoding
+            and masking to their replies, in clear.
     """
 
     dataset: str
@@ -136,6 +138,7 @@ class AppSettings:
     verification: bool = False
     verification_policy: str = "refuse"
     verification_pipelined: bool = False
+    client_timings: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, ConfigValue]) -> "AppSettings":
@@ -182,6 +185,7 @@ class AppSettings:
             verification=_get_bool(run_config, "verification"),
             verification_policy=_get_str(run_config, "verification-policy"),
             verification_pipelined=_get_bool(run_config, "verification-pipelined"),
+            client_timings=_get_bool(run_config, "client-timings"),
         )
         settings.validate()
         return settings
