@@ -77,6 +77,19 @@ INLINE_AGGREGATE_MAX_VALUES = 1024
 EXIT_VERIFIED = 0
 EXIT_FAILED = 1
 
+_DOCUMENT_KEYS = frozenset({"format", "rounds"})
+_ENTRY_KEYS = frozenset(
+    {
+        "transcript",
+        "aggregate_path",
+        "aggregate_hex",
+        "decoding",
+        "config_sha256",
+        "fields_sha256",
+    }
+)
+"""Keys that `append_round` writes. Others are rejected, as in transcripts."""
+
 
 @dataclass(frozen=True)
 class RoundAudit:
@@ -158,6 +171,12 @@ def audit_file(audit_path: Path) -> list[RoundAudit]:
             reason = f"the transcript is malformed: {error}"
             audits.append(RoundAudit(f"entry {index}", AuditResult(False, reason)))
             continue
+        try:
+            _check_keys(f"round {transcript.server_round}", entry, _ENTRY_KEYS)
+        except ValueError as error:
+            label = f"run {transcript.run_id} round {transcript.server_round}"
+            audits.append(RoundAudit(label, AuditResult(False, str(error))))
+            continue
 
         label = f"run {transcript.run_id} round {transcript.server_round}"
         key = (transcript.run_id, transcript.server_round)
@@ -204,6 +223,7 @@ def audit_models(
     for index, entry in enumerate(document["rounds"]):
         try:
             transcript = RoundTranscript.from_dict(_entry_field(entry, "transcript"))
+            _check_keys(f"round {transcript.server_round}", entry, _ENTRY_KEYS)
         except ValueError as error:
             raise ValueError(f"entry {index} is malformed: {error}") from None
         if transcript.server_round in entries:
@@ -310,15 +330,24 @@ def load_model(path: Path) -> Model:
     try:
         archive = np.load(path, allow_pickle=False)
     except _MODEL_FILE_ERRORS as error:
-        raise ValueError(f"cannot load the model {path.name}: {error}") from error
+        raise ValueError(f"cannot load the model {path.name!r}: {error}") from error
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"the model {path.name} must be an .npz file of named arrays.")
+        raise ValueError(
+            f"the model {path.name!r} must be an .npz file of named arrays."
+        )
 
     with archive:
         try:
             model = {name: archive[name] for name in archive.files}
         except _MODEL_FILE_ERRORS as error:
-            raise ValueError(f"cannot load the model {path.name}: {error}") from error
+            raise ValueError(f"cannot load the model {path.name!r}: {error}") from error
+    for name, value in model.items():
+        # numpy returns the raw bytes of a member that is not an .npy file.
+        if not isinstance(value, np.ndarray):
+            raise ValueError(
+                f"the model {path.name!r} must hold .npy arrays only. Found "
+                f"{type(value).__name__} in member {name!r}."
+            )
     model_digest(model)
     return model
 
@@ -348,30 +377,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         audits = audit_file(arguments.audit_file)
     except (OSError, ValueError) as error:
-        print(f"error: cannot audit {arguments.audit_file}: {error}", file=sys.stderr)
+        _say(f"error: cannot audit {arguments.audit_file}: {error}", error=True)
         return EXIT_FAILED
 
     for audit in audits:
         if audit.result.verified:
-            print(f"{audit.label}: verified")
+            _say(f"{audit.label}: verified")
         elif audit.result.discarded:
-            print(f"{audit.label}: discarded: {audit.result.reason}")
+            _say(f"{audit.label}: discarded: {audit.result.reason}")
         else:
-            print(f"{audit.label}: FAILED: {audit.result.reason}")
+            _say(f"{audit.label}: FAILED: {audit.result.reason}")
 
     if not audits:
-        print("error: the audit file contains no round", file=sys.stderr)
+        _say("error: the audit file contains no round", error=True)
         return EXIT_FAILED
     failed = sum(
         not (audit.result.verified or audit.result.discarded) for audit in audits
     )
     discarded = sum(audit.result.discarded for audit in audits)
-    print(
+    _say(
         f"{len(audits) - failed - discarded} of {len(audits)} rounds verified, "
         f"{discarded} discarded"
     )
     if discarded and arguments.final_model is None:
-        print(
+        _say(
             "note: a discarded round is the server's account, because a server "
             "that deletes commitments from a transcript makes any round look "
             "discarded. Pass --initial-model and --final-model to check that no "
@@ -409,28 +438,48 @@ def _print_models(
         audits, last = audit_models(audit_path, load_model(initial_path))
         final = load_model(final_path) if final_path is not None else None
     except (OSError, ValueError) as error:
-        print(f"error: cannot follow the models: {error}", file=sys.stderr)
+        _say(f"error: cannot follow the models: {error}", error=True)
         return 1
 
     for audit in audits:
         round_label = audit.label.removesuffix(" model")
         if audit.result.verified and round_label in failed_labels:
-            print(
+            _say(
                 f"{audit.label}: follows from the earlier rounds, but {round_label} "
                 "FAILED its audit above"
             )
         elif audit.result.verified:
-            print(f"{audit.label}: follows from the earlier rounds")
+            _say(f"{audit.label}: follows from the earlier rounds")
         else:
-            print(f"{audit.label}: FAILED: {audit.result.reason}")
+            _say(f"{audit.label}: FAILED: {audit.result.reason}")
     failed = sum(not audit.result.verified for audit in audits)
     if final is None:
         return failed
     if last is not None and model_digest(final) == model_digest(last):
-        print("final model: follows from the last round")
+        _say("final model: follows from the last round")
         return failed
-    print("final model: FAILED: it is not the model after the last round")
+    _say("final model: FAILED: it is not the model after the last round")
     return failed + 1
+
+
+def _say(text: str, *, error: bool = False) -> None:
+    """Print one line, with every character that could fake a line escaped.
+
+    Reasons quote file names and values from the untrusted audit file, so a
+    newline or a terminal control sequence in them must not reach the
+    terminal as such. Non-ASCII characters are escaped too, so the line
+    prints whatever encoding the output stream has.
+    """
+    print(_printable(text), file=sys.stderr if error else sys.stdout)
+
+
+def _printable(text: str) -> str:
+    return "".join(
+        character
+        if character.isascii() and character.isprintable()
+        else character.encode("unicode_escape").decode("ascii")
+        for character in text
+    )
 
 
 def _audit_entry(
@@ -480,7 +529,7 @@ def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
     # that names it instead of an error from deep inside numpy.
     if path.exists() and not path.is_file():
         raise ValueError(
-            f"aggregate_path must name a regular file. Found {path.name}, which "
+            f"aggregate_path must name a regular file. Found {path.name!r}, which "
             "is not one."
         )
     with path.open("rb") as file:
@@ -496,22 +545,22 @@ def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
             # numpy parses the header's text with tokenize and ast, whose
             # errors are not ValueErrors.
             raise ValueError(
-                f"aggregate_path must name an .npy file. {path.name}: {error}"
+                f"aggregate_path must name an .npy file. {path.name!r}: {error}"
             ) from error
         offset = file.tell()
         file_size = os.fstat(file.fileno()).st_size
 
     shape, _, dtype = header
-    if dtype != np.dtype("<u4") or len(shape) != 1:
+    if dtype != np.dtype("<u4") or len(shape) != 1 or not _is_count(shape[0]):
         raise ValueError(
             "aggregate_path must contain a one-dimensional little-endian uint32 "
-            f"array. Found dtype {dtype} and shape {shape} in {path.name}."
+            f"array. Found dtype {dtype} and shape {shape} in {path.name!r}."
         )
     length = shape[0]
     if file_size != offset + 4 * length:
         raise ValueError(
             f"aggregate_path must contain {length} uint32 values after its header, "
-            f"as the header says. Found {file_size - offset} bytes in {path.name}."
+            f"as the header says. Found {file_size - offset} bytes in {path.name!r}."
         )
     if length == 0:
         return np.zeros(0, dtype=np.uint32)
@@ -520,6 +569,11 @@ def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
         path, dtype="<u4", mode="r", offset=offset, shape=(length,)
     )
     return aggregate
+
+
+def _is_count(value: object) -> bool:
+    # numpy's header parser accepts any literal in the shape, True included.
+    return type(value) is int and value >= 0
 
 
 def _resolve_inside(folder: Path, relative: str) -> Path:
@@ -541,7 +595,17 @@ def _read_document(audit_path: Path) -> dict[str, Any]:
         )
     if not isinstance(document.get("rounds"), list):
         raise ValueError("rounds must be a JSON list.")
+    _check_keys("the file", document, _DOCUMENT_KEYS)
     return document
+
+
+def _check_keys(where: str, fields: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{where} must have only the keys {', '.join(sorted(allowed))}. "
+            f"Found {', '.join(repr(key[:80]) for key in unknown[:5])}."
+        )
 
 
 def _new_document() -> dict[str, Any]:

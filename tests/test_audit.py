@@ -223,7 +223,9 @@ def npy_header(shape: str, descr: str = "<u4") -> bytes:
             "must name an .npy file",
         ),
         (npy_header("(4,)") + bytes(8), "must contain 4 uint32 values"),
-        (npy_header("(-4,)"), "must contain -4 uint32 values"),
+        (npy_header("(-4,)"), "shape (-4,)"),
+        (npy_header("(True,)") + bytes(4), "shape (True,)"),
+        (npy_header("(2.0,)") + bytes(8), "shape is not valid: (2.0,)"),
         (npy_header(f"({2**40},)"), f"must contain {2**40} uint32 values"),
         (npy_header("(2,)", descr=">u4") + bytes(8), "little-endian uint32"),
         (npy_header("(2, 2)") + bytes(16), "one-dimensional"),
@@ -236,6 +238,8 @@ def npy_header(shape: str, descr: str = "<u4") -> bytes:
         "unclosed-header",
         "truncated",
         "negative-length",
+        "bool-length",
+        "float-length",
         "huge-length",
         "big-endian",
         "two-dimensional",
@@ -264,6 +268,67 @@ def test_hostile_aggregate_fifo_rejected(audit_path, capsys):
     assert status == audit.EXIT_FAILED
     assert "must name a regular file" in out
     assert "round 1: verified" in out
+
+
+FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 rounds verified, 0 discarded\n"
+
+
+def test_hostile_file_name_cannot_fake_output_lines(audit_path, capsys):
+    # A server that writes the audit folder chooses the file names that the
+    # reasons quote; a newline in one must not start a line of its own.
+    (audit_path.parent / FAKE_LINES).mkdir()
+    rewrite(audit_path, lambda d: d["rounds"][1].update(aggregate_path=FAKE_LINES))
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].endswith(
+        "round 2: FAILED: the aggregate cannot be loaded: aggregate_path must "
+        "name a regular file. Found 'x\\nrun 1 round 2: verified\\n2 of 2 "
+        "rounds verified, 0 discarded\\n', which is not one."
+    )
+    assert lines[2] == "1 of 2 rounds verified, 0 discarded"
+
+
+def test_hostile_undecodable_name_prints_on_strict_utf8(audit_path):
+    # os.fsdecode turns byte 0x80 into a lone surrogate, which a strict UTF-8
+    # stream cannot print.
+    name = os.fsdecode(b"agg\x80.npy")
+    (audit_path.parent / name).mkdir()
+    rewrite(audit_path, lambda d: d["rounds"][1].update(aggregate_path=name))
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "fedsec_flwr.audit", str(audit_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        timeout=120,
+        check=False,
+    )
+
+    assert completed.returncode == audit.EXIT_FAILED
+    assert "Traceback" not in completed.stderr
+    assert "agg\\udc80.npy" in completed.stdout
+
+
+@pytest.mark.parametrize("where", ["file", "round"])
+def test_tamper_unknown_key_rejected(audit_path, capsys, where):
+    def edit(document):
+        target = document if where == "file" else document["rounds"][0]
+        target["note\n"] = "added by the server"
+
+    rewrite(audit_path, edit)
+    status, out, err = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    if where == "file":
+        assert "the file must have only the keys format, rounds" in err
+    else:
+        assert "round 1: FAILED: round 1 must have only the keys" in out
+        assert "Found 'note\\n'." in out
+        assert "round 2: verified" in out
 
 
 def test_hostile_huge_integer_fails_only_its_round(audit_path, capsys):

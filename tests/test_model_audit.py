@@ -9,6 +9,7 @@ model or the audit file.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,19 @@ def test_hostile_structured_final_model_fails_cleanly(
 
     assert code == 1
     assert "model_digest needs arrays" in capsys.readouterr().err
+
+
+def test_hostile_raw_member_in_model_file_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # numpy returns a member that is not an .npy file as raw bytes.
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+    with zipfile.ZipFile(initial, "a") as archive:
+        archive.writestr("tag", b"raw bytes")
+
+    code = audit.main([str(path), "--initial-model", str(initial)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "must hold .npy arrays only. Found bytes in member 'tag'" in err
