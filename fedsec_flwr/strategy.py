@@ -688,7 +688,7 @@ class SecureFedAvg(Strategy):
     def _check_poisson_population(
         self, server_round: int, num_nodes: int, num_rounds: int
     ) -> None:
-        """Check the Poisson sample size before round 1 and when nodes join.
+        """Check the Poisson sample size before round 1 and when the node count changes.
 
         Before round 1 a likely short or long round is an error. Nodes that
         connect or leave later change the chance of a round below

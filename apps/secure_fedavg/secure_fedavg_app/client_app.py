@@ -48,7 +48,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 def reports_timings(settings: AppSettings, policy: NodePolicy) -> bool:
     """Return whether this node adds its stage timings to its replies.
 
-    The run config asks for them with ``client-timings``. A node whose own
+    The run-config key ``client-timings`` turns them on. A node whose own
     policy requires secure aggregation or sets a DP budget never sends them,
     because they travel in clear.
     """
