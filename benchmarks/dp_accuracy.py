@@ -6,6 +6,8 @@ Run from the repository root::
     python -m benchmarks.dp_accuracy --quick --out outputs/dp-accuracy-quick
     python -m benchmarks.dp_accuracy --methods client-dp-central,client-dp-distributed \
         --out outputs/dp-accuracy-client-level
+    python -m benchmarks.dp_accuracy --merge outputs/run1 outputs/run2 \
+        --out outputs/dp-accuracy-merged
 
 Six methods train the app's 25,810-parameter CNN, each without DP and at
 target epsilons 8, 3 and 1:
@@ -45,6 +47,12 @@ after every configuration, so an interrupted run keeps what it measured.
 At the end it writes ``dp_accuracy.png`` (accuracy against epsilon) and
 ``dp_accuracy.md`` (the results table). The exit status is 0 when every
 configuration completed, 1 when one failed and 2 for invalid arguments.
+
+Client-level runs draw their noise and their clients from cryptographic
+generators, so no two runs are alike. ``--merge`` runs nothing: it reads
+the ``dp_accuracy.json`` of several output folders and writes one table
+with every run's accuracy and one plot of the mean, with a bar from the
+lowest to the highest run.
 """
 
 from __future__ import annotations
@@ -130,6 +138,9 @@ CLIENT_SAMPLES_HEADROOM = 6.0
 JSON_FILENAME = "dp_accuracy.json"
 PLOT_FILENAME = "dp_accuracy.png"
 TABLE_FILENAME = "dp_accuracy.md"
+MERGED_JSON_FILENAME = "dp_accuracy_merged.json"
+MERGED_PLOT_FILENAME = "dp_accuracy_merged.png"
+MERGED_TABLE_FILENAME = "dp_accuracy_merged.md"
 RUNS_DIRNAME = "runs"
 
 EXIT_FAILED = 1
@@ -937,6 +948,22 @@ def plot_results(results: Sequence[dict[str, Any]], path: Path) -> None:
 
     The runs without DP sit at the right end of the epsilon axis.
     """
+    series = {
+        method: [
+            (epsilon, accuracy, accuracy, accuracy) for epsilon, accuracy in points
+        ]
+        for method, points in points_by_method(results).items()
+    }
+    _plot_series(series, path)
+
+
+def _plot_series(
+    series: dict[str, list[tuple[float | None, float, float, float]]], path: Path
+) -> None:
+    """Plot (epsilon, mean, lowest, highest) accuracies, one line per method.
+
+    A point whose lowest and highest differ gets a bar between them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -944,15 +971,21 @@ def plot_results(results: Sequence[dict[str, Any]], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=PLOT_SIZE_INCHES)
     epsilons: set[float] = set()
-    for method, points in points_by_method(results).items():
+    for method, points in series.items():
         if not points:
             continue
         ordered = sorted(points, key=lambda point: _plot_x(point[0]))
-        epsilons.update(e for e, _ in ordered if e is not None)
-        axes.plot(
-            [_plot_x(e) for e, _ in ordered],
-            [100.0 * accuracy for _, accuracy in ordered],
+        epsilons.update(point[0] for point in ordered if point[0] is not None)
+        means = [100.0 * point[1] for point in ordered]
+        below = [100.0 * (point[1] - point[2]) for point in ordered]
+        above = [100.0 * (point[3] - point[1]) for point in ordered]
+        errors = [below, above] if any(below) or any(above) else None
+        axes.errorbar(
+            [_plot_x(point[0]) for point in ordered],
+            means,
+            yerr=errors,
             marker=PLOT_MARKERS[method],
+            capsize=3,
             label=METHOD_LABELS[method],
         )
     ticks = [*sorted(epsilons), PLOT_NO_DP_POSITION]
@@ -1066,6 +1099,162 @@ def _load_average() -> list[float] | None:
         return None
 
 
+# --- merging repeated invocations --------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergedPoint:
+    """Every completed run of one method at one target epsilon.
+
+    Attributes:
+        method: One of ``METHODS``.
+        target_epsilon: The target, or None without DP.
+        accuracies: Final test accuracy of each run, in input order.
+        last_rounds: Mean accuracy of each federated run's last rounds.
+        epsilons: Epsilon each run reached.
+        noise_multipliers: Noise multiplier each run reported.
+    """
+
+    method: str
+    target_epsilon: float | None
+    accuracies: tuple[float, ...]
+    last_rounds: tuple[float, ...]
+    epsilons: tuple[float, ...]
+    noise_multipliers: tuple[float, ...]
+
+
+def merge_points(
+    documents: Sequence[dict[str, Any]], *, expand_shared: bool
+) -> list[MergedPoint]:
+    """Group the completed runs of several invocations by method and target.
+
+    With ``expand_shared``, a run without DP also counts for the methods
+    that share it, as in the plot. The points follow the order of
+    ``METHODS``, and within a method the order of first appearance.
+    """
+    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    for document in documents:
+        for entry in document["results"]:
+            if entry.get("status") != STATUS_COMPLETED:
+                continue
+            methods = [entry["method"]]
+            if expand_shared:
+                methods.extend(entry.get("shared_with", ()))
+            for method in methods:
+                groups.setdefault((method, entry["target_epsilon"]), []).append(entry)
+
+    points = []
+    for (method, target), entries in groups.items():
+        last_rounds = [mean_of_last_rounds(entry) for entry in entries]
+        epsilons = [reached_epsilon(entry) for entry in entries]
+        multipliers = [entry.get("noise_multiplier") for entry in entries]
+        points.append(
+            MergedPoint(
+                method=method,
+                target_epsilon=target,
+                accuracies=tuple(entry["accuracy"] for entry in entries),
+                last_rounds=tuple(v for v in last_rounds if v is not None),
+                epsilons=tuple(v for v in epsilons if v is not None),
+                noise_multipliers=tuple(v for v in multipliers if v is not None),
+            )
+        )
+    return sorted(points, key=lambda point: METHODS.index(point.method))
+
+
+def merged_table(points: Sequence[MergedPoint]) -> str:
+    """Return a Markdown table with one row per method and target epsilon."""
+    lines = [
+        "| method | target epsilon | runs | test accuracy of each run | mean "
+        f"| mean of last {LAST_ROUNDS_FOR_MEAN} rounds | largest epsilon reached "
+        "| noise multiplier |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for point in points:
+        target = point.target_epsilon
+        cells = [
+            point.method,
+            "none (no DP)" if target is None else f"{target:g}",
+            str(len(point.accuracies)),
+            ", ".join(f"{100.0 * value:.1f}%" for value in point.accuracies),
+            f"{100.0 * statistics.fmean(point.accuracies):.1f}%",
+            _format_mean_percent(point.last_rounds),
+            _format_number(max(point.epsilons, default=None), "{:.3f}"),
+            _format_range(point.noise_multipliers),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format_range(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    return f"{low:.3f}" if low == high else f"{low:.3f} to {high:.3f}"
+
+
+def _format_mean_percent(values: Sequence[float]) -> str:
+    return f"{100.0 * statistics.fmean(values):.1f}%" if values else ""
+
+
+def merge_benchmarks(folders: Sequence[Path], out: Path) -> int:
+    """Merge the results of several invocations and return the exit status.
+
+    Writes ``dp_accuracy_merged.json`` (the inputs' commits and machines and
+    every point), ``dp_accuracy_merged.md`` (the table) and
+    ``dp_accuracy_merged.png`` (mean accuracy, with a bar from the lowest
+    to the highest run) to ``out``.
+    """
+    documents = []
+    for folder in folders:
+        path = folder / JSON_FILENAME
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            print(f"error: cannot read {path}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        if not isinstance(document, dict) or document.get("benchmark") != "dp_accuracy":
+            print(f"error: {path} is not a dp_accuracy result file", file=sys.stderr)
+            return EXIT_USAGE
+        documents.append(document)
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = merged_table(merge_points(documents, expand_shared=False))
+    plotted = merge_points(documents, expand_shared=True)
+    series: dict[str, list[tuple[float | None, float, float, float]]] = {}
+    for point in plotted:
+        series.setdefault(point.method, []).append(
+            (
+                point.target_epsilon,
+                statistics.fmean(point.accuracies),
+                min(point.accuracies),
+                max(point.accuracies),
+            )
+        )
+    _plot_series(series, out / MERGED_PLOT_FILENAME)
+    (out / MERGED_TABLE_FILENAME).write_text(table + "\n", encoding="utf-8")
+    merged = {
+        "benchmark": "dp_accuracy_merged",
+        "inputs": [
+            {
+                "folder": str(folder),
+                "command": document.get("command"),
+                "commit": document.get("commit"),
+                "machine": document.get("machine"),
+                "started_at": document.get("started_at"),
+                "wall_seconds": document.get("wall_seconds"),
+            }
+            for folder, document in zip(folders, documents, strict=True)
+        ],
+        "points": [asdict(point) for point in plotted],
+    }
+    (out / MERGED_JSON_FILENAME).write_text(
+        json.dumps(_json_safe(merged), indent=2, allow_nan=False) + "\n",
+        encoding="utf-8",
+    )
+    print(table, flush=True)
+    return EXIT_OK
+
+
 # --- command line ------------------------------------------------------------
 
 
@@ -1087,13 +1276,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="one tiny centralized and one tiny federated run, as a check",
     )
+    sizes.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="FOLDER",
+        help="merge the results of earlier invocations in these output folders "
+        "into one table and plot with the spread between runs; runs nothing",
+    )
     parser.add_argument(
         "--methods",
         type=_parse_methods,
         default=None,
         help="comma-separated methods to run, of: " + ", ".join(METHODS),
     )
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.merge and options.methods is not None:
+        parser.error("--methods selects runs, and --merge runs nothing.")
+    return options
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
@@ -1114,6 +1314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_args(arguments)
     except SystemExit as error:
         return EXIT_USAGE if error.code else EXIT_OK
+    if options.merge:
+        return merge_benchmarks(options.merge, options.out)
     profile = FULL
     if options.quick:
         profile = QUICK

@@ -25,6 +25,9 @@ from benchmarks.dp_accuracy import (
     FEDERATED_DP_SGD_TUNED,
     FULL,
     JSON_FILENAME,
+    MERGED_JSON_FILENAME,
+    MERGED_PLOT_FILENAME,
+    MERGED_TABLE_FILENAME,
     METHODS,
     PLOT_FILENAME,
     SMOKE,
@@ -34,12 +37,15 @@ from benchmarks.dp_accuracy import (
     dp_sgd_overrides,
     federated_settings,
     mean_of_last_rounds,
+    merge_points,
+    merged_table,
     parse_args,
     plan_configurations,
     plot_results,
     points_by_method,
     results_table,
 )
+from benchmarks.dp_accuracy import main as dp_accuracy_main
 from fedsec_flwr.dp.accounting import noise_multiplier_for_target
 
 # benchmarks.dp_accuracy puts the app's folder on sys.path when imported.
@@ -247,6 +253,11 @@ def test_methods_option_rejects_unknown_names(
     assert f"Found {text!r}" in capsys.readouterr().err
 
 
+def test_methods_option_not_with_merge() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--merge", "a", "--methods", CLIENT_DP_CENTRAL])
+
+
 def test_max_clients_allows_poisson_spread() -> None:
     settings = FULL.client_level
     expected = settings.fraction_train * settings.num_clients
@@ -302,6 +313,84 @@ def test_plot_and_table(tmp_path: Path) -> None:
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     assert "none (no DP)" in table
     assert "| federated-dp-sgd | 1 | 79.0% |  | 0.980 |" in table
+
+
+def result_document(*results: dict[str, Any]) -> dict[str, Any]:
+    return {"benchmark": "dp_accuracy", "commit": "abc", "results": list(results)}
+
+
+def test_merge_groups_runs_by_method_and_target() -> None:
+    first = result_document(
+        completed_entry(
+            CLIENT_DP_CENTRAL, None, 0.70, shared_with=[CLIENT_DP_DISTRIBUTED]
+        ),
+        completed_entry(CLIENT_DP_CENTRAL, 1.0, 0.66, epsilon=0.99),
+        {**completed_entry(CLIENT_DP_DISTRIBUTED, 1.0, 0.0), "status": "failed"},
+    )
+    second = result_document(
+        completed_entry(CLIENT_DP_CENTRAL, 1.0, 0.68, epsilon=0.98),
+        completed_entry(CLIENT_DP_DISTRIBUTED, 1.0, 0.44, epsilon=0.997),
+    )
+
+    own = merge_points([first, second], expand_shared=False)
+    plotted = merge_points([first, second], expand_shared=True)
+
+    assert [(p.method, p.target_epsilon, p.accuracies) for p in own] == [
+        (CLIENT_DP_CENTRAL, None, (0.70,)),
+        (CLIENT_DP_CENTRAL, 1.0, (0.66, 0.68)),
+        (CLIENT_DP_DISTRIBUTED, 1.0, (0.44,)),
+    ]
+    assert own[1].epsilons == (0.99, 0.98)
+    assert (CLIENT_DP_DISTRIBUTED, None) in {
+        (p.method, p.target_epsilon) for p in plotted
+    }
+
+
+def test_merged_table_shows_every_run() -> None:
+    document = result_document(
+        completed_entry(
+            CLIENT_DP_CENTRAL, 3.0, 0.70, epsilon=2.99, noise_multiplier=1.2
+        ),
+        completed_entry(
+            CLIENT_DP_CENTRAL, 3.0, 0.72, epsilon=3.0, noise_multiplier=1.3
+        ),
+    )
+
+    table = merged_table(merge_points([document], expand_shared=False))
+
+    assert "| client-dp-central | 3 | 2 | 70.0%, 72.0% | 71.0% |  | 3.000 |" in table
+    assert table.endswith("| 1.200 to 1.300 |")
+
+
+def test_merge_command_writes_table_plot_and_inputs(tmp_path: Path) -> None:
+    folders = []
+    for index, accuracy in enumerate((0.70, 0.72)):
+        folder = tmp_path / f"run{index}"
+        folder.mkdir()
+        document = result_document(completed_entry(CLIENT_DP_CENTRAL, 3.0, accuracy))
+        (folder / JSON_FILENAME).write_text(json.dumps(document), encoding="utf-8")
+        folders.append(str(folder))
+    out = tmp_path / "merged"
+
+    status = dp_accuracy_main(["--merge", *folders, "--out", str(out)])
+
+    merged = json.loads((out / MERGED_JSON_FILENAME).read_text(encoding="utf-8"))
+    assert status == 0
+    assert (out / MERGED_PLOT_FILENAME).read_bytes().startswith(PNG_SIGNATURE)
+    assert "70.0%, 72.0%" in (out / MERGED_TABLE_FILENAME).read_text(encoding="utf-8")
+    assert [entry["folder"] for entry in merged["inputs"]] == folders
+    assert merged["points"][0]["accuracies"] == [0.70, 0.72]
+
+
+def test_merge_command_rejects_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / JSON_FILENAME).write_text('{"benchmark": "other"}', encoding="utf-8")
+
+    status = dp_accuracy_main(["--merge", str(tmp_path), "--out", str(tmp_path / "m")])
+
+    assert status == 2
+    assert "is not a dp_accuracy result file" in capsys.readouterr().err
 
 
 @needs_fashion_mnist
