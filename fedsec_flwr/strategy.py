@@ -54,6 +54,9 @@ logger = logging.getLogger("fedsec_flwr.strategy")
 
 NODE_WAIT_INTERVAL = 1.0
 
+NODE_WAIT_LOG_INTERVAL = 30.0
+"""Seconds between log lines while a round waits for ``min_available_nodes``."""
+
 SAMPLING_FIXED = "fixed"
 SAMPLING_POISSON = "poisson"
 
@@ -646,13 +649,25 @@ class SecureFedAvg(Strategy):
         self, grid: Grid, server_round: int, timeout: float, *, num_rounds: int
     ) -> list[int]:
         deadline = time.monotonic() + timeout
+        next_log = time.monotonic()
         available = sorted(grid.get_node_ids())
         while len(available) < self.min_available_nodes:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise TimeoutError(
                     f"Only {len(available)} node(s) connected within {timeout} s; "
                     f"min_available_nodes is {self.min_available_nodes}."
                 )
+            if now >= next_log:
+                logger.info(
+                    "Round %d waits for %d node(s); %d connected, %.0f s left "
+                    "before the run stops",
+                    server_round,
+                    self.min_available_nodes,
+                    len(available),
+                    deadline - now,
+                )
+                next_log = now + NODE_WAIT_LOG_INTERVAL
             time.sleep(NODE_WAIT_INTERVAL)
             available = sorted(grid.get_node_ids())
         self._num_available = len(available)
