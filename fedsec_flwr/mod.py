@@ -694,6 +694,8 @@ def _train_and_encode(
             extra_slots.append(bit)
     if blinding is not None:
         extra_slots.extend(blinding.tolist())
+    if privacy is None:
+        _warn_if_below_step(update, params, server_round=server_round)
     rng = np.random.default_rng(secrets.randbits(128))
     encoded, num_clipped = encode_update(
         update,
@@ -741,6 +743,27 @@ def _train_and_encode(
     )
     metrics[CLIENT_TRAIN_SECONDS] = train_seconds
     return encoded, metrics
+
+
+def _warn_if_below_step(
+    update: NDArray[np.float64], params: EncodingParams, *, server_round: int
+) -> None:
+    """Log a warning if every coordinate is smaller than one quantization step.
+
+    Stochastic rounding then replaces the update by noise of about one step
+    per coordinate, which is the sign of a clip range far above the update's
+    scale. The log names the step, never a value of the update.
+    """
+    step = 1.0 / params.scale
+    if update.size and 0.0 < float(np.max(np.abs(update))) < step:
+        logger.warning(
+            "Round %d: every update coordinate is smaller than one quantization "
+            "step (%.3g for clip range %g), so rounding noise outweighs the "
+            "update. Lower the clip range to the scale of the updates.",
+            server_round,
+            step,
+            params.clip_range,
+        )
 
 
 def _load_spent(context: Context) -> tuple[SpentRound, ...]:

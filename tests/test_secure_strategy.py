@@ -455,3 +455,17 @@ def test_two_client_round_warns(caplog: pytest.LogCaptureFixture) -> None:
         run(grid)
 
     assert "only 2 clients" in caplog.text
+
+
+@pytest.mark.parametrize("clip_range", [2.0, 1e30])
+def test_clip_range_far_above_updates_warns(
+    clip_range: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    config = dataclasses.replace(CONFIG, clip_range=clip_range)
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.mod"):
+        run(grid, config=config)
+
+    warned = "every update coordinate is smaller than one quantization step"
+    assert (warned in caplog.text) is (clip_range > 1e20)
