@@ -312,3 +312,50 @@ def test_prv_accountant_over_many_rounds_rejected() -> None:
             dp_accountant="prv",
             num_server_rounds=100_000,
         )
+
+
+def test_round_one_errors_name_run_config_keys(tmp_path: Path) -> None:
+    # The Poisson sample-size check needs the connected nodes, so it runs
+    # in round 1, after the settings were parsed.
+    from secure_fedavg_app.client_app import app as client_app
+    from secure_fedavg_app.results import ResultsFile
+    from secure_fedavg_app.server_app import _run
+
+    from tests.loopback import LoopbackGrid
+
+    config = default_config()
+    config.update({"client-sampling": "poisson", "fraction-train": 0.5})
+    grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
+    results = ResultsFile(tmp_path, run_config=config, run_info={})
+
+    with pytest.raises(
+        ValueError, match=r"fraction-train \(fraction_train\) 0.5 over 3"
+    ):
+        _run(grid, config, results)
+
+
+def test_type_errors_listed_together() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse(seed=1.5, learning_rate="fast", secure_aggregation="yes")
+
+    message = str(caught.value)
+    assert "seed must be an integer. Found 1.5." in message
+    assert "learning-rate must be a number. Found 'fast'." in message
+    assert "secure-aggregation must be true or false. Found 'yes'." in message
+
+
+def test_learning_rate_above_float32_rejected() -> None:
+    with pytest.raises(ValueError, match=r"learning-rate must be at most 3.403e\+38"):
+        parse(learning_rate=1e308)
+
+
+def test_client_timings_without_protocol_rejected() -> None:
+    with pytest.raises(
+        ValueError, match="only their protocols report client timings, so client-"
+    ):
+        parse(secure_aggregation=False, client_timings=True)
+
+    assert parse(client_timings=True).client_timings is True
+    assert parse(
+        secure_aggregation=False, verification=True, client_timings=True
+    ).client_timings

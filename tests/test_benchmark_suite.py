@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -290,12 +291,20 @@ def test_plan_runs_declared_keys(tmp_path: Path) -> None:
 def test_plan_asks_for_client_timings_where_declared(tmp_path: Path) -> None:
     keys = ["dataset", "num-server-rounds", "secure-aggregation", "partitioning"]
     app_dir = _write_app(tmp_path / "app", [*keys, "client-timings"])
+    profile = _accuracy_profile()
+    plan = dataclasses.replace(profile.accuracy[0], configurations=(plain(), secure()))
+    profile = dataclasses.replace(profile, accuracy=(plan,))
 
     experiments, _ = accuracy.plan_experiments(
-        _accuracy_profile(), app_dir=app_dir, runs_dir=tmp_path / "runs"
+        profile, app_dir=app_dir, runs_dir=tmp_path / "runs"
     )
 
-    assert [e.config["overrides"]["client-timings"] for e in experiments] == [True]
+    # The app rejects client timings in plain runs, which have no protocol.
+    timings = {e.name: e.config["overrides"].get("client-timings") for e in experiments}
+    assert timings == {
+        "breast-cancer/plain-iid": None,
+        "breast-cancer/secure-iid": True,
+    }
 
 
 def test_unique_points_keep_first_family() -> None:

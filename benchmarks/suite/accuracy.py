@@ -29,6 +29,7 @@ from benchmarks.suite.experiment import (
 )
 from benchmarks.suite.plots import FONT_SIZE, new_figure, save_png
 from benchmarks.suite.profiles import (
+    PLAIN,
     ConfigValue,
     DatasetPlan,
     Profile,
@@ -94,7 +95,8 @@ def plan_experiments(
 
     A run is skipped when one of its override keys is not declared in the
     ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``. Where
-    the app declares ``client-timings``, every run sets it to true.
+    the app declares ``client-timings``, every run with secure aggregation
+    or verification sets it to true.
 
     Returns:
         The experiments, and one skipped entry (name, configuration, reason)
@@ -106,7 +108,7 @@ def plan_experiments(
     for plan in profile.accuracy:
         for configuration in plan.configurations:
             config = _recorded_config(plan, configuration)
-            if CLIENT_TIMINGS_KEY in declared:
+            if CLIENT_TIMINGS_KEY in declared and configuration.security != PLAIN:
                 config["overrides"][CLIENT_TIMINGS_KEY] = True
             unknown = missing_keys(config["overrides"], declared)
             name = experiment_name(plan, configuration)

@@ -22,7 +22,11 @@ from secure_fedavg_app.results import (
     round_entry,
 )
 from secure_fedavg_app.settings import AppSettings
-from secure_fedavg_app.strategy_factory import STRATEGY_NAME, build_strategy
+from secure_fedavg_app.strategy_factory import (
+    STRATEGY_NAME,
+    build_strategy,
+    name_run_config_keys,
+)
 from secure_fedavg_app.task import evaluate, seed_everything, use_single_thread
 
 logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
@@ -95,14 +99,22 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         num_test_examples=len(split.y_test),
     )
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=settings.num_server_rounds,
-        evaluate_fn=make_central_evaluate(
-            settings.dataset, split, dp_sgd=settings.dp_sgd
-        ),
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=settings.num_server_rounds,
+            evaluate_fn=make_central_evaluate(
+                settings.dataset, split, dp_sgd=settings.dp_sgd
+            ),
+        )
+    except ValueError as error:
+        # Checks that need the connected nodes, such as the Poisson sample
+        # size, run in round 1 and name the library's parameters. Subclasses
+        # such as TooFewSurvivorsError keep their type and message.
+        if type(error) is not ValueError:
+            raise
+        raise ValueError(name_run_config_keys(str(error))) from error
 
     _save_model(result.arrays, results.path.parent / FINAL_MODEL_FILE_NAME)
     if strategy.stopped_reason is not None:

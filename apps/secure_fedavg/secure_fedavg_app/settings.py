@@ -6,8 +6,9 @@ checked here once, with errors that name the key, the constraint and the value.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import TypeVar
 
 from fedsec_flwr.config import KEY_LIFETIMES
 from fedsec_flwr.dp.accounting import MAX_PRV_STEPS, MIN_NOISE_MULTIPLIER
@@ -22,6 +23,11 @@ ACCOUNTANTS = ("rdp", "prv")
 POLICIES = ("refuse", "report")
 
 MAX_CONFIG_INT = 2**31 - 1
+
+_Value = TypeVar("_Value", str, bool, int, float)
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest finite float32, the dtype of the models' weights."""
 
 SECAGG_FIELDS = (
     "secagg_clip_range",
@@ -147,46 +153,50 @@ class AppSettings:
         Raises:
             ValueError: If a key is missing, has the wrong type or is out of range.
         """
+        reader = _Reader(run_config)
+        read = reader.read
         settings = cls(
-            dataset=_get_str(run_config, "dataset"),
-            num_server_rounds=_get_int(run_config, "num-server-rounds"),
-            seed=_get_int(run_config, "seed"),
-            secure_aggregation=_get_bool(run_config, "secure-aggregation"),
-            local_epochs=_get_int(run_config, "local-epochs"),
-            batch_size=_get_int(run_config, "batch-size"),
-            learning_rate=_get_float(run_config, "learning-rate"),
-            fraction_train=_get_float(run_config, "fraction-train"),
-            min_train_clients=_get_int(run_config, "min-train-clients"),
-            partitioning=_get_str(run_config, "partitioning"),
-            dirichlet_alpha=_get_float(run_config, "dirichlet-alpha"),
-            output_dir=_get_str(run_config, "output-dir"),
-            secagg_clip_range=_get_float(run_config, "secagg-clip-range"),
-            secagg_neighbours=_get_int(run_config, "secagg-neighbours"),
-            secagg_threshold=_get_int(run_config, "secagg-threshold"),
-            secagg_max_weight=_get_int(run_config, "secagg-max-weight"),
-            secagg_max_clients=_get_int(run_config, "secagg-max-clients"),
-            secagg_timeout=_get_float(run_config, "secagg-timeout"),
-            secagg_key_lifetime=_get_str(run_config, "secagg-key-lifetime"),
-            dp_mode=_get_str(run_config, "dp-mode"),
-            noise_multiplier=_get_float(run_config, "noise-multiplier"),
-            target_epsilon=_get_float(run_config, "target-epsilon"),
-            delta=_get_float(run_config, "delta"),
-            clipping_norm=_get_float(run_config, "clipping-norm"),
-            adaptive_clipping=_get_bool(run_config, "adaptive-clipping"),
-            clipping_quantile=_get_float(run_config, "clipping-quantile"),
-            clipping_learning_rate=_get_float(run_config, "clipping-learning-rate"),
-            client_sampling=_get_str(run_config, "client-sampling"),
-            dp_accountant=_get_str(run_config, "dp-accountant"),
-            dp_max_dropout_fraction=_get_float(run_config, "dp-max-dropout-fraction"),
-            dp_sgd=_get_bool(run_config, "dp-sgd"),
-            dp_sgd_noise_multiplier=_get_float(run_config, "dp-sgd-noise-multiplier"),
-            dp_sgd_target_epsilon=_get_float(run_config, "dp-sgd-target-epsilon"),
-            dp_sgd_max_grad_norm=_get_float(run_config, "dp-sgd-max-grad-norm"),
-            verification=_get_bool(run_config, "verification"),
-            verification_policy=_get_str(run_config, "verification-policy"),
-            verification_pipelined=_get_bool(run_config, "verification-pipelined"),
-            client_timings=_get_bool(run_config, "client-timings"),
+            dataset=read(_get_str, "dataset"),
+            num_server_rounds=read(_get_int, "num-server-rounds"),
+            seed=read(_get_int, "seed"),
+            secure_aggregation=read(_get_bool, "secure-aggregation"),
+            local_epochs=read(_get_int, "local-epochs"),
+            batch_size=read(_get_int, "batch-size"),
+            learning_rate=read(_get_float, "learning-rate"),
+            fraction_train=read(_get_float, "fraction-train"),
+            min_train_clients=read(_get_int, "min-train-clients"),
+            partitioning=read(_get_str, "partitioning"),
+            dirichlet_alpha=read(_get_float, "dirichlet-alpha"),
+            output_dir=read(_get_str, "output-dir"),
+            secagg_clip_range=read(_get_float, "secagg-clip-range"),
+            secagg_neighbours=read(_get_int, "secagg-neighbours"),
+            secagg_threshold=read(_get_int, "secagg-threshold"),
+            secagg_max_weight=read(_get_int, "secagg-max-weight"),
+            secagg_max_clients=read(_get_int, "secagg-max-clients"),
+            secagg_timeout=read(_get_float, "secagg-timeout"),
+            secagg_key_lifetime=read(_get_str, "secagg-key-lifetime"),
+            dp_mode=read(_get_str, "dp-mode"),
+            noise_multiplier=read(_get_float, "noise-multiplier"),
+            target_epsilon=read(_get_float, "target-epsilon"),
+            delta=read(_get_float, "delta"),
+            clipping_norm=read(_get_float, "clipping-norm"),
+            adaptive_clipping=read(_get_bool, "adaptive-clipping"),
+            clipping_quantile=read(_get_float, "clipping-quantile"),
+            clipping_learning_rate=read(_get_float, "clipping-learning-rate"),
+            client_sampling=read(_get_str, "client-sampling"),
+            dp_accountant=read(_get_str, "dp-accountant"),
+            dp_max_dropout_fraction=read(_get_float, "dp-max-dropout-fraction"),
+            dp_sgd=read(_get_bool, "dp-sgd"),
+            dp_sgd_noise_multiplier=read(_get_float, "dp-sgd-noise-multiplier"),
+            dp_sgd_target_epsilon=read(_get_float, "dp-sgd-target-epsilon"),
+            dp_sgd_max_grad_norm=read(_get_float, "dp-sgd-max-grad-norm"),
+            verification=read(_get_bool, "verification"),
+            verification_policy=read(_get_str, "verification-policy"),
+            verification_pipelined=read(_get_bool, "verification-pipelined"),
+            client_timings=read(_get_bool, "client-timings"),
         )
+        if reader.problems:
+            raise ValueError("Invalid run config: " + " ".join(reader.problems))
         settings.validate()
         return settings
 
@@ -209,6 +219,7 @@ class AppSettings:
             _check_min("local-epochs", self.local_epochs, 1),
             _check_min("batch-size", self.batch_size, 1),
             _check_positive("learning-rate", self.learning_rate),
+            _check_float32("learning-rate", self.learning_rate),
             _check_fraction("fraction-train", self.fraction_train),
             _check_min("min-train-clients", self.min_train_clients, 1),
             _check_positive("dirichlet-alpha", self.dirichlet_alpha),
@@ -343,6 +354,12 @@ class AppSettings:
                 "adaptive-clipping is false",
                 ("clipping_quantile", "clipping_learning_rate"),
             ),
+            (
+                not (self.secure_aggregation or self.verification),
+                "secure-aggregation and verification are false, and only their "
+                "protocols report client timings",
+                ("client_timings",),
+            ),
             (not self.dp_sgd, "dp-sgd is false", ("dp_sgd_max_grad_norm",)),
             (not self.verification, "verification is false", ("verification_policy",)),
         )
@@ -419,6 +436,27 @@ def _require(run_config: Mapping[str, ConfigValue], key: str) -> ConfigValue:
     return run_config[key]
 
 
+class _Reader:
+    """Read run-config values, collecting type errors instead of raising.
+
+    A value of the wrong type reads as its type's zero, so that every type
+    error of the run config is found before one error lists them all.
+    """
+
+    def __init__(self, run_config: Mapping[str, ConfigValue]) -> None:
+        self.run_config = run_config
+        self.problems: list[str] = []
+
+    def read(
+        self, getter: Callable[[Mapping[str, ConfigValue], str], _Value], key: str
+    ) -> _Value:
+        try:
+            return getter(self.run_config, key)
+        except ValueError as error:
+            self.problems.append(str(error))
+            return _ZEROS[getter]  # type: ignore[return-value]
+
+
 def _get_str(run_config: Mapping[str, ConfigValue], key: str) -> str:
     value = _require(run_config, key)
     if not isinstance(value, str):
@@ -452,6 +490,14 @@ def _get_float(run_config: Mapping[str, ConfigValue], key: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number. Found {value!r}.")
     return float(value)
+
+
+_ZEROS: dict[Callable[[Mapping[str, ConfigValue], str], object], object] = {
+    _get_str: "",
+    _get_bool: False,
+    _get_int: 0,
+    _get_float: 0.0,
+}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
@@ -488,6 +534,15 @@ def _check_noise_floor(key: str, value: float) -> str:
         return ""
     return (
         f"{key} must be 0 or at least {MIN_NOISE_MULTIPLIER} (2**-10); found {value}."
+    )
+
+
+def _check_float32(key: str, value: float) -> str:
+    # torch converts the value to the model's float32, where it must fit.
+    if abs(value) <= FLOAT32_MAX:
+        return ""
+    return (
+        f"{key} must be at most {FLOAT32_MAX:.4g}, the float32 maximum; found {value}."
     )
 
 
