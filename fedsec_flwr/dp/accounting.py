@@ -754,7 +754,7 @@ def _log_sum_exp(values: npt.NDArray[np.float64]) -> float:
 
 
 def _rdp_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
-    from opacus.accountants.analysis import rdp as opacus_rdp
+    from ._opacus import opacus_rdp
 
     total = np.zeros(len(RDP_ORDERS), dtype=np.float64)
     for event in events:
@@ -780,7 +780,7 @@ def _rdp_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
 # rounds repeat the same parameters, so the per-step RDP curves are cached.
 @functools.lru_cache(maxsize=_RDP_CACHE_SIZE)
 def _gaussian_rdp(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
-    from opacus.accountants.analysis import rdp as opacus_rdp
+    from ._opacus import opacus_rdp
 
     per_step = opacus_rdp.compute_rdp(
         q=sample_rate,
@@ -798,7 +798,7 @@ def _distributed_rdp(event: DistributedDiscreteGaussianEvent) -> tuple[float, ..
 
 
 def _prv_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
-    from opacus.accountants import PRVAccountant
+    from ._opacus import PRVAccountant
 
     # Consecutive events with the same parameters become one history entry,
     # because the PRV composition costs time per entry.

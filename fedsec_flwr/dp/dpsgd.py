@@ -40,10 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.grad_sample import AbstractGradSampleModule
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import (
     BatchSampler,
@@ -54,6 +50,12 @@ from torch.utils.data import (
 )
 
 from .._scalars import plain_fields
+from ._opacus import (
+    AbstractGradSampleModule,
+    ModuleValidator,
+    PrivacyEngine,
+    trainable_modules,
+)
 from .accounting import (
     ACCOUNTANT_RDP,
     ACCOUNTANTS,
