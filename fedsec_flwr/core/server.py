@@ -231,6 +231,13 @@ class ServerRound(RoundState):
         }
         self._record_drops(Stage.SETUP, set(sampled), set(valid))
         self._public_keys = valid
+        if len(valid) < 2:
+            raise TooFewSurvivorsError(
+                "Secure aggregation needs at least 2 clients. "
+                f"{len(valid)} of the {len(sampled)} sampled clients sent a valid "
+                "setup reply; a client that does not reply within the stage "
+                "timeout counts as dropped."
+            )
         self._plan = plan_round(
             sorted(valid),
             num_neighbours=self.num_neighbours,

@@ -182,6 +182,16 @@ def test_two_clients_cannot_lose_one() -> None:
         run_round(updates, weights, drop_at={Stage.MASKED_INPUT: [sorted(updates)[0]]})
 
 
+def test_setup_without_two_replies_names_the_count() -> None:
+    updates = _updates(3, seed=4)
+    weights = dict.fromkeys(updates, 5)
+
+    with pytest.raises(
+        TooFewSurvivorsError, match="1 of the 3 sampled clients sent a valid setup"
+    ):
+        run_round(updates, weights, drop_at={Stage.SETUP: sorted(updates)[:2]})
+
+
 def test_too_many_dropouts_abort_round() -> None:
     updates = _updates(5, seed=2)
     weights = dict.fromkeys(updates, 5)
