@@ -582,7 +582,8 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
     resolved = (folder / candidate).resolve()
     if candidate.is_absolute() or not resolved.is_relative_to(folder.resolve()):
         raise ValueError(
-            f"aggregate_path must be relative and inside {folder}. Found {relative!r}."
+            "aggregate_path must be relative and inside the audit file's folder "
+            f"{str(folder.resolve())!r}. Found {relative!r}."
         )
     return resolved
 

@@ -1085,7 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="Folder for results.json, logs and FLWR_HOME "
-        f"(default: {DEFAULT_OUTPUT_ROOT}/<app>-<time>).",
+        f"(default: {DEFAULT_OUTPUT_ROOT}/<app>-<time>-<pid>).",
     )
     parser.add_argument(
         "--timeout",
