@@ -55,7 +55,7 @@ logger = logging.getLogger("fedsec_flwr.strategy")
 NODE_WAIT_INTERVAL = 1.0
 
 NODE_WAIT_LOG_INTERVAL = 30.0
-"""Seconds between log lines while a round waits for ``min_available_nodes``."""
+"""Seconds between warnings while a round waits for ``min_available_nodes``."""
 
 SAMPLING_FIXED = "fixed"
 SAMPLING_POISSON = "poisson"
@@ -649,7 +649,9 @@ class SecureFedAvg(Strategy):
         self, grid: Grid, server_round: int, timeout: float, *, num_rounds: int
     ) -> list[int]:
         deadline = time.monotonic() + timeout
-        next_log = time.monotonic()
+        # Nodes take a few seconds to connect; a longer wait gets a warning,
+        # which shows without any logging set up.
+        next_log = time.monotonic() + NODE_WAIT_LOG_INTERVAL
         available = sorted(grid.get_node_ids())
         while len(available) < self.min_available_nodes:
             now = time.monotonic()
@@ -659,7 +661,7 @@ class SecureFedAvg(Strategy):
                     f"min_available_nodes is {self.min_available_nodes}."
                 )
             if now >= next_log:
-                logger.info(
+                logger.warning(
                     "Round %d waits for %d node(s); %d connected, %.0f s left "
                     "before the run stops",
                     server_round,

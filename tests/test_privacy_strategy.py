@@ -19,6 +19,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import fedsec_flwr.strategy as strategy_module
 from fedsec_flwr import (
     RoundReport,
     SecAggConfig,
@@ -871,16 +872,19 @@ def test_poisson_warns_when_joined_nodes_make_long_rounds_likely(
     assert "draws more than max_clients 10 in at least one of 2 rounds" in warnings[0]
 
 
-def test_waiting_for_nodes_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_waiting_for_nodes_is_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(strategy_module, "NODE_WAIT_LOG_INTERVAL", 0.2)
     strategy = SecureFedAvg(
         secure_aggregation=SECAGG, min_train_nodes=3, min_available_nodes=3
     )
     grid = GrowingNodes([1, 2], [1, 2])
 
     with (
-        caplog.at_level(logging.INFO, logger="fedsec_flwr"),
+        caplog.at_level(logging.WARNING, logger="fedsec_flwr"),
         pytest.raises(TimeoutError, match="Only 2 node"),
     ):
-        strategy._sample_nodes(grid, 1, timeout=0.5, num_rounds=1)  # type: ignore[arg-type]
+        strategy._sample_nodes(grid, 1, timeout=1.5, num_rounds=1)  # type: ignore[arg-type]
 
     assert "Round 1 waits for 3 node(s); 2 connected" in caplog.text
