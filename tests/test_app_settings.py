@@ -349,6 +349,24 @@ def test_learning_rate_above_float32_rejected() -> None:
         parse(learning_rate=1e308)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"dp_mode": "central", "noise_multiplier": 1.0},
+        {"dp_sgd": True, "dp_sgd_noise_multiplier": 1.0},
+    ],
+    ids=["client-level", "dp-sgd"],
+)
+def test_client_timings_under_dp_rejected(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="DP is on, and client timings would"):
+        parse(client_timings=True, **changes)
+
+
+def test_huge_integer_for_number_listed() -> None:
+    with pytest.raises(ValueError, match="learning-rate must be a finite number"):
+        parse(learning_rate=10**400)
+
+
 def test_client_timings_without_protocol_rejected() -> None:
     with pytest.raises(
         ValueError, match="only their protocols report client timings, so client-"

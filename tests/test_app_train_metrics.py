@@ -96,6 +96,25 @@ def test_node_policy_omits_train_loss(node_policy: dict[str, object]) -> None:
     assert "train-loss" not in metrics
 
 
+@pytest.mark.parametrize(
+    ("node_policy", "sent"),
+    [
+        ({}, True),
+        ({"require-secure-aggregation": True}, False),
+        ({"dp-max-epsilon": 5.0}, False),
+    ],
+    ids=["no-policy", "secure-aggregation", "dp-budget"],
+)
+def test_private_node_withholds_dp_sgd_epsilon(
+    node_policy: dict[str, object], sent: bool
+) -> None:
+    # The sample-level epsilon is a function of the node's number of examples.
+    metrics = train_metrics(node_policy, dp_sgd=True, dp_sgd_noise_multiplier=1.0)
+
+    assert ("sample-epsilon" in metrics) is sent
+    assert ("sample-round-epsilon" in metrics) is sent
+
+
 def test_plain_node_evaluates() -> None:
     message, context = message_and_context(secure_aggregation=False)
 

@@ -290,20 +290,24 @@ def test_plan_runs_declared_keys(tmp_path: Path) -> None:
 
 def test_plan_asks_for_client_timings_where_declared(tmp_path: Path) -> None:
     keys = ["dataset", "num-server-rounds", "secure-aggregation", "partitioning"]
-    app_dir = _write_app(tmp_path / "app", [*keys, "client-timings"])
+    dp_keys = ["dp-mode", "target-epsilon"]
+    app_dir = _write_app(tmp_path / "app", [*keys, *dp_keys, "client-timings"])
     profile = _accuracy_profile()
-    plan = dataclasses.replace(profile.accuracy[0], configurations=(plain(), secure()))
+    configurations = (plain(), secure(), secure_dp(1.0))
+    plan = dataclasses.replace(profile.accuracy[0], configurations=configurations)
     profile = dataclasses.replace(profile, accuracy=(plan,))
 
     experiments, _ = accuracy.plan_experiments(
         profile, app_dir=app_dir, runs_dir=tmp_path / "runs"
     )
 
-    # The app rejects client timings in plain runs, which have no protocol.
+    # The app rejects client timings in plain runs, which have no protocol,
+    # and under DP.
     timings = {e.name: e.config["overrides"].get("client-timings") for e in experiments}
     assert timings == {
         "breast-cancer/plain-iid": None,
         "breast-cancer/secure-iid": True,
+        "breast-cancer/secure-dp-eps1-iid": None,
     }
 
 

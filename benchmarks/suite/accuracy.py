@@ -95,8 +95,8 @@ def plan_experiments(
 
     A run is skipped when one of its override keys is not declared in the
     ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``. Where
-    the app declares ``client-timings``, every run with secure aggregation
-    or verification sets it to true.
+    the app declares ``client-timings``, every run that the app accepts it
+    in (with a protocol and without DP) sets it to true.
 
     Returns:
         The experiments, and one skipped entry (name, configuration, reason)
@@ -108,7 +108,7 @@ def plan_experiments(
     for plan in profile.accuracy:
         for configuration in plan.configurations:
             config = _recorded_config(plan, configuration)
-            if CLIENT_TIMINGS_KEY in declared and configuration.security != PLAIN:
+            if CLIENT_TIMINGS_KEY in declared and _timings_allowed(configuration):
                 config["overrides"][CLIENT_TIMINGS_KEY] = True
             unknown = missing_keys(config["overrides"], declared)
             name = experiment_name(plan, configuration)
@@ -142,6 +142,18 @@ def plan_experiments(
                 )
             )
     return experiments, skipped
+
+
+def _timings_allowed(configuration: RunConfiguration) -> bool:
+    """Return whether the app accepts client timings in this configuration.
+
+    It rejects them in plain runs, which have no protocol to report them,
+    and under DP, whose guarantee does not cover them.
+    """
+    private = (
+        configuration.epsilon is not None or configuration.sample_epsilon is not None
+    )
+    return configuration.security != PLAIN and not private
 
 
 def _recorded_config(

@@ -52,10 +52,7 @@ def reports_timings(settings: AppSettings, policy: NodePolicy) -> bool:
     policy requires secure aggregation or sets a DP budget never sends them,
     because they travel in clear.
     """
-    private_node = policy.require_secure_aggregation or (
-        policy.privacy_budget is not None
-    )
-    return settings.client_timings and not private_node
+    return settings.client_timings and not policy.private
 
 
 @app.evaluate()

@@ -72,6 +72,16 @@ class NodePolicy:
     require_verification: bool = False
     privacy_budget: ClientPrivacyBudget | None = None
 
+    @property
+    def private(self) -> bool:
+        """Whether the operator asks that the server learn only the update.
+
+        Such a node sends no statistic of its data in clear: no training
+        loss, no stage timings and no DP-SGD epsilon, which depends on its
+        number of examples.
+        """
+        return self.require_secure_aggregation or self.privacy_budget is not None
+
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, ConfigValue]) -> "NodePolicy":
         """Parse the policy keys of a node config; other keys are ignored.

@@ -360,6 +360,12 @@ class AppSettings:
                 "protocols report client timings",
                 ("client_timings",),
             ),
+            (
+                self.dp_mode != "off" or self.dp_sgd,
+                "DP is on, and client timings would reveal, outside its "
+                "guarantee, how much data each client has",
+                ("client_timings",),
+            ),
             (not self.dp_sgd, "dp-sgd is false", ("dp_sgd_max_grad_norm",)),
             (not self.verification, "verification is false", ("verification_policy",)),
         )
@@ -487,9 +493,13 @@ def _get_float(run_config: Mapping[str, ConfigValue], key: str) -> float:
     value = _require(run_config, key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number. Found {value!r}.")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{key} must be a finite number. Found {value!r}.") from None
+    if not math.isfinite(number):
         raise ValueError(f"{key} must be a finite number. Found {value!r}.")
-    return float(value)
+    return number
 
 
 _ZEROS: dict[Callable[[Mapping[str, ConfigValue], str], object], object] = {

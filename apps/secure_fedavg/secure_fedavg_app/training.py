@@ -97,6 +97,9 @@ def plain_train(msg: Message, context: Context) -> Message:
         )
         state = model.state_dict()
 
+    if NodePolicy.from_node_config(context.node_config).private:
+        # The DP-SGD epsilon depends on this node's number of examples.
+        extra_metrics = {}
     received_keys = list(msg.content.array_records[ARRAYS_KEY].keys())
     arrays = ArrayRecord({key: state[key] for key in received_keys})
     metrics = MetricRecord({"num-examples": len(labels), **extra_metrics})
@@ -187,13 +190,11 @@ def _private_round(settings: AppSettings, context: Context) -> bool:
     loss or accuracy is a statistic of this client's data that neither
     secure aggregation nor DP covers, so such rounds leave them out.
     """
-    policy = NodePolicy.from_node_config(context.node_config)
     return (
         settings.secure_aggregation
         or settings.dp_mode != "off"
         or settings.dp_sgd
-        or policy.require_secure_aggregation
-        or policy.privacy_budget is not None
+        or NodePolicy.from_node_config(context.node_config).private
     )
 
 
