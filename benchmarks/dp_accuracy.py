@@ -589,7 +589,8 @@ def train_central_dp_sgd(
     as the app's clients do, and the noise multiplier is the smallest whose
     RDP epsilon over all steps stays within the target.
     """
-    from opacus import PrivacyEngine
+    # Through the package, which keeps Opacus from adding a root log handler.
+    from fedsec_flwr.dp._opacus import PrivacyEngine
 
     generator = torch.Generator().manual_seed(SEED)
     loader = DataLoader(
@@ -1196,6 +1197,97 @@ def _format_mean_percent(values: Sequence[float]) -> str:
     return f"{100.0 * statistics.fmean(values):.1f}%" if values else ""
 
 
+MERGE_MUST_MATCH = ("dataset", "delta", "seed", "profile")
+"""Fields of ``dp_accuracy.json`` that every merged invocation must share."""
+
+
+def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """Read and check the ``dp_accuracy.json`` of each folder.
+
+    Raises:
+        ValueError: If a folder repeats, a file is not a result file of
+            this benchmark, an entry is malformed, or the invocations differ
+            in dataset, delta, seed or profile.
+        OSError: If a file cannot be read.
+    """
+    resolved = [folder.resolve() for folder in folders]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(
+            "--merge names a folder twice, which would count its runs twice"
+        )
+
+    documents = []
+    for folder in folders:
+        path = folder / JSON_FILENAME
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise ValueError(f"{path} is not JSON: {error}") from None
+        _check_result_document(document, path)
+        documents.append(document)
+
+    for field in MERGE_MUST_MATCH:
+        values = {
+            json.dumps(document.get(field), sort_keys=True) for document in documents
+        }
+        if len(values) > 1:
+            raise ValueError(
+                f"the invocations differ in {field}, so their runs are not "
+                f"comparable. Found {', '.join(sorted(values))[:300]}."
+            )
+    return documents
+
+
+def _check_result_document(document: object, path: Path) -> None:
+    """Raise ValueError unless ``document`` has the shape `Benchmark` writes."""
+    if not isinstance(document, dict) or document.get("benchmark") != "dp_accuracy":
+        raise ValueError(f"{path} is not a dp_accuracy result file")
+    results = document.get("results")
+    if not isinstance(results, list):
+        raise ValueError(
+            f"{path}: results must be a list. Found {type(results).__name__}"
+        )
+    for index, entry in enumerate(results):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"{path}: result {index} {problem}")
+
+
+def _entry_problem(entry: object) -> str:
+    """Return what is wrong with one result entry, or "" if nothing."""
+    if not isinstance(entry, dict):
+        return f"must be an object. Found {type(entry).__name__}"
+    if entry.get("method") not in METHODS:
+        return f"names an unknown method {str(entry.get('method'))[:80]!r}"
+    shared = entry.get("shared_with", [])
+    if not isinstance(shared, list) or any(m not in METHODS for m in shared):
+        return f"has an invalid shared_with {str(shared)[:80]!r}"
+    if entry.get("status") not in (STATUS_COMPLETED, STATUS_FAILED):
+        return f"has an unknown status {str(entry.get('status'))[:80]!r}"
+    numbers = ["target_epsilon", "epsilon", "sample_epsilon", "noise_multiplier"]
+    if entry["status"] == STATUS_COMPLETED:
+        numbers.append("accuracy")
+        if not _is_finite_number(entry.get("accuracy")):
+            return "is completed but has no finite accuracy"
+    for key in numbers:
+        value = entry.get(key)
+        if value is not None and not _is_finite_number(value):
+            return f"has a {key} that is not a finite number: {str(value)[:80]!r}"
+    per_round = entry.get("accuracy_per_round", [])
+    if not isinstance(per_round, list) or not all(map(_is_finite_number, per_round)):
+        return "has an accuracy_per_round that is not a list of finite numbers"
+    return ""
+
+
+def _is_finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def merge_benchmarks(folders: Sequence[Path], out: Path) -> int:
     """Merge the results of several invocations and return the exit status.
 
@@ -1204,20 +1296,20 @@ def merge_benchmarks(folders: Sequence[Path], out: Path) -> int:
     ``dp_accuracy_merged.png`` (mean accuracy, with a bar from the lowest
     to the highest run) to ``out``.
     """
-    documents = []
-    for folder in folders:
-        path = folder / JSON_FILENAME
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            print(f"error: cannot read {path}: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        if not isinstance(document, dict) or document.get("benchmark") != "dp_accuracy":
-            print(f"error: {path} is not a dp_accuracy result file", file=sys.stderr)
-            return EXIT_USAGE
-        documents.append(document)
+    try:
+        documents = _read_result_documents(folders)
+        out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError, RecursionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not any(
+        entry["status"] == STATUS_COMPLETED
+        for document in documents
+        for entry in document["results"]
+    ):
+        print("error: no completed run in these folders", file=sys.stderr)
+        return EXIT_FAILED
 
-    out.mkdir(parents=True, exist_ok=True)
     table = merged_table(merge_points(documents, expand_shared=False))
     plotted = merge_points(documents, expand_shared=True)
     series: dict[str, list[tuple[float | None, float, float, float]]] = {}

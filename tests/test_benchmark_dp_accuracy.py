@@ -393,6 +393,96 @@ def test_merge_command_rejects_other_files(
     assert "is not a dp_accuracy result file" in capsys.readouterr().err
 
 
+def write_result(folder: Path, document: object) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / JSON_FILENAME).write_text(json.dumps(document), encoding="utf-8")
+    return str(folder)
+
+
+GOOD_ENTRY = completed_entry(CLIENT_DP_CENTRAL, 3.0, 0.7)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"benchmark": "dp_accuracy"}, "results must be a list. Found NoneType"),
+        (result_document(7), "result 0 must be an object. Found int"),
+        (result_document({**GOOD_ENTRY, "method": "x"}), "unknown method 'x'"),
+        (
+            result_document({**GOOD_ENTRY, "shared_with": "client-dp-central"}),
+            "invalid shared_with",
+        ),
+        (result_document({**GOOD_ENTRY, "accuracy": 10**400}), "no finite accuracy"),
+        (
+            result_document({**GOOD_ENTRY, "target_epsilon": "3"}),
+            "target_epsilon that is not a finite number",
+        ),
+        (
+            result_document({**GOOD_ENTRY, "accuracy_per_round": [0.1, None]}),
+            "accuracy_per_round",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "maximum recursion depth"),
+    ],
+    ids=[
+        "no-results",
+        "entry-not-object",
+        "unknown-method",
+        "shared-string",
+        "huge-accuracy",
+        "string-epsilon",
+        "null-round",
+        "deep",
+    ],
+)
+def test_merge_rejects_malformed_result_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], document: object, message: str
+) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    text = document if isinstance(document, str) else json.dumps(document)
+    (folder / JSON_FILENAME).write_text(text, encoding="utf-8")
+
+    status = dp_accuracy_main(["--merge", str(folder), "--out", str(tmp_path / "m")])
+
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_merge_rejects_repeated_folder_and_other_profiles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = write_result(
+        tmp_path / "full", {**result_document(GOOD_ENTRY), "profile": {"name": "full"}}
+    )
+    quick = write_result(
+        tmp_path / "quick",
+        {**result_document(GOOD_ENTRY), "profile": {"name": "quick"}},
+    )
+    out = str(tmp_path / "m")
+
+    twice = dp_accuracy_main(["--merge", full, full, "--out", out])
+    twice_error = capsys.readouterr().err
+    mixed = dp_accuracy_main(["--merge", full, quick, "--out", out])
+    mixed_error = capsys.readouterr().err
+
+    assert twice == 2
+    assert "names a folder twice" in twice_error
+    assert mixed == 2
+    assert "differ in profile" in mixed_error
+
+
+def test_merge_without_completed_run_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed = {**GOOD_ENTRY, "status": "failed"}
+    folder = write_result(tmp_path / "run", result_document(failed))
+
+    status = dp_accuracy_main(["--merge", folder, "--out", str(tmp_path / "m")])
+
+    assert status == 1
+    assert "no completed run" in capsys.readouterr().err
+
+
 @needs_fashion_mnist
 @pytest.mark.e2e
 @pytest.mark.timeout(300)

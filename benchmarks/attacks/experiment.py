@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from opacus import PrivacyEngine
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,6 +40,9 @@ from benchmarks.attacks.fashion_mnist import (
     load_fashion_mnist,
 )
 from benchmarks.attacks.image_metrics import psnr, ssim
+
+# Through the package, which keeps Opacus from adding a root log handler.
+from fedsec_flwr.dp._opacus import PrivacyEngine
 
 logger = logging.getLogger(__name__)
 
