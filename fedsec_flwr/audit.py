@@ -264,17 +264,9 @@ def _follow_model(
         )
 
     try:
-        settings = _entry_settings(entry)
+        settings = _signed_settings(entry, transcript)
     except ValueError as error:
-        return AuditResult(False, f"the round's settings are malformed: {error}"), None
-    if settings.digest() != transcript.settings_sha256:
-        return (
-            AuditResult(
-                False,
-                "the round's recorded settings are not the ones its clients signed",
-            ),
-            None,
-        )
+        return AuditResult(False, str(error)), None
 
     if missing_commitments(transcript):
         # The round's update was discarded, so the model carries over.
@@ -296,6 +288,28 @@ def _follow_model(
             None,
         )
     return AuditResult(True, ""), following
+
+
+_SETTINGS_KEYS = ("decoding", "config_sha256", "fields_sha256")
+
+
+def _signed_settings(
+    entry: dict[str, Any], transcript: RoundTranscript
+) -> RoundSettings:
+    """Return the entry's settings, checked against the digest the clients signed.
+
+    Raises:
+        ValueError: If the settings are malformed or have another digest.
+    """
+    try:
+        settings = _entry_settings(entry)
+    except ValueError as error:
+        raise ValueError(f"the round's settings are malformed: {error}") from None
+    if settings.digest() != transcript.settings_sha256:
+        raise ValueError(
+            "the round's recorded settings are not the ones its clients signed"
+        )
+    return settings
 
 
 def _entry_settings(entry: dict[str, Any]) -> RoundSettings:
@@ -490,7 +504,16 @@ def _audit_entry(
     except (OSError, ValueError) as error:
         return AuditResult(False, f"the aggregate cannot be loaded: {error}")
 
-    return audit_round(transcript, aggregate)
+    result = audit_round(transcript, aggregate)
+    if not result.verified or not any(key in entry for key in _SETTINGS_KEYS):
+        return result
+    # The settings serve only to follow the models, but recorded settings
+    # that the clients did not sign are a tampered entry all the same.
+    try:
+        _signed_settings(entry, transcript)
+    except ValueError as error:
+        return AuditResult(False, str(error))
+    return result
 
 
 def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint32]:

@@ -158,9 +158,14 @@ def test_hostile_settings_fail_cleanly(tmp_path: Path, edit, reason: str) -> Non
     edit_entry(path, 0, edit)
 
     audits, last = audit.audit_models(path, initial_model())
+    # Without the models, the round audit checks the recorded settings too.
+    round_audit = audit.audit_file(path)[0].result
 
     assert reason in audits[0].result.reason
     assert last is None
+    assert not round_audit.verified
+    assert "the round's" in round_audit.reason
+    assert "settings are" in round_audit.reason
 
 
 def decoding_fields(**changes: object) -> dict[str, object]:
