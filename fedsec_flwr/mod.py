@@ -754,8 +754,12 @@ def _warn_if_below_step(
     per coordinate, which is the sign of a clip range far above the update's
     scale. The log names the step, never a value of the update.
     """
+    if not update.size:
+        return
     step = 1.0 / params.scale
-    if update.size and 0.0 < float(np.max(np.abs(update))) < step:
+    # Two reductions instead of np.abs, which would copy the whole update.
+    largest = max(float(update.max()), -float(update.min()))
+    if 0.0 < largest < step:
         logger.warning(
             "Round %d: every update coordinate is smaller than one quantization "
             "step (%.3g for clip range %g), so rounding noise outweighs the "

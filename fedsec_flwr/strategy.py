@@ -649,8 +649,8 @@ class SecureFedAvg(Strategy):
         self, grid: Grid, server_round: int, timeout: float, *, num_rounds: int
     ) -> list[int]:
         deadline = time.monotonic() + timeout
-        # Nodes take a few seconds to connect; a longer wait gets a warning,
-        # which shows without any logging set up.
+        # Nodes usually connect within seconds, so only a longer wait gets a
+        # warning, which shows even without any logging set up.
         next_log = time.monotonic() + NODE_WAIT_LOG_INTERVAL
         available = sorted(grid.get_node_ids())
         while len(available) < self.min_available_nodes:
@@ -662,8 +662,8 @@ class SecureFedAvg(Strategy):
                 )
             if now >= next_log:
                 logger.warning(
-                    "Round %d waits for %d node(s); %d connected, %.0f s left "
-                    "before the run stops",
+                    "Round %d waits for %d node(s) with %d connected, and "
+                    "%.0f s are left before the run stops",
                     server_round,
                     self.min_available_nodes,
                     len(available),

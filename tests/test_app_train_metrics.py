@@ -1,5 +1,5 @@
 """The app's train handler sends no per-client statistic beyond the update,
-unless the run config asks for the clients' stage timings."""
+unless the run config turns on the clients' stage timings."""
 
 import sys
 import tomllib
@@ -150,7 +150,7 @@ CLIENT_TIMING_KEYS = {
 
 
 def secure_round_metrics(**changes: object) -> dict[str, object]:
-    """Run one secure round of the app's own ClientApp; return its metrics."""
+    """Run one secure round of the app's own ClientApp and return its metrics."""
     with (APP_DIR / "pyproject.toml").open("rb") as file:
         run_config = dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
     run_config.update({key.replace("_", "-"): value for key, value in changes.items()})

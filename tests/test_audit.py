@@ -275,7 +275,7 @@ FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 rounds verified, 0 discarded\n"
 
 def test_hostile_file_name_cannot_fake_output_lines(audit_path, capsys):
     # A server that writes the audit folder chooses the file names that the
-    # reasons quote; a newline in one must not start a line of its own.
+    # reasons quote, so a newline in one must not start a line of its own.
     (audit_path.parent / FAKE_LINES).mkdir()
     rewrite(audit_path, lambda d: d["rounds"][1].update(aggregate_path=FAKE_LINES))
 

@@ -204,7 +204,7 @@ def test_client_level_overrides() -> None:
     assert settings.num_clients >= 100
 
 
-def test_equal_noise_method_takes_central_noise_multiplier() -> None:
+def test_equal_noise_takes_central_multiplier() -> None:
     settings = FULL.client_level
     central_z = noise_multiplier_for_target(
         target_epsilon=1.0,
@@ -224,7 +224,7 @@ def test_equal_noise_method_takes_central_noise_multiplier() -> None:
     assert 2.0 < central_z < 2.6
 
 
-def test_central_noise_multiplier_without_amplification_for_fixed_sampling() -> None:
+def test_fixed_sampling_needs_more_noise() -> None:
     poisson = FULL.client_level
     fixed = dataclasses.replace(poisson, client_sampling="fixed")
 
@@ -448,7 +448,7 @@ def test_merge_rejects_malformed_result_file(
     assert message in capsys.readouterr().err
 
 
-def test_merge_rejects_repeated_folder_and_other_profiles(
+def test_merge_rejects_mixed_inputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     full = write_result(
