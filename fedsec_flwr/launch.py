@@ -2,8 +2,12 @@
 
 ``flwr run`` (flwr 1.42) exits 0 even when the run fails, and with the default
 local connection it starts a detached SuperLink that outlives it. This
-launcher closes both gaps:
+launcher closes both gaps, and checks the run config first:
 
+- it rejects run-config keys that the app does not declare, and calls the
+  app's own run-config check (``check-run-config`` in
+  ``[tool.fedsec_flwr.launch]`` of its ``pyproject.toml``) before any
+  process starts;
 - it starts its own SuperLink, on free loopback ports and in a private
   ``FLWR_HOME`` under the output folder, so concurrent runs never share state;
 - it streams the run's logs to the terminal and to ``<output-dir>/logs``;
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import math
@@ -85,6 +90,11 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 _RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 _LOOPBACK = "127.0.0.1"
+
+CHECK_RUN_CONFIG_KEY = "check-run-config"
+"""Key of ``[tool.fedsec_flwr.launch]`` that names the app's run-config check."""
+
+_CHECK_SPEC_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 class LaunchError(Exception):
@@ -330,20 +340,95 @@ def read_app_config_keys(app_dir: Path) -> set[str]:
     Raises:
         LaunchError: If the file is missing or has no ``[tool.flwr.app]``.
     """
-    pyproject = app_dir / "pyproject.toml"
-    if not pyproject.is_file():
-        raise LaunchError(
-            f"APP_DIR must contain a pyproject.toml. Not found: {pyproject}."
-        )
-    with pyproject.open("rb") as stream:
-        document = tomllib.load(stream)
+    return set(read_app_defaults(app_dir))
+
+
+def read_app_defaults(app_dir: Path) -> dict[str, Any]:
+    """Return the run config that ``[tool.flwr.app.config]`` declares.
+
+    Raises:
+        LaunchError: If the file is missing or has no ``[tool.flwr.app]``.
+    """
+    pyproject, document = _read_pyproject(app_dir)
     try:
         app_section = document["tool"]["flwr"]["app"]
     except KeyError as error:
         raise LaunchError(
             f"{pyproject} must contain a [tool.flwr.app] section."
         ) from error
-    return set(app_section.get("config", {}))
+    return dict(app_section.get("config", {}))
+
+
+def read_run_config_check(app_dir: Path) -> str | None:
+    """Return the app's run-config check, ``"module:function"``, if it names one.
+
+    The check is the ``check-run-config`` key of ``[tool.fedsec_flwr.launch]``
+    in the app's ``pyproject.toml``.
+
+    Raises:
+        LaunchError: If the value is not of the form ``module:function``.
+    """
+    pyproject, document = _read_pyproject(app_dir)
+    section = document.get("tool", {}).get("fedsec_flwr", {}).get("launch", {})
+    spec = section.get(CHECK_RUN_CONFIG_KEY)
+    if spec is None:
+        return None
+    if not isinstance(spec, str) or not _CHECK_SPEC_PATTERN.fullmatch(spec):
+        raise LaunchError(
+            f"{CHECK_RUN_CONFIG_KEY} in {pyproject} must have the form "
+            f"'package.module:function'. Found {spec!r}."
+        )
+    return spec
+
+
+def check_run_config_values(
+    app_dir: Path, spec: str, run_config: Mapping[str, Any]
+) -> None:
+    """Call the app's run-config check before any process starts.
+
+    The check imports the app's module from ``app_dir`` and calls the
+    function with the whole run config: the declared defaults with the
+    overrides applied. It catches values that the ServerApp would reject
+    only after the SuperLink and the simulation have started.
+
+    Raises:
+        LaunchError: If the function cannot be found, or it raises
+            ``ValueError``; the message is the function's.
+    """
+    module_name, function_name = spec.split(":")
+    path_entry = str(app_dir)
+    sys.path.insert(0, path_entry)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise LaunchError(
+            f"Cannot import {module_name} from {app_dir} for {CHECK_RUN_CONFIG_KEY} "
+            f"{spec!r}: {error}"
+        ) from error
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(path_entry)
+
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise LaunchError(
+            f"{CHECK_RUN_CONFIG_KEY} {spec!r}: {module_name} has no function "
+            f"{function_name}."
+        )
+    try:
+        function(dict(run_config))
+    except ValueError as error:
+        raise LaunchError(str(error)) from None
+
+
+def _read_pyproject(app_dir: Path) -> tuple[Path, dict[str, Any]]:
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise LaunchError(
+            f"APP_DIR must contain a pyproject.toml. Not found: {pyproject}."
+        )
+    with pyproject.open("rb") as stream:
+        return pyproject, tomllib.load(stream)
 
 
 def check_run_config_keys(
@@ -913,12 +998,16 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
         The outcome, with the exit status the command line should return.
 
     Raises:
-        LaunchError: If the app folder or the run config is invalid.
+        LaunchError: If the app folder or the run config is invalid, or the
+            app's run-config check rejects it.
     """
-    known_keys = read_app_config_keys(options.app_dir)
+    defaults = read_app_defaults(options.app_dir)
     run_config = dict(options.run_config)
     run_config["output-dir"] = str(options.output_dir)
-    check_run_config_keys(run_config, known_keys, options.app_dir)
+    check_run_config_keys(run_config, set(defaults), options.app_dir)
+    check_spec = read_run_config_check(options.app_dir)
+    if check_spec is not None:
+        check_run_config_values(options.app_dir, check_spec, {**defaults, **run_config})
     try:
         run_config_text = to_toml(run_config)
     except ValueError as error:

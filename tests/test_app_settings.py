@@ -377,3 +377,43 @@ def test_client_timings_without_protocol_rejected() -> None:
     assert parse(
         secure_aggregation=False, verification=True, client_timings=True
     ).client_timings
+
+
+def test_launch_check_accepts_defaults_and_writes_nothing(tmp_path: Path) -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"output-dir": str(tmp_path / "out"), "verification": True, "dp-mode": "off"}
+    )
+
+    check_run_config(config)
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_launch_check_rejects_what_only_the_strategy_checks() -> None:
+    # Each range is valid on its own; SecureFedAvg rejects the combination.
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update({"min-train-clients": 5, "secagg-max-clients": 2})
+
+    with pytest.raises(ValueError, match=r"min-train-clients=5 is above"):
+        check_run_config(config)
+
+
+def test_launch_check_restores_the_package_log_level() -> None:
+    import logging
+
+    from secure_fedavg_app.server_app import PACKAGE_LOGGER_NAME, check_run_config
+
+    package_logger = logging.getLogger(PACKAGE_LOGGER_NAME)
+    before = package_logger.level
+    config = default_config()
+    config["secagg-max-clients"] = 1
+
+    with pytest.raises(ValueError):
+        check_run_config(config)
+
+    assert package_logger.level == before

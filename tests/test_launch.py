@@ -152,6 +152,80 @@ def test_unknown_run_config_key_rejected() -> None:
         launch.check_run_config_keys({"bogus-key": 1}, known, APP_DIR)
 
 
+def test_invalid_value_rejected_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output_dir = tmp_path / "rejected"
+
+    exit_code = launch.main(
+        [
+            str(APP_DIR),
+            "--output-dir",
+            str(output_dir),
+            "--run-config",
+            "learning-rate=-1 dataset=no-such-dataset",
+        ]
+    )
+
+    assert exit_code == launch.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "learning-rate must be positive; found -1.0" in error
+    assert "'no-such-dataset'" in error
+    assert not output_dir.exists()
+
+
+def test_app_check_receives_defaults_with_overrides(tmp_path: Path) -> None:
+    app_dir = _app_with_check(
+        tmp_path,
+        "def check(run_config):\n"
+        "    raise ValueError('seen ' + repr(sorted(run_config.items())))\n",
+    )
+    options = launch.LaunchOptions(
+        app_dir=app_dir, run_config={"rounds": 7}, output_dir=tmp_path / "out"
+    )
+
+    with pytest.raises(launch.LaunchError) as raised:
+        launch.launch(options)
+
+    seen = [("mode", "fast"), ("output-dir", str(tmp_path / "out")), ("rounds", 7)]
+    assert str(raised.value) == f"seen {seen!r}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("not a spec", r"must have the form 'package\.module:function'\. "),
+        ("no_such_module_here:check", r"Cannot import no_such_module_here"),
+        ("{module}:missing", r"has no function missing"),
+    ],
+)
+def test_broken_app_check_is_reported(tmp_path: Path, spec: str, message: str) -> None:
+    app_dir = _app_with_check(tmp_path, "def check(run_config):\n    pass\n", spec)
+    options = launch.LaunchOptions(
+        app_dir=app_dir, run_config={}, output_dir=tmp_path / "out"
+    )
+
+    with pytest.raises(launch.LaunchError, match=message):
+        launch.launch(options)
+
+
+def _app_with_check(tmp_path: Path, source: str, spec: str = "{module}:check") -> Path:
+    # A module name of its own per test, since imports are cached.
+    module = f"launch_check_{tmp_path.name.replace('-', '_')}"
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / f"{module}.py").write_text(source, encoding="utf-8")
+    (app_dir / "pyproject.toml").write_text(
+        "[tool.flwr.app.config]\n"
+        'rounds = 3\nmode = "fast"\noutput-dir = "x"\n'
+        "[tool.fedsec_flwr.launch]\n"
+        f'check-run-config = "{spec.format(module=module)}"\n',
+        encoding="utf-8",
+    )
+    return app_dir
+
+
 def test_missing_app_dir_is_usage_error(tmp_path: Path) -> None:
     exit_code = launch.main([str(tmp_path / "missing"), "--output-dir", str(tmp_path)])
 
@@ -188,8 +262,13 @@ def test_list_descendants_finds_grandchild() -> None:
 def test_failing_run_exits_nonzero_and_cleans_up(tmp_path: Path) -> None:
     output_dir = tmp_path / "failing"
 
+    # Valid values, so the run starts, but every client's example count is
+    # above secagg-max-weight, so the clients fail round 1.
     completed = _run_launcher(
-        output_dir, "dataset=no-such-dataset", "--num-supernodes", TINY_SUPERNODES
+        output_dir,
+        "num-server-rounds=1 secagg-max-weight=1",
+        "--num-supernodes",
+        TINY_SUPERNODES,
     )
 
     assert completed.returncode == launch.EXIT_FAILED, completed.stdout[-3000:]

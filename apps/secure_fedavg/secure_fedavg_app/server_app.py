@@ -1,7 +1,9 @@
 """ServerApp: build the strategy from the run config, run it, record results."""
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,9 @@ from secure_fedavg_app.strategy_factory import (
 )
 from secure_fedavg_app.task import evaluate, seed_everything, use_single_thread
 
-logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
+PACKAGE_LOGGER_NAME = "fedsec_flwr"
+
+logger = logging.getLogger(f"{PACKAGE_LOGGER_NAME}.apps.secure_fedavg")
 
 # Used only when the run config has no usable output-dir, so that even a run
 # with an invalid config leaves a results.json that records the failure.
@@ -123,6 +127,43 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
         print(strategy.stopped_reason, flush=True)
         return
     _check_all_rounds_reported(results, settings.num_server_rounds)
+
+
+def check_run_config(run_config: Mapping[str, Any]) -> None:
+    """Check a whole run config as ``main`` does, without running anything.
+
+    ``python -m fedsec_flwr.launch`` calls it before it starts the SuperLink,
+    so a bad value fails in about a second instead of after the start-up. It
+    parses the settings and builds the strategy, with the package's log
+    messages below ERROR held back (the ServerApp logs them again). Checks
+    that need the connected nodes, such as the Poisson sample size, still
+    run only in round 1.
+
+    Raises:
+        ValueError: If a value or a combination is invalid; the message names
+            the run-config keys.
+    """
+    settings = AppSettings.from_run_config(run_config)
+    # The output folder may not exist yet; the audit file is never written here.
+    with _quiet_package_logger(), tempfile.TemporaryDirectory() as folder:
+        build_strategy(
+            settings, _ignore_report, audit_path=Path(folder) / AUDIT_FILE_NAME
+        )
+
+
+@contextlib.contextmanager
+def _quiet_package_logger() -> Iterator[None]:
+    package_logger = logging.getLogger(PACKAGE_LOGGER_NAME)
+    level = package_logger.level
+    package_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        package_logger.setLevel(level)
+
+
+def _ignore_report(report: RoundReport) -> None:
+    del report
 
 
 def make_central_evaluate(
