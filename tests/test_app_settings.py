@@ -417,3 +417,24 @@ def test_launch_check_restores_the_package_log_level() -> None:
         check_run_config(config)
 
     assert package_logger.level == before
+
+
+def test_strategy_warnings_name_run_config_keys(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from secure_fedavg_app.server_app import STRATEGY_LOGGER_NAME, _run_config_names_in
+
+    strategy_logger = logging.getLogger(STRATEGY_LOGGER_NAME)
+    text = "Round %d: Poisson sampling with fraction_train %s over %d nodes"
+
+    with caplog.at_level(logging.WARNING, logger=STRATEGY_LOGGER_NAME):
+        with _run_config_names_in(strategy_logger):
+            strategy_logger.warning(text, 3, 0.5, 7)
+        strategy_logger.warning(text, 4, 0.5, 7)
+
+    assert caplog.messages == [
+        "Round 3: Poisson sampling with fraction-train (fraction_train) 0.5 over 7 nodes",
+        "Round 4: Poisson sampling with fraction_train 0.5 over 7 nodes",
+    ]

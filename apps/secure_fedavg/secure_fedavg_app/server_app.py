@@ -32,6 +32,7 @@ from secure_fedavg_app.strategy_factory import (
 from secure_fedavg_app.task import evaluate, seed_everything, use_single_thread
 
 PACKAGE_LOGGER_NAME = "fedsec_flwr"
+STRATEGY_LOGGER_NAME = f"{PACKAGE_LOGGER_NAME}.strategy"
 
 logger = logging.getLogger(f"{PACKAGE_LOGGER_NAME}.apps.secure_fedavg")
 
@@ -104,14 +105,15 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
     )
 
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial_arrays,
-            num_rounds=settings.num_server_rounds,
-            evaluate_fn=make_central_evaluate(
-                settings.dataset, split, dp_sgd=settings.dp_sgd
-            ),
-        )
+        with _run_config_names_in(logging.getLogger(STRATEGY_LOGGER_NAME)):
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=settings.num_server_rounds,
+                evaluate_fn=make_central_evaluate(
+                    settings.dataset, split, dp_sgd=settings.dp_sgd
+                ),
+            )
     except ValueError as error:
         # Checks that need the connected nodes, such as the Poisson sample
         # size, run in round 1 and name the library's parameters. Subclasses
@@ -160,6 +162,29 @@ def _quiet_package_logger() -> Iterator[None]:
         yield
     finally:
         package_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _run_config_names_in(target: logging.Logger) -> Iterator[None]:
+    names = _RunConfigNames()
+    target.addFilter(names)
+    try:
+        yield
+    finally:
+        target.removeFilter(names)
+
+
+class _RunConfigNames(logging.Filter):
+    """Name the run-config key before each library parameter in a record.
+
+    Warnings that the strategy logs during the rounds, such as a changed
+    Poisson sample-size chance, name its parameters (``fraction_train``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = name_run_config_keys(record.getMessage())
+        record.args = None
+        return True
 
 
 def _ignore_report(report: RoundReport) -> None:
