@@ -91,6 +91,9 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 _RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 _LOOPBACK = "127.0.0.1"
 
+OUTPUT_DIR_KEY = "output-dir"
+"""Run-config key that the launcher always sets to its output folder."""
+
 CHECK_RUN_CONFIG_KEY = "check-run-config"
 """Key of ``[tool.fedsec_flwr.launch]`` that names the app's run-config check."""
 
@@ -1003,7 +1006,8 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     """
     defaults = read_app_defaults(options.app_dir)
     run_config = dict(options.run_config)
-    run_config["output-dir"] = str(options.output_dir)
+    _warn_if_output_dir_replaced(run_config.get(OUTPUT_DIR_KEY), options.output_dir)
+    run_config[OUTPUT_DIR_KEY] = str(options.output_dir)
     check_run_config_keys(run_config, set(defaults), options.app_dir)
     check_spec = read_run_config_check(options.app_dir)
     if check_spec is not None:
@@ -1055,6 +1059,18 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
 
     result.message = _with_log_hint(result, paths)
     return result
+
+
+def _warn_if_output_dir_replaced(requested: object, output_dir: Path) -> None:
+    if requested is None or str(requested) == str(output_dir):
+        return
+    logger.warning(
+        "Run-config %s=%r is replaced by the launcher's output folder %s; "
+        "pass --output-dir to choose it.",
+        OUTPUT_DIR_KEY,
+        requested,
+        output_dir,
+    )
 
 
 def _launch_processes(

@@ -192,6 +192,26 @@ def test_app_check_receives_defaults_with_overrides(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_output_dir_in_run_config_is_replaced_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app_dir = _app_with_check(
+        tmp_path,
+        "def check(run_config):\n    raise ValueError(run_config['output-dir'])\n",
+    )
+    options = launch.LaunchOptions(
+        app_dir=app_dir,
+        run_config={"output-dir": "elsewhere"},
+        output_dir=tmp_path / "out",
+    )
+
+    with pytest.raises(launch.LaunchError, match=r"out$"):
+        launch.launch(options)
+
+    assert "output-dir='elsewhere' is replaced" in caplog.text
+    assert str(tmp_path / "out") in caplog.text
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
