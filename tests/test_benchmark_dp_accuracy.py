@@ -20,8 +20,10 @@ from benchmarks.dp_accuracy import (
     CLIENT_DP_DISTRIBUTED,
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
     DELTA,
+    DP_BATCH_SIZE,
     DP_SGD_LEARNING_RATE,
     FEDERATED_DP_SGD,
+    FEDERATED_DP_SGD_LONG,
     FEDERATED_DP_SGD_TUNED,
     FULL,
     JSON_FILENAME,
@@ -89,9 +91,9 @@ def test_full_plan_has_every_point() -> None:
     configurations = plan_configurations(FULL)
     names = [configuration.name for configuration in configurations]
 
-    # Six methods at four epsilons, less the three runs without DP that
-    # the DP-SGD pair and the client-level triple share.
-    assert len(configurations) == 21
+    # Seven methods at four epsilons, less the three runs without DP that
+    # the three-round DP-SGD pair and the client-level triple share.
+    assert len(configurations) == 25
     assert len(set(names)) == len(names)
     assert {c.method for c in configurations} == set(METHODS)
 
@@ -152,6 +154,24 @@ def test_tuned_method_changes_only_dp_step() -> None:
     assert dataclasses.replace(tuned, dp_learning_rate=0.0) == dataclasses.replace(
         reference, dp_learning_rate=0.0
     )
+
+
+def test_long_method_has_own_baseline_and_batch() -> None:
+    settings = federated_settings(FULL, FEDERATED_DP_SGD_LONG)
+
+    plain = dp_sgd_overrides(settings, None)
+    private = dp_sgd_overrides(settings, 8.0)
+    baselines = [
+        c
+        for c in plan_configurations(FULL)
+        if c.target_epsilon is None and c.method == FEDERATED_DP_SGD_LONG
+    ]
+
+    assert plain["num-server-rounds"] == 20
+    assert plain["batch-size"] == 64
+    assert private["batch-size"] == DP_BATCH_SIZE
+    assert len(baselines) == 1
+    assert baselines[0].shared_with == ()
 
 
 def test_federated_settings_rejects_central() -> None:
