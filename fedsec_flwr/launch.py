@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib
 import json
 import logging
 import math
@@ -52,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+
+from fedsec_flwr import app_check
 
 logger = logging.getLogger("fedsec_flwr.launch")
 
@@ -96,6 +97,9 @@ OUTPUT_DIR_KEY = "output-dir"
 
 CHECK_RUN_CONFIG_KEY = "check-run-config"
 """Key of ``[tool.fedsec_flwr.launch]`` that names the app's run-config check."""
+
+APP_CHECK_TIMEOUT_SECONDS = 120.0
+"""Seconds the app's run-config check may take, imports included."""
 
 _CHECK_SPEC_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
@@ -387,41 +391,71 @@ def read_run_config_check(app_dir: Path) -> str | None:
 def check_run_config_values(
     app_dir: Path, spec: str, run_config: Mapping[str, Any]
 ) -> None:
-    """Call the app's run-config check before any process starts.
+    """Run the app's run-config check before any process of the run starts.
 
-    The check imports the app's module from ``app_dir`` and calls the
-    function with the whole run config: the declared defaults with the
-    overrides applied. It catches values that the ServerApp would reject
-    only after the SuperLink and the simulation have started.
+    The check runs in a child process (``fedsec_flwr.app_check``), which
+    imports the function from ``app_dir`` and calls it with the whole run
+    config: the declared defaults with the overrides applied. The app's
+    imports therefore change nothing in the launcher, such as environment
+    variables that the SuperLink would inherit. It catches values that the
+    ServerApp would reject only after the SuperLink and the simulation have
+    started.
 
     Raises:
-        LaunchError: If the function cannot be found, or it raises
-            ``ValueError``; the message is the function's.
+        LaunchError: If the function rejects the run config (``ValueError``;
+            the message is the function's), or the check itself fails.
     """
-    module_name, function_name = spec.split(":")
-    path_entry = str(app_dir)
-    sys.path.insert(0, path_entry)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise LaunchError(
-            f"Cannot import {module_name} from {app_dir} for {CHECK_RUN_CONFIG_KEY} "
-            f"{spec!r}: {error}"
-        ) from error
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(path_entry)
+    with tempfile.TemporaryDirectory(prefix="fedsec-check-") as folder:
+        result_file = Path(folder) / "result.json"
+        command = [
+            sys.executable,
+            "-m",
+            "fedsec_flwr.app_check",
+            spec,
+            str(app_dir),
+            str(result_file),
+        ]
+        try:
+            completed = subprocess.run(
+                command,
+                input=json.dumps(dict(run_config)),
+                text=True,
+                timeout=APP_CHECK_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise LaunchError(
+                f"The app's {CHECK_RUN_CONFIG_KEY} {spec!r} did not finish within "
+                f"{APP_CHECK_TIMEOUT_SECONDS:.0f} s."
+            ) from None
+        outcome = _read_check_outcome(result_file)
 
-    function = getattr(module, function_name, None)
-    if not callable(function):
+    if outcome is None:
         raise LaunchError(
-            f"{CHECK_RUN_CONFIG_KEY} {spec!r}: {module_name} has no function "
-            f"{function_name}."
+            f"The app's {CHECK_RUN_CONFIG_KEY} {spec!r} ended without a result "
+            f"(exit status {completed.returncode}); its output is above."
         )
+    status, message = outcome
+    if status == app_check.STATUS_REJECTED:
+        raise LaunchError(message)
+    if status != app_check.STATUS_ACCEPTED:
+        raise LaunchError(
+            f"The app's {CHECK_RUN_CONFIG_KEY} {spec!r} failed: {message}."
+        )
+
+
+def _read_check_outcome(result_file: Path) -> tuple[str, str] | None:
     try:
-        function(dict(run_config))
-    except ValueError as error:
-        raise LaunchError(str(error)) from None
+        document = json.loads(result_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    status = document.get("status")
+    message = document.get("message")
+    if not isinstance(status, str) or not isinstance(message, str):
+        return None
+    return status, message
 
 
 def _read_pyproject(app_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -442,6 +476,12 @@ def check_run_config_keys(
     Raises:
         LaunchError: Naming every unknown key and the declared ones.
     """
+    if OUTPUT_DIR_KEY not in known_keys:
+        raise LaunchError(
+            f"The app in {app_dir} must declare {OUTPUT_DIR_KEY} in "
+            "[tool.flwr.app.config]: the launcher passes its output folder "
+            "in that key."
+        )
     unknown = sorted(set(overrides) - known_keys)
     if unknown:
         raise LaunchError(
@@ -1062,8 +1102,12 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
 
 
 def _warn_if_output_dir_replaced(requested: object, output_dir: Path) -> None:
-    if requested is None or str(requested) == str(output_dir):
+    if requested is None:
         return
+    if isinstance(requested, str) and requested:
+        with contextlib.suppress(OSError, ValueError):
+            if Path(requested).resolve() == output_dir.resolve():
+                return
     logger.warning(
         "Run-config %s=%r is replaced by the launcher's output folder %s; "
         "pass --output-dir to choose it.",
@@ -1187,7 +1231,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output-dir",
-        type=Path,
         default=None,
         help="Folder for results.json, logs and FLWR_HOME "
         f"(default: {DEFAULT_OUTPUT_ROOT}/<app>-<time>-<pid>).",
@@ -1225,6 +1268,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         )
 
     output_dir = args.output_dir
+    if output_dir == "":
+        raise LaunchError("--output-dir must name a folder. Found ''.")
     if output_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output_dir = Path(DEFAULT_OUTPUT_ROOT) / f"{app_dir.name}-{stamp}-{os.getpid()}"
@@ -1251,6 +1296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as error:
         print(f"[launch] error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("[launch] Interrupted before the run started.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     stream = sys.stdout if result.exit_code == EXIT_OK else sys.stderr
     print(f"[launch] {result.message}", file=stream, flush=True)

@@ -394,6 +394,21 @@ class ServerPrivacy:
             return None
         return self._unamplified.epsilon
 
+    def check_target(self) -> None:
+        """Calibrate central mode's noise multiplier for its target now.
+
+        Central mode's noise multiplier depends only on the target, delta,
+        the sample rate and the rounds, so an unreachable target can be
+        reported before round 1. Distributed mode's depends on each round's
+        clients and is calibrated when the round is planned.
+
+        Raises:
+            ValueError: If the target needs a noise multiplier above the
+                search limit.
+        """
+        if self.config.mode is DPMode.CENTRAL:
+            self._calibrated(num_sampled=0, dimension=0)
+
     def plan(
         self,
         *,

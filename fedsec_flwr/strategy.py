@@ -583,6 +583,24 @@ class SecureFedAvg(Strategy):
                 f"{result.reason}. No model from this round is released."
             )
 
+    def check_privacy_target(self, num_rounds: int) -> None:
+        """Raise now if central DP cannot meet its target in ``num_rounds``.
+
+        ``start`` finds the same problem in round 1; this lets a caller
+        check a configuration before it starts a run. Distributed mode's
+        noise multiplier depends on each round's clients, so it is still
+        calibrated in round 1.
+
+        Raises:
+            ValueError: If ``num_rounds`` is below 1, or the target needs a
+                noise multiplier above the search limit.
+        """
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be at least 1. Found {num_rounds}.")
+        privacy = self._privacy(num_rounds)
+        if privacy is not None:
+            privacy.check_target()
+
     def _privacy(self, num_rounds: int) -> ServerPrivacy | None:
         config = self.differential_privacy
         if config is None:

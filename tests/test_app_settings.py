@@ -358,8 +358,12 @@ def test_learning_rate_above_float32_rejected() -> None:
     ids=["client-level", "dp-sgd"],
 )
 def test_client_timings_under_dp_rejected(changes: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="DP is on, and client timings would"):
+    with pytest.raises(
+        ValueError, match=r"client-timings=true is not allowed while DP is on"
+    ) as caught:
         parse(client_timings=True, **changes)
+
+    assert "would have no effect" not in str(caught.value)
 
 
 def test_huge_integer_for_number_listed() -> None:
@@ -438,3 +442,29 @@ def test_strategy_warnings_name_run_config_keys(
         "Round 3: Poisson sampling with fraction-train (fraction_train) 0.5 over 7 nodes",
         "Round 4: Poisson sampling with fraction_train 0.5 over 7 nodes",
     ]
+
+
+def test_huge_dp_sgd_grad_norm_rejected() -> None:
+    with pytest.raises(
+        ValueError, match=r"dp-sgd-max-grad-norm must be at most 3.403e\+38"
+    ):
+        parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, dp_sgd_max_grad_norm=1e308)
+
+
+def test_unused_bool_written_as_in_run_config() -> None:
+    with pytest.raises(ValueError, match=r"client-timings=true would have no effect"):
+        parse(secure_aggregation=False, client_timings=True)
+
+
+def test_launch_check_rejects_unreachable_central_target() -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "central", "target-epsilon": 0.01, "num-server-rounds": 1}
+    )
+
+    with pytest.raises(
+        ValueError, match=r"target-epsilon \(target_epsilon\) 0.01 needs"
+    ):
+        check_run_config(config)

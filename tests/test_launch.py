@@ -19,6 +19,9 @@ APP_DIR = REPO_ROOT / "apps" / "secure_fedavg"
 TINY_RUN_CONFIG = "num-server-rounds=1 secure-aggregation=false"
 TINY_SUPERNODES = "2"
 
+# Source of an app's run-config check, with the body's one line to format in.
+_CHECK = "def check(run_config):\n    {}\n"
+
 
 def _run_launcher(
     output_dir: Path, run_config: str, *extra: str, timeout: float = 240
@@ -213,15 +216,24 @@ def test_output_dir_in_run_config_is_replaced_with_warning(
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("spec", "source", "message"),
     [
-        ("not a spec", r"must have the form 'package\.module:function'\. "),
-        ("no_such_module_here:check", r"Cannot import no_such_module_here"),
-        ("{module}:missing", r"has no function missing"),
+        ("not a spec", "", r"must have the form 'package\.module:function'\. "),
+        ("no_such_module_here:check", "", r"cannot import no_such_module_here"),
+        ("{module}:missing", "", r"has no attribute missing"),
+        ("{module}:check", "check = 5\n", r"not callable; found .* type int"),
+        ("{module}:check", "1 +\n", r"cannot import .*SyntaxError"),
+        ("{module}:check", _CHECK.format("raise SystemExit(0)"), r"SystemExit: 0\.$"),
+        ("{module}:check", _CHECK.format("raise TypeError('bug')"), r"TypeError: bug"),
+        ("{module}:check", _CHECK.format("input()"), r"raised EOFError"),
+        ("{module}:check", _CHECK.format("yield 1"), r"returned a generator"),
+        ("{module}:check", "async " + _CHECK.format("pass"), r"returned a coroutine"),
     ],
 )
-def test_broken_app_check_is_reported(tmp_path: Path, spec: str, message: str) -> None:
-    app_dir = _app_with_check(tmp_path, "def check(run_config):\n    pass\n", spec)
+def test_broken_app_check_is_reported(
+    tmp_path: Path, spec: str, source: str, message: str
+) -> None:
+    app_dir = _app_with_check(tmp_path, source or _CHECK.format("pass"), spec)
     options = launch.LaunchOptions(
         app_dir=app_dir, run_config={}, output_dir=tmp_path / "out"
     )
@@ -229,10 +241,57 @@ def test_broken_app_check_is_reported(tmp_path: Path, spec: str, message: str) -
     with pytest.raises(launch.LaunchError, match=message):
         launch.launch(options)
 
+    assert not (tmp_path / "out").exists()
+
+
+def test_app_check_without_message_says_so(tmp_path: Path) -> None:
+    app_dir = _app_with_check(tmp_path, _CHECK.format("raise ValueError()"))
+
+    with pytest.raises(launch.LaunchError, match=r"^ValueError without a message$"):
+        launch.check_run_config_values(app_dir, _spec(tmp_path), {})
+
+
+def test_app_check_changes_nothing_in_the_launcher(tmp_path: Path) -> None:
+    # The check imports a module of the app only when it runs, and
+    # changes the environment, which must not reach the processes that
+    # the launcher starts.
+    app_dir = _app_with_check(
+        tmp_path,
+        _CHECK.format(
+            "import os, sys, helper_rules; os.environ['FEDSEC_LEAK'] = '1'; "
+            "sys.path.append('/leak')"
+        ),
+    )
+    (app_dir / "helper_rules.py").write_text("", encoding="utf-8")
+    path_before = list(sys.path)
+
+    launch.check_run_config_values(app_dir, _spec(tmp_path), {"rounds": 3})
+
+    assert "FEDSEC_LEAK" not in os.environ
+    assert sys.path == path_before
+    assert _module_name(tmp_path) not in sys.modules
+
+
+def test_app_module_hidden_by_installed_module_is_reported(tmp_path: Path) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "json.py").write_text(_CHECK.format("pass"), encoding="utf-8")
+
+    with pytest.raises(launch.LaunchError, match=r"json in .* is hidden by the module"):
+        launch.check_run_config_values(app_dir, "json:check", {})
+
+
+def _module_name(tmp_path: Path) -> str:
+    # A module name of its own per test, since imports are cached.
+    return f"launch_check_{tmp_path.name.replace('-', '_')}"
+
+
+def _spec(tmp_path: Path) -> str:
+    return f"{_module_name(tmp_path)}:check"
+
 
 def _app_with_check(tmp_path: Path, source: str, spec: str = "{module}:check") -> Path:
-    # A module name of its own per test, since imports are cached.
-    module = f"launch_check_{tmp_path.name.replace('-', '_')}"
+    module = _module_name(tmp_path)
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     (app_dir / f"{module}.py").write_text(source, encoding="utf-8")
@@ -244,6 +303,46 @@ def _app_with_check(tmp_path: Path, source: str, spec: str = "{module}:check") -
         encoding="utf-8",
     )
     return app_dir
+
+
+def test_same_output_dir_in_run_config_gives_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    app_dir = _app_with_check(tmp_path, _CHECK.format("raise ValueError('stop')"))
+    options = launch.LaunchOptions(
+        app_dir=app_dir,
+        run_config={"output-dir": "out/"},
+        output_dir=tmp_path / "out",
+    )
+
+    with pytest.raises(launch.LaunchError, match="stop"):
+        launch.launch(options)
+
+    assert "replaced" not in caplog.text
+
+
+def test_app_without_output_dir_key_is_told_to_declare_it(tmp_path: Path) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(
+        "[tool.flwr.app.config]\nrounds = 3\n", encoding="utf-8"
+    )
+    options = launch.LaunchOptions(
+        app_dir=app_dir, run_config={}, output_dir=tmp_path / "out"
+    )
+
+    with pytest.raises(launch.LaunchError, match=r"must declare output-dir"):
+        launch.launch(options)
+
+
+def test_empty_output_dir_is_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exit_code = launch.main([str(APP_DIR), "--output-dir", ""])
+
+    assert exit_code == launch.EXIT_USAGE
+    assert "--output-dir must name a folder. Found ''." in capsys.readouterr().err
 
 
 def test_missing_app_dir_is_usage_error(tmp_path: Path) -> None:

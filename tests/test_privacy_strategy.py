@@ -888,3 +888,37 @@ def test_waiting_for_nodes_is_logged(
         strategy._sample_nodes(grid, 1, timeout=1.5, num_rounds=1)  # type: ignore[arg-type]
 
     assert "Round 1 waits for 3 node(s) with 2 connected" in caplog.text
+
+
+def test_unreachable_central_target_found_before_round_one() -> None:
+    unreachable = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        differential_privacy=DPConfig(
+            mode=DPMode.CENTRAL, clipping_norm=1.0, target_epsilon=0.01
+        ),
+    )
+    reachable = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        differential_privacy=DPConfig(
+            mode=DPMode.CENTRAL, clipping_norm=1.0, target_epsilon=3.0
+        ),
+    )
+
+    with pytest.raises(ValueError, match=r"target_epsilon 0.01 needs a noise"):
+        unreachable.check_privacy_target(1)
+    reachable.check_privacy_target(5)
+
+
+def test_distributed_target_left_to_round_one() -> None:
+    # Its noise multiplier depends on the round's clients.
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        differential_privacy=DPConfig(
+            mode=DPMode.DISTRIBUTED, clipping_norm=1.0, target_epsilon=0.01
+        ),
+    )
+
+    strategy.check_privacy_target(1)
+
+    with pytest.raises(ValueError, match=r"num_rounds must be at least 1\. Found 0\."):
+        strategy.check_privacy_target(0)

@@ -136,9 +136,10 @@ def check_run_config(run_config: Mapping[str, Any]) -> None:
 
     ``python -m fedsec_flwr.launch`` calls it before it starts the SuperLink,
     so a bad value fails in about a second instead of after the start-up. It
-    parses the settings and builds the strategy, with the package's log
-    messages below ERROR held back (the ServerApp logs them again). Checks
-    that need the connected nodes, such as the Poisson sample size, still
+    parses the settings, builds the strategy and calibrates central DP's
+    noise for its target, with the package's log messages below ERROR held
+    back (the ServerApp logs them again). Checks that need the connected
+    nodes, such as the Poisson sample size and distributed DP's noise, still
     run only in round 1.
 
     Raises:
@@ -148,9 +149,15 @@ def check_run_config(run_config: Mapping[str, Any]) -> None:
     settings = AppSettings.from_run_config(run_config)
     # The output folder may not exist yet; the audit file is never written here.
     with _quiet_package_logger(), tempfile.TemporaryDirectory() as folder:
-        build_strategy(
+        strategy = build_strategy(
             settings, _ignore_report, audit_path=Path(folder) / AUDIT_FILE_NAME
         )
+        try:
+            strategy.check_privacy_target(settings.num_server_rounds)
+        except ValueError as error:
+            raise ValueError(
+                f"Invalid run config: {name_run_config_keys(str(error))}"
+            ) from error
 
 
 @contextlib.contextmanager

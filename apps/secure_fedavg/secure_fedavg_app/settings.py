@@ -250,6 +250,7 @@ class AppSettings:
             _check_noise_floor("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_min_float("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon),
             _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
+            _check_float32("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
             self._check_noise_choice(),
             self._check_accountant_steps(),
@@ -360,12 +361,6 @@ class AppSettings:
                 "protocols report client timings",
                 ("client_timings",),
             ),
-            (
-                self.dp_mode != "off" or self.dp_sgd,
-                "DP is on, and client timings would reveal, outside its "
-                "guarantee, how much data each client has",
-                ("client_timings",),
-            ),
             (not self.dp_sgd, "dp-sgd is false", ("dp_sgd_max_grad_norm",)),
             (not self.verification, "verification is false", ("verification_policy",)),
         )
@@ -376,6 +371,13 @@ class AppSettings:
                     f"{reason}, so {', '.join(changed)} would have no effect; "
                     "remove them, or change the setting that switches them off."
                 )
+        if self.client_timings and (self.dp_mode != "off" or self.dp_sgd):
+            problems.append(
+                "client-timings=true is not allowed while DP is on (dp-mode "
+                f"{self.dp_mode}, dp-sgd {_config_text(self.dp_sgd)}): the timings "
+                "travel in clear and reveal how much data each client has, "
+                "outside the DP guarantee. Set client-timings=false."
+            )
         if not self.dp_sgd and (
             self.dp_sgd_noise_multiplier > 0 or self.dp_sgd_target_epsilon > 0
         ):
@@ -405,7 +407,7 @@ class AppSettings:
         """Return ``key=value`` for each named field that differs from its default."""
         defaults = {item.name: item.default for item in fields(self)}
         return [
-            f"{name.replace('_', '-')}={getattr(self, name)}"
+            f"{name.replace('_', '-')}={_config_text(getattr(self, name))}"
             for name in names
             if getattr(self, name) != defaults[name]
         ]
@@ -432,6 +434,13 @@ class AppSettings:
     def to_run_config(self) -> dict[str, ConfigValue]:
         """Return the settings with their kebab-case run-config keys."""
         return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+
+def _config_text(value: ConfigValue) -> str:
+    """Write a value as the run config does: bools as true and false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _require(run_config: Mapping[str, ConfigValue], key: str) -> ConfigValue:
