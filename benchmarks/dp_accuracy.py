@@ -1295,15 +1295,25 @@ def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
         documents.append(document)
 
     for field in MERGE_MUST_MATCH:
-        values = {
-            json.dumps(document.get(field), sort_keys=True) for document in documents
-        }
+        values = {_comparable(document, field) for document in documents}
         if len(values) > 1:
             raise ValueError(
                 f"the invocations differ in {field}, so their runs are not "
                 f"comparable. Found {', '.join(sorted(values))[:300]}."
             )
     return documents
+
+
+def _comparable(document: dict[str, Any], field: str) -> str:
+    """Return ``field`` of ``document`` as JSON, without the method subset.
+
+    Invocations that ran different methods (``--methods``) merge: the
+    subset changes no run's settings.
+    """
+    value = document.get(field)
+    if field == "profile" and isinstance(value, dict):
+        value = {key: item for key, item in value.items() if key != "methods"}
+    return json.dumps(value, sort_keys=True)
 
 
 def _check_result_document(document: object, path: Path) -> None:

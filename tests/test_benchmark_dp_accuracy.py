@@ -491,6 +491,27 @@ def test_merge_rejects_mixed_inputs(
     assert "differ in profile" in mixed_error
 
 
+def test_merge_accepts_other_method_subsets(tmp_path: Path) -> None:
+    first = write_result(
+        tmp_path / "first",
+        {
+            **result_document(GOOD_ENTRY),
+            "profile": {"name": "full", "methods": [CENTRAL_DP_SGD]},
+        },
+    )
+    second = write_result(
+        tmp_path / "second",
+        {
+            **result_document(GOOD_ENTRY),
+            "profile": {"name": "full", "methods": [CLIENT_DP_CENTRAL]},
+        },
+    )
+
+    status = dp_accuracy_main(["--merge", first, second, "--out", str(tmp_path / "m")])
+
+    assert status == 0
+
+
 def test_merge_without_completed_run_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
