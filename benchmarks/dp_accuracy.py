@@ -1273,9 +1273,10 @@ def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
     """Read and check the ``dp_accuracy.json`` of each folder.
 
     Raises:
-        ValueError: If a folder repeats, a file is not a result file of
-            this benchmark, an entry is malformed, or the invocations differ
-            in dataset, delta, seed or profile.
+        ValueError: If a folder repeats, two folders hold the same
+            invocation, a file is not a result file of this benchmark, an
+            entry is malformed, or the invocations differ in dataset, delta,
+            seed or profile.
         OSError: If a file cannot be read.
     """
     resolved = [folder.resolve() for folder in folders]
@@ -1285,6 +1286,7 @@ def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
         )
 
     documents = []
+    started: dict[str, Path] = {}
     for folder in folders:
         path = folder / JSON_FILENAME
         try:
@@ -1292,6 +1294,15 @@ def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
         except ValueError as error:
             raise ValueError(f"{path} is not JSON: {error}") from None
         _check_result_document(document, path)
+        # A copied folder holds the same invocation under another path.
+        stamp = document.get("started_at")
+        if isinstance(stamp, str) and stamp in started:
+            raise ValueError(
+                f"{started[stamp]} and {folder} hold the same invocation (started "
+                f"at {stamp}), which would count its runs twice"
+            )
+        if isinstance(stamp, str):
+            started[stamp] = folder
         documents.append(document)
 
     for field in MERGE_MUST_MATCH:

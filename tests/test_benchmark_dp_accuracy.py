@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -472,7 +473,12 @@ def test_merge_rejects_mixed_inputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     full = write_result(
-        tmp_path / "full", {**result_document(GOOD_ENTRY), "profile": {"name": "full"}}
+        tmp_path / "full",
+        {
+            **result_document(GOOD_ENTRY),
+            "profile": {"name": "full"},
+            "started_at": "2026-12-05T21:02:23Z",
+        },
     )
     quick = write_result(
         tmp_path / "quick",
@@ -482,11 +488,16 @@ def test_merge_rejects_mixed_inputs(
 
     twice = dp_accuracy_main(["--merge", full, full, "--out", out])
     twice_error = capsys.readouterr().err
+    shutil.copytree(full, tmp_path / "copy")
+    copied = dp_accuracy_main(["--merge", full, str(tmp_path / "copy"), "--out", out])
+    copied_error = capsys.readouterr().err
     mixed = dp_accuracy_main(["--merge", full, quick, "--out", out])
     mixed_error = capsys.readouterr().err
 
     assert twice == 2
     assert "names a folder twice" in twice_error
+    assert copied == 2
+    assert "hold the same invocation" in copied_error
     assert mixed == 2
     assert "differ in profile" in mixed_error
 
