@@ -11,7 +11,11 @@ the app's import does (environment variables, loggers, loaded modules,
 
 Usage (by the launcher)::
 
-    python -m fedsec_flwr.app_check SPEC APP_DIR RESULT_FILE < run_config.json
+    python -m fedsec_flwr.app_check SPEC APP_DIR RESULT_FILE [NUM_NODES] \
+        < run_config.json
+
+A check that takes a ``num_nodes`` keyword also receives the number of
+simulated SuperNodes.
 
 The outcome is ``{"status": STATUS, "message": TEXT}``, with ``STATUS`` one of:
 
@@ -40,7 +44,10 @@ EXIT_USAGE = 2
 
 
 def run_check(
-    spec: str, app_dir: Path, run_config: Mapping[str, Any]
+    spec: str,
+    app_dir: Path,
+    run_config: Mapping[str, Any],
+    num_nodes: int | None = None,
 ) -> dict[str, str]:
     """Import the function ``spec`` names from ``app_dir`` and call it.
 
@@ -49,6 +56,8 @@ def run_check(
         app_dir: Folder of the app; it goes first on ``sys.path`` and stays
             there, so the check may import the app's modules as it runs.
         run_config: The whole run config.
+        num_nodes: Number of simulated SuperNodes, passed as ``num_nodes``
+            to a check that takes that keyword.
 
     Returns:
         The outcome, as described in the module's docstring.
@@ -75,8 +84,11 @@ def run_check(
             f"type {type(function).__name__}"
         )
 
+    keywords = {}
+    if num_nodes is not None and _takes_num_nodes(function):
+        keywords["num_nodes"] = num_nodes
     try:
-        returned = function(dict(run_config))
+        returned = function(dict(run_config), **keywords)
     except ValueError as error:
         message = str(error) or f"{type(error).__name__} without a message"
         return {"status": STATUS_REJECTED, "message": message}
@@ -91,6 +103,17 @@ def run_check(
             "raises ValueError to reject the run config"
         )
     return {"status": STATUS_ACCEPTED, "message": ""}
+
+
+def _takes_num_nodes(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return "num_nodes" in parameters or any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD
+        for parameter in parameters.values()
+    )
 
 
 def _shadowing_module(module_name: str, app_dir: Path) -> str | None:
@@ -121,16 +144,19 @@ def _describe(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check that the arguments name and write its outcome."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if len(arguments) != 3:
+    num_nodes_given = arguments[3:]
+    if len(arguments) not in (3, 4) or not all(a.isdigit() for a in num_nodes_given):
         print(
-            "usage: python -m fedsec_flwr.app_check SPEC APP_DIR RESULT_FILE",
+            "usage: python -m fedsec_flwr.app_check SPEC APP_DIR RESULT_FILE "
+            "[NUM_NODES]",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    spec, app_dir, result_file = arguments
+    spec, app_dir, result_file = arguments[:3]
+    num_nodes = int(num_nodes_given[0]) if num_nodes_given else None
 
     run_config = json.loads(sys.stdin.read())
-    outcome = run_check(spec, Path(app_dir), run_config)
+    outcome = run_check(spec, Path(app_dir), run_config, num_nodes)
     Path(result_file).write_text(json.dumps(outcome), encoding="utf-8")
     return EXIT_OK
 

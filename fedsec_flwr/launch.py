@@ -389,7 +389,10 @@ def read_run_config_check(app_dir: Path) -> str | None:
 
 
 def check_run_config_values(
-    app_dir: Path, spec: str, run_config: Mapping[str, Any]
+    app_dir: Path,
+    spec: str,
+    run_config: Mapping[str, Any],
+    num_supernodes: int | None = None,
 ) -> None:
     """Run the app's run-config check before any process of the run starts.
 
@@ -399,7 +402,8 @@ def check_run_config_values(
     imports therefore change nothing in the launcher, such as environment
     variables that the SuperLink would inherit. It catches values that the
     ServerApp would reject only after the SuperLink and the simulation have
-    started.
+    started. A check that takes a ``num_nodes`` keyword receives
+    ``num_supernodes``.
 
     Raises:
         LaunchError: If the function rejects the run config (``ValueError``;
@@ -415,6 +419,8 @@ def check_run_config_values(
             str(app_dir),
             str(result_file),
         ]
+        if num_supernodes is not None:
+            command.append(str(num_supernodes))
         try:
             completed = subprocess.run(
                 command,
@@ -1051,7 +1057,12 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     check_run_config_keys(run_config, set(defaults), options.app_dir)
     check_spec = read_run_config_check(options.app_dir)
     if check_spec is not None:
-        check_run_config_values(options.app_dir, check_spec, {**defaults, **run_config})
+        check_run_config_values(
+            options.app_dir,
+            check_spec,
+            {**defaults, **run_config},
+            num_supernodes=options.num_supernodes,
+        )
     try:
         run_config_text = to_toml(run_config)
     except ValueError as error:

@@ -601,6 +601,38 @@ class SecureFedAvg(Strategy):
         if privacy is not None:
             privacy.check_target()
 
+    def check_node_count(self, num_nodes: int, num_rounds: int) -> None:
+        """Raise now if exactly ``num_nodes`` nodes cannot run ``num_rounds`` rounds.
+
+        For a federation whose nodes are known before it starts, such as a
+        simulation: too few nodes would make round 1 wait until its timeout,
+        and a sample above the encoding's ``max_clients``, or a Poisson
+        sample size that is likely out of range, would stop the run.
+
+        Raises:
+            ValueError: If the nodes cannot run the rounds.
+        """
+        # The constructor keeps min_available_nodes >= min_train_nodes.
+        if num_nodes < self.min_available_nodes:
+            raise ValueError(
+                f"min_available_nodes {self.min_available_nodes} is above the "
+                f"{num_nodes} nodes, so round 1 would wait until its timeout."
+            )
+        if self.client_sampling == SAMPLING_POISSON:
+            self._check_poisson_sample_size(num_nodes, num_rounds)
+            return
+
+        count = min(
+            num_nodes, max(self.min_train_nodes, int(self.fraction_train * num_nodes))
+        )
+        encoding = self._encoding_limit()
+        if encoding is not None and count > encoding.max_clients:
+            raise ValueError(
+                f"fraction_train {self.fraction_train} of {num_nodes} nodes samples "
+                f"{count} clients per round, more than max_clients "
+                f"{encoding.max_clients} of the encoding config."
+            )
+
     def _privacy(self, num_rounds: int) -> ServerPrivacy | None:
         config = self.differential_privacy
         if config is None:

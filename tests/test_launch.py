@@ -293,7 +293,7 @@ def _spec(tmp_path: Path) -> str:
 def _app_with_check(tmp_path: Path, source: str, spec: str = "{module}:check") -> Path:
     module = _module_name(tmp_path)
     app_dir = tmp_path / "app"
-    app_dir.mkdir()
+    app_dir.mkdir(parents=True)
     (app_dir / f"{module}.py").write_text(source, encoding="utf-8")
     (app_dir / "pyproject.toml").write_text(
         "[tool.flwr.app.config]\n"
@@ -487,3 +487,39 @@ def test_interrupt_stops_run_and_cleans_up(
 def test_parse_run_config_rejects_unclosed_quote() -> None:
     with pytest.raises(launch.LaunchError, match="unclosed ' quote"):
         launch.parse_run_config(["output-dir='/tmp/a b"])
+
+
+def test_too_few_supernodes_rejected_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output_dir = tmp_path / "rejected"
+
+    exit_code = launch.main(
+        [str(APP_DIR), "--output-dir", str(output_dir), "--num-supernodes", "1"]
+    )
+
+    assert exit_code == launch.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "for 1 simulated SuperNodes (--num-supernodes)" in error
+    assert "min-train-clients (min_available_nodes) 2 is above the 1 nodes" in error
+    assert not output_dir.exists()
+
+
+def test_node_count_reaches_only_checks_that_take_it(tmp_path: Path) -> None:
+    first = _app_with_check(
+        tmp_path / "first",
+        "def check(run_config, num_nodes=None):\n"
+        "    raise ValueError(f'nodes {num_nodes}')\n",
+    )
+    second = _app_with_check(
+        tmp_path / "second", _CHECK.format("raise ValueError('no nodes asked')")
+    )
+
+    with pytest.raises(launch.LaunchError, match=r"^nodes 7$"):
+        launch.check_run_config_values(
+            first, _spec(tmp_path / "first"), {}, num_supernodes=7
+        )
+    with pytest.raises(launch.LaunchError, match=r"^no nodes asked$"):
+        launch.check_run_config_values(
+            second, _spec(tmp_path / "second"), {}, num_supernodes=7
+        )

@@ -922,3 +922,36 @@ def test_distributed_target_left_to_round_one() -> None:
 
     with pytest.raises(ValueError, match=r"num_rounds must be at least 1\. Found 0\."):
         strategy.check_privacy_target(0)
+
+
+@pytest.mark.parametrize(
+    ("options", "num_nodes", "message"),
+    [
+        ({"min_available_nodes": 5}, 3, r"min_available_nodes 5 is above the 3 nodes"),
+        ({"fraction_train": 1.0}, 12, r"samples 12 clients per round, more than"),
+        (
+            {"fraction_train": 0.3, "client_sampling": "poisson"},
+            10,
+            r"draws fewer than min_train_nodes 2",
+        ),
+    ],
+)
+def test_node_count_checked_before_round_one(
+    options: dict[str, object], num_nodes: int, message: str
+) -> None:
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        **options,  # type: ignore[arg-type]
+    )
+
+    with pytest.raises(ValueError, match=message):
+        strategy.check_node_count(num_nodes, 5)
+
+
+def test_node_count_that_fits_passes() -> None:
+    strategy = SecureFedAvg(
+        secure_aggregation=SECAGG,
+        min_available_nodes=2,
+    )
+
+    strategy.check_node_count(10, 5)

@@ -131,7 +131,9 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
     _check_all_rounds_reported(results, settings.num_server_rounds)
 
 
-def check_run_config(run_config: Mapping[str, Any]) -> None:
+def check_run_config(
+    run_config: Mapping[str, Any], num_nodes: int | None = None
+) -> None:
     """Check a whole run config as ``main`` does, without running anything.
 
     ``python -m fedsec_flwr.launch`` calls it before it starts the SuperLink,
@@ -141,6 +143,9 @@ def check_run_config(run_config: Mapping[str, Any]) -> None:
     back (the ServerApp logs them again). Checks that need the connected
     nodes, such as the Poisson sample size and distributed DP's noise, still
     run only in round 1.
+
+    With ``num_nodes``, the number of simulated SuperNodes, it also checks
+    that they can run the rounds (``SecureFedAvg.check_node_count``).
 
     Raises:
         ValueError: If a value or a combination is invalid; the message names
@@ -157,6 +162,15 @@ def check_run_config(run_config: Mapping[str, Any]) -> None:
         except ValueError as error:
             raise ValueError(
                 f"Invalid run config: {name_run_config_keys(str(error))}"
+            ) from error
+        if num_nodes is None:
+            return
+        try:
+            strategy.check_node_count(num_nodes, settings.num_server_rounds)
+        except ValueError as error:
+            raise ValueError(
+                f"Invalid run config for {num_nodes} simulated SuperNodes "
+                f"(--num-supernodes): {name_run_config_keys(str(error))}"
             ) from error
 
 
