@@ -371,6 +371,19 @@ rounds, 4 reached 84.3% at epsilon 8 and 2 reached 75.0% at 1."""
 CLIENT_LEVEL_LEARNING_RATE = 0.1
 """Local SGD step size of the client-level DP runs."""
 
+DP_SGD_SETTINGS = FederatedSettings(
+    num_clients=10,
+    num_rounds=3,
+    fraction_train=1.0,
+    client_sampling="fixed",
+    local_epochs=1,
+    batch_size=64,
+    learning_rate=PLAIN_LEARNING_RATE,
+    dp_learning_rate=DP_SGD_LEARNING_RATE,
+    launch_timeout_s=1800.0,
+)
+"""Federated DP-SGD with 3 rounds, the settings of ``federated-dp-sgd``."""
+
 FULL = Profile(
     name="full",
     epsilons=(None, 8.0, 3.0, 1.0),
@@ -382,26 +395,11 @@ FULL = Profile(
         dp_learning_rate=REFERENCE_DP_LEARNING_RATE,
         dp_batch_size=DP_BATCH_SIZE,
     ),
-    dp_sgd=FederatedSettings(
-        num_clients=10,
-        num_rounds=3,
-        fraction_train=1.0,
-        client_sampling="fixed",
-        local_epochs=1,
-        batch_size=64,
-        learning_rate=PLAIN_LEARNING_RATE,
-        dp_learning_rate=DP_SGD_LEARNING_RATE,
-        launch_timeout_s=1800.0,
-    ),
+    dp_sgd=DP_SGD_SETTINGS,
     tuned_dp_learning_rate=FEDERATED_DP_SGD_LEARNING_RATE,
-    long_dp_sgd=FederatedSettings(
-        num_clients=10,
+    long_dp_sgd=dataclasses.replace(
+        DP_SGD_SETTINGS,
         num_rounds=20,
-        fraction_train=1.0,
-        client_sampling="fixed",
-        local_epochs=1,
-        batch_size=64,
-        learning_rate=PLAIN_LEARNING_RATE,
         dp_learning_rate=LONG_DP_SGD_LEARNING_RATE,
         launch_timeout_s=3600.0,
         dp_batch_size=DP_BATCH_SIZE,
@@ -1294,7 +1292,7 @@ def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
         except ValueError as error:
             raise ValueError(f"{path} is not JSON: {error}") from None
         _check_result_document(document, path)
-        # A copied folder holds the same invocation under another path.
+        # A copied folder contains the same invocation under another path.
         stamp = document.get("started_at")
         if isinstance(stamp, str) and stamp in started:
             raise ValueError(

@@ -22,7 +22,7 @@ The outcome is ``{"status": STATUS, "message": TEXT}``, with ``STATUS`` one of:
 - ``accepted``: the check returned None;
 - ``rejected``: the check raised ``ValueError``; the message is its text;
 - ``broken``: the check could not be imported or called, returned a value,
-  or raised anything else; the message says what happened.
+  or raised anything else; the message describes the failure.
 """
 
 from __future__ import annotations

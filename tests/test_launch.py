@@ -195,7 +195,7 @@ def test_app_check_receives_defaults_with_overrides(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_output_dir_in_run_config_is_replaced_with_warning(
+def test_replaced_output_dir_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     app_dir = _app_with_check(
@@ -305,7 +305,7 @@ def _app_with_check(tmp_path: Path, source: str, spec: str = "{module}:check") -
     return app_dir
 
 
-def test_same_output_dir_in_run_config_gives_no_warning(
+def test_same_output_dir_no_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -322,7 +322,7 @@ def test_same_output_dir_in_run_config_gives_no_warning(
     assert "replaced" not in caplog.text
 
 
-def test_app_without_output_dir_key_is_told_to_declare_it(tmp_path: Path) -> None:
+def test_undeclared_output_dir_rejected(tmp_path: Path) -> None:
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(
