@@ -42,6 +42,7 @@ from .dp.accounting import (
     DistributedDiscreteGaussianEvent,
     GaussianEvent,
     PrivacyAccountant,
+    TargetEpsilonUnreachableError,
     check_noise_multiplier,
     compute_epsilon,
     noise_multiplier_for_target,
@@ -394,20 +395,32 @@ class ServerPrivacy:
             return None
         return self._unamplified.epsilon
 
-    def check_target(self) -> None:
-        """Calibrate central mode's noise multiplier for its target now.
+    def check_target(
+        self, *, num_sampled: int | None = None, dimension: int | None = None
+    ) -> None:
+        """Calibrate the noise multiplier for the target now.
 
         Central mode's noise multiplier depends only on the target, delta,
         the sample rate and the rounds, so an unreachable target can be
-        reported before round 1. Distributed mode's depends on each round's
-        clients and is calibrated when the round is planned.
+        reported before round 1. Distributed mode's also depends on the
+        round's clients and the model's size: with ``num_sampled`` and
+        ``dimension`` it is calibrated for a round of that many clients,
+        else only when round 1 is planned.
 
         Raises:
-            ValueError: If the target needs a noise multiplier above the
-                search limit.
+            TargetEpsilonUnreachableError: If the target needs a noise
+                multiplier above the search limit.
+            ValueError: If ``num_sampled`` or ``dimension`` is out of range.
         """
         if self.config.mode is DPMode.CENTRAL:
             self._calibrated(num_sampled=0, dimension=0)
+            return
+        if num_sampled is None or dimension is None:
+            return
+        num_sampled, dimension = plain_number(num_sampled), plain_number(dimension)
+        _check_count("num_sampled", num_sampled, maximum=self.max_clients)
+        _check_count("dimension", dimension, maximum=None)
+        self._calibrated(num_sampled=num_sampled, dimension=dimension)
 
     def plan(
         self,
@@ -749,9 +762,11 @@ class ServerPrivacy:
         )
         if found is None:
             if previous is None:
-                raise ValueError(
+                raise TargetEpsilonUnreachableError(
                     f"target_epsilon {self._target()} over {self.num_rounds} rounds "
-                    f"needs a noise multiplier above {limit}. {_LIMIT_REASON}"
+                    f"needs a noise multiplier above {limit}. {_LIMIT_REASON}",
+                    target_epsilon=self._target(),
+                    noise_multiplier_limit=limit,
                 )
             # The budget check before the round then decides whether it runs.
             return previous

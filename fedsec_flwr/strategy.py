@@ -583,23 +583,41 @@ class SecureFedAvg(Strategy):
                 f"{result.reason}. No model from this round is released."
             )
 
-    def check_privacy_target(self, num_rounds: int) -> None:
-        """Raise now if central DP cannot meet its target in ``num_rounds``.
+    def check_privacy_target(
+        self,
+        num_rounds: int,
+        *,
+        num_nodes: int | None = None,
+        initial_arrays: ArrayRecord | None = None,
+    ) -> None:
+        """Raise now if the DP target cannot be met in ``num_rounds``.
 
         ``start`` finds the same problem in round 1; this lets a caller
-        check a configuration before it starts a run. Distributed mode's
-        noise multiplier depends on each round's clients, so it is still
-        calibrated in round 1.
+        check a configuration before it starts a run. Central mode needs
+        nothing else. Distributed mode's noise multiplier depends on the
+        round's clients and the model's size, so it is checked only with
+        ``num_nodes`` and ``initial_arrays``, for the number of clients a
+        round samples from that many nodes (the expected number under
+        Poisson sampling).
 
         Raises:
-            ValueError: If ``num_rounds`` is below 1, or the target needs a
-                noise multiplier above the search limit.
+            TargetEpsilonUnreachableError: If the target needs a noise
+                multiplier above the search limit.
+            ValueError: If ``num_rounds`` or ``num_nodes`` is below 1.
         """
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1. Found {num_rounds}.")
+        if num_nodes is not None and num_nodes < 1:
+            raise ValueError(f"num_nodes must be at least 1. Found {num_nodes}.")
         privacy = self._privacy(num_rounds)
-        if privacy is not None:
+        if privacy is None:
+            return
+        if num_nodes is None or initial_arrays is None:
             privacy.check_target()
+            return
+        dimension = FloatLayout.of(arrays_to_numpy(initial_arrays)).size
+        num_sampled = min(self._planned_count(num_nodes), privacy.max_clients)
+        privacy.check_target(num_sampled=num_sampled, dimension=dimension)
 
     def check_node_count(self, num_nodes: int, num_rounds: int) -> None:
         """Raise now if exactly ``num_nodes`` nodes cannot run ``num_rounds`` rounds.
@@ -622,9 +640,7 @@ class SecureFedAvg(Strategy):
             self._check_poisson_sample_size(num_nodes, num_rounds)
             return
 
-        count = min(
-            num_nodes, max(self.min_train_nodes, int(self.fraction_train * num_nodes))
-        )
+        count = self._planned_count(num_nodes)
         encoding = self._encoding_limit()
         if encoding is not None and count > encoding.max_clients:
             raise ValueError(
@@ -632,6 +648,14 @@ class SecureFedAvg(Strategy):
                 f"{count} clients per round, more than max_clients "
                 f"{encoding.max_clients} of the encoding config."
             )
+
+    def _planned_count(self, num_nodes: int) -> int:
+        """Clients a round samples from ``num_nodes`` nodes; expected under Poisson."""
+        if self.client_sampling == SAMPLING_POISSON:
+            return max(1, round(self.fraction_train * num_nodes))
+        return min(
+            num_nodes, max(self.min_train_nodes, int(self.fraction_train * num_nodes))
+        )
 
     def _privacy(self, num_rounds: int) -> ServerPrivacy | None:
         config = self.differential_privacy

@@ -28,6 +28,7 @@ from fedsec_flwr import (
     secure_aggregation_mod,
 )
 from fedsec_flwr.core.errors import ProtocolError
+from fedsec_flwr.dp import TargetEpsilonUnreachableError
 from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
 from fedsec_flwr.strategy import (
     poisson_long_round_probability,
@@ -909,19 +910,61 @@ def test_unreachable_central_target_found_before_round_one() -> None:
     reachable.check_privacy_target(5)
 
 
-def test_distributed_target_left_to_round_one() -> None:
-    # Its noise multiplier depends on the round's clients.
-    strategy = SecureFedAvg(
+def _distributed_strategy(target_epsilon: float, **options: object) -> SecureFedAvg:
+    return SecureFedAvg(
         secure_aggregation=SECAGG,
         differential_privacy=DPConfig(
-            mode=DPMode.DISTRIBUTED, clipping_norm=1.0, target_epsilon=0.01
+            mode=DPMode.DISTRIBUTED, clipping_norm=1.0, target_epsilon=target_epsilon
         ),
+        **options,  # type: ignore[arg-type]
     )
 
+
+def test_distributed_target_needs_nodes_and_arrays() -> None:
+    # Its noise multiplier depends on the round's clients and the model's size.
+    strategy = _distributed_strategy(0.01)
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
     strategy.check_privacy_target(1)
+    strategy.check_privacy_target(1, num_nodes=5)
+    strategy.check_privacy_target(1, initial_arrays=initial)
 
     with pytest.raises(ValueError, match=r"num_rounds must be at least 1\. Found 0\."):
         strategy.check_privacy_target(0)
+    with pytest.raises(ValueError, match=r"num_nodes must be at least 1\. Found 0\."):
+        strategy.check_privacy_target(1, num_nodes=0, initial_arrays=initial)
+
+
+@pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+def test_distributed_target_checked_for_nodes(sampling: str) -> None:
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    options = {"client_sampling": sampling, "fraction_train": 0.5}
+
+    with pytest.raises(
+        TargetEpsilonUnreachableError, match=r"target_epsilon 0\.01 over 2 rounds"
+    ) as caught:
+        _distributed_strategy(0.01, **options).check_privacy_target(
+            2, num_nodes=8, initial_arrays=initial
+        )
+    _distributed_strategy(3.0, **options).check_privacy_target(
+        2, num_nodes=8, initial_arrays=initial
+    )
+
+    assert caught.value.target_epsilon == 0.01
+
+
+def test_distributed_target_check_matches_round_one() -> None:
+    # The check calibrates what round 1 of the same federation does.
+    strategy = _distributed_strategy(3.0, min_train_nodes=4, min_available_nodes=4)
+    privacy = strategy._privacy(2)
+    assert privacy is not None
+    checked = strategy._privacy(2)
+    assert checked is not None
+
+    checked.check_target(num_sampled=4, dimension=1000)
+    plan = privacy.plan(num_sampled=4, dimension=1000)
+
+    assert checked._noise_multiplier == plan.noise_multiplier
 
 
 @pytest.mark.parametrize(

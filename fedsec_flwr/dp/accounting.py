@@ -415,8 +415,9 @@ def noise_multiplier_for_target(
         The noise multiplier.
 
     Raises:
-        ValueError: If an argument is invalid, or the target needs more noise
-            than `MAX_SEARCH_NOISE_MULTIPLIER`.
+        ValueError: If an argument is invalid.
+        TargetEpsilonUnreachableError: If the target needs more noise than
+            `MAX_SEARCH_NOISE_MULTIPLIER`.
         RuntimeError: If the final check finds epsilon above the target.
 
     """
@@ -843,6 +844,23 @@ def _warn_prv_fallback() -> None:
     )
 
 
+class TargetEpsilonUnreachableError(ValueError):
+    """No noise multiplier up to a search limit meets a target epsilon.
+
+    Attributes:
+        target_epsilon: The target that was asked for.
+        noise_multiplier_limit: The largest noise multiplier tried; the
+            target needs more noise than this.
+    """
+
+    def __init__(
+        self, message: str, *, target_epsilon: float, noise_multiplier_limit: float
+    ) -> None:
+        super().__init__(message)
+        self.target_epsilon = target_epsilon
+        self.noise_multiplier_limit = noise_multiplier_limit
+
+
 def _bracket_noise_multiplier(
     meets_target: Callable[[float], bool], target_epsilon: float
 ) -> tuple[float, float]:
@@ -864,10 +882,12 @@ def _bracket_noise_multiplier(
     while True:
         high = 2 * low
         if high > MAX_SEARCH_NOISE_MULTIPLIER:
-            raise ValueError(
+            raise TargetEpsilonUnreachableError(
                 f"target_epsilon {target_epsilon} needs a noise multiplier above "
                 f"{MAX_SEARCH_NOISE_MULTIPLIER}. Raise target_epsilon or delta, "
-                "or lower the sample rate or the number of steps."
+                "or lower the sample rate or the number of steps.",
+                target_epsilon=target_epsilon,
+                noise_multiplier_limit=MAX_SEARCH_NOISE_MULTIPLIER,
             )
         if meets_target(high):
             return low, high

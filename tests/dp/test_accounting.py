@@ -8,12 +8,14 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from fedsec_flwr.dp.accounting import (
     ACCOUNTANT_PRV,
     ACCOUNTANT_RDP,
+    MAX_SEARCH_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
     PRV_MIN_NOISE_MULTIPLIER,
     RDP_ORDERS,
     DistributedDiscreteGaussianEvent,
     GaussianEvent,
     PrivacyAccountant,
+    TargetEpsilonUnreachableError,
     _poisson_subsampled_rdp,
     client_sample_rate,
     compute_epsilon,
@@ -296,10 +298,15 @@ def test_target_noise_never_overshoots_prv(
 
 
 def test_unreachable_target_rejected() -> None:
-    with pytest.raises(ValueError, match=r"needs a noise multiplier above"):
+    with pytest.raises(
+        TargetEpsilonUnreachableError, match=r"needs a noise multiplier above"
+    ) as caught:
         noise_multiplier_for_target(
             target_epsilon=1e-3, delta=1e-6, sample_rate=1.0, num_steps=100
         )
+
+    assert caught.value.target_epsilon == 1e-3
+    assert caught.value.noise_multiplier_limit == MAX_SEARCH_NOISE_MULTIPLIER
 
 
 @pytest.mark.parametrize(
