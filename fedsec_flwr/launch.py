@@ -1068,6 +1068,9 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     except ValueError as error:
         raise LaunchError(str(error)) from None
 
+    # Printed only for a config that passed the checks, so a rejected one
+    # names no folder that will never exist.
+    print(f"[launch] output folder: {options.output_dir}", file=echo, flush=True)
     paths = RunPaths(options.output_dir)
     paths.logs_dir.mkdir(parents=True, exist_ok=True)
     paths.run_config_file.write_text(run_config_text, encoding="utf-8")
@@ -1302,7 +1305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = options_from_args(args)
-        print(f"[launch] output folder: {options.output_dir}", flush=True)
         result = launch(options)
     except LaunchError as error:
         print(f"[launch] error: {error}", file=sys.stderr, flush=True)

@@ -289,7 +289,7 @@ def test_dotted_parameter_named_as_one_key() -> None:
         ({"min_train_clients": 1}, "min-train-clients .min_train_nodes. must be"),
         (
             {"dp_mode": "central", "noise_multiplier": 1e4, "clipping_norm": 1e35},
-            r"noise-multiplier \(noise_multiplier\) \* clipping-norm",
+            r"noise-multiplier \* clipping-norm",
         ),
     ],
 )
@@ -328,8 +328,29 @@ def test_round_one_errors_name_run_config_keys(tmp_path: Path) -> None:
     grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
     results = ResultsFile(tmp_path, run_config=config, run_info={})
 
+    with pytest.raises(ValueError, match=r"fraction-train 0.5 over 3"):
+        _run(grid, config, results)
+
+
+def test_round_one_distributed_target_error_keys(
+    tmp_path: Path,
+) -> None:
+    # Without the launcher's node count, the target is calibrated in round 1.
+    from secure_fedavg_app.client_app import app as client_app
+    from secure_fedavg_app.results import ResultsFile
+    from secure_fedavg_app.server_app import _run
+
+    from tests.loopback import LoopbackGrid
+
+    config = default_config()
+    config.update({"dp-mode": "distributed", "target-epsilon": 0.01})
+    grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
+    results = ResultsFile(tmp_path, run_config=config, run_info={})
+
     with pytest.raises(
-        ValueError, match=r"fraction-train \(fraction_train\) 0.5 over 3"
+        ValueError,
+        match=r"^target-epsilon 0\.01 with delta 1e-05 over num-server-rounds 5 "
+        r"needs a noise multiplier above 1000, or more noise than the secure sum",
     ):
         _run(grid, config, results)
 
@@ -439,7 +460,7 @@ def test_strategy_warnings_name_run_config_keys(
         strategy_logger.warning(text, 4, 0.5, 7)
 
     assert caplog.messages == [
-        "Round 3: Poisson sampling with fraction-train (fraction_train) 0.5 over 7 nodes",
+        "Round 3: Poisson sampling with fraction-train 0.5 over 7 nodes",
         "Round 4: Poisson sampling with fraction_train 0.5 over 7 nodes",
     ]
 
@@ -465,6 +486,31 @@ def test_launch_check_rejects_unreachable_central_target() -> None:
     )
 
     with pytest.raises(
-        ValueError, match=r"target-epsilon \(target_epsilon\) 0.01 needs"
+        ValueError,
+        match=r"^Invalid run config: target-epsilon 0\.01 with delta 1e-05 over "
+        r"num-server-rounds 1 needs a noise multiplier above 16384\. Raise "
+        r"target-epsilon or delta, or lower num-server-rounds\.$",
     ):
         check_run_config(config)
+
+
+def test_launch_check_distributed_target_with_nodes() -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "target-epsilon": 0.01, "num-server-rounds": 2}
+    )
+
+    # Its noise depends on the round's clients, known only with the nodes.
+    check_run_config(config)
+    with pytest.raises(
+        ValueError,
+        match=r"^Invalid run config for 4 simulated SuperNodes \(--num-supernodes\): "
+        r"target-epsilon 0\.01 with delta 1e-05 over num-server-rounds 2 needs a "
+        r"noise multiplier above 1000, or more noise than the secure sum leaves "
+        r"room for in distributed mode\. .*lower secagg-max-clients",
+    ):
+        check_run_config(config, num_nodes=4)
+    config["target-epsilon"] = 3.0
+    check_run_config(config, num_nodes=4)

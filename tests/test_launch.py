@@ -171,10 +171,11 @@ def test_invalid_value_rejected_before_start(
     )
 
     assert exit_code == launch.EXIT_USAGE
-    error = capsys.readouterr().err
-    assert "learning-rate must be positive; found -1.0" in error
-    assert "'no-such-dataset'" in error
+    captured = capsys.readouterr()
+    assert "learning-rate must be positive; found -1.0" in captured.err
+    assert "'no-such-dataset'" in captured.err
     assert not output_dir.exists()
+    assert "output folder" not in captured.out
 
 
 def test_app_check_receives_defaults_with_overrides(tmp_path: Path) -> None:
@@ -502,6 +503,30 @@ def test_too_few_supernodes_rejected_before_start(
     error = capsys.readouterr().err
     assert "for 1 simulated SuperNodes (--num-supernodes)" in error
     assert "min-train-clients (min_available_nodes) 2 is above the 1 nodes" in error
+    assert not output_dir.exists()
+
+
+def test_distributed_target_rejected_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output_dir = tmp_path / "rejected"
+
+    exit_code = launch.main(
+        [
+            str(APP_DIR),
+            "--output-dir",
+            str(output_dir),
+            "--num-supernodes",
+            "4",
+            "--run-config",
+            "dp-mode='distributed' target-epsilon=0.01",
+        ]
+    )
+
+    assert exit_code == launch.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "for 4 simulated SuperNodes (--num-supernodes): target-epsilon 0.01" in error
+    assert "lower secagg-max-clients" in error
     assert not output_dir.exists()
 
 

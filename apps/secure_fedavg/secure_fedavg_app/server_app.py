@@ -13,6 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 
 import fedsec_flwr
 from fedsec_flwr import RoundReport
+from fedsec_flwr.dp import TargetEpsilonUnreachableError
+from fedsec_flwr.privacy import DPMode
 from secure_fedavg_app.data import DatasetSplit, load_dataset_cached
 from secure_fedavg_app.models import build_model, count_parameters
 from secure_fedavg_app.results import (
@@ -27,6 +29,7 @@ from secure_fedavg_app.settings import AppSettings
 from secure_fedavg_app.strategy_factory import (
     STRATEGY_NAME,
     build_strategy,
+    explain_unreachable_target,
     name_run_config_keys,
 )
 from secure_fedavg_app.task import evaluate, seed_everything, use_single_thread
@@ -114,6 +117,8 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
                     settings.dataset, split, dp_sgd=settings.dp_sgd
                 ),
             )
+    except TargetEpsilonUnreachableError as error:
+        raise ValueError(explain_unreachable_target(error, settings)) from error
     except ValueError as error:
         # Checks that need the connected nodes, such as the Poisson sample
         # size, run in round 1 and name the library's parameters. Subclasses
@@ -140,25 +145,39 @@ def check_run_config(
     so a bad value fails in about a second instead of after the start-up. It
     parses the settings, builds the strategy and calibrates central DP's
     noise for its target, with the package's log messages below ERROR held
-    back (the ServerApp logs them again). Checks that need the connected
-    nodes, such as the Poisson sample size and distributed DP's noise, still
-    run only in round 1.
+    back (the ServerApp logs them again).
 
     With ``num_nodes``, the number of simulated SuperNodes, it also checks
-    that they can run the rounds (``SecureFedAvg.check_node_count``).
+    that they can run the rounds (``SecureFedAvg.check_node_count``), and
+    calibrates distributed DP's noise for the clients a round samples from
+    them. Without it, distributed DP's target is checked only in round 1.
 
     Raises:
         ValueError: If a value or a combination is invalid; the message names
             the run-config keys.
     """
     settings = AppSettings.from_run_config(run_config)
+    nodes = (
+        ""
+        if num_nodes is None
+        else (f" for {num_nodes} simulated SuperNodes (--num-supernodes)")
+    )
     # The output folder may not exist yet; the audit file is never written here.
     with _quiet_package_logger(), tempfile.TemporaryDirectory() as folder:
         strategy = build_strategy(
             settings, _ignore_report, audit_path=Path(folder) / AUDIT_FILE_NAME
         )
         try:
-            strategy.check_privacy_target(settings.num_server_rounds)
+            strategy.check_privacy_target(
+                settings.num_server_rounds,
+                num_nodes=num_nodes,
+                initial_arrays=_arrays_for_target_check(settings, num_nodes),
+            )
+        except TargetEpsilonUnreachableError as error:
+            raise ValueError(
+                f"Invalid run config{nodes}: "
+                f"{explain_unreachable_target(error, settings)}"
+            ) from error
         except ValueError as error:
             raise ValueError(
                 f"Invalid run config: {name_run_config_keys(str(error))}"
@@ -169,9 +188,22 @@ def check_run_config(
             strategy.check_node_count(num_nodes, settings.num_server_rounds)
         except ValueError as error:
             raise ValueError(
-                f"Invalid run config for {num_nodes} simulated SuperNodes "
-                f"(--num-supernodes): {name_run_config_keys(str(error))}"
+                f"Invalid run config{nodes}: {name_run_config_keys(str(error))}"
             ) from error
+
+
+def _arrays_for_target_check(
+    settings: AppSettings, num_nodes: int | None
+) -> ArrayRecord | None:
+    """Return the model's arrays where the DP target check needs its size."""
+    distributed_target = (
+        settings.dp_mode == DPMode.DISTRIBUTED.value and settings.target_epsilon > 0
+    )
+    if num_nodes is None or not distributed_target:
+        return None
+    return ArrayRecord(
+        build_model(settings.dataset, dp_sgd=settings.dp_sgd).state_dict()
+    )
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from fedsec_flwr import (
     SecureFedAvg,
     VerificationConfig,
 )
+from fedsec_flwr.dp import TargetEpsilonUnreachableError
 from fedsec_flwr.privacy import DPConfig, DPMode
 from secure_fedavg_app.settings import AppSettings
 
@@ -57,13 +58,40 @@ common word, so it counts only before " must" or "="."""
 
 
 def name_run_config_keys(message: str) -> str:
-    """Name the run-config key before each library parameter in ``message``."""
+    """Name the run-config key of each library parameter in ``message``.
+
+    A parameter that is its key spelt with underscores, such as
+    ``target_epsilon``, is replaced by the key; any other keeps its name
+    after the key, as in ``secagg-max-clients (max_clients)``.
+    """
 
     def name(match: re.Match[str]) -> str:
         parameter = match.group(1) or match.group(2)
-        return f"{RUN_CONFIG_KEYS[parameter]} ({parameter})"
+        key = RUN_CONFIG_KEYS[parameter]
+        if key == parameter.replace("_", "-"):
+            return key
+        return f"{key} ({parameter})"
 
     return _PARAMETER_PATTERN.sub(name, message)
+
+
+def explain_unreachable_target(
+    error: TargetEpsilonUnreachableError, settings: AppSettings
+) -> str:
+    """Say in run-config keys why client-level DP cannot meet its target."""
+    reach = (
+        f"target-epsilon {settings.target_epsilon} with delta {settings.delta} over "
+        f"num-server-rounds {settings.num_server_rounds} needs a noise multiplier "
+        f"above {error.noise_multiplier_limit:g}"
+    )
+    if settings.dp_mode == DPMode.DISTRIBUTED.value:
+        return (
+            f"{reach}, or more noise than the secure sum leaves room for in "
+            "distributed mode. Raise target-epsilon or delta, lower "
+            "num-server-rounds, or lower secagg-max-clients, which leaves the "
+            "noise more room."
+        )
+    return f"{reach}. Raise target-epsilon or delta, or lower num-server-rounds."
 
 
 def build_secagg_config(settings: AppSettings) -> SecAggConfig | None:
