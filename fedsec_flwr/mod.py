@@ -281,6 +281,30 @@ class _InnerAppError(Exception):
         self.reply = reply
 
 
+def _call_wrapped_app(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Run the wrapped handler; an exception it raises becomes its error reply.
+
+    Without this, a ValueError from local training, such as a DP-SGD target
+    that cannot be met, would read as a failure of the protocol stage.
+    """
+    try:
+        return call_next(msg, context)
+    except Exception as error:
+        # The server receives this text; the log shows the client what it sent.
+        logger.warning(
+            "The wrapped ClientApp raised %s: %s", type(error).__name__, error
+        )
+        return Message(
+            Error(
+                ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                f"ClientApp training failed: {type(error).__name__}: {error}",
+            ),
+            reply_to=msg,
+        )
+
+
 def _error_reply(msg: Message, prefix: str, error: Exception) -> Message:
     logger.warning("%s stage failed: %s", prefix, error)
     return Message(
@@ -670,7 +694,7 @@ def _train_and_encode(
         inner_content[CONFIG_RECORD] = train_config
     msg.content = inner_content
     train_started = time.perf_counter()
-    reply = call_next(msg, context)
+    reply = _call_wrapped_app(msg, context, call_next)
     train_seconds = time.perf_counter() - train_started
     if reply.has_error():
         raise _InnerAppError(reply)

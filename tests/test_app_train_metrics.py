@@ -193,3 +193,44 @@ def test_private_node_policy_withholds_timings(
     policy = NodePolicy.from_node_config(context.node_config)
 
     assert reports_timings(settings, policy) is expected
+
+
+def test_dp_sgd_target_error_names_keys() -> None:
+    message, context = message_and_context(
+        secure_aggregation=False, dp_sgd=True, dp_sgd_target_epsilon=0.001
+    )
+
+    with pytest.raises(ValueError) as caught:
+        plain_train(message, context)
+
+    text = str(caught.value)
+    assert text.startswith(
+        "dp-sgd-target-epsilon 0.001 with delta 1e-05 needs a DP-SGD noise "
+        "multiplier above 16384 on this node's partition, over num-server-rounds 5 "
+        "of local-epochs 2 at batch-size 8."
+    )
+    # The reply travels in clear: it does not give the partition's size.
+    num_examples = train_metrics(secure_aggregation=False)["num-examples"]
+    assert str(num_examples) not in text
+
+
+def test_training_failure_reported_as_such(tmp_path: Path) -> None:
+    # Every client's DP-SGD calibration fails; the run ends naming that,
+    # not a protocol stage.
+    from secure_fedavg_app.results import ResultsFile
+    from secure_fedavg_app.server_app import _run
+
+    with (APP_DIR / "pyproject.toml").open("rb") as file:
+        config = dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+    config.update(
+        {"dp-sgd": True, "dp-sgd-target-epsilon": 0.001, "num-server-rounds": 1}
+    )
+    grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
+    results = ResultsFile(tmp_path, run_config=config, run_info={})
+
+    with pytest.raises(Exception) as caught:
+        _run(grid, config, results)
+
+    text = str(caught.value)
+    assert '3 x "ClientApp training failed: ValueError: dp-sgd-target-epsilon' in text
+    assert "secure aggregation:" not in text

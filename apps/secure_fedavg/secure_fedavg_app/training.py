@@ -118,6 +118,7 @@ def _train_dp_sgd(
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
     """Train with Opacus DP-SGD; the accountant's ledger lives in Context.state."""
+    from fedsec_flwr.dp import TargetEpsilonUnreachableError
     from fedsec_flwr.dp.dpsgd import DPSGDConfig, train_dp_sgd
 
     config = DPSGDConfig(
@@ -136,14 +137,26 @@ def _train_dp_sgd(
     )
     record = context.state.config_records.get(DP_SGD_STATE_KEY)
     previous = record.get("ledger") if record is not None else None
-    result = train_dp_sgd(
-        model,
-        loader,
-        epochs=settings.local_epochs,
-        learning_rate=settings.learning_rate,
-        config=config,
-        state=previous if isinstance(previous, bytes) else None,
-    )
+    try:
+        result = train_dp_sgd(
+            model,
+            loader,
+            epochs=settings.local_epochs,
+            learning_rate=settings.learning_rate,
+            config=config,
+            state=previous if isinstance(previous, bytes) else None,
+        )
+    except TargetEpsilonUnreachableError as error:
+        # The reply travels in clear, so it does not give the partition's size.
+        raise ValueError(
+            f"dp-sgd-target-epsilon {settings.dp_sgd_target_epsilon} with delta "
+            f"{settings.delta} needs a DP-SGD noise multiplier above "
+            f"{error.noise_multiplier_limit:g} on this node's partition, over "
+            f"num-server-rounds {settings.num_server_rounds} of local-epochs "
+            f"{settings.local_epochs} at batch-size {settings.batch_size}. Raise "
+            "dp-sgd-target-epsilon or delta, or lower num-server-rounds, "
+            "local-epochs or batch-size."
+        ) from error
     context.state[DP_SGD_STATE_KEY] = ConfigRecord({"ledger": result.state})
     metrics = {
         "sample-epsilon": result.cumulative_epsilon,
