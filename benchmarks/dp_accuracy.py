@@ -9,7 +9,7 @@ Run from the repository root::
     python -m benchmarks.dp_accuracy --merge outputs/run1 outputs/run2 \
         --out outputs/dp-accuracy-merged
 
-Seven methods train the app's 25,810-parameter CNN, each without DP and at
+Nine methods train the app's 25,810-parameter CNN, each without DP and at
 target epsilons 8, 3 and 1:
 
 - ``central-dp-sgd``: no federation. Opacus DP-SGD on the whole train split
@@ -39,6 +39,14 @@ target epsilons 8, 3 and 1:
   multiplier that central mode calibrates for the same target. Its
   accountant reports a higher epsilon than the target, so the point shows
   what distributed noise costs in accuracy apart from its accounting.
+- ``client-dp-central-all-clients`` and
+  ``client-dp-distributed-all-clients``: the two modes with all 400 clients
+  in every round (fixed sampling at fraction 1), 5 rounds of 5 local
+  epochs, and their own run without DP and clipping norm. Without client
+  sampling the two accountants give about the same epsilon for the same
+  noise multiplier, while under Poisson sampling the distributed mode's
+  bound for subsampled sums of discrete Gaussians needs more noise than the
+  sampled Gaussian's at small epsilons.
 
 The epsilons of the two kinds are not comparable: sample-level epsilon
 protects one training example, client-level epsilon one client's whole
@@ -158,6 +166,8 @@ FEDERATED_DP_SGD_LONG = "federated-dp-sgd-20-rounds"
 CLIENT_DP_CENTRAL = "client-dp-central"
 CLIENT_DP_DISTRIBUTED = "client-dp-distributed"
 CLIENT_DP_DISTRIBUTED_EQUAL_NOISE = "client-dp-distributed-equal-noise"
+CLIENT_DP_CENTRAL_ALL = "client-dp-central-all-clients"
+CLIENT_DP_DISTRIBUTED_ALL = "client-dp-distributed-all-clients"
 METHODS = (
     CENTRAL_DP_SGD,
     FEDERATED_DP_SGD,
@@ -166,6 +176,8 @@ METHODS = (
     CLIENT_DP_CENTRAL,
     CLIENT_DP_DISTRIBUTED,
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
+    CLIENT_DP_CENTRAL_ALL,
+    CLIENT_DP_DISTRIBUTED_ALL,
 )
 DP_SGD_METHODS = (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED, FEDERATED_DP_SGD_LONG)
 METHOD_LABELS = {
@@ -178,19 +190,32 @@ METHOD_LABELS = {
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE: (
         "distributed noise at central's noise multiplier (higher epsilon)"
     ),
+    CLIENT_DP_CENTRAL_ALL: "client-level DP, central noise, all clients every round",
+    CLIENT_DP_DISTRIBUTED_ALL: (
+        "client-level DP, distributed noise, all clients every round"
+    ),
 }
 CLIENT_LEVEL_MODES = {
     CLIENT_DP_CENTRAL: "central",
     CLIENT_DP_DISTRIBUTED: "distributed",
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE: "distributed",
+    CLIENT_DP_CENTRAL_ALL: "central",
+    CLIENT_DP_DISTRIBUTED_ALL: "distributed",
 }
+ALL_CLIENTS_METHODS = (CLIENT_DP_CENTRAL_ALL, CLIENT_DP_DISTRIBUTED_ALL)
+"""Client-level methods in which every client takes part in every round."""
+SAMPLED_CLIENT_LEVEL_METHODS = tuple(
+    method for method in CLIENT_LEVEL_MODES if method not in ALL_CLIENTS_METHODS
+)
+"""Client-level methods with Poisson client sampling."""
 EQUAL_NOISE_METHODS = (CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,)
 """Methods that take central mode's noise multiplier for the target epsilon
 instead of calibrating their own, so their epsilon exceeds the target."""
 BASELINE_GROUPS = (
     (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED),
     (FEDERATED_DP_SGD_LONG,),
-    tuple(CLIENT_LEVEL_MODES),
+    SAMPLED_CLIENT_LEVEL_METHODS,
+    ALL_CLIENTS_METHODS,
 )
 """Methods that differ only under DP, so they share one run without DP."""
 
@@ -212,6 +237,8 @@ PLOT_MARKERS = {
     CLIENT_DP_CENTRAL: "^",
     CLIENT_DP_DISTRIBUTED: "v",
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE: "x",
+    CLIENT_DP_CENTRAL_ALL: "<",
+    CLIENT_DP_DISTRIBUTED_ALL: ">",
 }
 
 
@@ -298,9 +325,12 @@ class Profile:
             which otherwise runs as ``dp_sgd``.
         long_dp_sgd: ``federated-dp-sgd-20-rounds``: more rounds and larger
             DP-SGD batches than ``dp_sgd``.
-        client_level: Client-level DP, both modes and the baseline.
+        client_level: Client-level DP with Poisson client sampling, both
+            modes and the baseline.
         tuning_rounds: FedAvg rounds replayed to pick the clipping norm,
             about half of ``client_level.num_rounds``.
+        all_clients: Client-level DP with every client in every round.
+        all_clients_tuning_rounds: ``tuning_rounds`` of ``all_clients``.
     """
 
     name: str
@@ -312,6 +342,8 @@ class Profile:
     long_dp_sgd: FederatedSettings
     client_level: FederatedSettings
     tuning_rounds: int
+    all_clients: FederatedSettings
+    all_clients_tuning_rounds: int
 
 
 PLAIN_LEARNING_RATE = 0.3
@@ -371,6 +403,25 @@ rounds, 4 reached 84.3% at epsilon 8 and 2 reached 75.0% at 1."""
 CLIENT_LEVEL_LEARNING_RATE = 0.1
 """Local SGD step size of the client-level DP runs."""
 
+ALL_CLIENTS_SETTINGS = FederatedSettings(
+    num_clients=400,
+    num_rounds=5,
+    fraction_train=1.0,
+    client_sampling="fixed",
+    local_epochs=5,
+    batch_size=16,
+    learning_rate=CLIENT_LEVEL_LEARNING_RATE,
+    dp_learning_rate=CLIENT_LEVEL_LEARNING_RATE,
+    launch_timeout_s=1800.0,
+)
+"""The client-level methods with all 400 clients in every round.
+
+Without client sampling both accountants analyse the same Gaussian-like
+release, so central and distributed mode need about the same noise
+multiplier for a target. Each round averages 400 updates, which keeps the
+noise on the mean small although z is larger than under sampling. Five
+local epochs of 10 steps make up for the few rounds."""
+
 DP_SGD_SETTINGS = FederatedSettings(
     num_clients=10,
     num_rounds=3,
@@ -416,6 +467,8 @@ FULL = Profile(
         launch_timeout_s=1200.0,
     ),
     tuning_rounds=10,
+    all_clients=ALL_CLIENTS_SETTINGS,
+    all_clients_tuning_rounds=2,
 )
 
 # NOTE: the quick profile has not been run in full; only its sizes are set.
@@ -432,6 +485,10 @@ QUICK = dataclasses.replace(
         FULL.client_level, num_rounds=5, launch_timeout_s=600.0
     ),
     tuning_rounds=2,
+    all_clients=dataclasses.replace(
+        FULL.all_clients, num_rounds=2, launch_timeout_s=900.0
+    ),
+    all_clients_tuning_rounds=1,
 )
 
 SMOKE = dataclasses.replace(
@@ -444,6 +501,14 @@ SMOKE = dataclasses.replace(
         FULL.client_level, num_clients=100, num_rounds=1, launch_timeout_s=240.0
     ),
     tuning_rounds=1,
+    all_clients=dataclasses.replace(
+        FULL.all_clients,
+        num_clients=4,
+        num_rounds=1,
+        local_epochs=1,
+        launch_timeout_s=240.0,
+    ),
+    all_clients_tuning_rounds=1,
 )
 
 
@@ -550,6 +615,9 @@ def client_level_overrides(
 ) -> dict[str, Any]:
     """Return the run config of client-level DP at one target epsilon."""
     overrides = secagg_overrides(settings)
+    if method in ALL_CLIENTS_METHODS:
+        # Round 1 waits for every node, so each round has all of them.
+        overrides["min-train-clients"] = settings.num_clients
     if target_epsilon is None:
         return overrides
     # Under DP every client has weight 1, so the app rejects a max weight.
@@ -858,6 +926,7 @@ class Benchmark:
             "started_at": _utc_now(),
             "load_average_start": _load_average(),
             "clipping": None,
+            "clipping_all_clients": None,
             "results": [],
         }
         return cls(profile=profile, out=out, document=document)
@@ -915,22 +984,51 @@ def run_benchmark(profile: Profile, out: Path, argv: Sequence[str]) -> int:
     benchmark.save()
     split = load_dataset(DATASET, SEED)
 
-    clipping_norm = 0.0
-    if any(method in CLIENT_LEVEL_MODES for method in profile.methods):
-        print("[dp_accuracy] clipping norm from FedAvg without DP ...", flush=True)
-        clipping = median_update_norm(profile.client_level, profile.tuning_rounds)
-        benchmark.document["clipping"] = clipping
-        clipping_norm = round(clipping["median"], CLIPPING_NORM_DIGITS)
-        print(f"[dp_accuracy] clipping norm {clipping_norm}", flush=True)
+    clipping_norms = _clipping_norms(profile, benchmark)
 
     completed = True
     for configuration in plan_configurations(profile):
+        clipping_norm = clipping_norms.get(configuration.method, 0.0)
         action = _action(profile, configuration, split, out, clipping_norm)
         completed &= benchmark.record(configuration, action)
 
     benchmark.finish(time.monotonic() - started)
     print(results_table(benchmark.document["results"]), flush=True)
     return EXIT_OK if completed else EXIT_FAILED
+
+
+def _clipping_norms(profile: Profile, benchmark: Benchmark) -> dict[str, float]:
+    """Replay FedAvg for each client-level family in the profile; return the norms.
+
+    The result maps each client-level method to its clipping norm, and the
+    replays are stored under ``clipping`` and ``clipping_all_clients``.
+    """
+    families = (
+        (
+            "clipping",
+            profile.client_level,
+            profile.tuning_rounds,
+            SAMPLED_CLIENT_LEVEL_METHODS,
+        ),
+        (
+            "clipping_all_clients",
+            profile.all_clients,
+            profile.all_clients_tuning_rounds,
+            ALL_CLIENTS_METHODS,
+        ),
+    )
+    norms: dict[str, float] = {}
+    for field_name, settings, rounds, family in families:
+        methods = [m for m in family if m in profile.methods]
+        if not methods:
+            continue
+        print(f"[dp_accuracy] {field_name}: FedAvg without DP ...", flush=True)
+        clipping = median_update_norm(settings, rounds)
+        benchmark.document[field_name] = clipping
+        norm = round(clipping["median"], CLIPPING_NORM_DIGITS)
+        print(f"[dp_accuracy] {field_name}: clipping norm {norm}", flush=True)
+        norms.update(dict.fromkeys(methods, norm))
+    return norms
 
 
 def federated_settings(profile: Profile, method: str) -> FederatedSettings:
@@ -943,6 +1041,8 @@ def federated_settings(profile: Profile, method: str) -> FederatedSettings:
         )
     if method == FEDERATED_DP_SGD_LONG:
         return profile.long_dp_sgd
+    if method in ALL_CLIENTS_METHODS:
+        return profile.all_clients
     if method in CLIENT_LEVEL_MODES:
         return profile.client_level
     raise ValueError(f"method must be a federated method. Found {method!r}.")

@@ -18,7 +18,9 @@ import pytest
 from benchmarks.dp_accuracy import (
     CENTRAL_DP_SGD,
     CLIENT_DP_CENTRAL,
+    CLIENT_DP_CENTRAL_ALL,
     CLIENT_DP_DISTRIBUTED,
+    CLIENT_DP_DISTRIBUTED_ALL,
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
     DELTA,
     DP_BATCH_SIZE,
@@ -49,7 +51,9 @@ from benchmarks.dp_accuracy import (
     results_table,
 )
 from benchmarks.dp_accuracy import main as dp_accuracy_main
+from fedsec_flwr import SecAggConfig
 from fedsec_flwr.dp.accounting import noise_multiplier_for_target
+from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
 
 # benchmarks.dp_accuracy puts the app's folder on sys.path when imported.
 app_data = importlib.import_module("secure_fedavg_app.data")
@@ -92,9 +96,9 @@ def test_full_plan_has_every_point() -> None:
     configurations = plan_configurations(FULL)
     names = [configuration.name for configuration in configurations]
 
-    # Seven methods at four epsilons, less the three runs without DP that
-    # the three-round DP-SGD pair and the client-level triple share.
-    assert len(configurations) == 25
+    # Nine methods at four epsilons, less the four runs without DP that the
+    # three-round DP-SGD pair and the two client-level families share.
+    assert len(configurations) == 32
     assert len(set(names)) == len(names)
     assert {c.method for c in configurations} == set(METHODS)
 
@@ -104,6 +108,7 @@ def test_full_plan_has_every_point() -> None:
     [
         (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED),
         (CLIENT_DP_CENTRAL, CLIENT_DP_DISTRIBUTED, CLIENT_DP_DISTRIBUTED_EQUAL_NOISE),
+        (CLIENT_DP_CENTRAL_ALL, CLIENT_DP_DISTRIBUTED_ALL),
     ],
 )
 def test_baseline_is_shared(group: tuple[str, ...]) -> None:
@@ -197,6 +202,8 @@ def test_every_run_config_accepted_by_app(
         CLIENT_DP_CENTRAL,
         CLIENT_DP_DISTRIBUTED,
         CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
+        CLIENT_DP_CENTRAL_ALL,
+        CLIENT_DP_DISTRIBUTED_ALL,
     ):
         settings = federated_settings(profile, method)
         run_configs.append(
@@ -223,6 +230,42 @@ def test_client_level_overrides() -> None:
     assert distributed["client-sampling"] == "poisson"
     assert distributed["secure-aggregation"] is True
     assert settings.num_clients >= 100
+
+
+def test_all_clients_overrides() -> None:
+    settings = FULL.all_clients
+
+    plain = client_level_overrides(settings, CLIENT_DP_CENTRAL_ALL, None, 0.5)
+    distributed = client_level_overrides(settings, CLIENT_DP_DISTRIBUTED_ALL, 1.0, 0.5)
+
+    assert plain["min-train-clients"] == 400
+    assert plain["secagg-max-clients"] == 400
+    assert "dp-mode" not in plain
+    assert distributed["dp-mode"] == "distributed"
+    assert distributed["client-sampling"] == "fixed"
+    assert distributed["fraction-train"] == 1.0
+    assert distributed["min-train-clients"] == 400
+    assert distributed["secagg-max-clients"] == 400
+
+
+def test_all_clients_modes_need_similar_noise() -> None:
+    # Without sampling, distributed mode's bound is close to central's.
+    settings = FULL.all_clients
+    secagg = SecAggConfig(max_clients=settings.max_clients)
+    for target in (8.0, 1.0):
+        central_z = central_noise_multiplier(settings, target)
+        privacy = ServerPrivacy(
+            config=DPConfig(
+                mode=DPMode.DISTRIBUTED, clipping_norm=0.5, target_epsilon=target
+            ),
+            num_rounds=settings.num_rounds,
+            sample_rate=1.0,
+            max_clients=settings.max_clients,
+            modulus=secagg.modulus,
+        )
+        plan = privacy.plan(num_sampled=settings.num_clients, dimension=25_810)
+
+        assert central_z <= plan.noise_multiplier <= 1.02 * central_z, target
 
 
 def test_equal_noise_takes_central_multiplier() -> None:
