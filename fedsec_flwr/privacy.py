@@ -398,29 +398,33 @@ class ServerPrivacy:
     def check_target(
         self, *, num_sampled: int | None = None, dimension: int | None = None
     ) -> None:
-        """Calibrate the noise multiplier for the target now.
+        """Plan a first round now, so that a target or noise that cannot work fails.
 
         Central mode's noise multiplier depends only on the target, delta,
         the sample rate and the rounds, so an unreachable target can be
-        reported before round 1. Distributed mode's also depends on the
-        round's clients and the model's size: with ``num_sampled`` and
-        ``dimension`` it is calibrated for a round of that many clients,
-        else only when round 1 is planned.
+        reported before round 1. Distributed mode's noise also depends on
+        the round's clients and the model's size: with ``num_sampled`` and
+        ``dimension`` a round of that many clients is planned on a fresh
+        copy of this object, which calibrates a target and checks that the
+        noise fits the modulus. Without them it is checked only when round
+        1 is planned.
 
         Raises:
             TargetEpsilonUnreachableError: If the target needs a noise
-                multiplier above the search limit.
-            ValueError: If ``num_sampled`` or ``dimension`` is out of range.
+                multiplier above the search limit, or more noise than the
+                modulus leaves room for.
+            ValueError: If a fixed noise multiplier does not fit the modulus,
+                or ``num_sampled`` or ``dimension`` is out of range.
         """
         if self.config.mode is DPMode.CENTRAL:
             self._calibrated(num_sampled=0, dimension=0)
             return
         if num_sampled is None or dimension is None:
             return
-        num_sampled, dimension = plain_number(num_sampled), plain_number(dimension)
-        _check_count("num_sampled", num_sampled, maximum=self.max_clients)
-        _check_count("dimension", dimension, maximum=None)
-        self._calibrated(num_sampled=num_sampled, dimension=dimension)
+        # A copy, because planning sets up the adaptive clipping and the
+        # noise multiplier for the run.
+        trial = dataclasses.replace(self)
+        trial.plan(num_sampled=num_sampled, dimension=dimension)
 
     def plan(
         self,
@@ -762,11 +766,8 @@ class ServerPrivacy:
         )
         if found is None:
             if previous is None:
-                raise TargetEpsilonUnreachableError(
-                    f"target_epsilon {self._target()} over {self.num_rounds} rounds "
-                    f"needs a noise multiplier above {limit}. {_LIMIT_REASON}",
-                    target_epsilon=self._target(),
-                    noise_multiplier_limit=limit,
+                raise _unreachable(
+                    self, limit, num_sampled=num_sampled, dimension=dimension
                 )
             # The budget check before the round then decides whether it runs.
             return previous
@@ -867,11 +868,33 @@ def _distributed_events(
     return events
 
 
-_LIMIT_REASON = (
-    f"The search stops at {MAX_NOISE_MULTIPLIER}, or earlier where the noise "
-    "headroom would no longer fit the modulus; raise the modulus or lower "
-    "max_clients or the quantization bits for more room."
-)
+def _unreachable(
+    server: ServerPrivacy, limit: float, *, num_sampled: int, dimension: int
+) -> TargetEpsilonUnreachableError:
+    """Return the error for a distributed target that no z up to ``limit`` meets.
+
+    ``limit`` is the search's limit, or below it the largest z found to fit
+    the modulus and miss the target.
+    """
+    target = server._target()
+    reach = f"target_epsilon {target} over {server.num_rounds} rounds"
+    largest = f" (the largest tried that fits is {limit:.6g})" if limit > 0 else ""
+    if limit >= MAX_NOISE_MULTIPLIER:
+        return TargetEpsilonUnreachableError(
+            f"{reach} needs a noise multiplier above {MAX_NOISE_MULTIPLIER}, the "
+            "largest that distributed mode tries.",
+            target_epsilon=target,
+            noise_multiplier_limit=limit,
+            epsilon_at_limit=server._projected_epsilon(limit, num_sampled, dimension),
+        )
+    return TargetEpsilonUnreachableError(
+        f"{reach} cannot be met: every noise multiplier whose noise fits the "
+        f"modulus gives a larger epsilon{largest}. Raise the modulus, or lower "
+        "max_clients or the quantization bits, for more room.",
+        target_epsilon=target,
+        noise_multiplier_limit=limit,
+        limited_by_modulus=True,
+    )
 
 
 def _distributed_search(

@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from fedsec_flwr.dp import TargetEpsilonUnreachableError
 from fedsec_flwr.privacy import (
     DPConfig,
     DPMode,
@@ -156,11 +157,60 @@ def test_unreachable_target_names_the_limit() -> None:
     privacy.modulus = 2**21
 
     with pytest.raises(
-        ValueError,
-        match=r"target_epsilon 2\.0 over 3 rounds needs a noise multiplier above "
-        r"2\.4\d*\. The search stops at 1000\.0, or earlier where the noise headroom",
-    ):
+        TargetEpsilonUnreachableError,
+        match=r"target_epsilon 2\.0 over 3 rounds cannot be met: every noise "
+        r"multiplier whose noise fits the modulus gives a larger epsilon \(the "
+        r"largest tried that fits is 2\.4\d*\)\. Raise the modulus",
+    ) as caught:
         privacy.plan(num_sampled=5, dimension=100_000)
+
+    assert caught.value.limited_by_modulus
+    assert 2.4 < caught.value.noise_multiplier_limit < 2.5
+
+
+def test_target_beyond_search_limit_gives_epsilon_there() -> None:
+    privacy = server(target=0.01, rounds=2, fraction=0.1, max_clients=10)
+
+    with pytest.raises(
+        TargetEpsilonUnreachableError,
+        match=r"needs a noise multiplier above 1000\.0, the largest",
+    ) as caught:
+        privacy.plan(num_sampled=5, dimension=1000)
+
+    assert not caught.value.limited_by_modulus
+    assert caught.value.epsilon_at_limit is not None
+    assert caught.value.epsilon_at_limit > 0.01
+
+
+def test_check_target_plans_on_a_copy() -> None:
+    config = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=1.0, clipping_norm=1.0)
+    privacy = ServerPrivacy(
+        config=config, num_rounds=2, sample_rate=1.0, max_clients=10, modulus=2**32
+    )
+
+    privacy.check_target(num_sampled=5, dimension=1000)
+
+    assert privacy._noise_multiplier is None
+    assert privacy.accountant.epsilon == 0.0
+
+
+def test_check_target_rejects_noise_beyond_the_modulus() -> None:
+    # A fixed noise multiplier is not calibrated, but its noise must still fit.
+    config = DPConfig(
+        mode=DPMode.DISTRIBUTED, noise_multiplier=800.0, clipping_norm=1.0
+    )
+    privacy = ServerPrivacy(
+        config=config,
+        num_rounds=1,
+        sample_rate=1.0,
+        max_clients=100,
+        modulus=2**32,
+        verified=True,
+    )
+
+    with pytest.raises(ValueError, match=r"noise_multiplier 800\.0"):
+        privacy.check_target(num_sampled=4, dimension=25_810)
+    privacy.check_target()
 
 
 def test_small_sigma_stays_within_target() -> None:

@@ -953,18 +953,33 @@ def test_distributed_target_checked_for_nodes(sampling: str) -> None:
     assert caught.value.target_epsilon == 0.01
 
 
-def test_distributed_target_check_matches_round_one() -> None:
-    # The check calibrates what round 1 of the same federation does.
-    strategy = _distributed_strategy(3.0, min_train_nodes=4, min_available_nodes=4)
-    privacy = strategy._privacy(2)
-    assert privacy is not None
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [(3.0, "planned"), (0.05, "planned"), (0.0196, "unreachable")],
+)
+def test_distributed_target_check_matches_round_one(
+    target: float, expected: str
+) -> None:
+    # The check fails exactly when planning round 1 of the same run does.
+    strategy = _distributed_strategy(target, min_train_nodes=4, min_available_nodes=4)
     checked = strategy._privacy(2)
+    planned = strategy._privacy(2)
     assert checked is not None
+    assert planned is not None
 
-    checked.check_target(num_sampled=4, dimension=1000)
-    plan = privacy.plan(num_sampled=4, dimension=1000)
+    outcomes = []
+    for attempt in (
+        lambda: checked.check_target(num_sampled=4, dimension=1000),
+        lambda: planned.plan(num_sampled=4, dimension=1000),
+    ):
+        try:
+            attempt()
+            outcomes.append("planned")
+        except TargetEpsilonUnreachableError:
+            outcomes.append("unreachable")
 
-    assert checked._noise_multiplier == plan.noise_multiplier
+    assert outcomes == [expected, expected]
+    assert checked._noise_multiplier is None
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from .accounting import (
     distributed_discrete_gaussian_rdp,
     noise_multiplier_for_target,
     quantized_l2_sensitivity,
+    rdp_epsilon_floor,
     rounds_within_budget,
 )
 from .adaptive import AdaptiveClipping, client_bit, effective_noise_multiplier
@@ -55,6 +56,7 @@ __all__ = [
     "l2_norm",
     "noise_multiplier_for_target",
     "quantized_l2_sensitivity",
+    "rdp_epsilon_floor",
     "rounds_within_budget",
     "sample_discrete_gaussian",
     "validate_update",

@@ -442,7 +442,17 @@ def noise_multiplier_for_target(
     def meets_target(noise_multiplier: float) -> bool:
         return epsilon_of(noise_multiplier) <= target_epsilon
 
-    low, high = _bracket_noise_multiplier(meets_target, target_epsilon)
+    try:
+        low, high = _bracket_noise_multiplier(meets_target, target_epsilon)
+    except TargetEpsilonUnreachableError as error:
+        limit = error.noise_multiplier_limit
+        reached = epsilon_of(limit)
+        raise TargetEpsilonUnreachableError(
+            f"{error} At noise multiplier {limit} epsilon is {reached:.6g}.",
+            target_epsilon=target_epsilon,
+            noise_multiplier_limit=limit,
+            epsilon_at_limit=reached,
+        ) from None
     while low > 0 and high - low > relative_tolerance * high:
         middle = 0.5 * (low + high)
         if meets_target(middle):
@@ -754,6 +764,20 @@ def _log_sum_exp(values: npt.NDArray[np.float64]) -> float:
     return largest + math.log(float(np.sum(np.exp(values - largest))))
 
 
+def rdp_epsilon_floor(delta: float) -> float:
+    """Return the smallest epsilon the RDP accountant reports at ``delta``.
+
+    With RDP orders up to `RDP_ORDERS`' largest, the conversion to
+    (epsilon, delta) leaves a positive epsilon even at zero RDP, so a target
+    below this value is out of reach whatever the noise.
+
+    Raises:
+        ValueError: If ``delta`` is not in (0, 1).
+    """
+    _check_delta(delta)
+    return _rdp_epsilon([], delta=delta)
+
+
 def _rdp_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
     from ._opacus import opacus_rdp
 
@@ -848,17 +872,31 @@ class TargetEpsilonUnreachableError(ValueError):
     """No noise multiplier up to a search limit meets a target epsilon.
 
     Attributes:
-        target_epsilon: The target that was asked for.
-        noise_multiplier_limit: The largest noise multiplier tried; the
-            target needs more noise than this.
+        target_epsilon: The target that was requested.
+        noise_multiplier_limit: The largest noise multiplier tried that
+            misses the target; the target needs more noise than this.
+        epsilon_at_limit: Epsilon at ``noise_multiplier_limit``, or None
+            where it was not computed. Epsilon stops falling as noise grows
+            once the conversion from RDP dominates, so a value close to the
+            target shows that more noise cannot help.
+        limited_by_modulus: Whether larger noise multipliers were left out
+            because their noise would not fit the modulus of a secure sum.
     """
 
     def __init__(
-        self, message: str, *, target_epsilon: float, noise_multiplier_limit: float
+        self,
+        message: str,
+        *,
+        target_epsilon: float,
+        noise_multiplier_limit: float,
+        epsilon_at_limit: float | None = None,
+        limited_by_modulus: bool = False,
     ) -> None:
         super().__init__(message)
         self.target_epsilon = target_epsilon
         self.noise_multiplier_limit = noise_multiplier_limit
+        self.epsilon_at_limit = epsilon_at_limit
+        self.limited_by_modulus = limited_by_modulus
 
 
 def _bracket_noise_multiplier(

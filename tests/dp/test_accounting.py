@@ -23,6 +23,7 @@ from fedsec_flwr.dp.accounting import (
     distributed_discrete_gaussian_rdp,
     noise_multiplier_for_target,
     quantized_l2_sensitivity,
+    rdp_epsilon_floor,
     rounds_within_budget,
 )
 
@@ -307,6 +308,22 @@ def test_unreachable_target_rejected() -> None:
 
     assert caught.value.target_epsilon == 1e-3
     assert caught.value.noise_multiplier_limit == MAX_SEARCH_NOISE_MULTIPLIER
+    assert caught.value.epsilon_at_limit is not None
+    assert caught.value.epsilon_at_limit >= rdp_epsilon_floor(1e-6)
+    assert not caught.value.limited_by_modulus
+
+
+@pytest.mark.parametrize("delta", [1e-5, 1e-3])
+def test_rdp_floor_bounds_every_epsilon(delta: float) -> None:
+    floor = rdp_epsilon_floor(delta)
+    loud = GaussianEvent(noise_multiplier=2.0**14, sample_rate=1.0, num_steps=1)
+
+    assert 0 < floor < 0.1
+    assert compute_epsilon([loud], delta=delta, accountant="rdp") >= floor
+    with pytest.raises(TargetEpsilonUnreachableError):
+        noise_multiplier_for_target(
+            target_epsilon=0.99 * floor, delta=delta, sample_rate=1.0, num_steps=1
+        )
 
 
 @pytest.mark.parametrize(
