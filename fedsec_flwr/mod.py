@@ -292,17 +292,21 @@ def _call_wrapped_app(
     try:
         return call_next(msg, context)
     except Exception as error:
-        # The server receives this text; the log shows the client what it sent.
-        logger.warning(
-            "The wrapped ClientApp raised %s: %s", type(error).__name__, error
-        )
+        reason = f"ClientApp training failed: {_describe_exception(error)}"
+        # The server receives the reason; the log also keeps the traceback.
+        logger.error("%s", reason, exc_info=True)
         return Message(
-            Error(
-                ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                f"ClientApp training failed: {type(error).__name__}: {error}",
-            ),
-            reply_to=msg,
+            Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg
         )
+
+
+def _describe_exception(error: Exception) -> str:
+    """Return "Type: message", even when the exception's str() raises."""
+    try:
+        text = str(error)
+    except Exception:
+        text = "(its message could not be formatted)"
+    return f"{type(error).__name__}: {text}"
 
 
 def _error_reply(msg: Message, prefix: str, error: Exception) -> Message:

@@ -469,3 +469,40 @@ def test_clip_range_far_above_updates_warns(
 
     warned = "every update coordinate is smaller than one quantization step"
     assert (warned in caplog.text) is (clip_range > 1e20)
+
+
+class _UnprintableError(ValueError):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (TypeError("bad operand"), "ClientApp training failed: TypeError: bad operand"),
+        (
+            _UnprintableError(),
+            "ClientApp training failed: _UnprintableError: (its message could not be "
+            "formatted)",
+        ),
+    ],
+)
+def test_training_exception_reported_as_such(
+    error: Exception, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing_train(msg: Message, context: Context) -> Message:
+        raise error
+
+    grid = LoopbackGrid(make_app(failing_train), NODE_IDS)
+
+    with (
+        caplog.at_level(logging.ERROR, logger="fedsec_flwr"),
+        pytest.raises(TooFewSurvivorsError) as caught,
+    ):
+        run(grid)
+
+    assert reason in str(caught.value)
+    assert "secure aggregation:" not in str(caught.value)
+    logged = [record for record in caplog.records if reason in record.getMessage()]
+    assert logged
+    assert logged[0].exc_info is not None
