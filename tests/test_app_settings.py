@@ -349,8 +349,7 @@ def test_round_one_distributed_target_error_keys(
 
     with pytest.raises(
         ValueError,
-        match=r"^target-epsilon 0\.01 with delta 1e-05 over num-server-rounds 5 "
-        r"needs a noise multiplier above 1000, or more noise than the secure sum",
+        match=r"^target-epsilon 0\.01 is below 0\.01949, the smallest epsilon",
     ):
         _run(grid, config, results)
 
@@ -487,9 +486,9 @@ def test_launch_check_rejects_unreachable_central_target() -> None:
 
     with pytest.raises(
         ValueError,
-        match=r"^Invalid run config: target-epsilon 0\.01 with delta 1e-05 over "
-        r"num-server-rounds 1 needs a noise multiplier above 16384\. Raise "
-        r"target-epsilon or delta, or lower num-server-rounds\.$",
+        match=r"^Invalid run config: target-epsilon 0\.01 is below 0\.01949, the "
+        r"smallest epsilon the RDP accountant reports at delta 1e-05 with any "
+        r'noise\. Raise target-epsilon or delta, or set dp-accountant="prv"\.$',
     ):
         check_run_config(config)
 
@@ -499,7 +498,12 @@ def test_launch_check_distributed_target_with_nodes() -> None:
 
     config = default_config()
     config.update(
-        {"dp-mode": "distributed", "target-epsilon": 0.01, "num-server-rounds": 2}
+        {
+            "dp-mode": "distributed",
+            "target-epsilon": 0.025,
+            "num-server-rounds": 2,
+            "verification": True,
+        }
     )
 
     # Its noise depends on the round's clients, known only with the nodes.
@@ -507,10 +511,63 @@ def test_launch_check_distributed_target_with_nodes() -> None:
     with pytest.raises(
         ValueError,
         match=r"^Invalid run config for 4 simulated SuperNodes \(--num-supernodes\): "
-        r"target-epsilon 0\.01 with delta 1e-05 over num-server-rounds 2 needs a "
-        r"noise multiplier above 1000, or more noise than the secure sum leaves "
-        r"room for in distributed mode\. .*lower secagg-max-clients",
+        r"target-epsilon 0\.025 with delta 1e-05 over num-server-rounds 2 cannot be "
+        r"met in distributed mode: every noise multiplier whose noise fits the "
+        r"secure sum gives a larger epsilon\. Raise target-epsilon or delta, lower "
+        r"num-server-rounds, lower secagg-max-clients, or set verification=false",
     ):
         check_run_config(config, num_nodes=4)
     config["target-epsilon"] = 3.0
     check_run_config(config, num_nodes=4)
+
+
+def test_launch_check_names_only_useful_changes() -> None:
+    # The search limit, not the modulus, stops this one, so the number of
+    # clients is not named.
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "target-epsilon": 0.03, "num-server-rounds": 200}
+    )
+
+    with pytest.raises(ValueError) as caught:
+        check_run_config(config, num_nodes=4)
+
+    message = str(caught.value)
+    assert "needs a noise multiplier above 1000, which still gives epsilon" in message
+    assert message.endswith(
+        "Raise target-epsilon or delta, or lower num-server-rounds."
+    )
+
+
+def test_launch_check_fixed_noise_must_fit() -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {
+            "dp-mode": "distributed",
+            "noise-multiplier": 800.0,
+            "num-server-rounds": 1,
+            "verification": True,
+        }
+    )
+
+    check_run_config(config)
+    with pytest.raises(
+        ValueError, match=r"noise-multiplier 800\.0 needs more noise headroom"
+    ):
+        check_run_config(config, num_nodes=4)
+
+
+def test_launch_check_nodes_before_target() -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "target-epsilon": 0.01, "min-train-clients": 5}
+    )
+
+    with pytest.raises(ValueError, match=r"5 is above the 4 nodes"):
+        check_run_config(config, num_nodes=4)

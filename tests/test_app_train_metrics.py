@@ -195,7 +195,7 @@ def test_private_node_policy_withholds_timings(
     assert reports_timings(settings, policy) is expected
 
 
-def test_dp_sgd_target_error_names_keys() -> None:
+def test_dp_sgd_target_below_floor_named() -> None:
     message, context = message_and_context(
         secure_aggregation=False, dp_sgd=True, dp_sgd_target_epsilon=0.001
     )
@@ -203,11 +203,30 @@ def test_dp_sgd_target_error_names_keys() -> None:
     with pytest.raises(ValueError) as caught:
         plain_train(message, context)
 
+    assert str(caught.value) == (
+        "dp-sgd-target-epsilon 0.001 is below 0.01949, the smallest epsilon the "
+        "RDP accountant reports at delta 1e-05 with any noise. Raise "
+        "dp-sgd-target-epsilon or delta."
+    )
+
+
+def test_dp_sgd_target_error_names_keys() -> None:
+    message, context = message_and_context(
+        secure_aggregation=False,
+        dp_sgd=True,
+        dp_sgd_target_epsilon=0.021,
+        num_server_rounds=20_000,
+        local_epochs=4,
+    )
+
+    with pytest.raises(ValueError) as caught:
+        plain_train(message, context)
+
     text = str(caught.value)
     assert text.startswith(
-        "dp-sgd-target-epsilon 0.001 with delta 1e-05 needs a DP-SGD noise "
-        "multiplier above 16384 on this node's partition, over num-server-rounds 5 "
-        "of local-epochs 2 at batch-size 8."
+        "dp-sgd-target-epsilon 0.021 with delta 1e-05 needs a DP-SGD noise "
+        "multiplier above 16384 on this node's partition, over num-server-rounds "
+        "20000 of local-epochs 4 at batch-size 8."
     )
     # The reply travels in clear: it does not give the partition's size.
     num_examples = train_metrics(secure_aggregation=False)["num-examples"]
@@ -232,5 +251,6 @@ def test_training_failure_reported_as_such(tmp_path: Path) -> None:
         _run(grid, config, results)
 
     text = str(caught.value)
-    assert '3 x "ClientApp training failed: ValueError: dp-sgd-target-epsilon' in text
+    assert "3 x " in text
+    assert "ClientApp training failed: ValueError: dp-sgd-target-epsilon" in text
     assert "secure aggregation:" not in text

@@ -526,7 +526,7 @@ def test_distributed_target_rejected_before_start(
     assert exit_code == launch.EXIT_USAGE
     error = capsys.readouterr().err
     assert "for 4 simulated SuperNodes (--num-supernodes): target-epsilon 0.01" in error
-    assert "lower secagg-max-clients" in error
+    assert "is below 0.01949, the smallest epsilon" in error
     assert not output_dir.exists()
 
 

@@ -147,63 +147,62 @@ def check_run_config(
     noise for its target, with the package's log messages below ERROR held
     back (the ServerApp logs them again).
 
-    With ``num_nodes``, the number of simulated SuperNodes, it also checks
-    that they can run the rounds (``SecureFedAvg.check_node_count``), and
-    calibrates distributed DP's noise for the clients a round samples from
-    them. Without it, distributed DP's target is checked only in round 1.
+    With ``num_nodes``, the number of simulated SuperNodes, it first checks
+    that they can run the rounds (``SecureFedAvg.check_node_count``), then
+    plans a distributed DP round for the clients a round samples from them
+    (the expected number under Poisson sampling, so a sample of another
+    size can still fail near the limit). Without it, distributed DP's noise
+    is checked only in round 1.
 
     Raises:
         ValueError: If a value or a combination is invalid; the message names
             the run-config keys.
     """
     settings = AppSettings.from_run_config(run_config)
-    nodes = (
-        ""
-        if num_nodes is None
-        else (f" for {num_nodes} simulated SuperNodes (--num-supernodes)")
-    )
+    nodes = f" for {num_nodes} simulated SuperNodes (--num-supernodes)"
     # The output folder may not exist yet; the audit file is never written here.
     with _quiet_package_logger(), tempfile.TemporaryDirectory() as folder:
         strategy = build_strategy(
             settings, _ignore_report, audit_path=Path(folder) / AUDIT_FILE_NAME
         )
+        if num_nodes is not None:
+            try:
+                strategy.check_node_count(num_nodes, settings.num_server_rounds)
+            except ValueError as error:
+                raise ValueError(
+                    f"Invalid run config{nodes}: {name_run_config_keys(str(error))}"
+                ) from error
+
+        arrays = _arrays_for_privacy_check(settings, num_nodes)
+        # Only distributed DP's check depends on the nodes.
+        context = nodes if arrays is not None else ""
         try:
             strategy.check_privacy_target(
-                settings.num_server_rounds,
-                num_nodes=num_nodes,
-                initial_arrays=_arrays_for_target_check(settings, num_nodes),
+                settings.num_server_rounds, num_nodes=num_nodes, initial_arrays=arrays
             )
         except TargetEpsilonUnreachableError as error:
             raise ValueError(
-                f"Invalid run config{nodes}: "
+                f"Invalid run config{context}: "
                 f"{explain_unreachable_target(error, settings)}"
             ) from error
         except ValueError as error:
             raise ValueError(
-                f"Invalid run config: {name_run_config_keys(str(error))}"
-            ) from error
-        if num_nodes is None:
-            return
-        try:
-            strategy.check_node_count(num_nodes, settings.num_server_rounds)
-        except ValueError as error:
-            raise ValueError(
-                f"Invalid run config{nodes}: {name_run_config_keys(str(error))}"
+                f"Invalid run config{context}: {name_run_config_keys(str(error))}"
             ) from error
 
 
-def _arrays_for_target_check(
+def _arrays_for_privacy_check(
     settings: AppSettings, num_nodes: int | None
 ) -> ArrayRecord | None:
-    """Return the model's arrays where the DP target check needs its size."""
-    distributed_target = (
-        settings.dp_mode == DPMode.DISTRIBUTED.value and settings.target_epsilon > 0
-    )
-    if num_nodes is None or not distributed_target:
+    """Return the model's arrays where the DP check needs the model's size.
+
+    Distributed DP's noise depends on the size, so it is checked only with
+    the number of nodes; central DP's is not.
+    """
+    if num_nodes is None or settings.dp_mode != DPMode.DISTRIBUTED.value:
         return None
-    return ArrayRecord(
-        build_model(settings.dataset, dp_sgd=settings.dp_sgd).state_dict()
-    )
+    model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
+    return ArrayRecord(model.state_dict())
 
 
 @contextlib.contextmanager

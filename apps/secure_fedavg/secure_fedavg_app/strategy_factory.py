@@ -11,7 +11,8 @@ from fedsec_flwr import (
     SecureFedAvg,
     VerificationConfig,
 )
-from fedsec_flwr.dp import TargetEpsilonUnreachableError
+from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
+from fedsec_flwr.dp.accounting import MAX_PRV_STEPS
 from fedsec_flwr.privacy import DPConfig, DPMode
 from secure_fedavg_app.settings import AppSettings
 
@@ -61,7 +62,7 @@ def name_run_config_keys(message: str) -> str:
     """Name the run-config key of each library parameter in ``message``.
 
     A parameter that is its key spelt with underscores, such as
-    ``target_epsilon``, is replaced by the key; any other keeps its name
+    ``target_epsilon``, is replaced by the key. Any other keeps its name
     after the key, as in ``secagg-max-clients (max_clients)``.
     """
 
@@ -78,20 +79,61 @@ def name_run_config_keys(message: str) -> str:
 def explain_unreachable_target(
     error: TargetEpsilonUnreachableError, settings: AppSettings
 ) -> str:
-    """Say in run-config keys why client-level DP cannot meet its target."""
+    """Say in run-config keys why client-level DP cannot meet its target.
+
+    Only the keys that can lower epsilon in this configuration are named.
+    """
+    # The PRV accountant reaches lower epsilons, in central mode only.
+    prv_possible = (
+        settings.dp_mode == DPMode.CENTRAL.value
+        and settings.dp_accountant == "rdp"
+        and settings.num_server_rounds <= MAX_PRV_STEPS
+    )
+    floor = rdp_epsilon_floor(settings.delta)
+    if settings.dp_accountant == "rdp" and settings.target_epsilon < floor:
+        prv = ', or set dp-accountant="prv"' if prv_possible else ""
+        return (
+            f"target-epsilon {settings.target_epsilon} is below {floor:.4g}, the "
+            f"smallest epsilon the RDP accountant reports at delta {settings.delta} "
+            f"with any noise. Raise target-epsilon or delta{prv}."
+        )
+
     reach = (
         f"target-epsilon {settings.target_epsilon} with delta {settings.delta} over "
-        f"num-server-rounds {settings.num_server_rounds} needs a noise multiplier "
-        f"above {error.noise_multiplier_limit:g}"
+        f"num-server-rounds {settings.num_server_rounds}"
     )
-    if settings.dp_mode == DPMode.DISTRIBUTED.value:
-        return (
-            f"{reach}, or more noise than the secure sum leaves room for in "
-            "distributed mode. Raise target-epsilon or delta, lower "
-            "num-server-rounds, or lower secagg-max-clients, which leaves the "
-            "noise more room."
+    changes = ["raise target-epsilon or delta"]
+    if settings.num_server_rounds > 1:
+        changes.append("lower num-server-rounds")
+    if settings.client_sampling == "poisson":
+        changes.append("lower fraction-train")
+
+    if error.limited_by_modulus:
+        problem = (
+            f"{reach} cannot be met in distributed mode: every noise multiplier "
+            "whose noise fits the secure sum gives a larger epsilon"
         )
-    return f"{reach}. Raise target-epsilon or delta, or lower num-server-rounds."
+        changes.append("lower secagg-max-clients")
+        if settings.verification:
+            changes.append("set verification=false")
+        return f"{problem}. {_sentence(changes)} to leave the noise more room."
+
+    problem = f"{reach} needs a noise multiplier above {error.noise_multiplier_limit:g}"
+    if error.epsilon_at_limit is not None:
+        problem += f", which still gives epsilon {error.epsilon_at_limit:.4g}"
+    if prv_possible:
+        changes.append('set dp-accountant="prv"')
+    return f"{problem}. {_sentence(changes)}."
+
+
+def _sentence(changes: list[str]) -> str:
+    """Join ``changes`` as one capitalized clause: "A, b or c"."""
+    text = (
+        changes[0]
+        if len(changes) == 1
+        else (", ".join(changes[:-1]) + ", or " + changes[-1])
+    )
+    return text[0].upper() + text[1:]
 
 
 def build_secagg_config(settings: AppSettings) -> SecAggConfig | None:

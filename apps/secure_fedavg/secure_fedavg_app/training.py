@@ -17,6 +17,7 @@ from flwr.app import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
 from secure_fedavg_app.data import FloatArray, LabelArray, load_partition
 from secure_fedavg_app.models import build_model
 from secure_fedavg_app.node_policy import NodePolicy
@@ -118,7 +119,6 @@ def _train_dp_sgd(
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
     """Train with Opacus DP-SGD; the accountant's ledger lives in Context.state."""
-    from fedsec_flwr.dp import TargetEpsilonUnreachableError
     from fedsec_flwr.dp.dpsgd import DPSGDConfig, train_dp_sgd
 
     config = DPSGDConfig(
@@ -147,22 +147,40 @@ def _train_dp_sgd(
             state=previous if isinstance(previous, bytes) else None,
         )
     except TargetEpsilonUnreachableError as error:
-        # The reply travels in clear, so it does not give the partition's size.
-        raise ValueError(
-            f"dp-sgd-target-epsilon {settings.dp_sgd_target_epsilon} with delta "
-            f"{settings.delta} needs a DP-SGD noise multiplier above "
-            f"{error.noise_multiplier_limit:g} on this node's partition, over "
-            f"num-server-rounds {settings.num_server_rounds} of local-epochs "
-            f"{settings.local_epochs} at batch-size {settings.batch_size}. Raise "
-            "dp-sgd-target-epsilon or delta, or lower num-server-rounds, "
-            "local-epochs or batch-size."
-        ) from error
+        raise ValueError(_explain_dp_sgd_target(settings, error)) from error
+
     context.state[DP_SGD_STATE_KEY] = ConfigRecord({"ledger": result.state})
     metrics = {
         "sample-epsilon": result.cumulative_epsilon,
         "sample-round-epsilon": result.round_epsilon,
     }
     return result.state_dict, result.train_loss, metrics
+
+
+def _explain_dp_sgd_target(
+    settings: AppSettings, error: TargetEpsilonUnreachableError
+) -> str:
+    """Say in run-config keys why DP-SGD cannot meet its target.
+
+    The text travels to the server in clear, so it gives no value that
+    depends on the partition's size.
+    """
+    target = settings.dp_sgd_target_epsilon
+    floor = rdp_epsilon_floor(settings.delta)
+    if target < floor:
+        return (
+            f"dp-sgd-target-epsilon {target} is below {floor:.4g}, the smallest "
+            f"epsilon the RDP accountant reports at delta {settings.delta} with "
+            "any noise. Raise dp-sgd-target-epsilon or delta."
+        )
+    return (
+        f"dp-sgd-target-epsilon {target} with delta {settings.delta} needs a DP-SGD "
+        f"noise multiplier above {error.noise_multiplier_limit:g} on this node's "
+        f"partition, over num-server-rounds {settings.num_server_rounds} of "
+        f"local-epochs {settings.local_epochs} at batch-size {settings.batch_size}. "
+        "Raise dp-sgd-target-epsilon or delta, or lower num-server-rounds, "
+        "local-epochs or batch-size."
+    )
 
 
 def _local_partition(
