@@ -254,3 +254,33 @@ def test_training_failure_reported_as_such(tmp_path: Path) -> None:
     assert "3 x " in text
     assert "ClientApp training failed: ValueError: dp-sgd-target-epsilon" in text
     assert "secure aggregation:" not in text
+
+
+def test_spent_dp_sgd_budget_reply_gives_no_epsilon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The budget covers one round; a second round on the same node exceeds it.
+    message, context = message_and_context(
+        secure_aggregation=False,
+        dp_sgd=True,
+        dp_sgd_target_epsilon=3.0,
+        num_server_rounds=1,
+        local_epochs=1,
+    )
+    plain_train(message, context)
+    again, _ = message_and_context(
+        secure_aggregation=False,
+        dp_sgd=True,
+        dp_sgd_target_epsilon=3.0,
+        num_server_rounds=1,
+        local_epochs=1,
+    )
+
+    with pytest.raises(RuntimeError) as caught:
+        plain_train(again, context)
+
+    assert str(caught.value) == (
+        "DP-SGD training failed on this node (PrivacyBudgetExceededError); its "
+        "log gives the reason."
+    )
+    assert "would raise the cumulative epsilon" in caplog.text

@@ -5,6 +5,8 @@ train or evaluate, so the key-exchange and unmask stages of secure
 aggregation, each a new process in a deployment, start without it.
 """
 
+import logging
+
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -23,6 +25,8 @@ from secure_fedavg_app.models import build_model
 from secure_fedavg_app.node_policy import NodePolicy
 from secure_fedavg_app.settings import AppSettings
 from secure_fedavg_app.task import derive_seed, evaluate, train, use_single_thread
+
+logger = logging.getLogger("fedsec_flwr.apps.secure_fedavg")
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -148,6 +152,14 @@ def _train_dp_sgd(
         )
     except TargetEpsilonUnreachableError as error:
         raise ValueError(_explain_dp_sgd_target(settings, error)) from error
+    except RuntimeError as error:
+        # Such messages can give epsilon or step counts, which depend on the
+        # partition's size, and the error reply travels in clear.
+        logger.error("DP-SGD training failed: %s", error, exc_info=True)
+        raise RuntimeError(
+            f"DP-SGD training failed on this node ({type(error).__name__}); "
+            "its log gives the reason."
+        ) from None
 
     context.state[DP_SGD_STATE_KEY] = ConfigRecord({"ledger": result.state})
     metrics = {
