@@ -239,6 +239,7 @@ def test_all_clients_overrides() -> None:
     distributed = client_level_overrides(settings, CLIENT_DP_DISTRIBUTED_ALL, 1.0, 0.5)
 
     assert plain["min-train-clients"] == 400
+    assert plain["secagg-timeout"] > 120.0
     assert plain["secagg-max-clients"] == 400
     assert "dp-mode" not in plain
     assert distributed["dp-mode"] == "distributed"
