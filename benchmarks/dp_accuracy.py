@@ -44,9 +44,9 @@ target epsilons 8, 3 and 1:
   in every round (fixed sampling at fraction 1), 5 rounds of 5 local
   epochs, and their own run without DP and clipping norm. Without client
   sampling the two accountants give about the same epsilon for the same
-  noise multiplier, while under Poisson sampling the distributed mode's
-  bound for subsampled sums of discrete Gaussians needs more noise than the
-  sampled Gaussian's at small epsilons.
+  noise multiplier. Under Poisson sampling, distributed mode's bound for
+  subsampled sums of discrete Gaussians needs more noise than the sampled
+  Gaussian's at small epsilons.
 
 The epsilons of the two kinds are not comparable: sample-level epsilon
 protects one training example, client-level epsilon one client's whole
