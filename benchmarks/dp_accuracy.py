@@ -1379,6 +1379,9 @@ def _format_mean_percent(values: Sequence[float]) -> str:
 MERGE_MUST_MATCH = ("dataset", "delta", "seed", "profile")
 """Fields of ``dp_accuracy.json`` that every merged invocation must share."""
 
+RUN_SUBSET_FIELDS = ("methods", "epsilons")
+"""Fields of the profile that select runs, which merged invocations may differ in."""
+
 
 def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
     """Read and check the ``dp_accuracy.json`` of each folder.
@@ -1427,14 +1430,16 @@ def _read_result_documents(folders: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def _comparable(document: dict[str, Any], field: str) -> str:
-    """Return ``field`` of ``document`` as JSON, without the method subset.
+    """Return ``field`` of ``document`` as JSON, without the run subset.
 
-    Invocations that ran different methods (``--methods``) merge: the
-    subset changes no run's settings.
+    Invocations that ran different methods (``--methods``) or target
+    epsilons (``--epsilons``) merge: the subsets change no run's settings.
     """
     value = document.get(field)
     if field == "profile" and isinstance(value, dict):
-        value = {key: item for key, item in value.items() if key != "methods"}
+        value = {
+            key: item for key, item in value.items() if key not in RUN_SUBSET_FIELDS
+        }
     return json.dumps(value, sort_keys=True)
 
 
@@ -1582,9 +1587,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="comma-separated methods to run, of: " + ", ".join(METHODS),
     )
+    parser.add_argument(
+        "--epsilons",
+        type=_parse_epsilons,
+        default=None,
+        help="comma-separated target epsilons to run, 'none' for the runs "
+        "without DP; default: those of the profile",
+    )
     options = parser.parse_args(argv)
-    if options.merge and options.methods is not None:
-        parser.error("--methods selects runs, and --merge runs nothing.")
+    if options.merge and (options.methods is not None or options.epsilons is not None):
+        parser.error("--methods and --epsilons select runs, and --merge runs nothing.")
     return options
 
 
@@ -1597,6 +1609,32 @@ def _parse_methods(text: str) -> tuple[str, ...]:
             f"--methods must name one or more of {', '.join(METHODS)}. Found {text!r}."
         )
     return tuple(method for method in METHODS if method in names)
+
+
+def _parse_epsilons(text: str) -> tuple[float | None, ...]:
+    """Return the named target epsilons, ``None`` for no DP, without repeats."""
+    epsilons: list[float | None] = []
+    for item in (part.strip() for part in text.split(",")):
+        epsilon = _parse_epsilon(item, text)
+        if epsilon not in epsilons:
+            epsilons.append(epsilon)
+    return tuple(epsilons)
+
+
+def _parse_epsilon(item: str, text: str) -> float | None:
+    """Return one item of ``--epsilons``: a positive finite number or ``none``."""
+    if item.lower() == "none":
+        return None
+    try:
+        epsilon = float(item)
+    except ValueError:
+        epsilon = math.nan
+    if not math.isfinite(epsilon) or epsilon <= 0.0:
+        raise argparse.ArgumentTypeError(
+            "--epsilons must list positive finite numbers or 'none'. "
+            f"Found {item!r} in {text!r}."
+        )
+    return epsilon
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1615,6 +1653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = SMOKE
     if options.methods is not None:
         profile = dataclasses.replace(profile, methods=options.methods)
+    if options.epsilons is not None:
+        profile = dataclasses.replace(profile, epsilons=options.epsilons)
     return run_benchmark(profile, options.out, arguments)
 
 

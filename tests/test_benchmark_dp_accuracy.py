@@ -323,6 +323,31 @@ def test_methods_option_not_with_merge() -> None:
         parse_args(["--out", "x", "--merge", "a", "--methods", CLIENT_DP_CENTRAL])
 
 
+def test_epsilons_option_selects_targets() -> None:
+    options = parse_args(["--out", "x", "--epsilons", "3, none,1,3"])
+    profile = dataclasses.replace(
+        FULL, methods=(CLIENT_DP_DISTRIBUTED_ALL,), epsilons=options.epsilons
+    )
+
+    assert options.epsilons == (3.0, None, 1.0)
+    assert [c.target_epsilon for c in plan_configurations(profile)] == [3.0, None, 1.0]
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "inf", "nan", "eight", "3,,1"])
+def test_epsilons_option_rejects_invalid_targets(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--epsilons", text])
+
+    assert f"in {text!r}" in capsys.readouterr().err
+
+
+def test_epsilons_option_not_with_merge() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--merge", "a", "--epsilons", "3"])
+
+
 def test_max_clients_allows_poisson_spread() -> None:
     settings = FULL.client_level
     expected = settings.fraction_train * settings.num_clients
@@ -558,7 +583,11 @@ def test_merge_accepts_other_method_subsets(tmp_path: Path) -> None:
         tmp_path / "second",
         {
             **result_document(GOOD_ENTRY),
-            "profile": {"name": "full", "methods": [CLIENT_DP_CENTRAL]},
+            "profile": {
+                "name": "full",
+                "methods": [CLIENT_DP_CENTRAL],
+                "epsilons": [3.0, 1.0],
+            },
         },
     )
 
