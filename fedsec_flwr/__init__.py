@@ -2,7 +2,8 @@
 
 The public API: ``SecureFedAvg`` (a server strategy), ``secure_aggregation_mod``
 (the matching ClientApp mod), ``SecAggConfig``, ``DPConfig`` and
-``VerificationConfig`` (their parameters), and ``ClientPrivacyBudget`` (a
+``VerificationConfig`` (their parameters), ``ServerMomentum`` (the
+server's learning rate and momentum), and ``ClientPrivacyBudget`` (a
 client's own limit on epsilon, for ``make_secure_aggregation_mod``). They are
 imported on first use, so ``fedsec_flwr.core`` loads without Flower.
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
         secure_aggregation_mod,
     )
     from .privacy import DPConfig, DPMode
+    from .server_momentum import ServerMomentum
     from .strategy import RoundReport, SecureFedAvg
     from .verification import FailurePolicy, VerificationConfig, VerificationError
 
@@ -42,6 +44,7 @@ _EXPORTS = {
     "RoundReport": ".strategy",
     "SecAggConfig": ".config",
     "SecureFedAvg": ".strategy",
+    "ServerMomentum": ".server_momentum",
     "TooFewSurvivorsError": ".core.errors",
     "secure_aggregation_mod": ".mod",
 }
@@ -62,6 +65,7 @@ __all__ = [
     "RoundReport",
     "SecAggConfig",
     "SecureFedAvg",
+    "ServerMomentum",
     "TooFewSurvivorsError",
     "secure_aggregation_mod",
 ]

@@ -125,6 +125,10 @@ class RoundOutcome:
     previous: PendingVerification | None = None
     """With pipelined verification: the previous round, verified during this
     round's share-keys exchange, with its ``result``."""
+    mean_update: NDArray[np.float64] | None = None
+    """The mean update, with any DP noise, that ``arrays`` adds to the
+    round's global model over its float arrays; ``None`` for a discarded
+    round, which applies none."""
 
 
 class PendingVerification:
@@ -587,6 +591,7 @@ def run_secure_round(
                 pending = None
 
     clock.lap(VERIFICATION_TIMING)
+    mean_update = None
     if result is not None and result.discarded:
         # The round's update is never applied, but its noised sum was seen.
         released, num_clipped = arrays, 0
@@ -596,7 +601,7 @@ def run_secure_round(
             else None
         )
     else:
-        released, num_clipped, epsilon = _apply_secure_total(
+        released, mean_update, num_clipped, epsilon = _apply_secure_total(
             total,
             plan,
             privacy,
@@ -620,6 +625,7 @@ def run_secure_round(
         timings=clock.laps,
         pending=pending,
         previous=previous,
+        mean_update=mean_update,
     )
 
 
@@ -631,11 +637,12 @@ def _apply_secure_total(
     *,
     num_aggregated: int,
     server_round: int,
-) -> tuple[ArrayRecord, int, float | None]:
+) -> tuple[ArrayRecord, NDArray[np.float64], int, float | None]:
     """Decode the unmasked sum, add central noise and apply the mean update.
 
-    Returns the new model, the number of clipped coordinates and the
-    epsilon after the round (``None`` without DP).
+    Returns the new model, the mean update with any central noise, the
+    number of clipped coordinates and the epsilon after the round
+    (``None`` without DP).
 
     Raises:
         ProtocolError: If the sum does not decode.
@@ -685,6 +692,7 @@ def _apply_secure_total(
         )
     return (
         _updated_model(global_arrays, mean_update, server_round),
+        mean_update,
         num_clipped,
         epsilon,
     )
@@ -1370,6 +1378,17 @@ def _masked_vector(reply: Message) -> NDArray[np.uint32]:
     return vector
 
 
+def apply_step(
+    arrays: ArrayRecord, step: NDArray[np.float64], server_round: int
+) -> ArrayRecord:
+    """Add `step` to the float arrays of `arrays` and return the new model.
+
+    Raises:
+        ValueError: If the new model has a NaN or an infinity.
+    """
+    return _updated_model(arrays_to_numpy(arrays), step, server_round)
+
+
 def _updated_model(
     global_arrays: dict[str, NDArray[np.generic]],
     mean_update: NDArray[np.float64],
@@ -1458,6 +1477,7 @@ def run_plain_round(
         )
     return RoundOutcome(
         arrays=_updated_model(global_arrays, mean_update, server_round),
+        mean_update=mean_update,
         num_aggregated=len(updates),
         epsilon=epsilon,
         dropped_by_stage={"train": len(nodes) - len(updates)},
@@ -1546,13 +1566,15 @@ def run_plain_verified_round(
     result = _verification_stages(stages, pending)
     dropped_by_stage.update(pending.dropped_by_stage)
     # A discarded round keeps the model; otherwise the mean update is applied.
-    released, num_clipped = arrays, 0
+    released, num_clipped, mean_update = arrays, 0, None
     if not result.discarded:
         decoded = decode_sum(total, params=params)
-        released = _updated_model(global_arrays, decoded.mean, server_round)
+        mean_update = decoded.mean
+        released = _updated_model(global_arrays, mean_update, server_round)
         num_clipped = decoded.num_clipped
     return RoundOutcome(
         arrays=released,
+        mean_update=mean_update,
         num_aggregated=len(included),
         dropped_by_stage=dropped_by_stage,
         clipped_coordinates=num_clipped,

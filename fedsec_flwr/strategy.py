@@ -38,11 +38,13 @@ from .rounds import (
     PendingVerification,
     PrivacyRound,
     RoundOutcome,
+    apply_step,
     finish_verification,
     run_plain_round,
     run_plain_verified_round,
     run_secure_round,
 )
+from .server_momentum import MomentumState, ServerMomentum
 from .verification import (
     FailurePolicy,
     VerificationConfig,
@@ -175,12 +177,14 @@ def _check_types(
     verification: object,
     on_round_end: object,
     rng: object,
+    server_momentum: object,
 ) -> None:
     """Reject arguments of the wrong type before they fail deep in a round."""
     expected = (
         ("secure_aggregation", secure_aggregation, SecAggConfig, "a SecAggConfig"),
         ("differential_privacy", differential_privacy, DPConfig, "a DPConfig"),
         ("rng", rng, random.Random, "a random.Random"),
+        ("server_momentum", server_momentum, ServerMomentum, "a ServerMomentum"),
     )
     for name, value, kind, description in expected:
         if value is not None and not isinstance(value, kind):
@@ -218,6 +222,10 @@ class SecureFedAvg(Strategy):
             ``False``. Central DP cannot be verified, because the verifiers
             would see the aggregate before the server adds the noise.
         on_round_end: Called with each round's report after evaluation.
+        server_momentum: Server learning rate and momentum applied to each
+            round's mean update (FedAvgM); ``None`` adds the mean update
+            as it is. Not with verification, whose clients check that the
+            next model is the previous one plus the verified mean.
         rng: Source of sampling and graph randomness; a
             ``random.SystemRandom`` by default. A seeded generator makes the
             client sample predictable from its seed, which voids the
@@ -239,6 +247,7 @@ class SecureFedAvg(Strategy):
         on_round_end: RoundCallback | None = None,
         rng: random.Random | None = None,
         verification: VerificationConfig | bool = False,
+        server_momentum: ServerMomentum | None = None,
     ) -> None:
         _check_types(
             secure_aggregation=secure_aggregation,
@@ -246,6 +255,7 @@ class SecureFedAvg(Strategy):
             verification=verification,
             on_round_end=on_round_end,
             rng=rng,
+            server_momentum=server_momentum,
         )
         fraction_train = plain_number(fraction_train)
         min_train_nodes = plain_number(min_train_nodes)
@@ -306,6 +316,15 @@ class SecureFedAvg(Strategy):
         self.verification = _verification_config(
             verification, secure_aggregation, differential_privacy
         )
+        if server_momentum is not None and self.verification is not None:
+            # TODO: let verifying clients predict the model after momentum.
+            raise ValueError(
+                "server_momentum cannot be combined with verification: each "
+                "verifying client checks that the next model is the previous "
+                "model plus the verified mean update, which momentum changes. "
+                f"Found server_momentum={server_momentum!r}."
+            )
+        self.server_momentum = server_momentum
         self.secure_aggregation = secure_aggregation
         self.differential_privacy = differential_privacy
         weighted = self._encoding_limit()
@@ -430,6 +449,7 @@ class SecureFedAvg(Strategy):
                 ", ".join(non_float_keys),
             )
         privacy = self._privacy(num_rounds)
+        momentum = MomentumState(self.server_momentum) if self.server_momentum else None
         self._key_directory = KeyDirectory()
         self._evaluate_fn = evaluate_fn
         self._result = result
@@ -481,7 +501,11 @@ class SecureFedAvg(Strategy):
             if outcome.previous is not None and waiting_report is not None:
                 self._release(waiting_report, outcome.previous)
             self._check_verified(server_round, outcome.verification)
-            arrays = outcome.arrays
+            if momentum is not None and outcome.mean_update is not None:
+                step = momentum.step(outcome.mean_update)
+                arrays = apply_step(arrays, step, server_round)
+            else:
+                arrays = outcome.arrays
             seconds = time.perf_counter() - started
 
             evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None

@@ -245,6 +245,16 @@ def test_setting_in_use_accepted(changes: dict[str, object]) -> None:
             {"min_train_clients": 200},
             "min-train-clients=200 is above secagg-max-clients=100",
         ),
+        (
+            {"verification": True, "server_momentum": 0.9},
+            "server-learning-rate and server-momentum cannot be changed with "
+            "verification=true.*Found server-learning-rate=1.0 and "
+            "server-momentum=0.9",
+        ),
+        (
+            {"verification": True, "server_learning_rate": 0.5},
+            "Found server-learning-rate=0.5 and server-momentum=0.0",
+        ),
     ],
 )
 def test_protocol_combination_names_keys(
@@ -252,6 +262,38 @@ def test_protocol_combination_names_keys(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         parse(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"server_learning_rate": 0.0}, "server-learning-rate must be positive"),
+        ({"server_learning_rate": -1.0}, "server-learning-rate must be positive"),
+        ({"server_momentum": 1.0}, r"server-momentum must be in \[0, 1\); found 1.0"),
+        ({"server_momentum": -0.5}, r"server-momentum must be in \[0, 1\)"),
+        ({"server_momentum": "0.9"}, "server-momentum"),
+        ({"server_momentum": math.nan}, "server-momentum must be a finite"),
+    ],
+)
+def test_server_momentum_keys_checked(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse(**changes)
+
+
+def test_server_momentum_keys_reach_the_strategy(tmp_path: Path) -> None:
+    from secure_fedavg_app.strategy_factory import build_strategy
+
+    default = build_strategy(parse(), lambda report: None, audit_path=tmp_path / "a")
+    changed = build_strategy(
+        parse(server_learning_rate=0.5, server_momentum=0.9),
+        lambda report: None,
+        audit_path=tmp_path / "a",
+    )
+
+    assert default.server_momentum is None
+    assert changed.server_momentum is not None
+    assert changed.server_momentum.learning_rate == 0.5
+    assert changed.server_momentum.momentum == 0.9
 
 
 def test_dataclass_defaults_match_app_config() -> None:

@@ -105,6 +105,10 @@ class AppSettings:
             with the next round's first two exchanges.
         client_timings: Clients add the seconds they spent training, encoding
             and masking to their replies, in clear.
+        server_learning_rate: Server step size on the velocity of the mean
+            updates; with ``server_momentum`` 0, 1 is plain FedAvg.
+        server_momentum: Share of the previous rounds' velocity kept in
+            each round (FedAvgM); 0 for none.
     """
 
     dataset: str
@@ -145,6 +149,8 @@ class AppSettings:
     verification_policy: str = "refuse"
     verification_pipelined: bool = False
     client_timings: bool = False
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, ConfigValue]) -> "AppSettings":
@@ -194,11 +200,18 @@ class AppSettings:
             verification_policy=read(_get_str, "verification-policy"),
             verification_pipelined=read(_get_bool, "verification-pipelined"),
             client_timings=read(_get_bool, "client-timings"),
+            server_learning_rate=read(_get_float, "server-learning-rate"),
+            server_momentum=read(_get_float, "server-momentum"),
         )
         if reader.problems:
             raise ValueError("Invalid run config: " + " ".join(reader.problems))
         settings.validate()
         return settings
+
+    @property
+    def uses_server_momentum(self) -> bool:
+        """Whether the server steps differ from adding the mean update."""
+        return self.server_learning_rate != 1.0 or self.server_momentum != 0.0
 
     def validate(self) -> None:
         """Check every range at once and raise one error that lists each problem.
@@ -252,6 +265,8 @@ class AppSettings:
             _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_float32("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
+            _check_positive("server-learning-rate", self.server_learning_rate),
+            _check_dropout_fraction("server-momentum", self.server_momentum),
             self._check_noise_choice(),
             self._check_accountant_steps(),
             *self._check_unused_settings(),
@@ -274,6 +289,14 @@ class AppSettings:
                 "clients would check the sum before the server adds noise, so "
                 "each of them would see the sum without noise. Use "
                 "dp-mode=distributed."
+            )
+        if self.verification and self.uses_server_momentum:
+            problems.append(
+                "server-learning-rate and server-momentum cannot be changed with "
+                "verification=true: each client checks that the next model is the "
+                "previous one plus the verified mean update. Found "
+                f"server-learning-rate={self.server_learning_rate} and "
+                f"server-momentum={self.server_momentum}."
             )
         round_keys = self.secagg_key_lifetime == "round"
         if self.verification_pipelined and not (self.secure_aggregation and round_keys):

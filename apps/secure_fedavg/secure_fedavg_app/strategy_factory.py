@@ -9,6 +9,7 @@ from fedsec_flwr import (
     RoundReport,
     SecAggConfig,
     SecureFedAvg,
+    ServerMomentum,
     VerificationConfig,
 )
 from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
@@ -42,6 +43,7 @@ RUN_CONFIG_KEYS = {
     "differential_privacy": "dp-mode",
     "client_sampling": "client-sampling",
     "secure_aggregation.max_clients": "secagg-max-clients",
+    "server_momentum": "server-momentum",
 }
 """Run-config key of each library parameter that the app sets from one."""
 
@@ -210,6 +212,20 @@ def build_verification_config(
     )
 
 
+def build_server_momentum(settings: AppSettings) -> ServerMomentum | None:
+    """Return the server's learning rate and momentum, or None for plain FedAvg.
+
+    ``AppSettings.validate`` checks both ranges, so ``ServerMomentum``
+    accepts validated settings.
+    """
+    if not settings.uses_server_momentum:
+        return None
+    return ServerMomentum(
+        learning_rate=settings.server_learning_rate,
+        momentum=settings.server_momentum,
+    )
+
+
 def build_strategy(
     settings: AppSettings, on_round_end: RoundCallback, *, audit_path: Path
 ) -> SecureFedAvg:
@@ -242,6 +258,7 @@ def build_strategy(
             verification=verification,
             client_sampling=settings.client_sampling,
             on_round_end=on_round_end,
+            server_momentum=build_server_momentum(settings),
         )
     except ValueError as error:
         raise ValueError(
