@@ -9,7 +9,7 @@ Run from the repository root::
     python -m benchmarks.dp_accuracy --merge outputs/run1 outputs/run2 \
         --out outputs/dp-accuracy-merged
 
-Nine methods train the app's 25,810-parameter CNN, each without DP and at
+Ten methods train the app's 25,810-parameter CNN, each without DP and at
 target epsilons 8, 3 and 1:
 
 - ``central-dp-sgd``: no federation. Opacus DP-SGD on the whole train split
@@ -26,6 +26,9 @@ target epsilons 8, 3 and 1:
 - ``federated-dp-sgd-20-rounds``: the same with 20 rounds and DP-SGD
   batches of expected size 256, the settings closest to the reference
   found in trials. It has its own run without DP.
+  ``federated-dp-sgd-20-rounds-momentum`` is the same with server momentum
+  0.5 (``server-momentum``), with and without DP, and its own run without
+  DP.
 - ``client-dp-central`` and ``client-dp-distributed``: client-level DP with
   Poisson client sampling and SecAgg+. The server adds Gaussian noise to the
   mean (central), or each client adds discrete Gaussian noise inside the
@@ -163,6 +166,7 @@ CENTRAL_DP_SGD = "central-dp-sgd"
 FEDERATED_DP_SGD = "federated-dp-sgd"
 FEDERATED_DP_SGD_TUNED = "federated-dp-sgd-tuned"
 FEDERATED_DP_SGD_LONG = "federated-dp-sgd-20-rounds"
+FEDERATED_DP_SGD_MOMENTUM = "federated-dp-sgd-20-rounds-momentum"
 CLIENT_DP_CENTRAL = "client-dp-central"
 CLIENT_DP_DISTRIBUTED = "client-dp-distributed"
 CLIENT_DP_DISTRIBUTED_EQUAL_NOISE = "client-dp-distributed-equal-noise"
@@ -173,18 +177,27 @@ METHODS = (
     FEDERATED_DP_SGD,
     FEDERATED_DP_SGD_TUNED,
     FEDERATED_DP_SGD_LONG,
+    FEDERATED_DP_SGD_MOMENTUM,
     CLIENT_DP_CENTRAL,
     CLIENT_DP_DISTRIBUTED,
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE,
     CLIENT_DP_CENTRAL_ALL,
     CLIENT_DP_DISTRIBUTED_ALL,
 )
-DP_SGD_METHODS = (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED, FEDERATED_DP_SGD_LONG)
+DP_SGD_METHODS = (
+    FEDERATED_DP_SGD,
+    FEDERATED_DP_SGD_TUNED,
+    FEDERATED_DP_SGD_LONG,
+    FEDERATED_DP_SGD_MOMENTUM,
+)
 METHOD_LABELS = {
     CENTRAL_DP_SGD: "DP-SGD, centralized (reference)",
     FEDERATED_DP_SGD: "DP-SGD on clients + SecAgg+, 3 rounds, step size 0.5",
     FEDERATED_DP_SGD_TUNED: "DP-SGD on clients + SecAgg+, 3 rounds, step size 2",
     FEDERATED_DP_SGD_LONG: "DP-SGD on clients + SecAgg+, 20 rounds, batch 256",
+    FEDERATED_DP_SGD_MOMENTUM: (
+        "DP-SGD on clients + SecAgg+, 20 rounds, batch 256, server momentum 0.5"
+    ),
     CLIENT_DP_CENTRAL: "client-level DP, central noise + SecAgg+",
     CLIENT_DP_DISTRIBUTED: "client-level DP, distributed noise + SecAgg+",
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE: (
@@ -214,6 +227,7 @@ instead of calibrating their own, so their epsilon exceeds the target."""
 BASELINE_GROUPS = (
     (FEDERATED_DP_SGD, FEDERATED_DP_SGD_TUNED),
     (FEDERATED_DP_SGD_LONG,),
+    (FEDERATED_DP_SGD_MOMENTUM,),
     SAMPLED_CLIENT_LEVEL_METHODS,
     ALL_CLIENTS_METHODS,
 )
@@ -234,6 +248,7 @@ PLOT_MARKERS = {
     FEDERATED_DP_SGD: "s",
     FEDERATED_DP_SGD_TUNED: "D",
     FEDERATED_DP_SGD_LONG: "P",
+    FEDERATED_DP_SGD_MOMENTUM: "*",
     CLIENT_DP_CENTRAL: "^",
     CLIENT_DP_DISTRIBUTED: "v",
     CLIENT_DP_DISTRIBUTED_EQUAL_NOISE: "x",
@@ -281,6 +296,8 @@ class FederatedSettings:
         launch_timeout_s: Seconds before the launcher stops one run.
         dp_batch_size: Expected examples per local step of DP-SGD; None for
             ``batch_size``. Client-level DP ignores it.
+        server_momentum: ``server-momentum`` of every run of the method,
+            with and without DP; 0 for FedAvg.
     """
 
     num_clients: int
@@ -293,6 +310,7 @@ class FederatedSettings:
     dp_learning_rate: float
     launch_timeout_s: float
     dp_batch_size: int | None = None
+    server_momentum: float = 0.0
 
     @property
     def partition_size(self) -> int:
@@ -399,6 +417,13 @@ Picked in a replay of the federation in one process (10 IID clients of
 averaged). After 10 rounds, step sizes 2 and 4 reached 75.9% and 81.4% at
 target epsilon 8, 75.9% and 79.0% at 3, and 74.0% and 73.4% at 1. With 20
 rounds, 4 reached 84.3% at epsilon 8 and 2 reached 75.0% at 1."""
+
+LONG_DP_SGD_SERVER_MOMENTUM = 0.5
+"""``server-momentum`` of ``federated-dp-sgd-20-rounds-momentum``.
+
+In a replay of the federation in one process (10 rounds, DP-SGD batch 64,
+step size 2), server momentum 0.5 raised the accuracy at target epsilon 8
+from 78.8% to 80.2%. The value was not tuned further."""
 
 CLIENT_LEVEL_LEARNING_RATE = 0.1
 """Local SGD step size of the client-level DP runs."""
@@ -607,6 +632,8 @@ def dp_sgd_overrides(
 ) -> dict[str, Any]:
     """Return the run config of federated DP-SGD at one target epsilon."""
     overrides = secagg_overrides(settings)
+    if settings.server_momentum:
+        overrides["server-momentum"] = settings.server_momentum
     if target_epsilon is None:
         return overrides
     return {
@@ -1054,6 +1081,10 @@ def federated_settings(profile: Profile, method: str) -> FederatedSettings:
         )
     if method == FEDERATED_DP_SGD_LONG:
         return profile.long_dp_sgd
+    if method == FEDERATED_DP_SGD_MOMENTUM:
+        return dataclasses.replace(
+            profile.long_dp_sgd, server_momentum=LONG_DP_SGD_SERVER_MOMENTUM
+        )
     if method in ALL_CLIENTS_METHODS:
         return profile.all_clients
     if method in CLIENT_LEVEL_MODES:

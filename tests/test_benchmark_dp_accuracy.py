@@ -27,6 +27,7 @@ from benchmarks.dp_accuracy import (
     DP_SGD_LEARNING_RATE,
     FEDERATED_DP_SGD,
     FEDERATED_DP_SGD_LONG,
+    FEDERATED_DP_SGD_MOMENTUM,
     FEDERATED_DP_SGD_TUNED,
     FULL,
     JSON_FILENAME,
@@ -96,9 +97,9 @@ def test_full_plan_has_every_point() -> None:
     configurations = plan_configurations(FULL)
     names = [configuration.name for configuration in configurations]
 
-    # Nine methods at four epsilons, less the four runs without DP that the
+    # Ten methods at four epsilons, less the four runs without DP that the
     # three-round DP-SGD pair and the two client-level families share.
-    assert len(configurations) == 32
+    assert len(configurations) == 36
     assert len(set(names)) == len(names)
     assert {c.method for c in configurations} == set(METHODS)
 
@@ -180,6 +181,17 @@ def test_long_method_has_own_baseline_and_batch() -> None:
     assert baselines[0].shared_with == ()
 
 
+def test_momentum_method_differs_only_in_server_momentum() -> None:
+    long = federated_settings(FULL, FEDERATED_DP_SGD_LONG)
+    momentum = federated_settings(FULL, FEDERATED_DP_SGD_MOMENTUM)
+
+    for epsilon in (None, 1.0):
+        with_momentum = dp_sgd_overrides(momentum, epsilon)
+        assert with_momentum.pop("server-momentum") == 0.5
+        assert with_momentum == dp_sgd_overrides(long, epsilon)
+    assert "server-momentum" not in dp_sgd_overrides(long, 1.0)
+
+
 def test_federated_settings_rejects_central() -> None:
     with pytest.raises(ValueError, match="federated method"):
         federated_settings(FULL, CENTRAL_DP_SGD)
@@ -196,7 +208,8 @@ def test_every_run_config_accepted_by_app(
     defaults = tomllib.loads(defaults_path.read_text(encoding="utf-8"))
     app_config = defaults["tool"]["flwr"]["app"]["config"]
     run_configs = [
-        dp_sgd_overrides(federated_settings(profile, FEDERATED_DP_SGD), target_epsilon)
+        dp_sgd_overrides(federated_settings(profile, method), target_epsilon)
+        for method in (FEDERATED_DP_SGD, FEDERATED_DP_SGD_MOMENTUM)
     ]
     for method in (
         CLIENT_DP_CENTRAL,
