@@ -37,8 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
-import tempfile
 import tokenize
 import zipfile
 import zlib
@@ -59,6 +59,7 @@ from .core.transcript import (
     missing_commitments,
     parse_untrusted_json,
 )
+from .files import write_text_atomically
 from .models import (
     ARRAY_DECODE_ERRORS,
     DIGEST_SIZE,
@@ -73,6 +74,15 @@ AUDIT_FORMAT = "fedsec_flwr/audit/v1"
 
 INLINE_AGGREGATE_MAX_VALUES = 1024
 """Maximum length of an aggregate that `append_round` stores as inline hex."""
+
+MAX_AUDIT_FILE_BYTES = 2**30
+"""Largest audit file read, 1 GiB. A round takes about 0.5 KB per client
+plus at most 8 KB of inline aggregate, and parsing takes several times
+the file's size in memory."""
+
+MODEL_SLACK_BYTES = 64 * 2**20
+"""Bytes that a model file may hold beyond 8 bytes per value of the run's
+longest aggregate: headers, and arrays that are not aggregated."""
 
 EXIT_VERIFIED = 0
 EXIT_FAILED = 1
@@ -146,7 +156,7 @@ def append_round(
         entry["aggregate_path"] = name
     document["rounds"].append(entry)
 
-    _write_atomically(audit_path, json.dumps(document, sort_keys=True, indent=1))
+    write_text_atomically(audit_path, json.dumps(document, sort_keys=True, indent=1))
 
 
 def audit_file(audit_path: Path) -> list[RoundAudit]:
@@ -333,14 +343,21 @@ _MODEL_FILE_ERRORS = (*ARRAY_DECODE_ERRORS, zipfile.BadZipFile, zlib.error)
 """Exceptions of numpy and zipfile for a malformed, corrupt or oversized .npz file."""
 
 
-def load_model(path: Path) -> Model:
+def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
     """Load a model saved with ``numpy.savez``, keeping the order of its arrays.
 
+    With `max_bytes`, an archive whose members would take more bytes once
+    decompressed is refused before any is read.
+
     Raises:
-        ValueError: If the file cannot be read, or is not an .npz file of
-            arrays with fixed byte representations.
+        ValueError: If the file cannot be read, is not a regular file, is
+            larger than `max_bytes` once decompressed, or is not an .npz
+            file of arrays with fixed byte representations.
 
     """
+    _check_regular_file(path, what="the model")
+    if max_bytes is not None:
+        _check_archive_size(path, max_bytes)
     try:
         archive = np.load(path, allow_pickle=False)
     except _MODEL_FILE_ERRORS as error:
@@ -364,6 +381,52 @@ def load_model(path: Path) -> Model:
             )
     model_digest(model)
     return model
+
+
+def _check_regular_file(path: Path, *, what: str) -> None:
+    # A FIFO would block the read, and a device such as /dev/zero never ends.
+    try:
+        mode = path.stat().st_mode
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"cannot read {what} {path.name!r}: {error}") from error
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} must be a regular file. Found {path.name!r}.")
+
+
+def _check_archive_size(path: Path, max_bytes: int) -> None:
+    # The sizes come from the zip directory, so a small archive that would
+    # decompress to gigabytes is refused before it is decompressed. A file
+    # that is no zip file gets numpy's own error from the load.
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"cannot load the model {path.name!r}: {error}") from error
+    if total > max_bytes:
+        raise ValueError(
+            f"the model {path.name!r} must take at most {max_bytes} bytes "
+            "decompressed: 8 bytes per value of the run's longest aggregate and "
+            f"{MODEL_SLACK_BYTES} more. Its members take {total}."
+        )
+
+
+def model_byte_limit(audit_path: Path) -> int:
+    """Return the most bytes a model of the run in `audit_path` may take.
+
+    Raises:
+        ValueError: If the file is not an audit file.
+        OSError: If it cannot be read.
+    """
+    document = _read_document(audit_path)
+    lengths = [
+        entry["transcript"].get("aggregate_length")
+        for entry in document["rounds"]
+        if isinstance(entry, dict) and isinstance(entry.get("transcript"), dict)
+    ]
+    longest = max((n for n in lengths if _is_count(n)), default=0)
+    return 8 * longest + MODEL_SLACK_BYTES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -449,8 +512,12 @@ def _print_models(
     no more trustworthy than the round.
     """
     try:
-        audits, last = audit_models(audit_path, load_model(initial_path))
-        final = load_model(final_path) if final_path is not None else None
+        limit = model_byte_limit(audit_path)
+        initial = load_model(initial_path, max_bytes=limit)
+        audits, last = audit_models(audit_path, initial)
+        final = None
+        if final_path is not None:
+            final = load_model(final_path, max_bytes=limit)
     except (OSError, ValueError) as error:
         _say(f"error: cannot follow the models: {error}", error=True)
         return 1
@@ -602,17 +669,36 @@ def _is_count(value: object) -> bool:
 def _resolve_inside(folder: Path, relative: str) -> Path:
     # The audit file is untrusted, so its paths must stay inside its folder.
     candidate = Path(relative)
-    resolved = (folder / candidate).resolve()
+    try:
+        resolved = (folder / candidate).resolve()
+    except (OSError, RuntimeError, ValueError) as error:
+        # Python 3.11 raises RuntimeError for a symlink loop, and ValueError
+        # for a NUL character.
+        raise ValueError(
+            f"aggregate_path {relative[:200]!r} cannot be resolved: {error}"
+        ) from error
     if candidate.is_absolute() or not resolved.is_relative_to(folder.resolve()):
         raise ValueError(
             "aggregate_path must be relative and inside the audit file's folder "
-            f"{str(folder.resolve())!r}. Found {relative!r}."
+            f"{str(folder.resolve())!r}. Found {relative[:200]!r}."
         )
     return resolved
 
 
 def _read_document(audit_path: Path) -> dict[str, Any]:
-    document = parse_untrusted_json(audit_path.read_text(encoding="utf-8"))
+    _check_regular_file(audit_path, what="the audit file")
+    with audit_path.open("rb") as file:
+        data = file.read(MAX_AUDIT_FILE_BYTES + 1)
+    if len(data) > MAX_AUDIT_FILE_BYTES:
+        raise ValueError(
+            f"the audit file must take at most {MAX_AUDIT_FILE_BYTES} bytes. "
+            f"Found more in {audit_path.name!r}."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the audit file must be UTF-8 text: {error}") from None
+    document = parse_untrusted_json(text)
     if not isinstance(document, dict) or document.get("format") != AUDIT_FORMAT:
         raise ValueError(
             f"the file must be a JSON object with format {AUDIT_FORMAT!r}."
@@ -647,17 +733,6 @@ def _entry_field(entry: object, key: str, kind: type = dict) -> Any:
             f"{key} must be a JSON {kind.__name__}. Found {type(value).__name__}."
         )
     return value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ def test_append_round_leaves_no_temporary_file(audit_path):
     assert names == ["audit-run-18446744073709551613-round-2.npy", "audit.json"]
 
 
+def test_audit_file_gets_the_umask_mode(tmp_path, rounds):
+    # The transcript is public, so an auditor running as another user must
+    # be able to read it, as it can read the .npy files beside it.
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / "audit.json"
+        audit.append_round(path, rounds[1].transcript, rounds[1].aggregate)
+    finally:
+        os.umask(previous)
+
+    npy = next(tmp_path.glob("*.npy"))
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert npy.stat().st_mode & 0o777 == 0o644
+
+
 def test_honest_rounds_exit_zero(audit_path, capsys):
     status, out, err = run_main(audit_path, capsys)
 
@@ -268,6 +283,46 @@ def test_hostile_aggregate_fifo_rejected(audit_path, capsys):
     assert status == audit.EXIT_FAILED
     assert "must name a regular file" in out
     assert "round 1: verified" in out
+
+
+def test_hostile_aggregate_symlink_loop_fails_only_its_round(audit_path, capsys):
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    npy = audit_path.parent / entry["aggregate_path"]
+    npy.unlink()
+    npy.symlink_to(npy.name)
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 2: FAILED: the aggregate cannot be loaded" in out
+    assert "cannot be resolved" in out
+    assert "round 1: verified" in out
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_hostile_audit_file_that_is_not_a_file_rejected(tmp_path, capsys, kind):
+    path = tmp_path / "audit.json"
+    if kind == "fifo":
+        # Opening a FIFO for reading would wait for a writer forever.
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+
+    status, _, err = run_main(path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "the audit file must be a regular file" in err
+
+
+def test_hostile_audit_file_above_size_limit_rejected(audit_path, capsys, monkeypatch):
+    monkeypatch.setattr(audit, "MAX_AUDIT_FILE_BYTES", audit_path.stat().st_size - 1)
+
+    status, _, err = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert f"must take at most {audit_path.stat().st_size - 1} bytes" in err
 
 
 FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 rounds verified, 0 discarded\n"

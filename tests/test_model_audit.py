@@ -9,6 +9,7 @@ model or the audit file.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -307,6 +308,37 @@ def test_hostile_model_file_rejected(
 
     assert code == 1
     assert message in capsys.readouterr().err
+
+
+def test_hostile_model_decompression_bomb_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Zeros compress about a thousandfold, so the archive is small on disk
+    # and would take far more than the run's models once loaded.
+    monkeypatch.setattr(audit, "MODEL_SLACK_BYTES", 1024)
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    limit = audit.model_byte_limit(path)
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, weights=np.zeros(100 * limit, dtype=np.uint8))
+    assert bomb.stat().st_size < limit
+
+    code = audit.main([str(path), "--initial-model", str(bomb)])
+
+    assert code == 1
+    assert f"must take at most {limit} bytes decompressed" in capsys.readouterr().err
+
+
+def test_hostile_model_fifo_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+
+    code = audit.main([str(path), "--initial-model", str(fifo)])
+
+    assert code == 1
+    assert "the model must be a regular file" in capsys.readouterr().err
 
 
 def test_final_model_needs_initial_model(tmp_path: Path) -> None:

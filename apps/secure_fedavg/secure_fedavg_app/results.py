@@ -6,13 +6,13 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedsec_flwr import RoundReport
+from fedsec_flwr.files import write_text_atomically
 
 RESULTS_FILENAME = "results.json"
 STATUS_RUNNING = "running"
@@ -129,18 +129,7 @@ class ResultsFile:
         # JSON has no NaN or infinity, so such numbers are written as null.
         document = _finite_json(self._document)
         text = json.dumps(document, indent=2, sort_keys=False, allow_nan=False) + "\n"
-        descriptor, temp_name = tempfile.mkstemp(
-            prefix=".results-", suffix=".json.tmp", dir=self.path.parent
-        )
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-                stream.write(text)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temp_name, self.path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        write_text_atomically(self.path, text)
 
 
 def collect_run_info(source_dir: Path | None) -> dict[str, Any]:
