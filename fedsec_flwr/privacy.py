@@ -52,6 +52,7 @@ from .dp.adaptive import (
     BIT_NOISE_FRACTION,
     BIT_SENSITIVITY,
     AdaptiveClipping,
+    check_clipping_learning_rate,
     client_bit,
     effective_noise_multiplier,
 )
@@ -209,7 +210,9 @@ class DPConfig:
             raise ValueError(
                 f"target_quantile must be in (0, 1). Found {self.target_quantile!r}."
             )
-        _check_positive("clipping_learning_rate", self.clipping_learning_rate)
+        check_clipping_learning_rate(
+            "clipping_learning_rate", self.clipping_learning_rate
+        )
         if self.clipped_count_stddev is not None:
             _check_positive("clipped_count_stddev", self.clipped_count_stddev)
         if (

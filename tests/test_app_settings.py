@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -126,22 +127,24 @@ def test_dropout_fraction_reaches_the_dp_config() -> None:
     assert config.max_dropout_fraction == 0.3
 
 
+@pytest.mark.parametrize("value", [1e-300, 16384.5, 1e300])
 @pytest.mark.parametrize(
     ("changes", "key"),
     [
-        ({"dp_mode": "central", "noise_multiplier": 1e-300}, "noise-multiplier"),
-        (
-            {"dp_sgd": True, "dp_sgd_noise_multiplier": 1e-300},
-            "dp-sgd-noise-multiplier",
-        ),
+        ({"dp_mode": "central"}, "noise-multiplier"),
+        ({"dp_sgd": True}, "dp-sgd-noise-multiplier"),
     ],
 )
-def test_noise_multiplier_below_floor_rejected(
-    changes: dict[str, object], key: str
+def test_noise_multiplier_out_of_range_rejected(
+    changes: dict[str, object], key: str, value: float
 ) -> None:
+    # DP-SGD clients would reject the value only once the run has started.
     with pytest.raises(
-        ValueError, match=rf"{key} must be 0 or at least 0\.0009765625 \(2\*\*-10\)"
+        ValueError,
+        match=rf"{key} must be 0 or in \[0\.0009765625, 16384\] \(2\*\*-10 to "
+        rf"2\*\*14\); found {re.escape(str(value))}",
     ):
+        parse(**changes, **{key.replace("-", "_"): value})
         parse(**changes)
 
 
@@ -332,6 +335,15 @@ def test_dotted_parameter_named_as_one_key() -> None:
         (
             {"dp_mode": "central", "noise_multiplier": 1e4, "clipping_norm": 1e35},
             r"noise-multiplier \* clipping-norm",
+        ),
+        (
+            {
+                "dp_mode": "central",
+                "noise_multiplier": 1.0,
+                "adaptive_clipping": True,
+                "clipping_learning_rate": 1e300,
+            },
+            r"clipping-learning-rate must be in \(0, 10\]: .* Found 1e\+300",
         ),
     ],
 )

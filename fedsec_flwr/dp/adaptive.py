@@ -47,6 +47,11 @@ DEFAULT_TARGET_QUANTILE = 0.5
 DEFAULT_LEARNING_RATE = 0.2
 """Learning rate eta of the geometric update, as Andrew et al. recommend."""
 
+MAX_LEARNING_RATE = 10.0
+"""Largest eta. The norm then changes by a factor of up to exp(10), about
+22,000, per round; a larger eta would overflow the float range after one
+round at eta = 710."""
+
 BIT_NOISE_FRACTION = 1 / 20
 """Default sigma_b as a fraction of the expected clients per round (m / 20)."""
 
@@ -140,7 +145,7 @@ class AdaptiveClipping:
             raise ValueError(
                 f"target_quantile must be in [0, 1]. Found {self.target_quantile}."
             )
-        _check_positive("learning_rate", self.learning_rate)
+        check_clipping_learning_rate("learning_rate", self.learning_rate)
         if self.bit_noise_std is None:
             self.bit_noise_std = BIT_NOISE_FRACTION * self.num_sampled
         _check_positive("bit_noise_std", self.bit_noise_std)
@@ -194,10 +199,26 @@ class AdaptiveClipping:
 
         unclipped_fraction = min(max(noisy_bit_sum / num_aggregated, 0.0), 1.0)
         step = -self.learning_rate * (unclipped_fraction - self.target_quantile)
-        self.clipping_norm *= math.exp(step)
+        clipping_norm = self.clipping_norm * math.exp(step)
+        if not math.isfinite(clipping_norm) or clipping_norm <= 0.0:
+            raise ValueError(
+                f"the adaptive clipping norm left the float range: {self.clipping_norm}"
+                f" * exp({step}) is {clipping_norm}. Lower learning_rate (found "
+                f"{self.learning_rate}) or start from another clipping_norm."
+            )
+        self.clipping_norm = clipping_norm
         logger.debug("Adaptive clipping norm is now %.6g", self.clipping_norm)
 
         return self.clipping_norm
+
+
+def check_clipping_learning_rate(name: str, value: float) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a usable eta."""
+    if not math.isfinite(value) or not 0.0 < value <= MAX_LEARNING_RATE:
+        raise ValueError(
+            f"{name} must be in (0, {MAX_LEARNING_RATE:g}]: the clipping norm "
+            f"changes by a factor of up to exp({name}) per round. Found {value}."
+        )
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -184,7 +184,7 @@ def test_effective_noise_multiplier_validation(arguments: dict, message: str) ->
         ({"num_sampled": 0}, r"num_sampled must be at least 1\. Found 0"),
         ({"num_sampled": 2.5}, r"num_sampled must be an int\. Found 2\.5"),
         ({"target_quantile": 1.5}, r"target_quantile must be in \[0, 1\]"),
-        ({"learning_rate": 0.0}, r"learning_rate must be finite and positive"),
+        ({"learning_rate": 0.0}, r"learning_rate must be in \(0, 10\]"),
         ({"bit_noise_std": 0.0}, r"bit_noise_std must be finite and positive"),
     ],
 )
@@ -217,3 +217,35 @@ def test_noisy_bit_sum_rejects_negative() -> None:
 
     with pytest.raises(ValueError, match=r"bit_sum must be non-negative\. Found -1"):
         state.noisy_bit_sum(-1, rng=SecureRandom())
+
+
+@pytest.mark.parametrize("learning_rate", [10.5, 1e300, math.inf, math.nan, 0.0])
+def test_learning_rate_out_of_range_rejected(learning_rate: float) -> None:
+    with pytest.raises(ValueError, match=r"learning_rate must be in \(0, 10\]"):
+        AdaptiveClipping(clipping_norm=1.0, num_sampled=10, learning_rate=learning_rate)
+
+
+def test_dp_config_bounds_clipping_learning_rate() -> None:
+    from fedsec_flwr.privacy import DPConfig, DPMode
+
+    with pytest.raises(
+        ValueError, match=r"clipping_learning_rate must be in \(0, 10\].*Found 1e\+300"
+    ):
+        DPConfig(
+            mode=DPMode.CENTRAL,
+            noise_multiplier=1.0,
+            adaptive_clipping=True,
+            clipping_learning_rate=1e300,
+        )
+
+
+def test_norm_leaving_float_range_raises_instead_of_overflowing() -> None:
+    clipping = AdaptiveClipping(
+        clipping_norm=1e306, num_sampled=10, target_quantile=1.0, learning_rate=10.0
+    )
+
+    # Every update clipped: the norm grows by exp(10) and passes 1.8e308.
+    with pytest.raises(ValueError, match=r"left the float range.*Lower learning_rate"):
+        clipping.update(noisy_bit_sum=0.0, num_aggregated=10)
+
+    assert clipping.clipping_norm == 1e306

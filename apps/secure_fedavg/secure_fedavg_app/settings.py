@@ -11,7 +11,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import TypeVar
 
 from fedsec_flwr.config import KEY_LIFETIMES
-from fedsec_flwr.dp.accounting import MAX_PRV_STEPS, MIN_NOISE_MULTIPLIER
+from fedsec_flwr.dp.accounting import (
+    MAX_PRV_STEPS,
+    MAX_SEARCH_NOISE_MULTIPLIER,
+    MIN_NOISE_MULTIPLIER,
+)
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
@@ -571,11 +575,12 @@ def _check_min_float(key: str, value: float) -> str:
 
 
 def _check_noise_floor(key: str, value: float) -> str:
-    # 0 means "calibrate from the target", so only small positive values fail.
-    if value == 0.0 or value >= MIN_NOISE_MULTIPLIER:
+    # 0 means "calibrate from the target", so only other values are bounded.
+    if value == 0.0 or MIN_NOISE_MULTIPLIER <= value <= MAX_SEARCH_NOISE_MULTIPLIER:
         return ""
     return (
-        f"{key} must be 0 or at least {MIN_NOISE_MULTIPLIER} (2**-10); found {value}."
+        f"{key} must be 0 or in [{MIN_NOISE_MULTIPLIER}, "
+        f"{MAX_SEARCH_NOISE_MULTIPLIER:g}] (2**-10 to 2**14); found {value}."
     )
 
 
