@@ -39,6 +39,7 @@ from .dp.accounting import (
     ACCOUNTANT_RDP,
     MAX_PRV_STEPS,
     MIN_DISCRETE_SIGMA,
+    MIN_NOISE_MULTIPLIER,
     DistributedDiscreteGaussianEvent,
     GaussianEvent,
     PrivacyAccountant,
@@ -906,7 +907,8 @@ def _distributed_search(
     """Bisect for the smallest z above ``low`` that passes the server's projection.
 
     Returns z twice, or ``None`` and a z that is too small when no z passes
-    whose noise headroom fits the modulus, up to `MAX_NOISE_MULTIPLIER`.
+    whose noise headroom fits the modulus, up to `MAX_NOISE_MULTIPLIER`. z
+    is never below `MIN_NOISE_MULTIPLIER`, which a loose target may allow.
     """
     target = server.config.target_epsilon
     assert target is not None
@@ -939,6 +941,11 @@ def _distributed_search(
     else:
         return None, low
 
+    low = max(low, MIN_NOISE_MULTIPLIER)
+    if low >= high:
+        return high, high
+    if fits(low):
+        return low, low
     for _ in range(SEARCH_STEPS):
         middle = 0.5 * (low + high)
         if fits(middle):

@@ -15,6 +15,7 @@ import random
 import pytest
 
 from fedsec_flwr.dp import TargetEpsilonUnreachableError
+from fedsec_flwr.dp.accounting import MIN_NOISE_MULTIPLIER
 from fedsec_flwr.privacy import (
     DPConfig,
     DPMode,
@@ -373,3 +374,12 @@ def test_central_bit_noise_follows_expected_clients() -> None:
     assert privacy.adaptive is not None
     assert privacy.adaptive.num_sampled == 40
     assert privacy.adaptive.noise_std == 2.0
+
+
+@pytest.mark.parametrize("target", [1e8, 1e300])
+def test_loose_target_keeps_the_smallest_noise_multiplier(target: float) -> None:
+    privacy = server(target=target, rounds=2, fraction=0.1)
+
+    plan = privacy.plan(num_sampled=40, dimension=DIMENSION)
+
+    assert plan.noise_multiplier == MIN_NOISE_MULTIPLIER
