@@ -97,19 +97,23 @@ def test_node_policy_omits_train_loss(node_policy: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("node_policy", "sent"),
+    ("node_policy", "changes", "sent"),
     [
-        ({}, True),
-        ({"require-secure-aggregation": True}, False),
-        ({"dp-max-epsilon": 5.0}, False),
+        ({}, {}, True),
+        ({"require-secure-aggregation": True}, {}, False),
+        ({"dp-max-epsilon": 5.0}, {}, False),
+        ({}, {"dp_mode": "central", "noise_multiplier": 1.0}, False),
     ],
-    ids=["no-policy", "secure-aggregation", "dp-budget"],
+    ids=["no-policy", "secure-aggregation", "dp-budget", "client-level-dp"],
 )
 def test_private_node_withholds_dp_sgd_epsilon(
-    node_policy: dict[str, object], sent: bool
+    node_policy: dict[str, object], changes: dict[str, object], sent: bool
 ) -> None:
-    # The sample-level epsilon is a function of the node's number of examples.
-    metrics = train_metrics(node_policy, dp_sgd=True, dp_sgd_noise_multiplier=1.0)
+    # The sample-level epsilon is a function of the node's number of
+    # examples, which client-level DP keeps from the server too.
+    metrics = train_metrics(
+        node_policy, dp_sgd=True, dp_sgd_noise_multiplier=1.0, **changes
+    )
 
     assert ("sample-epsilon" in metrics) is sent
     assert ("sample-round-epsilon" in metrics) is sent

@@ -102,8 +102,13 @@ def plain_train(msg: Message, context: Context) -> Message:
         )
         state = model.state_dict()
 
-    if NodePolicy.from_node_config(context.node_config).private:
-        # The DP-SGD epsilon depends on this node's number of examples.
+    if extra_metrics and (
+        settings.dp_mode != "off"
+        or NodePolicy.from_node_config(context.node_config).private
+    ):
+        # The DP-SGD epsilon depends on this node's number of examples, which
+        # client-level DP and a private node's policy keep from the server.
+        logger.info("DP-SGD sample-level epsilon: %s", extra_metrics)
         extra_metrics = {}
     received_keys = list(msg.content.array_records[ARRAYS_KEY].keys())
     arrays = ArrayRecord({key: state[key] for key in received_keys})
