@@ -79,6 +79,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -95,7 +96,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import REPOSITORY_ROOT, git_commit, machine_info
-from fedsec_flwr.dp.accounting import noise_multiplier_for_target
+from fedsec_flwr.dp.accounting import noise_multiplier_for_target, rdp_epsilon_floor
 from fedsec_flwr.launch import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -1642,6 +1643,12 @@ def _parse_methods(text: str) -> tuple[str, ...]:
     return tuple(method for method in METHODS if method in names)
 
 
+EPSILON_PATTERN = re.compile(
+    r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?"
+)
+"""A decimal number in ASCII digits, as ``--epsilons`` takes it."""
+
+
 def _parse_epsilons(text: str) -> tuple[float | None, ...]:
     """Return the named target epsilons, ``None`` for no DP, without repeats."""
     epsilons: list[float | None] = []
@@ -1653,17 +1660,22 @@ def _parse_epsilons(text: str) -> tuple[float | None, ...]:
 
 
 def _parse_epsilon(item: str, text: str) -> float | None:
-    """Return one item of ``--epsilons``: a positive finite number or ``none``."""
+    """Return one item of ``--epsilons``: a reachable target or ``none``.
+
+    The RDP accountant reports no epsilon below ``rdp_epsilon_floor`` at
+    the benchmark's delta, so a smaller target could only fail its run.
+    """
     if item.lower() == "none":
         return None
-    try:
+    floor = rdp_epsilon_floor(DELTA)
+    epsilon = math.nan
+    if EPSILON_PATTERN.fullmatch(item):
         epsilon = float(item)
-    except ValueError:
-        epsilon = math.nan
-    if not math.isfinite(epsilon) or epsilon <= 0.0:
+    if not floor <= epsilon < math.inf:
         raise argparse.ArgumentTypeError(
-            "--epsilons must list positive finite numbers or 'none'. "
-            f"Found {item!r} in {text!r}."
+            f"--epsilons must list 'none' or decimal numbers of at least {floor:.4g}, "
+            f"the RDP accountant's smallest epsilon at delta {DELTA:g}. Found "
+            f"{item[:40]!r} in {text[:80]!r}."
         )
     return epsilon
 

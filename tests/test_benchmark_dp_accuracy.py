@@ -346,7 +346,10 @@ def test_epsilons_option_selects_targets() -> None:
     assert [c.target_epsilon for c in plan_configurations(profile)] == [3.0, None, 1.0]
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "inf", "nan", "eight", "3,,1"])
+@pytest.mark.parametrize(
+    "text",
+    ["0", "-1", "inf", "nan", "eight", "3,,1", "0.001", "1e309", "\uff11", "1_0"],
+)
 def test_epsilons_option_rejects_invalid_targets(
     text: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -354,6 +357,15 @@ def test_epsilons_option_rejects_invalid_targets(
         parse_args(["--out", "x", "--epsilons", text])
 
     assert f"in {text!r}" in capsys.readouterr().err
+
+
+def test_epsilons_option_shortens_long_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--epsilons", "9" * 5000 + "x"])
+
+    assert len(capsys.readouterr().err) < 1000
 
 
 def test_epsilons_option_not_with_merge() -> None:
