@@ -29,6 +29,7 @@ from .dp.accounting import (
     ACCOUNTANT_RDP,
     MIN_DISCRETE_SIGMA,
     DistributedDiscreteGaussianEvent,
+    check_delta,
     compute_epsilon,
     quantized_l2_sensitivity,
 )
@@ -91,8 +92,7 @@ class ClientPrivacyBudget:
                 f"max_epsilon must be a finite number above 0. "
                 f"Found {self.max_epsilon!r}."
             )
-        if not _is_number(self.delta) or not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1). Found {self.delta!r}.")
+        check_delta("delta", self.delta)
         if (
             isinstance(self.min_honest_clients, bool)
             or not isinstance(self.min_honest_clients, int)

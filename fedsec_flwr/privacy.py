@@ -44,6 +44,7 @@ from .dp.accounting import (
     GaussianEvent,
     PrivacyAccountant,
     TargetEpsilonUnreachableError,
+    check_delta,
     check_noise_multiplier,
     compute_epsilon,
     noise_multiplier_for_target,
@@ -184,12 +185,7 @@ class DPConfig:
                 )
         if self.target_epsilon is not None:
             _check_positive("target_epsilon", self.target_epsilon)
-        if (
-            isinstance(self.delta, bool)
-            or not isinstance(self.delta, int | float)
-            or not 0.0 < self.delta < 1.0
-        ):
-            raise ValueError(f"delta must be in (0, 1). Found {self.delta!r}.")
+        check_delta("delta", self.delta)
         if not isinstance(self.adaptive_clipping, bool):
             raise ValueError(
                 f"adaptive_clipping must be a bool. Found {self.adaptive_clipping!r}."

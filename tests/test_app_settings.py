@@ -71,9 +71,14 @@ def test_huge_integers_rejected(key: str, value: int) -> None:
         parse(**{key: value})
 
 
-def test_delta_of_one_rejected() -> None:
-    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\); found 1.0"):
-        parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, delta=1.0)
+@pytest.mark.parametrize("delta", [1.0, 0.5, 0.1])
+def test_delta_of_a_tenth_or_more_rejected(delta: float) -> None:
+    # A mechanism that publishes each record with probability delta meets
+    # (0, delta)-DP, so such a delta protects nothing worth reporting.
+    with pytest.raises(
+        ValueError, match=rf"delta must be in \(0, 0.1\): .*; found {delta}"
+    ):
+        parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, delta=delta)
 
 
 def test_blank_output_dir_rejected() -> None:

@@ -83,6 +83,12 @@ Smaller values protect nothing, and at 1e-300 Opacus's RDP formula divides
 by the square of the multiplier, which is 0.0 in floating point.
 """
 
+MAX_DELTA = 0.1
+"""Delta must be below this. A mechanism that publishes each record with
+probability delta meets (0, delta)-DP, so at 0.1 the guarantee allows one
+record in ten to be published, and the accountants then report epsilon 0
+for large noise."""
+
 MIN_SEARCH_NOISE_MULTIPLIER = MIN_NOISE_MULTIPLIER
 """Smallest noise multiplier that `noise_multiplier_for_target` tries."""
 
@@ -955,8 +961,20 @@ def _check_accountant(accountant: str) -> None:
 
 
 def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1). Found {delta}.")
+    check_delta("delta", delta)
+
+
+def check_delta(name: str, value: object) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a usable delta.
+
+    It must be a number in (0, `MAX_DELTA`).
+    """
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not 0.0 < value < MAX_DELTA:  # type: ignore[operator]
+        raise ValueError(
+            f"{name} must be in (0, {MAX_DELTA:g}): delta is the probability that "
+            f"the guarantee fails outright. Found {value!r}."
+        )
 
 
 def _check_sample_rate(sample_rate: float) -> None:

@@ -60,6 +60,7 @@ from .accounting import (
     ACCOUNTANT_RDP,
     ACCOUNTANTS,
     GaussianEvent,
+    check_delta,
     check_noise_multiplier,
     compute_epsilon,
     noise_multiplier_for_target,
@@ -185,7 +186,7 @@ class DPSGDConfig:
             "num_rounds",
             "max_grad_norm",
         )
-        _check_probability("delta", self.delta)
+        check_delta("delta", self.delta)
         self._check_noise_mode()
         _check_number("max_grad_norm", self.max_grad_norm)
         if self.max_grad_norm <= 0:
@@ -307,7 +308,7 @@ class _Calibration:
 
     def __post_init__(self) -> None:
         _check_number("target_epsilon", self.target_epsilon)
-        _check_probability("delta", self.delta)
+        check_delta("delta", self.delta)
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(
                 f"accountant must be one of {ACCOUNTANTS}. Found {self.accountant!r}."
@@ -1096,12 +1097,6 @@ def _check_number(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a number. Found {value!r}.")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite. Found {value}.")
-
-
-def _check_probability(name: str, value: float) -> None:
-    _check_number(name, value)
-    if not 0 < value < 1:
-        raise ValueError(f"{name} must be in (0, 1). Found {value}.")
 
 
 def _check_positive_int(name: str, value: int) -> None:

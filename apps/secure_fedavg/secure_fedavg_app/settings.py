@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from fedsec_flwr.config import KEY_LIFETIMES
 from fedsec_flwr.dp.accounting import (
+    MAX_DELTA,
     MAX_PRV_STEPS,
     MAX_SEARCH_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
@@ -256,7 +257,7 @@ class AppSettings:
             _check_min_float("noise-multiplier", self.noise_multiplier),
             _check_noise_floor("noise-multiplier", self.noise_multiplier),
             _check_min_float("target-epsilon", self.target_epsilon),
-            _check_open_fraction("delta", self.delta),
+            _check_delta(self.delta),
             _check_dropout_fraction(
                 "dp-max-dropout-fraction", self.dp_max_dropout_fraction
             ),
@@ -572,6 +573,15 @@ def _check_min_float(key: str, value: float) -> str:
     if value >= 0.0:
         return ""
     return f"{key} must be at least 0; found {value}."
+
+
+def _check_delta(value: float) -> str:
+    if 0.0 < value < MAX_DELTA:
+        return ""
+    return (
+        f"delta must be in (0, {MAX_DELTA:g}): it is the probability that the "
+        f"guarantee fails outright; found {value}."
+    )
 
 
 def _check_noise_floor(key: str, value: float) -> str:
