@@ -80,6 +80,10 @@ MAX_AUDIT_FILE_BYTES = 2**30
 plus at most 8 KB of inline aggregate, and parsing takes several times
 the file's size in memory."""
 
+MAX_LINE_CHARACTERS = 2000
+"""Longest line the command prints; reasons that quote long values from
+the audit file are cut there."""
+
 MODEL_SLACK_BYTES = 64 * 2**20
 """Bytes that a model file may hold beyond 8 bytes per value of the run's
 longest aggregate: headers, and arrays that are not aggregated."""
@@ -551,7 +555,11 @@ def _say(text: str, *, error: bool = False) -> None:
     terminal as such. Non-ASCII characters are escaped too, so the line
     prints whatever encoding the output stream has.
     """
-    print(_printable(text), file=sys.stderr if error else sys.stdout)
+    line = _printable(text)
+    if len(line) > MAX_LINE_CHARACTERS:
+        cut = len(line) - MAX_LINE_CHARACTERS
+        line = f"{line[:MAX_LINE_CHARACTERS]}... ({cut} more characters)"
+    print(line, file=sys.stderr if error else sys.stdout)
 
 
 def _printable(text: str) -> str:

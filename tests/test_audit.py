@@ -187,6 +187,7 @@ def test_tamper_malformed_transcript_reported_by_entry(audit_path, capsys):
         ({"aggregate_path": "../outside.npy"}, "must be relative and inside"),
         ({"aggregate_path": "/etc/passwd"}, "must be relative and inside"),
         ({"aggregate_path": "missing.npy"}, "No such file"),
+        ({"aggregate_path": "a\x00b.npy"}, "aggregate_path 'a\\x00b.npy' cannot be"),
         ({"aggregate_hex": "123"}, "lowercase hex of whole uint32 values"),
         ({"aggregate_hex": "0100000A"}, "lowercase hex of whole uint32 values"),
         ({"aggregate_hex": "01000000 "}, "lowercase hex of whole uint32 values"),
@@ -323,6 +324,17 @@ def test_hostile_audit_file_above_size_limit_rejected(audit_path, capsys, monkey
 
     assert status == audit.EXIT_FAILED
     assert f"must take at most {audit_path.stat().st_size - 1} bytes" in err
+
+
+def test_hostile_long_value_printed_shortened(audit_path, capsys):
+    rewrite(audit_path, lambda d: d["rounds"][1].update(aggregate_path="a" * 10**6))
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "round 2: FAILED" in out
+    assert max(len(line) for line in out.splitlines()) < 2100
+    assert "more characters)" in out
 
 
 FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 rounds verified, 0 discarded\n"
