@@ -81,8 +81,8 @@ plus at most 8 KB of inline aggregate, and parsing takes several times
 the file's size in memory."""
 
 MAX_LINE_CHARACTERS = 2000
-"""Longest line the command prints; reasons that quote long values from
-the audit file are cut there."""
+"""Maximum characters in a line that the command prints. Reasons quote
+values from the audit file, and a longer line is cut."""
 
 MODEL_SLACK_BYTES = 64 * 2**20
 """Bytes that a model file may hold beyond 8 bytes per value of the run's
@@ -359,7 +359,7 @@ def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
             file of arrays with fixed byte representations.
 
     """
-    _check_regular_file(path, what="the model")
+    _check_regular_file(path, description="the model")
     if max_bytes is not None:
         _check_archive_size(path, max_bytes)
     try:
@@ -387,14 +387,14 @@ def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
     return model
 
 
-def _check_regular_file(path: Path, *, what: str) -> None:
+def _check_regular_file(path: Path, *, description: str) -> None:
     # A FIFO would block the read, and a device such as /dev/zero never ends.
     try:
         mode = path.stat().st_mode
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"cannot read {what} {path.name!r}: {error}") from error
+        raise ValueError(f"cannot read {description} {path.name!r}: {error}") from error
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} must be a regular file. Found {path.name!r}.")
+        raise ValueError(f"{description} must be a regular file. Found {path.name!r}.")
 
 
 def _check_archive_size(path: Path, max_bytes: int) -> None:
@@ -694,7 +694,7 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
 
 
 def _read_document(audit_path: Path) -> dict[str, Any]:
-    _check_regular_file(audit_path, what="the audit file")
+    _check_regular_file(audit_path, description="the audit file")
     with audit_path.open("rb") as file:
         data = file.read(MAX_AUDIT_FILE_BYTES + 1)
     if len(data) > MAX_AUDIT_FILE_BYTES:

@@ -7,8 +7,8 @@ import secrets
 from pathlib import Path
 
 NEW_FILE_MODE = 0o666
-"""Mode asked for a new file; the process umask removes bits from it, as
-for any file that ``open`` creates."""
+"""Mode requested for a new file. The process umask removes bits from it,
+as for any file that ``open`` creates."""
 
 
 def write_text_atomically(path: Path, text: str) -> None:

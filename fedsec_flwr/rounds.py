@@ -127,8 +127,8 @@ class RoundOutcome:
     round's share-keys exchange, with its ``result``."""
     mean_update: NDArray[np.float64] | None = None
     """The mean update, with any DP noise, that ``arrays`` adds to the
-    round's global model over its float arrays; ``None`` for a discarded
-    round, which applies none."""
+    round's global model over its float arrays. A discarded round applies
+    none, so it has ``None``."""
 
 
 class PendingVerification:

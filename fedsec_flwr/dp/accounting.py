@@ -84,10 +84,10 @@ by the square of the multiplier, which is 0.0 in floating point.
 """
 
 MAX_DELTA = 0.1
-"""Delta must be below this. A mechanism that publishes each record with
-probability delta meets (0, delta)-DP, so at 0.1 the guarantee allows one
-record in ten to be published, and the accountants then report epsilon 0
-for large noise."""
+"""Exclusive upper bound on delta. A mechanism that publishes each record
+with probability delta meets (0, delta)-DP, so at 0.1 the guarantee allows
+one record in ten to be published, and the accountants can report
+epsilon 0 for large noise."""
 
 MIN_SEARCH_NOISE_MULTIPLIER = MIN_NOISE_MULTIPLIER
 """Smallest noise multiplier that `noise_multiplier_for_target` tries."""

@@ -49,8 +49,7 @@ DEFAULT_LEARNING_RATE = 0.2
 
 MAX_LEARNING_RATE = 10.0
 """Largest eta. The norm then changes by a factor of up to exp(10), about
-22,000, per round; a larger eta would overflow the float range after one
-round at eta = 710."""
+22,000, per round. From eta = 710 on, exp(eta) overflows the float range."""
 
 BIT_NOISE_FRACTION = 1 / 20
 """Default sigma_b as a fraction of the expected clients per round (m / 20)."""
