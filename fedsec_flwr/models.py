@@ -423,6 +423,12 @@ class ModelDecoding:
             noise_headroom=data["noise_headroom"],
         )
         bit_slot = data["bit_slot"]
+        if bit_slot < -1:
+            # -1 alone stands for "no bit", so that each decoding has one form.
+            raise ValueError(
+                f"decoding bit_slot must be -1 (no bit) or at least 0. Found "
+                f"{bit_slot}."
+            )
         return cls(
             params=params,
             layout=CommitmentLayout(

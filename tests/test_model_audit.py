@@ -149,6 +149,10 @@ MALFORMED = "the round's settings are malformed: "
         (lambda e: e["decoding"].update(modulus=1000), "power of two"),
         (lambda e: e["decoding"].update(clip_range=1e308), "finite, nonzero grid"),
         (lambda e: e["decoding"].update(bit_slot=10**9), SETTINGS_NOT_SIGNED),
+        (
+            lambda e: e["decoding"].update(bit_slot=-(10**19)),
+            MALFORMED + "decoding bit_slot must be -1 (no bit) or at least 0",
+        ),
         (lambda e: e.update(config_sha256="AB" * 32), MALFORMED + "config_sha256"),
         (lambda e: e.update(fields_sha256="ab"), MALFORMED + "fields_sha256"),
         (lambda e: e.update(fields_sha256="00" * 32), SETTINGS_NOT_SIGNED),
