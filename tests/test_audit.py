@@ -410,6 +410,7 @@ def test_hostile_huge_integer_fails_only_its_round(audit_path, capsys):
 
     assert status == audit.EXIT_FAILED
     assert "entry 0: FAILED: the transcript is malformed: server_round" in out
+    assert "Found an integer of 5000 digits, more than 20" in out
     assert "round 2: verified" in out
 
 

@@ -741,9 +741,15 @@ def _hex_map(mapping: Mapping[int, bytes]) -> dict[str, str]:
 def _require(data: Mapping[str, Any], key: str, kind: type) -> Any:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(
-            f"{key} must be a JSON {kind.__name__}. Found {type(value).__name__}."
-        )
+        found = type(value).__name__
+        digits = value.lstrip("-") if isinstance(value, str) else ""
+        if kind is int and digits.isdigit() and len(digits) > MAX_JSON_INTEGER_DIGITS:
+            # parse_untrusted_json keeps such a long integer literal as text.
+            found = (
+                f"an integer of {len(digits)} digits, more than "
+                f"{MAX_JSON_INTEGER_DIGITS}"
+            )
+        raise ValueError(f"{key} must be a JSON {kind.__name__}. Found {found}.")
     return value
 
 
