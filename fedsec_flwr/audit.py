@@ -685,6 +685,11 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
         raise ValueError(
             f"aggregate_path {relative[:200]!r} cannot be resolved: {error}"
         ) from error
+    if resolved == folder.resolve():
+        raise ValueError(
+            f"aggregate_path must name a file in the audit file's folder, not the "
+            f"folder itself. Found {relative[:200]!r}."
+        )
     if candidate.is_absolute() or not resolved.is_relative_to(folder.resolve()):
         raise ValueError(
             "aggregate_path must be relative and inside the audit file's folder "

@@ -187,6 +187,8 @@ def test_tamper_malformed_transcript_reported_by_entry(audit_path, capsys):
         ({"aggregate_path": "../outside.npy"}, "must be relative and inside"),
         ({"aggregate_path": "/etc/passwd"}, "must be relative and inside"),
         ({"aggregate_path": "missing.npy"}, "No such file"),
+        ({"aggregate_path": "."}, "not the folder itself. Found '.'"),
+        ({"aggregate_path": ""}, "not the folder itself. Found ''"),
         ({"aggregate_path": "a\x00b.npy"}, "aggregate_path 'a\\x00b.npy' cannot be"),
         ({"aggregate_hex": "123"}, "lowercase hex of whole uint32 values"),
         ({"aggregate_hex": "0100000A"}, "lowercase hex of whole uint32 values"),
