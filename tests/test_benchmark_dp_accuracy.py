@@ -28,6 +28,7 @@ from benchmarks.dp_accuracy import (
     FEDERATED_DP_SGD,
     FEDERATED_DP_SGD_LONG,
     FEDERATED_DP_SGD_MOMENTUM,
+    FEDERATED_DP_SGD_THREE_CLIENTS,
     FEDERATED_DP_SGD_TUNED,
     FULL,
     JSON_FILENAME,
@@ -97,9 +98,9 @@ def test_full_plan_has_every_point() -> None:
     configurations = plan_configurations(FULL)
     names = [configuration.name for configuration in configurations]
 
-    # Ten methods at four epsilons, less the four runs without DP that the
+    # Eleven methods at four epsilons, less the four runs without DP that the
     # three-round DP-SGD pair and the two client-level families share.
-    assert len(configurations) == 36
+    assert len(configurations) == 40
     assert len(set(names)) == len(names)
     assert {c.method for c in configurations} == set(METHODS)
 
@@ -192,6 +193,15 @@ def test_momentum_method_differs_only_in_server_momentum() -> None:
     assert "server-momentum" not in dp_sgd_overrides(long, 1.0)
 
 
+def test_three_client_method_differs_only_in_clients() -> None:
+    long = federated_settings(FULL, FEDERATED_DP_SGD_LONG)
+    three = federated_settings(FULL, FEDERATED_DP_SGD_THREE_CLIENTS)
+
+    assert three.num_clients == 3
+    assert three.partition_size == 20_000
+    assert dataclasses.replace(three, num_clients=10) == long
+
+
 def test_federated_settings_rejects_central() -> None:
     with pytest.raises(ValueError, match="federated method"):
         federated_settings(FULL, CENTRAL_DP_SGD)
@@ -209,7 +219,11 @@ def test_every_run_config_accepted_by_app(
     app_config = defaults["tool"]["flwr"]["app"]["config"]
     run_configs = [
         dp_sgd_overrides(federated_settings(profile, method), target_epsilon)
-        for method in (FEDERATED_DP_SGD, FEDERATED_DP_SGD_MOMENTUM)
+        for method in (
+            FEDERATED_DP_SGD,
+            FEDERATED_DP_SGD_MOMENTUM,
+            FEDERATED_DP_SGD_THREE_CLIENTS,
+        )
     ]
     for method in (
         CLIENT_DP_CENTRAL,
