@@ -1431,6 +1431,9 @@ MERGE_MUST_MATCH = ("dataset", "delta", "seed", "profile")
 """Fields of ``dp_accuracy.json`` that every merged invocation must share."""
 
 RUN_SUBSET_FIELDS = ("methods", "epsilons")
+SETTINGS_ADDED_WITH_DEFAULTS = {"server_momentum": 0.0}
+"""Fields added to `FederatedSettings` after results were recorded, with the
+default that the earlier runs used. Merging leaves them out at that value."""
 """Fields of the profile that select runs, which merged invocations may differ in."""
 
 
@@ -1489,9 +1492,23 @@ def _comparable(document: dict[str, Any], field: str) -> str:
     value = document.get(field)
     if field == "profile" and isinstance(value, dict):
         value = {
-            key: item for key, item in value.items() if key not in RUN_SUBSET_FIELDS
+            key: _without_added_defaults(item)
+            for key, item in value.items()
+            if key not in RUN_SUBSET_FIELDS
         }
     return json.dumps(value, sort_keys=True)
+
+
+def _without_added_defaults(settings: object) -> object:
+    """Return ``settings`` without the added fields that have their default."""
+    if not isinstance(settings, dict):
+        return settings
+    return {
+        key: item
+        for key, item in settings.items()
+        if key not in SETTINGS_ADDED_WITH_DEFAULTS
+        or item != SETTINGS_ADDED_WITH_DEFAULTS[key]
+    }
 
 
 def _check_result_document(document: object, path: Path) -> None:

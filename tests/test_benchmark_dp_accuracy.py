@@ -635,6 +635,32 @@ def test_merge_accepts_other_method_subsets(tmp_path: Path) -> None:
     assert status == 0
 
 
+def test_merge_accepts_settings_recorded_before_momentum(tmp_path: Path) -> None:
+    recorded = {"name": "full", "long_dp_sgd": {"num_clients": 10}}
+    current = {
+        "name": "full",
+        "long_dp_sgd": {"num_clients": 10, "server_momentum": 0.0},
+    }
+    changed = {
+        "name": "full",
+        "long_dp_sgd": {"num_clients": 10, "server_momentum": 0.5},
+    }
+    folders = [
+        write_result(
+            tmp_path / name, {**result_document(GOOD_ENTRY), "profile": profile}
+        )
+        for name, profile in (("a", recorded), ("b", current), ("c", changed))
+    ]
+
+    same = dp_accuracy_main(["--merge", *folders[:2], "--out", str(tmp_path / "m")])
+    other = dp_accuracy_main(
+        ["--merge", folders[0], folders[2], "--out", str(tmp_path / "n")]
+    )
+
+    assert same == 0
+    assert other == 2
+
+
 def test_merge_without_completed_run_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
