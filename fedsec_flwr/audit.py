@@ -84,6 +84,9 @@ MAX_LINE_CHARACTERS = 2000
 """Maximum characters in a line that the command prints. Reasons quote
 values from the audit file, and a longer line is cut."""
 
+LINE_CUT_SUFFIX_CHARACTERS = 40
+"""Characters kept free at the end of a cut line for the count of the rest."""
+
 MODEL_SLACK_BYTES = 64 * 2**20
 """Bytes that a model file may hold beyond 8 bytes per value of the run's
 longest aggregate: headers, and arrays that are not aggregated."""
@@ -419,17 +422,25 @@ def _check_archive_size(path: Path, max_bytes: int) -> None:
 def model_byte_limit(audit_path: Path) -> int:
     """Return the most bytes a model of the run in `audit_path` may take.
 
+    The bound is 8 bytes per value of the longest aggregate that is stored
+    with the file and has the length its transcript states, plus
+    `MODEL_SLACK_BYTES`. A length that only a transcript states does not
+    count, since the audit file is untrusted.
+
     Raises:
         ValueError: If the file is not an audit file.
         OSError: If it cannot be read.
     """
     document = _read_document(audit_path)
-    lengths = [
-        entry["transcript"].get("aggregate_length")
-        for entry in document["rounds"]
-        if isinstance(entry, dict) and isinstance(entry.get("transcript"), dict)
-    ]
-    longest = max((n for n in lengths if _is_count(n)), default=0)
+    longest = 0
+    for entry in document["rounds"]:
+        try:
+            transcript = RoundTranscript.from_dict(_entry_field(entry, "transcript"))
+            stored = _load_aggregate(audit_path.parent, entry).size
+        except (OSError, ValueError):
+            continue
+        if stored == transcript.aggregate_length:
+            longest = max(longest, stored)
     return 8 * longest + MODEL_SLACK_BYTES
 
 
@@ -457,8 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         audits = audit_file(arguments.audit_file)
-    except (OSError, ValueError) as error:
-        _say(f"error: cannot audit {arguments.audit_file}: {error}", error=True)
+    except (OSError, ValueError, MemoryError) as error:
+        _say(
+            f"error: cannot audit {arguments.audit_file}: {_reason(error)}",
+            error=True,
+        )
         return EXIT_FAILED
 
     for audit in audits:
@@ -522,8 +536,8 @@ def _print_models(
         final = None
         if final_path is not None:
             final = load_model(final_path, max_bytes=limit)
-    except (OSError, ValueError) as error:
-        _say(f"error: cannot follow the models: {error}", error=True)
+    except (OSError, ValueError, MemoryError) as error:
+        _say(f"error: cannot follow the models: {_reason(error)}", error=True)
         return 1
 
     for audit in audits:
@@ -547,6 +561,13 @@ def _print_models(
     return failed + 1
 
 
+def _reason(error: Exception) -> str:
+    # A MemoryError usually has no message of its own.
+    if isinstance(error, MemoryError):
+        return "not enough memory to parse the audit file or a model"
+    return str(error)
+
+
 def _say(text: str, *, error: bool = False) -> None:
     """Print one line, with every character that could fake a line escaped.
 
@@ -557,8 +578,8 @@ def _say(text: str, *, error: bool = False) -> None:
     """
     line = _printable(text)
     if len(line) > MAX_LINE_CHARACTERS:
-        cut = len(line) - MAX_LINE_CHARACTERS
-        line = f"{line[:MAX_LINE_CHARACTERS]}... ({cut} more characters)"
+        kept = MAX_LINE_CHARACTERS - LINE_CUT_SUFFIX_CHARACTERS
+        line = f"{line[:kept]}... ({len(line) - kept} more characters)"
     print(line, file=sys.stderr if error else sys.stdout)
 
 
@@ -701,12 +722,14 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
 def _read_document(audit_path: Path) -> dict[str, Any]:
     _check_regular_file(audit_path, description="the audit file")
     with audit_path.open("rb") as file:
-        data = file.read(MAX_AUDIT_FILE_BYTES + 1)
-    if len(data) > MAX_AUDIT_FILE_BYTES:
-        raise ValueError(
-            f"the audit file must take at most {MAX_AUDIT_FILE_BYTES} bytes. "
-            f"Found more in {audit_path.name!r}."
-        )
+        # The size comes first: read(n) reserves n bytes before it reads.
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_AUDIT_FILE_BYTES:
+            raise ValueError(
+                f"the audit file must take at most {MAX_AUDIT_FILE_BYTES} bytes. "
+                f"Found {size} in {audit_path.name!r}."
+            )
+        data = file.read(size)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -332,6 +332,18 @@ def test_hostile_model_decompression_bomb_refused(
     assert f"must take at most {limit} bytes decompressed" in capsys.readouterr().err
 
 
+def test_tamper_stated_length_does_not_raise_model_limit(tmp_path: Path) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    honest = audit.model_byte_limit(path)
+    document = json.loads(path.read_text())
+    document["rounds"].append({"transcript": {"aggregate_length": 300_000_000}})
+    document["rounds"][0]["transcript"]["aggregate_length"] = 400_000_000
+    path.write_text(json.dumps(document))
+
+    assert audit.model_byte_limit(path) == audit.MODEL_SLACK_BYTES
+    assert honest > audit.MODEL_SLACK_BYTES
+
+
 def test_hostile_model_fifo_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
