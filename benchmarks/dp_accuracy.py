@@ -1698,8 +1698,8 @@ def _parse_epsilons(text: str) -> tuple[float | None, ...]:
 def _parse_epsilon(item: str, text: str) -> float | None:
     """Return one item of ``--epsilons``: a reachable target or ``none``.
 
-    The RDP accountant reports no epsilon below ``rdp_epsilon_floor`` at
-    the benchmark's delta, so a smaller target could only fail its run.
+    The RDP accountant reports no epsilon at or below ``rdp_epsilon_floor``
+    at the benchmark's delta, so such a target could only fail its run.
     """
     if item.lower() == "none":
         return None
@@ -1707,11 +1707,11 @@ def _parse_epsilon(item: str, text: str) -> float | None:
     epsilon = math.nan
     if EPSILON_PATTERN.fullmatch(item):
         epsilon = float(item)
-    if not floor <= epsilon < math.inf:
+    if not floor < epsilon < math.inf:
         raise argparse.ArgumentTypeError(
-            f"--epsilons must list 'none' or decimal numbers of at least {floor:.4g}, "
-            f"the RDP accountant's smallest epsilon at delta {DELTA:g}. Found "
-            f"{item[:40]!r} in {text[:80]!r}."
+            f"--epsilons must list 'none' or finite decimal numbers above "
+            f"{floor:.4g}, the RDP accountant's smallest epsilon at delta "
+            f"{DELTA:g}. Found {item[:40]!r} in {text[:80]!r}."
         )
     return epsilon
 

@@ -38,6 +38,7 @@ from .dp.accounting import (
     ACCOUNTANT_PRV,
     ACCOUNTANT_RDP,
     MAX_PRV_STEPS,
+    MAX_SEARCH_NOISE_MULTIPLIER,
     MIN_DISCRETE_SIGMA,
     MIN_NOISE_MULTIPLIER,
     DistributedDiscreteGaussianEvent,
@@ -185,6 +186,16 @@ class DPConfig:
                 )
         if self.target_epsilon is not None:
             _check_positive("target_epsilon", self.target_epsilon)
+            # The calibrated multiplier may reach the search's upper end.
+            largest_std = MAX_SEARCH_NOISE_MULTIPLIER * self.clipping_norm
+            if largest_std > MAX_NOISE_STD:
+                raise ValueError(
+                    f"clipping_norm must be at most {MAX_NOISE_STD:.3g} / "
+                    f"{MAX_SEARCH_NOISE_MULTIPLIER:g} with target_epsilon, "
+                    "because the calibrated noise multiplier may reach "
+                    f"{MAX_SEARCH_NOISE_MULTIPLIER:g} and the noise must not "
+                    f"overflow float32. Found {self.clipping_norm}."
+                )
         check_delta("delta", self.delta)
         if not isinstance(self.adaptive_clipping, bool):
             raise ValueError(

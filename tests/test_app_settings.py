@@ -288,6 +288,43 @@ def test_server_momentum_keys_checked(changes: dict[str, object], message: str) 
         parse(**changes)
 
 
+@pytest.mark.parametrize("rate", [0.0, 10.5, 1e300])
+def test_clipping_learning_rate_bounded_before_the_run(rate: float) -> None:
+    # The adaptive clipping norm changes by up to exp(rate) per round, and
+    # 1e300 used to pass the check and overflow after round 1.
+    with pytest.raises(
+        ValueError,
+        match=rf"clipping-learning-rate must be in \(0, 10\]: .*; found "
+        rf"{re.escape(str(rate))}",
+    ):
+        parse(
+            dp_mode="central",
+            noise_multiplier=1.0,
+            adaptive_clipping=True,
+            clipping_learning_rate=rate,
+        )
+
+
+def test_huge_clipping_norm_with_target_rejected_before_the_run(
+    tmp_path: Path,
+) -> None:
+    from secure_fedavg_app.strategy_factory import build_strategy
+
+    settings = parse(dp_mode="central", target_epsilon=8.0, clipping_norm=1e300)
+
+    with pytest.raises(
+        ValueError, match=r"clipping-norm must be at most .* Found 1e\+300"
+    ):
+        build_strategy(settings, lambda report: None, audit_path=tmp_path / "a")
+
+
+def test_server_learning_rate_bounded_by_float32() -> None:
+    with pytest.raises(
+        ValueError, match=r"server-learning-rate must be at most 3\.403e"
+    ):
+        parse(server_learning_rate=1e39)
+
+
 def test_server_momentum_keys_reach_the_strategy(tmp_path: Path) -> None:
     from secure_fedavg_app.strategy_factory import build_strategy
 
@@ -340,15 +377,6 @@ def test_dotted_parameter_named_as_one_key() -> None:
         (
             {"dp_mode": "central", "noise_multiplier": 1e4, "clipping_norm": 1e35},
             r"noise-multiplier \* clipping-norm",
-        ),
-        (
-            {
-                "dp_mode": "central",
-                "noise_multiplier": 1.0,
-                "adaptive_clipping": True,
-                "clipping_learning_rate": 1e300,
-            },
-            r"clipping-learning-rate must be in \(0, 10\]: .* Found 1e\+300",
         ),
     ],
 )

@@ -362,7 +362,19 @@ def test_epsilons_option_selects_targets() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["0", "-1", "inf", "nan", "eight", "3,,1", "0.001", "1e309", "\uff11", "1_0"],
+    [
+        "0",
+        "-1",
+        "inf",
+        "nan",
+        "eight",
+        "3,,1",
+        "0.001",
+        "0.019489034092552558",
+        "1e309",
+        "\uff11",
+        "1_0",
+    ],
 )
 def test_epsilons_option_rejects_invalid_targets(
     text: str, capsys: pytest.CaptureFixture[str]

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -212,7 +213,7 @@ class PrivacyAccountant:
 
         Args:
             accountant: "rdp" or "prv".
-            delta: Target delta in (0, 1).
+            delta: Target delta in (0, `MAX_DELTA`).
 
         Raises:
             ValueError: If an argument is invalid.
@@ -323,7 +324,7 @@ def compute_epsilon(
 
     Args:
         events: Events to compose, may be empty.
-        delta: Target delta in (0, 1).
+        delta: Target delta in (0, `MAX_DELTA`).
         accountant: "rdp" or "prv". PRV supports only Gaussian events.
 
     Returns:
@@ -410,7 +411,7 @@ def noise_multiplier_for_target(
 
     Args:
         target_epsilon: Epsilon budget for all steps, positive.
-        delta: Target delta in (0, 1).
+        delta: Target delta in (0, `MAX_DELTA`).
         sample_rate: q in (0, 1].
         num_steps: Number of steps, at least 1.
         accountant: "rdp" or "prv".
@@ -657,7 +658,7 @@ def distributed_discrete_gaussian_epsilon(
     Args:
         event: The steps' parameters, with the number of clients that really
             survived each step.
-        delta: Target delta in (0, 1).
+        delta: Target delta in (0, `MAX_DELTA`).
 
     Returns:
         Epsilon at `delta` from the RDP bound of
@@ -778,7 +779,7 @@ def rdp_epsilon_floor(delta: float) -> float:
     below this value is out of reach whatever the noise.
 
     Raises:
-        ValueError: If ``delta`` is not in (0, 1).
+        ValueError: If ``delta`` is not in (0, `MAX_DELTA`).
     """
     _check_delta(delta)
     return _rdp_epsilon([], delta=delta)
@@ -969,8 +970,8 @@ def check_delta(name: str, value: object) -> None:
 
     It must be a number in (0, `MAX_DELTA`).
     """
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not 0.0 < value < MAX_DELTA:  # type: ignore[operator]
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if not number or not 0.0 < float(value) < MAX_DELTA:  # type: ignore[arg-type]
         raise ValueError(
             f"{name} must be in (0, {MAX_DELTA:g}): delta is the probability that "
             f"the guarantee fails outright. Found {value!r}."

@@ -597,3 +597,13 @@ def test_prv_rejects_too_many_steps() -> None:
             num_steps=100_000,
             accountant="prv",
         )
+
+
+@pytest.mark.parametrize("delta", [np.float32(1e-5), np.float64(1e-5), 1e-5])
+def test_numpy_delta_accepted(delta: float) -> None:
+    event = GaussianEvent(noise_multiplier=1.0, sample_rate=0.1, num_steps=10)
+
+    epsilon = compute_epsilon([event], delta=delta, accountant=ACCOUNTANT_RDP)
+
+    expected = compute_epsilon([event], delta=1e-5, accountant=ACCOUNTANT_RDP)
+    assert epsilon == pytest.approx(expected, rel=1e-6)

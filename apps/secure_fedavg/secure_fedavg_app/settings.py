@@ -17,6 +17,7 @@ from fedsec_flwr.dp.accounting import (
     MAX_SEARCH_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
 )
+from fedsec_flwr.dp.adaptive import MAX_LEARNING_RATE as MAX_CLIPPING_LEARNING_RATE
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
@@ -263,7 +264,7 @@ class AppSettings:
             ),
             _check_positive("clipping-norm", self.clipping_norm),
             _check_open_fraction("clipping-quantile", self.clipping_quantile),
-            _check_positive("clipping-learning-rate", self.clipping_learning_rate),
+            _check_clipping_learning_rate(self.clipping_learning_rate),
             _check_min_float("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_noise_floor("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_min_float("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon),
@@ -271,6 +272,7 @@ class AppSettings:
             _check_float32("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
             _check_positive("server-learning-rate", self.server_learning_rate),
+            _check_float32("server-learning-rate", self.server_learning_rate),
             _check_dropout_fraction("server-momentum", self.server_momentum),
             self._check_noise_choice(),
             self._check_accountant_steps(),
@@ -573,6 +575,16 @@ def _check_min_float(key: str, value: float) -> str:
     if value >= 0.0:
         return ""
     return f"{key} must be at least 0; found {value}."
+
+
+def _check_clipping_learning_rate(value: float) -> str:
+    if 0.0 < value <= MAX_CLIPPING_LEARNING_RATE:
+        return ""
+    return (
+        f"clipping-learning-rate must be in (0, {MAX_CLIPPING_LEARNING_RATE:g}]: "
+        "the clipping norm changes by a factor of up to exp(clipping-learning-rate) "
+        f"per round; found {value}."
+    )
 
 
 def _check_delta(value: float) -> str:
