@@ -371,6 +371,12 @@ class SecureFedAvg(Strategy):
         )
         if self.secure_aggregation is not None:
             logger.info("Secure aggregation: %s", self.secure_aggregation)
+        if self.server_momentum is not None:
+            logger.info(
+                "Server momentum: learning_rate=%s, momentum=%s",
+                self.server_momentum.learning_rate,
+                self.server_momentum.momentum,
+            )
         if self.verification is not None:
             logger.info(
                 "Verification: on_failure=%s, audit_path=%s",
