@@ -40,7 +40,8 @@ def test_secure_matches_plain_fedavg(tmp_path: Path) -> None:
 def test_server_learning_rate_reaches_the_model(tmp_path: Path) -> None:
     # A server step of 1e-6 times the velocity leaves the model where it
     # started, so every round evaluates about the same model. With the
-    # default server step the loss falls by about 0.15 from round 1 to 3.
+    # default server step the loss falls by several hundredths from round
+    # 1 to 3 (0.155 to 0.097 with 3 clients).
     results = launch_app(
         tmp_path / "momentum",
         _run_config(True).replace(f"num-server-rounds={NUM_ROUNDS}", "")
