@@ -354,7 +354,7 @@ def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
     """Load a model saved with ``numpy.savez``, keeping the order of its arrays.
 
     With `max_bytes`, an archive whose members would take more bytes once
-    decompressed is refused before any is read.
+    decompressed is rejected before any is read.
 
     Raises:
         ValueError: If the file cannot be read, is not a regular file, is
@@ -402,7 +402,7 @@ def _check_regular_file(path: Path, *, description: str) -> None:
 
 def _check_archive_size(path: Path, max_bytes: int) -> None:
     # The sizes come from the zip directory, so a small archive that would
-    # decompress to gigabytes is refused before it is decompressed. A file
+    # decompress to gigabytes is rejected before it is decompressed. A file
     # that is no zip file gets numpy's own error from the load.
     if not zipfile.is_zipfile(path):
         return
@@ -420,7 +420,7 @@ def _check_archive_size(path: Path, max_bytes: int) -> None:
 
 
 def model_byte_limit(audit_path: Path) -> int:
-    """Return the most bytes a model of the run in `audit_path` may take.
+    """Return the maximum bytes a model of the run in `audit_path` may take.
 
     The bound is 8 bytes per value of the longest aggregate that is stored
     with the file and has the length its transcript states, plus
@@ -578,8 +578,8 @@ def _say(text: str, *, error: bool = False) -> None:
     """
     line = _printable(text)
     if len(line) > MAX_LINE_CHARACTERS:
-        kept = MAX_LINE_CHARACTERS - LINE_CUT_SUFFIX_CHARACTERS
-        line = f"{line[:kept]}... ({len(line) - kept} more characters)"
+        shown = MAX_LINE_CHARACTERS - LINE_CUT_SUFFIX_CHARACTERS
+        line = f"{line[:shown]}... ({len(line) - shown} more characters)"
     print(line, file=sys.stderr if error else sys.stdout)
 
 

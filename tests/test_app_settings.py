@@ -305,7 +305,7 @@ def test_clipping_learning_rate_bounded_before_the_run(rate: float) -> None:
         )
 
 
-def test_huge_clipping_norm_with_target_rejected_before_the_run(
+def test_huge_clipping_norm_with_target_rejected(
     tmp_path: Path,
 ) -> None:
     from secure_fedavg_app.strategy_factory import build_strategy

@@ -303,7 +303,7 @@ def test_hostile_aggregate_symlink_loop_fails_only_its_round(audit_path, capsys)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
-def test_hostile_audit_file_that_is_not_a_file_rejected(tmp_path, capsys, kind):
+def test_hostile_special_audit_file_rejected(tmp_path, capsys, kind):
     path = tmp_path / "audit.json"
     if kind == "fifo":
         # Opening a FIFO for reading would wait for a writer forever.
