@@ -54,3 +54,23 @@ def test_server_learning_rate_reaches_the_model(tmp_path: Path) -> None:
     assert results["run_config"]["server-momentum"] == 0.5
     assert len(losses) == 3
     assert max(losses) - min(losses) < 1e-3
+
+
+@pytest.mark.timeout(600)
+def test_hidden_units_set_the_model_size(tmp_path: Path) -> None:
+    # Breast-cancer's MLP has 30 inputs, 2 classes and 33 * h + 2
+    # parameters; the default h = 16 gives 530. The server builds the
+    # initial model and each client its own copy, so a width that reached
+    # only one of them would fail the first round on mismatched shapes.
+    hidden_units = 40
+    results = launch_app(
+        tmp_path / "wide",
+        _run_config(True).replace(f"num-server-rounds={NUM_ROUNDS}", "")
+        + f" num-server-rounds=2 hidden-units={hidden_units}",
+        3,
+    )
+
+    assert results["status"] == "completed"
+    assert results["model_parameters"] == 33 * hidden_units + 2
+    assert len(results["rounds"]) == 2
+    assert results["rounds"][-1]["num_aggregated"] == 3

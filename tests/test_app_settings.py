@@ -81,6 +81,19 @@ def test_delta_of_a_tenth_or_more_rejected(delta: float) -> None:
         parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, delta=delta)
 
 
+@pytest.mark.parametrize("value", [-1, 65_537])
+def test_hidden_units_out_of_range_rejected(value: int) -> None:
+    message = rf"hidden-units must be 0 \(the dataset's default\) .*found {value}\."
+
+    with pytest.raises(ValueError, match=message):
+        parse(hidden_units=value)
+
+
+def test_hidden_units_parsed() -> None:
+    assert parse().hidden_units == 0
+    assert parse(hidden_units=65_536).hidden_units == 65_536
+
+
 def test_blank_output_dir_rejected() -> None:
     with pytest.raises(ValueError, match="output-dir must not be empty or blank"):
         parse(output_dir="  ")

@@ -203,4 +203,34 @@ def test_idx_reader_rejects_truncated_images(tmp_path: Path) -> None:
 def test_fashion_mnist_cnn_size() -> None:
     model = build_model("fashion-mnist")
 
-    assert 24_000 <= count_parameters(model) <= 28_000
+    assert count_parameters(model) == 25_810
+
+
+@pytest.mark.parametrize(
+    ("dataset", "hidden_units", "parameters"),
+    [
+        ("fashion-mnist", 166, 13_258 + 523 * 166),
+        ("fashion-mnist", 1, 13_258 + 523),
+        ("breast-cancer", 40, 30 * 40 + 40 + 40 * 2 + 2),
+        ("digits", 0, 4_810),
+        ("breast-cancer", 0, 530),
+    ],
+)
+def test_hidden_units_set_the_width(
+    dataset: str, hidden_units: int, parameters: int
+) -> None:
+    model = build_model(dataset, hidden_units=hidden_units)
+
+    assert count_parameters(model) == parameters
+
+
+@pytest.mark.parametrize("hidden_units", [-1, 65_537])
+def test_hidden_units_out_of_range_rejected(hidden_units: int) -> None:
+    with pytest.raises(ValueError, match=f"hidden_units must be 0 .*{hidden_units}"):
+        build_model("digits", hidden_units=hidden_units)
+
+
+def test_hidden_units_reach_the_private_model() -> None:
+    model = build_model("fashion-mnist", dp_sgd=True, hidden_units=7)
+
+    assert count_parameters(model) == 13_258 + 523 * 7

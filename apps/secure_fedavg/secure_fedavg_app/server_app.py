@@ -86,7 +86,9 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
     seed_everything(settings.seed)
 
     split = load_dataset_cached(settings.dataset, settings.seed)
-    model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
+    model = build_model(
+        settings.dataset, dp_sgd=settings.dp_sgd, hidden_units=settings.hidden_units
+    )
     initial_arrays = ArrayRecord(model.state_dict())
     # With the audit file, the initial model lets an auditor follow the run.
     _save_model(initial_arrays, results.path.parent / INITIAL_MODEL_FILE_NAME)
@@ -114,7 +116,10 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
                 initial_arrays=initial_arrays,
                 num_rounds=settings.num_server_rounds,
                 evaluate_fn=make_central_evaluate(
-                    settings.dataset, split, dp_sgd=settings.dp_sgd
+                    settings.dataset,
+                    split,
+                    dp_sgd=settings.dp_sgd,
+                    hidden_units=settings.hidden_units,
                 ),
             )
     except TargetEpsilonUnreachableError as error:
@@ -201,7 +206,9 @@ def _arrays_for_privacy_check(
     """
     if num_nodes is None or settings.dp_mode != DPMode.DISTRIBUTED.value:
         return None
-    model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
+    model = build_model(
+        settings.dataset, dp_sgd=settings.dp_sgd, hidden_units=settings.hidden_units
+    )
     return ArrayRecord(model.state_dict())
 
 
@@ -244,7 +251,7 @@ def _ignore_report(report: RoundReport) -> None:
 
 
 def make_central_evaluate(
-    dataset: str, split: DatasetSplit, *, dp_sgd: bool = False
+    dataset: str, split: DatasetSplit, *, dp_sgd: bool = False, hidden_units: int = 0
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Return an ``evaluate_fn`` that scores the global model on the test split.
 
@@ -252,12 +259,13 @@ def make_central_evaluate(
         dataset: Dataset name, which selects the model architecture.
         split: Loaded dataset; only its test arrays are used.
         dp_sgd: Build the DP-SGD compatible variant of the model.
+        hidden_units: Width of the model's hidden layer, 0 for the default.
 
     Returns:
         A function of ``(server_round, arrays)`` that returns a MetricRecord
         with ``accuracy`` (fraction) and ``loss`` (mean cross-entropy, nats).
     """
-    model = build_model(dataset, dp_sgd=dp_sgd)
+    model = build_model(dataset, dp_sgd=dp_sgd, hidden_units=hidden_units)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

@@ -20,6 +20,7 @@ from fedsec_flwr.dp.accounting import (
 from fedsec_flwr.dp.adaptive import MAX_LEARNING_RATE as MAX_CLIPPING_LEARNING_RATE
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
+from secure_fedavg_app.models import MAX_HIDDEN_UNITS
 
 ConfigValue = bool | int | float | str
 
@@ -62,6 +63,8 @@ class AppSettings:
 
     Attributes:
         dataset: Dataset name.
+        hidden_units: Width of the model's hidden layer; 0 for the
+            dataset's default.
         num_server_rounds: Number of federated rounds.
         seed: Seed of the data split, the partitions, model initialization
             and local training.
@@ -118,6 +121,7 @@ class AppSettings:
     """
 
     dataset: str
+    hidden_units: int = 0
     num_server_rounds: int
     seed: int
     secure_aggregation: bool
@@ -169,6 +173,7 @@ class AppSettings:
         read = reader.read
         settings = cls(
             dataset=read(_get_str, "dataset"),
+            hidden_units=read(_get_int, "hidden-units"),
             num_server_rounds=read(_get_int, "num-server-rounds"),
             seed=read(_get_int, "seed"),
             secure_aggregation=read(_get_bool, "secure-aggregation"),
@@ -232,6 +237,7 @@ class AppSettings:
     def _find_problems(self) -> list[str]:
         return [
             _check_choice("dataset", self.dataset, DATASET_NAMES),
+            _check_hidden_units(self.hidden_units),
             _check_choice("partitioning", self.partitioning, PARTITIONING_NAMES),
             _check_min("num-server-rounds", self.num_server_rounds, 1),
             _check_min("seed", self.seed, 0),
@@ -559,6 +565,15 @@ def _check_min(key: str, value: int, minimum: int) -> str:
     if value >= minimum:
         return ""
     return f"{key} must be at least {minimum}; found {value}."
+
+
+def _check_hidden_units(value: int) -> str:
+    if 0 <= value <= MAX_HIDDEN_UNITS:
+        return ""
+    return (
+        f"hidden-units must be 0 (the dataset's default) or from 1 to "
+        f"{MAX_HIDDEN_UNITS}; found {value}."
+    )
 
 
 def _check_neighbours(value: int) -> str:

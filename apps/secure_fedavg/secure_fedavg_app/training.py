@@ -225,7 +225,9 @@ def _model_from_message(settings: AppSettings, msg: Message) -> nn.Module:
             f"The message must contain an ArrayRecord {ARRAYS_KEY!r}. "
             f"Found {sorted(msg.content.array_records)}."
         )
-    model = build_model(settings.dataset, dp_sgd=settings.dp_sgd)
+    model = build_model(
+        settings.dataset, dp_sgd=settings.dp_sgd, hidden_units=settings.hidden_units
+    )
     model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     return model
 
