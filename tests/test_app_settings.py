@@ -76,9 +76,24 @@ def test_delta_of_a_tenth_or_more_rejected(delta: float) -> None:
     # A mechanism that publishes each record with probability delta meets
     # (0, delta)-DP, so such a delta protects nothing worth reporting.
     with pytest.raises(
-        ValueError, match=rf"delta must be in \(0, 0.1\): .*; found {delta}"
+        ValueError, match=rf"delta must be in \[1e-15, 0.1\): .* Found {delta}"
     ):
         parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, delta=delta)
+
+
+@pytest.mark.parametrize("delta", [5e-324, 1e-300, 9e-16])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"dp_sgd": True, "dp_sgd_noise_multiplier": 1.0},
+        {"dp_mode": "central", "noise_multiplier": 1.0, "dp_accountant": "prv"},
+    ],
+)
+def test_delta_below_minimum_rejected(delta: float, changes: dict[str, object]) -> None:
+    with pytest.raises(
+        ValueError, match=rf"delta must be in \[1e-15, 0.1\): .* Found {delta}"
+    ):
+        parse(delta=delta, **changes)
 
 
 def test_blank_output_dir_rejected() -> None:

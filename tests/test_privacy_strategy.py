@@ -473,6 +473,10 @@ def test_distributed_without_secure_aggregation_rejected() -> None:
         ({"mode": "central", "target_epsilon": 0.0}, "target_epsilon must be"),
         ({"mode": "central", "noise_multiplier": 1.0, "delta": 1.0}, "delta must be"),
         (
+            {"mode": "central", "noise_multiplier": 1.0, "delta": 1e-300},
+            r"delta must be in \[1e-15, 0\.1\): .* Found 1e-300",
+        ),
+        (
             {"mode": "central", "noise_multiplier": 1.0, "clipping_norm": 0.0},
             "clipping_norm must be",
         ),
