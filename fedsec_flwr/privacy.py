@@ -95,6 +95,19 @@ DISTRIBUTED_BIT_SENSITIVITY = 1.0
 DEFAULT_MAX_DROPOUT_FRACTION = 0.1
 """Share of a distributed round's clients that may drop out in target mode."""
 
+MIN_CLIPPING_NORM = 2.0**-400
+"""Smallest clipping norm C, about 3.9e-121.
+
+A DP round squares values that scale with C, and float64 squares below
+2**-1022 lose precision or become 0. Clipping computes the update's norm
+from squared coordinates, and `SecureRandom.normal` squares the central
+noise's standard deviation z * C / m, so at 1e-170 it draws only zeros.
+From 2**-400 on, that square stays normal for z >= 2**-10 and fewer than
+2**100 clients. A coordinate whose square is not normal then changes a
+squared norm near C**2 by at most 2**-275 of it. The encoding, whose range
+is C, works down to the smaller `fedsec_flwr.core.encoding.MIN_CLIP_RANGE`.
+"""
+
 
 class RoundNotPlannedError(ValueError):
     """No noise multiplier keeps the next round within the budget and the modulus."""
@@ -114,7 +127,7 @@ class DPConfig:
     Attributes:
         mode: ``central`` or ``distributed``.
         clipping_norm: C, the L2 bound of each client's update (the initial
-            value under adaptive clipping).
+            value under adaptive clipping), at least `MIN_CLIPPING_NORM`.
         noise_multiplier: z, the noise standard deviation over C; give this
             or ``target_epsilon``.
         target_epsilon: The run's epsilon budget; the noise multiplier is then
@@ -173,6 +186,12 @@ class DPConfig:
                 f"target_epsilon={self.target_epsilon!r}."
             )
         _check_positive("clipping_norm", self.clipping_norm)
+        if self.clipping_norm < MIN_CLIPPING_NORM:
+            raise ValueError(
+                f"clipping_norm must be at least {MIN_CLIPPING_NORM:.3g} (2**-400), "
+                "because clipping and the noise square values that scale with it, "
+                f"and smaller squares underflow float64. Found {self.clipping_norm}."
+            )
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
             check_noise_multiplier("noise_multiplier", self.noise_multiplier)
@@ -483,6 +502,7 @@ class ServerPrivacy:
                 target_quantile=self.config.target_quantile,
                 learning_rate=self.config.clipping_learning_rate,
                 bit_noise_std=self._bit_noise_std(z, num_sampled=typical),
+                min_clipping_norm=MIN_CLIPPING_NORM,
             )
         clipping_norm = (
             self.adaptive.clipping_norm if self.adaptive else self.config.clipping_norm

@@ -333,6 +333,23 @@ def test_huge_clipping_norm_with_target_rejected(
         build_strategy(settings, lambda report: None, audit_path=tmp_path / "a")
 
 
+@pytest.mark.parametrize("dp_mode", ["central", "distributed"])
+def test_tiny_clipping_norm_rejected_at_launch(dp_mode: str) -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": dp_mode, "noise-multiplier": 1.0, "clipping-norm": 5e-324}
+    )
+
+    with pytest.raises(
+        ValueError,
+        match=r"^Invalid DP run config: clipping-norm must be at least 3\.87e-121 "
+        r"\(2\*\*-400\), .* Found 5e-324\.$",
+    ):
+        check_run_config(config)
+
+
 def test_server_learning_rate_bounded_by_float32() -> None:
     with pytest.raises(
         ValueError, match=r"server-learning-rate must be at most 3\.403e"
