@@ -113,6 +113,31 @@ class RoundNotPlannedError(ValueError):
     """No noise multiplier keeps the next round within the budget and the modulus."""
 
 
+class NoiseHeadroomError(ValueError):
+    """A fixed noise multiplier's distributed noise does not fit the secure sum.
+
+    Attributes:
+        noise_multiplier: The configured noise multiplier z.
+        max_noise_multiplier: The largest z whose noise fits the round,
+            rounded down to three significant digits, or None if not even
+            `MIN_NOISE_MULTIPLIER` fits.
+        verified: Whether verification's commitment offset shares the room.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        noise_multiplier: float,
+        max_noise_multiplier: float | None,
+        verified: bool,
+    ) -> None:
+        super().__init__(message)
+        self.noise_multiplier = noise_multiplier
+        self.max_noise_multiplier = max_noise_multiplier
+        self.verified = verified
+
+
 class DPMode(StrEnum):
     """Placement of the noise: on the server or on every client."""
 
@@ -443,8 +468,9 @@ class ServerPrivacy:
             TargetEpsilonUnreachableError: If the target needs a noise
                 multiplier above the search limit, or more noise than the
                 modulus leaves room for.
-            ValueError: If a fixed noise multiplier does not fit the modulus,
-                or ``num_sampled`` or ``dimension`` is out of range.
+            NoiseHeadroomError: If a fixed noise multiplier does not fit the
+                modulus.
+            ValueError: If ``num_sampled`` or ``dimension`` is out of range.
         """
         if self.config.mode is DPMode.CENTRAL:
             self._calibrated(num_sampled=0, dimension=0)
@@ -477,6 +503,8 @@ class ServerPrivacy:
                 be planned, so the run should stop. Either its noise does not
                 fit the modulus, or in target mode no noise multiplier keeps
                 it within both the budget and the modulus.
+            NoiseHeadroomError: The first round's fixed noise multiplier does
+                not fit the modulus.
             ValueError: An argument is out of range, or the first round
                 cannot be planned.
 
@@ -544,8 +572,52 @@ class ServerPrivacy:
             )
             if self._rounds_done:
                 raise RoundNotPlannedError(message) from error
-            raise ValueError(message) from error
+            if self.config.noise_multiplier is None:
+                raise ValueError(message) from error
+            largest = self._max_fitting_noise_multiplier(num_sampled, dimension)
+            if largest is not None:
+                message += f" The largest noise_multiplier that fits is {largest:g}."
+            raise NoiseHeadroomError(
+                message,
+                noise_multiplier=z,
+                max_noise_multiplier=largest,
+                verified=self.verified,
+            ) from error
         return dataclasses.replace(planned, expected_clients=expected_clients)
+
+    def _max_fitting_noise_multiplier(
+        self, num_sampled: int, dimension: int
+    ) -> float | None:
+        """Return the largest z below the configured one whose noise fits the round.
+
+        The result is rounded down to three significant digits, or None if
+        not even `MIN_NOISE_MULTIPLIER` fits. Under adaptive clipping the
+        bit noise stays that of the configured z, which only leaves less
+        room, so the result also fits with the bit noise of its own z, which
+        is never larger.
+        """
+
+        def fits(noise_multiplier: float) -> bool:
+            try:
+                self._round_plan(noise_multiplier, num_sampled, dimension)
+            except ValueError:
+                return False
+            return True
+
+        low = MIN_NOISE_MULTIPLIER
+        high = self.config.noise_multiplier
+        assert high is not None
+        if not fits(low):
+            return None
+        for _ in range(SEARCH_STEPS):
+            middle = 0.5 * (low + high)
+            if fits(middle):
+                low = middle
+            else:
+                high = middle
+        exponent = math.floor(math.log10(low)) - 2
+        rounded = math.floor(low / 10.0**exponent) * 10.0**exponent
+        return rounded if rounded >= MIN_NOISE_MULTIPLIER else low
 
     def _distributed_plan(
         self,
@@ -829,10 +901,14 @@ class ServerPrivacy:
         assert self.config.target_epsilon is not None
         return self.config.target_epsilon
 
-    def _projected_epsilon(
+    def _round_plan(
         self, noise_multiplier: float, num_sampled: int, dimension: int
-    ) -> float:
-        """Epsilon after this round at its fewest inputs and the rest at all clients."""
+    ) -> RoundPrivacy:
+        """Plan the next distributed round with noise multiplier z, changing nothing.
+
+        Raises:
+            ValueError: If the noise does not fit the modulus.
+        """
         clipping_norm = self.config.clipping_norm
         bit_noise_std = None
         if self.adaptive is not None:
@@ -842,13 +918,19 @@ class ServerPrivacy:
             bit_noise_std = self._bit_noise_std(
                 noise_multiplier, num_sampled=num_sampled
             )
-        plan = self._distributed_plan(
+        return self._distributed_plan(
             noise_multiplier,
             clipping_norm=clipping_norm,
             num_sampled=num_sampled,
             dimension=dimension,
             bit_noise_std=bit_noise_std,
         )
+
+    def _projected_epsilon(
+        self, noise_multiplier: float, num_sampled: int, dimension: int
+    ) -> float:
+        """Epsilon after this round at its fewest inputs and the rest at all clients."""
+        plan = self._round_plan(noise_multiplier, num_sampled, dimension)
         events = [
             *self.accountant.history,
             *_distributed_events(

@@ -675,9 +675,63 @@ def test_launch_check_fixed_noise_must_fit() -> None:
 
     check_run_config(config)
     with pytest.raises(
-        ValueError, match=r"noise-multiplier 800\.0 needs more noise headroom"
+        ValueError,
+        match=r"^Invalid run config for 4 simulated SuperNodes \(--num-supernodes\): "
+        r"noise-multiplier 800\.0 adds more noise than the secure sum of "
+        r"dp-mode=distributed leaves room for\. Lower noise-multiplier to at most "
+        r"155, lower secagg-max-clients, or set verification=false to leave the "
+        r"noise more room\.$",
     ):
         check_run_config(config, num_nodes=4)
+    config["noise-multiplier"] = 155.0
+    check_run_config(config, num_nodes=4)
+
+
+def test_launch_check_fixed_noise_names_only_keys() -> None:
+    # The library's message advises max_weight, the quantization bits and
+    # the modulus, which a DP run of the app cannot set.
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "noise-multiplier": 8000.0, "num-server-rounds": 1}
+    )
+
+    with pytest.raises(ValueError) as caught:
+        check_run_config(config, num_nodes=4)
+
+    message = str(caught.value)
+    assert message.endswith(
+        "noise-multiplier 8000.0 adds more noise than the secure sum of "
+        "dp-mode=distributed leaves room for. Lower noise-multiplier to at most "
+        "7850, or lower secagg-max-clients to leave the noise more room."
+    )
+    for library_name in ("max_weight", "max-weight", "quantization", "modulus"):
+        assert library_name not in message
+
+
+def test_round_one_fixed_noise_error_keys(tmp_path: Path) -> None:
+    # Without the launcher's node count, the noise is checked in round 1.
+    from secure_fedavg_app.client_app import app as client_app
+    from secure_fedavg_app.results import ResultsFile
+    from secure_fedavg_app.server_app import _run
+
+    from tests.loopback import LoopbackGrid
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "noise-multiplier": 8000.0, "num-server-rounds": 1}
+    )
+    grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
+    results = ResultsFile(tmp_path, run_config=config, run_info={})
+
+    with pytest.raises(
+        ValueError,
+        match=r"^noise-multiplier 8000\.0 adds more noise than the secure sum of "
+        r"dp-mode=distributed leaves room for\. Lower noise-multiplier to at most "
+        r"\d+, or lower secagg-max-clients to leave the noise more room\.$",
+    ):
+        _run(grid, config, results)
 
 
 def test_launch_check_nodes_before_target() -> None:
