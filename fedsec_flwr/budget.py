@@ -70,7 +70,7 @@ class ClientPrivacyBudget:
     Attributes:
         max_epsilon: Largest epsilon the client accepts over the run, at
             ``delta``.
-        delta: Delta of that guarantee, in (0, 0.1).
+        delta: Delta of that guarantee, in [1e-15, 0.1).
         min_honest_clients: Clients, this one included, whose noise the
             client counts on in each sum. 1 trusts no other client.
 

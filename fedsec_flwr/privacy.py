@@ -95,9 +95,47 @@ DISTRIBUTED_BIT_SENSITIVITY = 1.0
 DEFAULT_MAX_DROPOUT_FRACTION = 0.1
 """Share of a distributed round's clients that may drop out in target mode."""
 
+MIN_CLIPPING_NORM = 2.0**-400
+"""Smallest clipping norm C, about 3.9e-121.
+
+A DP round squares values that scale with C, and float64 squares below
+2**-1022 lose precision or become 0. Clipping computes the update's norm
+from squared coordinates, and `SecureRandom.normal` squares the central
+noise's standard deviation z * C / m, so at 1e-170 it draws only zeros.
+From 2**-400 on, that square stays normal for z >= 2**-10 and fewer than
+2**100 clients. A coordinate whose square is not normal then changes a
+squared norm near C**2 by at most 2**-275 of it. The encoding, whose range
+is C, works down to the smaller `fedsec_flwr.core.encoding.MIN_CLIP_RANGE`.
+"""
+
 
 class RoundNotPlannedError(ValueError):
     """No noise multiplier keeps the next round within the budget and the modulus."""
+
+
+class NoiseHeadroomError(ValueError):
+    """A fixed noise multiplier's distributed noise does not fit the secure sum.
+
+    Attributes:
+        noise_multiplier: The configured noise multiplier z.
+        max_noise_multiplier: The largest z whose noise fits the round,
+            rounded down to three significant digits, or None if not even
+            `MIN_NOISE_MULTIPLIER` fits.
+        verified: Whether verification's commitment offset shares the room.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        noise_multiplier: float,
+        max_noise_multiplier: float | None,
+        verified: bool,
+    ) -> None:
+        super().__init__(message)
+        self.noise_multiplier = noise_multiplier
+        self.max_noise_multiplier = max_noise_multiplier
+        self.verified = verified
 
 
 class DPMode(StrEnum):
@@ -114,7 +152,7 @@ class DPConfig:
     Attributes:
         mode: ``central`` or ``distributed``.
         clipping_norm: C, the L2 bound of each client's update (the initial
-            value under adaptive clipping).
+            value under adaptive clipping), at least `MIN_CLIPPING_NORM`.
         noise_multiplier: z, the noise standard deviation over C; give this
             or ``target_epsilon``.
         target_epsilon: The run's epsilon budget; the noise multiplier is then
@@ -173,6 +211,12 @@ class DPConfig:
                 f"target_epsilon={self.target_epsilon!r}."
             )
         _check_positive("clipping_norm", self.clipping_norm)
+        if self.clipping_norm < MIN_CLIPPING_NORM:
+            raise ValueError(
+                f"clipping_norm must be at least {MIN_CLIPPING_NORM:.3g} (2**-400), "
+                "because clipping and the noise square values that scale with it, "
+                f"and smaller squares underflow float64. Found {self.clipping_norm}."
+            )
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
             check_noise_multiplier("noise_multiplier", self.noise_multiplier)
@@ -424,8 +468,9 @@ class ServerPrivacy:
             TargetEpsilonUnreachableError: If the target needs a noise
                 multiplier above the search limit, or more noise than the
                 modulus leaves room for.
-            ValueError: If a fixed noise multiplier does not fit the modulus,
-                or ``num_sampled`` or ``dimension`` is out of range.
+            NoiseHeadroomError: If a fixed noise multiplier does not fit the
+                modulus.
+            ValueError: If ``num_sampled`` or ``dimension`` is out of range.
         """
         if self.config.mode is DPMode.CENTRAL:
             self._calibrated(num_sampled=0, dimension=0)
@@ -458,6 +503,8 @@ class ServerPrivacy:
                 be planned, so the run should stop. Either its noise does not
                 fit the modulus, or in target mode no noise multiplier keeps
                 it within both the budget and the modulus.
+            NoiseHeadroomError: The first round's fixed noise multiplier does
+                not fit the modulus.
             ValueError: An argument is out of range, or the first round
                 cannot be planned.
 
@@ -483,6 +530,7 @@ class ServerPrivacy:
                 target_quantile=self.config.target_quantile,
                 learning_rate=self.config.clipping_learning_rate,
                 bit_noise_std=self._bit_noise_std(z, num_sampled=typical),
+                min_clipping_norm=MIN_CLIPPING_NORM,
             )
         clipping_norm = (
             self.adaptive.clipping_norm if self.adaptive else self.config.clipping_norm
@@ -524,8 +572,52 @@ class ServerPrivacy:
             )
             if self._rounds_done:
                 raise RoundNotPlannedError(message) from error
-            raise ValueError(message) from error
+            if self.config.noise_multiplier is None:
+                raise ValueError(message) from error
+            largest = self._max_fitting_noise_multiplier(num_sampled, dimension)
+            if largest is not None:
+                message += f" The largest noise_multiplier that fits is {largest:g}."
+            raise NoiseHeadroomError(
+                message,
+                noise_multiplier=z,
+                max_noise_multiplier=largest,
+                verified=self.verified,
+            ) from error
         return dataclasses.replace(planned, expected_clients=expected_clients)
+
+    def _max_fitting_noise_multiplier(
+        self, num_sampled: int, dimension: int
+    ) -> float | None:
+        """Return the largest z below the configured one whose noise fits the round.
+
+        The result is rounded down to three significant digits, or None if
+        not even `MIN_NOISE_MULTIPLIER` fits. Under adaptive clipping the
+        bit noise stays that of the configured z, which only leaves less
+        room, so the result also fits with the bit noise of its own z, which
+        is never larger.
+        """
+
+        def fits(noise_multiplier: float) -> bool:
+            try:
+                self._round_plan(noise_multiplier, num_sampled, dimension)
+            except ValueError:
+                return False
+            return True
+
+        low = MIN_NOISE_MULTIPLIER
+        high = self.config.noise_multiplier
+        assert high is not None
+        if not fits(low):
+            return None
+        for _ in range(SEARCH_STEPS):
+            middle = 0.5 * (low + high)
+            if fits(middle):
+                low = middle
+            else:
+                high = middle
+        exponent = math.floor(math.log10(low)) - 2
+        rounded = math.floor(low / 10.0**exponent) * 10.0**exponent
+        return rounded if rounded >= MIN_NOISE_MULTIPLIER else low
 
     def _distributed_plan(
         self,
@@ -809,10 +901,14 @@ class ServerPrivacy:
         assert self.config.target_epsilon is not None
         return self.config.target_epsilon
 
-    def _projected_epsilon(
+    def _round_plan(
         self, noise_multiplier: float, num_sampled: int, dimension: int
-    ) -> float:
-        """Epsilon after this round at its fewest inputs and the rest at all clients."""
+    ) -> RoundPrivacy:
+        """Plan the next distributed round with noise multiplier z, changing nothing.
+
+        Raises:
+            ValueError: If the noise does not fit the modulus.
+        """
         clipping_norm = self.config.clipping_norm
         bit_noise_std = None
         if self.adaptive is not None:
@@ -822,13 +918,19 @@ class ServerPrivacy:
             bit_noise_std = self._bit_noise_std(
                 noise_multiplier, num_sampled=num_sampled
             )
-        plan = self._distributed_plan(
+        return self._distributed_plan(
             noise_multiplier,
             clipping_norm=clipping_norm,
             num_sampled=num_sampled,
             dimension=dimension,
             bit_noise_std=bit_noise_std,
         )
+
+    def _projected_epsilon(
+        self, noise_multiplier: float, num_sampled: int, dimension: int
+    ) -> float:
+        """Epsilon after this round at its fewest inputs and the rest at all clients."""
+        plan = self._round_plan(noise_multiplier, num_sampled, dimension)
         events = [
             *self.accountant.history,
             *_distributed_events(

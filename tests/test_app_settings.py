@@ -76,7 +76,7 @@ def test_delta_of_a_tenth_or_more_rejected(delta: float) -> None:
     # A mechanism that publishes each record with probability delta meets
     # (0, delta)-DP, so such a delta protects nothing worth reporting.
     with pytest.raises(
-        ValueError, match=rf"delta must be in \(0, 0.1\): .*; found {delta}"
+        ValueError, match=rf"delta must be in \[1e-15, 0.1\): .* Found {delta}"
     ):
         parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, delta=delta)
 
@@ -92,6 +92,21 @@ def test_hidden_units_out_of_range_rejected(value: int) -> None:
 def test_hidden_units_parsed() -> None:
     assert parse().hidden_units == 0
     assert parse(hidden_units=65_536).hidden_units == 65_536
+
+
+@pytest.mark.parametrize("delta", [5e-324, 1e-300, 9e-16])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"dp_sgd": True, "dp_sgd_noise_multiplier": 1.0},
+        {"dp_mode": "central", "noise_multiplier": 1.0, "dp_accountant": "prv"},
+    ],
+)
+def test_delta_below_minimum_rejected(delta: float, changes: dict[str, object]) -> None:
+    with pytest.raises(
+        ValueError, match=rf"delta must be in \[1e-15, 0.1\): .* Found {delta}"
+    ):
+        parse(delta=delta, **changes)
 
 
 def test_blank_output_dir_rejected() -> None:
@@ -329,6 +344,23 @@ def test_huge_clipping_norm_with_target_rejected(
         ValueError, match=r"clipping-norm must be at most .* Found 1e\+300"
     ):
         build_strategy(settings, lambda report: None, audit_path=tmp_path / "a")
+
+
+@pytest.mark.parametrize("dp_mode", ["central", "distributed"])
+def test_tiny_clipping_norm_rejected_at_launch(dp_mode: str) -> None:
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": dp_mode, "noise-multiplier": 1.0, "clipping-norm": 5e-324}
+    )
+
+    with pytest.raises(
+        ValueError,
+        match=r"^Invalid DP run config: clipping-norm must be at least 3\.87e-121 "
+        r"\(2\*\*-400\), .* Found 5e-324\.$",
+    ):
+        check_run_config(config)
 
 
 def test_server_learning_rate_bounded_by_float32() -> None:
@@ -656,9 +688,63 @@ def test_launch_check_fixed_noise_must_fit() -> None:
 
     check_run_config(config)
     with pytest.raises(
-        ValueError, match=r"noise-multiplier 800\.0 needs more noise headroom"
+        ValueError,
+        match=r"^Invalid run config for 4 simulated SuperNodes \(--num-supernodes\): "
+        r"noise-multiplier 800\.0 adds more noise than the secure sum of "
+        r"dp-mode=distributed leaves room for\. Lower noise-multiplier to at most "
+        r"155, lower secagg-max-clients, or set verification=false to leave the "
+        r"noise more room\.$",
     ):
         check_run_config(config, num_nodes=4)
+    config["noise-multiplier"] = 155.0
+    check_run_config(config, num_nodes=4)
+
+
+def test_launch_check_fixed_noise_names_only_keys() -> None:
+    # The library's message advises max_weight, the quantization bits and
+    # the modulus, which a DP run of the app cannot set.
+    from secure_fedavg_app.server_app import check_run_config
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "noise-multiplier": 8000.0, "num-server-rounds": 1}
+    )
+
+    with pytest.raises(ValueError) as caught:
+        check_run_config(config, num_nodes=4)
+
+    message = str(caught.value)
+    assert message.endswith(
+        "noise-multiplier 8000.0 adds more noise than the secure sum of "
+        "dp-mode=distributed leaves room for. Lower noise-multiplier to at most "
+        "7850, or lower secagg-max-clients to leave the noise more room."
+    )
+    for library_name in ("max_weight", "max-weight", "quantization", "modulus"):
+        assert library_name not in message
+
+
+def test_round_one_fixed_noise_error_keys(tmp_path: Path) -> None:
+    # Without the launcher's node count, the noise is checked in round 1.
+    from secure_fedavg_app.client_app import app as client_app
+    from secure_fedavg_app.results import ResultsFile
+    from secure_fedavg_app.server_app import _run
+
+    from tests.loopback import LoopbackGrid
+
+    config = default_config()
+    config.update(
+        {"dp-mode": "distributed", "noise-multiplier": 8000.0, "num-server-rounds": 1}
+    )
+    grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
+    results = ResultsFile(tmp_path, run_config=config, run_info={})
+
+    with pytest.raises(
+        ValueError,
+        match=r"^noise-multiplier 8000\.0 adds more noise than the secure sum of "
+        r"dp-mode=distributed leaves room for\. Lower noise-multiplier to at most "
+        r"\d+, or lower secagg-max-clients to leave the noise more room\.$",
+    ):
+        _run(grid, config, results)
 
 
 def test_launch_check_nodes_before_target() -> None:

@@ -85,7 +85,7 @@ def admit_all(
         ({"max_epsilon": True}, "Found True"),
         (
             {"max_epsilon": 1.0, "delta": 0.0},
-            r"delta must be in \(0, 0.1\): .* Found 0.0",
+            r"delta must be in \[1e-15, 0.1\): .* Found 0.0",
         ),
         ({"max_epsilon": 1.0, "delta": 1.0}, "Found 1.0"),
         ({"max_epsilon": 1.0, "min_honest_clients": 0}, "at least 1. Found 0"),

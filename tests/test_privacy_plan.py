@@ -19,6 +19,7 @@ from fedsec_flwr.dp.accounting import MIN_NOISE_MULTIPLIER
 from fedsec_flwr.privacy import (
     DPConfig,
     DPMode,
+    NoiseHeadroomError,
     RoundNotPlannedError,
     ServerPrivacy,
     min_noised_inputs,
@@ -209,9 +210,37 @@ def test_check_target_rejects_noise_beyond_the_modulus() -> None:
         verified=True,
     )
 
-    with pytest.raises(ValueError, match=r"noise_multiplier 800\.0"):
+    with pytest.raises(NoiseHeadroomError, match=r"noise_multiplier 800\.0") as caught:
         privacy.check_target(num_sampled=4, dimension=25_810)
     privacy.check_target()
+
+    assert caught.value.noise_multiplier == 800.0
+    assert caught.value.verified is True
+    assert caught.value.max_noise_multiplier == 147.0
+    assert str(caught.value).endswith("The largest noise_multiplier that fits is 147.")
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_largest_fitting_noise_multiplier_fits(verified: bool) -> None:
+    def privacy(noise_multiplier: float) -> ServerPrivacy:
+        config = DPConfig(mode=DPMode.DISTRIBUTED, noise_multiplier=noise_multiplier)
+        return ServerPrivacy(
+            config=config,
+            num_rounds=1,
+            sample_rate=1.0,
+            max_clients=100,
+            modulus=MODULUS,
+            verified=verified,
+        )
+
+    with pytest.raises(NoiseHeadroomError) as caught:
+        privacy(16_384.0).plan(num_sampled=4, dimension=DIMENSION)
+    largest = caught.value.max_noise_multiplier
+    assert largest is not None
+
+    privacy(largest).plan(num_sampled=4, dimension=DIMENSION)
+    with pytest.raises(NoiseHeadroomError):
+        privacy(largest * 1.01).plan(num_sampled=4, dimension=DIMENSION)
 
 
 def test_small_sigma_stays_within_target() -> None:

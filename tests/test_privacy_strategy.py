@@ -27,9 +27,17 @@ from fedsec_flwr import (
     TooFewSurvivorsError,
     secure_aggregation_mod,
 )
+from fedsec_flwr.core.encoding import decode_sum, encode_update
 from fedsec_flwr.core.errors import ProtocolError
-from fedsec_flwr.dp import TargetEpsilonUnreachableError
-from fedsec_flwr.privacy import DPConfig, DPMode, ServerPrivacy
+from fedsec_flwr.dp import SecureRandom, TargetEpsilonUnreachableError
+from fedsec_flwr.privacy import (
+    MIN_CLIPPING_NORM,
+    DPConfig,
+    DPMode,
+    ServerPrivacy,
+    add_distributed_noise,
+    clip_flat_update,
+)
 from fedsec_flwr.strategy import (
     poisson_long_round_probability,
     poisson_short_round_probability,
@@ -348,6 +356,84 @@ def test_run_stops_before_budget_exceeded() -> None:
     assert "above the target 2.0" in strategy.stopped_reason
 
 
+@pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
+def test_smallest_clipping_norm_round(mode: DPMode) -> None:
+    # One round on ServerPrivacy and the encoding alone: clip, encode, add
+    # the clients' noise in distributed mode, sum, decode and release.
+    num_clients, dimension = 5, 20_000
+    config = DPConfig(mode=mode, clipping_norm=MIN_CLIPPING_NORM, noise_multiplier=1.0)
+    server = ServerPrivacy(
+        config=config, num_rounds=1, sample_rate=1.0, max_clients=10, modulus=2**32
+    )
+    plan = server.plan(num_sampled=num_clients, dimension=dimension)
+    assert plan.encoding is not None
+    rng = np.random.default_rng(0)
+    total = np.zeros(dimension + 2, dtype=np.uint64)
+    clipped_sum = np.zeros(dimension)
+    for _ in range(num_clients):
+        update = MIN_CLIPPING_NORM * rng.standard_normal(dimension)
+        clip_flat_update(update, clipping_norm=plan.clipping_norm)
+        assert np.linalg.norm(update) <= MIN_CLIPPING_NORM
+        clipped_sum += update
+        encoded, _ = encode_update(update, weight=1, params=plan.encoding, rng=rng)
+        if mode is DPMode.DISTRIBUTED:
+            add_distributed_noise(
+                encoded,
+                num_coordinates=dimension,
+                sigma_client=plan.sigma_client,
+                bit_slot=None,
+                bit_sigma_client=0.0,
+                rng=SecureRandom(),
+            )
+        total += encoded
+    total %= plan.encoding.modulus
+
+    mean = decode_sum(total.astype(np.uint32), params=plan.encoding).mean
+    server.release_mean(mean, plan, num_aggregated=num_clients)
+
+    # Both modes release the mean with noise of standard deviation z * C / m.
+    noise = mean - clipped_sum / num_clients
+    expected_std = MIN_CLIPPING_NORM / num_clients
+    assert np.std(noise) == pytest.approx(expected_std, rel=TOLERANCE)
+    assert abs(np.mean(noise)) < 0.05 * expected_std
+
+
+def test_adaptive_clipping_norm_stops_at_minimum() -> None:
+    # Distributed mode, because there the clients add the bit sum's noise and
+    # the server passes the sum on unchanged.
+    config = DPConfig(
+        mode=DPMode.DISTRIBUTED,
+        clipping_norm=MIN_CLIPPING_NORM,
+        noise_multiplier=1.0,
+        adaptive_clipping=True,
+        clipping_learning_rate=10.0,
+    )
+    server = ServerPrivacy(
+        config=config, num_rounds=2, sample_rate=1.0, max_clients=10, modulus=2**32
+    )
+    plan = server.plan(num_sampled=5, dimension=100)
+
+    # Every update unclipped, so C would shrink by exp(-5).
+    server.update_clipping_norm(5.0, plan, num_aggregated=5)
+    next_plan = server.plan(num_sampled=5, dimension=100)
+
+    assert next_plan.clipping_norm == MIN_CLIPPING_NORM
+    assert next_plan.encoding is not None
+    assert next_plan.encoding.clip_range == MIN_CLIPPING_NORM
+
+
+@pytest.mark.parametrize(
+    "clipping_norm", [np.nextafter(MIN_CLIPPING_NORM, 0.0), 1e-300, 5e-324]
+)
+def test_clipping_norm_below_minimum_rejected(clipping_norm: float) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"clipping_norm must be at least 3\.87e-121 \(2\*\*-400\), .* "
+        rf"Found {clipping_norm}\.",
+    ):
+        DPConfig(mode=DPMode.CENTRAL, clipping_norm=clipping_norm, noise_multiplier=1.0)
+
+
 def test_client_update_is_clipped_before_encoding() -> None:
     dp = DPConfig(mode=DPMode.CENTRAL, noise_multiplier=2**-10, clipping_norm=0.5)
     grid = LoopbackGrid(make_app(scaled_train(10.0)), NODE_IDS)
@@ -472,6 +558,10 @@ def test_distributed_without_secure_aggregation_rejected() -> None:
         ({"mode": "central", "noise_multiplier": -1.0}, "noise_multiplier must be"),
         ({"mode": "central", "target_epsilon": 0.0}, "target_epsilon must be"),
         ({"mode": "central", "noise_multiplier": 1.0, "delta": 1.0}, "delta must be"),
+        (
+            {"mode": "central", "noise_multiplier": 1.0, "delta": 1e-300},
+            r"delta must be in \[1e-15, 0\.1\): .* Found 1e-300",
+        ),
         (
             {"mode": "central", "noise_multiplier": 1.0, "clipping_norm": 0.0},
             "clipping_norm must be",

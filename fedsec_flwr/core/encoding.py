@@ -35,6 +35,16 @@ TRAILER_SIZE = 2
 MAX_MODULUS = 2**32
 """Largest modulus: masked values travel as uint32."""
 
+MIN_CLIP_RANGE = 2.0**-991
+"""Smallest clip range, about 4.8e-299.
+
+`decode_sum` multiplies the sum by 2 * clip_range / (total_weight *
+(quantization_levels - 1)), and the capacity check keeps that denominator
+below 2**32. From 2**-991 on, the factor is a normal float64 for every
+modulus up to `MAX_MODULUS`. Below, total_weight * scale can overflow: with
+24 bits and 64 clients, clip_range 1e-300 decoded about 9e6 steps off.
+"""
+
 
 @dataclass(frozen=True)
 class EncodingParams:
@@ -105,6 +115,11 @@ def validate_capacity(
     if not math.isfinite(clip_range) or clip_range <= 0:
         raise ValueError(
             f"clip_range must be a finite number above 0. Found {clip_range!r}."
+        )
+    if clip_range < MIN_CLIP_RANGE:
+        raise ValueError(
+            f"clip_range must be at least {MIN_CLIP_RANGE:.3g} (2**-991), or the "
+            f"decoded sum loses its precision. Found {clip_range!r}."
         )
     if modulus < 2 or modulus > MAX_MODULUS or modulus & (modulus - 1):
         raise ValueError(

@@ -84,6 +84,17 @@ Smaller values protect nothing, and at 1e-300 Opacus's RDP formula divides
 by the square of the multiplier, which is 0.0 in floating point.
 """
 
+MIN_DELTA = 1e-15
+"""Smallest delta the accountants take.
+
+Delta is chosen below 1 / N for N clients or examples, and no data set has
+10**15 of them. The RDP accountant handles every delta from this value up.
+Opacus 1.6's PRV accountant divides by zero at delta 5e-324, whose
+delta / 1000 underflows to 0. From about 1e-12 down, its floating-point
+check already rejects most noise multipliers and step counts, and
+`compute_epsilon` then bounds epsilon with RDP.
+"""
+
 MAX_DELTA = 0.1
 """Exclusive upper bound on delta. A mechanism that publishes each record
 with probability delta meets (0, delta)-DP, so at 0.1 the guarantee allows
@@ -213,7 +224,7 @@ class PrivacyAccountant:
 
         Args:
             accountant: "rdp" or "prv".
-            delta: Target delta in (0, `MAX_DELTA`).
+            delta: Target delta in [`MIN_DELTA`, `MAX_DELTA`).
 
         Raises:
             ValueError: If an argument is invalid.
@@ -324,7 +335,7 @@ def compute_epsilon(
 
     Args:
         events: Events to compose, may be empty.
-        delta: Target delta in (0, `MAX_DELTA`).
+        delta: Target delta in [`MIN_DELTA`, `MAX_DELTA`).
         accountant: "rdp" or "prv". PRV supports only Gaussian events.
 
     Returns:
@@ -411,7 +422,7 @@ def noise_multiplier_for_target(
 
     Args:
         target_epsilon: Epsilon budget for all steps, positive.
-        delta: Target delta in (0, `MAX_DELTA`).
+        delta: Target delta in [`MIN_DELTA`, `MAX_DELTA`).
         sample_rate: q in (0, 1].
         num_steps: Number of steps, at least 1.
         accountant: "rdp" or "prv".
@@ -658,7 +669,7 @@ def distributed_discrete_gaussian_epsilon(
     Args:
         event: The steps' parameters, with the number of clients that really
             survived each step.
-        delta: Target delta in (0, `MAX_DELTA`).
+        delta: Target delta in [`MIN_DELTA`, `MAX_DELTA`).
 
     Returns:
         Epsilon at `delta` from the RDP bound of
@@ -779,7 +790,7 @@ def rdp_epsilon_floor(delta: float) -> float:
     below this value is out of reach whatever the noise.
 
     Raises:
-        ValueError: If ``delta`` is not in (0, `MAX_DELTA`).
+        ValueError: If ``delta`` is not in [`MIN_DELTA`, `MAX_DELTA`).
     """
     _check_delta(delta)
     return _rdp_epsilon([], delta=delta)
@@ -858,11 +869,32 @@ def _prv_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
 
     prv = PRVAccountant()
     prv.history = history
-    # Opacus 1.6 takes log(1 - q) = log(0) for q = 1 and handles the -inf.
-    with np.errstate(divide="ignore"):
-        epsilon = prv.get_epsilon(delta=delta, eps_error=PRV_EPSILON_ERROR)
+    try:
+        # Opacus 1.6 takes log(1 - q) = log(0) for q = 1 and handles the -inf.
+        with np.errstate(divide="ignore"):
+            epsilon = prv.get_epsilon(delta=delta, eps_error=PRV_EPSILON_ERROR)
+    except ValueError as error:
+        # Opacus rejects a delta below its rounding error, which grows with
+        # the size of its discretization, so with more steps and less noise.
+        if not str(error).startswith(_PRV_PRECISION_MESSAGE):
+            raise
+        _warn_prv_precision_fallback()
+        return _rdp_epsilon(events, delta=delta)
 
     return max(float(epsilon), 0.0)
+
+
+_PRV_PRECISION_MESSAGE = "Floating point errors will dominate"
+"""Start of the error that Opacus 1.6's PRV accountant raises for a small delta."""
+
+
+@functools.cache
+def _warn_prv_precision_fallback() -> None:
+    # Once per process, like the warning below.
+    logger.warning(
+        "The PRV accountant rejects this delta as below its floating-point "
+        "error for these steps, so the RDP accountant bounds epsilon instead"
+    )
 
 
 @functools.cache
@@ -968,13 +1000,13 @@ def _check_delta(delta: float) -> None:
 def check_delta(name: str, value: object) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is a usable delta.
 
-    It must be a number in (0, `MAX_DELTA`).
+    It must be a number in [`MIN_DELTA`, `MAX_DELTA`).
     """
     number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-    if not number or not 0.0 < float(value) < MAX_DELTA:  # type: ignore[arg-type]
+    if not number or not MIN_DELTA <= float(value) < MAX_DELTA:  # type: ignore[arg-type]
         raise ValueError(
-            f"{name} must be in (0, {MAX_DELTA:g}): delta is the probability that "
-            f"the guarantee fails outright. Found {value!r}."
+            f"{name} must be in [{MIN_DELTA:g}, {MAX_DELTA:g}): delta is the "
+            f"probability that the guarantee fails outright. Found {value!r}."
         )
 
 

@@ -128,6 +128,8 @@ class AdaptiveClipping:
             exp(eta) per round.
         bit_noise_std: sigma_b, the noise standard deviation on the bit sum,
             positive. None sets it to m / 20.
+        min_clipping_norm: Floor of the clipping norm, non-negative. The
+            geometric update never takes C below it.
 
     """
 
@@ -136,6 +138,7 @@ class AdaptiveClipping:
     target_quantile: float = DEFAULT_TARGET_QUANTILE
     learning_rate: float = DEFAULT_LEARNING_RATE
     bit_noise_std: float | None = field(default=None)
+    min_clipping_norm: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("clipping_norm", self.clipping_norm)
@@ -148,6 +151,11 @@ class AdaptiveClipping:
         if self.bit_noise_std is None:
             self.bit_noise_std = BIT_NOISE_FRACTION * self.num_sampled
         _check_positive("bit_noise_std", self.bit_noise_std)
+        if not 0.0 <= self.min_clipping_norm <= self.clipping_norm:
+            raise ValueError(
+                "min_clipping_norm must be at least 0 and at most clipping_norm "
+                f"{self.clipping_norm}. Found {self.min_clipping_norm}."
+            )
 
     @property
     def noise_std(self) -> float:
@@ -175,8 +183,9 @@ class AdaptiveClipping:
         """Move the clipping norm toward the target quantile and return it.
 
         b_hat = noisy_bit_sum / num_aggregated, clamped to [0, 1], and
-        C <- C * exp(-eta * (b_hat - gamma)). If more than a fraction gamma of
-        the updates were unclipped, C shrinks, otherwise it grows.
+        C <- max(C * exp(-eta * (b_hat - gamma)), `min_clipping_norm`). If
+        more than a fraction gamma of the updates were unclipped, C shrinks,
+        otherwise it grows.
 
         Args:
             noisy_bit_sum: Sum of the clients' bits plus noise of standard
@@ -198,7 +207,8 @@ class AdaptiveClipping:
 
         unclipped_fraction = min(max(noisy_bit_sum / num_aggregated, 0.0), 1.0)
         step = -self.learning_rate * (unclipped_fraction - self.target_quantile)
-        clipping_norm = self.clipping_norm * math.exp(step)
+        # Post-processing of the noisy bit sum, so the floor costs no privacy.
+        clipping_norm = max(self.clipping_norm * math.exp(step), self.min_clipping_norm)
         if not math.isfinite(clipping_norm) or clipping_norm <= 0.0:
             raise ValueError(
                 f"the adaptive clipping norm left the float range: {self.clipping_norm}"

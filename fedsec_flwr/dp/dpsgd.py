@@ -144,7 +144,7 @@ class DPSGDConfig:
     `PrivacyBudgetExceededError` before it trains.
 
     Attributes:
-        delta: Target delta in (0, 0.1) of every reported epsilon. It should be
+        delta: Target delta in [1e-15, 0.1) of every reported epsilon. It should be
             well below 1 / (number of local training examples).
         noise_multiplier: z, the noise standard deviation over the clipping
             norm, finite and at least 0. The value 0 adds no noise, and its

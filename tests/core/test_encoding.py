@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedsec_flwr.core.encoding import (
+    MIN_CLIP_RANGE,
     TRAILER_SIZE,
     EncodingParams,
     decode_sum,
@@ -285,6 +286,42 @@ def test_negative_noise_decodes_within_headroom() -> None:
     np.testing.assert_allclose(
         result.mean, [-1 - 300 * params.step, 1 + 300 * params.step]
     )
+
+
+def test_smallest_clip_range_decodes_full_sum() -> None:
+    # 255 clients at 24 bits nearly fill the 2**32 modulus, so the total
+    # weight times (levels - 1) is as large as any encoding allows.
+    params = EncodingParams(
+        clip_range=MIN_CLIP_RANGE,
+        quantization_levels=2**24,
+        modulus=2**32,
+        max_weight=1,
+        max_clients=255,
+    )
+    update = np.random.default_rng(0).uniform(-MIN_CLIP_RANGE, MIN_CLIP_RANGE, 1000)
+    encoded, _ = encode_update(
+        update, weight=1, params=params, rng=np.random.default_rng(1)
+    )
+    total = (encoded.astype(np.uint64) * 255 % params.modulus).astype(np.uint32)
+
+    result = decode_sum(total, params=params)
+
+    assert result.total_weight == 255
+    assert np.max(np.abs(result.mean - update)) < params.step
+
+
+@pytest.mark.parametrize("clip_range", [np.nextafter(MIN_CLIP_RANGE, 0.0), 1e-300])
+def test_clip_range_below_minimum_rejected(clip_range: float) -> None:
+    with pytest.raises(
+        ValueError, match=r"clip_range must be at least 4.78e-299 \(2\*\*-991\)"
+    ):
+        EncodingParams(
+            clip_range=clip_range,
+            quantization_levels=2**24,
+            modulus=2**32,
+            max_weight=1,
+            max_clients=64,
+        )
 
 
 def test_headroom_counts_in_capacity() -> None:

@@ -9,6 +9,7 @@ from fedsec_flwr.dp.accounting import (
     ACCOUNTANT_PRV,
     ACCOUNTANT_RDP,
     MAX_SEARCH_NOISE_MULTIPLIER,
+    MIN_DELTA,
     MIN_NOISE_MULTIPLIER,
     PRV_MIN_NOISE_MULTIPLIER,
     RDP_ORDERS,
@@ -153,9 +154,11 @@ def test_history_is_read_only_copy() -> None:
     ("arguments", "message"),
     [
         ({"accountant": "gdp"}, r"accountant must be one of \('rdp', 'prv'\)"),
-        ({"delta": 0.0}, r"delta must be in \(0, 0\.1\): .* Found 0\.0"),
-        ({"delta": 1.0}, r"delta must be in \(0, 0\.1\): .* Found 1\.0"),
-        ({"delta": float("nan")}, r"delta must be in \(0, 0\.1\): .* Found nan"),
+        ({"delta": 0.0}, r"delta must be in \[1e-15, 0\.1\): .* Found 0\.0"),
+        ({"delta": 1.0}, r"delta must be in \[1e-15, 0\.1\): .* Found 1\.0"),
+        ({"delta": float("nan")}, r"delta must be in \[1e-15, 0\.1\): .* Found nan"),
+        ({"delta": 5e-324}, r"delta must be in \[1e-15, 0\.1\): .* Found 5e-324"),
+        ({"delta": 1e-300}, r"delta must be in \[1e-15, 0\.1\): .* Found 1e-300"),
     ],
 )
 def test_accountant_validation(arguments: dict, message: str) -> None:
@@ -330,7 +333,8 @@ def test_rdp_floor_bounds_every_epsilon(delta: float) -> None:
     ("arguments", "message"),
     [
         ({"target_epsilon": -1.0}, r"target_epsilon must be finite and positive"),
-        ({"delta": 2.0}, r"delta must be in \(0, 0\.1\)"),
+        ({"delta": 2.0}, r"delta must be in \[1e-15, 0\.1\)"),
+        ({"delta": 1e-300}, r"delta must be in \[1e-15, 0\.1\)"),
         ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\]"),
         ({"num_steps": 0}, r"num_steps must be at least 1"),
         ({"accountant": "moments"}, r"accountant must be one of"),
@@ -554,6 +558,39 @@ def test_prv_below_its_range_falls_back_to_rdp() -> None:
 
     assert math.isfinite(prv)
     assert prv == rdp
+
+
+@pytest.mark.parametrize("accountant", [ACCOUNTANT_RDP, ACCOUNTANT_PRV])
+@pytest.mark.parametrize(
+    ("noise_multiplier", "sample_rate", "num_steps"),
+    [(0.5, 1.0, 10), (1.0, 0.1, 100), (4.0, 0.01, 1000), (100.0, 1.0, 1)],
+)
+def test_smallest_delta_gives_finite_epsilon(
+    accountant: str, noise_multiplier: float, sample_rate: float, num_steps: int
+) -> None:
+    # At 1e-15 Opacus's PRV accountant rejects the first three for
+    # floating-point error, so RDP bounds them.
+    event = GaussianEvent(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps
+    )
+
+    epsilon = compute_epsilon([event], delta=MIN_DELTA, accountant=accountant)
+
+    assert 0.0 < epsilon < math.inf
+    assert epsilon <= compute_epsilon([event], delta=MIN_DELTA, accountant="rdp")
+
+
+def test_prv_search_at_smallest_delta() -> None:
+    noise = noise_multiplier_for_target(
+        target_epsilon=3.0,
+        delta=MIN_DELTA,
+        sample_rate=0.1,
+        num_steps=100,
+        accountant=ACCOUNTANT_PRV,
+    )
+
+    event = GaussianEvent(noise_multiplier=noise, sample_rate=0.1, num_steps=100)
+    assert compute_epsilon([event], delta=MIN_DELTA, accountant="prv") <= 3.0
 
 
 def test_prv_search_for_a_huge_target_stays_finite() -> None:

@@ -186,6 +186,12 @@ def test_effective_noise_multiplier_validation(arguments: dict, message: str) ->
         ({"target_quantile": 1.5}, r"target_quantile must be in \[0, 1\]"),
         ({"learning_rate": 0.0}, r"learning_rate must be in \(0, 10\]"),
         ({"bit_noise_std": 0.0}, r"bit_noise_std must be finite and positive"),
+        (
+            {"min_clipping_norm": -1.0},
+            r"min_clipping_norm must be at least 0 and at most clipping_norm 1\.0",
+        ),
+        ({"min_clipping_norm": 2.0}, r"min_clipping_norm must be .* Found 2\.0"),
+        ({"min_clipping_norm": math.nan}, r"min_clipping_norm must be .* Found nan"),
     ],
 )
 def test_state_validation(arguments: dict, message: str) -> None:
@@ -210,6 +216,18 @@ def test_update_validation(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         state.update(**({"noisy_bit_sum": 5.0, "num_aggregated": 10} | arguments))
     assert state.clipping_norm == 1.0
+
+
+def test_clipping_norm_stops_at_floor() -> None:
+    state = AdaptiveClipping(
+        clipping_norm=1.0, num_sampled=10, learning_rate=10.0, min_clipping_norm=1e-3
+    )
+
+    # With every update unclipped, C shrinks by exp(-5), about 0.0067, per round.
+    norms = [state.update(noisy_bit_sum=10.0, num_aggregated=10) for _ in range(3)]
+
+    assert norms[0] == pytest.approx(math.exp(-5.0), rel=1e-12, abs=0.0)
+    assert norms[1:] == [1e-3, 1e-3]
 
 
 def test_noisy_bit_sum_rejects_negative() -> None:

@@ -495,8 +495,12 @@ def test_round_beyond_target_rejected() -> None:
         ({"target_epsilon": 1.0}, "num_rounds is required with target_epsilon"),
         ({"target_epsilon": 1.0, "num_rounds": 0}, "num_rounds must be at least 1"),
         ({"target_epsilon": 1.0, "num_rounds": 2.0}, "num_rounds must be an int"),
-        ({"noise_multiplier": 1.0, "delta": 0.0}, r"delta must be in \(0, 0\.1\)"),
-        ({"noise_multiplier": 1.0, "delta": 0.1}, r"delta must be in \(0, 0\.1\)"),
+        ({"noise_multiplier": 1.0, "delta": 0.0}, r"delta must be in \[1e-15, 0\.1\)"),
+        ({"noise_multiplier": 1.0, "delta": 0.1}, r"delta must be in \[1e-15, 0\.1\)"),
+        (
+            {"noise_multiplier": 1.0, "delta": 5e-324},
+            r"delta must be in \[1e-15, 0\.1\)",
+        ),
         (
             {"noise_multiplier": 1.0, "max_grad_norm": 0.0},
             "max_grad_norm must be positive",

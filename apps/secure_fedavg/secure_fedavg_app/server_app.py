@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 import fedsec_flwr
 from fedsec_flwr import RoundReport
 from fedsec_flwr.dp import TargetEpsilonUnreachableError
-from fedsec_flwr.privacy import DPMode
+from fedsec_flwr.privacy import DPMode, NoiseHeadroomError
 from secure_fedavg_app.data import DatasetSplit, load_dataset_cached
 from secure_fedavg_app.models import build_model, count_parameters
 from secure_fedavg_app.results import (
@@ -29,6 +29,7 @@ from secure_fedavg_app.settings import AppSettings
 from secure_fedavg_app.strategy_factory import (
     STRATEGY_NAME,
     build_strategy,
+    explain_noise_headroom,
     explain_unreachable_target,
     name_run_config_keys,
 )
@@ -124,6 +125,8 @@ def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> Non
             )
     except TargetEpsilonUnreachableError as error:
         raise ValueError(explain_unreachable_target(error, settings)) from error
+    except NoiseHeadroomError as error:
+        raise ValueError(explain_noise_headroom(error, settings)) from error
     except ValueError as error:
         # Checks that need the connected nodes, such as the Poisson sample
         # size, run in round 1 and name the library's parameters. Subclasses
@@ -189,6 +192,11 @@ def check_run_config(
             raise ValueError(
                 f"Invalid run config{context}: "
                 f"{explain_unreachable_target(error, settings)}"
+            ) from error
+        except NoiseHeadroomError as error:
+            raise ValueError(
+                f"Invalid run config{context}: "
+                f"{explain_noise_headroom(error, settings)}"
             ) from error
         except ValueError as error:
             raise ValueError(

@@ -12,10 +12,10 @@ from typing import TypeVar
 
 from fedsec_flwr.config import KEY_LIFETIMES
 from fedsec_flwr.dp.accounting import (
-    MAX_DELTA,
     MAX_PRV_STEPS,
     MAX_SEARCH_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
+    check_delta,
 )
 from fedsec_flwr.dp.adaptive import MAX_LEARNING_RATE as MAX_CLIPPING_LEARNING_RATE
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
@@ -603,12 +603,12 @@ def _check_clipping_learning_rate(value: float) -> str:
 
 
 def _check_delta(value: float) -> str:
-    if 0.0 < value < MAX_DELTA:
-        return ""
-    return (
-        f"delta must be in (0, {MAX_DELTA:g}): it is the probability that the "
-        f"guarantee fails outright; found {value}."
-    )
+    # The library's check, so that the app and DPConfig accept the same range.
+    try:
+        check_delta("delta", value)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _check_noise_floor(key: str, value: float) -> str:

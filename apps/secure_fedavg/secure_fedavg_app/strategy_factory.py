@@ -14,7 +14,7 @@ from fedsec_flwr import (
 )
 from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
 from fedsec_flwr.dp.accounting import MAX_PRV_STEPS
-from fedsec_flwr.privacy import DPConfig, DPMode
+from fedsec_flwr.privacy import DPConfig, DPMode, NoiseHeadroomError
 from secure_fedavg_app.settings import AppSettings
 
 STRATEGY_NAME = "fedsec_flwr.SecureFedAvg"
@@ -126,6 +126,29 @@ def explain_unreachable_target(
     if prv_possible:
         changes.append('set dp-accountant="prv"')
     return f"{problem}. {_sentence(changes)}."
+
+
+def explain_noise_headroom(error: NoiseHeadroomError, settings: AppSettings) -> str:
+    """Say in run-config keys why a fixed distributed noise multiplier cannot run.
+
+    The library's message names its own parameters, such as max_weight and
+    the quantization bits, which a DP run of the app cannot set.
+    """
+    problem = (
+        f"noise-multiplier {settings.noise_multiplier} adds more noise than the "
+        "secure sum of dp-mode=distributed leaves room for"
+    )
+    changes = []
+    if error.max_noise_multiplier is not None:
+        changes.append(
+            f"lower noise-multiplier to at most {error.max_noise_multiplier:g}"
+        )
+    # Each client that secagg-max-clients allows takes room for its encoded
+    # update and, with verification, for its commitment offset.
+    changes.append("lower secagg-max-clients")
+    if error.verified:
+        changes.append("set verification=false")
+    return f"{problem}. {_sentence(changes)} to leave the noise more room."
 
 
 def _sentence(changes: list[str]) -> str:
