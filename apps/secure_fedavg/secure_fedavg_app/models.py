@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from secure_fedavg_app.data import BREAST_CANCER, DIGITS, FASHION_MNIST
+from secure_fedavg_app.settings import MAX_HIDDEN_UNITS
 
 # Hidden units of each dataset's model: the multilayer perceptrons' hidden
 # layer and the CNN's first fully connected layer.
@@ -17,8 +18,6 @@ DEFAULT_HIDDEN_UNITS = {
     DIGITS: DIGITS_HIDDEN,
     FASHION_MNIST: FASHION_MNIST_HIDDEN,
 }
-MAX_HIDDEN_UNITS = 65_536
-"""Most hidden units; the CNN then has 34 million parameters (137 MB)."""
 
 BREAST_CANCER_FEATURES = 30
 DIGITS_FEATURES = 64

@@ -20,7 +20,6 @@ from fedsec_flwr.dp.accounting import (
 from fedsec_flwr.dp.adaptive import MAX_LEARNING_RATE as MAX_CLIPPING_LEARNING_RATE
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
-from secure_fedavg_app.models import MAX_HIDDEN_UNITS
 
 ConfigValue = bool | int | float | str
 
@@ -30,6 +29,14 @@ ACCOUNTANTS = ("rdp", "prv")
 POLICIES = ("refuse", "report")
 
 MAX_CONFIG_INT = 2**31 - 1
+"""Largest magnitude of an integer setting; no setting of the app needs more."""
+
+MAX_HIDDEN_UNITS = 65_536
+"""Widest hidden layer: the Fashion-MNIST CNN then has 34 million parameters.
+
+It is defined here, not with the models, so that reading the run config
+does not import torch.
+"""
 
 _Value = TypeVar("_Value", str, bool, int, float)
 
@@ -54,7 +61,6 @@ PROTOCOL_ONLY_SECAGG_FIELDS = (
     "secagg_key_lifetime",
 )
 """Settings that only the secure-aggregation protocol reads, not the encoding."""
-"""Largest magnitude of an integer setting; no setting of the app needs more."""
 
 
 @dataclass(frozen=True, kw_only=True)
