@@ -213,6 +213,7 @@ def test_fashion_mnist_cnn_size() -> None:
         ("fashion-mnist", 1, 13_258 + 523),
         ("breast-cancer", 40, 30 * 40 + 40 + 40 * 2 + 2),
         ("digits", 0, 4_810),
+        ("digits", 3, 75 * 3 + 10),
         ("breast-cancer", 0, 530),
     ],
 )
