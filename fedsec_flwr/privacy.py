@@ -59,6 +59,7 @@ from .dp.adaptive import (
     client_bit,
     effective_noise_multiplier,
 )
+from .dp.clipping import l2_norm
 from .dp.noise import (
     distributed_noise_headroom,
     distributed_noise_scale,
@@ -1160,12 +1161,12 @@ def clip_flat_update(
     Returns the clipping bit (1 if the norm was at most C) and whether it was
     scaled. A zero update stays zero and counts as not clipped.
     """
-    norm = float(np.linalg.norm(update))
+    norm = l2_norm([update])
     bit = client_bit(norm=norm, clipping_norm=clipping_norm)
     if norm > clipping_norm:
         update *= clipping_norm / norm
         # Rounding can leave the norm a hair above C; shrink by one ulp-scale step.
-        if float(np.linalg.norm(update)) > clipping_norm:
+        if l2_norm([update]) > clipping_norm:
             update *= 1.0 - 1e-12
         return bit, True
     return bit, False

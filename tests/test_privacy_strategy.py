@@ -356,6 +356,19 @@ def test_run_stops_before_budget_exceeded() -> None:
     assert "above the target 2.0" in strategy.stopped_reason
 
 
+def test_flat_clip_of_huge_update_keeps_direction() -> None:
+    # The squares of 1e200 overflow float64; the update must still be
+    # scaled to norm C, not to zero.
+    update = np.array([1e200, -2e200, 2e200])
+
+    bit, scaled = clip_flat_update(update, clipping_norm=3.0)
+
+    assert bit == 0
+    assert scaled
+    np.testing.assert_allclose(update, [1.0, -2.0, 2.0], rtol=1e-9)
+    assert float(np.sqrt(np.dot(update, update))) <= 3.0
+
+
 @pytest.mark.parametrize("mode", [DPMode.CENTRAL, DPMode.DISTRIBUTED])
 def test_smallest_clipping_norm_round(mode: DPMode) -> None:
     # One round on ServerPrivacy and the encoding alone: clip, encode, add

@@ -23,6 +23,14 @@ import numpy.typing as npt
 MAX_SCALE_RETRIES = 64
 """Attempts to shrink a clipped update whose rounding pushed its norm above C."""
 
+MIN_SAFE_SQUARE = 2.0**-968
+"""Smallest sum of squares that `l2_norm` uses directly.
+
+Below it, the squares of the smallest values may have lost bits as float64
+subnormals (below 2**-1022) or become 0, so the norm is computed from
+rescaled values. At this sum each lost bit is at most 2**-106 of it.
+"""
+
 
 @dataclass(frozen=True)
 class ClipResult:
@@ -79,14 +87,28 @@ def l2_norm(update: Sequence[npt.NDArray[np.generic]]) -> float:
     """Compute the global L2 norm of the floating-point arrays in float64.
 
     Integer and bool arrays do not count. Computing in float64 keeps a
-    float16 update, whose squares overflow float16 above 256, finite.
+    float16 update, whose squares overflow float16 above 256, finite. When
+    the sum of squares overflows or underflows float64 (values above about
+    1e154 or below about 1e-154), the arrays are divided by their largest
+    magnitude first, so the norm is still correct.
     """
-    squared_norm = 0.0
-    for array in update:
-        if is_float_array(array):
-            flat = np.asarray(array, dtype=np.float64).ravel()
-            squared_norm += float(np.dot(flat, flat))
-    return math.sqrt(squared_norm)
+    flats = [
+        np.asarray(array, dtype=np.float64).ravel()
+        for array in update
+        if is_float_array(array)
+    ]
+    squared_norm = math.fsum(float(np.dot(flat, flat)) for flat in flats)
+    if MIN_SAFE_SQUARE <= squared_norm < math.inf:
+        return math.sqrt(squared_norm)
+
+    magnitudes = [float(np.max(np.abs(flat))) for flat in flats if flat.size]
+    largest = max(magnitudes, default=0.0)
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    scaled_squares = math.fsum(
+        float(np.dot(flat / largest, flat / largest)) for flat in flats
+    )
+    return largest * math.sqrt(scaled_squares)
 
 
 def clip_update_l2(
@@ -125,6 +147,11 @@ def clip_update_l2(
     validate_update(arrays)
 
     norm = l2_norm(arrays)
+    if not math.isfinite(norm):
+        raise ValueError(
+            "The update's floating-point values exceed the float64 range, so "
+            f"its norm cannot be computed. Found norm {norm}."
+        )
     if norm <= clipping_norm:
         return ClipResult(arrays=arrays, norm=norm, clipped=False)
 

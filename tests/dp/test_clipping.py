@@ -114,6 +114,41 @@ def test_float16_norm_without_overflow() -> None:
     assert global_norm(result.arrays) <= 1.0
 
 
+def test_huge_float64_update_scaled_not_zeroed() -> None:
+    # The squares of 1e200 overflow float64, so a plain sum of squares gives
+    # an infinite norm and a factor C / inf of 0.
+    update = [np.full(4, 1e200), np.array([-1e200])]
+
+    result = clip_update_l2(update, clipping_norm=1.0)
+
+    assert result.clipped
+    assert result.norm == pytest.approx(1e200 * np.sqrt(5), rel=1e-12)
+    assert result.arrays[0] == pytest.approx(np.full(4, 1 / np.sqrt(5)), rel=1e-9)
+    assert result.arrays[1] == pytest.approx([-1 / np.sqrt(5)], rel=1e-9)
+    assert l2_norm(result.arrays) <= 1.0
+
+
+def test_tiny_update_norm_not_zero() -> None:
+    # The squares of 1e-200 underflow float64 to 0.
+    update = [np.full(4, 1e-200), np.array([3e-200, 0.0])]
+
+    norm = l2_norm(update)
+    result = clip_update_l2(update, clipping_norm=1e-200)
+
+    assert norm == pytest.approx(np.sqrt(13) * 1e-200, rel=1e-12)
+    assert result.clipped
+    assert result.norm == norm
+    assert l2_norm(result.arrays) <= 1e-200
+    assert l2_norm(result.arrays) == pytest.approx(1e-200, rel=1e-9)
+
+
+def test_norm_beyond_float64_rejected() -> None:
+    update = [np.full(2, np.finfo(np.float64).max)]
+
+    with pytest.raises(ValueError, match=r"exceed the float64 range.*Found norm inf"):
+        clip_update_l2(update, clipping_norm=1.0)
+
+
 def test_zero_dimensional_arrays() -> None:
     update = [np.array(3.0), np.array(4.0, dtype=np.float32)]
 
