@@ -1106,13 +1106,33 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
                 logger.error("Processes still alive after SIGKILL: %s", survivors)
             shutil.rmtree(ray_temp_dir, ignore_errors=True)
 
-    if result.exit_code in (EXIT_TIMEOUT, EXIT_INTERRUPTED):
-        mark_results_stopped(
-            paths.results_file, f"Stopped by the launcher: {result.message}"
-        )
-
+    record_unfinished_run(result, paths.results_file)
     result.message = _with_log_hint(result, paths)
     return result
+
+
+def record_unfinished_run(result: LaunchResult, results_file: Path) -> None:
+    """Mark ``results.json`` failed when the run ended without the app doing so.
+
+    The launcher stops a run that times out or is interrupted. A run can also
+    fail outside the ServerApp, for example when the simulation engine does
+    not start, and then the status in ``results.json`` would remain ``running``.
+    """
+    if result.exit_code in (EXIT_TIMEOUT, EXIT_INTERRUPTED):
+        mark_results_stopped(results_file, f"Stopped by the launcher: {result.message}")
+        return
+
+    if (
+        result.exit_code == EXIT_FAILED
+        and result.results_status == RESULTS_STATUS_RUNNING
+    ):
+        mark_results_stopped(
+            results_file,
+            "The run ended before the ServerApp recorded its outcome: "
+            f"{result.message} See the SuperLink log.",
+        )
+        result.results_status = read_results_status(results_file)
+        result.message += " The launcher marked results.json failed."
 
 
 def _warn_if_output_dir_replaced(requested: object, output_dir: Path) -> None:

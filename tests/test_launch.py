@@ -548,3 +548,53 @@ def test_node_count_reaches_only_checks_that_take_it(tmp_path: Path) -> None:
         launch.check_run_config_values(
             second, _spec(tmp_path / "second"), {}, num_supernodes=7
         )
+
+
+def _write_results(path: Path, status: str) -> None:
+    path.write_text(json.dumps({"status": status, "rounds": []}), encoding="utf-8")
+
+
+def test_failed_run_still_running_marked_failed(tmp_path: Path) -> None:
+    # The simulation engine can fail before the ServerApp runs its handlers,
+    # so only the launcher can record that the run is over.
+    results_file = tmp_path / "results.json"
+    _write_results(results_file, "running")
+    result = launch.LaunchResult(
+        launch.EXIT_FAILED,
+        run_id=7,
+        run_status="finished:failed",
+        results_status="running",
+        message="Run 7: SuperLink status finished:failed.",
+    )
+
+    launch.record_unfinished_run(result, results_file)
+
+    document = json.loads(results_file.read_text())
+    assert document["status"] == "failed"
+    assert "before the ServerApp recorded its outcome" in document["error"]
+    assert "finished:failed" in document["error"]
+    assert document["rounds"] == []
+    assert result.results_status == "failed"
+    assert result.message.endswith("The launcher marked results.json failed.")
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "status"),
+    [
+        (launch.EXIT_FAILED, "failed"),
+        (launch.EXIT_FAILED, "completed"),
+        (launch.EXIT_OK, "completed"),
+    ],
+)
+def test_recorded_outcome_left_alone(
+    tmp_path: Path, exit_code: int, status: str
+) -> None:
+    results_file = tmp_path / "results.json"
+    _write_results(results_file, status)
+    before = results_file.read_text()
+    result = launch.LaunchResult(exit_code, results_status=status, message="m")
+
+    launch.record_unfinished_run(result, results_file)
+
+    assert results_file.read_text() == before
+    assert result.message == "m"
