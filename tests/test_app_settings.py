@@ -109,6 +109,14 @@ def test_delta_below_minimum_rejected(delta: float, changes: dict[str, object]) 
         parse(delta=delta, **changes)
 
 
+@pytest.mark.parametrize("value", [1e300, 1.8e38])
+def test_huge_clip_range_rejected(value: float) -> None:
+    message = rf"secagg-clip-range must be at most 1\.701e\+38, .*found {re.escape(str(value))}\."
+
+    with pytest.raises(ValueError, match=message):
+        parse(secagg_clip_range=value)
+
+
 def test_blank_output_dir_rejected() -> None:
     with pytest.raises(ValueError, match="output-dir must not be empty or blank"):
         parse(output_dir="  ")

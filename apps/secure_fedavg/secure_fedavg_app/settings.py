@@ -256,6 +256,7 @@ class AppSettings:
             _check_positive("dirichlet-alpha", self.dirichlet_alpha),
             _check_nonempty("output-dir", self.output_dir),
             _check_positive("secagg-clip-range", self.secagg_clip_range),
+            _check_clip_range(self.secagg_clip_range),
             _check_neighbours(self.secagg_neighbours),
             _check_min("secagg-threshold", self.secagg_threshold, 0),
             _check_min("secagg-max-weight", self.secagg_max_weight, 1),
@@ -624,6 +625,18 @@ def _check_noise_floor(key: str, value: float) -> str:
     return (
         f"{key} must be 0 or in [{MIN_NOISE_MULTIPLIER}, "
         f"{MAX_SEARCH_NOISE_MULTIPLIER:g}] (2**-10 to 2**14); found {value}."
+    )
+
+
+def _check_clip_range(value: float) -> str:
+    # The decoded mean update is added to float32 weights, so an update
+    # coordinate of up to the clip range must leave room for the weight.
+    if value <= FLOAT32_MAX / 2:
+        return ""
+    return (
+        f"secagg-clip-range must be at most {FLOAT32_MAX / 2:.4g}, half the float32 "
+        "maximum, so that a weight plus a decoded update coordinate stays finite; "
+        f"found {value}."
     )
 
 
