@@ -56,6 +56,7 @@ from .core.transcript import (
     RoundTranscript,
     audit_round,
     is_lower_hex,
+    json_type_name,
     missing_commitments,
     parse_untrusted_json,
 )
@@ -766,7 +767,7 @@ def _entry_field(entry: object, key: str, kind: type = dict) -> Any:
     value = entry.get(key)
     if not isinstance(value, kind):
         raise ValueError(
-            f"{key} must be a JSON {kind.__name__}. Found {type(value).__name__}."
+            f"{key} must be a JSON {kind.__name__}. Found {json_type_name(value)}."
         )
     return value
 

@@ -436,8 +436,80 @@ def test_hostile_huge_integer_fails_only_its_round(audit_path, capsys):
     status, out, _ = run_main(audit_path, capsys)
 
     assert status == audit.EXIT_FAILED
-    assert "entry 0: FAILED: the transcript is malformed: server_round" in out
-    assert "Found an integer of 5000 digits, more than 20" in out
+    assert (
+        "entry 0: FAILED: the transcript is malformed: server_round is an integer "
+        "of 5000 digits (9999999999...), above the largest accepted "
+        "18446744073709551615."
+    ) in out
+    assert "round 2: verified" in out
+
+
+def set_transcript_field(key: str, value: object):
+    def edit(document):
+        document["rounds"][0]["transcript"][key] = value
+
+    return edit
+
+
+def set_first_blinding_sum(value: int):
+    def edit(document):
+        document["rounds"][0]["transcript"]["blinding_sums"][0] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            set_first_blinding_sum(10**400),
+            "blinding_sums value is an integer of 401 digits (1000000000...), "
+            "above the largest accepted 4294967295.",
+        ),
+        (
+            set_first_blinding_sum(-(10**400)),
+            "blinding_sums value is an integer of 401 digits (-1000000000...), "
+            "below the smallest accepted 0.",
+        ),
+        (
+            set_transcript_field("aggregate_length", 2**100),
+            "aggregate_length is an integer of 31 digits (1267650600...), above "
+            "the largest accepted 17179869184.",
+        ),
+        (
+            set_transcript_field("run_id", 10**30),
+            "run_id must be a JSON str. Found an integer of 31 digits (1000000000...).",
+        ),
+        (
+            # 64 decimal digits are valid hex, but a JSON number is not a string.
+            set_transcript_field("model_sha256", int("1" * 64)),
+            "model_sha256 must be a JSON str. Found an integer of 64 digits "
+            "(1111111111...).",
+        ),
+        (
+            lambda document: document["rounds"][0].update(aggregate_hex=int("1" * 320)),
+            "aggregate_hex must be a JSON str. Found an integer of 320 digits "
+            "(1111111111...).",
+        ),
+    ],
+    ids=[
+        "blinding-sum",
+        "negative-blinding-sum",
+        "aggregate-length",
+        "run-id",
+        "model-digest",
+        "aggregate-hex",
+    ],
+)
+def test_hostile_long_integer_named_in_one_line(audit_path, capsys, edit, message):
+    rewrite(audit_path, edit)
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert message in out
+    assert "Found str" not in out
+    assert max(len(line) for line in out.splitlines()) < 300
     assert "round 2: verified" in out
 
 

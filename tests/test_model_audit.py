@@ -139,6 +139,26 @@ MALFORMED = "the round's settings are malformed: "
             MALFORMED + "decoding max_clients must be an int",
         ),
         (
+            lambda e: e["decoding"].update(modulus=2**4000),
+            MALFORMED + "decoding modulus is an integer of 1205 digits "
+            "(1318204093...), above the largest accepted 4294967296.",
+        ),
+        (
+            lambda e: e["decoding"].update(bit_slot=-(10**30)),
+            MALFORMED + "decoding bit_slot is an integer of 31 digits "
+            "(-1000000000...), below the smallest accepted -1.",
+        ),
+        (
+            lambda e: e["decoding"].update(offset=10**30),
+            MALFORMED + "decoding offset is an integer of 31 digits "
+            "(1000000000...), longer than the 20 digits that an integer literal "
+            "may have.",
+        ),
+        (
+            lambda e: e["decoding"].update(clip_range=10**30),
+            MALFORMED + "decoding clip_range is an integer of 31 digits",
+        ),
+        (
             lambda e: e["decoding"].update(clip_range=None),
             MALFORMED + "decoding clip_range must be a number",
         ),
