@@ -118,11 +118,15 @@ class RoundAudit:
     Attributes:
         label: "run R round N", or "entry K" when the transcript is malformed.
         result: Whether the round verified, and why not.
+        run_id: The transcript's run, or ``None`` when it is malformed.
+        server_round: The transcript's round, or ``None`` when it is malformed.
 
     """
 
     label: str
     result: AuditResult
+    run_id: int | None = None
+    server_round: int | None = None
 
 
 def append_round(
@@ -191,23 +195,48 @@ def audit_file(audit_path: Path) -> list[RoundAudit]:
             reason = f"the transcript is malformed: {error}"
             audits.append(RoundAudit(f"entry {index}", AuditResult(False, reason)))
             continue
+        label = f"run {transcript.run_id} round {transcript.server_round}"
+        key = (transcript.run_id, transcript.server_round)
         try:
             _check_keys(f"round {transcript.server_round}", entry, _ENTRY_KEYS)
         except ValueError as error:
-            label = f"run {transcript.run_id} round {transcript.server_round}"
-            audits.append(RoundAudit(label, AuditResult(False, str(error))))
-            continue
-
-        label = f"run {transcript.run_id} round {transcript.server_round}"
-        key = (transcript.run_id, transcript.server_round)
-        if key in seen:
-            result = AuditResult(False, "the round appears more than once")
+            result = AuditResult(False, str(error))
         else:
-            result = _audit_entry(audit_path.parent, entry, transcript)
-        seen.add(key)
-        audits.append(RoundAudit(label, result))
+            if key in seen:
+                result = AuditResult(False, "the round appears more than once")
+            else:
+                result = _audit_entry(audit_path.parent, entry, transcript)
+            seen.add(key)
+        audits.append(RoundAudit(label, result, *key))
 
     return audits
+
+
+def missing_rounds(audits: Sequence[RoundAudit]) -> list[tuple[int, int, int]]:
+    """Find the rounds of each run that the file lacks below the run's last round.
+
+    Flower's ``Strategy.start`` numbers rounds from 1, so a file with rounds
+    1 and 3 of a run lacks round 2. Entries with a malformed transcript
+    count for no round, because their run and round are unknown.
+
+    Returns:
+        The run, first and last round of each range of consecutive missing
+        rounds, sorted.
+
+    """
+    rounds_by_run: dict[int, set[int]] = {}
+    for audit in audits:
+        if audit.run_id is not None and audit.server_round is not None:
+            rounds_by_run.setdefault(audit.run_id, set()).add(audit.server_round)
+
+    missing = []
+    for run_id in sorted(rounds_by_run):
+        next_round = 1
+        for server_round in sorted(rounds_by_run[run_id]):
+            if server_round > next_round:
+                missing.append((run_id, next_round, server_round - 1))
+            next_round = max(next_round, server_round + 1)
+    return missing
 
 
 Model = dict[str, npt.NDArray[np.generic]]
@@ -619,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _say(f"{audit.label}: FAILED: {audit.result.reason}")
 
+    _print_missing_rounds(audits, following_models=arguments.initial_model is not None)
+
     if not audits:
         _say("error: the audit file contains no round", error=True)
         return EXIT_FAILED
@@ -650,6 +681,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed_labels=failed_labels,
         )
     return EXIT_FAILED if failed else EXIT_VERIFIED
+
+
+def _print_missing_rounds(
+    audits: Sequence[RoundAudit], *, following_models: bool
+) -> None:
+    # A round aborted before its commit stage leaves no entry and no model,
+    # so a missing round does not fail the audit. Only the model chain shows
+    # whether a later round trained on a model from it.
+    if following_models:
+        check = (
+            "The model checks below fail if a later round trained on a model from it."
+        )
+    else:
+        check = (
+            "Pass --initial-model to check that no later round trained on a "
+            "model from it."
+        )
+    for run_id, first, last in missing_rounds(audits):
+        rounds = f"round {first}" if first == last else f"rounds {first} to {last}"
+        _say(
+            f"run {run_id} {rounds}: not in the file, so there is no transcript "
+            f"to check. {check}"
+        )
 
 
 def _print_models(

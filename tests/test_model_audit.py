@@ -124,6 +124,26 @@ def test_missing_round_carries_model_over(tmp_path: Path) -> None:
     assert audits[1].result.reason == SIGNED_OTHER_MODEL
 
 
+def test_command_reports_missing_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0])
+    document = json.loads(path.read_text())
+    del document["rounds"][1]
+    path.write_text(json.dumps(document))
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+
+    code = audit.main([str(path), "--initial-model", str(initial)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert (
+        "run 42 round 2: not in the file, so there is no transcript to check. The "
+        "model checks below fail if a later round trained on a model from it.\n"
+    ) in out
+    assert f"run 42 round 3 model: FAILED: {SIGNED_OTHER_MODEL}" in out
+
+
 MALFORMED = "the round's settings are malformed: "
 
 
