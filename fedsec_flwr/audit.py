@@ -35,17 +35,20 @@ file. The .npz files list the arrays in the model's order, as the app's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import lzma
+import math
 import os
 import stat
 import sys
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,12 +59,12 @@ from .core.transcript import (
     RoundTranscript,
     audit_round,
     is_lower_hex,
+    json_type_name,
     missing_commitments,
     parse_untrusted_json,
 )
 from .files import write_text_atomically
 from .models import (
-    ARRAY_DECODE_ERRORS,
     DIGEST_SIZE,
     ModelDecoding,
     RoundSettings,
@@ -115,11 +118,15 @@ class RoundAudit:
     Attributes:
         label: "run R round N", or "entry K" when the transcript is malformed.
         result: Whether the round verified, and why not.
+        run_id: The transcript's run, or ``None`` when it is malformed.
+        server_round: The transcript's round, or ``None`` when it is malformed.
 
     """
 
     label: str
     result: AuditResult
+    run_id: int | None = None
+    server_round: int | None = None
 
 
 def append_round(
@@ -188,23 +195,48 @@ def audit_file(audit_path: Path) -> list[RoundAudit]:
             reason = f"the transcript is malformed: {error}"
             audits.append(RoundAudit(f"entry {index}", AuditResult(False, reason)))
             continue
+        label = f"run {transcript.run_id} round {transcript.server_round}"
+        key = (transcript.run_id, transcript.server_round)
         try:
             _check_keys(f"round {transcript.server_round}", entry, _ENTRY_KEYS)
         except ValueError as error:
-            label = f"run {transcript.run_id} round {transcript.server_round}"
-            audits.append(RoundAudit(label, AuditResult(False, str(error))))
-            continue
-
-        label = f"run {transcript.run_id} round {transcript.server_round}"
-        key = (transcript.run_id, transcript.server_round)
-        if key in seen:
-            result = AuditResult(False, "the round appears more than once")
+            result = AuditResult(False, str(error))
         else:
-            result = _audit_entry(audit_path.parent, entry, transcript)
-        seen.add(key)
-        audits.append(RoundAudit(label, result))
+            if key in seen:
+                result = AuditResult(False, "the round appears more than once")
+            else:
+                result = _audit_entry(audit_path.parent, entry, transcript)
+            seen.add(key)
+        audits.append(RoundAudit(label, result, *key))
 
     return audits
+
+
+def missing_rounds(audits: Sequence[RoundAudit]) -> list[tuple[int, int, int]]:
+    """Find the rounds of each run that the file lacks below the run's last round.
+
+    Flower's ``Strategy.start`` numbers rounds from 1, so a file with rounds
+    1 and 3 of a run lacks round 2. Entries with a malformed transcript
+    count for no round, because their run and round are unknown.
+
+    Returns:
+        The run, first and last round of each range of consecutive missing
+        rounds, sorted.
+
+    """
+    rounds_by_run: dict[int, set[int]] = {}
+    for audit in audits:
+        if audit.run_id is not None and audit.server_round is not None:
+            rounds_by_run.setdefault(audit.run_id, set()).add(audit.server_round)
+
+    missing = []
+    for run_id in sorted(rounds_by_run):
+        next_round = 1
+        for server_round in sorted(rounds_by_run[run_id]):
+            if server_round > next_round:
+                missing.append((run_id, next_round, server_round - 1))
+            next_round = max(next_round, server_round + 1)
+    return missing
 
 
 Model = dict[str, npt.NDArray[np.generic]]
@@ -346,48 +378,177 @@ def _entry_settings(entry: dict[str, Any]) -> RoundSettings:
     )
 
 
-_MODEL_FILE_ERRORS = (*ARRAY_DECODE_ERRORS, zipfile.BadZipFile, zlib.error)
-"""Exceptions of numpy and zipfile for a malformed, corrupt or oversized .npz file."""
+_MEMBER_UNREADABLE_ERRORS = (RuntimeError, NotImplementedError)
+"""Exceptions of zipfile for an encrypted member, or one compressed with a
+method that it does not implement."""
+
+_MEMBER_CORRUPT_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    OSError,
+    ValueError,
+)
+"""Exceptions of zipfile, its decompressors and numpy for a truncated or
+corrupt member. bz2 raises OSError and EOFError, and numpy raises
+ValueError for array data shorter than its header declares."""
+
+_NPY_HEADER_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)
+"""Exceptions of numpy for a member that does not start with an .npy header.
+numpy parses the header's text with tokenize and ast, whose errors are not
+ValueErrors."""
 
 
 def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
     """Load a model saved with ``numpy.savez``, keeping the order of its arrays.
 
-    With `max_bytes`, an archive whose members would take more bytes once
-    decompressed is rejected before any is read.
+    Each member's .npy header is checked before its values are read, so
+    pickled objects are never loaded. With `max_bytes`, an archive whose
+    members would take more bytes once decompressed is rejected before any
+    is read. Every error names `path` as given.
 
     Raises:
         ValueError: If the file cannot be read, is not a regular file, is
             larger than `max_bytes` once decompressed, or is not an .npz
-            file of arrays with fixed byte representations.
+            file of .npy arrays with fixed byte representations.
 
     """
+    quoted_path = repr(str(path))
     _check_regular_file(path, description="the model")
-    if max_bytes is not None:
-        _check_archive_size(path, max_bytes)
     try:
-        archive = np.load(path, allow_pickle=False)
-    except _MODEL_FILE_ERRORS as error:
-        raise ValueError(f"cannot load the model {path.name!r}: {error}") from error
-    if not isinstance(archive, np.lib.npyio.NpzFile):
+        with path.open("rb") as file:
+            start = file.read(len(np.lib.format.MAGIC_PREFIX))
+    except OSError as error:
         raise ValueError(
-            f"the model {path.name!r} must be an .npz file of named arrays."
+            f"cannot read the model {quoted_path}: {_os_reason(error)}."
+        ) from error
+    if start == np.lib.format.MAGIC_PREFIX:
+        raise ValueError(
+            f"the model {quoted_path} must be an .npz file of named arrays "
+            "(numpy.savez). Found a single .npy array."
         )
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise ValueError(
+            f"the model {quoted_path} must be an .npz file of named arrays "
+            "(numpy.savez). Found a file that is not a zip archive, or a "
+            "truncated one."
+        ) from error
 
     with archive:
-        try:
-            model = {name: archive[name] for name in archive.files}
-        except _MODEL_FILE_ERRORS as error:
-            raise ValueError(f"cannot load the model {path.name!r}: {error}") from error
-    for name, value in model.items():
-        # numpy returns the raw bytes of a member that is not an .npy file.
-        if not isinstance(value, np.ndarray):
-            raise ValueError(
-                f"the model {path.name!r} must hold .npy arrays only. Found "
-                f"{type(value).__name__} in member {name!r}."
-            )
-    model_digest(model)
+        members = archive.infolist()
+        if max_bytes is not None:
+            _check_archive_size(quoted_path, members, max_bytes)
+        model: Model = {}
+        for member in members:
+            name = member.filename.removesuffix(".npy")
+            if name == member.filename:
+                raise ValueError(
+                    f"the model {quoted_path} must contain .npy arrays only. Found "
+                    f"member {member.filename!r}, whose name lacks .npy."
+                )
+            if name in model:
+                raise ValueError(
+                    f"the model {quoted_path} must contain each array once. Found "
+                    f"member {member.filename!r} twice."
+                )
+            model[name] = _read_member(archive, member, quoted_path)
+
+    try:
+        model_digest(model)
+    except ValueError as error:
+        raise ValueError(
+            f"the model {quoted_path} cannot be audited: {error}"
+        ) from None
     return model
+
+
+def _read_member(
+    archive: zipfile.ZipFile, member: zipfile.ZipInfo, quoted_path: str
+) -> npt.NDArray[np.generic]:
+    where = f"member {member.filename!r}"
+    with _member_errors(quoted_path, where):
+        header = _read_member_header(archive, member)
+    if header is None:
+        raise ValueError(
+            f"the model {quoted_path} must contain .npy arrays only. Found {where}, "
+            "which is not an .npy array."
+        )
+    shape, dtype, offset = header
+    if dtype.hasobject:
+        raise ValueError(
+            f"the model {quoted_path} must be an .npz file of plain numeric arrays. "
+            f"Found pickled Python objects in {where}, which the auditor never "
+            "loads."
+        )
+    if not all(_is_count(dimension) for dimension in shape):
+        raise ValueError(
+            f"the model {quoted_path} must contain .npy arrays only. Found shape "
+            f"{shape} in {where}."
+        )
+    # Comparing with the size in the zip directory keeps a header that
+    # declares 2**40 values from reserving their memory.
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != member.file_size - offset:
+        raise ValueError(
+            f"the model {quoted_path} is truncated or corrupt: {where} must contain "
+            f"{declared} bytes of values, as its header declares. Found "
+            f"{member.file_size - offset}."
+        )
+
+    with _member_errors(quoted_path, where), archive.open(member) as file:
+        array: npt.NDArray[np.generic] = np.lib.format.read_array(
+            file, allow_pickle=False
+        )
+    return array
+
+
+def _read_member_header(
+    archive: zipfile.ZipFile, member: zipfile.ZipInfo
+) -> tuple[tuple[Any, ...], np.dtype[Any], int] | None:
+    """Return the shape, dtype and data offset of an .npy member, else None."""
+    with archive.open(member) as file:
+        try:
+            shape, _, dtype = _read_npy_header(file)
+        except _NPY_HEADER_ERRORS:
+            return None
+        return shape, dtype, file.tell()
+
+
+@contextlib.contextmanager
+def _member_errors(quoted_path: str, where: str) -> Iterator[None]:
+    """Turn the errors of reading an archive member into one-line ValueErrors."""
+    try:
+        yield
+    except _MEMBER_UNREADABLE_ERRORS:
+        raise ValueError(
+            f"the model {quoted_path} cannot be read: {where} is encrypted or "
+            "compressed with a method that Python's zipfile module does not "
+            "support."
+        ) from None
+    except _MEMBER_CORRUPT_ERRORS as error:
+        raise ValueError(
+            f"the model {quoted_path} is truncated or corrupt: {where} cannot be "
+            "decompressed."
+        ) from error
+
+
+def _read_npy_header(file: IO[bytes]) -> tuple[Any, bool, np.dtype[Any]]:
+    """Read the magic string and header of an .npy file of version 1.0 or 2.0.
+
+    Returns:
+        The shape, the Fortran-order flag and the dtype, as numpy's header
+        readers return them.
+
+    """
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(file)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(file)
+    raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
 
 
 def _check_regular_file(path: Path, *, description: str) -> None:
@@ -395,25 +556,29 @@ def _check_regular_file(path: Path, *, description: str) -> None:
     try:
         mode = path.stat().st_mode
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"cannot read {description} {path.name!r}: {error}") from error
+        raise ValueError(
+            f"cannot read {description} {str(path)!r}: {_os_reason(error)}."
+        ) from error
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{description} must be a regular file. Found {path.name!r}.")
+        raise ValueError(f"{description} must be a regular file. Found {str(path)!r}.")
 
 
-def _check_archive_size(path: Path, max_bytes: int) -> None:
+def _os_reason(error: Exception) -> str:
+    # The OS's text without the errno and the path, which the message names.
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _check_archive_size(
+    quoted_path: str, members: list[zipfile.ZipInfo], max_bytes: int
+) -> None:
     # The sizes come from the zip directory, so a small archive that would
-    # decompress to gigabytes is rejected before it is decompressed. A file
-    # that is no zip file gets numpy's own error from the load.
-    if not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            total = sum(member.file_size for member in archive.infolist())
-    except (OSError, zipfile.BadZipFile, zlib.error) as error:
-        raise ValueError(f"cannot load the model {path.name!r}: {error}") from error
+    # decompress to gigabytes is rejected before it is decompressed. zipfile
+    # stops reading a member at its size in the directory, so no member
+    # decompresses to more than the total checked here.
+    total = sum(member.file_size for member in members)
     if total > max_bytes:
         raise ValueError(
-            f"the model {path.name!r} must take at most {max_bytes} bytes "
+            f"the model {quoted_path} must take at most {max_bytes} bytes "
             "decompressed: 8 bytes per value of the run's longest aggregate and "
             f"{MODEL_SLACK_BYTES} more. Its members take {total}."
         )
@@ -483,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _say(f"{audit.label}: FAILED: {audit.result.reason}")
 
+    _print_missing_rounds(audits, following_models=arguments.initial_model is not None)
+
     if not audits:
         _say("error: the audit file contains no round", error=True)
         return EXIT_FAILED
@@ -514,6 +681,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed_labels=failed_labels,
         )
     return EXIT_FAILED if failed else EXIT_VERIFIED
+
+
+def _print_missing_rounds(
+    audits: Sequence[RoundAudit], *, following_models: bool
+) -> None:
+    # A round aborted before its commit stage leaves no entry and no model,
+    # so a missing round does not fail the audit. Only the model chain shows
+    # whether a later round trained on a model from it.
+    if following_models:
+        check = (
+            "The model checks below fail if a later round trained on a model from it."
+        )
+    else:
+        check = (
+            "Pass --initial-model to check that no later round trained on a "
+            "model from it."
+        )
+    for run_id, first, last in missing_rounds(audits):
+        rounds = f"round {first}" if first == last else f"rounds {first} to {last}"
+        _say(
+            f"run {run_id} {rounds}: not in the file, so there is no transcript "
+            f"to check. {check}"
+        )
 
 
 def _print_models(
@@ -578,8 +768,8 @@ def _say(text: str, *, error: bool = False) -> None:
     """
     line = _printable(text)
     if len(line) > MAX_LINE_CHARACTERS:
-        shown = MAX_LINE_CHARACTERS - LINE_CUT_SUFFIX_CHARACTERS
-        line = f"{line[:shown]}... ({len(line) - shown} more characters)"
+        quoted_path = MAX_LINE_CHARACTERS - LINE_CUT_SUFFIX_CHARACTERS
+        line = f"{line[:quoted_path]}... ({len(line) - quoted_path} more characters)"
     print(line, file=sys.stderr if error else sys.stdout)
 
 
@@ -653,16 +843,8 @@ def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
         )
     with path.open("rb") as file:
         try:
-            version = np.lib.format.read_magic(file)
-            if version == (1, 0):
-                header = np.lib.format.read_array_header_1_0(file)
-            elif version == (2, 0):
-                header = np.lib.format.read_array_header_2_0(file)
-            else:
-                raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
-        except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as error:
-            # numpy parses the header's text with tokenize and ast, whose
-            # errors are not ValueErrors.
+            header = _read_npy_header(file)
+        except _NPY_HEADER_ERRORS as error:
             raise ValueError(
                 f"aggregate_path must name an .npy file. {path.name!r}: {error}"
             ) from error
@@ -766,7 +948,7 @@ def _entry_field(entry: object, key: str, kind: type = dict) -> Any:
     value = entry.get(key)
     if not isinstance(value, kind):
         raise ValueError(
-            f"{key} must be a JSON {kind.__name__}. Found {type(value).__name__}."
+            f"{key} must be a JSON {kind.__name__}. Found {json_type_name(value)}."
         )
     return value
 

@@ -26,7 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from numpy.typing import NDArray
 
-from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
+from .core.encoding import MAX_MODULUS, TRAILER_SIZE, EncodingParams, decode_sum
+from .core.transcript import LongJSONInteger
 from .dp.noise import distributed_noise_headroom
 
 ARRAY_DECODE_ERRORS = (
@@ -337,16 +338,23 @@ def next_model(
     return floats.apply_update(model, decoded.mean)
 
 
-_DECODING_INTEGERS = (
-    "quantization_levels",
-    "modulus",
-    "max_weight",
-    "max_clients",
-    "noise_headroom",
-    "noisy_slots",
-    "bit_slot",
-    "offset",
-)
+_DECODING_INTEGERS: dict[str, tuple[int, int | None]] = {
+    "quantization_levels": (2, MAX_MODULUS - 1),
+    "modulus": (2, MAX_MODULUS),
+    "max_weight": (1, MAX_MODULUS - 1),
+    "max_clients": (1, MAX_MODULUS - 1),
+    "noise_headroom": (0, MAX_MODULUS // 2 - 1),
+    "noisy_slots": (0, None),
+    "bit_slot": (-1, None),
+    "offset": (0, None),
+}
+"""Integer fields of a decoding, with the smallest and largest value each accepts.
+
+The bounds follow from `validate_capacity`, where ``max_clients * max_weight *
+(quantization_levels - 1) + 2 * noise_headroom`` must stay below the
+modulus. ``None`` means that the field has no bound of its own. Messages
+about integer literals too long to parse name these bounds.
+"""
 
 
 @dataclass(frozen=True)
@@ -399,11 +407,15 @@ class ModelDecoding:
                 f"decoding must have the fields {sorted(expected)}. "
                 f"Found {sorted(data)}."
             )
-        for name in _DECODING_INTEGERS:
+        for name, (low, high) in _DECODING_INTEGERS.items():
             value = data[name]
+            if isinstance(value, LongJSONInteger):
+                raise value.range_error(f"decoding {name}", low=low, high=high)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"decoding {name} must be an int. Found {value!r}.")
         clip_range = data["clip_range"]
+        if isinstance(clip_range, LongJSONInteger):
+            raise clip_range.range_error("decoding clip_range", low=None, high=None)
         if isinstance(clip_range, bool) or not isinstance(clip_range, int | float):
             raise ValueError(
                 f"decoding clip_range must be a number. Found {clip_range!r}."

@@ -9,6 +9,7 @@ import pytest
 
 from fedsec_flwr import audit
 from fedsec_flwr.core import signatures as s
+from fedsec_flwr.core.transcript import AuditResult
 from tests.core.test_transcript import NODE_IDS, RUN_ID, SimulatedRound, build_round
 
 LONG = audit.INLINE_AGGREGATE_MAX_VALUES + 1
@@ -436,9 +437,119 @@ def test_hostile_huge_integer_fails_only_its_round(audit_path, capsys):
     status, out, _ = run_main(audit_path, capsys)
 
     assert status == audit.EXIT_FAILED
-    assert "entry 0: FAILED: the transcript is malformed: server_round" in out
-    assert "Found an integer of 5000 digits, more than 20" in out
+    assert (
+        "entry 0: FAILED: the transcript is malformed: server_round is an integer "
+        "of 5000 digits (9999999999...), above the largest accepted "
+        "18446744073709551615."
+    ) in out
     assert "round 2: verified" in out
+
+
+def set_transcript_field(key: str, value: object):
+    def edit(document):
+        document["rounds"][0]["transcript"][key] = value
+
+    return edit
+
+
+def set_first_blinding_sum(value: int):
+    def edit(document):
+        document["rounds"][0]["transcript"]["blinding_sums"][0] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            set_first_blinding_sum(10**400),
+            "blinding_sums value is an integer of 401 digits (1000000000...), "
+            "above the largest accepted 4294967295.",
+        ),
+        (
+            set_first_blinding_sum(-(10**400)),
+            "blinding_sums value is an integer of 401 digits (-1000000000...), "
+            "below the smallest accepted 0.",
+        ),
+        (
+            set_transcript_field("aggregate_length", 2**100),
+            "aggregate_length is an integer of 31 digits (1267650600...), above "
+            "the largest accepted 17179869184.",
+        ),
+        (
+            set_transcript_field("run_id", 10**30),
+            "run_id must be a JSON str. Found an integer of 31 digits (1000000000...).",
+        ),
+        (
+            # 64 decimal digits are valid hex, but a JSON number is not a string.
+            set_transcript_field("model_sha256", int("1" * 64)),
+            "model_sha256 must be a JSON str. Found an integer of 64 digits "
+            "(1111111111...).",
+        ),
+        (
+            lambda document: document["rounds"][0].update(aggregate_hex=int("1" * 320)),
+            "aggregate_hex must be a JSON str. Found an integer of 320 digits "
+            "(1111111111...).",
+        ),
+    ],
+    ids=[
+        "blinding-sum",
+        "negative-blinding-sum",
+        "aggregate-length",
+        "run-id",
+        "model-digest",
+        "aggregate-hex",
+    ],
+)
+def test_hostile_long_integer_named_in_one_line(audit_path, capsys, edit, message):
+    rewrite(audit_path, edit)
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert message in out
+    assert "Found str" not in out
+    assert max(len(line) for line in out.splitlines()) < 300
+    assert "round 2: verified" in out
+
+
+def test_missing_round_reported_with_exit_zero(tmp_path, capsys):
+    # A round aborted before its commit stage leaves no entry, so the gap
+    # alone does not fail the audit, but the output must name it.
+    keys = {node_id: s.generate_identity_key() for node_id in NODE_IDS}
+    path = tmp_path / "audit.json"
+    for server_round in (1, 3):
+        simulated = build_round(
+            server_round=server_round, d=40, private_keys=keys, seed=server_round
+        )
+        audit.append_round(path, simulated.transcript, simulated.aggregate)
+
+    status, out, err = run_main(path, capsys)
+
+    assert status == audit.EXIT_VERIFIED
+    assert (
+        f"run {RUN_ID} round 2: not in the file, so there is no transcript to "
+        "check. Pass --initial-model to check that no later round trained on a "
+        "model from it.\n"
+    ) in out
+    assert "2 of 2 rounds verified, 0 discarded" in out
+    assert err == ""
+
+
+def test_missing_rounds_grouped_per_run():
+    result = AuditResult(True, "")
+    audits = [
+        audit.RoundAudit("run 7 round 5", result, 7, 5),
+        audit.RoundAudit("run 7 round 1", result, 7, 1),
+        audit.RoundAudit("run 7 round 1", result, 7, 1),
+        audit.RoundAudit("run 9 round 0", result, 9, 0),
+        audit.RoundAudit("run 9 round 2", result, 9, 2),
+        audit.RoundAudit("run 11 round 1", result, 11, 1),
+        audit.RoundAudit("entry 6", AuditResult(False, "malformed")),
+    ]
+
+    assert audit.missing_rounds(audits) == [(7, 2, 4), (9, 1, 1)]
 
 
 def test_empty_aggregate_file_fails_audit(audit_path, capsys):

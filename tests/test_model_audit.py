@@ -8,8 +8,10 @@ model or the audit file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -122,6 +124,26 @@ def test_missing_round_carries_model_over(tmp_path: Path) -> None:
     assert audits[1].result.reason == SIGNED_OTHER_MODEL
 
 
+def test_command_reports_missing_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0])
+    document = json.loads(path.read_text())
+    del document["rounds"][1]
+    path.write_text(json.dumps(document))
+    initial = save_model(tmp_path / "initial.npz", initial_model())
+
+    code = audit.main([str(path), "--initial-model", str(initial)])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert (
+        "run 42 round 2: not in the file, so there is no transcript to check. The "
+        "model checks below fail if a later round trained on a model from it.\n"
+    ) in out
+    assert f"run 42 round 3 model: FAILED: {SIGNED_OTHER_MODEL}" in out
+
+
 MALFORMED = "the round's settings are malformed: "
 
 
@@ -137,6 +159,26 @@ MALFORMED = "the round's settings are malformed: "
         (
             lambda e: e["decoding"].update(max_clients=True),
             MALFORMED + "decoding max_clients must be an int",
+        ),
+        (
+            lambda e: e["decoding"].update(modulus=2**4000),
+            MALFORMED + "decoding modulus is an integer of 1205 digits "
+            "(1318204093...), above the largest accepted 4294967296.",
+        ),
+        (
+            lambda e: e["decoding"].update(bit_slot=-(10**30)),
+            MALFORMED + "decoding bit_slot is an integer of 31 digits "
+            "(-1000000000...), below the smallest accepted -1.",
+        ),
+        (
+            lambda e: e["decoding"].update(offset=10**30),
+            MALFORMED + "decoding offset is an integer of 31 digits "
+            "(1000000000...), longer than the 20 digits that an integer literal "
+            "may have.",
+        ),
+        (
+            lambda e: e["decoding"].update(clip_range=10**30),
+            MALFORMED + "decoding clip_range is an integer of 31 digits",
         ),
         (
             lambda e: e["decoding"].update(clip_range=None),
@@ -292,7 +334,10 @@ def test_tamper_final_model_exits_one(
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"not a zip", "cannot load the model"), (None, "must be an .npz file")],
+    [
+        (b"not a zip", "Found a file that is not a zip archive"),
+        (None, "Found a single .npy array"),
+    ],
 )
 def test_hostile_model_file_rejected(
     tmp_path: Path,
@@ -386,7 +431,7 @@ def test_hostile_corrupt_model_file_fails_cleanly(
     )
 
     assert code == 1
-    assert "cannot load the model" in capsys.readouterr().err
+    assert "is truncated or corrupt: member" in capsys.readouterr().err
 
 
 def test_hostile_structured_final_model_fails_cleanly(
@@ -419,4 +464,148 @@ def test_hostile_raw_member_in_model_file_fails_cleanly(
 
     err = capsys.readouterr().err
     assert code == 1
-    assert "must hold .npy arrays only. Found bytes in member 'tag'" in err
+    assert "must contain .npy arrays only. Found member 'tag', whose name" in err
+
+
+def npy_bytes(array: np.ndarray) -> bytes:  # type: ignore[type-arg]
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def zip_bytes(
+    members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_STORED
+) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # zipfile warns about a repeated member name, which one case needs.
+        warnings.simplefilter("ignore", UserWarning)
+        with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+            for name, content in members:
+                archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def huge_header() -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)}
+    )
+    return header.getvalue() + bytes(64)
+
+
+def corrupt_deflate() -> bytes:
+    data = bytearray(
+        zip_bytes([("w.npy", npy_bytes(np.arange(1000.0)))], zipfile.ZIP_DEFLATED)
+    )
+    start = data.index(b"PK\x03\x04") + 30 + len("w.npy") + 40
+    data[start : start + 16] = bytes(16)
+    return bytes(data)
+
+
+def object_array_npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, w=np.array([1, "a", None], dtype=object))
+    return buffer.getvalue()
+
+
+VALUES = npy_bytes(np.arange(1000.0))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'{"format": "fedsec_flwr/audit/v1", "rounds": []}',
+            "must be an .npz file of named arrays (numpy.savez). Found a file that "
+            "is not a zip archive, or a truncated one.",
+        ),
+        (
+            object_array_npz(),
+            "must be an .npz file of plain numeric arrays. Found pickled Python "
+            "objects in member 'w.npy', which the auditor never loads.",
+        ),
+        (
+            VALUES,
+            "must be an .npz file of named arrays (numpy.savez). Found a single "
+            ".npy array.",
+        ),
+        (
+            zip_bytes([("w.npy", VALUES)])[:200],
+            "must be an .npz file of named arrays (numpy.savez). Found a file that "
+            "is not a zip archive, or a truncated one.",
+        ),
+        (
+            zip_bytes([("w.npy", VALUES[:-100])]),
+            "is truncated or corrupt: member 'w.npy' must contain 8000 bytes of "
+            "values, as its header declares. Found 7900.",
+        ),
+        (
+            zip_bytes([("w.npy", huge_header())]),
+            "is truncated or corrupt: member 'w.npy' must contain 8000000000000 "
+            "bytes of values, as its header declares. Found 64.",
+        ),
+        (
+            corrupt_deflate(),
+            "is truncated or corrupt: member 'w.npy' cannot be decompressed.",
+        ),
+        (
+            zip_bytes([("w.npy", b"not an array")]),
+            "must contain .npy arrays only. Found member 'w.npy', which is not an "
+            ".npy array.",
+        ),
+        (
+            zip_bytes([("w.npy", VALUES), ("w.npy", VALUES)]),
+            "must contain each array once. Found member 'w.npy' twice.",
+        ),
+    ],
+    ids=[
+        "json",
+        "object-array",
+        "npy",
+        "truncated-archive",
+        "truncated-member",
+        "huge-shape",
+        "corrupt-member",
+        "not-npy-member",
+        "repeated-member",
+    ],
+)
+def test_hostile_model_file_named_in_message(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "model.npz"
+    path.write_bytes(content)
+
+    with pytest.raises(ValueError) as raised:
+        audit.load_model(path, max_bytes=2**30)
+
+    assert str(raised.value) == f"the model {str(path)!r} {message}"
+
+
+def test_hostile_audit_file_as_model_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+
+    code = audit.main([str(path), "--initial-model", str(path)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"the model {str(path)!r} must be an .npz file" in err
+    assert "not a zip archive" in err
+    assert "allow_pickle" not in err
+    assert "pickle.load" not in err
+
+
+def test_missing_model_named_by_full_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    absent = tmp_path / "absent" / "initial.npz"
+
+    code = audit.main([str(path), "--initial-model", str(absent)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot read the model {str(absent)!r}: No such file or directory." in err

@@ -269,14 +269,73 @@ class RoundTranscript:
         return cls.from_dict(parse_untrusted_json(text))
 
 
+LONG_INTEGER_SHOWN_DIGITS = 10
+"""Leading digits of a `LongJSONInteger` that its messages show."""
+
+
+@dataclass(frozen=True)
+class LongJSONInteger:
+    """An integer literal of untrusted JSON too long for `parse_untrusted_json`.
+
+    It is neither an int nor a str, so every type check rejects it. Its repr
+    shows the digit count and the leading digits only, so a message that
+    quotes it stays one line.
+
+    Attributes:
+        literal: The literal as the JSON text spells it, with its sign.
+
+    """
+
+    literal: str
+
+    @property
+    def digits(self) -> int:
+        """Number of digits of the literal, without its sign."""
+        return len(self.literal.lstrip("-"))
+
+    def __repr__(self) -> str:
+        sign = "-" if self.literal.startswith("-") else ""
+        leading = self.literal.lstrip("-")[:LONG_INTEGER_SHOWN_DIGITS]
+        return f"an integer of {self.digits} digits ({sign}{leading}...)"
+
+    def range_error(
+        self, name: str, *, low: int | None, high: int | None
+    ) -> ValueError:
+        """Build the error for field `name`, which accepts `low` to `high`.
+
+        A bound of ``None`` means the field sets none, so the error names the
+        parser's limit of `MAX_JSON_INTEGER_DIGITS` digits instead.
+        """
+        if self.literal.startswith("-") and low is not None:
+            limit = f"below the smallest accepted {low}"
+        elif not self.literal.startswith("-") and high is not None:
+            limit = f"above the largest accepted {high}"
+        else:
+            limit = (
+                f"longer than the {MAX_JSON_INTEGER_DIGITS} digits that an "
+                "integer literal may have"
+            )
+        return ValueError(f"{name} is {self!r}, {limit}.")
+
+
+def json_type_name(value: object) -> str:
+    """Return the Python type name of a parsed JSON value, for messages.
+
+    A `LongJSONInteger` gets its repr instead, which shows its digit count.
+    """
+    if isinstance(value, LongJSONInteger):
+        return repr(value)
+    return type(value).__name__
+
+
 def parse_untrusted_json(text: str) -> Any:
     """Parse JSON from an untrusted source, with every failure a ValueError.
 
     A key that repeats in an object is rejected, because two parsers could
     keep different copies of it. An integer literal longer than
-    `MAX_JSON_INTEGER_DIGITS` digits stays a string, so the field that
-    contains it fails its own type check and names itself, where a huge
-    int would fail the whole document. Nesting deeper than Python's
+    `MAX_JSON_INTEGER_DIGITS` digits becomes a `LongJSONInteger`, so the
+    field that contains it fails its own check and names itself, where a
+    huge int would fail the whole document. Nesting deeper than Python's
     recursion limit is a ValueError too, not a RecursionError.
 
     Raises:
@@ -305,8 +364,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _bounded_int(text: str) -> int | str:
-    return int(text) if len(text.lstrip("-")) <= MAX_JSON_INTEGER_DIGITS else text
+def _bounded_int(text: str) -> int | LongJSONInteger:
+    if len(text.lstrip("-")) <= MAX_JSON_INTEGER_DIGITS:
+        return int(text)
+    return LongJSONInteger(text)
 
 
 def sign_key_list(
@@ -740,16 +801,13 @@ def _hex_map(mapping: Mapping[int, bytes]) -> dict[str, str]:
 
 def _require(data: Mapping[str, Any], key: str, kind: type) -> Any:
     value = data.get(key)
+    if kind is int and isinstance(value, LongJSONInteger):
+        # __post_init__ checks the field's range, and so names its bound.
+        return value
     if isinstance(value, bool) or not isinstance(value, kind):
-        found = type(value).__name__
-        digits = value.lstrip("-") if isinstance(value, str) else ""
-        if kind is int and digits.isdigit() and len(digits) > MAX_JSON_INTEGER_DIGITS:
-            # parse_untrusted_json keeps such a long integer literal as text.
-            found = (
-                f"an integer of {len(digits)} digits, more than "
-                f"{MAX_JSON_INTEGER_DIGITS}"
-            )
-        raise ValueError(f"{key} must be a JSON {kind.__name__}. Found {found}.")
+        raise ValueError(
+            f"{key} must be a JSON {kind.__name__}. Found {json_type_name(value)}."
+        )
     return value
 
 
@@ -774,7 +832,7 @@ def _decimal(name: str, text: object) -> int:
 
 def _hex(name: str, text: object) -> bytes:
     if not isinstance(text, str):
-        raise ValueError(f"{name} must hold hex strings. Found {type(text).__name__}.")
+        raise ValueError(f"{name} must hold hex strings. Found {json_type_name(text)}.")
     if not is_lower_hex(text):
         raise ValueError(
             f"{name} must hold lowercase hex strings of whole bytes. "
@@ -796,10 +854,12 @@ def _check_uint64(name: str, value: int) -> None:
 
 def _check_int_type(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int. Found {type(value).__name__}.")
+        raise ValueError(f"{name} must be an int. Found {json_type_name(value)}.")
 
 
 def _check_int_range(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, LongJSONInteger):
+        raise value.range_error(name, low=low, high=high)
     _check_int_type(name, value)
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}. Found {value}.")

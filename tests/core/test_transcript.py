@@ -358,8 +358,13 @@ def test_from_json_names_field_of_huge_integer(honest):
     text = honest.transcript.to_json()
     huge = text.replace('"server_round":1', '"server_round":' + "9" * 5000, 1)
 
-    with pytest.raises(ValueError, match="server_round must be a JSON int"):
+    with pytest.raises(ValueError) as raised:
         t.RoundTranscript.from_json(huge)
+
+    assert str(raised.value) == (
+        "server_round is an integer of 5000 digits (9999999999...), above the "
+        "largest accepted 18446744073709551615."
+    )
 
 
 # Client helpers
