@@ -268,6 +268,7 @@ def audit_models(
 
     """
     document = _read_document(audit_path)
+    parsed: list[tuple[RoundTranscript, dict[str, Any]]] = []
     entries: dict[int, tuple[RoundTranscript, dict[str, Any]]] = {}
     for index, entry in enumerate(document["rounds"]):
         try:
@@ -275,14 +276,16 @@ def audit_models(
             _check_keys(f"round {transcript.server_round}", entry, _ENTRY_KEYS)
         except ValueError as error:
             raise ValueError(f"entry {index} is malformed: {error}") from None
-        if transcript.server_round in entries:
-            raise ValueError(f"round {transcript.server_round} appears more than once.")
-        entries[transcript.server_round] = (transcript, entry)
-    runs = sorted({transcript.run_id for transcript, _ in entries.values()})
+        parsed.append((transcript, entry))
+    runs = sorted({transcript.run_id for transcript, _ in parsed})
     if len(runs) > 1:
         raise ValueError(
             f"following models needs the rounds of one run. Found runs {runs}."
         )
+    for transcript, entry in parsed:
+        if transcript.server_round in entries:
+            raise ValueError(f"round {transcript.server_round} appears more than once.")
+        entries[transcript.server_round] = (transcript, entry)
 
     model: Model | None = dict(initial_model)
     audits = []
@@ -394,6 +397,16 @@ _MEMBER_CORRUPT_ERRORS = (
 corrupt member. bz2 raises OSError and EOFError, and numpy raises
 ValueError for array data shorter than its header declares."""
 
+_MODEL_COMPRESSION_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+"""Zip methods of the members that the auditor reads: numpy.savez stores them,
+numpy.savez_compressed deflates them."""
+
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+"""numpy's header reader for each .npy format version that numpy.savez writes."""
+
 _NPY_HEADER_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)
 """Exceptions of numpy for a member that does not start with an .npy header.
 numpy parses the header's text with tokenize and ast, whose errors are not
@@ -469,12 +482,20 @@ def _read_member(
     archive: zipfile.ZipFile, member: zipfile.ZipInfo, quoted_path: str
 ) -> npt.NDArray[np.generic]:
     where = f"member {member.filename!r}"
+    # zipfile bounds the output of deflate but not of bzip2 or lzma, so a
+    # small member of those could decompress to gigabytes before any check.
+    if member.compress_type not in _MODEL_COMPRESSION_METHODS:
+        raise ValueError(
+            f"the model {quoted_path} must be written by numpy.savez or "
+            f"numpy.savez_compressed. Found {where} with zip compression method "
+            f"{member.compress_type}; only stored (0) and deflate (8) are read."
+        )
     with _member_errors(quoted_path, where):
         header = _read_member_header(archive, member)
-    if header is None:
+    if isinstance(header, str):
         raise ValueError(
             f"the model {quoted_path} must contain .npy arrays only. Found {where}, "
-            "which is not an .npy array."
+            f"{header}."
         )
     shape, dtype, offset = header
     if dtype.hasobject:
@@ -487,6 +508,12 @@ def _read_member(
         raise ValueError(
             f"the model {quoted_path} must contain .npy arrays only. Found shape "
             f"{shape} in {where}."
+        )
+    # numpy multiplies the dimensions in int64, even when one of them is 0.
+    if math.prod(dimension for dimension in shape if dimension) >= 2**63:
+        raise ValueError(
+            f"the model {quoted_path} must contain arrays whose dimensions "
+            f"multiply to less than 2**63. Found shape {shape} in {where}."
         )
     # Comparing with the size in the zip directory keeps a header that
     # declares 2**40 values from reserving their memory.
@@ -507,13 +534,25 @@ def _read_member(
 
 def _read_member_header(
     archive: zipfile.ZipFile, member: zipfile.ZipInfo
-) -> tuple[tuple[Any, ...], np.dtype[Any], int] | None:
-    """Return the shape, dtype and data offset of an .npy member, else None."""
+) -> tuple[tuple[Any, ...], np.dtype[Any], int] | str:
+    """Return the shape, dtype and data offset of an .npy member.
+
+    A member that cannot be read as one gives the reason instead.
+    """
     with archive.open(member) as file:
         try:
-            shape, _, dtype = _read_npy_header(file)
+            version = np.lib.format.read_magic(file)
         except _NPY_HEADER_ERRORS:
-            return None
+            return "which is not an .npy array"
+        if version not in _NPY_HEADER_READERS:
+            return (
+                f"which has .npy format version {version[0]}.{version[1]}; "
+                "numpy.savez writes 1.0 or 2.0, the versions that are read"
+            )
+        try:
+            shape, _, dtype = _NPY_HEADER_READERS[version](file)
+        except _NPY_HEADER_ERRORS:
+            return "whose .npy header is invalid"
         return shape, dtype, file.tell()
 
 
@@ -544,11 +583,9 @@ def _read_npy_header(file: IO[bytes]) -> tuple[Any, bool, np.dtype[Any]]:
 
     """
     version = np.lib.format.read_magic(file)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(file)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(file)
-    raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
+    return _NPY_HEADER_READERS[version](file)
 
 
 def _check_regular_file(path: Path, *, description: str) -> None:
@@ -701,8 +738,8 @@ def _print_missing_rounds(
     for run_id, first, last in missing_rounds(audits):
         rounds = f"round {first}" if first == last else f"rounds {first} to {last}"
         _say(
-            f"run {run_id} {rounds}: not in the file, so there is no transcript "
-            f"to check. {check}"
+            f"run {run_id} {rounds}: no well-formed transcript in the file, so "
+            f"nothing to check. {check}"
         )
 
 
@@ -943,7 +980,7 @@ def _new_document() -> dict[str, Any]:
 def _entry_field(entry: object, key: str, kind: type = dict) -> Any:
     if not isinstance(entry, dict):
         raise ValueError(
-            f"a round must be a JSON object. Found {type(entry).__name__}."
+            f"a round must be a JSON object. Found {json_type_name(entry)}."
         )
     value = entry.get(key)
     if not isinstance(value, kind):

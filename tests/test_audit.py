@@ -529,8 +529,8 @@ def test_missing_round_reported_with_exit_zero(tmp_path, capsys):
 
     assert status == audit.EXIT_VERIFIED
     assert (
-        f"run {RUN_ID} round 2: not in the file, so there is no transcript to "
-        "check. Pass --initial-model to check that no later round trained on a "
+        f"run {RUN_ID} round 2: no well-formed transcript in the file, so "
+        "nothing to check. Pass --initial-model to check that no later round trained on a "
         "model from it.\n"
     ) in out
     assert "2 of 2 rounds verified, 0 discarded" in out

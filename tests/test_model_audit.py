@@ -109,6 +109,30 @@ def test_other_initial_model_fails_first_round(tmp_path: Path) -> None:
     assert last is None
 
 
+def test_two_runs_named_before_repeated_rounds(tmp_path: Path) -> None:
+    # Two runs both have a round 1, and the cause to report is the second
+    # run, not a repeated round.
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    document = json.loads(path.read_text())
+    other_run = json.loads(json.dumps(document["rounds"][0]))
+    other_run["transcript"]["run_id"] = "43"
+    document["rounds"].append(other_run)
+    path.write_text(json.dumps(document))
+
+    with pytest.raises(ValueError, match=r"one run\. Found runs \[42, 43\]"):
+        audit.audit_models(path, initial_model())
+
+
+def test_non_object_round_type_named(tmp_path: Path) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    path.write_text(
+        path.read_text().replace('"rounds": [', '"rounds": [' + "1" * 30 + ", ", 1)
+    )
+
+    with pytest.raises(ValueError, match=r"Found an integer of 30 digits"):
+        audit.audit_models(path, initial_model())
+
+
 def test_missing_round_carries_model_over(tmp_path: Path) -> None:
     # Dropping a round from the file is like a round that released no model:
     # the next round's clients then signed a model the auditor cannot reach.
@@ -138,8 +162,8 @@ def test_command_reports_missing_round(
     out = capsys.readouterr().out
     assert code == 1
     assert (
-        "run 42 round 2: not in the file, so there is no transcript to check. The "
-        "model checks below fail if a later round trained on a model from it.\n"
+        "run 42 round 2: no well-formed transcript in the file, so nothing to "
+        "check. The model checks below fail if a later round trained on a model from it.\n"
     ) in out
     assert f"run 42 round 3 model: FAILED: {SIGNED_OTHER_MODEL}" in out
 
@@ -503,6 +527,21 @@ def corrupt_deflate() -> bytes:
     return bytes(data)
 
 
+def overflowing_shape_header() -> bytes:
+    # numpy multiplies the dimensions in int64 even when one is 0.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (0, 2**64)}
+    )
+    return header.getvalue()
+
+
+def version_3_npy() -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.arange(3.0), version=(3, 0))
+    return buffer.getvalue()
+
+
 def object_array_npz() -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, w=np.array([1, "a", None], dtype=object))
@@ -558,6 +597,23 @@ VALUES = npy_bytes(np.arange(1000.0))
             zip_bytes([("w.npy", VALUES), ("w.npy", VALUES)]),
             "must contain each array once. Found member 'w.npy' twice.",
         ),
+        (
+            zip_bytes([("w.npy", VALUES)], zipfile.ZIP_BZIP2),
+            "must be written by numpy.savez or numpy.savez_compressed. Found member "
+            "'w.npy' with zip compression method 12; only stored (0) and deflate "
+            "(8) are read.",
+        ),
+        (
+            zip_bytes([("w.npy", overflowing_shape_header())]),
+            "must contain arrays whose dimensions multiply to less than 2**63. "
+            "Found shape (0, 18446744073709551616) in member 'w.npy'.",
+        ),
+        (
+            zip_bytes([("w.npy", version_3_npy())]),
+            "must contain .npy arrays only. Found member 'w.npy', which has .npy "
+            "format version 3.0; numpy.savez writes 1.0 or 2.0, the versions that "
+            "are read.",
+        ),
     ],
     ids=[
         "json",
@@ -569,6 +625,9 @@ VALUES = npy_bytes(np.arange(1000.0))
         "corrupt-member",
         "not-npy-member",
         "repeated-member",
+        "bzip2-member",
+        "overflowing-shape",
+        "npy-version-3",
     ],
 )
 def test_hostile_model_file_named_in_message(
