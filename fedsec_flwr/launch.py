@@ -1009,6 +1009,17 @@ def mark_results_stopped(results_file: Path, reason: str) -> None:
     os.replace(temp_file, results_file)
 
 
+def _write_failed_results(results_file: Path, reason: str) -> None:
+    # The ServerApp never wrote the file, so it has only the outcome.
+    if not results_file.parent.is_dir():
+        return
+    document = {"status": RESULTS_STATUS_FAILED, "error": reason}
+    temp_file = results_file.with_name(f".{results_file.name}.launcher.tmp")
+    with contextlib.suppress(OSError):
+        temp_file.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(temp_file, results_file)
+
+
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
     """Raise KeyboardInterrupt on SIGINT and SIGTERM, so cleanup runs for both.
@@ -1117,7 +1128,16 @@ def record_unfinished_run(result: LaunchResult, results_file: Path) -> None:
     The launcher stops a run that times out or is interrupted. A run can also
     fail outside the ServerApp, for example when the simulation engine does
     not start, and then the status in ``results.json`` would remain ``running``.
+    When the ServerApp wrote no file at all, the launcher writes one with the
+    status and the error only.
     """
+    if result.exit_code != EXIT_OK and not results_file.exists():
+        _write_failed_results(
+            results_file, f"The ServerApp recorded no outcome: {result.message}"
+        )
+        result.results_status = read_results_status(results_file)
+        return
+
     if result.exit_code in (EXIT_TIMEOUT, EXIT_INTERRUPTED):
         mark_results_stopped(results_file, f"Stopped by the launcher: {result.message}")
         return
@@ -1163,7 +1183,15 @@ def _launch_processes(
     group.superlink = start_superlink(paths, ports, env)
     write_launch_info(paths, ports, group.superlink.pid)
     startup_timeout = min(SUPERLINK_STARTUP_TIMEOUT_SECONDS, _remaining(deadline))
-    wait_until_healthy(group.superlink, ports.http_api, paths, startup_timeout)
+    try:
+        wait_until_healthy(group.superlink, ports.http_api, paths, startup_timeout)
+    except LaunchError as error:
+        if _remaining(deadline) > 0:
+            raise
+        return LaunchResult(
+            EXIT_TIMEOUT,
+            message=f"The run did not finish within {options.timeout:.0f} s: {error}",
+        )
 
     group.flwr_run = start_flwr_run(options, paths, env)
     if group.flwr_run.stdout is None:

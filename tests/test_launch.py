@@ -598,3 +598,49 @@ def test_recorded_outcome_left_alone(
 
     assert results_file.read_text() == before
     assert result.message == "m"
+
+
+@pytest.mark.parametrize("exit_code", [launch.EXIT_TIMEOUT, launch.EXIT_FAILED])
+def test_missing_results_written_as_failed(tmp_path: Path, exit_code: int) -> None:
+    # A run stopped before the ServerApp started has no results.json.
+    results_file = tmp_path / "results.json"
+    result = launch.LaunchResult(exit_code, message="The SuperLink did not start.")
+
+    launch.record_unfinished_run(result, results_file)
+
+    document = json.loads(results_file.read_text())
+    assert document == {
+        "status": "failed",
+        "error": "The ServerApp recorded no outcome: The SuperLink did not start.",
+    }
+    assert result.results_status == "failed"
+
+
+def test_successful_run_without_results_left_alone(tmp_path: Path) -> None:
+    results_file = tmp_path / "results.json"
+
+    launch.record_unfinished_run(launch.LaunchResult(launch.EXIT_OK), results_file)
+
+    assert not results_file.exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_timeout_during_startup_recorded(tmp_path: Path) -> None:
+    # Two seconds end the run while the SuperLink starts or just after, so
+    # the ServerApp has written nothing or only its running status.
+    output_dir = tmp_path / "startup-timeout"
+
+    completed = _run_launcher(
+        output_dir,
+        TINY_RUN_CONFIG,
+        "--num-supernodes",
+        TINY_SUPERNODES,
+        "--timeout",
+        "2",
+    )
+
+    assert completed.returncode == launch.EXIT_TIMEOUT, completed.stderr[-3000:]
+    assert "did not finish within 2 s" in completed.stderr
+    assert _results_status(output_dir) == "failed"
+    _assert_nothing_left(output_dir)
