@@ -99,14 +99,11 @@ DEFAULT_MAX_DROPOUT_FRACTION = 0.1
 MIN_CLIPPING_NORM = 2.0**-400
 """Smallest clipping norm C, about 3.9e-121.
 
-A DP round squares values that scale with C, and float64 squares below
-2**-1022 lose precision or become 0. Clipping computes the update's norm
-from squared coordinates, and `SecureRandom.normal` squares the central
-noise's standard deviation z * C / m, so at 1e-170 it draws only zeros.
-From 2**-400 on, that square stays normal for z >= 2**-10 and fewer than
-2**100 clients. A coordinate whose square is not normal then changes a
-squared norm near C**2 by at most 2**-275 of it. The encoding, whose range
-is C, works down to the smaller `fedsec_flwr.core.encoding.MIN_CLIP_RANGE`.
+Clipping computes the update's norm from squared coordinates, and float64
+squares below 2**-1022 lose precision or become 0. From 2**-400 on, a
+coordinate whose square is not normal changes a squared norm near C**2 by
+at most 2**-275 of it. The encoding, whose range is C, works down to the
+smaller `fedsec_flwr.core.encoding.MIN_CLIP_RANGE`.
 """
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +38,13 @@ MAX_STREAM_INDEX = 2**64 - 1
 
 FLOAT_MANTISSA_BITS = 53
 """Random bits in each float64 returned by `SecureRandom.uniform`."""
+
+MAX_NORMAL_STD = sys.float_info.max / 16
+"""Largest standard deviation that `SecureRandom.normal` accepts.
+
+Its draws are at most about 8.57 standard deviations from 0, so up to this
+bound every draw is a finite float64.
+"""
 
 _UNIFORM_SHIFT = np.uint64(64 - FLOAT_MANTISSA_BITS)
 _UNIFORM_SCALE = 2.0**-FLOAT_MANTISSA_BITS
@@ -215,17 +223,23 @@ class SecureRandom:
 
         Args:
             size: Output shape, an int or a tuple of ints.
-            std: Standard deviation, finite and non-negative.
+            std: Standard deviation, from 0 to `MAX_NORMAL_STD`.
 
         Returns:
             Array of dtype float64 and shape `size`.
 
         Raises:
-            ValueError: If `std` is negative or not finite.
+            ValueError: If `std` is negative, not finite or above
+                `MAX_NORMAL_STD`.
 
         """
         if not math.isfinite(std) or std < 0:
             raise ValueError(f"std must be finite and non-negative. Found {std}.")
+        if std > MAX_NORMAL_STD:
+            raise ValueError(
+                f"std must be at most {MAX_NORMAL_STD:.4g}, or the largest draws "
+                f"overflow float64. Found {std}."
+            )
         shape = as_shape(size)
         count = math.prod(shape)
 
@@ -237,8 +251,11 @@ class SecureRandom:
         # 1 - U is in (0, 1], so the logarithm is finite.
         np.negative(radius, out=radius)
         np.log1p(radius, out=radius)
-        radius *= -2.0 * std**2
+        radius *= -2.0
         np.sqrt(radius, out=radius)
+        # Scaling after the square root keeps std**2 out of the computation,
+        # which would underflow below about 1e-162 and overflow above 1e154.
+        radius *= std
         angle *= 2.0 * np.pi
         values = np.empty(2 * num_pairs, dtype=np.float64)
         np.cos(angle, out=values[:num_pairs])
