@@ -153,9 +153,24 @@ def validate_capacity(
             "The worst-case sum max_clients * max_weight * (quantization_levels - 1)"
             f" = {max_clients} * {max_weight} * {quantization_levels - 1} = "
             f"{worst_case}, plus twice the noise headroom {noise_headroom}, would "
-            f"wrap the modulus {modulus}. Lower max_clients, max_weight or the "
-            "quantization bits, or raise the modulus."
+            f"wrap the modulus {modulus}. {_capacity_advice(max_weight, noise_headroom)}"
         )
+
+
+def _capacity_advice(max_weight: int, noise_headroom: int) -> str:
+    """Name the settings that can make a worst-case sum fit the modulus.
+
+    A weight of 1 cannot be lowered, and noise only takes room when there is
+    headroom for it, so each is named only when lowering it helps.
+    """
+    lowerable = ["max_clients"]
+    if max_weight > 1:
+        lowerable.append("max_weight")
+    lowerable.append("the quantization bits")
+    if noise_headroom:
+        lowerable.append("the noise")
+    names = ", ".join(lowerable[:-1]) + f" or {lowerable[-1]}"
+    return f"Lower {names}, or raise the modulus."
 
 
 def max_quantization_bits(*, modulus: int, max_weight: int, max_clients: int) -> int:

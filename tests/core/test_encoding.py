@@ -334,3 +334,38 @@ def test_headroom_counts_in_capacity() -> None:
             max_clients=10,
             noise_headroom=40_000,
         )
+
+
+@pytest.mark.parametrize(
+    ("max_weight", "noise_headroom", "advice"),
+    [
+        (1, 0, "Lower max_clients or the quantization bits, or raise the modulus."),
+        (
+            4,
+            0,
+            "Lower max_clients, max_weight or the quantization bits, "
+            "or raise the modulus.",
+        ),
+        (
+            1,
+            2**20,
+            "Lower max_clients, the quantization bits or the noise, "
+            "or raise the modulus.",
+        ),
+    ],
+)
+def test_capacity_error_names_only_settings_that_help(
+    max_weight: int, noise_headroom: int, advice: str
+) -> None:
+    # Under DP every weight is 1, so advice to lower max_weight cannot be followed.
+    with pytest.raises(ValueError) as raised:
+        EncodingParams(
+            clip_range=1.0,
+            quantization_levels=2**16,
+            modulus=2**32,
+            max_weight=max_weight,
+            max_clients=2**17,
+            noise_headroom=noise_headroom,
+        )
+
+    assert str(raised.value).endswith(advice)
