@@ -604,6 +604,16 @@ def test_strategy_warnings_name_run_config_keys(
     ]
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0, 1e-40])
+def test_tiny_dp_sgd_grad_norm_rejected(value: float) -> None:
+    with pytest.raises(
+        ValueError,
+        match=rf"dp-sgd-max-grad-norm must be at least 8\.67e-19 \(2\*\*-60\); "
+        rf"found {value}",
+    ):
+        parse(dp_sgd=True, dp_sgd_noise_multiplier=1.0, dp_sgd_max_grad_norm=value)
+
+
 def test_huge_dp_sgd_grad_norm_rejected() -> None:
     with pytest.raises(
         ValueError, match=r"dp-sgd-max-grad-norm must be at most 3.403e\+38"

@@ -23,6 +23,17 @@ import numpy.typing as npt
 MAX_SCALE_RETRIES = 64
 """Attempts to shrink a clipped update whose rounding pushed its norm above C."""
 
+MIN_MAX_GRAD_NORM = 2.0**-60
+"""Smallest per-example gradient clipping norm C of DP-SGD, about 8.7e-19.
+
+Opacus trains in float32, whose normal numbers end at 2**-126. The clipped
+gradients and the noise, of standard deviation z * C, scale with C. Below
+the normal range their values keep fewer bits, and noise rounded to a
+coarse grid no longer hides the low bits of the gradient sum. From 2**-60
+on, the noise's standard deviation stays above 2**-70 for every noise
+multiplier of at least 2**-10, far inside the normal range.
+"""
+
 MIN_SAFE_SQUARE = 2.0**-968
 """Smallest sum of squares that `l2_norm` uses directly.
 

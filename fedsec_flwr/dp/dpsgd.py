@@ -65,6 +65,7 @@ from .accounting import (
     compute_epsilon,
     noise_multiplier_for_target,
 )
+from .clipping import MIN_MAX_GRAD_NORM
 
 logger = logging.getLogger("fedsec_flwr.dp")
 
@@ -152,7 +153,8 @@ class DPSGDConfig:
         target_epsilon: Epsilon budget for all `num_rounds` rounds, positive.
         num_rounds: Rounds that this client trains in the run, at least 1.
             Required with `target_epsilon`, rejected without it.
-        max_grad_norm: C, the L2 bound on each example's gradient, positive.
+        max_grad_norm: C, the L2 bound on each example's gradient, at least
+            `fedsec_flwr.dp.clipping.MIN_MAX_GRAD_NORM`.
         accountant: "rdp" (Renyi DP) or "prv" (privacy loss random
             variables), as in `fedsec_flwr.dp.accounting`.
         secure_rng: Whether Opacus draws noise and batches from a
@@ -192,6 +194,12 @@ class DPSGDConfig:
         if self.max_grad_norm <= 0:
             raise ValueError(
                 f"max_grad_norm must be positive. Found {self.max_grad_norm}."
+            )
+        if self.max_grad_norm < MIN_MAX_GRAD_NORM:
+            raise ValueError(
+                f"max_grad_norm must be at least {MIN_MAX_GRAD_NORM:.3g} (2**-60), "
+                "or the float32 noise loses its precision. "
+                f"Found {self.max_grad_norm}."
             )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(

@@ -18,6 +18,7 @@ from fedsec_flwr.dp.accounting import (
     check_delta,
 )
 from fedsec_flwr.dp.adaptive import MAX_LEARNING_RATE as MAX_CLIPPING_LEARNING_RATE
+from fedsec_flwr.dp.clipping import MIN_MAX_GRAD_NORM
 from fedsec_flwr.privacy import DEFAULT_MAX_DROPOUT_FRACTION
 from secure_fedavg_app.data import DATASET_NAMES, PARTITIONING_NAMES
 
@@ -281,7 +282,7 @@ class AppSettings:
             _check_min_float("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_noise_floor("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier),
             _check_min_float("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon),
-            _check_positive("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
+            _check_grad_norm_floor(self.dp_sgd_max_grad_norm),
             _check_float32("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm),
             _check_choice("verification-policy", self.verification_policy, POLICIES),
             _check_positive("server-learning-rate", self.server_learning_rate),
@@ -636,6 +637,15 @@ def _check_clip_range(value: float) -> str:
     return (
         f"secagg-clip-range must be at most {FLOAT32_MAX / 2:.4g}, half the float32 "
         "maximum, so that a weight plus a decoded update coordinate stays finite; "
+        f"found {value}."
+    )
+
+
+def _check_grad_norm_floor(value: float) -> str:
+    if value >= MIN_MAX_GRAD_NORM:
+        return ""
+    return (
+        f"dp-sgd-max-grad-norm must be at least {MIN_MAX_GRAD_NORM:.3g} (2**-60); "
         f"found {value}."
     )
 
