@@ -149,11 +149,12 @@ def validate_capacity(
 
     worst_case = max_clients * max_weight * (quantization_levels - 1)
     if worst_case + 2 * noise_headroom >= modulus:
+        advice = _capacity_advice(max_weight, noise_headroom)
         raise ValueError(
             "The worst-case sum max_clients * max_weight * (quantization_levels - 1)"
             f" = {max_clients} * {max_weight} * {quantization_levels - 1} = "
             f"{worst_case}, plus twice the noise headroom {noise_headroom}, would "
-            f"wrap the modulus {modulus}. {_capacity_advice(max_weight, noise_headroom)}"
+            f"wrap the modulus {modulus}. {advice}"
         )
 
 
