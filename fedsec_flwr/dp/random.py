@@ -39,7 +39,7 @@ MAX_STREAM_INDEX = 2**64 - 1
 FLOAT_MANTISSA_BITS = 53
 """Random bits in each float64 returned by `SecureRandom.uniform`."""
 
-MAX_NORMAL_STD = sys.float_info.max / 16
+MAX_GAUSSIAN_STD = sys.float_info.max / 16
 """Largest standard deviation that `SecureRandom.normal` accepts.
 
 Its draws are at most about 8.57 standard deviations from 0, so up to this
@@ -223,21 +223,21 @@ class SecureRandom:
 
         Args:
             size: Output shape, an int or a tuple of ints.
-            std: Standard deviation, from 0 to `MAX_NORMAL_STD`.
+            std: Standard deviation, from 0 to `MAX_GAUSSIAN_STD`.
 
         Returns:
             Array of dtype float64 and shape `size`.
 
         Raises:
             ValueError: If `std` is negative, not finite or above
-                `MAX_NORMAL_STD`.
+                `MAX_GAUSSIAN_STD`.
 
         """
         if not math.isfinite(std) or std < 0:
             raise ValueError(f"std must be finite and non-negative. Found {std}.")
-        if std > MAX_NORMAL_STD:
+        if std > MAX_GAUSSIAN_STD:
             raise ValueError(
-                f"std must be at most {MAX_NORMAL_STD:.4g}, or the largest draws "
+                f"std must be at most {MAX_GAUSSIAN_STD:.4g}, or the largest draws "
                 f"overflow float64. Found {std}."
             )
         shape = as_shape(size)

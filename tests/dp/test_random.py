@@ -4,7 +4,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy import stats
 
 from fedsec_flwr.dp import random as dp_random
-from fedsec_flwr.dp.random import MAX_NORMAL_STD, SecureRandom
+from fedsec_flwr.dp.random import MAX_GAUSSIAN_STD, SecureRandom
 
 KEY = bytes(range(32))
 # Two-sided statistical checks below fail a correct generator with
@@ -143,7 +143,7 @@ def test_normal_distribution() -> None:
     assert result.pvalue > FALSE_FAILURE_RATE
 
 
-@pytest.mark.parametrize("std", [1e-170, 1e-300, 1e160, MAX_NORMAL_STD])
+@pytest.mark.parametrize("std", [1e-170, 1e-300, 1e160, MAX_GAUSSIAN_STD])
 def test_normal_extreme_std_keeps_its_scale(std: float) -> None:
     # std**2 underflows to 0 below about 1e-162 and overflows above 1e154,
     # so a sampler that squares std draws zeros or infinities here.
@@ -155,7 +155,7 @@ def test_normal_extreme_std_keeps_its_scale(std: float) -> None:
 
 
 def test_normal_std_above_limit_rejected() -> None:
-    std = MAX_NORMAL_STD * 2
+    std = MAX_GAUSSIAN_STD * 2
 
     with pytest.raises(ValueError, match=r"std must be at most .*Found 2\.2"):
         SecureRandom().normal(3, std=std)
