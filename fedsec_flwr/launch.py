@@ -68,6 +68,7 @@ RESULTS_STATUS_RUNNING = "running"
 RESULTS_STATUS_COMPLETED = "completed"
 RESULTS_STATUS_FAILED = "failed"
 RESULTS_FILENAME = "results.json"
+PREVIOUS_RESULTS_FILENAME = "results.previous.json"
 
 DEFAULT_NUM_SUPERNODES = 10
 DEFAULT_CLIENT_CPUS = 1
@@ -195,6 +196,11 @@ class RunPaths:
     def results_file(self) -> Path:
         """``results.json`` written by the app."""
         return self.output_dir / RESULTS_FILENAME
+
+    @property
+    def previous_results_file(self) -> Path:
+        """Earlier launch's ``results.json``, moved aside when a new launch starts."""
+        return self.output_dir / PREVIOUS_RESULTS_FILENAME
 
 
 @dataclass(frozen=True)
@@ -1084,6 +1090,7 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     print(f"[launch] output folder: {options.output_dir}", file=echo, flush=True)
     paths = RunPaths(options.output_dir)
     paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    _move_earlier_results(paths, echo)
     paths.run_config_file.write_text(run_config_text, encoding="utf-8")
     write_flower_config(paths.flwr_home)
 
@@ -1120,6 +1127,24 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     record_unfinished_run(result, paths.results_file)
     result.message = _with_log_hint(result, paths)
     return result
+
+
+def _move_earlier_results(paths: RunPaths, echo: IO[str]) -> None:
+    """Move an earlier launch's ``results.json`` out of the new run's way.
+
+    A launch that fails before the ServerApp writes its own file would
+    otherwise leave the earlier run's outcome, such as ``completed``, in
+    ``results.json``.
+    """
+    if not paths.results_file.exists():
+        return
+    os.replace(paths.results_file, paths.previous_results_file)
+    print(
+        f"[launch] moved the earlier {RESULTS_FILENAME} to "
+        f"{paths.previous_results_file}",
+        file=echo,
+        flush=True,
+    )
 
 
 def record_unfinished_run(result: LaunchResult, results_file: Path) -> None:

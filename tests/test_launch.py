@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import signal
@@ -624,12 +625,38 @@ def test_successful_run_without_results_left_alone(tmp_path: Path) -> None:
     assert not results_file.exists()
 
 
+def test_earlier_results_moved_aside(tmp_path: Path) -> None:
+    paths = launch.RunPaths(tmp_path)
+    paths.results_file.write_text('{"status": "completed"}')
+    paths.previous_results_file.write_text('{"status": "failed"}')
+    echo = io.StringIO()
+
+    launch._move_earlier_results(paths, echo)
+
+    assert not paths.results_file.exists()
+    assert paths.previous_results_file.read_text() == '{"status": "completed"}'
+    assert "moved the earlier results.json to" in echo.getvalue()
+
+
+def test_no_earlier_results_nothing_moved(tmp_path: Path) -> None:
+    paths = launch.RunPaths(tmp_path)
+    echo = io.StringIO()
+
+    launch._move_earlier_results(paths, echo)
+
+    assert not paths.previous_results_file.exists()
+    assert echo.getvalue() == ""
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_timeout_during_startup_recorded(tmp_path: Path) -> None:
     # Two seconds end the run while the SuperLink starts or just after, so
     # the ServerApp has written nothing or only its running status.
     output_dir = tmp_path / "startup-timeout"
+    # An earlier launch's outcome must not pass for this launch's.
+    output_dir.mkdir()
+    (output_dir / "results.json").write_text('{"status": "completed"}')
 
     completed = _run_launcher(
         output_dir,
@@ -643,4 +670,6 @@ def test_timeout_during_startup_recorded(tmp_path: Path) -> None:
     assert completed.returncode == launch.EXIT_TIMEOUT, completed.stderr[-3000:]
     assert "did not finish within 2 s" in completed.stderr
     assert _results_status(output_dir) == "failed"
+    previous = json.loads((output_dir / "results.previous.json").read_text())
+    assert previous == {"status": "completed"}
     _assert_nothing_left(output_dir)
