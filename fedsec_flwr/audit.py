@@ -694,10 +694,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         not (audit.result.verified or audit.result.discarded) for audit in audits
     )
     discarded = sum(audit.result.discarded for audit in audits)
-    _say(
+    summary = (
         f"{len(audits) - failed - discarded} of {len(audits)} rounds verified, "
         f"{discarded} discarded"
     )
+    missing = sum(last - first + 1 for _, first, last in missing_rounds(audits))
+    if missing:
+        summary += f", {missing} missing from the file"
+    _say(summary)
     if discarded and arguments.final_model is None:
         _say(
             "note: a discarded round is the server's account, because a server "

@@ -537,6 +537,23 @@ def test_missing_round_reported_with_exit_zero(tmp_path, capsys):
     assert err == ""
 
 
+def test_summary_counts_missing_rounds(tmp_path, capsys):
+    keys = {node_id: s.generate_identity_key() for node_id in NODE_IDS}
+    path = tmp_path / "audit.json"
+    for server_round in (2, 6):
+        simulated = build_round(
+            server_round=server_round, d=40, private_keys=keys, seed=server_round
+        )
+        audit.append_round(path, simulated.transcript, simulated.aggregate)
+
+    status, out, _ = run_main(path, capsys)
+
+    assert status == audit.EXIT_VERIFIED
+    assert out.endswith(
+        "2 of 2 rounds verified, 0 discarded, 4 missing from the file\n"
+    )
+
+
 def test_missing_rounds_grouped_per_run():
     result = AuditResult(True, "")
     audits = [
