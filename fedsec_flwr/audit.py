@@ -540,19 +540,10 @@ def _read_member_header(
     A member that cannot be read as one gives the reason instead.
     """
     with archive.open(member) as file:
-        try:
-            version = np.lib.format.read_magic(file)
-        except _NPY_HEADER_ERRORS:
-            return "which is not an .npy array"
-        if version not in _NPY_HEADER_READERS:
-            return (
-                f"which has .npy format version {version[0]}.{version[1]}; "
-                "numpy.savez writes 1.0 or 2.0, the versions that are read"
-            )
-        try:
-            shape, _, dtype = _NPY_HEADER_READERS[version](file)
-        except _NPY_HEADER_ERRORS:
-            return "whose .npy header is invalid"
+        header = _read_npy_header(file)
+        if isinstance(header, str):
+            return header
+        shape, dtype = header
         return shape, dtype, file.tell()
 
 
@@ -574,18 +565,31 @@ def _member_errors(quoted_path: str, where: str) -> Iterator[None]:
         ) from error
 
 
-def _read_npy_header(file: IO[bytes]) -> tuple[Any, bool, np.dtype[Any]]:
+def _read_npy_header(file: IO[bytes]) -> tuple[tuple[Any, ...], np.dtype[Any]] | str:
     """Read the magic string and header of an .npy file of version 1.0 or 2.0.
 
     Returns:
-        The shape, the Fortran-order flag and the dtype, as numpy's header
-        readers return them.
+        The shape and the dtype, as numpy's header readers return them, or
+        the reason that the file is not such an .npy file, as a clause to
+        follow its name, such as "which is not an .npy array". numpy's own
+        error text is not passed on, because it quotes the raw header.
 
     """
-    version = np.lib.format.read_magic(file)
+    try:
+        version = np.lib.format.read_magic(file)
+    except _NPY_HEADER_ERRORS:
+        return "which is not an .npy array"
     if version not in _NPY_HEADER_READERS:
-        raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
-    return _NPY_HEADER_READERS[version](file)
+        return (
+            f"which has .npy format version {version[0]}.{version[1]}; "
+            "numpy.save and numpy.savez write 1.0 or 2.0, the versions that "
+            "are read"
+        )
+    try:
+        shape, _, dtype = _NPY_HEADER_READERS[version](file)
+    except _NPY_HEADER_ERRORS:
+        return "whose .npy header is invalid"
+    return shape, dtype
 
 
 def _check_regular_file(path: Path, *, description: str) -> None:
@@ -853,8 +857,8 @@ def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint3
     if not has_path:
         return _parse_inline_aggregate(_entry_field(entry, "aggregate_hex", str))
 
-    path = _resolve_inside(folder, _entry_field(entry, "aggregate_path", str))
-    return _load_uint32_npy(path)
+    relative = _entry_field(entry, "aggregate_path", str)
+    return _load_uint32_npy(_resolve_inside(folder, relative), relative)
 
 
 def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
@@ -873,36 +877,45 @@ def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
     return np.frombuffer(bytes.fromhex(text), dtype="<u4").astype(np.uint32)
 
 
-def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
-    # The file is untrusted: its header is checked against its size before
-    # the values are mapped, so a truncated or hostile file gets a ValueError
-    # that names it instead of an error from deep inside numpy.
+def _load_uint32_npy(path: Path, relative: str) -> npt.NDArray[np.uint32]:
+    """Load the .npy aggregate at `path`, which the entry names `relative`.
+
+    The file is untrusted: its header is checked against its size before
+    the values are mapped, so a truncated or hostile file gets a ValueError
+    that names it, by `relative` as the audit file spells it, instead of an
+    error from deep inside numpy.
+    """
+    quoted_path = repr(relative[:200])
     if path.exists() and not path.is_file():
         raise ValueError(
-            f"aggregate_path must name a regular file. Found {path.name!r}, which "
+            f"aggregate_path must name a regular file. Found {quoted_path}, which "
             "is not one."
         )
-    with path.open("rb") as file:
-        try:
+    try:
+        with path.open("rb") as file:
             header = _read_npy_header(file)
-        except _NPY_HEADER_ERRORS as error:
-            raise ValueError(
-                f"aggregate_path must name an .npy file. {path.name!r}: {error}"
-            ) from error
-        offset = file.tell()
-        file_size = os.fstat(file.fileno()).st_size
+            offset = file.tell()
+            file_size = os.fstat(file.fileno()).st_size
+    except OSError as error:
+        raise ValueError(
+            f"cannot read aggregate_path {quoted_path}: {_os_reason(error)}."
+        ) from error
+    if isinstance(header, str):
+        raise ValueError(
+            f"aggregate_path must name an .npy file. Found {quoted_path}, {header}."
+        )
 
-    shape, _, dtype = header
+    shape, dtype = header
     if dtype != np.dtype("<u4") or len(shape) != 1 or not _is_count(shape[0]):
         raise ValueError(
             "aggregate_path must contain a one-dimensional little-endian uint32 "
-            f"array. Found dtype {dtype} and shape {shape} in {path.name!r}."
+            f"array. Found dtype {dtype} and shape {shape} in {quoted_path}."
         )
     length = shape[0]
     if file_size != offset + 4 * length:
         raise ValueError(
             f"aggregate_path must contain {length} uint32 values after its header, "
-            f"as the header says. Found {file_size - offset} bytes in {path.name!r}."
+            f"as the header says. Found {file_size - offset} bytes in {quoted_path}."
         )
     if length == 0:
         return np.zeros(0, dtype=np.uint32)

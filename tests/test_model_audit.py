@@ -611,8 +611,8 @@ VALUES = npy_bytes(np.arange(1000.0))
         (
             zip_bytes([("w.npy", version_3_npy())]),
             "must contain .npy arrays only. Found member 'w.npy', which has .npy "
-            "format version 3.0; numpy.savez writes 1.0 or 2.0, the versions that "
-            "are read.",
+            "format version 3.0; numpy.save and numpy.savez write 1.0 or 2.0, the "
+            "versions that are read.",
         ),
     ],
     ids=[
