@@ -104,6 +104,13 @@ def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
 
     with archive:
         members = archive.infolist()
+        # An empty model would load, and the audit would then fail at round 1
+        # with a digest mismatch that points away from the file.
+        if not members:
+            raise ValueError(
+                f"the model {quoted_path} must contain at least one array. Found "
+                "a zip archive that contains no arrays."
+            )
         if max_bytes is not None:
             _check_archive_size(quoted_path, members, max_bytes)
         model: Model = {}

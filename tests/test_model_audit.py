@@ -618,6 +618,11 @@ VALUES = npy_bytes(np.arange(1000.0))
             "format version 3.0; numpy.save and numpy.savez write 1.0 or 2.0, the "
             "versions that are read.",
         ),
+        (
+            zip_bytes([]),
+            "must contain at least one array. Found a zip archive that contains "
+            "no arrays.",
+        ),
     ],
     ids=[
         "json",
@@ -632,6 +637,7 @@ VALUES = npy_bytes(np.arange(1000.0))
         "bzip2-member",
         "overflowing-shape",
         "npy-version-3",
+        "empty-archive",
     ],
 )
 def test_hostile_model_file_named_in_message(
@@ -644,6 +650,24 @@ def test_hostile_model_file_named_in_message(
         audit.load_model(path, max_bytes=2**30)
 
     assert str(raised.value) == f"the model {str(path)!r} {message}"
+
+
+def test_empty_model_file_rejected_when_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    empty = tmp_path / "initial.npz"
+    np.savez(empty)
+
+    code = audit.main([str(path), "--initial-model", str(empty)])
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert (
+        f"error: cannot follow the models: the model {str(empty)!r} must contain "
+        "at least one array. Found a zip archive that contains no arrays.\n"
+    ) in captured.err
+    assert "signed another model" not in captured.out
 
 
 def test_hostile_audit_file_as_model_named(
