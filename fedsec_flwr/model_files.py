@@ -129,6 +129,12 @@ def _read_model_file(file: IO[bytes], quoted_path: str, max_bytes: int | None) -
     # after the check is never parsed.
     try:
         archive = zipfile.ZipFile(file)
+    except NotImplementedError as error:
+        # zipfile raises it for an entry that needs a newer zip version.
+        raise ValueError(
+            f"the model {quoted_path} cannot be read: it needs a zip feature that "
+            f"Python's zipfile module does not support ({error})."
+        ) from error
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise _not_zip_error(quoted_path) from error
 

@@ -601,6 +601,12 @@ def with_zip64_record_offset(data: bytes, offset: int) -> bytes:
     return data[: locator + 8] + struct.pack("<Q", offset) + data[locator + 16 :]
 
 
+def with_extract_version(data: bytes, version: int) -> bytes:
+    """Change the zip version needed to extract the first member to `version`."""
+    entry = data.index(b"PK\x01\x02")
+    return data[: entry + 6] + bytes([version]) + data[entry + 7 :]
+
+
 VALUES = npy_bytes(np.arange(1000.0))
 THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
 
@@ -704,6 +710,11 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
             "must point to a ZIP64 end record right before it, on disk 0. Found "
             "offset 0 on disk 0.",
         ),
+        (
+            with_extract_version(zip_bytes([("w.npy", VALUES)]), 147),
+            "cannot be read: it needs a zip feature that Python's zipfile module "
+            "does not support (zip file version 14.7).",
+        ),
     ],
     ids=[
         "json",
@@ -725,6 +736,7 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         "fewer-members-than-listed",
         "data-before-archive",
         "zip64-record-elsewhere",
+        "zip-version-14.7",
     ],
 )
 def test_hostile_model_file_named_in_message(
