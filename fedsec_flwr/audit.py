@@ -643,10 +643,10 @@ def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
 def _load_uint32_npy(path: Path, relative: str) -> npt.NDArray[np.uint32]:
     """Load the .npy aggregate at `path`, which the entry names `relative`.
 
-    The file is untrusted: its header is checked against its size before
-    the values are mapped, so a truncated or hostile file gets a ValueError
-    that names it, by `relative` as the audit file spells it, instead of an
-    error from deep inside numpy.
+    The file is untrusted, so its header is checked against its size before
+    the values are mapped. A truncated or hostile file gets a ValueError
+    instead of an error from deep inside numpy. Messages name the file by
+    `relative`, as the audit file gives it.
     """
     quoted_path = repr(relative[:200])
     if path.exists() and not path.is_file():

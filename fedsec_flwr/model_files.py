@@ -480,5 +480,6 @@ def _check_entry_count(directory: bytes, entries: int, quoted_path: str) -> None
         found = "more" if count > entries else str(count)
         raise ValueError(
             f"the model {quoted_path} is truncated or corrupt: its zip central "
-            f"directory holds {found} entries, but its end record lists {entries}."
+            f"directory contains {found} entries, but its end record lists "
+            f"{entries}."
         )

@@ -691,13 +691,13 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         ),
         (
             with_listed_members(zip_bytes(THREE_ARRAYS), 1),
-            "is truncated or corrupt: its zip central directory holds more "
+            "is truncated or corrupt: its zip central directory contains more "
             "entries, but its end record lists 1.",
         ),
         (
             with_listed_members(zip_bytes(THREE_ARRAYS), 5),
-            "is truncated or corrupt: its zip central directory holds 3 entries, "
-            "but its end record lists 5.",
+            "is truncated or corrupt: its zip central directory contains 3 "
+            "entries, but its end record lists 5.",
         ),
         (
             b"prefix" + zip_bytes(THREE_ARRAYS),
