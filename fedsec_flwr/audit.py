@@ -35,20 +35,13 @@ file. The .npz files list the arrays in the model's order, as the app's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import lzma
-import math
 import os
-import stat
 import sys
-import tokenize
-import zipfile
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -63,7 +56,14 @@ from .core.transcript import (
     missing_commitments,
     parse_untrusted_json,
 )
-from .files import write_text_atomically
+from .files import check_regular_file, os_reason, write_text_atomically
+from .model_files import (
+    Model,
+    ModelTooLargeError,
+    is_count,
+    load_model,
+    read_npy_header,
+)
 from .models import (
     DIGEST_SIZE,
     ModelDecoding,
@@ -239,9 +239,6 @@ def missing_rounds(audits: Sequence[RoundAudit]) -> list[tuple[int, int, int]]:
     return missing
 
 
-Model = dict[str, npt.NDArray[np.generic]]
-
-
 def audit_models(
     audit_path: Path, initial_model: Model
 ) -> tuple[list[RoundAudit], Model | None]:
@@ -381,246 +378,6 @@ def _entry_settings(entry: dict[str, Any]) -> RoundSettings:
     )
 
 
-_MEMBER_UNREADABLE_ERRORS = (RuntimeError, NotImplementedError)
-"""Exceptions of zipfile for an encrypted member, or one compressed with a
-method that it does not implement."""
-
-_MEMBER_CORRUPT_ERRORS = (
-    zipfile.BadZipFile,
-    zlib.error,
-    lzma.LZMAError,
-    EOFError,
-    OSError,
-    ValueError,
-)
-"""Exceptions of zipfile, its decompressors and numpy for a truncated or
-corrupt member. bz2 raises OSError and EOFError, and numpy raises
-ValueError for array data shorter than its header declares."""
-
-_MODEL_COMPRESSION_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-"""Zip methods of the members that the auditor reads: numpy.savez stores them,
-numpy.savez_compressed deflates them."""
-
-_NPY_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-"""numpy's header reader for each .npy format version that numpy.savez writes."""
-
-_NPY_HEADER_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)
-"""Exceptions of numpy for a member that does not start with an .npy header.
-numpy parses the header's text with tokenize and ast, whose errors are not
-ValueErrors."""
-
-
-def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
-    """Load a model saved with ``numpy.savez``, keeping the order of its arrays.
-
-    Each member's .npy header is checked before its values are read, so
-    pickled objects are never loaded. With `max_bytes`, an archive whose
-    members would take more bytes once decompressed is rejected before any
-    is read. Every error names `path` as given.
-
-    Raises:
-        ValueError: If the file cannot be read, is not a regular file, is
-            larger than `max_bytes` once decompressed, or is not an .npz
-            file of .npy arrays with fixed byte representations.
-
-    """
-    quoted_path = repr(str(path))
-    _check_regular_file(path, description="the model")
-    try:
-        with path.open("rb") as file:
-            start = file.read(len(np.lib.format.MAGIC_PREFIX))
-    except OSError as error:
-        raise ValueError(
-            f"cannot read the model {quoted_path}: {_os_reason(error)}."
-        ) from error
-    if start == np.lib.format.MAGIC_PREFIX:
-        raise ValueError(
-            f"the model {quoted_path} must be an .npz file of named arrays "
-            "(numpy.savez). Found a single .npy array."
-        )
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        raise ValueError(
-            f"the model {quoted_path} must be an .npz file of named arrays "
-            "(numpy.savez). Found a file that is not a zip archive, or a "
-            "truncated one."
-        ) from error
-
-    with archive:
-        members = archive.infolist()
-        if max_bytes is not None:
-            _check_archive_size(quoted_path, members, max_bytes)
-        model: Model = {}
-        for member in members:
-            name = member.filename.removesuffix(".npy")
-            if name == member.filename:
-                raise ValueError(
-                    f"the model {quoted_path} must contain .npy arrays only. Found "
-                    f"member {member.filename!r}, whose name lacks .npy."
-                )
-            if name in model:
-                raise ValueError(
-                    f"the model {quoted_path} must contain each array once. Found "
-                    f"member {member.filename!r} twice."
-                )
-            model[name] = _read_member(archive, member, quoted_path)
-
-    try:
-        model_digest(model)
-    except ValueError as error:
-        raise ValueError(
-            f"the model {quoted_path} cannot be audited: {error}"
-        ) from None
-    return model
-
-
-def _read_member(
-    archive: zipfile.ZipFile, member: zipfile.ZipInfo, quoted_path: str
-) -> npt.NDArray[np.generic]:
-    where = f"member {member.filename!r}"
-    # zipfile bounds the output of deflate but not of bzip2 or lzma, so a
-    # small member of those could decompress to gigabytes before any check.
-    if member.compress_type not in _MODEL_COMPRESSION_METHODS:
-        raise ValueError(
-            f"the model {quoted_path} must be written by numpy.savez or "
-            f"numpy.savez_compressed. Found {where} with zip compression method "
-            f"{member.compress_type}; only stored (0) and deflate (8) are read."
-        )
-    with _member_errors(quoted_path, where):
-        header = _read_member_header(archive, member)
-    if isinstance(header, str):
-        raise ValueError(
-            f"the model {quoted_path} must contain .npy arrays only. Found {where}, "
-            f"{header}."
-        )
-    shape, dtype, offset = header
-    if dtype.hasobject:
-        raise ValueError(
-            f"the model {quoted_path} must be an .npz file of plain numeric arrays. "
-            f"Found pickled Python objects in {where}, which the auditor never "
-            "loads."
-        )
-    if not all(_is_count(dimension) for dimension in shape):
-        raise ValueError(
-            f"the model {quoted_path} must contain .npy arrays only. Found shape "
-            f"{shape} in {where}."
-        )
-    # numpy multiplies the dimensions in int64, even when one of them is 0.
-    if math.prod(dimension for dimension in shape if dimension) >= 2**63:
-        raise ValueError(
-            f"the model {quoted_path} must contain arrays whose dimensions "
-            f"multiply to less than 2**63. Found shape {shape} in {where}."
-        )
-    # Comparing with the size in the zip directory keeps a header that
-    # declares 2**40 values from reserving their memory.
-    declared = math.prod(shape) * dtype.itemsize
-    if declared != member.file_size - offset:
-        raise ValueError(
-            f"the model {quoted_path} is truncated or corrupt: {where} must contain "
-            f"{declared} bytes of values, as its header declares. Found "
-            f"{member.file_size - offset}."
-        )
-
-    with _member_errors(quoted_path, where), archive.open(member) as file:
-        array: npt.NDArray[np.generic] = np.lib.format.read_array(
-            file, allow_pickle=False
-        )
-    return array
-
-
-def _read_member_header(
-    archive: zipfile.ZipFile, member: zipfile.ZipInfo
-) -> tuple[tuple[Any, ...], np.dtype[Any], int] | str:
-    """Return the shape, dtype and data offset of an .npy member.
-
-    A member that cannot be read as one gives the reason instead.
-    """
-    with archive.open(member) as file:
-        try:
-            version = np.lib.format.read_magic(file)
-        except _NPY_HEADER_ERRORS:
-            return "which is not an .npy array"
-        if version not in _NPY_HEADER_READERS:
-            return (
-                f"which has .npy format version {version[0]}.{version[1]}; "
-                "numpy.savez writes 1.0 or 2.0, the versions that are read"
-            )
-        try:
-            shape, _, dtype = _NPY_HEADER_READERS[version](file)
-        except _NPY_HEADER_ERRORS:
-            return "whose .npy header is invalid"
-        return shape, dtype, file.tell()
-
-
-@contextlib.contextmanager
-def _member_errors(quoted_path: str, where: str) -> Iterator[None]:
-    """Turn the errors of reading an archive member into one-line ValueErrors."""
-    try:
-        yield
-    except _MEMBER_UNREADABLE_ERRORS:
-        raise ValueError(
-            f"the model {quoted_path} cannot be read: {where} is encrypted or "
-            "compressed with a method that Python's zipfile module does not "
-            "support."
-        ) from None
-    except _MEMBER_CORRUPT_ERRORS as error:
-        raise ValueError(
-            f"the model {quoted_path} is truncated or corrupt: {where} cannot be "
-            "decompressed."
-        ) from error
-
-
-def _read_npy_header(file: IO[bytes]) -> tuple[Any, bool, np.dtype[Any]]:
-    """Read the magic string and header of an .npy file of version 1.0 or 2.0.
-
-    Returns:
-        The shape, the Fortran-order flag and the dtype, as numpy's header
-        readers return them.
-
-    """
-    version = np.lib.format.read_magic(file)
-    if version not in _NPY_HEADER_READERS:
-        raise ValueError(f".npy version must be 1.0 or 2.0. Found {version}")
-    return _NPY_HEADER_READERS[version](file)
-
-
-def _check_regular_file(path: Path, *, description: str) -> None:
-    # A FIFO would block the read, and a device such as /dev/zero never ends.
-    try:
-        mode = path.stat().st_mode
-    except (OSError, RuntimeError) as error:
-        raise ValueError(
-            f"cannot read {description} {str(path)!r}: {_os_reason(error)}."
-        ) from error
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{description} must be a regular file. Found {str(path)!r}.")
-
-
-def _os_reason(error: Exception) -> str:
-    # The OS's text without the errno and the path, which the message names.
-    return getattr(error, "strerror", None) or str(error)
-
-
-def _check_archive_size(
-    quoted_path: str, members: list[zipfile.ZipInfo], max_bytes: int
-) -> None:
-    # The sizes come from the zip directory, so a small archive that would
-    # decompress to gigabytes is rejected before it is decompressed. zipfile
-    # stops reading a member at its size in the directory, so no member
-    # decompresses to more than the total checked here.
-    total = sum(member.file_size for member in members)
-    if total > max_bytes:
-        raise ValueError(
-            f"the model {quoted_path} must take at most {max_bytes} bytes "
-            "decompressed: 8 bytes per value of the run's longest aggregate and "
-            f"{MODEL_SLACK_BYTES} more. Its members take {total}."
-        )
-
-
 def model_byte_limit(audit_path: Path) -> int:
     """Return the maximum bytes a model of the run in `audit_path` may take.
 
@@ -694,10 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         not (audit.result.verified or audit.result.discarded) for audit in audits
     )
     discarded = sum(audit.result.discarded for audit in audits)
-    _say(
+    summary = (
         f"{len(audits) - failed - discarded} of {len(audits)} rounds verified, "
         f"{discarded} discarded"
     )
+    missing = sum(last - first + 1 for _, first, last in missing_rounds(audits))
+    if missing:
+        summary += f", {missing} missing from the file"
+    _say(summary)
     if discarded and arguments.final_model is None:
         _say(
             "note: a discarded round is the server's account, because a server "
@@ -758,11 +519,11 @@ def _print_models(
     """
     try:
         limit = model_byte_limit(audit_path)
-        initial = load_model(initial_path, max_bytes=limit)
+        initial = _load_run_model(initial_path, limit)
         audits, last = audit_models(audit_path, initial)
         final = None
         if final_path is not None:
-            final = load_model(final_path, max_bytes=limit)
+            final = _load_run_model(final_path, limit)
     except (OSError, ValueError, MemoryError) as error:
         _say(f"error: cannot follow the models: {_reason(error)}", error=True)
         return 1
@@ -786,6 +547,16 @@ def _print_models(
         return failed
     _say("final model: FAILED: it is not the model after the last round")
     return failed + 1
+
+
+def _load_run_model(path: Path, max_bytes: int) -> Model:
+    try:
+        return load_model(path, max_bytes=max_bytes)
+    except ModelTooLargeError as error:
+        raise ValueError(
+            f"{error} The limit is 8 bytes per value of the run's longest "
+            f"aggregate and {MODEL_SLACK_BYTES} more."
+        ) from None
 
 
 def _reason(error: Exception) -> str:
@@ -849,8 +620,8 @@ def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint3
     if not has_path:
         return _parse_inline_aggregate(_entry_field(entry, "aggregate_hex", str))
 
-    path = _resolve_inside(folder, _entry_field(entry, "aggregate_path", str))
-    return _load_uint32_npy(path)
+    relative = _entry_field(entry, "aggregate_path", str)
+    return _load_uint32_npy(_resolve_inside(folder, relative), relative)
 
 
 def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
@@ -869,36 +640,45 @@ def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
     return np.frombuffer(bytes.fromhex(text), dtype="<u4").astype(np.uint32)
 
 
-def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
-    # The file is untrusted: its header is checked against its size before
-    # the values are mapped, so a truncated or hostile file gets a ValueError
-    # that names it instead of an error from deep inside numpy.
+def _load_uint32_npy(path: Path, relative: str) -> npt.NDArray[np.uint32]:
+    """Load the .npy aggregate at `path`, which the entry names `relative`.
+
+    The file is untrusted, so its header is checked against its size before
+    the values are mapped. A truncated or hostile file gets a ValueError
+    instead of an error from deep inside numpy. Messages name the file by
+    `relative`, as the audit file gives it.
+    """
+    quoted_path = repr(relative[:200])
     if path.exists() and not path.is_file():
         raise ValueError(
-            f"aggregate_path must name a regular file. Found {path.name!r}, which "
+            f"aggregate_path must name a regular file. Found {quoted_path}, which "
             "is not one."
         )
-    with path.open("rb") as file:
-        try:
-            header = _read_npy_header(file)
-        except _NPY_HEADER_ERRORS as error:
-            raise ValueError(
-                f"aggregate_path must name an .npy file. {path.name!r}: {error}"
-            ) from error
-        offset = file.tell()
-        file_size = os.fstat(file.fileno()).st_size
+    try:
+        with path.open("rb") as file:
+            header = read_npy_header(file)
+            offset = file.tell()
+            file_size = os.fstat(file.fileno()).st_size
+    except OSError as error:
+        raise ValueError(
+            f"cannot read aggregate_path {quoted_path}: {os_reason(error)}."
+        ) from error
+    if isinstance(header, str):
+        raise ValueError(
+            f"aggregate_path must name an .npy file. Found {quoted_path}, {header}."
+        )
 
-    shape, _, dtype = header
-    if dtype != np.dtype("<u4") or len(shape) != 1 or not _is_count(shape[0]):
+    shape, dtype = header
+    if dtype != np.dtype("<u4") or len(shape) != 1 or not is_count(shape[0]):
         raise ValueError(
             "aggregate_path must contain a one-dimensional little-endian uint32 "
-            f"array. Found dtype {dtype} and shape {shape} in {path.name!r}."
+            f"array. Found dtype {dtype} and shape {shape} in {quoted_path}."
         )
     length = shape[0]
     if file_size != offset + 4 * length:
         raise ValueError(
             f"aggregate_path must contain {length} uint32 values after its header, "
-            f"as the header says. Found {file_size - offset} bytes in {path.name!r}."
+            f"as the header says. Found {file_size - offset} bytes in {quoted_path}."
         )
     if length == 0:
         return np.zeros(0, dtype=np.uint32)
@@ -907,11 +687,6 @@ def _load_uint32_npy(path: Path) -> npt.NDArray[np.uint32]:
         path, dtype="<u4", mode="r", offset=offset, shape=(length,)
     )
     return aggregate
-
-
-def _is_count(value: object) -> bool:
-    # numpy's header parser accepts any literal in the shape, True included.
-    return type(value) is int and value >= 0
 
 
 def _resolve_inside(folder: Path, relative: str) -> Path:
@@ -939,7 +714,7 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
 
 
 def _read_document(audit_path: Path) -> dict[str, Any]:
-    _check_regular_file(audit_path, description="the audit file")
+    check_regular_file(audit_path, description="the audit file")
     with audit_path.open("rb") as file:
         # The size comes first: read(n) reserves n bytes before it reads.
         size = os.fstat(file.fileno()).st_size

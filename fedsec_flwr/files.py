@@ -1,9 +1,10 @@
-"""Atomic replacement of a text file, with the permissions of a new file."""
+"""File checks before reading untrusted files, and atomic replacement of a text file."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
 NEW_FILE_MODE = 0o666
@@ -30,3 +31,31 @@ def write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def check_regular_file(path: Path, *, description: str) -> None:
+    """Check that `path` is a regular file before it is opened for reading.
+
+    A FIFO would block the read, and a device such as /dev/zero never ends.
+
+    Raises:
+        ValueError: If `path` cannot be examined or is not a regular file.
+            The message starts with `description` or names it.
+
+    """
+    try:
+        mode = path.stat().st_mode
+    except (OSError, RuntimeError) as error:
+        raise ValueError(
+            f"cannot read {description} {str(path)!r}: {os_reason(error)}."
+        ) from error
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{description} must be a regular file. Found {str(path)!r}.")
+
+
+def os_reason(error: Exception) -> str:
+    """Return the OS's text of `error`, without the errno and the path.
+
+    Messages that quote it name the path themselves.
+    """
+    return getattr(error, "strerror", None) or str(error)

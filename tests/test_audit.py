@@ -244,7 +244,7 @@ def npy_header(shape: str, descr: str = "<u4") -> bytes:
         (npy_header("(4,)") + bytes(8), "must contain 4 uint32 values"),
         (npy_header("(-4,)"), "shape (-4,)"),
         (npy_header("(True,)") + bytes(4), "shape (True,)"),
-        (npy_header("(2.0,)") + bytes(8), "shape is not valid: (2.0,)"),
+        (npy_header("(2.0,)") + bytes(8), "whose .npy header is invalid"),
         (npy_header(f"({2**40},)"), f"must contain {2**40} uint32 values"),
         (npy_header("(2,)", descr=">u4") + bytes(8), "little-endian uint32"),
         (npy_header("(2, 2)") + bytes(16), "one-dimensional"),
@@ -274,6 +274,60 @@ def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
     assert status == audit.EXIT_FAILED
     assert "round 2: FAILED: the aggregate cannot be loaded" in out
     assert reason in out
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            npy_header("(2.0,)") + bytes(8),
+            "aggregate_path must name an .npy file. Found 'sub/agg.npy', whose "
+            ".npy header is invalid.",
+        ),
+        (
+            b"\x93NUMPY\x09\x00" + bytes(60),
+            "aggregate_path must name an .npy file. Found 'sub/agg.npy', which "
+            "has .npy format version 9.0; numpy.save and numpy.savez write 1.0 "
+            "or 2.0, the versions that are read.",
+        ),
+        (
+            npy_header("(2, 2)") + bytes(16),
+            "aggregate_path must contain a one-dimensional little-endian uint32 "
+            "array. Found dtype uint32 and shape (2, 2) in 'sub/agg.npy'.",
+        ),
+        (
+            npy_header("(2,)") + bytes(12),
+            "aggregate_path must contain 2 uint32 values after its header, as the "
+            "header says. Found 12 bytes in 'sub/agg.npy'.",
+        ),
+        (
+            None,
+            "cannot read aggregate_path 'sub/agg.npy': No such file or directory.",
+        ),
+    ],
+    ids=[
+        "invalid-header",
+        "unknown-version",
+        "two-dimensional",
+        "extra-bytes",
+        "missing",
+    ],
+)
+def test_hostile_aggregate_file_named_as_given(audit_path, capsys, content, reason):
+    # The reason names the file by its aggregate_path, folder included, and
+    # not by numpy's wording or the resolved absolute path.
+    (audit_path.parent / "sub").mkdir()
+    if content is not None:
+        (audit_path.parent / "sub" / "agg.npy").write_bytes(content)
+
+    def edit(document):
+        document["rounds"][1]["aggregate_path"] = "sub/agg.npy"
+
+    rewrite(audit_path, edit)
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert f"round 2: FAILED: the aggregate cannot be loaded: {reason}\n" in out
 
 
 def test_hostile_aggregate_fifo_rejected(audit_path, capsys):
@@ -535,6 +589,23 @@ def test_missing_round_reported_with_exit_zero(tmp_path, capsys):
     ) in out
     assert "2 of 2 rounds verified, 0 discarded" in out
     assert err == ""
+
+
+def test_summary_counts_missing_rounds(tmp_path, capsys):
+    keys = {node_id: s.generate_identity_key() for node_id in NODE_IDS}
+    path = tmp_path / "audit.json"
+    for server_round in (2, 6):
+        simulated = build_round(
+            server_round=server_round, d=40, private_keys=keys, seed=server_round
+        )
+        audit.append_round(path, simulated.transcript, simulated.aggregate)
+
+    status, out, _ = run_main(path, capsys)
+
+    assert status == audit.EXIT_VERIFIED
+    assert out.endswith(
+        "2 of 2 rounds verified, 0 discarded, 4 missing from the file\n"
+    )
 
 
 def test_missing_rounds_grouped_per_run():

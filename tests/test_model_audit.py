@@ -11,15 +11,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import warnings
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedsec_flwr import audit
+from fedsec_flwr import audit, model_files
 from fedsec_flwr.mod import make_secure_aggregation_mod
 from fedsec_flwr.models import ModelDecoding, model_digest, next_model
 from fedsec_flwr.verification import FailurePolicy
@@ -397,8 +399,12 @@ def test_hostile_model_decompression_bomb_refused(
 
     code = audit.main([str(path), "--initial-model", str(bomb)])
 
+    err = capsys.readouterr().err
     assert code == 1
-    assert f"must take at most {limit} bytes decompressed" in capsys.readouterr().err
+    assert f"must take at most {limit} bytes decompressed" in err
+    assert (
+        "The limit is 8 bytes per value of the run's longest aggregate and 1024 more.\n"
+    ) in err
 
 
 def test_tamper_stated_length_does_not_raise_model_limit(tmp_path: Path) -> None:
@@ -548,7 +554,61 @@ def object_array_npz() -> bytes:
     return buffer.getvalue()
 
 
+def zip64_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """Build a stored zip archive that ends with ZIP64 end records.
+
+    zipfile writes them only above 65,535 members or 2 GiB, unless its
+    member-count threshold is lowered as here.
+    """
+    with mock.patch.object(zipfile, "ZIP_FILECOUNT_LIMIT", 0):
+        data = zip_bytes(members)
+    assert b"PK\x06\x06" in data
+    return data
+
+
+def zip64_end_records(entries: int, directory_size: int) -> bytes:
+    """Build a file of ZIP64 end records alone, listing `entries` members."""
+    record = struct.pack(
+        "<4sQ2H2L4Q",
+        b"PK\x06\x06",
+        44,
+        45,
+        45,
+        0,
+        0,
+        entries,
+        entries,
+        directory_size,
+        0,
+    )
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 1)
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 2**32 - 1, 2**32 - 1, 0
+    )
+    return record + locator + end
+
+
+def with_listed_members(data: bytes, entries: int) -> bytes:
+    """Change the member counts in a zip archive's end record to `entries`."""
+    end = data.rindex(b"PK\x05\x06")
+    counts = struct.pack("<2H", entries, entries)
+    return data[: end + 8] + counts + data[end + 12 :]
+
+
+def with_zip64_record_offset(data: bytes, offset: int) -> bytes:
+    """Change the offset of the ZIP64 end record in its locator to `offset`."""
+    locator = data.rindex(b"PK\x06\x07")
+    return data[: locator + 8] + struct.pack("<Q", offset) + data[locator + 16 :]
+
+
+def with_extract_version(data: bytes, version: int) -> bytes:
+    """Change the zip version needed to extract the first member to `version`."""
+    entry = data.index(b"PK\x01\x02")
+    return data[: entry + 6] + bytes([version]) + data[entry + 7 :]
+
+
 VALUES = npy_bytes(np.arange(1000.0))
+THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
 
 
 @pytest.mark.parametrize(
@@ -611,8 +671,49 @@ VALUES = npy_bytes(np.arange(1000.0))
         (
             zip_bytes([("w.npy", version_3_npy())]),
             "must contain .npy arrays only. Found member 'w.npy', which has .npy "
-            "format version 3.0; numpy.savez writes 1.0 or 2.0, the versions that "
-            "are read.",
+            "format version 3.0; numpy.save and numpy.savez write 1.0 or 2.0, the "
+            "versions that are read.",
+        ),
+        (
+            zip_bytes([]),
+            "must contain at least one array. Found a zip archive that contains "
+            "no arrays.",
+        ),
+        (
+            zip64_end_records(entries=1_000_000, directory_size=0),
+            "must have at most 100000 members, one per array. Its zip end record "
+            "lists 1000000.",
+        ),
+        (
+            zip64_end_records(entries=1, directory_size=10**9),
+            "must have a zip central directory of at most 51200000 bytes. Its end "
+            "record gives 1000000000.",
+        ),
+        (
+            with_listed_members(zip_bytes(THREE_ARRAYS), 1),
+            "is truncated or corrupt: its zip central directory contains more "
+            "entries, but its end record lists 1.",
+        ),
+        (
+            with_listed_members(zip_bytes(THREE_ARRAYS), 5),
+            "is truncated or corrupt: its zip central directory contains 3 "
+            "entries, but its end record lists 5.",
+        ),
+        (
+            b"prefix" + zip_bytes(THREE_ARRAYS),
+            "is truncated or corrupt: its zip central directory must end at byte "
+            "726, where the end records start. Found offset 564 and size 156.",
+        ),
+        (
+            with_zip64_record_offset(zip64_bytes(THREE_ARRAYS), 0),
+            "is truncated or corrupt: its ZIP64 end of central directory locator "
+            "must point to a ZIP64 end record right before it, on disk 0. Found "
+            "offset 0 on disk 0.",
+        ),
+        (
+            with_extract_version(zip_bytes([("w.npy", VALUES)]), 147),
+            "cannot be read: it needs a zip feature that Python's zipfile module "
+            "does not support (zip file version 14.7).",
         ),
     ],
     ids=[
@@ -628,6 +729,14 @@ VALUES = npy_bytes(np.arange(1000.0))
         "bzip2-member",
         "overflowing-shape",
         "npy-version-3",
+        "empty-archive",
+        "zip64-million-members",
+        "zip64-huge-directory",
+        "more-members-than-listed",
+        "fewer-members-than-listed",
+        "data-before-archive",
+        "zip64-record-elsewhere",
+        "zip-version-14.7",
     ],
 )
 def test_hostile_model_file_named_in_message(
@@ -640,6 +749,44 @@ def test_hostile_model_file_named_in_message(
         audit.load_model(path, max_bytes=2**30)
 
     assert str(raised.value) == f"the model {str(path)!r} {message}"
+
+
+@pytest.mark.parametrize("zip64", [False, True], ids=["zip", "zip64"])
+def test_model_member_limit_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip64: bool
+) -> None:
+    path = tmp_path / "model.npz"
+    path.write_bytes(zip64_bytes(THREE_ARRAYS) if zip64 else zip_bytes(THREE_ARRAYS))
+    monkeypatch.setattr(model_files, "MAX_MODEL_MEMBERS", 3)
+
+    loaded = model_files.load_model(path)
+    monkeypatch.setattr(model_files, "MAX_MODEL_MEMBERS", 2)
+    with pytest.raises(ValueError) as raised:
+        model_files.load_model(path)
+
+    assert list(loaded) == ["w0", "w1", "w2"]
+    assert str(raised.value) == (
+        f"the model {str(path)!r} must have at most 2 members, one per array. Its "
+        "zip end record lists 3."
+    )
+
+
+def test_empty_model_file_rejected_when_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = honest_audit(tmp_path, MODES[0], rounds=1)
+    empty = tmp_path / "initial.npz"
+    np.savez(empty)
+
+    code = audit.main([str(path), "--initial-model", str(empty)])
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert (
+        f"error: cannot follow the models: the model {str(empty)!r} must contain "
+        "at least one array. Found a zip archive that contains no arrays.\n"
+    ) in captured.err
+    assert "signed another model" not in captured.out
 
 
 def test_hostile_audit_file_as_model_named(
