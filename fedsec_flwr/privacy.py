@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._scalars import plain_fields, plain_number
+from .core.bounds import lower_bound_text, upper_bound_text
 from .core.encoding import TRAILER_SIZE, EncodingParams
 from .dp.accounting import (
     ACCOUNTANT_PRV,
@@ -211,9 +212,10 @@ class DPConfig:
         _check_positive("clipping_norm", self.clipping_norm)
         if self.clipping_norm < MIN_CLIPPING_NORM:
             raise ValueError(
-                f"clipping_norm must be at least {MIN_CLIPPING_NORM:.3g} (2**-400), "
-                "because clipping and the noise square values that scale with it, "
-                f"and smaller squares underflow float64. Found {self.clipping_norm}."
+                "clipping_norm must be at least "
+                f"{lower_bound_text(MIN_CLIPPING_NORM)} (2**-400), because "
+                "clipping squares values that scale with it, and smaller squares "
+                f"underflow float64. Found {self.clipping_norm}."
             )
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
@@ -221,8 +223,9 @@ class DPConfig:
             if self.noise_multiplier * self.clipping_norm > MAX_NOISE_STD:
                 raise ValueError(
                     "noise_multiplier * clipping_norm, the noise standard deviation "
-                    f"for one update, must be at most {MAX_NOISE_STD:.3g}, or the "
-                    f"noisy model overflows float32. Found {self.noise_multiplier} * "
+                    "for one update, must be at most "
+                    f"{upper_bound_text(MAX_NOISE_STD)}, or the noisy model "
+                    f"overflows float32. Found {self.noise_multiplier} * "
                     f"{self.clipping_norm} = "
                     f"{self.noise_multiplier * self.clipping_norm:.3g}."
                 )
@@ -232,8 +235,9 @@ class DPConfig:
             largest_std = MAX_SEARCH_NOISE_MULTIPLIER * self.clipping_norm
             if largest_std > MAX_NOISE_STD:
                 raise ValueError(
-                    f"clipping_norm must be at most {MAX_NOISE_STD:.3g} / "
-                    f"{MAX_SEARCH_NOISE_MULTIPLIER:g} with target_epsilon, "
+                    "clipping_norm must be at most "
+                    f"{upper_bound_text(MAX_NOISE_STD / MAX_SEARCH_NOISE_MULTIPLIER)} "
+                    "with target_epsilon, "
                     "because the calibrated noise multiplier may reach "
                     f"{MAX_SEARCH_NOISE_MULTIPLIER:g} and the noise must not "
                     f"overflow float32. Found {self.clipping_norm}."

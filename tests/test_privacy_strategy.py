@@ -441,7 +441,7 @@ def test_adaptive_clipping_norm_stops_at_minimum() -> None:
 def test_clipping_norm_below_minimum_rejected(clipping_norm: float) -> None:
     with pytest.raises(
         ValueError,
-        match=r"clipping_norm must be at least 3\.87e-121 \(2\*\*-400\), .* "
+        match=r"clipping_norm must be at least 3\.873e-121 \(2\*\*-400\), .* "
         rf"Found {clipping_norm}\.",
     ):
         DPConfig(mode=DPMode.CENTRAL, clipping_norm=clipping_norm, noise_multiplier=1.0)

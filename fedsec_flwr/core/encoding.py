@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from .bounds import lower_bound_text
+
 TRAILER_SIZE = 2
 """Slots after the model coordinates: the weight and the clipped-coordinate count."""
 
@@ -118,7 +120,8 @@ def validate_capacity(
         )
     if clip_range < MIN_CLIP_RANGE:
         raise ValueError(
-            f"clip_range must be at least {MIN_CLIP_RANGE:.3g} (2**-991), or the "
+            f"clip_range must be at least {lower_bound_text(MIN_CLIP_RANGE)} "
+            "(2**-991), or the "
             f"decoded sum loses its precision. Found {clip_range!r}."
         )
     if modulus < 2 or modulus > MAX_MODULUS or modulus & (modulus - 1):

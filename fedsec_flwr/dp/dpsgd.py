@@ -50,6 +50,7 @@ from torch.utils.data import (
 )
 
 from .._scalars import plain_fields
+from ..core.bounds import lower_bound_text
 from ._opacus import (
     AbstractGradSampleModule,
     ModuleValidator,
@@ -197,7 +198,8 @@ class DPSGDConfig:
             )
         if self.max_grad_norm < MIN_MAX_GRAD_NORM:
             raise ValueError(
-                f"max_grad_norm must be at least {MIN_MAX_GRAD_NORM:.3g} (2**-60), "
+                "max_grad_norm must be at least "
+                f"{lower_bound_text(MIN_MAX_GRAD_NORM)} (2**-60), "
                 "or the float32 noise loses its precision. "
                 f"Found {self.max_grad_norm}."
             )

@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
+from ..core.bounds import upper_bound_text
+
 KEY_SIZE = 32
 """Size in bytes of a ChaCha20 key."""
 
@@ -237,7 +239,8 @@ class SecureRandom:
             raise ValueError(f"std must be finite and non-negative. Found {std}.")
         if std > MAX_GAUSSIAN_STD:
             raise ValueError(
-                f"std must be at most {MAX_GAUSSIAN_STD:.4g}, or the largest draws "
+                f"std must be at most {upper_bound_text(MAX_GAUSSIAN_STD)}, or the "
+                "largest draws "
                 f"overflow float64. Found {std}."
             )
         shape = as_shape(size)

@@ -313,7 +313,7 @@ def test_smallest_clip_range_decodes_full_sum() -> None:
 @pytest.mark.parametrize("clip_range", [np.nextafter(MIN_CLIP_RANGE, 0.0), 1e-300])
 def test_clip_range_below_minimum_rejected(clip_range: float) -> None:
     with pytest.raises(
-        ValueError, match=r"clip_range must be at least 4.78e-299 \(2\*\*-991\)"
+        ValueError, match=r"clip_range must be at least 4.779e-299 \(2\*\*-991\)"
     ):
         EncodingParams(
             clip_range=clip_range,

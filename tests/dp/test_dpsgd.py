@@ -507,7 +507,7 @@ def test_round_beyond_target_rejected() -> None:
         ),
         (
             {"noise_multiplier": 1.0, "max_grad_norm": 1e-40},
-            r"max_grad_norm must be at least 8\.67e-19 \(2\*\*-60\).*Found 1e-40",
+            r"max_grad_norm must be at least 8\.674e-19 \(2\*\*-60\).*Found 1e-40",
         ),
         ({"noise_multiplier": 1.0, "accountant": "gdp"}, "accountant must be one of"),
         ({"noise_multiplier": 1.0, "secure_rng": "yes"}, "secure_rng must be a bool"),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TypeVar
 
 from fedsec_flwr.config import KEY_LIFETIMES
+from fedsec_flwr.core.bounds import lower_bound_text, upper_bound_text
 from fedsec_flwr.dp.accounting import (
     MAX_PRV_STEPS,
     MAX_SEARCH_NOISE_MULTIPLIER,
@@ -635,7 +636,8 @@ def _check_clip_range(value: float) -> str:
     if value <= FLOAT32_MAX / 2:
         return ""
     return (
-        f"secagg-clip-range must be at most {FLOAT32_MAX / 2:.4g}, half the float32 "
+        f"secagg-clip-range must be at most {upper_bound_text(FLOAT32_MAX / 2)}, "
+        "half the float32 "
         "maximum, so that a weight plus a decoded update coordinate stays finite; "
         f"found {value}."
     )
@@ -645,7 +647,8 @@ def _check_grad_norm_floor(value: float) -> str:
     if value >= MIN_MAX_GRAD_NORM:
         return ""
     return (
-        f"dp-sgd-max-grad-norm must be at least {MIN_MAX_GRAD_NORM:.3g} (2**-60); "
+        "dp-sgd-max-grad-norm must be at least "
+        f"{lower_bound_text(MIN_MAX_GRAD_NORM)} (2**-60); "
         f"found {value}."
     )
 
@@ -655,7 +658,8 @@ def _check_float32(key: str, value: float) -> str:
     if abs(value) <= FLOAT32_MAX:
         return ""
     return (
-        f"{key} must be at most {FLOAT32_MAX:.4g}, the float32 maximum; found {value}."
+        f"{key} must be at most {upper_bound_text(FLOAT32_MAX)}, the float32 "
+        f"maximum; found {value}."
     )
 
 

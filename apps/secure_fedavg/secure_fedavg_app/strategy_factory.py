@@ -12,6 +12,7 @@ from fedsec_flwr import (
     ServerMomentum,
     VerificationConfig,
 )
+from fedsec_flwr.core.bounds import lower_bound_text
 from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
 from fedsec_flwr.dp.accounting import MAX_PRV_STEPS
 from fedsec_flwr.privacy import DPConfig, DPMode, NoiseHeadroomError
@@ -95,7 +96,8 @@ def explain_unreachable_target(
     if settings.dp_accountant == "rdp" and settings.target_epsilon < floor:
         prv = ', or set dp-accountant="prv"' if prv_possible else ""
         return (
-            f"target-epsilon {settings.target_epsilon} is below {floor:.4g}, the "
+            f"target-epsilon {settings.target_epsilon} is below "
+            f"{lower_bound_text(floor)}, the "
             f"smallest epsilon the RDP accountant reports at delta {settings.delta} "
             f"with any noise. Raise target-epsilon or delta{prv}."
         )

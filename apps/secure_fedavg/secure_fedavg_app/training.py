@@ -19,6 +19,7 @@ from flwr.app import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsec_flwr.core.bounds import lower_bound_text
 from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
 from secure_fedavg_app.data import FloatArray, LabelArray, load_partition
 from secure_fedavg_app.models import build_model
@@ -186,7 +187,8 @@ def _explain_dp_sgd_target(
     floor = rdp_epsilon_floor(settings.delta)
     if target < floor:
         return (
-            f"dp-sgd-target-epsilon {target} is below {floor:.4g}, the smallest "
+            f"dp-sgd-target-epsilon {target} is below {lower_bound_text(floor)}, "
+            "the smallest "
             f"epsilon the RDP accountant reports at delta {settings.delta} with "
             "any noise. Raise dp-sgd-target-epsilon or delta."
         )
