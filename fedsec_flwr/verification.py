@@ -33,6 +33,7 @@ from .config import SecAggConfig
 from .core import commitments, signatures
 from .core import transcript as transcripts
 from .core.commitments import BLINDING_LIMB_BITS, VerificationResult
+from .core.encoding import MAX_MODULUS
 from .core.errors import AuthenticationError, ProtocolError
 from .core.messages import (
     CommitReply,
@@ -151,13 +152,16 @@ def check_blinding_capacity(*, modulus: int, max_clients: int) -> None:
         ValueError: If the limb sums could wrap.
 
     """
-    worst_case = max_clients * (2**BLINDING_LIMB_BITS - 1)
+    limb_max = 2**BLINDING_LIMB_BITS - 1
+    worst_case = max_clients * limb_max
     if worst_case >= modulus:
+        advice = f"Lower max_clients to at most {(modulus - 1) // limb_max}"
+        if modulus < MAX_MODULUS and worst_case < MAX_MODULUS:
+            advice += ", or raise the modulus (at most 2**32)"
         raise ValueError(
             "max_clients * (2**16 - 1) must be below the modulus for verification, "
             f"so the blinding sums do not wrap. Found {max_clients} * 65535 = "
-            f"{worst_case} with modulus {modulus}. Lower max_clients or raise the "
-            "modulus."
+            f"{worst_case} with modulus {modulus}. {advice}."
         )
 
 

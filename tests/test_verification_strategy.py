@@ -72,6 +72,7 @@ from fedsec_flwr.verification import (
     ServerVerification,
     VerificationConfig,
     VerificationError,
+    check_blinding_capacity,
 )
 from tests.loopback import LoopbackGrid, _load_context, stage_of
 from tests.test_secure_strategy import (
@@ -355,6 +356,25 @@ def test_modulus_too_small_for_blinding_rejected() -> None:
 
     with pytest.raises(ValueError, match="blinding sums do not wrap"):
         SecureFedAvg(secure_aggregation=small, verification=True)
+
+
+@pytest.mark.parametrize(
+    ("modulus", "max_clients", "advice"),
+    [
+        (
+            2**20,
+            100,
+            "Lower max_clients to at most 16, or raise the modulus (at most 2**32).",
+        ),
+        # The modulus is already the largest, so only max_clients can help.
+        (2**32, 70_000, "Lower max_clients to at most 65537."),
+    ],
+)
+def test_blinding_capacity_advice(modulus: int, max_clients: int, advice: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        check_blinding_capacity(modulus=modulus, max_clients=max_clients)
+
+    assert str(raised.value).endswith(advice)
 
 
 def test_unknown_client_policy_rejected() -> None:

@@ -152,7 +152,13 @@ def validate_capacity(
 
     worst_case = max_clients * max_weight * (quantization_levels - 1)
     if worst_case + 2 * noise_headroom >= modulus:
-        advice = _capacity_advice(max_weight, noise_headroom)
+        advice = _capacity_advice(
+            modulus=modulus,
+            max_clients=max_clients,
+            max_weight=max_weight,
+            quantization_levels=quantization_levels,
+            noise_headroom=noise_headroom,
+        )
         raise ValueError(
             "The worst-case sum max_clients * max_weight * (quantization_levels - 1)"
             f" = {max_clients} * {max_weight} * {quantization_levels - 1} = "
@@ -161,20 +167,52 @@ def validate_capacity(
         )
 
 
-def _capacity_advice(max_weight: int, noise_headroom: int) -> str:
-    """Name the settings that can make a worst-case sum fit the modulus.
+def _capacity_advice(
+    *,
+    modulus: int,
+    max_clients: int,
+    max_weight: int,
+    quantization_levels: int,
+    noise_headroom: int,
+) -> str:
+    """Name the settings whose change alone makes the worst-case sum fit.
 
-    A weight of 1 cannot be lowered, and noise only takes room when there is
-    headroom for it, so each is named only when lowering it helps.
+    A setting is named when taking it to its limit (one client, weight 1,
+    two levels or no noise) makes the sum fit on its own. When none does,
+    every setting that can still be lowered is named, since only a
+    combination helps. Raising the modulus is named when the sum fits the
+    largest modulus.
     """
-    lowerable = ["max_clients"]
-    if max_weight > 1:
-        lowerable.append("max_weight")
-    lowerable.append("the quantization bits")
-    if noise_headroom:
-        lowerable.append("the noise")
-    names = ", ".join(lowerable[:-1]) + f" or {lowerable[-1]}"
-    return f"Lower {names}, or raise the modulus."
+    signal = max_clients * max_weight * (quantization_levels - 1)
+    # Each setting with the sum it leaves when taken to its limit.
+    candidates = [
+        ("max_clients", max_clients > 1, signal // max_clients + 2 * noise_headroom),
+        ("max_weight", max_weight > 1, signal // max_weight + 2 * noise_headroom),
+        (
+            "the quantization bits",
+            quantization_levels > 2,
+            signal // (quantization_levels - 1) + 2 * noise_headroom,
+        ),
+        ("the noise", noise_headroom > 0, signal),
+    ]
+    movable = [(name, best) for name, can_move, best in candidates if can_move]
+    lower = [name for name, best in movable if best < modulus]
+    if not lower:
+        lower = [name for name, _ in movable]
+    raise_modulus = modulus < MAX_MODULUS and signal + 2 * noise_headroom < MAX_MODULUS
+
+    parts = []
+    if lower:
+        parts.append("Lower " + _join_or(lower))
+    if raise_modulus:
+        parts.append(f"raise the modulus (at most 2**{MAX_MODULUS.bit_length() - 1})")
+    return ", or ".join(parts) + "."
+
+
+def _join_or(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 def max_quantization_bits(*, modulus: int, max_weight: int, max_clients: int) -> int:

@@ -337,35 +337,43 @@ def test_headroom_counts_in_capacity() -> None:
 
 
 @pytest.mark.parametrize(
-    ("max_weight", "noise_headroom", "advice"),
+    ("settings", "advice"),
     [
-        (1, 0, "Lower max_clients or the quantization bits, or raise the modulus."),
         (
-            4,
-            0,
-            "Lower max_clients, max_weight or the quantization bits, "
-            "or raise the modulus.",
+            {"max_clients": 2**17, "quantization_levels": 2**16},
+            "Lower max_clients or the quantization bits.",
+        ),
+        # Under DP every weight is 1, so max_weight cannot be lowered.
+        (
+            {"max_clients": 2**17, "quantization_levels": 2**16, "max_weight": 4},
+            "Lower max_clients or the quantization bits.",
         ),
         (
-            1,
-            2**20,
-            "Lower max_clients, the quantization bits or the noise, "
-            "or raise the modulus.",
+            {"max_clients": 1, "quantization_levels": 2, "noise_headroom": 2**31},
+            "Lower the noise.",
+        ),
+        (
+            {"max_clients": 1, "quantization_levels": 2, "max_weight": 2**32},
+            "Lower max_weight.",
+        ),
+        (
+            {"max_clients": 2**10, "quantization_levels": 2**8, "modulus": 2**16},
+            "Lower max_clients or the quantization bits, "
+            "or raise the modulus (at most 2**32).",
+        ),
+        # No single setting is enough, so every one that can be lowered is named.
+        (
+            {"max_clients": 2**17, "quantization_levels": 2**16, "max_weight": 2**17},
+            "Lower max_clients, max_weight or the quantization bits.",
         ),
     ],
 )
-def test_capacity_error_names_only_settings_that_help(
-    max_weight: int, noise_headroom: int, advice: str
+def test_capacity_error_names_settings_that_help(
+    settings: dict[str, int], advice: str
 ) -> None:
-    # Under DP every weight is 1, so advice to lower max_weight cannot be followed.
+    arguments = {"clip_range": 1.0, "modulus": 2**32, "max_weight": 1} | settings
+
     with pytest.raises(ValueError) as raised:
-        EncodingParams(
-            clip_range=1.0,
-            quantization_levels=2**16,
-            modulus=2**32,
-            max_weight=max_weight,
-            max_clients=2**17,
-            noise_headroom=noise_headroom,
-        )
+        EncodingParams(**arguments)  # type: ignore[arg-type]
 
     assert str(raised.value).endswith(advice)
