@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1089,10 +1090,17 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     # names no folder that will never exist.
     print(f"[launch] output folder: {options.output_dir}", file=echo, flush=True)
     paths = RunPaths(options.output_dir)
-    paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    _move_earlier_results(paths, echo)
-    paths.run_config_file.write_text(run_config_text, encoding="utf-8")
-    write_flower_config(paths.flwr_home)
+    try:
+        paths.logs_dir.mkdir(parents=True, exist_ok=True)
+        _move_earlier_results(paths, echo)
+        paths.run_config_file.write_text(run_config_text, encoding="utf-8")
+        write_flower_config(paths.flwr_home)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise LaunchError(
+            f"Cannot prepare the output folder {options.output_dir}: "
+            f"{error.strerror or error}{where}. Choose another --output-dir."
+        ) from error
 
     ports = pick_ports()
     # Ray's Unix socket paths must stay under about 107 bytes, so its folder
@@ -1135,10 +1143,29 @@ def _move_earlier_results(paths: RunPaths, echo: IO[str]) -> None:
     A launch that fails before the ServerApp writes its own file would
     otherwise leave the earlier run's outcome, such as ``completed``, in
     ``results.json``.
+
+    Raises:
+        LaunchError: If ``results.json`` is not a file or cannot be moved.
+
     """
-    if not paths.results_file.exists():
+    try:
+        mode = paths.results_file.lstat().st_mode
+    except FileNotFoundError:
         return
-    os.replace(paths.results_file, paths.previous_results_file)
+    # A symbolic link is moved as a link; its target is left alone.
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise LaunchError(
+            f"{paths.results_file} is not a file, so it cannot be an earlier "
+            "run's results. Remove it or choose another --output-dir."
+        )
+    try:
+        os.replace(paths.results_file, paths.previous_results_file)
+    except OSError as error:
+        raise LaunchError(
+            f"Cannot move the earlier {paths.results_file} to "
+            f"{paths.previous_results_file}: {error.strerror or error}. Remove "
+            "one of them or choose another --output-dir."
+        ) from error
     print(
         f"[launch] moved the earlier {RESULTS_FILENAME} to "
         f"{paths.previous_results_file}",

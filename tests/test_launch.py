@@ -638,6 +638,44 @@ def test_earlier_results_moved_aside(tmp_path: Path) -> None:
     assert "moved the earlier results.json to" in echo.getvalue()
 
 
+def test_results_folder_not_moved(tmp_path: Path) -> None:
+    paths = launch.RunPaths(tmp_path)
+    paths.results_file.mkdir()
+
+    with pytest.raises(launch.LaunchError, match=r"results\.json is not a file"):
+        launch._move_earlier_results(paths, io.StringIO())
+
+    assert paths.results_file.is_dir()
+
+
+def test_unmovable_results_named(tmp_path: Path) -> None:
+    paths = launch.RunPaths(tmp_path)
+    paths.results_file.write_text('{"status": "completed"}')
+    (paths.previous_results_file / "kept").mkdir(parents=True)
+
+    with pytest.raises(
+        launch.LaunchError,
+        match=r"Cannot move the earlier .*results\.json to .*results\.previous\.json",
+    ):
+        launch._move_earlier_results(paths, io.StringIO())
+
+    assert paths.results_file.read_text() == '{"status": "completed"}'
+
+
+def test_output_dir_that_is_a_file_is_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "taken"
+    output.write_text("not a folder")
+
+    exit_code = launch.main([str(APP_DIR), "--output-dir", str(output)])
+
+    assert exit_code == launch.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert f"Cannot prepare the output folder {output}: " in error
+    assert "Traceback" not in error
+
+
 def test_no_earlier_results_nothing_moved(tmp_path: Path) -> None:
     paths = launch.RunPaths(tmp_path)
     echo = io.StringIO()
