@@ -56,7 +56,12 @@ from .core.transcript import (
     missing_commitments,
     parse_untrusted_json,
 )
-from .files import check_regular_file, os_reason, write_text_atomically
+from .files import (
+    check_regular_file,
+    open_regular_file,
+    os_reason,
+    write_text_atomically,
+)
 from .model_files import (
     Model,
     ModelTooLargeError,
@@ -649,43 +654,43 @@ def _load_uint32_npy(path: Path, relative: str) -> npt.NDArray[np.uint32]:
     `relative`, as the audit file gives it.
     """
     quoted_path = repr(relative[:200])
-    if path.exists() and not path.is_file():
-        raise ValueError(
-            f"aggregate_path must name a regular file. Found {quoted_path}, which "
-            "is not one."
-        )
-    try:
-        with path.open("rb") as file:
+    with open_regular_file(
+        path, description="aggregate_path", name=quoted_path
+    ) as file:
+        try:
             header = read_npy_header(file)
             offset = file.tell()
             file_size = os.fstat(file.fileno()).st_size
-    except OSError as error:
-        raise ValueError(
-            f"cannot read aggregate_path {quoted_path}: {os_reason(error)}."
-        ) from error
-    if isinstance(header, str):
-        raise ValueError(
-            f"aggregate_path must name an .npy file. Found {quoted_path}, {header}."
-        )
+        except OSError as error:
+            raise ValueError(
+                f"cannot read aggregate_path {quoted_path}: {os_reason(error)}."
+            ) from error
+        if isinstance(header, str):
+            raise ValueError(
+                f"aggregate_path must name an .npy file. Found {quoted_path}, {header}."
+            )
 
-    shape, dtype = header
-    if dtype != np.dtype("<u4") or len(shape) != 1 or not is_count(shape[0]):
-        raise ValueError(
-            "aggregate_path must contain a one-dimensional little-endian uint32 "
-            f"array. Found dtype {dtype} and shape {shape} in {quoted_path}."
-        )
-    length = shape[0]
-    if file_size != offset + 4 * length:
-        raise ValueError(
-            f"aggregate_path must contain {length} uint32 values after its header, "
-            f"as the header says. Found {file_size - offset} bytes in {quoted_path}."
-        )
-    if length == 0:
-        return np.zeros(0, dtype=np.uint32)
+        shape, dtype = header
+        if dtype != np.dtype("<u4") or len(shape) != 1 or not is_count(shape[0]):
+            raise ValueError(
+                "aggregate_path must contain a one-dimensional little-endian uint32 "
+                f"array. Found dtype {dtype} and shape {shape} in {quoted_path}."
+            )
+        length = shape[0]
+        if file_size != offset + 4 * length:
+            raise ValueError(
+                f"aggregate_path must contain {length} uint32 values after its "
+                f"header, as the header says. Found {file_size - offset} bytes in "
+                f"{quoted_path}."
+            )
+        if length == 0:
+            return np.zeros(0, dtype=np.uint32)
 
-    aggregate: npt.NDArray[np.uint32] = np.memmap(
-        path, dtype="<u4", mode="r", offset=offset, shape=(length,)
-    )
+        # Mapping the open file maps the file that was checked; the mapping
+        # outlives the file object.
+        aggregate: npt.NDArray[np.uint32] = np.memmap(
+            file, dtype="<u4", mode="r", offset=offset, shape=(length,)
+        )
     return aggregate
 
 

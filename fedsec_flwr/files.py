@@ -6,6 +6,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 NEW_FILE_MODE = 0o666
 """Mode requested for a new file. The process umask removes bits from it,
@@ -51,6 +52,44 @@ def check_regular_file(path: Path, *, description: str) -> None:
         ) from error
     if not stat.S_ISREG(mode):
         raise ValueError(f"{description} must be a regular file. Found {str(path)!r}.")
+
+
+def open_regular_file(path: Path, *, description: str, name: str) -> BinaryIO:
+    """Open `path` for reading, after checking on the open file that it is regular.
+
+    The file is opened without blocking, so a FIFO cannot stall the open,
+    and it is checked through the open descriptor, so a file swapped in
+    after the check is never read.
+
+    Args:
+        path: The file to open.
+        description: What the file is, such as ``aggregate_path``.
+        name: How messages name the file, such as the path as a user gave it.
+
+    Raises:
+        ValueError: If `path` cannot be opened or is not a regular file.
+
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot read {description} {name}: {os_reason(error)}."
+        ) from error
+
+    try:
+        regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
+    except OSError as error:
+        os.close(descriptor)
+        raise ValueError(
+            f"cannot read {description} {name}: {os_reason(error)}."
+        ) from error
+    if not regular:
+        os.close(descriptor)
+        raise ValueError(
+            f"{description} must name a regular file. Found {name}, which is not one."
+        )
+    return os.fdopen(descriptor, "rb")
 
 
 def os_reason(error: Exception) -> str:

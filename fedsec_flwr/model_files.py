@@ -10,6 +10,7 @@ that name the file.
 from __future__ import annotations
 
 import contextlib
+import io
 import lzma
 import math
 import os
@@ -72,6 +73,13 @@ _NPY_HEADER_READERS = {
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 """numpy's header reader for each .npy format version that numpy.savez writes."""
+
+_NPY_HEADER_LENGTHS = {(1, 0): struct.Struct("<H"), (2, 0): struct.Struct("<I")}
+"""Field that gives the header's length in bytes, per .npy format version."""
+
+MAX_NPY_HEADER_BYTES = 10_000
+"""Longest .npy header that the auditor reads: the limit that numpy's header
+readers apply by default, above which they raise."""
 
 _NPY_HEADER_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)
 """Exceptions of numpy for a member that does not start with an .npy header.
@@ -285,8 +293,23 @@ def read_npy_header(file: IO[bytes]) -> tuple[tuple[Any, ...], np.dtype[Any]] | 
             "numpy.save and numpy.savez write 1.0 or 2.0, the versions that "
             "are read"
         )
+    # numpy reads the whole declared header in one call, so a 4 GiB length
+    # in a 14-byte file would reserve 4 GiB before numpy rejects it.
+    length_format = _NPY_HEADER_LENGTHS[version]
+    length_bytes = file.read(length_format.size)
+    if len(length_bytes) < length_format.size:
+        return "whose .npy header is invalid"
+    (header_length,) = length_format.unpack(length_bytes)
+    if header_length > MAX_NPY_HEADER_BYTES:
+        return (
+            f"whose .npy header declares {header_length} bytes; numpy reads at "
+            f"most {MAX_NPY_HEADER_BYTES}"
+        )
+    header = file.read(header_length)
     try:
-        shape, _, dtype = _NPY_HEADER_READERS[version](file)
+        shape, _, dtype = _NPY_HEADER_READERS[version](
+            io.BytesIO(length_bytes + header)
+        )
     except _NPY_HEADER_ERRORS:
         return "whose .npy header is invalid"
     return shape, dtype

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from fedsec_flwr import audit
 from fedsec_flwr.core import signatures as s
 from fedsec_flwr.core.transcript import AuditResult
+from fedsec_flwr.model_files import read_npy_header
 from tests.core.test_transcript import NODE_IDS, RUN_ID, SimulatedRound, build_round
 
 LONG = audit.INLINE_AGGREGATE_MAX_VALUES + 1
@@ -304,6 +306,11 @@ def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
             None,
             "cannot read aggregate_path 'sub/agg.npy': No such file or directory.",
         ),
+        (
+            b"\x93NUMPY\x02\x00" + (2**32 - 16).to_bytes(4, "little") + b"{}",
+            "aggregate_path must name an .npy file. Found 'sub/agg.npy', whose "
+            ".npy header declares 4294967280 bytes; numpy reads at most 10000.",
+        ),
     ],
     ids=[
         "invalid-header",
@@ -311,6 +318,7 @@ def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
         "two-dimensional",
         "extra-bytes",
         "missing",
+        "header-length-4-gib",
     ],
 )
 def test_hostile_aggregate_file_named_as_given(audit_path, capsys, content, reason):
@@ -328,6 +336,41 @@ def test_hostile_aggregate_file_named_as_given(audit_path, capsys, content, reas
 
     assert status == audit.EXIT_FAILED
     assert f"round 2: FAILED: the aggregate cannot be loaded: {reason}\n" in out
+
+
+class _ReadSizes(io.BytesIO):
+    """BytesIO that records the size of every read request."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.sizes: list[int] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.sizes.append(-1 if size is None else size)
+        return super().read(size)
+
+
+def test_hostile_header_length_never_read_whole():
+    # A 14-byte file that declares a 4 GiB header must not make the reader
+    # request 4 GiB, which a real file allocates before it reads.
+    file = _ReadSizes(b"\x93NUMPY\x02\x00" + (2**32 - 16).to_bytes(4, "little"))
+
+    reason = read_npy_header(file)
+
+    assert isinstance(reason, str)
+    assert max(file.sizes) <= 10_000
+
+
+def test_hostile_aggregate_path_too_long_named(audit_path, capsys):
+    rewrite(audit_path, lambda d: d["rounds"][1].update(aggregate_path="x" * 300))
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert (
+        f"the aggregate cannot be loaded: cannot read aggregate_path '{'x' * 200}': "
+        "File name too long.\n"
+    ) in out
 
 
 def test_hostile_aggregate_fifo_rejected(audit_path, capsys):
@@ -416,7 +459,9 @@ def test_hostile_long_value_printed_shortened(audit_path, capsys):
     assert status == audit.EXIT_FAILED
     assert "round 2: FAILED" in out
     assert max(len(line) for line in out.splitlines()) <= 2000
-    assert "more characters)" in out
+    assert "File name too long." in out
+    assert "a" * 200 in out
+    assert "a" * 201 not in out
 
 
 FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 rounds verified, 0 discarded\n"
