@@ -356,6 +356,13 @@ _DIRECTORY_ENTRY = struct.Struct("<4s4B4HL2L5H2L")
 """Fixed part of a central directory entry. Fields 12 to 14 are the lengths
 of the name, extra field and comment that follow it."""
 
+MAX_EXTRA_FIELD_BYTES = 1024
+"""Largest zip extra field of one member. numpy.savez writes at most a ZIP64
+field of 28 bytes. Python 3.11's zipfile takes time quadratic in an extra
+field's length to parse it, before any member can be checked: a 64 KiB
+field took about 16 ms per member here, and a 51 MB file of 779 such
+members took about 20 s to open."""
+
 _END_RECORD_SIGNATURE = b"PK\x05\x06"
 _ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
 _ZIP64_END_RECORD_SIGNATURE = b"PK\x06\x06"
@@ -368,7 +375,7 @@ class _CentralDirectory:
     """Central directory of a zip archive, as its end records describe it.
 
     Attributes:
-        entries: Number of entries that the end record lists.
+        entries: Number of entries that the end records list.
         offset: Offset of the directory in the file.
         size: Size of the directory in bytes.
         end: Offset of the record that follows the directory: the ZIP64 end
@@ -400,12 +407,12 @@ def _check_central_directory(file: IO[bytes], quoted_path: str) -> None:
     if directory.entries > MAX_MODEL_MEMBERS:
         raise ValueError(
             f"the model {quoted_path} must have at most {MAX_MODEL_MEMBERS} "
-            f"members, one per array. Its zip end record lists {directory.entries}."
+            f"members, one per array. Its zip end records list {directory.entries}."
         )
     if directory.size > MAX_CENTRAL_DIRECTORY_BYTES:
         raise ValueError(
             f"the model {quoted_path} must have a zip central directory of at "
-            f"most {MAX_CENTRAL_DIRECTORY_BYTES} bytes. Its end record gives "
+            f"most {MAX_CENTRAL_DIRECTORY_BYTES} bytes. Its end records give "
             f"{directory.size}."
         )
     # numpy.savez writes the directory right before the end records, and
@@ -459,7 +466,8 @@ def _read_end_records(file: IO[bytes], quoted_path: str) -> _CentralDirectory:
     raise ValueError(
         f"the model {quoted_path} is truncated or corrupt: its ZIP64 end of "
         "central directory locator must point to a ZIP64 end record right "
-        f"before it, on disk 0. Found offset {record_offset} on disk {disk}."
+        f"before it, on disk 0 of 1. Found offset {record_offset} on disk "
+        f"{disk} of {disks}, where the record would be at {record_position}."
     )
 
 
@@ -497,12 +505,18 @@ def _check_entry_count(directory: bytes, entries: int, quoted_path: str) -> None
         ):
             raise _not_zip_error(quoted_path)
         lengths = _DIRECTORY_ENTRY.unpack(entry)[12:15]
+        if lengths[1] > MAX_EXTRA_FIELD_BYTES:
+            raise ValueError(
+                f"the model {quoted_path} must have zip extra fields of at most "
+                f"{MAX_EXTRA_FIELD_BYTES} bytes per member. Found one of "
+                f"{lengths[1]} bytes in entry {count + 1}."
+            )
         position += _DIRECTORY_ENTRY.size + sum(lengths)
         count += 1
     if count != entries:
-        found = "more" if count > entries else str(count)
+        found = f"more than {entries}" if count > entries else str(count)
         raise ValueError(
             f"the model {quoted_path} is truncated or corrupt: its zip central "
-            f"directory contains {found} entries, but its end record lists "
+            f"directory contains {found} entries, but its end records list "
             f"{entries}."
         )

@@ -601,6 +601,23 @@ def with_zip64_record_offset(data: bytes, offset: int) -> bytes:
     return data[: locator + 8] + struct.pack("<Q", offset) + data[locator + 16 :]
 
 
+def with_zip64_disks(data: bytes, disks: int) -> bytes:
+    """Change the disk count in the ZIP64 locator to `disks`."""
+    locator = data.rindex(b"PK\x06\x07")
+    return data[: locator + 16] + struct.pack("<L", disks) + data[locator + 20 :]
+
+
+def with_wide_extra_field(size: int) -> bytes:
+    """Build a stored archive whose one member has an extra field of `size` bytes."""
+    member = zipfile.ZipInfo("w.npy")
+    # Records of an unassigned header ID with no data, as many as fit.
+    member.extra = struct.pack("<HH", 0x9999, 0) * (size // 4)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(member, VALUES)
+    return buffer.getvalue()
+
+
 def with_extract_version(data: bytes, version: int) -> bytes:
     """Change the zip version needed to extract the first member to `version`."""
     entry = data.index(b"PK\x01\x02")
@@ -681,23 +698,23 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         ),
         (
             zip64_end_records(entries=1_000_000, directory_size=0),
-            "must have at most 100000 members, one per array. Its zip end record "
-            "lists 1000000.",
+            "must have at most 100000 members, one per array. Its zip end records "
+            "list 1000000.",
         ),
         (
             zip64_end_records(entries=1, directory_size=10**9),
             "must have a zip central directory of at most 51200000 bytes. Its end "
-            "record gives 1000000000.",
+            "records give 1000000000.",
         ),
         (
             with_listed_members(zip_bytes(THREE_ARRAYS), 1),
             "is truncated or corrupt: its zip central directory contains more "
-            "entries, but its end record lists 1.",
+            "than 1 entries, but its end records list 1.",
         ),
         (
             with_listed_members(zip_bytes(THREE_ARRAYS), 5),
             "is truncated or corrupt: its zip central directory contains 3 "
-            "entries, but its end record lists 5.",
+            "entries, but its end records list 5.",
         ),
         (
             b"prefix" + zip_bytes(THREE_ARRAYS),
@@ -707,8 +724,19 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         (
             with_zip64_record_offset(zip64_bytes(THREE_ARRAYS), 0),
             "is truncated or corrupt: its ZIP64 end of central directory locator "
-            "must point to a ZIP64 end record right before it, on disk 0. Found "
-            "offset 0 on disk 0.",
+            "must point to a ZIP64 end record right before it, on disk 0 of 1. "
+            "Found offset 0 on disk 0 of 1, where the record would be at 720.",
+        ),
+        (
+            with_zip64_disks(zip64_bytes(THREE_ARRAYS), 2),
+            "is truncated or corrupt: its ZIP64 end of central directory locator "
+            "must point to a ZIP64 end record right before it, on disk 0 of 1. "
+            "Found offset 720 on disk 0 of 2, where the record would be at 720.",
+        ),
+        (
+            with_wide_extra_field(2048),
+            "must have zip extra fields of at most 1024 bytes per member. Found "
+            "one of 2048 bytes in entry 1.",
         ),
         (
             with_extract_version(zip_bytes([("w.npy", VALUES)]), 147),
@@ -736,6 +764,8 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         "fewer-members-than-listed",
         "data-before-archive",
         "zip64-record-elsewhere",
+        "zip64-two-disks",
+        "wide-extra-field",
         "zip-version-14.7",
     ],
 )
@@ -767,7 +797,7 @@ def test_model_member_limit_applied(
     assert list(loaded) == ["w0", "w1", "w2"]
     assert str(raised.value) == (
         f"the model {str(path)!r} must have at most 2 members, one per array. Its "
-        "zip end record lists 3."
+        "zip end records list 3."
     )
 
 
