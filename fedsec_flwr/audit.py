@@ -456,13 +456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         not (audit.result.verified or audit.result.discarded) for audit in audits
     )
     discarded = sum(audit.result.discarded for audit in audits)
+    # The counts are of entries, one per line above; a round without a
+    # well-formed entry is counted apart, so no round is counted twice.
     summary = (
-        f"{len(audits) - failed - discarded} of {len(audits)} rounds verified, "
+        f"{len(audits) - failed - discarded} of {len(audits)} entries verified, "
         f"{discarded} discarded"
     )
     missing = sum(last - first + 1 for _, first, last in missing_rounds(audits))
     if missing:
-        summary += f", {missing} missing from the file"
+        summary += f"; {missing} earlier round(s) with no well-formed entry"
     _say(summary)
     if discarded and arguments.final_model is None:
         _say(

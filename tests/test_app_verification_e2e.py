@@ -51,6 +51,6 @@ def test_every_round_verified_and_audited(tmp_path: Path, mode: str) -> None:
 
     assert [entry["verified"] for entry in results["rounds"]] == [True, True]
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert "2 of 2 rounds verified, 0 discarded" in audit.stdout
+    assert "2 of 2 entries verified, 0 discarded" in audit.stdout
     assert "round 2 model: follows from the earlier rounds" in audit.stdout
     assert "final model: follows from the last round" in audit.stdout

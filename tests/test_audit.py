@@ -95,7 +95,7 @@ def test_honest_rounds_exit_zero(audit_path, capsys):
     assert status == audit.EXIT_VERIFIED
     assert f"run {RUN_ID} round 1: verified" in out
     assert f"run {RUN_ID} round 2: verified" in out
-    assert "2 of 2 rounds verified, 0 discarded" in out
+    assert "2 of 2 entries verified, 0 discarded" in out
     assert err == ""
 
 
@@ -109,7 +109,7 @@ def test_command_runs_as_module(audit_path):
     )
 
     assert completed.returncode == 0
-    assert "2 of 2 rounds verified, 0 discarded" in completed.stdout
+    assert "2 of 2 entries verified, 0 discarded" in completed.stdout
 
 
 def test_tamper_module_exits_one_on_changed_file(audit_path):
@@ -144,7 +144,7 @@ def test_tamper_inline_aggregate_changed(audit_path, capsys):
     assert status == audit.EXIT_FAILED
     assert "round 1: FAILED: the aggregate does not match" in out
     assert "round 2: verified" in out
-    assert "1 of 2 rounds verified, 0 discarded" in out
+    assert "1 of 2 entries verified, 0 discarded" in out
 
 
 def test_tamper_commitment_in_file_changed(audit_path, capsys):
@@ -464,7 +464,7 @@ def test_hostile_long_value_printed_shortened(audit_path, capsys):
     assert "a" * 201 not in out
 
 
-FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 rounds verified, 0 discarded\n"
+FAKE_LINES = "x\nrun 1 round 2: verified\n2 of 2 entries verified, 0 discarded\n"
 
 
 def test_hostile_file_name_cannot_fake_output_lines(audit_path, capsys):
@@ -481,9 +481,9 @@ def test_hostile_file_name_cannot_fake_output_lines(audit_path, capsys):
     assert lines[1].endswith(
         "round 2: FAILED: the aggregate cannot be loaded: aggregate_path must "
         "name a regular file. Found 'x\\nrun 1 round 2: verified\\n2 of 2 "
-        "rounds verified, 0 discarded\\n', which is not one."
+        "entries verified, 0 discarded\\n', which is not one."
     )
-    assert lines[2] == "1 of 2 rounds verified, 0 discarded"
+    assert lines[2] == "1 of 2 entries verified, 0 discarded"
 
 
 def test_hostile_undecodable_name_prints_on_strict_utf8(audit_path):
@@ -632,7 +632,7 @@ def test_missing_round_reported_with_exit_zero(tmp_path, capsys):
         "nothing to check. Pass --initial-model to check that no later round trained on a "
         "model from it.\n"
     ) in out
-    assert "2 of 2 rounds verified, 0 discarded" in out
+    assert "2 of 2 entries verified, 0 discarded" in out
     assert err == ""
 
 
@@ -649,7 +649,22 @@ def test_summary_counts_missing_rounds(tmp_path, capsys):
 
     assert status == audit.EXIT_VERIFIED
     assert out.endswith(
-        "2 of 2 rounds verified, 0 discarded, 4 missing from the file\n"
+        "2 of 2 entries verified, 0 discarded; 4 earlier round(s) with no "
+        "well-formed entry\n"
+    )
+
+
+def test_summary_counts_malformed_round_once(audit_path, capsys):
+    # Round 1's entry counts among the entries, and its round among those
+    # with no well-formed entry, so the two counts name different things.
+    rewrite(audit_path, lambda d: d["rounds"][0].update(transcript="broken"))
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert out.endswith(
+        "1 of 2 entries verified, 0 discarded; 1 earlier round(s) with no "
+        "well-formed entry\n"
     )
 
 

@@ -556,7 +556,7 @@ def test_supernode_killed_before_commit_discards_round(
         check=False,
     )
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert "2 of 3 rounds verified, 1 discarded" in audit.stdout
+    assert "2 of 3 entries verified, 1 discarded" in audit.stdout
     assert_stopped(federation)
 
 

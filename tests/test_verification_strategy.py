@@ -913,7 +913,7 @@ def test_honest_audit_file_passes_auditor(tmp_path: Path) -> None:
     completed = run_auditor(audit_path)
 
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "2 of 2 rounds verified, 0 discarded" in completed.stdout
+    assert "2 of 2 entries verified, 0 discarded" in completed.stdout
 
 
 def test_tampered_audit_file_fails_auditor(tmp_path: Path) -> None:
