@@ -143,6 +143,11 @@ def _read_model_file(file: IO[bytes], quoted_path: str, max_bytes: int | None) -
             f"the model {quoted_path} cannot be read: it needs a zip feature that "
             f"Python's zipfile module does not support ({error})."
         ) from error
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"the model {quoted_path} must name its members in UTF-8, as its zip "
+            "entries declare. Found a member name that is not valid UTF-8."
+        ) from error
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise _not_zip_error(quoted_path) from error
 

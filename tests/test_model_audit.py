@@ -618,6 +618,20 @@ def with_wide_extra_field(size: int) -> bytes:
     return buffer.getvalue()
 
 
+def with_invalid_utf8_name(data: bytes) -> bytes:
+    """Set the UTF-8 flag of the first entry and make its name invalid UTF-8."""
+    entry = data.index(b"PK\x01\x02")
+    flags = struct.unpack_from("<H", data, entry + 8)[0] | 0x800
+    name = entry + 46
+    return (
+        data[: entry + 8]
+        + struct.pack("<H", flags)
+        + data[entry + 10 : name]
+        + b"\xff"
+        + data[name + 1 :]
+    )
+
+
 def with_extract_version(data: bytes, version: int) -> bytes:
     """Change the zip version needed to extract the first member to `version`."""
     entry = data.index(b"PK\x01\x02")
@@ -739,6 +753,11 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
             "one of 2048 bytes in entry 1.",
         ),
         (
+            with_invalid_utf8_name(zip_bytes([("w.npy", VALUES)])),
+            "must name its members in UTF-8, as its zip entries declare. Found a "
+            "member name that is not valid UTF-8.",
+        ),
+        (
             with_extract_version(zip_bytes([("w.npy", VALUES)]), 147),
             "cannot be read: it needs a zip feature that Python's zipfile module "
             "does not support (zip file version 14.7).",
@@ -766,6 +785,7 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         "zip64-record-elsewhere",
         "zip64-two-disks",
         "wide-extra-field",
+        "invalid-utf8-name",
         "zip-version-14.7",
     ],
 )
