@@ -60,6 +60,7 @@ CASES: list[tuple[str, Callable[[float], object], float]] = [
         1e36,
     ),
     ("max_grad_norm floor", _dp_sgd, 1e-40),
+    ("max_grad_norm ceiling", _dp_sgd, 1e300),
     ("normal std ceiling", lambda v: SecureRandom().normal(1, std=v), 1e308),
     ("clip_range floor", _encoding, 1e-300),
     ("secagg-clip-range ceiling", _app("secagg_clip_range"), 3e38),

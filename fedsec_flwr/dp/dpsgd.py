@@ -50,7 +50,7 @@ from torch.utils.data import (
 )
 
 from .._scalars import plain_fields
-from ..core.bounds import lower_bound_text
+from ..core.bounds import lower_bound_text, upper_bound_text
 from ._opacus import (
     AbstractGradSampleModule,
     ModuleValidator,
@@ -76,6 +76,9 @@ TRAINING_NUM_THREADS = 1
 Simulated clients share the machine's cores, so one thread per client
 avoids oversubscribing them. The caller's setting is restored afterwards.
 """
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest float32, the dtype in which Opacus clips and noises gradients."""
 
 DEFAULT_MAX_GRAD_NORM = 1.0
 """Default per-example gradient clipping norm C."""
@@ -154,8 +157,8 @@ class DPSGDConfig:
         target_epsilon: Epsilon budget for all `num_rounds` rounds, positive.
         num_rounds: Rounds that this client trains in the run, at least 1.
             Required with `target_epsilon`, rejected without it.
-        max_grad_norm: C, the L2 bound on each example's gradient, at least
-            `fedsec_flwr.dp.clipping.MIN_MAX_GRAD_NORM`.
+        max_grad_norm: C, the L2 bound on each example's gradient, from
+            `fedsec_flwr.dp.clipping.MIN_MAX_GRAD_NORM` to `FLOAT32_MAX`.
         accountant: "rdp" (Renyi DP) or "prv" (privacy loss random
             variables), as in `fedsec_flwr.dp.accounting`.
         secure_rng: Whether Opacus draws noise and batches from a
@@ -195,6 +198,12 @@ class DPSGDConfig:
         if self.max_grad_norm <= 0:
             raise ValueError(
                 f"max_grad_norm must be positive. Found {self.max_grad_norm}."
+            )
+        if self.max_grad_norm > FLOAT32_MAX:
+            raise ValueError(
+                "max_grad_norm must be at most "
+                f"{upper_bound_text(FLOAT32_MAX)}, the float32 maximum, because "
+                f"Opacus clips in float32. Found {self.max_grad_norm}."
             )
         if self.max_grad_norm < MIN_MAX_GRAD_NORM:
             raise ValueError(

@@ -506,6 +506,11 @@ def test_round_beyond_target_rejected() -> None:
             "max_grad_norm must be positive",
         ),
         (
+            {"noise_multiplier": 1.0, "max_grad_norm": 1e300},
+            r"max_grad_norm must be at most 3\.402e\+38, the float32 maximum.*"
+            r"Found 1e\+300",
+        ),
+        (
             {"noise_multiplier": 1.0, "max_grad_norm": 1e-40},
             r"max_grad_norm must be at least 8\.674e-19 \(2\*\*-60\).*Found 1e-40",
         ),
