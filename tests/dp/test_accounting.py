@@ -1,16 +1,22 @@
 import itertools
+import logging
 import math
+import threading
 
 import numpy as np
 import pytest
+from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
+from fedsec_flwr.dp import accounting
 from fedsec_flwr.dp.accounting import (
     ACCOUNTANT_PRV,
     ACCOUNTANT_RDP,
     MAX_SEARCH_NOISE_MULTIPLIER,
     MIN_DELTA,
     MIN_NOISE_MULTIPLIER,
+    PRV_EPSILON_ERROR,
     PRV_MIN_NOISE_MULTIPLIER,
     RDP_ORDERS,
     DistributedDiscreteGaussianEvent,
@@ -558,6 +564,59 @@ def test_prv_below_its_range_falls_back_to_rdp() -> None:
 
     assert math.isfinite(prv)
     assert prv == rdp
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(2.3, 0.1, 20)],
+        [(0.74, 0.1, 20)],
+        [(1.0, 0.01, 1000)],
+        [(1.0, 0.1, 5), (2.0, 1.0, 3)],
+    ],
+)
+def test_prv_grid_estimate_matches_opacus(
+    history: list[tuple[float, float, int]],
+) -> None:
+    prvs = [PoissonSubsampledGaussianPRV(q, z) for z, q, _ in history]
+    steps = [entry[2] for entry in history]
+    domain = PRVAccountant()._get_domain(
+        prvs=prvs,
+        num_self_compositions=steps,
+        eps_error=PRV_EPSILON_ERROR,
+        delta_error=DELTA / 1000,
+    )
+
+    estimate = accounting._prv_grid_points(history, delta=DELTA)
+
+    assert estimate == pytest.approx(domain.size, rel=0.01)
+
+
+def test_prv_large_grid_falls_back_to_rdp(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opacus's grid here has about 4.9e7 points, and allocating it failed
+    # after 4.8 GB.
+    monkeypatch.setattr(accounting, "_PRV_GRID_WARNED", threading.Event())
+    events = [GaussianEvent(noise_multiplier=0.5, sample_rate=1.0, num_steps=1000)]
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.dp"):
+        prv = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
+
+    assert prv == compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
+    assert "about 4.9e+07 points" in caplog.text
+
+
+def test_prv_grid_limit_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = [GaussianEvent(noise_multiplier=2.3, sample_rate=0.1, num_steps=20)]
+    below_limit = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
+    rdp = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
+    monkeypatch.setattr(accounting, "MAX_PRV_GRID_POINTS", 1000)
+
+    above_limit = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
+
+    assert below_limit < rdp
+    assert above_limit == rdp
 
 
 @pytest.mark.parametrize("accountant", [ACCOUNTANT_RDP, ACCOUNTANT_PRV])
