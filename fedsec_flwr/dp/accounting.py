@@ -106,11 +106,17 @@ MIN_SEARCH_NOISE_MULTIPLIER = MIN_NOISE_MULTIPLIER
 """Smallest noise multiplier that `noise_multiplier_for_target` tries."""
 
 MAX_PRV_GRID_POINTS = 2**24
-"""Most grid points on which the PRV accountant may discretize; above, RDP
-bounds epsilon instead. Opacus 1.6 took about 100 bytes per point here: at
-q = 1, z = 0.5 and 1000 steps its grid of 4.9e7 points failed to allocate
-after 4.8 GB, and at z = 0.1 it asked for 9 GB at once. The bound keeps the
-accountant near 1.7 GB."""
+"""Largest number of grid points, over all distinct events, on which the PRV
+accountant may discretize; above, RDP bounds epsilon instead. Opacus 1.6
+took about 100 bytes per point here: at q = 1, z = 0.5 and 1000 steps its
+grid of 4.9e7 points failed to allocate after 4.8 GB, and at z = 0.1 it
+asked for 9 GB at once. The bound keeps the accountant near 1.7 GB."""
+
+MAX_PRV_ENTRIES = 8
+"""Most distinct (noise multiplier, sample rate) pairs that the PRV
+accountant composes; above, RDP bounds epsilon instead. Sizing and building
+each entry's grid costs time: 100 distinct noise multipliers at q = 0.1
+took 58 s and 2.1 GB here. A run with fixed settings has one entry."""
 
 MAX_PRV_STEPS = 1000
 """Maximum steps that the PRV accountant composes. Its memory and time grow with
@@ -851,17 +857,18 @@ def _distributed_rdp(event: DistributedDiscreteGaussianEvent) -> tuple[float, ..
 def _prv_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
     from ._opacus import PRVAccountant
 
-    # Consecutive events with the same parameters become one history entry,
-    # because the PRV composition costs time per entry.
-    history: list[tuple[float, float, int]] = []
+    # Events with the same parameters become one history entry, wherever
+    # they occur, because composition does not depend on the order and
+    # Opacus builds a grid for every entry.
+    steps_by_parameters: dict[tuple[float, float], int] = {}
     for event in events:
         if not isinstance(event, GaussianEvent):
             continue
         parameters = (event.noise_multiplier, event.sample_rate)
-        if history and history[-1][:2] == parameters:
-            history[-1] = (*parameters, history[-1][2] + event.num_steps)
-        else:
-            history.append((*parameters, event.num_steps))
+        steps_by_parameters[parameters] = (
+            steps_by_parameters.get(parameters, 0) + event.num_steps
+        )
+    history = [(z, q, steps) for (z, q), steps in steps_by_parameters.items()]
 
     total_steps = sum(entry[2] for entry in history)
     if total_steps > MAX_PRV_STEPS:
@@ -875,9 +882,19 @@ def _prv_epsilon(events: Sequence[PrivacyEvent], *, delta: float) -> float:
         _warn_prv_fallback()
         return _rdp_epsilon(events, delta=delta)
 
-    points = _prv_grid_points(history, delta=delta)
+    # Opacus discretizes every entry on its own grid and keeps them all.
+    if len(history) > MAX_PRV_ENTRIES:
+        _warn_prv_size_fallback(
+            f"The PRV accountant composes at most {MAX_PRV_ENTRIES} distinct "
+            f"(noise multiplier, sample rate) pairs. Found {len(history)}"
+        )
+        return _rdp_epsilon(events, delta=delta)
+    points = _prv_grid_points(history, delta=delta) * len(history)
     if points > MAX_PRV_GRID_POINTS:
-        _warn_prv_grid_fallback(points)
+        _warn_prv_size_fallback(
+            f"The PRV accountant would discretize these steps on about "
+            f"{points:.3g} points, more than {MAX_PRV_GRID_POINTS}"
+        )
         return _rdp_epsilon(events, delta=delta)
 
     prv = PRVAccountant()
@@ -935,19 +952,14 @@ def _warn_prv_precision_fallback() -> None:
 
 
 _PRV_GRID_WARNED = threading.Event()
-"""Set once the PRV grid warning is logged, so a search logs it once."""
+"""Set once a PRV size warning is logged, so a search logs one."""
 
 
-def _warn_prv_grid_fallback(points: float) -> None:
+def _warn_prv_size_fallback(reason: str) -> None:
     if _PRV_GRID_WARNED.is_set():
         return
     _PRV_GRID_WARNED.set()
-    logger.warning(
-        "The PRV accountant would discretize these steps on about %.3g points, "
-        "more than %d, so the RDP accountant bounds epsilon instead",
-        points,
-        MAX_PRV_GRID_POINTS,
-    )
+    logger.warning("%s, so the RDP accountant bounds epsilon instead", reason)
 
 
 @functools.cache

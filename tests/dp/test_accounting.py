@@ -607,6 +607,62 @@ def test_prv_large_grid_falls_back_to_rdp(
     assert "about 4.9e+07 points" in caplog.text
 
 
+def test_prv_grids_of_distinct_events_add_up(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each grid has about 1.4e7 points, under the limit, but Opacus builds
+    # one per distinct z: four of them took 54 s and 2.9 GB.
+    monkeypatch.setattr(accounting, "_PRV_GRID_WARNED", threading.Event())
+    events = [
+        GaussianEvent(
+            noise_multiplier=1.0 + index * 1e-9, sample_rate=1.0, num_steps=250
+        )
+        for index in range(4)
+    ]
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.dp"):
+        prv = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
+
+    assert prv == compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
+    assert "more than 16777216" in caplog.text
+
+
+def test_prv_many_distinct_events_use_rdp(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accounting, "_PRV_GRID_WARNED", threading.Event())
+    events = [
+        GaussianEvent(noise_multiplier=1.0 + index / 100, sample_rate=0.1)
+        for index in range(100)
+    ]
+
+    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.dp"):
+        prv = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
+
+    assert prv == compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
+    assert "at most 8 distinct (noise multiplier, sample rate) pairs" in caplog.text
+
+
+def test_prv_repeated_settings_form_one_entry() -> None:
+    # Alternating settings compose as two entries, not as 20.
+    alternating = [
+        GaussianEvent(noise_multiplier=z, sample_rate=0.1)
+        for _ in range(10)
+        for z in (2.0, 3.0)
+    ]
+    grouped = [
+        GaussianEvent(noise_multiplier=2.0, sample_rate=0.1, num_steps=10),
+        GaussianEvent(noise_multiplier=3.0, sample_rate=0.1, num_steps=10),
+    ]
+
+    epsilon = compute_epsilon(alternating, delta=DELTA, accountant=ACCOUNTANT_PRV)
+
+    assert epsilon == compute_epsilon(grouped, delta=DELTA, accountant=ACCOUNTANT_PRV)
+    assert epsilon < compute_epsilon(
+        alternating, delta=DELTA, accountant=ACCOUNTANT_RDP
+    )
+
+
 def test_prv_grid_limit_applied(monkeypatch: pytest.MonkeyPatch) -> None:
     events = [GaussianEvent(noise_multiplier=2.3, sample_rate=0.1, num_steps=20)]
     below_limit = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
