@@ -54,6 +54,7 @@ from types import FrameType
 from typing import IO, Any
 
 from fedsec_flwr import app_check
+from fedsec_flwr.files import os_reason
 
 logger = logging.getLogger("fedsec_flwr.launch")
 
@@ -1092,6 +1093,7 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     paths = RunPaths(options.output_dir)
     try:
         paths.logs_dir.mkdir(parents=True, exist_ok=True)
+        _check_own_files(paths)
         _move_earlier_results(paths, echo)
         paths.run_config_file.write_text(run_config_text, encoding="utf-8")
         write_flower_config(paths.flwr_home)
@@ -1135,6 +1137,34 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
     record_unfinished_run(result, paths.results_file)
     result.message = _with_log_hint(result, paths)
     return result
+
+
+def _check_own_files(paths: RunPaths) -> None:
+    """Check that the files the launcher writes are not folders or devices.
+
+    The launcher writes them after the SuperLink starts, so a folder in
+    their place would fail the run midway.
+
+    Raises:
+        LaunchError: If one of them exists and is not a regular file.
+    """
+    own_files = (
+        paths.superlink_log,
+        paths.superlink_console_log,
+        paths.run_log,
+        paths.run_config_file,
+        paths.launch_info,
+    )
+    for path in own_files:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise LaunchError(
+                f"{path} must be a file the launcher can write. Found something "
+                "else there. Remove it or choose another --output-dir."
+            )
 
 
 def _move_earlier_results(paths: RunPaths, echo: IO[str]) -> None:
@@ -1358,13 +1388,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolved(name: str, path: str | Path) -> Path:
+    """Return `path` made absolute, with symbolic links followed.
+
+    Raises:
+        LaunchError: If the path has a symbolic link loop or cannot be read.
+    """
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as error:
+        raise LaunchError(
+            f"{name} cannot be resolved: {os_reason(error)}. Found {str(path)!r}."
+        ) from error
+
+
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     """Validate parsed arguments and build the launch options.
 
     Raises:
         LaunchError: If an argument is out of range.
     """
-    app_dir = Path(args.app_dir).resolve()
+    app_dir = _resolved("APP_DIR", args.app_dir)
     if not app_dir.is_dir():
         raise LaunchError(f"APP_DIR must be a folder. Not found: {app_dir}.")
     if args.num_supernodes < 1:
@@ -1391,7 +1435,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     return LaunchOptions(
         app_dir=app_dir,
         run_config=parse_run_config(args.run_config),
-        output_dir=Path(output_dir).resolve(),
+        output_dir=_resolved("--output-dir", output_dir),
         num_supernodes=args.num_supernodes,
         client_cpus=args.client_cpus,
         timeout=args.timeout,
@@ -1409,6 +1453,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as error:
         print(f"[launch] error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except OSError as error:
+        # The launcher has stopped every process it started by now.
+        where = f" ({error.filename})" if error.filename else ""
+        print(
+            f"[launch] error: {error.strerror or error}{where}.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("[launch] Interrupted before the run started.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -676,6 +676,35 @@ def test_output_dir_that_is_a_file_is_usage_error(
     assert "Traceback" not in error
 
 
+@pytest.mark.parametrize(
+    "name", ["superlink.log", "superlink-console.log", "run.log", "launch.json"]
+)
+def test_folder_in_place_of_log_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # The launcher writes these after the SuperLink starts.
+    (tmp_path / "logs" / name).mkdir(parents=True)
+
+    exit_code = launch.main([str(APP_DIR), "--output-dir", str(tmp_path)])
+
+    assert exit_code == launch.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'logs' / name} must be a file the launcher can write" in error
+    assert "Traceback" not in error
+
+
+def test_output_dir_symlink_loop_is_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+
+    exit_code = launch.main([str(APP_DIR), "--output-dir", str(tmp_path / "loop1")])
+
+    assert exit_code == launch.EXIT_USAGE
+    assert "--output-dir cannot be resolved" in capsys.readouterr().err
+
+
 def test_no_earlier_results_nothing_moved(tmp_path: Path) -> None:
     paths = launch.RunPaths(tmp_path)
     echo = io.StringIO()
