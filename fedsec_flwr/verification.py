@@ -33,7 +33,7 @@ from .config import SecAggConfig
 from .core import commitments, signatures
 from .core import transcript as transcripts
 from .core.commitments import BLINDING_LIMB_BITS, VerificationResult
-from .core.encoding import MAX_MODULUS
+from .core.encoding import MAX_MODULUS, MIN_ADVISED_CLIENTS
 from .core.errors import AuthenticationError, ProtocolError
 from .core.messages import (
     CommitReply,
@@ -155,14 +155,34 @@ def check_blinding_capacity(*, modulus: int, max_clients: int) -> None:
     limb_max = 2**BLINDING_LIMB_BITS - 1
     worst_case = max_clients * limb_max
     if worst_case >= modulus:
-        advice = f"Lower max_clients to at most {(modulus - 1) // limb_max}"
-        if modulus < MAX_MODULUS and worst_case < MAX_MODULUS:
-            advice += ", or raise the modulus (at most 2**32)"
         raise ValueError(
             "max_clients * (2**16 - 1) must be below the modulus for verification, "
             f"so the blinding sums do not wrap. Found {max_clients} * 65535 = "
-            f"{worst_case} with modulus {modulus}. {advice}."
+            f"{worst_case} with modulus {modulus}. "
+            f"{_blinding_advice(modulus=modulus, max_clients=max_clients)}"
         )
+
+
+def _blinding_advice(*, modulus: int, max_clients: int) -> str:
+    """Name the changes that make the blinding sums of `max_clients` fit."""
+    limb_max = 2**BLINDING_LIMB_BITS - 1
+    fitting_clients = (modulus - 1) // limb_max
+    can_lower = fitting_clients >= MIN_ADVISED_CLIENTS
+    can_raise = modulus < MAX_MODULUS and max_clients * limb_max < MAX_MODULUS
+    lower = f"Lower max_clients to at most {fitting_clients}"
+    raise_modulus = "raise the modulus (at most 2**32)"
+
+    if can_lower and can_raise:
+        return f"{lower}, or {raise_modulus}."
+    if can_lower:
+        return f"{lower}."
+    if can_raise:
+        return f"{raise_modulus[0].upper()}{raise_modulus[1:]}."
+    # Neither alone helps: max_clients above 65,537 with a small modulus.
+    return (
+        f"Raise the modulus to 2**32 and lower max_clients to at most "
+        f"{(MAX_MODULUS - 1) // limb_max}."
+    )
 
 
 # --- Server side -----------------------------------------------------------------

@@ -368,6 +368,13 @@ def test_modulus_too_small_for_blinding_rejected() -> None:
         ),
         # The modulus is already the largest, so only max_clients can help.
         (2**32, 70_000, "Lower max_clients to at most 65537."),
+        # One client per sum is not allowed, so only the modulus can help.
+        (2**16, 2, "Raise the modulus (at most 2**32)."),
+        (
+            2**16,
+            70_000,
+            "Raise the modulus to 2**32 and lower max_clients to at most 65537.",
+        ),
     ],
 )
 def test_blinding_capacity_advice(modulus: int, max_clients: int, advice: str) -> None:

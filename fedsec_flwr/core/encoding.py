@@ -34,6 +34,10 @@ from .bounds import lower_bound_text
 TRAILER_SIZE = 2
 """Slots after the model coordinates: the weight and the clipped-coordinate count."""
 
+MIN_ADVISED_CLIENTS = 2
+"""Fewest clients that advice to lower max_clients proposes: a secure sum
+needs two, and `fedsec_flwr.SecAggConfig` rejects fewer."""
+
 MAX_MODULUS = 2**32
 """Largest modulus: masked values travel as uint32."""
 
@@ -177,16 +181,21 @@ def _capacity_advice(
 ) -> str:
     """Name the settings whose change alone makes the worst-case sum fit.
 
-    A setting is named when taking it to its limit (one client, weight 1,
-    two levels or no noise) makes the sum fit on its own. When none does,
-    every setting that can still be lowered is named, since only a
-    combination helps. Raising the modulus is named when the sum fits the
-    largest modulus.
+    A setting is named when taking it to its limit (`MIN_ADVISED_CLIENTS`
+    clients, weight 1, two levels or no noise) makes the sum fit on its
+    own. When none does, every setting that can still be lowered is named,
+    since only a combination helps. Raising the modulus is named when the
+    sum fits the largest modulus.
     """
     signal = max_clients * max_weight * (quantization_levels - 1)
+    fewest = MIN_ADVISED_CLIENTS
     # Each setting with the sum it leaves when taken to its limit.
     candidates = [
-        ("max_clients", max_clients > 1, signal // max_clients + 2 * noise_headroom),
+        (
+            "max_clients",
+            max_clients > fewest,
+            signal // max_clients * fewest + 2 * noise_headroom,
+        ),
         ("max_weight", max_weight > 1, signal // max_weight + 2 * noise_headroom),
         (
             "the quantization bits",

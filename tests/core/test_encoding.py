@@ -361,6 +361,17 @@ def test_headroom_counts_in_capacity() -> None:
             "Lower max_clients or the quantization bits, "
             "or raise the modulus (at most 2**32).",
         ),
+        # Two clients are the fewest that SecAggConfig allows.
+        (
+            {
+                "max_clients": 2,
+                "max_weight": 3,
+                "quantization_levels": 2**18,
+                "modulus": 2**20,
+            },
+            "Lower max_weight or the quantization bits, or raise the modulus "
+            "(at most 2**32).",
+        ),
         # No single setting is enough, so every one that can be lowered is named.
         (
             {"max_clients": 2**17, "quantization_levels": 2**16, "max_weight": 2**17},
