@@ -432,6 +432,29 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return fixed, replacements
 
 
+def _check_finite_weights(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    noise_multiplier: float,
+    learning_rate: float,
+    config: DPSGDConfig,
+) -> None:
+    """Raise ValueError if training left a float weight NaN or infinite.
+
+    The noise, of standard deviation z * C, and the sum of clipped gradients
+    are float32, so a large clipping norm C overflows them. The weights are
+    then discarded, so the round releases nothing and spends no budget.
+    """
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"DP-SGD left weight {key!r} NaN or infinite, with max_grad_norm "
+                f"{config.max_grad_norm}, noise multiplier {noise_multiplier:.4g} "
+                f"and learning rate {learning_rate}. The noise and gradient sums "
+                "are float32, so lower max_grad_norm or the learning rate."
+            )
+
+
 def train_dp_sgd(
     model: nn.Module,
     train_loader: DataLoader[Any],
@@ -471,8 +494,9 @@ def train_dp_sgd(
         The trained weights, the loss and the epsilon spent.
 
     Raises:
-        ValueError: If an argument is invalid, `state` is malformed or the
-            model has layers that Opacus cannot train.
+        ValueError: If an argument is invalid, `state` is malformed, the
+            model has layers that Opacus cannot train, or training left a
+            weight NaN or infinite.
         PrivacyBudgetExceededError: If `config.target_epsilon` is set and this
             round would take the cumulative epsilon above it.
         ImportError: If `config.secure_rng` is True and torchcsprng is not
@@ -510,6 +534,12 @@ def train_dp_sgd(
         )
     _check_recorded_steps(output.recorded_history, planned=planned)
     _check_untrained_state_unchanged(model, output.state_dict)
+    _check_finite_weights(
+        output.state_dict,
+        noise_multiplier=noise_multiplier,
+        learning_rate=learning_rate,
+        config=config,
+    )
 
     round_epsilon = _epsilon(
         [planned], delta=config.delta, accountant=config.accountant

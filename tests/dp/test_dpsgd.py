@@ -964,3 +964,20 @@ def test_step_cost_dp_against_plain_sgd() -> None:
     )
 
     assert dp_step > plain_step
+
+
+def test_overflowing_noise_rejected_after_training() -> None:
+    # The largest accepted clipping norm gives float32 noise of about 3.4e38,
+    # which overflows the weights.
+    config = DPSGDConfig(delta=DELTA, noise_multiplier=1.0, max_grad_norm=3.402e38)
+    model = tiny_model()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+
+    with pytest.raises(
+        ValueError,
+        match=r"DP-SGD left weight '.*' NaN or infinite, with max_grad_norm 3\.402e\+38",
+    ):
+        train_round(model, config=config)
+
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
