@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from ._scalars import plain_fields
+from .core.bounds import lower_bound_text
 from .dp.accounting import (
     ACCOUNTANT_RDP,
     MIN_DISCRETE_SIGMA,
@@ -165,7 +166,8 @@ class ClientPrivacyBudget:
             ) from None
         if projected > self.max_epsilon:
             raise PrivacyBudgetError(
-                f"This round would raise the client's epsilon to {projected:.4f} "
+                "This round would raise the client's epsilon to "
+                f"{lower_bound_text(projected)} "
                 f"after {len(spent) + 1} rounds, above its max_epsilon "
                 f"{self.max_epsilon} at delta {self.delta}, counting the noise of "
                 f"{self.min_honest_clients} honest clients."

@@ -578,7 +578,10 @@ class ServerPrivacy:
                 raise ValueError(message) from error
             largest = self._max_fitting_noise_multiplier(num_sampled, dimension)
             if largest is not None:
-                message += f" The largest noise_multiplier that fits is {largest:g}."
+                message += (
+                    " The largest noise_multiplier that fits is "
+                    f"{upper_bound_text(largest)}."
+                )
             raise NoiseHeadroomError(
                 message,
                 noise_multiplier=z,
@@ -728,8 +731,9 @@ class ServerPrivacy:
                 "add their noise"
             )
         return (
-            f"the next round would raise epsilon to {projected:.4f}{inputs}, above "
-            f"the target {target} at delta {self.config.delta}"
+            "the next round would raise epsilon to "
+            f"{lower_bound_text(projected)}{inputs}, above the target {target} at "
+            f"delta {self.config.delta}"
         )
 
     def record(

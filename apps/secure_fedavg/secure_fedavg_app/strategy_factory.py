@@ -12,7 +12,7 @@ from fedsec_flwr import (
     ServerMomentum,
     VerificationConfig,
 )
-from fedsec_flwr.core.bounds import lower_bound_text
+from fedsec_flwr.core.bounds import lower_bound_text, upper_bound_text
 from fedsec_flwr.dp import TargetEpsilonUnreachableError, rdp_epsilon_floor
 from fedsec_flwr.dp.accounting import MAX_PRV_STEPS
 from fedsec_flwr.privacy import DPConfig, DPMode, NoiseHeadroomError
@@ -142,9 +142,8 @@ def explain_noise_headroom(error: NoiseHeadroomError, settings: AppSettings) -> 
     )
     changes = []
     if error.max_noise_multiplier is not None:
-        changes.append(
-            f"lower noise-multiplier to at most {error.max_noise_multiplier:g}"
-        )
+        largest = upper_bound_text(error.max_noise_multiplier)
+        changes.append(f"lower noise-multiplier to at most {largest}")
     # Each client that secagg-max-clients allows takes room for its encoded
     # update and, with verification, for its commitment offset.
     changes.append("lower secagg-max-clients")
