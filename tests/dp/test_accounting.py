@@ -592,55 +592,49 @@ def test_prv_grid_estimate_matches_opacus(
     assert estimate == pytest.approx(domain.size, rel=0.01)
 
 
-def test_prv_large_grid_falls_back_to_rdp(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("events", "reason"),
+    [
+        # One grid of about 4.9e7 points: allocating it failed after 4.8 GB.
+        (
+            [GaussianEvent(noise_multiplier=0.5, sample_rate=1.0, num_steps=1000)],
+            "about 4.9e+07 points",
+        ),
+        # Grids of about 1.4e7 points each, under the limit alone, but Opacus
+        # builds one per distinct z: four of them took 54 s and 2.9 GB.
+        (
+            [
+                GaussianEvent(
+                    noise_multiplier=1.0 + index * 1e-9, sample_rate=1.0, num_steps=250
+                )
+                for index in range(4)
+            ],
+            "more than 16777216",
+        ),
+        # 100 distinct z at q = 0.1 took 58 s and 2.1 GB.
+        (
+            [
+                GaussianEvent(noise_multiplier=1.0 + index / 100, sample_rate=0.1)
+                for index in range(100)
+            ],
+            "at most 8 distinct (noise multiplier, sample rate) pairs",
+        ),
+    ],
+    ids=["one-large-grid", "distinct-grids-add-up", "many-distinct-events"],
+)
+def test_prv_too_large_falls_back_to_rdp(
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    events: list[GaussianEvent],
+    reason: str,
 ) -> None:
-    # Opacus's grid here has about 4.9e7 points, and allocating it failed
-    # after 4.8 GB.
     monkeypatch.setattr(accounting, "_PRV_GRID_WARNED", threading.Event())
-    events = [GaussianEvent(noise_multiplier=0.5, sample_rate=1.0, num_steps=1000)]
 
     with caplog.at_level(logging.WARNING, logger="fedsec_flwr.dp"):
         prv = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
 
     assert prv == compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
-    assert "about 4.9e+07 points" in caplog.text
-
-
-def test_prv_grids_of_distinct_events_add_up(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Each grid has about 1.4e7 points, under the limit, but Opacus builds
-    # one per distinct z: four of them took 54 s and 2.9 GB.
-    monkeypatch.setattr(accounting, "_PRV_GRID_WARNED", threading.Event())
-    events = [
-        GaussianEvent(
-            noise_multiplier=1.0 + index * 1e-9, sample_rate=1.0, num_steps=250
-        )
-        for index in range(4)
-    ]
-
-    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.dp"):
-        prv = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
-
-    assert prv == compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
-    assert "more than 16777216" in caplog.text
-
-
-def test_prv_many_distinct_events_use_rdp(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(accounting, "_PRV_GRID_WARNED", threading.Event())
-    events = [
-        GaussianEvent(noise_multiplier=1.0 + index / 100, sample_rate=0.1)
-        for index in range(100)
-    ]
-
-    with caplog.at_level(logging.WARNING, logger="fedsec_flwr.dp"):
-        prv = compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_PRV)
-
-    assert prv == compute_epsilon(events, delta=DELTA, accountant=ACCOUNTANT_RDP)
-    assert "at most 8 distinct (noise multiplier, sample rate) pairs" in caplog.text
+    assert reason in caplog.text
 
 
 def test_prv_repeated_settings_form_one_entry() -> None:
