@@ -363,10 +363,10 @@ of the name, extra field and comment that follow it."""
 
 MAX_EXTRA_FIELD_BYTES = 1024
 """Largest zip extra field of one member. numpy.savez writes at most a ZIP64
-field of 28 bytes. Python 3.11's zipfile takes time quadratic in an extra
-field's length to parse it, before any member can be checked: a 64 KiB
-field took about 16 ms per member here, and a 51 MB file of 779 such
-members took about 20 s to open."""
+field of 28 bytes. Python 3.11's zipfile parses an extra field in time
+quadratic in its length, before any member can be checked. A 64 KiB field
+took about 16 ms per member here, and a 51 MB file of 779 such members
+took about 20 s to open."""
 
 _END_RECORD_SIGNATURE = b"PK\x05\x06"
 _ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"

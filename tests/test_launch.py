@@ -662,7 +662,7 @@ def test_unmovable_results_named(tmp_path: Path) -> None:
     assert paths.results_file.read_text() == '{"status": "completed"}'
 
 
-def test_output_dir_that_is_a_file_is_usage_error(
+def test_output_dir_file_is_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "taken"

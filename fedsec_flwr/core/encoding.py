@@ -35,8 +35,8 @@ TRAILER_SIZE = 2
 """Slots after the model coordinates: the weight and the clipped-coordinate count."""
 
 MIN_ADVISED_CLIENTS = 2
-"""Fewest clients that advice to lower max_clients proposes: a secure sum
-needs two, and `fedsec_flwr.SecAggConfig` rejects fewer."""
+"""Smallest max_clients that the capacity advice proposes. A secure sum
+needs two clients, and `fedsec_flwr.SecAggConfig` rejects fewer."""
 
 MAX_MODULUS = 2**32
 """Largest modulus: masked values travel as uint32."""
