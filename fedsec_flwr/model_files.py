@@ -271,6 +271,12 @@ def _member_errors(quoted_path: str, where: str) -> Iterator[None]:
             "compressed with a method that Python's zipfile module does not "
             "support."
         ) from None
+    except UnicodeDecodeError as error:
+        # zipfile decodes the name in a member's local header when it opens it.
+        raise ValueError(
+            f"the model {quoted_path} is truncated or corrupt: {where} has a local "
+            "header whose name is not valid UTF-8."
+        ) from error
     except _MEMBER_CORRUPT_ERRORS as error:
         raise ValueError(
             f"the model {quoted_path} is truncated or corrupt: {where} cannot be "

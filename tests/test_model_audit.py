@@ -632,6 +632,12 @@ def with_invalid_utf8_name(data: bytes) -> bytes:
     )
 
 
+def with_invalid_utf8_local_name(data: bytes) -> bytes:
+    """Set the UTF-8 flag of the first local header and make its name invalid."""
+    flags = struct.unpack_from("<H", data, 6)[0] | 0x800
+    return data[:6] + struct.pack("<H", flags) + data[8:30] + b"\xff" + data[31:]
+
+
 def with_extract_version(data: bytes, version: int) -> bytes:
     """Change the zip version needed to extract the first member to `version`."""
     entry = data.index(b"PK\x01\x02")
@@ -758,6 +764,11 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
             "member name that is not valid UTF-8.",
         ),
         (
+            with_invalid_utf8_local_name(zip_bytes([("w.npy", VALUES)])),
+            "is truncated or corrupt: member 'w.npy' has a local header whose name "
+            "is not valid UTF-8.",
+        ),
+        (
             with_extract_version(zip_bytes([("w.npy", VALUES)]), 147),
             "cannot be read: it needs a zip feature that Python's zipfile module "
             "does not support (zip file version 14.7).",
@@ -786,6 +797,7 @@ THREE_ARRAYS = [(f"w{i}.npy", npy_bytes(np.arange(3.0))) for i in range(3)]
         "zip64-two-disks",
         "wide-extra-field",
         "invalid-utf8-name",
+        "invalid-utf8-local-name",
         "zip-version-14.7",
     ],
 )
