@@ -329,7 +329,7 @@ def _follow_model(
     try:
         following = next_model(
             model,
-            _load_aggregate(folder, entry),
+            _load_aggregate(folder, entry, length=transcript.aggregate_length),
             params=decoding.params,
             layout=decoding.layout,
             num_included=len(transcript.included_node_ids),
@@ -400,7 +400,9 @@ def model_byte_limit(audit_path: Path) -> int:
     for entry in document["rounds"]:
         try:
             transcript = RoundTranscript.from_dict(_entry_field(entry, "transcript"))
-            stored = _load_aggregate(audit_path.parent, entry).size
+            stored = _load_aggregate(
+                audit_path.parent, entry, length=transcript.aggregate_length
+            ).size
         except (OSError, ValueError):
             continue
         if stored == transcript.aggregate_length:
@@ -601,7 +603,7 @@ def _audit_entry(
     folder: Path, entry: dict[str, Any], transcript: RoundTranscript
 ) -> AuditResult:
     try:
-        aggregate = _load_aggregate(folder, entry)
+        aggregate = _load_aggregate(folder, entry, length=transcript.aggregate_length)
     except (OSError, ValueError) as error:
         return AuditResult(False, f"the aggregate cannot be loaded: {error}")
 
@@ -617,7 +619,14 @@ def _audit_entry(
     return result
 
 
-def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint32]:
+def _load_aggregate(
+    folder: Path, entry: dict[str, Any], *, length: int
+) -> npt.NDArray[np.uint32]:
+    """Load a round's aggregate, which the transcript says has `length` values.
+
+    An inline aggregate of another length is returned, and the audit fails
+    it. A file's length is checked from its header, before it is mapped.
+    """
     has_path = "aggregate_path" in entry
     if has_path == ("aggregate_hex" in entry):
         raise ValueError(
@@ -628,7 +637,7 @@ def _load_aggregate(folder: Path, entry: dict[str, Any]) -> npt.NDArray[np.uint3
         return _parse_inline_aggregate(_entry_field(entry, "aggregate_hex", str))
 
     relative = _entry_field(entry, "aggregate_path", str)
-    return _load_uint32_npy(_resolve_inside(folder, relative), relative)
+    return _load_uint32_npy(_resolve_inside(folder, relative), relative, length=length)
 
 
 def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
@@ -647,7 +656,9 @@ def _parse_inline_aggregate(text: str) -> npt.NDArray[np.uint32]:
     return np.frombuffer(bytes.fromhex(text), dtype="<u4").astype(np.uint32)
 
 
-def _load_uint32_npy(path: Path, relative: str) -> npt.NDArray[np.uint32]:
+def _load_uint32_npy(
+    path: Path, relative: str, *, length: int
+) -> npt.NDArray[np.uint32]:
     """Load the .npy aggregate at `path`, which the entry names `relative`.
 
     The file is untrusted, so its header is checked against its size before
@@ -678,7 +689,13 @@ def _load_uint32_npy(path: Path, relative: str) -> npt.NDArray[np.uint32]:
                 "aggregate_path must contain a one-dimensional little-endian uint32 "
                 f"array. Found dtype {dtype} and shape {shape} in {quoted_path}."
             )
-        length = shape[0]
+        if shape[0] != length:
+            # Mapping a large sparse file costs address space, so a file of the
+            # wrong length is rejected from its header alone.
+            raise ValueError(
+                f"the aggregate has {shape[0]} values, not the {length} of the "
+                f"transcript. Found in {quoted_path}."
+            )
         if file_size != offset + 4 * length:
             raise ValueError(
                 f"aggregate_path must contain {length} uint32 values after its "

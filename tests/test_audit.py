@@ -243,14 +243,14 @@ def npy_header(shape: str, descr: str = "<u4") -> bytes:
             b"\x93NUMPY\x01\x00\x36\x00{'descr': '<u4', 'shape': (2,) " + b" " * 30,
             "must name an .npy file",
         ),
-        (npy_header("(4,)") + bytes(8), "must contain 4 uint32 values"),
+        (npy_header("(1025,)") + bytes(8), "must contain 1025 uint32 values"),
         (npy_header("(-4,)"), "shape (-4,)"),
         (npy_header("(True,)") + bytes(4), "shape (True,)"),
         (npy_header("(2.0,)") + bytes(8), "whose .npy header is invalid"),
-        (npy_header(f"({2**40},)"), f"must contain {2**40} uint32 values"),
+        (npy_header(f"({2**40},)"), f"has {2**40} values, not the 1025 of the"),
         (npy_header("(2,)", descr=">u4") + bytes(8), "little-endian uint32"),
         (npy_header("(2, 2)") + bytes(16), "one-dimensional"),
-        (npy_header("(2,)") + bytes(12), "Found 12 bytes"),
+        (npy_header("(1025,)") + bytes(4104), "Found 4104 bytes"),
     ],
     ids=[
         "empty",
@@ -298,9 +298,14 @@ def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
             "array. Found dtype uint32 and shape (2, 2) in 'sub/agg.npy'.",
         ),
         (
-            npy_header("(2,)") + bytes(12),
-            "aggregate_path must contain 2 uint32 values after its header, as the "
-            "header says. Found 12 bytes in 'sub/agg.npy'.",
+            npy_header("(1025,)") + bytes(4104),
+            "aggregate_path must contain 1025 uint32 values after its header, as "
+            "the header says. Found 4104 bytes in 'sub/agg.npy'.",
+        ),
+        (
+            npy_header("(2,)") + bytes(8),
+            "the aggregate has 2 values, not the 1025 of the transcript. Found in "
+            "'sub/agg.npy'.",
         ),
         (
             None,
@@ -317,6 +322,7 @@ def test_hostile_aggregate_file_rejected(audit_path, capsys, content, reason):
         "unknown-version",
         "two-dimensional",
         "extra-bytes",
+        "wrong-length",
         "missing",
         "header-length-4-gib",
     ],
@@ -371,6 +377,27 @@ def test_hostile_aggregate_path_too_long_named(audit_path, capsys):
         f"the aggregate cannot be loaded: cannot read aggregate_path '{'x' * 200}': "
         "File name too long.\n"
     ) in out
+
+
+def test_hostile_sparse_aggregate_not_mapped(audit_path, capsys, monkeypatch):
+    # A sparse 4 GiB file that agrees with its own header but not with the
+    # transcript is rejected from the header, without mapping 4 GiB.
+    entry = json.loads(audit_path.read_text())["rounds"][1]
+    npy = audit_path.parent / entry["aggregate_path"]
+    header = npy_header(f"({2**30},)")
+    with npy.open("wb") as file:
+        file.write(header)
+        file.truncate(len(header) + 4 * 2**30)
+
+    def no_memmap(*args, **kwargs):
+        raise AssertionError("the aggregate was memory-mapped")
+
+    monkeypatch.setattr(audit.np, "memmap", no_memmap)
+
+    status, out, _ = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert f"the aggregate has {2**30} values, not the 1025 of the transcript" in out
 
 
 def test_hostile_aggregate_fifo_rejected(audit_path, capsys):
