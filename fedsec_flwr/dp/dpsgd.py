@@ -433,20 +433,27 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 def _check_finite_weights(
-    state_dict: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
     *,
     noise_multiplier: float,
     learning_rate: float,
     config: DPSGDConfig,
 ) -> None:
-    """Raise ValueError if training left a float weight NaN or infinite.
+    """Raise ValueError if training left a trained weight NaN or infinite.
 
     The noise, of standard deviation z * C, and the sum of clipped gradients
     are float32, so a large clipping norm C overflows them. The weights are
     then discarded, so the round releases nothing and spends no budget.
+    Buffers and extra state are not trained, so a constant NaN in them is
+    left to the caller.
     """
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    trained = [name for name, value in model.named_parameters() if value.requires_grad]
+    for key in trained:
+        tensor = state_dict.get(key)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(
                 f"DP-SGD left weight {key!r} NaN or infinite, with max_grad_norm "
                 f"{config.max_grad_norm}, noise multiplier {noise_multiplier:.4g} "
@@ -535,6 +542,7 @@ def train_dp_sgd(
     _check_recorded_steps(output.recorded_history, planned=planned)
     _check_untrained_state_unchanged(model, output.state_dict)
     _check_finite_weights(
+        model,
         output.state_dict,
         noise_multiplier=noise_multiplier,
         learning_rate=learning_rate,
