@@ -57,7 +57,6 @@ from .core.transcript import (
     parse_untrusted_json,
 )
 from .files import (
-    check_regular_file,
     open_regular_file,
     os_reason,
     write_text_atomically,
@@ -738,8 +737,9 @@ def _resolve_inside(folder: Path, relative: str) -> Path:
 
 
 def _read_document(audit_path: Path) -> dict[str, Any]:
-    check_regular_file(audit_path, description="the audit file")
-    with audit_path.open("rb") as file:
+    with open_regular_file(
+        audit_path, description="the audit file", name=repr(str(audit_path))
+    ) as file:
         # The size comes first: read(n) reserves n bytes before it reads.
         size = os.fstat(file.fileno()).st_size
         if size > MAX_AUDIT_FILE_BYTES:

@@ -34,26 +34,6 @@ def write_text_atomically(path: Path, text: str) -> None:
         raise
 
 
-def check_regular_file(path: Path, *, description: str) -> None:
-    """Check that `path` is a regular file before it is opened for reading.
-
-    A FIFO would block the read, and a device such as /dev/zero never ends.
-
-    Raises:
-        ValueError: If `path` cannot be examined or is not a regular file.
-            The message starts with `description` or names it.
-
-    """
-    try:
-        mode = path.stat().st_mode
-    except (OSError, RuntimeError) as error:
-        raise ValueError(
-            f"cannot read {description} {str(path)!r}: {os_reason(error)}."
-        ) from error
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{description} must be a regular file. Found {str(path)!r}.")
-
-
 def open_regular_file(path: Path, *, description: str, name: str) -> BinaryIO:
     """Open `path` for reading, after checking on the open file that it is regular.
 

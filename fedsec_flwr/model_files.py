@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from .files import check_regular_file, os_reason
+from .files import open_regular_file, os_reason
 from .models import model_digest
 
 Model = dict[str, npt.NDArray[np.generic]]
@@ -104,12 +104,7 @@ def load_model(path: Path, *, max_bytes: int | None = None) -> Model:
 
     """
     quoted_path = repr(str(path))
-    check_regular_file(path, description="the model")
-    try:
-        file = path.open("rb")
-    except OSError as error:
-        raise _read_error(quoted_path, error) from error
-    with file:
+    with open_regular_file(path, description="the model", name=quoted_path) as file:
         model = _read_model_file(file, quoted_path, max_bytes)
 
     try:

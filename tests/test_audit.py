@@ -441,7 +441,7 @@ def test_hostile_special_audit_file_rejected(tmp_path, capsys, kind):
     status, _, err = run_main(path, capsys)
 
     assert status == audit.EXIT_FAILED
-    assert "the audit file must be a regular file" in err
+    assert "the audit file must name a regular file" in err
 
 
 def test_reading_reserves_only_the_file_size(tmp_path, rounds, monkeypatch):

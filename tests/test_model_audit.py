@@ -429,7 +429,7 @@ def test_hostile_model_fifo_refused(
     code = audit.main([str(path), "--initial-model", str(fifo)])
 
     assert code == 1
-    assert "the model must be a regular file" in capsys.readouterr().err
+    assert "the model must name a regular file" in capsys.readouterr().err
 
 
 def test_final_model_needs_initial_model(tmp_path: Path) -> None:
