@@ -621,7 +621,7 @@ def _audit_entry(
 def _load_aggregate(
     folder: Path, entry: dict[str, Any], *, length: int
 ) -> npt.NDArray[np.uint32]:
-    """Load a round's aggregate, which the transcript says has `length` values.
+    """Load a round's aggregate, whose length in the transcript is `length`.
 
     An inline aggregate of another length is returned, and the audit fails
     it. A file's length is checked from its header, before it is mapped.
