@@ -82,6 +82,14 @@ AUDIT_FORMAT = "fedsec_flwr/audit/v1"
 INLINE_AGGREGATE_MAX_VALUES = 1024
 """Maximum length of an aggregate that `append_round` stores as inline hex."""
 
+MAX_AUDIT_JSON_VALUES = 2**26
+"""Largest count of JSON values that the auditor parses, as counted by
+`json_value_count`. Parsing keeps up to about 64 bytes per counted value in
+memory: 21 times the text for a list of empty lists. So this bound keeps a
+hostile file near 4.3 GB, where the size bound alone allowed about 20 GB.
+An audit file written by `append_round` had about 30 bytes per counted
+value, so a 1 GiB one has about 36 million."""
+
 MAX_AUDIT_FILE_BYTES = 2**30
 """Largest audit file read, 1 GiB. A round takes about 0.5 KB per client
 plus at most 8 KB of inline aggregate, and parsing takes several times
@@ -752,6 +760,15 @@ def _read_document(audit_path: Path) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"the audit file must be UTF-8 text: {error}") from None
+    del data
+    values = json_value_count(text)
+    if values > MAX_AUDIT_JSON_VALUES:
+        raise ValueError(
+            f"the audit file must hold at most {MAX_AUDIT_JSON_VALUES} JSON values, "
+            "because parsing keeps up to 64 bytes per value in memory. Found "
+            f"{values} in {audit_path.name!r}, counted as its commas, colons and "
+            "opening brackets."
+        )
     document = parse_untrusted_json(text)
     if not isinstance(document, dict) or document.get("format") != AUDIT_FORMAT:
         raise ValueError(
@@ -761,6 +778,17 @@ def _read_document(audit_path: Path) -> dict[str, Any]:
         raise ValueError("rounds must be a JSON list.")
     _check_keys("the file", document, _DOCUMENT_KEYS)
     return document
+
+
+def json_value_count(text: str) -> int:
+    """Return an upper bound on the number of values in the JSON `text`.
+
+    Every value but the outermost follows a comma, a colon or an opening
+    bracket, so their count plus one bounds the values. Those characters
+    inside strings are counted too, which only raises the bound.
+    """
+    separators = sum(text.count(character) for character in ",:[{")
+    return separators + 1
 
 
 def _check_keys(where: str, fields: dict[str, Any], allowed: frozenset[str]) -> None:

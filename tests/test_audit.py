@@ -478,6 +478,25 @@ def test_hostile_audit_file_above_size_limit_rejected(audit_path, capsys, monkey
     assert f"Found {audit_path.stat().st_size} in" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [("1", 1), ("[]", 1), ('[1,[2,{"a":3}]]', 7), ('"a,b:c[d{"', 1)],
+    ids=["number", "empty-list", "nested", "separators-in-string"],
+)
+def test_json_value_count_bounds_values(text, values):
+    assert audit.json_value_count(text) >= values
+
+
+def test_hostile_many_values_rejected_before_parsing(audit_path, capsys, monkeypatch):
+    # Parsing a list of empty lists keeps about 21 times the text in memory.
+    monkeypatch.setattr(audit, "MAX_AUDIT_JSON_VALUES", 100)
+
+    status, _, err = run_main(audit_path, capsys)
+
+    assert status == audit.EXIT_FAILED
+    assert "the audit file must hold at most 100 JSON values" in err
+
+
 def test_hostile_long_value_printed_shortened(audit_path, capsys):
     rewrite(audit_path, lambda d: d["rounds"][1].update(aggregate_path="a" * 10**6))
 
