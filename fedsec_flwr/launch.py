@@ -1140,13 +1140,15 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
 
 
 def _check_own_files(paths: RunPaths) -> None:
-    """Check that the files the launcher writes are not folders or devices.
+    """Check that the files the launcher writes can take its output.
 
     The launcher writes them after the SuperLink starts, so a folder in
-    their place would fail the run midway.
+    their place would fail the run midway, and a FIFO would block it. A
+    link to a character device such as /dev/null is accepted.
 
     Raises:
-        LaunchError: If one of them exists and is not a regular file.
+        LaunchError: If one of them exists and is neither a regular file
+            nor a character device.
     """
     own_files = (
         paths.superlink_log,
@@ -1160,7 +1162,7 @@ def _check_own_files(paths: RunPaths) -> None:
             mode = path.stat().st_mode
         except FileNotFoundError:
             continue
-        if not stat.S_ISREG(mode):
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
             raise LaunchError(
                 f"{path} must be a file the launcher can write. Found something "
                 "else there. Remove it or choose another --output-dir."

@@ -693,6 +693,19 @@ def test_folder_in_place_of_log_rejected(
     assert "Traceback" not in error
 
 
+def test_own_file_fifo_rejected_and_device_link_accepted(tmp_path: Path) -> None:
+    paths = launch.RunPaths(tmp_path)
+    paths.logs_dir.mkdir()
+    paths.run_log.symlink_to("/dev/null")
+    os.mkfifo(paths.launch_info)
+
+    with pytest.raises(launch.LaunchError, match=r"launch\.json must be a file"):
+        launch._check_own_files(paths)
+
+    paths.launch_info.unlink()
+    launch._check_own_files(paths)
+
+
 def test_output_dir_symlink_loop_is_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
