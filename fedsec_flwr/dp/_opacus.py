@@ -15,10 +15,6 @@ _handlers_before = list(_root.handlers)
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.accountants import PRVAccountant  # noqa: E402
 from opacus.accountants.analysis import rdp as opacus_rdp  # noqa: E402
-from opacus.accountants.analysis.prv import (  # noqa: E402
-    PoissonSubsampledGaussianPRV,
-    compute_safe_domain_size,
-)
 from opacus.grad_sample import AbstractGradSampleModule  # noqa: E402
 from opacus.utils.module_utils import trainable_modules  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
@@ -31,9 +27,7 @@ __all__ = [
     "AbstractGradSampleModule",
     "ModuleValidator",
     "PRVAccountant",
-    "PoissonSubsampledGaussianPRV",
     "PrivacyEngine",
-    "compute_safe_domain_size",
     "opacus_rdp",
     "trainable_modules",
 ]
