@@ -50,20 +50,17 @@ def open_regular_file(path: Path, *, description: str, name: str) -> BinaryIO:
         ValueError: If `path` cannot be opened or is not a regular file.
 
     """
+    descriptor = None
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
     except (OSError, ValueError) as error:
+        if descriptor is not None:
+            os.close(descriptor)
         raise ValueError(
             f"cannot read {description} {name}: {os_reason(error)}."
         ) from error
 
-    try:
-        regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
-    except OSError as error:
-        os.close(descriptor)
-        raise ValueError(
-            f"cannot read {description} {name}: {os_reason(error)}."
-        ) from error
     if not regular:
         os.close(descriptor)
         raise ValueError(

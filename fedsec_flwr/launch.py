@@ -1098,10 +1098,9 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
         paths.run_config_file.write_text(run_config_text, encoding="utf-8")
         write_flower_config(paths.flwr_home)
     except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
         raise LaunchError(
             f"Cannot prepare the output folder {options.output_dir}: "
-            f"{error.strerror or error}{where}. Choose another --output-dir."
+            f"{_os_error_text(error)}. Choose another --output-dir."
         ) from error
 
     ports = pick_ports()
@@ -1195,7 +1194,7 @@ def _move_earlier_results(paths: RunPaths, echo: IO[str]) -> None:
     except OSError as error:
         raise LaunchError(
             f"Cannot move the earlier {paths.results_file} to "
-            f"{paths.previous_results_file}: {error.strerror or error}. Remove "
+            f"{paths.previous_results_file}: {os_reason(error)}. Remove "
             "one of them or choose another --output-dir."
         ) from error
     print(
@@ -1390,6 +1389,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(error: OSError) -> str:
+    """Return the OS's text of `error` and the path it names, if any."""
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{os_reason(error)}{where}"
+
+
 def _resolved(name: str, path: str | Path) -> Path:
     """Return `path` made absolute, with symbolic links followed.
 
@@ -1457,12 +1462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except OSError as error:
         # The launcher has stopped every process it started by now.
-        where = f" ({error.filename})" if error.filename else ""
-        print(
-            f"[launch] error: {error.strerror or error}{where}.",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[launch] error: {_os_error_text(error)}.", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("[launch] Interrupted before the run started.", file=sys.stderr)
