@@ -465,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         not (audit.result.verified or audit.result.discarded) for audit in audits
     )
     discarded = sum(audit.result.discarded for audit in audits)
-    # The counts are of entries, one per line above; a round without a
+    # The counts are of entries, one per line above. A round without a
     # well-formed entry is counted apart, so no round is counted twice.
     summary = (
         f"{len(audits) - failed - discarded} of {len(audits)} entries verified, "
@@ -712,8 +712,8 @@ def _load_uint32_npy(
         if length == 0:
             return np.zeros(0, dtype=np.uint32)
 
-        # Mapping the open file maps the file that was checked; the mapping
-        # outlives the file object.
+        # Mapping the open file maps the file that was checked, and the
+        # mapping outlives the file object.
         aggregate: npt.NDArray[np.uint32] = np.memmap(
             file, dtype="<u4", mode="r", offset=offset, shape=(length,)
         )

@@ -487,7 +487,7 @@ def test_json_value_count_bounds_values(text, values):
     assert audit.json_value_count(text) >= values
 
 
-def test_hostile_many_values_rejected_before_parsing(audit_path, capsys, monkeypatch):
+def test_hostile_many_json_values_rejected(audit_path, capsys, monkeypatch):
     # Parsing a list of empty lists keeps about 21 times the text in memory.
     monkeypatch.setattr(audit, "MAX_AUDIT_JSON_VALUES", 100)
 

@@ -693,7 +693,7 @@ def test_folder_in_place_of_log_rejected(
     assert "Traceback" not in error
 
 
-def test_own_file_fifo_rejected_and_device_link_accepted(tmp_path: Path) -> None:
+def test_own_file_fifo_rejected_device_accepted(tmp_path: Path) -> None:
     paths = launch.RunPaths(tmp_path)
     paths.logs_dir.mkdir()
     paths.run_log.symlink_to("/dev/null")
