@@ -1409,6 +1409,24 @@ def _resolved(name: str, path: str | Path) -> Path:
         ) from error
 
 
+def _check_utf8(name: str, path: Path) -> None:
+    """Reject a path whose name is not UTF-8, which a run config cannot carry.
+
+    Python decodes the bytes of such a name to lone surrogates, and the
+    app receives the output folder as run-config text.
+
+    Raises:
+        LaunchError: If ``path`` has bytes that are not UTF-8.
+    """
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise LaunchError(
+            f"{name} must be a UTF-8 path, because the app receives it in its "
+            f"run config. Found {os.fsencode(path)!r}."
+        ) from error
+
+
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     """Validate parsed arguments and build the launch options.
 
@@ -1439,10 +1457,13 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output_dir = Path(DEFAULT_OUTPUT_ROOT) / f"{app_dir.name}-{stamp}-{os.getpid()}"
 
+    resolved_output_dir = _resolved("--output-dir", output_dir)
+    _check_utf8("--output-dir", resolved_output_dir)
+
     return LaunchOptions(
         app_dir=app_dir,
         run_config=parse_run_config(args.run_config),
-        output_dir=_resolved("--output-dir", output_dir),
+        output_dir=resolved_output_dir,
         num_supernodes=args.num_supernodes,
         client_cpus=args.client_cpus,
         timeout=args.timeout,

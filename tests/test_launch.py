@@ -347,6 +347,20 @@ def test_empty_output_dir_is_usage_error(
     assert "--output-dir must name a folder. Found ''." in capsys.readouterr().err
 
 
+def test_output_dir_that_is_not_utf8_is_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/out\xff")
+
+    exit_code = launch.main([str(APP_DIR), "--output-dir", folder])
+
+    error = capsys.readouterr().err
+    assert exit_code == launch.EXIT_USAGE
+    assert "--output-dir must be a UTF-8 path" in error
+    assert "out\\xff'" in error
+    assert not os.path.lexists(folder)
+
+
 def test_missing_app_dir_is_usage_error(tmp_path: Path) -> None:
     exit_code = launch.main([str(tmp_path / "missing"), "--output-dir", str(tmp_path)])
 
