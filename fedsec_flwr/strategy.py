@@ -767,7 +767,7 @@ class SecureFedAvg(Strategy):
             if now >= next_log:
                 logger.warning(
                     "Round %d waits for %d node(s) with %d connected, and "
-                    "%.0f s are left before the run stops",
+                    "stops waiting in %.0f s, at the strategy's timeout",
                     server_round,
                     self.min_available_nodes,
                     len(available),

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import re
 
 import numpy as np
 import pytest
@@ -992,6 +993,7 @@ def test_waiting_for_nodes_is_logged(
         strategy._sample_nodes(grid, 1, timeout=1.5, num_rounds=1)  # type: ignore[arg-type]
 
     assert "Round 1 waits for 3 node(s) with 2 connected" in caplog.text
+    assert re.search(r"stops waiting in \d+ s, at the strategy's timeout", caplog.text)
 
 
 def test_unreachable_central_target_found_before_round_one() -> None:
