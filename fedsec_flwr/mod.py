@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,7 @@ from .records import (
     CONFIG_RECORD,
     DEFERRED_RECORD,
     ENCODED_UPDATE_KEY,
+    INPUT_ROUND_RECORD,
     MASKED_INPUT_RECORD,
     MASKED_VECTOR_KEY,
     METRICS_RECORD,
@@ -340,7 +342,7 @@ def _secure_stage(
 
     try:
         fields = protocol_fields(msg.content)
-        header = RoundHeader.from_fields(fields)
+        header = _parse_header(fields, msg, context)
         deferred = _deferred_stage(header, msg, context)
         reply_fields, extra = _run_secure_stage(
             header, fields, msg, context, call_next, options
@@ -353,6 +355,26 @@ def _secure_stage(
     if deferred is not None:
         extra = {**extra, DEFERRED_RECORD: to_config_record(deferred)}
     return _reply(msg, reply_fields, extra, options)
+
+
+def _parse_header(
+    fields: Mapping[str, object], msg: Message, context: Context
+) -> RoundHeader:
+    """Parse the request's header and bind it to the Flower run of ``context``.
+
+    The client keeps one protocol and verification state per ``Context``,
+    and Flower gives each run its own ``Context``. A request that names
+    another run in its header would otherwise start that state afresh and
+    erase what it records, such as a round that failed verification.
+    """
+    header = RoundHeader.from_fields(fields)
+    if header.run_id != context.run_id or msg.metadata.run_id != context.run_id:
+        raise ProtocolError(
+            f"A request must be for this client's Flower run {context.run_id}. "
+            f"Found run {header.run_id} in its header and {msg.metadata.run_id} "
+            "in its metadata."
+        )
+    return header
 
 
 def _deferred_stage(
@@ -400,6 +422,43 @@ def _load_state(context: Context, header: RoundHeader) -> protocol.ClientState:
     return state
 
 
+def _last_input_round(context: Context) -> int:
+    record = context.state.config_records.get(INPUT_ROUND_RECORD)
+    if record is None:
+        return 0
+    last_round = record.get("last-round")
+    if not isinstance(last_round, int) or isinstance(last_round, bool):
+        raise ProtocolError(
+            f"The client's stored {INPUT_ROUND_RECORD!r} record is corrupt. "
+            f"Found last-round {last_round!r}."
+        )
+    return last_round
+
+
+def _check_new_input_round(context: Context, header: RoundHeader) -> None:
+    """Reject a round in which this client already trained for a masked input.
+
+    Two masked inputs of one round, summed with different sets of other
+    clients, would let the server subtract the sums and learn the client's
+    update when training repeats exactly.
+    """
+    last_round = _last_input_round(context)
+    if header.server_round <= last_round:
+        raise ProtocolError(
+            f"Stage {header.stage.value!r} is for round {header.server_round}, "
+            f"but this client already sent a masked input in round {last_round} "
+            "of this run and sends at most one per round, in increasing rounds."
+        )
+
+
+def _claim_input_round(context: Context, header: RoundHeader) -> None:
+    """Record the round before training, so no later request trains for it again."""
+    _check_new_input_round(context, header)
+    context.state[INPUT_ROUND_RECORD] = to_config_record(
+        {"last-round": header.server_round}
+    )
+
+
 def _save_state(context: Context, state: protocol.ClientState) -> None:
     context.state[STATE_RECORD] = to_config_record(state.to_fields())
 
@@ -413,6 +472,7 @@ def _run_secure_stage(
     options: _Options,
 ) -> tuple[Fields, _Extra]:
     if header.stage is Stage.SETUP:
+        _check_new_input_round(context, header)
         state, setup_reply = protocol.client_setup(
             run_id=header.run_id,
             server_round=header.server_round,
@@ -482,6 +542,7 @@ def _masked_input(
     params = parse_encoding(fields)
     state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
     _save_state(context, state)
+    _claim_input_round(context, header)
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -633,6 +694,7 @@ def _keyed_input(
     )
     params = parse_encoding(fields)
     # Record the round before training, so no request can get a second input.
+    _claim_input_round(context, header)
     context.state[RUN_KEYS_RECORD] = to_config_record(keys.to_fields())
     # Vectors kept from an earlier round are never needed again.
     _take_kept_arrays(context)
@@ -1185,7 +1247,7 @@ def _plain_stage(
             _check_plain_refusal(msg, context, options)
             return call_next(msg, context)
         fields = protocol_fields(msg.content)
-        header = RoundHeader.from_fields(fields)
+        header = _parse_header(fields, msg, context)
         reply_fields, extra = _run_plain_stage(
             header, fields, msg, context, call_next, options
         )

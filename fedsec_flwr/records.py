@@ -50,6 +50,10 @@ AGGREGATE_RECORD = "fedsec.aggregate"
 
 AGGREGATE_KEY = "aggregate"
 
+INPUT_ROUND_RECORD = "fedsec.secagg.input-round"
+"""ConfigRecord in ``Context.state`` with the last round in which the client
+trained for a masked input, under either key lifetime."""
+
 VERIFICATION_STATE_RECORD = "fedsec.verification.state"
 """ConfigRecord in ``Context.state`` with the client's verification state."""
 

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, TooFewSurvivorsError
+from fedsec_flwr.config import KEY_LIFETIMES
 from fedsec_flwr.core import client as protocol
 from fedsec_flwr.core import keys
 from fedsec_flwr.core.errors import ProtocolError
-from fedsec_flwr.core.messages import ShareKeysRequest, UnmaskReply, UnmaskRequest
-from fedsec_flwr.core.server import ServerRound
+from fedsec_flwr.core.messages import (
+    RoundHeader,
+    ShareKeysRequest,
+    Stage,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from fedsec_flwr.core.server import ServerRound, recover_secret
 from fedsec_flwr.records import PROTOCOL_RECORD
-from tests.loopback import LoopbackGrid, inflate_weight_slot
-from tests.test_secure_strategy import NODE_IDS, initial_model, make_app
+from tests.loopback import LoopbackGrid, inflate_weight_slot, stage_of
+from tests.test_secure_strategy import NODE_IDS, honest_train, initial_model, make_app
 
 RUN_ID = 9
 ROUND = 1
@@ -81,6 +89,86 @@ def test_hostile_survivor_list_padding_rejected() -> None:
                 survivor_ids=(nodes[0], *made_up), dropped_ids=tuple(nodes[1:])
             ),
         )
+
+
+def test_limit_split_dropout_views_unmask_one_client_with_round_keys() -> None:
+    """A limit, not a guarantee: keys per round trust the server's dropout lists.
+
+    The server hides two neighbours' shares from the victim, so it masks
+    with those two only, then tells each holder a different story. Every
+    holder passes its own checks, and the server collects the victim's
+    self-mask seed and both neighbours' mask keys, which remove every mask
+    from the victim's input. Run keys reveal pairwise seeds instead of key
+    shares, and reject this (see tests/test_run_keys_hostile.py).
+    """
+    nodes = [10, 20, 30, 40, 50]
+    victim, first, second, third, fourth = nodes
+    server = ServerRound(
+        run_id=RUN_ID,
+        server_round=ROUND,
+        vector_size=5,
+        modulus=2**32,
+        rng=random.Random(0),
+    )
+    states, setup, shared = {}, {}, {}
+    for node in nodes:
+        states[node], setup[node] = protocol.client_setup(
+            run_id=RUN_ID, server_round=ROUND, node_id=node
+        )
+    server.receive_setup(nodes, setup)
+    for node, request in server.share_keys_requests().items():
+        states[node], shared[node] = protocol.client_share_keys(states[node], request)
+    server.receive_share_keys(shared)
+    forwarded = server.masked_input_requests()
+    hidden = forwarded[victim].ciphertexts
+    forwarded[victim] = dataclasses.replace(
+        forwarded[victim],
+        ciphertexts={peer: hidden[peer] for peer in (first, second)},
+    )
+    for node in nodes:
+        states[node] = protocol.client_receive_shares(states[node], forwarded[node])
+    views = {
+        third: UnmaskRequest(
+            survivor_ids=(victim, third, fourth), dropped_ids=(first, second)
+        ),
+        fourth: UnmaskRequest(
+            survivor_ids=(victim, third, fourth), dropped_ids=(first, second)
+        ),
+        first: UnmaskRequest(
+            survivor_ids=(first, victim, third, fourth), dropped_ids=(second,)
+        ),
+        second: UnmaskRequest(
+            survivor_ids=(second, victim, third, fourth), dropped_ids=(first,)
+        ),
+    }
+
+    replies = {
+        node: protocol.client_unmask(states[node], view)[1]
+        for node, view in views.items()
+    }
+
+    def recover(owner: int, kind: str, size: int) -> bytes:
+        revealed = {
+            holder: (reply.seed_shares if kind == "seed" else reply.key_shares).get(
+                owner
+            )
+            for holder, reply in replies.items()
+        }
+        return recover_secret(
+            owner,
+            protocol.share_holders(owner, server.plan.neighbours[owner]),
+            revealed,
+            threshold=server.plan.threshold,
+            server_round=ROUND,
+            kind=kind,
+            size=size,
+        )
+
+    assert states[victim].active_neighbour_ids == (first, second)
+    assert len(recover(victim, "seed", 32)) == 32
+    for neighbour in (first, second):
+        mask_key = keys.load_private_key(recover(neighbour, "key", keys.KEY_SIZE))
+        assert keys.public_key_bytes(mask_key) == setup[neighbour].mask_public_key
 
 
 def test_hostile_split_view_cannot_collect_both_secrets() -> None:
@@ -222,8 +310,7 @@ def test_hostile_request_of_other_run_rejected() -> None:
         if reply.has_error() and reply.metadata.src_node_id == victim
     ]
     assert len(errors) == 1
-    assert f"is for run {RUN_ID + 1000} round 1" in errors[0]
-    assert "but the client is in run" in errors[0]
+    assert f"Found run {RUN_ID + 1000} in its header" in errors[0]
 
 
 @pytest.mark.parametrize("kind", ["encryption", "mask", "own"])
@@ -246,3 +333,58 @@ def test_hostile_repeated_neighbour_keys_rejected(kind: str) -> None:
 
     with pytest.raises(ProtocolError, match="Found a repeated key"):
         protocol.client_share_keys(state, request)
+
+
+@pytest.mark.parametrize("key_lifetime", KEY_LIFETIMES)
+def test_hostile_replayed_round_gets_no_second_input(key_lifetime: str) -> None:
+    # Two masked inputs of one round, summed with different sets of other
+    # clients, would give the server the victim's update by subtraction.
+    victim = NODE_IDS[0]
+    calls: list[int] = []
+
+    def counting_train(msg: Message, context: Context) -> Message:
+        calls.append(context.node_id)
+        return honest_train(msg, context)
+
+    grid = LoopbackGrid(make_app(counting_train), NODE_IDS)
+    config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
+    strategy = SecureFedAvg(secure_aggregation=config, rng=random.Random(1))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+    assert calls.count(victim) == 1
+    header = RoundHeader(stage=Stage.SETUP, run_id=grid.run_id, server_round=1)
+    setup = grid.create_message(
+        RecordDict({PROTOCOL_RECORD: ConfigRecord(header.to_fields())}),
+        "train",
+        victim,
+        "1",
+    )
+
+    reply = grid.deliver_again(setup)
+
+    assert reply.has_error()
+    assert "already sent a masked input in round 1" in (reply.error.reason or "")
+    assert calls.count(victim) == 1
+
+
+def test_hostile_repeated_setup_of_a_round_trains_once() -> None:
+    victim = NODE_IDS[0]
+    calls: list[int] = []
+
+    def counting_train(msg: Message, context: Context) -> Message:
+        calls.append(context.node_id)
+        return honest_train(msg, context)
+
+    grid = LoopbackGrid(make_app(counting_train), NODE_IDS)
+    strategy = SecureFedAvg(secure_aggregation=CONFIG, rng=random.Random(1))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+    replies = [
+        grid.deliver_again(message)
+        for message in list(grid.sent)
+        if message.metadata.dst_node_id == victim
+        and stage_of(message) in ("setup", "share-keys", "masked-input")
+    ]
+
+    assert [reply.has_error() for reply in replies] == [True, True, True]
+    assert calls.count(victim) == 1

@@ -66,6 +66,7 @@ from fedsec_flwr.records import (
     PLAIN_INPUT_RECORD,
     PROTOCOL_RECORD,
     VERIFICATION_ARRAYS_RECORD,
+    VERIFICATION_STATE_RECORD,
 )
 from fedsec_flwr.verification import (
     FailurePolicy,
@@ -729,6 +730,33 @@ def test_client_refuses_training_after_failed_verification(
     assert "does not train on this model: round 1 failed" in reason
     assert reports[1].dropped_by_stage["masked-input"] == 1
     assert reports[1].verified is True
+
+
+@pytest.mark.parametrize("key_lifetime", KEY_LIFETIMES)
+def test_hostile_other_run_id_cannot_erase_a_failed_round(
+    monkeypatch: pytest.MonkeyPatch, key_lifetime: str
+) -> None:
+    replace_verifier(monkeypatch, OtherRoundForOne)
+    victim = OtherRoundForOne.victim
+    calls: list[tuple[int, str]] = []
+
+    def other_run_in_round_two(node: int, stage: str, message: Message) -> object:
+        fields = message.content.config_records.get(PROTOCOL_RECORD)
+        if node == victim and fields is not None and fields["server-round"] == 2:
+            fields["run-id"] = (message.metadata.run_id + 1).to_bytes(8, "big")
+        return None
+
+    grid = LoopbackGrid(
+        make_app(recording_train(calls)), NODE_IDS, fault=other_run_in_round_two
+    )
+
+    run(grid, verification=REPORT, rounds=2, key_lifetime=key_lifetime)
+
+    assert (victim, "2") not in calls
+    reason = error_reasons(grid, 2)[victim]
+    assert f"must be for this client's Flower run {grid.run_id}" in reason
+    state = grid.context_of(victim).state.config_records[VERIFICATION_STATE_RECORD]
+    assert state["failed-round"] == 1
 
 
 def test_report_policy_client_keeps_training(monkeypatch: pytest.MonkeyPatch) -> None:
