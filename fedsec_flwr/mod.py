@@ -340,6 +340,10 @@ def _secure_stage(
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
 
+    # A message with a deferred request changes Context.state only if both
+    # of its stages succeed, so a failure leaves the client's kept input for
+    # a correct resend.
+    saved = _copy_state(context) if DEFERRED_RECORD in msg.content else None
     try:
         fields = protocol_fields(msg.content)
         header = _parse_header(fields, msg, context)
@@ -348,6 +352,8 @@ def _secure_stage(
             header, fields, msg, context, call_next, options
         )
     except (ProtocolError, ValueError) as error:
+        if saved is not None:
+            _restore_state(context, saved)
         return _error_reply(msg, "secure aggregation", error)
     except _InnerAppError as error:
         return error.reply
@@ -355,6 +361,26 @@ def _secure_stage(
     if deferred is not None:
         extra = {**extra, DEFERRED_RECORD: to_config_record(deferred)}
     return _reply(msg, reply_fields, extra, options)
+
+
+def _copy_state(context: Context) -> dict[str, object]:
+    """Return the records of ``Context.state``, ConfigRecords copied.
+
+    The mod edits only ConfigRecords in place; it replaces or deletes the
+    other records, so references to them stay as they were.
+    """
+    return {
+        name: ConfigRecord(dict(record)) if isinstance(record, ConfigRecord) else record
+        for name, record in context.state.items()
+    }
+
+
+def _restore_state(context: Context, saved: Mapping[str, object]) -> None:
+    for name in list(context.state.keys()):
+        if name not in saved:
+            del context.state[name]
+    for name, record in saved.items():
+        context.state[name] = record  # type: ignore[assignment]
 
 
 def _parse_header(
@@ -398,8 +424,9 @@ def _deferred_stage(
     if deferred.run_id != header.run_id or deferred.server_round >= header.server_round:
         raise ProtocolError(
             f"A deferred {deferred.stage.value!r} request must be for an earlier "
-            f"round of the same run. Found round {deferred.server_round} in a "
-            f"request of round {header.server_round}."
+            f"round of the same run. Found run {deferred.run_id} round "
+            f"{deferred.server_round} in a request of run {header.run_id} round "
+            f"{header.server_round}."
         )
 
     reply_fields, _ = _verification_stage(deferred, fields, msg, context)

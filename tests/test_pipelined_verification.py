@@ -26,7 +26,7 @@ from fedsec_flwr.verification import (
     VerificationConfig,
     VerificationError,
 )
-from tests.loopback import LoopbackGrid, stage_of
+from tests.loopback import LoopbackGrid, _wire, stage_of
 from tests.test_secure_strategy import (
     CONFIG,
     NODE_IDS,
@@ -276,6 +276,31 @@ def test_hostile_deferred_request_rejected(
 
     assert reply.has_error()
     assert message in (reply.error.reason or "")
+
+
+def test_hostile_failed_message_keeps_its_deferred_commit_for_a_resend() -> None:
+    # A round-2 setup carrying round 1's commit fails on its own field. The
+    # commit must not consume the kept input, so the correct resend commits.
+    victim = NODE_IDS[0]
+    failed: list[Message] = []
+
+    def broken_copy_first(node: int, stage: str, message: Message) -> object:
+        deferred = DEFERRED_RECORD in message.content
+        if node == victim and stage == "setup" and deferred and not failed:
+            broken = _wire(message)
+            broken.content[PROTOCOL_RECORD]["verification"] = 7
+            failed.append(broken)
+            failed[0] = grid.deliver_again(broken)
+        return None
+
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=broken_copy_first)
+
+    run(grid, num_rounds=2, reports=reports)
+
+    assert len(failed) == 1
+    assert "'verification' must be 0 or 1. Found 7" in (failed[0].error.reason or "")
+    assert [r.verified for r in reports] == [True, True]
 
 
 # --- Configuration -------------------------------------------------------------------------
