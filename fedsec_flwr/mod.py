@@ -54,7 +54,7 @@ from .budget import ClientPrivacyBudget, PrivacyBudgetError, SpentRound
 from .core import client as protocol
 from .core import commitments, run_keys
 from .core.encoding import TRAILER_SIZE, EncodingParams, encode_update
-from .core.errors import ProtocolError
+from .core.errors import ProtocolError, shortened
 from .core.messages import (
     CommitRequest,
     EncryptedShares,
@@ -118,6 +118,9 @@ from .verification import (
 )
 
 logger = logging.getLogger("fedsec_flwr.mod")
+
+MAX_ERROR_REASON_LENGTH = 1000
+"""Characters of an error text that an error reply or its log line quotes."""
 
 CLIENT_TRAIN_SECONDS = "fedsec.client-train-seconds"
 """Reply metric: seconds in the wrapped training handler."""
@@ -294,7 +297,10 @@ def _call_wrapped_app(
     try:
         return call_next(msg, context)
     except Exception as error:
-        reason = f"ClientApp training failed: {_describe_exception(error)}"
+        reason = shortened(
+            f"ClientApp training failed: {_describe_exception(error)}",
+            MAX_ERROR_REASON_LENGTH,
+        )
         # The server receives the reason; the log also keeps the traceback.
         logger.error("%s", reason, exc_info=True)
         return Message(
@@ -312,9 +318,10 @@ def _describe_exception(error: Exception) -> str:
 
 
 def _error_reply(msg: Message, prefix: str, error: Exception) -> Message:
-    logger.warning("%s stage failed: %s", prefix, error)
+    reason = shortened(str(error), MAX_ERROR_REASON_LENGTH)
+    logger.warning("%s stage failed: %s", prefix, reason)
     return Message(
-        Error(ErrorCode.MOD_FAILED_PRECONDITION, f"{prefix}: {error}"), reply_to=msg
+        Error(ErrorCode.MOD_FAILED_PRECONDITION, f"{prefix}: {reason}"), reply_to=msg
     )
 
 

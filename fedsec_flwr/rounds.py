@@ -29,7 +29,7 @@ from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core import commitments, signatures
 from .core.commitments import BLINDING_LIMBS, VerificationResult
 from .core.encoding import TRAILER_SIZE, EncodingParams, decode_sum
-from .core.errors import ProtocolError, TooFewSurvivorsError
+from .core.errors import ProtocolError, TooFewSurvivorsError, shortened
 from .core.messages import (
     CommitReply,
     EncryptedShares,
@@ -335,13 +335,13 @@ class _Exchange:
             if node not in contents or node in replies:
                 return
             if reply.has_error():
+                reason = str(reply.error.reason)[:MAX_REASON_LENGTH]
                 logger.info(
                     "Round %d: node %d replied with an error: %s",
                     self.server_round,
                     node,
-                    reply.error.reason,
+                    shortened(str(reply.error.reason), MAX_REASON_LENGTH),
                 )
-                reason = str(reply.error.reason)[:MAX_REASON_LENGTH]
                 self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
                 return
             self.upload_bytes[node] = self.upload_bytes.get(node, 0) + content_bytes(

@@ -388,3 +388,23 @@ def test_hostile_repeated_setup_of_a_round_trains_once() -> None:
 
     assert [reply.has_error() for reply in replies] == [True, True, True]
     assert calls.count(victim) == 1
+
+
+def test_hostile_huge_field_is_not_echoed_in_full(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    header = RoundHeader(stage=Stage.SETUP, run_id=grid.run_id, server_round=1)
+    fields = {**header.to_fields(), "stage": "x" * 1_000_000}
+    request = grid.create_message(
+        RecordDict({PROTOCOL_RECORD: ConfigRecord(fields)}), "train", NODE_IDS[0], "1"
+    )
+
+    with caplog.at_level("WARNING", logger="fedsec_flwr"):
+        reply = grid.deliver_again(request)
+
+    reason = reply.error.reason or ""
+    assert reason.startswith("secure aggregation: Unknown protocol stage 'xxx")
+    assert reason.endswith("... (1000026 characters in all)")
+    assert len(reason) < 1100
+    assert max(len(record.getMessage()) for record in caplog.records) < 1100

@@ -14,3 +14,14 @@ class AuthenticationError(ProtocolError):
 
 class TooFewSurvivorsError(ProtocolError):
     """Too few clients are left to finish a round without revealing an update."""
+
+
+def shortened(text: str, limit: int) -> str:
+    """Return ``text`` cut to ``limit`` characters, saying how long it was.
+
+    Error texts can quote values from a request of any size; a reply or a
+    log line quotes at most ``limit`` characters of them.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"
