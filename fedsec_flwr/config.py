@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ._scalars import plain_fields
+from .core.client import MAX_NEIGHBOURS
 from .core.encoding import (
     MAX_MODULUS,
     EncodingParams,
@@ -99,6 +100,11 @@ class SecAggConfig:
         if self.num_neighbours is not None:
             # A degree of 1 pairs the clients up, and each pair's sum is released.
             _check_int("num_neighbours", self.num_neighbours, minimum=2)
+            if self.num_neighbours > MAX_NEIGHBOURS:
+                raise ValueError(
+                    f"num_neighbours must be at most {MAX_NEIGHBOURS}, the most "
+                    f"neighbours a client accepts. Found {self.num_neighbours}."
+                )
         if self.threshold is not None:
             _check_int("threshold", self.threshold, minimum=MIN_THRESHOLD)
         if self.threshold is not None and self.threshold > self.max_clients:

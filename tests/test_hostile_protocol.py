@@ -408,3 +408,24 @@ def test_hostile_huge_field_is_not_echoed_in_full(
     assert reason.endswith("... (1000026 characters in all)")
     assert len(reason) < 1100
     assert max(len(record.getMessage()) for record in caplog.records) < 1100
+
+
+def test_hostile_too_many_neighbours_rejected_before_sharing() -> None:
+    state, _ = protocol.client_setup(run_id=RUN_ID, server_round=ROUND, node_id=1)
+    count = protocol.MAX_NEIGHBOURS + 1
+    request = ShareKeysRequest(
+        threshold=count // 2 + 1,
+        neighbour_ids=tuple(range(2, count + 2)),
+        encryption_public_keys=(bytes(32),) * count,
+        mask_public_keys=(bytes(32),) * count,
+    )
+
+    with pytest.raises(ProtocolError, match=f"1 to 1024 neighbours. Found {count}"):
+        protocol.client_share_keys(state, request)
+
+
+def test_neighbour_limit_also_bounds_the_config() -> None:
+    SecAggConfig(num_neighbours=protocol.MAX_NEIGHBOURS, max_clients=2000)
+
+    with pytest.raises(ValueError, match="num_neighbours must be at most 1024"):
+        SecAggConfig(num_neighbours=protocol.MAX_NEIGHBOURS + 1, max_clients=2000)

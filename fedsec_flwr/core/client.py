@@ -48,6 +48,10 @@ from .messages import (
 
 SEED_SIZE = 32
 MIN_THRESHOLD = 2
+MAX_NEIGHBOURS = 1024
+"""Most neighbours a client shares with. Sharing costs time in the number of
+neighbours times the threshold, so a request with more is refused before any
+work (20,000 neighbours took a minute of CPU)."""
 
 
 @dataclass(frozen=True)
@@ -178,8 +182,11 @@ def share_holders(node_id: int, neighbour_ids: tuple[int, ...]) -> tuple[int, ..
 def check_neighbour_request(state: ClientState, request: ShareKeysRequest) -> None:
     """Check the neighbour list, threshold and key sizes the server sent."""
     neighbours = request.neighbour_ids
-    if not neighbours:
-        raise ProtocolError("neighbour-ids must name at least one neighbour.")
+    if not 1 <= len(neighbours) <= MAX_NEIGHBOURS:
+        raise ProtocolError(
+            f"neighbour-ids must name 1 to {MAX_NEIGHBOURS} neighbours. "
+            f"Found {len(neighbours)}."
+        )
     if len(set(neighbours)) != len(neighbours) or state.node_id in neighbours:
         raise ProtocolError(
             "neighbour-ids must be distinct and must not contain the client itself."
