@@ -62,6 +62,7 @@ from .dp.adaptive import (
 )
 from .dp.clipping import l2_norm
 from .dp.noise import (
+    MAX_DISCRETE_SIGMA,
     distributed_noise_headroom,
     distributed_noise_scale,
     sample_discrete_gaussian,
@@ -1117,16 +1118,17 @@ class ClientPrivacy:
         privacy = cls(
             mode=_parse_mode(fields["dp-mode"]),
             clipping_norm=clipping_norm,
-            adaptive=bool(fields.get("dp-adaptive")),
+            adaptive=_flag_field(fields, "dp-adaptive"),
             sigma_client=_float_field(fields, "dp-sigma-client"),
             bit_sigma_client=_float_field(fields, "dp-bit-sigma-client"),
         )
         if privacy.mode is DPMode.DISTRIBUTED:
             # The server never plans less noise than this, so less means a
             # server that tries to collect updates with too little noise.
-            _check_min_sigma("dp-sigma-client", privacy.sigma_client)
+            # More than the sampler draws is rejected here, before training.
+            _check_sigma("dp-sigma-client", privacy.sigma_client)
             if privacy.adaptive:
-                _check_min_sigma("dp-bit-sigma-client", privacy.bit_sigma_client)
+                _check_sigma("dp-bit-sigma-client", privacy.bit_sigma_client)
         return privacy
 
     @classmethod
@@ -1141,12 +1143,20 @@ class ClientPrivacy:
         )
 
 
-def _check_min_sigma(key: str, sigma: float) -> None:
-    if sigma < MIN_DISCRETE_SIGMA:
+def _check_sigma(key: str, sigma: float) -> None:
+    if not MIN_DISCRETE_SIGMA <= sigma <= MAX_DISCRETE_SIGMA:
         raise ValueError(
-            f"Field {key!r} must be at least {MIN_DISCRETE_SIGMA} in distributed "
-            f"mode. Found {sigma!r}."
+            f"Field {key!r} must be between {MIN_DISCRETE_SIGMA} and "
+            f"{MAX_DISCRETE_SIGMA:.0f} (2**40) in distributed mode. Found {sigma!r}."
         )
+
+
+def _flag_field(fields: dict[str, object], key: str) -> bool:
+    """Parse a 0 or 1 flag; a missing flag is 0."""
+    value = fields.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value not in (0, 1):
+        raise ValueError(f"Field {key!r} must be 0 or 1. Found {value!r}.")
+    return value == 1
 
 
 def _float_field(fields: dict[str, object], key: str) -> float:

@@ -294,10 +294,11 @@ def test_constants_match_honest_plan() -> None:
 
 # --- Malformed and hostile DP fields ---------------------------------------------
 
-SIGMA_BELOW_MIN = (
-    f"'dp-sigma-client' must be at least {MIN_DISCRETE_SIGMA} in distributed mode. "
-    "Found"
+SIGMA_RANGE = (
+    f"must be between {MIN_DISCRETE_SIGMA} and 1099511627776 (2**40) in distributed "
+    "mode. Found"
 )
+SIGMA_BELOW_MIN = f"'dp-sigma-client' {SIGMA_RANGE}"
 
 MALFORMED_FIELDS = [
     pytest.param({"dp-sigma-client": math.nan}, "'dp-sigma-client'", id="sigma-nan"),
@@ -311,6 +312,14 @@ MALFORMED_FIELDS = [
     ),
     pytest.param(
         {"dp-sigma-client": -0.0}, f"{SIGMA_BELOW_MIN} -0.0.", id="sigma-neg-0"
+    ),
+    pytest.param(
+        {"dp-sigma-client": 2.0**40 * 1.01},
+        f"{SIGMA_BELOW_MIN} {2.0**40 * 1.01}.",
+        id="sigma-above-sampler",
+    ),
+    pytest.param(
+        {"dp-sigma-client": 1e300}, f"{SIGMA_BELOW_MIN} 1e+300.", id="sigma-huge"
     ),
     pytest.param({"dp-clipping-norm": math.nan}, "'dp-clipping-norm'", id="c-nan"),
     pytest.param({"dp-clipping-norm": math.inf}, "'dp-clipping-norm'", id="c-inf"),
@@ -329,13 +338,21 @@ MALFORMED_FIELDS = [
     ),
     pytest.param(
         {"dp-adaptive": 1, "dp-bit-sigma-client": 0.0},
-        f"'dp-bit-sigma-client' must be at least {MIN_DISCRETE_SIGMA}",
+        f"'dp-bit-sigma-client' {SIGMA_RANGE}",
         id="adaptive-without-bit-noise",
     ),
     pytest.param(
+        {"dp-adaptive": 1, "dp-bit-sigma-client": 1e18},
+        f"'dp-bit-sigma-client' {SIGMA_RANGE}",
+        id="bit-sigma-huge",
+    ),
+    pytest.param(
         {"dp-adaptive": "false", "dp-bit-sigma-client": 0.0},
-        f"'dp-bit-sigma-client' must be at least {MIN_DISCRETE_SIGMA}",
-        id="adaptive-string-is-truthy",
+        "'dp-adaptive' must be 0 or 1. Found 'false'",
+        id="adaptive-string",
+    ),
+    pytest.param(
+        {"dp-adaptive": 2}, "'dp-adaptive' must be 0 or 1. Found 2", id="adaptive-two"
     ),
     pytest.param(
         {"dp-mode": "garbage"},
