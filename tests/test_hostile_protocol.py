@@ -429,3 +429,21 @@ def test_neighbour_limit_also_bounds_the_config() -> None:
 
     with pytest.raises(ValueError, match="num_neighbours must be at most 1024"):
         SecAggConfig(num_neighbours=protocol.MAX_NEIGHBOURS + 1, max_clients=2000)
+
+
+def test_hostile_low_order_mask_key_rejected_at_share_keys() -> None:
+    # A mask key fails key agreement only when the client masks, after it
+    # trained, so share-keys checks it with the encryption keys.
+    state, _ = protocol.client_setup(run_id=RUN_ID, server_round=ROUND, node_id=1)
+    encryption, masking = _neighbour_keys(4)
+    request = ShareKeysRequest(
+        threshold=3,
+        neighbour_ids=(2, 3, 4, 5),
+        encryption_public_keys=encryption,
+        mask_public_keys=(*masking[:2], bytes(32), masking[3]),
+    )
+
+    with pytest.raises(
+        ProtocolError, match="public keys of neighbour 4 are not usable"
+    ):
+        protocol.client_share_keys(state, request)

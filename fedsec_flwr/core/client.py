@@ -203,6 +203,22 @@ def check_neighbour_request(state: ClientState, request: ShareKeysRequest) -> No
             raise ProtocolError(
                 f"Public keys must be {keys.KEY_SIZE} bytes. Found {len(public_key)}."
             )
+    # Reject unusable keys now: key agreement with a mask key would fail only
+    # after training.
+    for peer, encryption_key, mask_key in zip(
+        request.neighbour_ids,
+        request.encryption_public_keys,
+        request.mask_public_keys,
+        strict=True,
+    ):
+        if not (
+            keys.is_usable_public_key(encryption_key)
+            and keys.is_usable_public_key(mask_key)
+        ):
+            raise ProtocolError(
+                f"The public keys of neighbour {peer} are not usable X25519 keys "
+                "(a low-order point)."
+            )
     own_keys = {
         keys.public_key_bytes(keys.load_private_key(private))
         for private in (state.encryption_private_key, state.mask_private_key)

@@ -192,21 +192,6 @@ def client_start_round(
         mask_private_key=run_keys.mask_private_key,
     )
     check_neighbour_request(state, request)
-    # Reject unusable keys now: key agreement would fail only after training.
-    for peer, encryption_key, mask_key in zip(
-        request.neighbour_ids,
-        request.encryption_public_keys,
-        request.mask_public_keys,
-        strict=True,
-    ):
-        if not (
-            keys.is_usable_public_key(encryption_key)
-            and keys.is_usable_public_key(mask_key)
-        ):
-            raise ProtocolError(
-                f"The public keys of neighbour {peer} are not usable X25519 keys "
-                "(a low-order point)."
-            )
     started = replace(
         state,
         threshold=request.threshold,
