@@ -470,18 +470,18 @@ def _last_input_round(context: Context) -> int:
 
 
 def _check_new_input_round(context: Context, header: RoundHeader) -> None:
-    """Reject a round in which this client already trained for a masked input.
+    """Reject a round in which this client already trained for an input.
 
     Two masked inputs of one round, summed with different sets of other
     clients, would let the server subtract the sums and learn the client's
-    update when training repeats exactly.
+    update when training repeats exactly. Plain rounds follow the same rule.
     """
     last_round = _last_input_round(context)
     if header.server_round <= last_round:
         raise ProtocolError(
             f"Stage {header.stage.value!r} is for round {header.server_round}, "
-            f"but this client already sent a masked input in round {last_round} "
-            "of this run and sends at most one per round, in increasing rounds."
+            f"but this client already trained for its input of round {last_round} "
+            "of this run and trains at most once per round, in increasing rounds."
         )
 
 
@@ -775,6 +775,7 @@ def _train_and_encode(
     """
     global_record = _global_model(msg)
     global_arrays = arrays_to_numpy(global_record)
+    _check_finite_model(global_arrays)
     layout = FloatLayout.of(global_arrays)
 
     spent: tuple[SpentRound, ...] = ()
@@ -1260,6 +1261,16 @@ def _check_model(
     return computed[0] if computed else None
 
 
+def _check_finite_model(arrays: Mapping[str, NDArray[np.generic]]) -> None:
+    """Refuse a global model with NaN or inf before anyone trains on it."""
+    for key, array in arrays.items():
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise ProtocolError(
+                f"The global model's array {key!r} contains NaN or inf values; "
+                "this client does not train on it."
+            )
+
+
 def _global_model(msg: Message) -> ArrayRecord:
     record = msg.content.array_records.get(ARRAYS_RECORD)
     if record is None:
@@ -1364,6 +1375,7 @@ def _plain_input(
         )
     model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
+    _claim_input_round(context, header)
 
     captured = _round_digests(msg, model_sha256, params=params, privacy=None)
     encoded, metrics = _train_and_encode(

@@ -52,7 +52,7 @@ AGGREGATE_KEY = "aggregate"
 
 INPUT_ROUND_RECORD = "fedsec.secagg.input-round"
 """ConfigRecord in ``Context.state`` with the last round in which the client
-trained for a masked input, under either key lifetime."""
+trained for an input: masked under either key lifetime, or plain."""
 
 VERIFICATION_STATE_RECORD = "fedsec.verification.state"
 """ConfigRecord in ``Context.state`` with the client's verification state."""

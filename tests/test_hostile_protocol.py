@@ -363,7 +363,7 @@ def test_hostile_replayed_round_gets_no_second_input(key_lifetime: str) -> None:
     reply = grid.deliver_again(setup)
 
     assert reply.has_error()
-    assert "already sent a masked input in round 1" in (reply.error.reason or "")
+    assert "already trained for its input of round 1" in (reply.error.reason or "")
     assert calls.count(victim) == 1
 
 

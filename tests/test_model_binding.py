@@ -813,3 +813,56 @@ def test_hostile_malformed_masked_input_counts_as_dropped(kind: str) -> None:
 
     assert reports[0].num_aggregated == NUM_NODES - 1
     assert reports[0].dropped_by_stage["masked-input"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda mode: mode.name)
+def test_hostile_non_finite_model_not_trained_on(mode: Mode) -> None:
+    victim = NODE_IDS[0]
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == mode.input_stage():
+            items = {
+                key: array.numpy().copy()
+                for key, array in msg.content[ARRAYS_RECORD].items()
+            }
+            first = next(iter(items))
+            items[first].reshape(-1)[0] = np.nan
+            msg.content[ARRAYS_RECORD] = ArrayRecord(
+                {key: Array(value) for key, value in items.items()}
+            )
+        return None
+
+    calls: list[tuple[int, str]] = []
+    grid = LoopbackGrid(
+        make_app(recording_train(calls), secure=mode.secure), NODE_IDS, fault=fault
+    )
+
+    run(grid, mode, rounds=1)
+
+    assert victim not in trained(calls, 1)
+    reason = error_reasons(grid, 1)[victim]
+    assert "contains NaN or inf values; this client does not train on it" in reason
+
+
+def test_hostile_replayed_plain_input_trains_once() -> None:
+    # The server sends the victim's plain-input request twice in one round.
+    victim = NODE_IDS[0]
+    copies: list[Message] = []
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == "plain-input" and not copies:
+            copies.append(msg)
+            copies[0] = grid.deliver_again(_wire(msg))
+        return None
+
+    calls: list[tuple[int, str]] = []
+    grid = LoopbackGrid(
+        make_app(recording_train(calls), secure=False), NODE_IDS, fault=fault
+    )
+
+    run(grid, MODES[3], rounds=1)
+
+    assert not copies[0].has_error()
+    reason = error_reasons(grid, 1)[victim]
+    assert "already trained for its input of round 1" in reason
+    assert [call for call in calls if call[0] == victim] == [(victim, "1")]
