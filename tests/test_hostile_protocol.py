@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from fedsec_flwr.core import client as protocol
 from fedsec_flwr.core import keys
 from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.core.messages import (
+    EncryptedShares,
     RoundHeader,
     ShareKeysRequest,
     Stage,
@@ -91,18 +93,10 @@ def test_hostile_survivor_list_padding_rejected() -> None:
         )
 
 
-def test_limit_split_dropout_views_unmask_one_client_with_round_keys() -> None:
-    """A limit, not a guarantee: keys per round trust the server's dropout lists.
-
-    The server hides two neighbours' shares from the victim, so it masks
-    with those two only, then tells each holder a different story. Every
-    holder passes its own checks, and the server collects the victim's
-    self-mask seed and both neighbours' mask keys, which remove every mask
-    from the victim's input. Run keys reveal pairwise seeds instead of key
-    shares, and reject this (see tests/test_run_keys_hostile.py).
-    """
+def _five_clients_after_share_keys() -> tuple[
+    ServerRound, dict[int, protocol.ClientState], dict[int, EncryptedShares]
+]:
     nodes = [10, 20, 30, 40, 50]
-    victim, first, second, third, fourth = nodes
     server = ServerRound(
         run_id=RUN_ID,
         server_round=ROUND,
@@ -119,69 +113,111 @@ def test_limit_split_dropout_views_unmask_one_client_with_round_keys() -> None:
     for node, request in server.share_keys_requests().items():
         states[node], shared[node] = protocol.client_share_keys(states[node], request)
     server.receive_share_keys(shared)
-    forwarded = server.masked_input_requests()
-    hidden = forwarded[victim].ciphertexts
-    forwarded[victim] = dataclasses.replace(
-        forwarded[victim],
-        ciphertexts={peer: hidden[peer] for peer in (first, second)},
+    return server, states, server.masked_input_requests()
+
+
+def test_hostile_two_hidden_shares_refused_before_masking() -> None:
+    _, states, forwarded = _five_clients_after_share_keys()
+    victim = 10
+    # The victim gets the shares of 40 and 50 only, not those of 20 and 30.
+    kept = {p: c for p, c in forwarded[victim].ciphertexts.items() if p > 30}
+
+    with pytest.raises(ProtocolError, match="2 of this client's neighbours sent no"):
+        protocol.client_receive_shares(states[victim], EncryptedShares(kept))
+
+
+@pytest.mark.parametrize("hidden", [(), (20,), (40,)])
+def test_hostile_split_dropout_views_cannot_unmask_one_client(
+    hidden: tuple[int, ...],
+) -> None:
+    """No per-holder dropout lists give the server the victim's masks.
+
+    To remove the victim's masks the server needs its seed and the seed of
+    every pair it masked with. Each holder is shown one of two lists: the
+    victim survived (it reveals its share of the victim's seed) or the
+    victim dropped (it reveals the pair's seed). The victim is shown every
+    possible list. The server takes the best choice for each holder.
+    """
+    server, states, forwarded = _five_clients_after_share_keys()
+    victim = 10
+    nodes = sorted(states)
+    delivered = {
+        peer: token
+        for peer, token in forwarded[victim].ciphertexts.items()
+        if peer not in hidden
+    }
+    states[victim] = protocol.client_receive_shares(
+        states[victim], EncryptedShares(delivered)
     )
-    for node in nodes:
+    for node in nodes[1:]:
         states[node] = protocol.client_receive_shares(states[node], forwarded[node])
-    views = {
-        third: UnmaskRequest(
-            survivor_ids=(victim, third, fourth), dropped_ids=(first, second)
-        ),
-        fourth: UnmaskRequest(
-            survivor_ids=(victim, third, fourth), dropped_ids=(first, second)
-        ),
-        first: UnmaskRequest(
-            survivor_ids=(first, victim, third, fourth), dropped_ids=(second,)
-        ),
-        second: UnmaskRequest(
-            survivor_ids=(second, victim, third, fourth), dropped_ids=(first,)
-        ),
+    masked_with = set(states[victim].active_neighbour_ids)
+    everyone = UnmaskRequest(survivor_ids=tuple(nodes), dropped_ids=())
+    seed_share = {
+        node: protocol.client_unmask(states[node], everyone)[1].seed_shares[victim]
+        for node in nodes[1:]
     }
-
-    replies = {
-        node: protocol.client_unmask(states[node], view)[1]
-        for node, view in views.items()
-    }
-
-    def recover(owner: int, kind: str, size: int) -> bytes:
-        revealed = {
-            holder: (reply.seed_shares if kind == "seed" else reply.key_shares).get(
-                owner
-            )
-            for holder, reply in replies.items()
-        }
-        return recover_secret(
-            owner,
-            protocol.share_holders(owner, server.plan.neighbours[owner]),
-            revealed,
-            threshold=server.plan.threshold,
-            server_round=ROUND,
-            kind=kind,
-            size=size,
+    pair_seed = {}
+    for node in nodes[1:]:
+        says_dropped = UnmaskRequest(
+            survivor_ids=tuple(n for n in nodes if n != victim), dropped_ids=(victim,)
         )
+        pair_seed[node] = protocol.client_unmask(states[node], says_dropped)[1]
 
-    assert states[victim].active_neighbour_ids == (first, second)
-    assert len(recover(victim, "seed", 32)) == 32
-    for neighbour in (first, second):
-        mask_key = keys.load_private_key(recover(neighbour, "key", keys.KEY_SIZE))
-        assert keys.public_key_bytes(mask_key) == setup[neighbour].mask_public_key
+    accepted = 0
+    for size in range(len(masked_with) + 1):
+        for listed in itertools.combinations(sorted(masked_with), size):
+            view = UnmaskRequest(
+                survivor_ids=tuple(n for n in nodes if n not in listed),
+                dropped_ids=listed,
+            )
+            try:
+                _, own = protocol.client_unmask(states[victim], view)
+            except ProtocolError:
+                continue
+            accepted += 1
+            # Pairs the victim did not reveal must come from the neighbour,
+            # which then reveals no share of the victim's seed.
+            from_neighbours = masked_with - set(own.pair_seeds)
+            assert all(victim in pair_seed[n].pair_seeds for n in from_neighbours)
+            shares = {
+                node: share
+                for node, share in seed_share.items()
+                if node not in from_neighbours
+            }
+            shares[victim] = own.seed_shares[victim]
+            with pytest.raises(TooFewSurvivorsError, match="fewer than the threshold"):
+                recover_secret(
+                    victim,
+                    protocol.share_holders(victim, server.plan.neighbours[victim]),
+                    shares,
+                    threshold=server.plan.threshold,
+                    server_round=ROUND,
+                    kind="seed",
+                    size=32,
+                )
+    assert accepted >= 1
 
 
-def test_hostile_split_view_cannot_collect_both_secrets() -> None:
-    """Each client reveals one kind per peer, and a majority is needed for either."""
+def test_hostile_split_view_gets_one_kind_per_peer() -> None:
+    """A client reveals a peer's seed share or their pair's seed, never both."""
     state, nodes = _client_ready_to_unmask()
     victim = nodes[1]
 
     _, says_survived = protocol.client_unmask(
         state, UnmaskRequest(survivor_ids=tuple(nodes), dropped_ids=())
     )
+    _, says_dropped = protocol.client_unmask(
+        state,
+        UnmaskRequest(
+            survivor_ids=tuple(n for n in nodes if n != victim), dropped_ids=(victim,)
+        ),
+    )
 
     assert victim in says_survived.seed_shares
-    assert victim not in says_survived.key_shares
+    assert victim not in says_survived.pair_seeds
+    assert victim in says_dropped.pair_seeds
+    assert victim not in says_dropped.seed_shares
     assert state.threshold * 2 > len(state.neighbour_ids) + 1
 
 
@@ -221,7 +257,7 @@ def test_hostile_corrupt_seed_share_detected() -> None:
                 value = bytearray(share)
                 value[-1] ^= 1
                 shifted[owner] = bytes(value)
-            corrupt = UnmaskReply(seed_shares=shifted, key_shares=parsed.key_shares)
+            corrupt = UnmaskReply(seed_shares=shifted, pair_seeds=parsed.pair_seeds)
             for key, value in corrupt.to_fields().items():
                 reply.content[PROTOCOL_RECORD][key] = value
             return reply
@@ -447,3 +483,53 @@ def test_hostile_low_order_mask_key_rejected_at_share_keys() -> None:
         ProtocolError, match="public keys of neighbour 4 are not usable"
     ):
         protocol.client_share_keys(state, request)
+
+
+@pytest.mark.parametrize(
+    ("pair_seed_value", "error", "message"),
+    [
+        (b"\x07" * 32, ProtocolError, "aggregated weight"),
+        (b"\x07" * 31, TooFewSurvivorsError, "did not reveal the pairwise seed"),
+        (None, TooFewSurvivorsError, "did not reveal the pairwise seed"),
+    ],
+)
+def test_hostile_client_wrong_pair_seed_aborts_round(
+    pair_seed_value: bytes | None, error: type[Exception], message: str
+) -> None:
+    hostile, dropped = NODE_IDS[0], NODE_IDS[4]
+
+    def fault(node: int, stage: str, _: Message) -> object:
+        if node == dropped and stage == "masked-input":
+            return "drop"
+        if node != hostile or stage != "unmask":
+            return None
+
+        def replace_seed(reply: Message) -> Message:
+            parsed = UnmaskReply.from_fields(dict(reply.content[PROTOCOL_RECORD]))
+            seeds = dict(parsed.pair_seeds)
+            assert dropped in seeds
+            if pair_seed_value is None:
+                del seeds[dropped]
+            else:
+                seeds[dropped] = pair_seed_value
+            changed = UnmaskReply(seed_shares=parsed.seed_shares, pair_seeds=seeds)
+            reply.content[PROTOCOL_RECORD] = ConfigRecord(
+                {
+                    **{
+                        key: value
+                        for key, value in reply.content[PROTOCOL_RECORD].items()
+                        if key not in ("dropped-peer-ids", "pair-seeds")
+                    },
+                    **changed.to_fields(),
+                }
+            )
+            return reply
+
+        return replace_seed
+
+    grid = LoopbackGrid(make_app(), NODE_IDS, fault=fault)
+    strategy = SecureFedAvg(secure_aggregation=CONFIG, rng=random.Random(1))
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    with pytest.raises(error, match=message):
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)

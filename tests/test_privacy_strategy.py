@@ -128,13 +128,19 @@ def run(
     return {k: v.numpy() for k, v in result.arrays.items()}, strategy
 
 
+SEVEN_NODE_IDS = [101, 202, 303, 404, 505, 606, 707]
+SEVEN_SECAGG = dataclasses.replace(SECAGG, num_neighbours=6)
+"""Seven clients in a complete graph: threshold 4, so each accepts
+threshold - 2 = 2 dropped neighbours."""
+
+
 def dropout_dp(target: float, **changes: object) -> DPConfig:
-    """Distributed DP at ``target`` that lets 2 of 5 clients drop (f = 0.4)."""
+    """Distributed DP at ``target`` that lets 2 of 7 clients drop (f = 0.3)."""
     values: dict[str, object] = {
         "mode": DPMode.DISTRIBUTED,
         "target_epsilon": target,
         "clipping_norm": 1.0,
-        "max_dropout_fraction": 0.4,
+        "max_dropout_fraction": 0.3,
         **changes,
     }
     return DPConfig(**values)  # type: ignore[arg-type]
@@ -305,15 +311,24 @@ UNMASK_STAGES = ("unmask", "keyed-unmask")
 
 
 def test_target_absorbs_allowed_dropouts() -> None:
-    # With 2 of 5 allowed to drop, 2 dropouts in round 1 leave 3 noised
+    # With 2 of 7 allowed to drop, 2 dropouts in round 1 leave 5 noised
     # inputs. Later rounds get more noise, so the run stays in budget.
     reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
+    grid = LoopbackGrid(
+        make_app(), SEVEN_NODE_IDS, fault=drop_at_input(SEVEN_NODE_IDS[:2], {1})
+    )
 
-    _, strategy = run(grid, dropout_dp(2.0), rounds=3, reports=reports)
+    _, strategy = run(
+        grid,
+        dropout_dp(2.0),
+        secagg=SEVEN_SECAGG,
+        rounds=3,
+        reports=reports,
+        min_available_nodes=7,
+    )
 
     assert strategy.stopped_reason is None
-    assert [r.num_aggregated for r in reports] == [3, 5, 5]
+    assert [r.num_aggregated for r in reports] == [5, 7, 7]
     assert all(r.epsilon is not None and r.epsilon <= 2.0 for r in reports)
     multipliers = [r.noise_multiplier for r in reports]
     assert multipliers[0] < multipliers[1] == multipliers[2]  # type: ignore[operator]
@@ -344,17 +359,24 @@ def test_run_stops_before_budget_exceeded() -> None:
     # in every round, so the budget check stops the run before round 3.
     reports: list[RoundReport] = []
     grid = LoopbackGrid(
-        make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1, 2, 3})
+        make_app(), SEVEN_NODE_IDS, fault=drop_at_input(SEVEN_NODE_IDS[:2], {1, 2, 3})
     )
-    secagg = dataclasses.replace(SECAGG, modulus=2**22)
+    secagg = dataclasses.replace(SEVEN_SECAGG, modulus=2**22)
 
-    _, strategy = run(grid, dropout_dp(2.0), secagg=secagg, rounds=3, reports=reports)
+    _, strategy = run(
+        grid,
+        dropout_dp(1.6),
+        secagg=secagg,
+        rounds=3,
+        reports=reports,
+        min_available_nodes=7,
+    )
 
     assert len(reports) == 2
-    assert all(r.epsilon is not None and r.epsilon <= 2.0 for r in reports)
+    assert all(r.epsilon is not None and r.epsilon <= 1.6 for r in reports)
     assert strategy.stopped_reason is not None
-    assert "if only 3 of its 5 clients add their noise" in strategy.stopped_reason
-    assert "above the target 2.0" in strategy.stopped_reason
+    assert "if only 5 of its 7 clients add their noise" in strategy.stopped_reason
+    assert "above the target 1.6" in strategy.stopped_reason
 
 
 def test_flat_clip_of_huge_update_keeps_direction() -> None:
@@ -733,25 +755,30 @@ def test_poisson_sampling_likely_to_stop_run_rejected() -> None:
 
 def test_verified_run_stops_on_commitment_overflow() -> None:
     # After round 1 loses the 2 clients that f allows, round 2 needs a larger
-    # z, whose commitment offset no longer fits a modulus of 2**20.
+    # z, whose commitment offset no longer fits a modulus of 2**21. Without
+    # verification the same run completes both rounds.
     reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS, fault=drop_at_input(NODE_IDS[:2], {1}))
+    grid = LoopbackGrid(
+        make_app(), SEVEN_NODE_IDS, fault=drop_at_input(SEVEN_NODE_IDS[:2], {1})
+    )
 
     _, strategy = run(
         grid,
-        dropout_dp(3.0, quantization_bits=14),
-        secagg=SecAggConfig(modulus=2**20, max_clients=5, stage_timeout=0.3),
+        dropout_dp(2.0, quantization_bits=14),
+        secagg=SecAggConfig(
+            modulus=2**21, max_clients=7, num_neighbours=6, stage_timeout=0.3
+        ),
         rounds=2,
         reports=reports,
         model={"w": np.zeros(10, dtype=np.float32)},
         verification=True,
-        min_train_nodes=5,
-        min_available_nodes=5,
+        min_train_nodes=7,
+        min_available_nodes=7,
     )
 
-    assert [r.num_aggregated for r in reports] == [3]
+    assert [r.num_aggregated for r in reports] == [5]
     assert reports[0].epsilon is not None
-    assert reports[0].epsilon <= 3.0
+    assert reports[0].epsilon <= 2.0
     assert strategy.stopped_reason is not None
     assert strategy.stopped_reason.startswith("Stopped before round 2:")
 

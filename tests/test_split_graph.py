@@ -16,6 +16,7 @@ import pytest
 from flwr.app import Message
 
 from fedsec_flwr import SecAggConfig, TooFewSurvivorsError
+from fedsec_flwr.core.errors import ProtocolError
 from fedsec_flwr.core.graph import connected_groups, neighbour_graph
 from fedsec_flwr.core.messages import Stage, unpack_node_ids
 from fedsec_flwr.core.server import plan_round
@@ -77,7 +78,22 @@ def test_split_ring_aborts_before_unmask() -> None:
         )
 
 
-def test_one_dropout_on_ring_still_unmasks() -> None:
+def test_one_dropout_on_ring_is_refused_by_its_neighbours() -> None:
+    # Degree 2 gives threshold 2, and a client accepts at most threshold - 2
+    # dropped neighbours, so a ring tolerates no dropout before the input.
+    nodes = list(range(1, 7))
+    updates = {node: np.full(50, node / 10) for node in nodes}
+
+    with pytest.raises(ProtocolError, match="threshold - 2 = 0"):
+        run_round(
+            updates,
+            dict.fromkeys(nodes, 1),
+            drop_at={Stage.MASKED_INPUT: [3]},
+            num_neighbours=2,
+        )
+
+
+def test_one_dropout_on_degree_four_graph_still_unmasks() -> None:
     nodes = list(range(1, 7))
     updates = {node: np.full(50, node / 10) for node in nodes}
 
@@ -85,7 +101,7 @@ def test_one_dropout_on_ring_still_unmasks() -> None:
         updates,
         dict.fromkeys(nodes, 1),
         drop_at={Stage.MASKED_INPUT: [3]},
-        num_neighbours=2,
+        num_neighbours=4,
     )
 
     assert server.survivors == (1, 2, 4, 5, 6)

@@ -1,7 +1,7 @@
 """ChaCha20-Poly1305 authenticated encryption of messages relayed by the server.
 
-Clients send each other key shares through the server, encrypted under their
-pairwise key. Security contract:
+Clients send each other shares of their self-mask seeds through the server,
+encrypted under their pairwise key. Security contract:
 
 - `encrypt` draws a fresh random 96-bit nonce for every message and puts it
   in front of the ciphertext. By the birthday bound, q messages under one key

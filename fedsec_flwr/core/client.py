@@ -6,10 +6,15 @@ state is a flat record (``ClientState.to_fields``) so that it can live in
 Flower's ``Context.state`` between stages, which in a deployment run in
 separate processes.
 
-The rule that keeps an input private when the server lies about dropouts:
-for each peer, a client reveals either the share of its self-mask seed (the
-peer's masked input was included) or the share of its mask key (it was not),
-never both, and it answers the unmask request of a round only once.
+Two rules keep an input private when the server lies about dropouts. For
+each neighbour it masked with, a client reveals either the share of the
+neighbour's self-mask seed (its masked input was included) or the seed of
+their pairwise mask in this round (it was not), never both, and it answers
+the unmask request of a round only once. And it accepts at most
+``threshold - 2`` neighbours that sent it no shares or are listed as
+dropped, together (see `client_unmask`). The mask private key is never
+shared, so a pairwise seed reaches the server only from the two clients of
+the pair.
 """
 
 from __future__ import annotations
@@ -75,9 +80,7 @@ class ClientState:
     mask_public_keys: tuple[bytes, ...] = ()
     self_seed: bytes = b""
     own_seed_share: bytes = b""
-    own_key_share: bytes = b""
     held_seed_shares: dict[int, bytes] = field(default_factory=dict)
-    held_key_shares: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def active_neighbour_ids(self) -> tuple[int, ...]:
@@ -99,9 +102,7 @@ class ClientState:
             "mask-public-keys": list(self.mask_public_keys),
             "self-seed": self.self_seed,
             "own-seed-share": self.own_seed_share,
-            "own-key-share": self.own_key_share,
             **_node_map_fields(self.held_seed_shares, "seed-holder-ids", "seed-shares"),
-            **_node_map_fields(self.held_key_shares, "key-holder-ids", "key-shares"),
         }
 
     @classmethod
@@ -124,19 +125,16 @@ class ClientState:
             mask_public_keys=tuple(_bytes_list(fields, "mask-public-keys")),
             self_seed=_field(fields, "self-seed", bytes),
             own_seed_share=_field(fields, "own-seed-share", bytes),
-            own_key_share=_field(fields, "own-key-share", bytes),
             held_seed_shares=_node_map(fields, "seed-holder-ids", "seed-shares"),
-            held_key_shares=_node_map(fields, "key-holder-ids", "key-shares"),
         )
 
 
 def min_secure_threshold(num_neighbours: int) -> int:
-    """Return the smallest threshold that a split-view server cannot exploit.
+    """Return the smallest threshold that is a strict majority of the holders.
 
-    A server that tells some holders a client survived and others that it
-    dropped collects self-mask shares from one group and mask-key shares from
-    the other. Both groups reach ``t`` only if ``2t <= k + 1`` for ``k + 1``
-    holders, so ``t`` must be a strict majority of them.
+    With ``k + 1`` holders and ``2t > k + 1``, two groups of holders that a
+    server shows different survivor lists cannot both reach ``t``, so a seed
+    is recovered from one account of the round at most.
     """
     return (num_neighbours + 1) // 2 + 1
 
@@ -249,11 +247,13 @@ def share_key(state: ClientState, peer_public_key: bytes) -> bytes:
 def client_share_keys(
     state: ClientState, request: ShareKeysRequest
 ) -> tuple[ClientState, EncryptedShares]:
-    """Share the self-mask seed and the mask private key among the holders.
+    """Share the self-mask seed among the holders.
 
-    Each neighbour's pair of shares is encrypted with a key agreed with that
+    Each neighbour's share is encrypted with a key agreed with that
     neighbour, and the associated data binds run, round, stage, sender and
-    receiver, so the relaying server can neither read nor redirect them.
+    receiver, so the relaying server can neither read nor redirect it. The
+    mask private key is never shared: a dropped neighbour's masks are
+    removed with the pairwise seeds that its surviving neighbours reveal.
     """
     _require_stage(state, Stage.SETUP, Stage.SHARE_KEYS)
     check_neighbour_request(state, request)
@@ -263,19 +263,13 @@ def client_share_keys(
     seed_shares = shamir.split_secret(
         self_seed, threshold=request.threshold, num_shares=len(holders)
     )
-    key_shares = shamir.split_secret(
-        state.mask_private_key, threshold=request.threshold, num_shares=len(holders)
-    )
 
     ciphertexts: dict[int, bytes] = {}
-    own_seed_share = own_key_share = b""
-    for holder, seed_share, key_share in zip(
-        holders, seed_shares, key_shares, strict=True
-    ):
-        plaintext = shamir.encode_share(seed_share) + shamir.encode_share(key_share)
+    own_seed_share = b""
+    for holder, seed_share in zip(holders, seed_shares, strict=True):
+        plaintext = shamir.encode_share(seed_share)
         if holder == state.node_id:
-            own_seed_share = shamir.encode_share(seed_share)
-            own_key_share = shamir.encode_share(key_share)
+            own_seed_share = plaintext
             continue
         position = request.neighbour_ids.index(holder)
         ciphertexts[holder] = aead.encrypt(
@@ -299,7 +293,6 @@ def client_share_keys(
         mask_public_keys=request.mask_public_keys,
         self_seed=self_seed,
         own_seed_share=own_seed_share,
-        own_key_share=own_key_share,
     )
     return new_state, EncryptedShares(ciphertexts=ciphertexts)
 
@@ -309,6 +302,11 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
 
     Any share that fails authentication aborts the round for this client:
     skipping it would leave a pairwise mask that the server could not remove.
+
+    A neighbour whose share is missing holds a share of this client's seed
+    but gets no pairwise mask, so it could reveal that share at no cost to
+    the server. At most ``threshold - 2`` of them are accepted, counted with
+    the dropouts at unmask (see `client_unmask`).
     """
     _require_stage(state, Stage.SHARE_KEYS, Stage.MASKED_INPUT)
     unknown = set(request.ciphertexts) - set(state.neighbour_ids)
@@ -316,10 +314,16 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
         raise ProtocolError(
             f"Received shares from {len(unknown)} node(s) that are not neighbours."
         )
+    missing = len(state.neighbour_ids) - len(request.ciphertexts)
+    if missing > state.threshold - 2:
+        raise ProtocolError(
+            f"{missing} of this client's neighbours sent no shares, more than "
+            f"threshold - 2 = {state.threshold - 2}; masking without them could "
+            "expose this client's input."
+        )
 
     share_size = len(state.own_seed_share)
     seed_shares: dict[int, bytes] = {}
-    key_shares: dict[int, bytes] = {}
     for sender, ciphertext in request.ciphertexts.items():
         position = state.neighbour_ids.index(sender)
         plaintext = decrypt_share(
@@ -333,22 +337,16 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
                 receiver=state.node_id,
             ),
             sender=sender,
-            size=2 * share_size,
+            size=share_size,
         )
-        seed_shares[sender] = plaintext[:share_size]
-        key_shares[sender] = plaintext[share_size:]
+        seed_shares[sender] = plaintext
 
     if len(seed_shares) + 1 < state.threshold:
         raise ProtocolError(
             f"Only {len(seed_shares)} neighbour(s) shared keys, fewer than the "
             f"threshold {state.threshold} minus the client itself."
         )
-    return replace(
-        state,
-        stage=Stage.MASKED_INPUT,
-        held_seed_shares=seed_shares,
-        held_key_shares=key_shares,
-    )
+    return replace(state, stage=Stage.MASKED_INPUT, held_seed_shares=seed_shares)
 
 
 def decrypt_share(
@@ -426,7 +424,27 @@ def client_mask(
 def client_unmask(
     state: ClientState, request: UnmaskRequest
 ) -> tuple[ClientState, UnmaskReply]:
-    """Reveal, per peer, the one share that lets the server remove its masks."""
+    """Reveal, per neighbour, its seed share or the pairwise seed shared with it.
+
+    A surviving neighbour gets its share of the self-mask seed revealed, a
+    dropped one the pairwise seed of this round, which only the two clients
+    of the pair can compute. To remove every mask of this client's input,
+    a server needs each pairwise seed, from this client or the neighbour,
+    and ``threshold`` shares of its seed. A neighbour that reveals the seed
+    it shares with this client was told that this client dropped, so it
+    reveals no share of this client's seed. Shares can then come only from
+    this client, from the neighbours it lists as dropped and from those that
+    sent it no shares. Their number is kept at ``threshold - 1`` or less by
+    rejecting more than ``threshold - 2`` of the last two kinds, whatever the
+    server tells the other clients.
+
+    Raises:
+        ProtocolError: The request lists a node as both survivor and dropped,
+            leaves this client out of the survivors, includes fewer of its
+            holders than the threshold, or lists too many neighbours as
+            dropped.
+
+    """
     _require_stage(state, Stage.MASKED_INPUT, Stage.UNMASK)
     survivors = set(request.survivor_ids)
     dropped = set(request.dropped_ids)
@@ -444,6 +462,15 @@ def client_unmask(
             f"masked input included, fewer than the threshold {state.threshold}; "
             "revealing shares could expose an input."
         )
+    listed_dropped = dropped & set(state.active_neighbour_ids)
+    silent = len(state.neighbour_ids) - len(state.active_neighbour_ids)
+    if silent + len(listed_dropped) > state.threshold - 2:
+        raise ProtocolError(
+            f"{len(listed_dropped)} of this client's neighbours are listed as "
+            f"dropped and {silent} sent it no shares, more than threshold - 2 = "
+            f"{state.threshold - 2} together; revealing their pairwise seeds could "
+            "expose this client's input."
+        )
 
     # The lists cover the whole round; only this client's share holders matter.
     seed_shares = {
@@ -452,11 +479,15 @@ def client_unmask(
         if owner != state.node_id
     }
     seed_shares[state.node_id] = state.own_seed_share
-    key_shares = {
-        owner: state.held_key_shares[owner]
-        for owner in dropped & holders
-        if owner != state.node_id
+    pair_seeds = {
+        peer: pair_seed(
+            state.mask_private_key,
+            state.mask_public_keys[state.neighbour_ids.index(peer)],
+            state.run_id,
+            state.server_round,
+        )
+        for peer in sorted(listed_dropped)
     }
     return replace(state, stage=Stage.UNMASK), UnmaskReply(
-        seed_shares=seed_shares, key_shares=key_shares
+        seed_shares=seed_shares, pair_seeds=pair_seeds
     )

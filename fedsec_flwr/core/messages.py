@@ -314,19 +314,20 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskReply:
-    """Revealed shares: seed shares of survivors and key shares of dropouts.
+    """Seed shares of surviving owners and the round's seeds shared with dropouts.
 
-    Both maps are keyed by the node id of the share's owner.
+    ``seed_shares`` is keyed by the share's owner, ``pair_seeds`` by the
+    dropped neighbour.
     """
 
     seed_shares: dict[int, bytes]
-    key_shares: dict[int, bytes]
+    pair_seeds: dict[int, bytes]
 
     def to_fields(self) -> Fields:
         """Convert to record fields."""
         return {
             **_node_map_fields(self.seed_shares, "seed-owner-ids", "seed-shares"),
-            **_node_map_fields(self.key_shares, "key-owner-ids", "key-shares"),
+            **_node_map_fields(self.pair_seeds, "dropped-peer-ids", "pair-seeds"),
         }
 
     @classmethod
@@ -334,7 +335,7 @@ class UnmaskReply:
         """Parse untrusted record fields."""
         return cls(
             seed_shares=_node_map(fields, "seed-owner-ids", "seed-shares"),
-            key_shares=_node_map(fields, "key-owner-ids", "key-shares"),
+            pair_seeds=_node_map(fields, "dropped-peer-ids", "pair-seeds"),
         )
 
 

@@ -33,8 +33,9 @@ listed dropouts from the client and the other seeds from the neighbours told
 that the client dropped. Only the client and the listed dropouts then reveal
 shares of its self-mask seed, at most ``threshold - 1`` of them.
 
-The cost of revealing seeds instead of key shares is dropout tolerance. Each
-included client accepts at most ``threshold - 2`` dropped neighbours. The
+Keys per round (`fedsec_flwr.core.client`) follow the same rules. Revealing
+seeds costs dropout tolerance. Each included client accepts at most
+``threshold - 2`` dropped neighbours. The
 server can remove the mask between a survivor and a dropped neighbour only
 with the survivor's own reply, so a round in which a client drops before
 sending its input and one of its neighbours drops after sending its own is

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import keys, masks, shamir
-from .client import SEED_SIZE, min_secure_threshold, pair_seed, share_holders
+from .client import SEED_SIZE, min_secure_threshold, share_holders
 from .errors import ProtocolError, TooFewSurvivorsError
 from .graph import (
     connected_groups,
@@ -319,7 +319,7 @@ class ServerRound(RoundState):
 
         total = self._total
         for owner in self.survivors:
-            seed = self._recover(owner, responders, kind="seed", size=SEED_SIZE)
+            seed = self._recover(owner, responders, size=SEED_SIZE)
             masks.add_mask(
                 total,
                 seed,
@@ -338,25 +338,28 @@ class ServerRound(RoundState):
         responders: Mapping[int, UnmaskReply],
         total: NDArray[np.uint32],
     ) -> None:
-        surviving_peers = [
-            peer for peer in self.plan.neighbours[owner] if peer in self._survivors
-        ]
-        if not surviving_peers:
-            return
-        mask_key = self._recover(owner, responders, kind="key", size=keys.KEY_SIZE)
-        advertised = self._public_keys[owner].mask_public_key
-        if keys.public_key_bytes(keys.load_private_key(mask_key)) != advertised:
-            raise ProtocolError(
-                f"Round {self.server_round}: the mask key recovered for node {owner} "
-                "does not match its public key; a share is corrupt."
-            )
-        for peer in surviving_peers:
-            seed = pair_seed(
-                mask_key,
-                self._public_keys[peer].mask_public_key,
-                self.run_id,
-                self.server_round,
-            )
+        """Remove the masks that surviving neighbours added for a dropped client.
+
+        Each surviving neighbour reveals the pairwise seed it shares with
+        ``owner``; only the two clients of a pair can compute it.
+
+        Raises:
+            TooFewSurvivorsError: A surviving neighbour of ``owner`` sent no
+                unmask reply with that seed.
+
+        """
+        for peer in self.plan.neighbours[owner]:
+            if peer not in self._survivors:
+                continue
+            reply = responders.get(peer)
+            seed = reply.pair_seeds.get(owner) if reply is not None else None
+            if seed is None or len(seed) != SEED_SIZE:
+                raise TooFewSurvivorsError(
+                    f"Round {self.server_round}: node {peer} did not reveal the "
+                    f"pairwise seed it shares with node {owner}, which dropped "
+                    "before its masked input; only those two clients can, so the "
+                    "round is aborted and no model is released."
+                )
             # The peer added sign(peer, owner) * mask; subtract the same.
             masks.add_mask(
                 total,
@@ -370,14 +373,10 @@ class ServerRound(RoundState):
         owner: int,
         responders: Mapping[int, UnmaskReply],
         *,
-        kind: str,
         size: int,
     ) -> bytes:
         revealed = {
-            holder: (reply.seed_shares if kind == "seed" else reply.key_shares).get(
-                owner
-            )
-            for holder, reply in responders.items()
+            holder: reply.seed_shares.get(owner) for holder, reply in responders.items()
         }
         return recover_secret(
             owner,
@@ -385,7 +384,7 @@ class ServerRound(RoundState):
             revealed,
             threshold=self.plan.threshold,
             server_round=self.server_round,
-            kind=kind,
+            kind="seed",
             size=size,
         )
 

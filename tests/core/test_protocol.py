@@ -164,6 +164,12 @@ def test_one_dropout_at_each_stage(num_clients: int, stage: Stage) -> None:
     updates = _updates(num_clients, seed=num_clients + 100)
     weights = {node: 1 + i * 37 for i, node in enumerate(sorted(updates))}
     dropped = sorted(updates)[1]
+    if num_clients == 3 and stage in (Stage.SHARE_KEYS, Stage.MASKED_INPUT):
+        # Two neighbours and threshold 2 leave no room for a dropped one:
+        # threshold - 2 = 0 (see `client_unmask`).
+        with pytest.raises(ProtocolError, match="threshold - 2 = 0"):
+            run_round(updates, weights, drop_at={stage: [dropped]})
+        return
 
     mean, server = run_round(updates, weights, drop_at={stage: [dropped]})
 
@@ -207,17 +213,28 @@ def test_dropouts_at_masked_input_and_unmask() -> None:
     nodes = sorted(updates)
 
     mean, server = run_round(
-        updates,
-        weights,
-        drop_at={Stage.MASKED_INPUT: [nodes[0]], Stage.UNMASK: [nodes[5]]},
-        num_neighbours=9,
+        updates, weights, drop_at={Stage.UNMASK: [nodes[5]]}, num_neighbours=9
     )
 
-    included = nodes[1:]
-    assert (
-        np.max(np.abs(mean - plaintext_mean(updates, weights, included))) <= PARAMS.step
-    )
+    assert np.max(np.abs(mean - plaintext_mean(updates, weights, nodes))) <= PARAMS.step
     assert server.dropped_by_stage[Stage.UNMASK.value] == 1
+
+
+def test_neighbours_dropping_at_masked_input_and_unmask_abort() -> None:
+    # Only the two clients of a pair can reveal its seed, so a pair in which
+    # one drops before its masked input and the other after it leaves a mask
+    # that nobody can remove.
+    updates = _updates(10, seed=3)
+    weights = {node: 1 + i for i, node in enumerate(sorted(updates))}
+    nodes = sorted(updates)
+
+    with pytest.raises(TooFewSurvivorsError, match="did not reveal the pairwise seed"):
+        run_round(
+            updates,
+            weights,
+            drop_at={Stage.MASKED_INPUT: [nodes[0]], Stage.UNMASK: [nodes[5]]},
+            num_neighbours=9,
+        )
 
 
 def test_sparse_graph_with_dropout() -> None:
@@ -240,7 +257,7 @@ def _client_after_masked_input(
     num_clients: int = 3,
 ) -> tuple[protocol.ClientState, list[int]]:
     """Run a round up to one client's masked input; return it and the node ids."""
-    nodes = [10, 20, 30][:num_clients]
+    nodes = [10, 20, 30, 40, 50][:num_clients]
     server = ServerRound(
         run_id=RUN_ID,
         server_round=ROUND,
@@ -265,15 +282,28 @@ def _client_after_masked_input(
 
 
 def test_client_reveals_one_kind_per_peer() -> None:
-    state, nodes = _client_after_masked_input()
+    state, nodes = _client_after_masked_input(5)
 
     state, reply = protocol.client_unmask(
-        state, UnmaskRequest(survivor_ids=(nodes[0], nodes[1]), dropped_ids=(nodes[2],))
+        state, UnmaskRequest(survivor_ids=tuple(nodes[:4]), dropped_ids=(nodes[4],))
     )
 
-    assert set(reply.seed_shares) == {nodes[0], nodes[1]}
-    assert set(reply.key_shares) == {nodes[2]}
-    assert not set(reply.seed_shares) & set(reply.key_shares)
+    assert set(reply.seed_shares) == set(nodes[:4])
+    assert set(reply.pair_seeds) == {nodes[4]}
+    position = state.neighbour_ids.index(nodes[4])
+    assert reply.pair_seeds[nodes[4]] == protocol.pair_seed(
+        state.mask_private_key, state.mask_public_keys[position], RUN_ID, ROUND
+    )
+
+
+def test_client_rejects_more_dropped_neighbours_than_threshold_minus_two() -> None:
+    state, nodes = _client_after_masked_input(5)
+
+    with pytest.raises(ProtocolError, match="more than threshold - 2 = 1 together"):
+        protocol.client_unmask(
+            state,
+            UnmaskRequest(survivor_ids=tuple(nodes[:3]), dropped_ids=tuple(nodes[3:])),
+        )
 
 
 def test_client_answers_unmask_once() -> None:
