@@ -152,9 +152,10 @@ class _Options:
     require_verification: bool
     privacy_budget: ClientPrivacyBudget | None = None
     report_timings: bool = False
+    trust_dropout_reports: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("require_verification", "report_timings"):
+        for name in ("require_verification", "report_timings", "trust_dropout_reports"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False. Found {value!r}.")
@@ -184,6 +185,7 @@ def make_secure_aggregation_mod(
     require_verification: bool = False,
     privacy_budget: ClientPrivacyBudget | None = None,
     report_timings: bool = False,
+    trust_dropout_reports: bool = False,
 ) -> Mod:
     """Build a ``secure_aggregation_mod`` with client-side policies.
 
@@ -202,11 +204,19 @@ def make_secure_aggregation_mod(
             and masking (``CLIENT_TIMING_METRICS``) to its input reply. They
             travel in clear, outside the secure sum, and the training time
             hints at the size of the client's dataset.
+        trust_dropout_reports: Trust the server's lists of dropped clients.
+            By default a client accepts at most ``threshold - 2`` neighbours
+            that sent it no shares or dropped before their input, so that a
+            server that lies about dropouts cannot unmask its input. With
+            True it tolerates every dropout that the threshold allows, for
+            example one of 3 clients, and a server that lies about dropouts
+            can unmask its input.
 
     Raises:
         ValueError: If `on_verification_failure` is not a policy,
-            `require_verification` or `report_timings` is not a bool, or
-            `privacy_budget` is not a `ClientPrivacyBudget`.
+            `require_verification`, `report_timings` or
+            `trust_dropout_reports` is not a bool, or `privacy_budget` is not
+            a `ClientPrivacyBudget`.
 
     """
     if privacy_budget is not None and not isinstance(
@@ -221,6 +231,7 @@ def make_secure_aggregation_mod(
         require_verification=require_verification,
         privacy_budget=privacy_budget,
         report_timings=report_timings,
+        trust_dropout_reports=trust_dropout_reports,
     )
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -540,7 +551,9 @@ def _run_secure_stage(
 
     unmask_request = UnmaskRequest.from_fields(fields)
     _check_budget_inputs(unmask_request.survivor_ids, options)
-    state, unmask_reply = protocol.client_unmask(state, unmask_request)
+    state, unmask_reply = protocol.client_unmask(
+        state, unmask_request, trust_dropouts=options.trust_dropout_reports
+    )
     _save_state(context, state)
     return unmask_reply.to_fields(), {}
 
@@ -574,7 +587,11 @@ def _masked_input(
     model_sha256 = _check_model(header.run_id, header.server_round, msg, context)
     _check_refusal(header, context, options)
     params = parse_encoding(fields)
-    state = protocol.client_receive_shares(state, EncryptedShares.from_fields(fields))
+    state = protocol.client_receive_shares(
+        state,
+        EncryptedShares.from_fields(fields),
+        trust_dropouts=options.trust_dropout_reports,
+    )
     _save_state(context, state)
     _claim_input_round(context, header)
 
@@ -701,7 +718,9 @@ def _run_keyed_stage(
     keyed_request = KeyedUnmaskRequest.from_fields(fields)
     _check_budget_inputs(keyed_request.survivor_ids, options)
     state, reply = run_keys.client_keyed_unmask(
-        _load_state(context, header), keyed_request
+        _load_state(context, header),
+        keyed_request,
+        trust_dropouts=options.trust_dropout_reports,
     )
     _save_state(context, state)
     return reply.to_fields(), {}

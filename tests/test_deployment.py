@@ -56,9 +56,6 @@ from tests.deployment_helpers import (
 )
 
 NUM_SUPERNODES = 3
-# A dropout before the masked input needs 4 clients: with 3, each has 2
-# neighbours and threshold 2, and accepts threshold - 2 = 0 dropped ones.
-DROPOUT_SUPERNODES = 4
 HOSTS = ["127.0.0.1", "::1", "localhost"]
 
 # Stages of one secure round, each one train message per SuperNode:
@@ -106,9 +103,7 @@ FederationFactory = Callable[..., LocalFederation]
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory: pytest.TempPathFactory) -> CredentialPaths:
     directory = tmp_path_factory.mktemp("deploy") / "credentials"
-    return create_credentials(
-        directory, hosts=HOSTS, num_supernodes=max(NUM_SUPERNODES, DROPOUT_SUPERNODES)
-    )
+    return create_credentials(directory, hosts=HOSTS, num_supernodes=NUM_SUPERNODES)
 
 
 @pytest.fixture
@@ -495,12 +490,10 @@ def run_and_kill_in_round_two(
 def test_supernode_killed_after_key_sharing(
     start_federation: FederationFactory, tmp_path: Path
 ) -> None:
-    federation = start_federation(num_supernodes=DROPOUT_SUPERNODES)
-    config = {
-        **DROPOUT_CONFIG,
-        "secagg-max-clients": DROPOUT_SUPERNODES,
-        "output-dir": str(tmp_path / "dropout"),
-    }
+    # With 3 clients each has 2 neighbours and threshold 2, so a node accepts
+    # a dropped neighbour only if it trusts the server's dropout lists.
+    federation = start_federation(node_config={"trust-dropout-reports": True})
+    config = {**DROPOUT_CONFIG, "output-dir": str(tmp_path / "dropout")}
 
     # The third train message of round 2 starts the masked-input stage, so the
     # victim has sent its seed shares but not its masked update.
@@ -508,7 +501,7 @@ def test_supernode_killed_after_key_sharing(
         federation, config, messages=MASKED_INPUT_MESSAGE, stage="masked-input"
     )
 
-    assert _round_summary(results) == [(1, 4, 0), (2, 3, 1)]
+    assert _round_summary(results) == [(1, 3, 0), (2, 2, 1)]
     second_round = results["rounds"][1]
     assert second_round["dropped_by_stage"]["masked-input"] == 1
     # The survivors do not wait longer than the stage timeout for the victim.

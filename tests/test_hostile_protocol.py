@@ -9,7 +9,13 @@ import random
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedsec_flwr import RoundReport, SecAggConfig, SecureFedAvg, TooFewSurvivorsError
+from fedsec_flwr import (
+    RoundReport,
+    SecAggConfig,
+    SecureFedAvg,
+    TooFewSurvivorsError,
+    make_secure_aggregation_mod,
+)
 from fedsec_flwr.config import KEY_LIFETIMES
 from fedsec_flwr.core import client as protocol
 from fedsec_flwr.core import keys
@@ -533,3 +539,34 @@ def test_hostile_client_wrong_pair_seed_aborts_round(
 
     with pytest.raises(error, match=message):
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=1)
+
+
+@pytest.mark.parametrize("key_lifetime", KEY_LIFETIMES)
+def test_three_clients_tolerate_a_dropout_only_when_trusting(key_lifetime: str) -> None:
+    # With 3 clients each has 2 neighbours and threshold 2, so threshold - 2
+    # = 0 dropped neighbours are accepted, unless the client trusts the
+    # server's dropout lists.
+    nodes = NODE_IDS[:3]
+    config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+
+    def drop_input(node: int, stage: str, _: Message) -> object:
+        inputs = ("masked-input", "keyed-input")
+        return "drop" if node == nodes[1] and stage in inputs else None
+
+    cautious = LoopbackGrid(make_app(), nodes, fault=drop_input)
+    with pytest.raises(TooFewSurvivorsError, match="threshold - 2 = 0"):
+        SecureFedAvg(secure_aggregation=config, rng=random.Random(1)).start(
+            grid=cautious, initial_arrays=initial, num_rounds=1
+        )
+
+    reports: list[RoundReport] = []
+    trusting = LoopbackGrid(
+        make_app(mod=make_secure_aggregation_mod(trust_dropout_reports=True)),
+        nodes,
+        fault=drop_input,
+    )
+    SecureFedAvg(
+        secure_aggregation=config, rng=random.Random(1), on_round_end=reports.append
+    ).start(grid=trusting, initial_arrays=initial, num_rounds=1)
+    assert reports[0].num_aggregated == 2

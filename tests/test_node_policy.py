@@ -43,11 +43,13 @@ def test_node_policy_parses_every_key() -> None:
             "dp-max-epsilon": 3,
             "dp-delta": 1e-6,
             "dp-min-honest-clients": 5,
+            "trust-dropout-reports": True,
         }
     )
 
     assert policy.require_secure_aggregation
     assert policy.require_verification
+    assert policy.trust_dropout_reports
     assert policy.privacy_budget == ClientPrivacyBudget(
         max_epsilon=3.0, delta=1e-6, min_honest_clients=5
     )
@@ -58,6 +60,10 @@ def test_node_policy_parses_every_key() -> None:
     [
         ({"require-secure-aggregation": "yes"}, "must be true or false. Found 'yes'"),
         ({"require-verification": 1}, "require-verification must be true or false"),
+        (
+            {"trust-dropout-reports": "no"},
+            "trust-dropout-reports must be true or false",
+        ),
         ({"dp-max-epsilon": "3"}, "dp-max-epsilon must be a number. Found '3'"),
         ({"dp-max-epsilon": 0.0}, "max_epsilon must be a finite number above 0"),
         ({"dp-max-epsilon": 3.0, "dp-delta": 2.0}, "Found 2.0"),
@@ -84,6 +90,8 @@ def test_node_policy_rejects_invalid_values(
         ("dp_max_epsilon", "dp-max-epsilon"),
         ("dp-max-epsilson", "dp-max-epsilon"),
         ("dp-min-honest-client", "dp-min-honest-clients"),
+        ("trust-dropout-report", "trust-dropout-reports"),
+        ("trust_dropout_reports", "trust-dropout-reports"),
     ],
 )
 def test_misspelled_policy_key_rejected(key: str, meant: str) -> None:

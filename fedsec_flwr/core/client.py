@@ -297,7 +297,9 @@ def client_share_keys(
     return new_state, EncryptedShares(ciphertexts=ciphertexts)
 
 
-def client_receive_shares(state: ClientState, request: EncryptedShares) -> ClientState:
+def client_receive_shares(
+    state: ClientState, request: EncryptedShares, *, trust_dropouts: bool = False
+) -> ClientState:
     """Decrypt and keep the shares the neighbours sent through the server.
 
     Any share that fails authentication aborts the round for this client:
@@ -306,7 +308,8 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
     A neighbour whose share is missing holds a share of this client's seed
     but gets no pairwise mask, so it could reveal that share at no cost to
     the server. At most ``threshold - 2`` of them are accepted, counted with
-    the dropouts at unmask (see `client_unmask`).
+    the dropouts at unmask (see `client_unmask`), unless ``trust_dropouts``
+    is set.
     """
     _require_stage(state, Stage.SHARE_KEYS, Stage.MASKED_INPUT)
     unknown = set(request.ciphertexts) - set(state.neighbour_ids)
@@ -315,7 +318,7 @@ def client_receive_shares(state: ClientState, request: EncryptedShares) -> Clien
             f"Received shares from {len(unknown)} node(s) that are not neighbours."
         )
     missing = len(state.neighbour_ids) - len(request.ciphertexts)
-    if missing > state.threshold - 2:
+    if not trust_dropouts and missing > state.threshold - 2:
         raise ProtocolError(
             f"{missing} of this client's neighbours sent no shares, more than "
             f"threshold - 2 = {state.threshold - 2}; masking without them could "
@@ -422,7 +425,7 @@ def client_mask(
 
 
 def client_unmask(
-    state: ClientState, request: UnmaskRequest
+    state: ClientState, request: UnmaskRequest, *, trust_dropouts: bool = False
 ) -> tuple[ClientState, UnmaskReply]:
     """Reveal, per neighbour, its seed share or the pairwise seed shared with it.
 
@@ -436,7 +439,10 @@ def client_unmask(
     this client, from the neighbours it lists as dropped and from those that
     sent it no shares. Their number is kept at ``threshold - 1`` or less by
     rejecting more than ``threshold - 2`` of the last two kinds, whatever the
-    server tells the other clients.
+    server tells the other clients. ``trust_dropouts`` lifts that limit for a
+    client that trusts the server's dropout lists: it then tolerates as many
+    dropouts as the threshold allows, and a server that lies about them can
+    unmask its input.
 
     Raises:
         ProtocolError: The request lists a node as both survivor and dropped,
@@ -464,7 +470,7 @@ def client_unmask(
         )
     listed_dropped = dropped & set(state.active_neighbour_ids)
     silent = len(state.neighbour_ids) - len(state.active_neighbour_ids)
-    if silent + len(listed_dropped) > state.threshold - 2:
+    if not trust_dropouts and silent + len(listed_dropped) > state.threshold - 2:
         raise ProtocolError(
             f"{len(listed_dropped)} of this client's neighbours are listed as "
             f"dropped and {silent} sent it no shares, more than threshold - 2 = "

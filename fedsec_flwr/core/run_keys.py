@@ -264,9 +264,13 @@ def _associated_data(state: ClientState, receiver: int, *, sender: int) -> bytes
 
 
 def client_keyed_unmask(
-    state: ClientState, request: KeyedUnmaskRequest
+    state: ClientState, request: KeyedUnmaskRequest, *, trust_dropouts: bool = False
 ) -> tuple[ClientState, KeyedUnmaskReply]:
     """Reveal, per neighbour, either its seed share or the pairwise seed.
+
+    ``trust_dropouts`` lifts the limit of ``threshold - 2`` dropped
+    neighbours, for a client that trusts the server's dropout lists (see
+    `fedsec_flwr.core.client.client_unmask`).
 
     Raises:
         ProtocolError: The request names this client as dropped, lists a node
@@ -302,7 +306,7 @@ def client_keyed_unmask(
     # other neighbours could cover every mask while threshold holders still
     # reveal shares of this client's seed (see the module docstring).
     listed_dropped = len(dropped & neighbours)
-    if listed_dropped > state.threshold - 2:
+    if not trust_dropouts and listed_dropped > state.threshold - 2:
         raise ProtocolError(
             f"{listed_dropped} of this client's neighbours are listed as dropped, "
             f"more than threshold - 2 = {state.threshold - 2}; revealing their "

@@ -34,6 +34,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             require_verification=policy.require_verification,
             privacy_budget=policy.privacy_budget,
             report_timings=report_timings,
+            trust_dropout_reports=policy.trust_dropout_reports,
         )
         return secure_mod(msg, context, plain_train)
     if settings.verification or policy.require_verification:

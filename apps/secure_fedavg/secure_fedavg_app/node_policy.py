@@ -17,6 +17,10 @@ the run config and the server say:
 - ``dp-delta`` (float, default 1e-5) and ``dp-min-honest-clients`` (int,
   default 1): the delta of that budget and the number of clients, this one
   included, whose noise the client counts on in each sum.
+- ``trust-dropout-reports`` (bool, default false): trust the server's lists
+  of dropped clients, to tolerate every dropout that the threshold allows
+  (one of 3 clients, for example). A server that lies about dropouts can
+  then unmask this node's update.
 
 All keys are optional; a node without them follows the run config. Another
 key that starts with ``require`` or ``dp`` (in any case, with ``-`` or ``_``)
@@ -38,6 +42,7 @@ REQUIRE_VERIFICATION = "require-verification"
 DP_MAX_EPSILON = "dp-max-epsilon"
 DP_DELTA = "dp-delta"
 DP_MIN_HONEST_CLIENTS = "dp-min-honest-clients"
+TRUST_DROPOUT_REPORTS = "trust-dropout-reports"
 
 POLICY_KEYS = (
     REQUIRE_SECURE_AGGREGATION,
@@ -45,6 +50,7 @@ POLICY_KEYS = (
     DP_MAX_EPSILON,
     DP_DELTA,
     DP_MIN_HONEST_CLIENTS,
+    TRUST_DROPOUT_REPORTS,
 )
 
 POLICY_PREFIXES = ("require", "dp-", "dp_")
@@ -65,12 +71,14 @@ class NodePolicy:
             secure-aggregation mod.
         require_verification: Reject rounds that the server does not verify.
         privacy_budget: The client's own DP budget, or None.
+        trust_dropout_reports: Trust the server's lists of dropped clients.
 
     """
 
     require_secure_aggregation: bool = False
     require_verification: bool = False
     privacy_budget: ClientPrivacyBudget | None = None
+    trust_dropout_reports: bool = False
 
     @property
     def private(self) -> bool:
@@ -116,6 +124,7 @@ class NodePolicy:
             or budget is not None,
             require_verification=_optional_bool(node_config, REQUIRE_VERIFICATION),
             privacy_budget=budget,
+            trust_dropout_reports=_optional_bool(node_config, TRUST_DROPOUT_REPORTS),
         )
 
 
