@@ -410,6 +410,39 @@ def test_unregistered_supernode_rejected(
     assert_stopped(federation)
 
 
+@pytest.mark.timeout(60)
+def test_stop_spares_processes_that_only_name_the_folder(
+    credentials: CredentialPaths, tmp_path: Path
+) -> None:
+    # Neither a command line naming the folder (timeout around the launcher,
+    # tail -f on a log) nor an FLWR_HOME that only starts with the folder's
+    # name ties a process to the federation.
+    work_dir = tmp_path / "federation"
+    federation = LocalFederation(
+        credentials=credentials, app_dir=APP_DIR, work_dir=work_dir, num_supernodes=1
+    )
+    sleeper = [sys.executable, "-c", "import sys, time; time.sleep(600)"]
+    bystanders = [
+        subprocess.Popen([*sleeper, str(work_dir / "logs" / "superlink.log")]),
+        subprocess.Popen(
+            sleeper,
+            env=build_environment(os.environ, tmp_path / "federation-home"),
+        ),
+    ]
+    try:
+        assert wait_for(
+            lambda: len(processes_mentioning(str(work_dir))) == 2, timeout=10
+        )
+
+        federation.stop()
+
+        assert all(process.poll() is None for process in bystanders)
+    finally:
+        for process in bystanders:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.deployment
 @pytest.mark.timeout(60)
 def test_stop_ends_processes_outside_the_tree(

@@ -246,6 +246,55 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def processes_with_home_under(folder: Path) -> list[int]:
+    """Return PIDs of live processes whose ``FLWR_HOME`` is ``folder`` or below it.
+
+    Every Flower process of a federation has its ``FLWR_HOME`` under the
+    federation's folder, so this finds those that left its process tree
+    (see `processes_mentioning`). It compares whole paths, so a process
+    whose ``FLWR_HOME`` only starts with the same text, or one that merely
+    names the folder in its command line, such as ``timeout`` around the
+    launcher or ``tail -f`` on a log, is not listed. Nor are the calling
+    process and its ancestors.
+    """
+    folder = Path(os.path.abspath(folder))
+    excluded = {os.getpid(), *_ancestor_pids()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in excluded:
+            continue
+        try:
+            variables = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for variable in variables:
+            if not variable.startswith(b"FLWR_HOME="):
+                continue
+            home = Path(os.path.abspath(os.fsdecode(variable[len(b"FLWR_HOME=") :])))
+            if (home == folder or folder in home.parents) and is_alive(int(entry.name)):
+                found.append(int(entry.name))
+            break
+    return found
+
+
+def _ancestor_pids() -> list[int]:
+    """Return the PIDs of the calling process's parent, its parent, and so on."""
+    ancestors = []
+    pid = os.getppid()
+    while pid > 1 and pid not in ancestors:
+        ancestors.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(
+                encoding="utf-8", errors="replace"
+            )
+        except OSError:
+            break
+        # The command name may contain spaces and parentheses; the fields
+        # after the last ")" are state, then the parent PID.
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return ancestors
+
+
 def stop_pids(pids: Sequence[int]) -> list[int]:
     """Send SIGTERM to ``pids``, then SIGKILL after a grace period.
 
@@ -682,7 +731,7 @@ class LocalFederation:
             order.append(self.superlink)
         survivors = stop_processes(order)
         # Processes that left the tree before their parent was stopped.
-        strays = processes_mentioning(str(self.paths.work_dir))
+        strays = processes_with_home_under(self.paths.work_dir)
         if strays:
             logger.info("Stopping %d process(es) outside the tree", len(strays))
             survivors += stop_pids(strays)
