@@ -31,6 +31,7 @@ from .config import KEY_LIFETIME_RUN, SecAggConfig
 from .core.commitments import VerificationResult
 from .core.errors import TooFewSurvivorsError
 from .core.run_keys import KeyDirectory
+from .core.server import plan_round
 from .models import FloatLayout
 from .privacy import DPConfig, DPMode, RoundNotPlannedError, ServerPrivacy
 from .records import arrays_to_numpy
@@ -666,11 +667,12 @@ class SecureFedAvg(Strategy):
                 f"min_available_nodes {self.min_available_nodes} is above the "
                 f"{num_nodes} nodes, so round 1 would wait until its timeout."
             )
+        count = self._planned_count(num_nodes)
         if self.client_sampling == SAMPLING_POISSON:
             self._check_poisson_sample_size(num_nodes, num_rounds)
+            self._check_graph(count)
             return
 
-        count = self._planned_count(num_nodes)
         encoding = self._encoding_limit()
         if encoding is not None and count > encoding.max_clients:
             raise ValueError(
@@ -678,6 +680,26 @@ class SecureFedAvg(Strategy):
                 f"{count} clients per round, more than max_clients "
                 f"{encoding.max_clients} of the encoding config."
             )
+        self._check_graph(count)
+
+    def _check_graph(self, count: int) -> None:
+        """Plan the neighbour graph of a round of ``count`` clients, as rounds do.
+
+        A threshold above the share holders of the graph that the default
+        degree gives ``count`` clients would otherwise stop round 1.
+        """
+        secagg = self.secure_aggregation
+        if secagg is None or count < 2:
+            return
+        try:
+            plan_round(
+                list(range(count)),
+                num_neighbours=secagg.num_neighbours,
+                threshold=secagg.threshold,
+                rng=random.Random(0),
+            )
+        except TooFewSurvivorsError as error:
+            raise ValueError(str(error)) from error
 
     def _planned_count(self, num_nodes: int) -> int:
         """Clients a round samples from ``num_nodes`` nodes; expected under Poisson."""

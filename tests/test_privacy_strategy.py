@@ -1138,6 +1138,21 @@ def test_node_count_checked_before_round_one(
         strategy.check_node_count(num_nodes, 5)
 
 
+@pytest.mark.parametrize("client_sampling", ["fixed", "poisson"])
+def test_threshold_above_default_graph_checked_before_round_one(
+    client_sampling: str,
+) -> None:
+    # 10 clients get 5 neighbours by default, so 6 share holders each.
+    strategy = SecureFedAvg(
+        secure_aggregation=dataclasses.replace(SECAGG, threshold=7),
+        fraction_train=1.0 if client_sampling == "fixed" else 0.99,
+        client_sampling=client_sampling,
+    )
+
+    with pytest.raises(ValueError, match=r"\(neighbours \+ 1 = 6\) for 10 clients"):
+        strategy.check_node_count(10, 5)
+
+
 def test_node_count_that_fits_passes() -> None:
     strategy = SecureFedAvg(
         secure_aggregation=SECAGG,
