@@ -1444,6 +1444,12 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         raise LaunchError(
             f"--client-cpus must be at least 1. Found {args.client_cpus}."
         )
+    machine_cpus = os.cpu_count() or 1
+    if args.client_cpus > machine_cpus:
+        raise LaunchError(
+            f"--client-cpus must be at most the {machine_cpus} CPUs of this machine, "
+            f"or Ray can place no client. Found {args.client_cpus}."
+        )
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise LaunchError(
             f"--timeout must be a finite number of seconds above 0. "

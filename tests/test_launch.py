@@ -347,6 +347,19 @@ def test_empty_output_dir_is_usage_error(
     assert "--output-dir must name a folder. Found ''." in capsys.readouterr().err
 
 
+def test_client_cpus_above_the_machine_is_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    exit_code = launch.main([str(APP_DIR), "--client-cpus", "3"])
+
+    assert exit_code == launch.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "--client-cpus must be at most the 2 CPUs of this machine" in error
+    assert "Found 3." in error
+
+
 def test_output_dir_that_is_not_utf8_is_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
