@@ -817,5 +817,23 @@ def _entry_field(entry: object, key: str, kind: type = dict) -> Any:
     return value
 
 
+def run_command() -> int:
+    """Run `main`, ending quietly when the reader of the output goes away.
+
+    ``python -m fedsec_flwr.audit FILE | head -1`` closes the pipe before
+    the last lines are written. The verdict is then not fully delivered, so
+    the status is `EXIT_FAILED`, without a traceback.
+    """
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the flush at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command())

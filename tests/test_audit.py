@@ -783,3 +783,20 @@ def test_empty_file_exits_one(tmp_path, capsys):
 
     assert status == audit.EXIT_FAILED
     assert "contains no round" in err
+
+
+def test_closed_output_pipe_ends_without_traceback(audit_path):
+    # As `python -m fedsec_flwr.audit FILE | head -1` does: the reader is gone
+    # before the audit prints.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedsec_flwr.audit", str(audit_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == audit.EXIT_FAILED
+    assert b"Traceback" not in stderr
