@@ -54,6 +54,7 @@ from types import FrameType
 from typing import IO, Any
 
 from fedsec_flwr import app_check
+from fedsec_flwr.core.errors import shortened
 from fedsec_flwr.files import os_reason
 
 logger = logging.getLogger("fedsec_flwr.launch")
@@ -75,6 +76,9 @@ PREVIOUS_RESULTS_FILENAME = "results.previous.json"
 DEFAULT_NUM_SUPERNODES = 10
 DEFAULT_CLIENT_CPUS = 1
 DEFAULT_TIMEOUT_SECONDS = 3600.0
+MAX_ERROR_LENGTH = 2000
+"""Characters of an error message that the launcher prints; a run-config
+value of any length can appear in one."""
 DEFAULT_OUTPUT_ROOT = "runs"
 
 SUPERLINK_STARTUP_TIMEOUT_SECONDS = 60.0
@@ -1485,7 +1489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = options_from_args(args)
         result = launch(options)
     except LaunchError as error:
-        print(f"[launch] error: {error}", file=sys.stderr, flush=True)
+        text = shortened(str(error), MAX_ERROR_LENGTH)
+        print(f"[launch] error: {text}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except OSError as error:
         # The launcher has stopped every process it started by now.

@@ -347,6 +347,16 @@ def test_empty_output_dir_is_usage_error(
     assert "--output-dir must name a folder. Found ''." in capsys.readouterr().err
 
 
+def test_long_value_in_error_is_shortened(capsys: pytest.CaptureFixture[str]) -> None:
+    exit_code = launch.main([str(APP_DIR), "--run-config", "dataset=" + "x" * 100_000])
+
+    error = capsys.readouterr().err
+    assert exit_code == launch.EXIT_USAGE
+    assert "dataset must be one of" in error
+    assert "characters in all)" in error
+    assert len(error) < launch.MAX_ERROR_LENGTH + 100
+
+
 def test_client_cpus_above_the_machine_is_usage_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
