@@ -27,10 +27,11 @@ may run in a new ClientApp process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -457,7 +458,8 @@ def _load_state(context: Context, header: RoundHeader) -> protocol.ClientState:
         raise ProtocolError(
             f"Stage {header.stage.value!r} arrived before this client's setup stage."
         )
-    state = protocol.ClientState.from_fields(dict(record))
+    with _restoring(STATE_RECORD):
+        state = protocol.ClientState.from_fields(dict(record))
     if (state.run_id, state.server_round) != (header.run_id, header.server_round):
         raise ProtocolError(
             f"Stage {header.stage.value!r} is for run {header.run_id} round "
@@ -502,6 +504,23 @@ def _claim_input_round(context: Context, header: RoundHeader) -> None:
     context.state[INPUT_ROUND_RECORD] = to_config_record(
         {"last-round": header.server_round}
     )
+
+
+@contextlib.contextmanager
+def _restoring(name: str) -> Iterator[None]:
+    """Report a record of ``Context.state`` that does not parse as corrupt.
+
+    Only this client writes its state, so such a record was changed on the
+    node; the stage fails with an error reply instead of an exception that
+    would leave the mod.
+    """
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, AttributeError, OverflowError) as error:
+        raise ProtocolError(
+            f"This client's stored {name!r} record is corrupt "
+            f"({type(error).__name__}: {error})."
+        ) from error
 
 
 def _save_state(context: Context, state: protocol.ClientState) -> None:
@@ -728,7 +747,10 @@ def _run_keyed_stage(
 
 def _load_run_keys(context: Context) -> run_keys.RunKeys | None:
     record = context.state.config_records.get(RUN_KEYS_RECORD)
-    return None if record is None else run_keys.RunKeys.from_fields(dict(record))
+    if record is None:
+        return None
+    with _restoring(RUN_KEYS_RECORD):
+        return run_keys.RunKeys.from_fields(dict(record))
 
 
 def _keyed_input(
@@ -918,16 +940,17 @@ def _load_spent(context: Context) -> tuple[SpentRound, ...]:
     record = context.state.config_records.get(PRIVACY_BUDGET_RECORD)
     if record is None:
         return ()
-    columns = [list(record[key]) for key in _SPENT_FIELDS]  # type: ignore[arg-type]
-    return tuple(
-        SpentRound(
-            sigma_client=float(sigma),
-            l2_sensitivity=float(sensitivity),
-            dimension=int(dimension),
-            bit_sigma_client=float(bit_sigma),
+    with _restoring(PRIVACY_BUDGET_RECORD):
+        columns = [list(record[key]) for key in _SPENT_FIELDS]  # type: ignore[arg-type]
+        return tuple(
+            SpentRound(
+                sigma_client=float(sigma),
+                l2_sensitivity=float(sensitivity),
+                dimension=int(dimension),
+                bit_sigma_client=float(bit_sigma),
+            )
+            for sigma, sensitivity, dimension, bit_sigma in zip(*columns, strict=True)
         )
-        for sigma, sensitivity, dimension, bit_sigma in zip(*columns, strict=True)
-    )
 
 
 def _save_spent(context: Context, rounds: tuple[SpentRound, ...]) -> None:
@@ -967,7 +990,8 @@ def _load_verification(context: Context) -> ClientVerificationState | None:
     record = context.state.config_records.get(VERIFICATION_STATE_RECORD)
     if record is None:
         return None
-    return ClientVerificationState.from_fields(dict(record))
+    with _restoring(VERIFICATION_STATE_RECORD):
+        return ClientVerificationState.from_fields(dict(record))
 
 
 def _require_verification_state(context: Context) -> ClientVerificationState:
@@ -1112,7 +1136,8 @@ def _take_kept_arrays(context: Context) -> dict[str, NDArray[np.uint32]]:
     if record is None:
         return {}
     del context.state[VERIFICATION_ARRAYS_RECORD]
-    return {key: array.numpy() for key, array in record.items()}
+    with _restoring(VERIFICATION_ARRAYS_RECORD):
+        return {key: array.numpy() for key, array in record.items()}
 
 
 def _verification_stage(

@@ -8,6 +8,7 @@ import random
 
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import context_to_proto
 
 from fedsec_flwr import (
     RoundReport,
@@ -29,7 +30,7 @@ from fedsec_flwr.core.messages import (
     UnmaskRequest,
 )
 from fedsec_flwr.core.server import ServerRound, recover_secret
-from fedsec_flwr.records import PROTOCOL_RECORD
+from fedsec_flwr.records import PROTOCOL_RECORD, VERIFICATION_ARRAYS_RECORD
 from tests.loopback import LoopbackGrid, inflate_weight_slot, stage_of
 from tests.test_secure_strategy import NODE_IDS, honest_train, initial_model, make_app
 
@@ -570,3 +571,39 @@ def test_three_clients_tolerate_a_dropout_only_when_trusting(key_lifetime: str) 
         secure_aggregation=config, rng=random.Random(1), on_round_end=reports.append
     ).start(grid=trusting, initial_arrays=initial, num_rounds=1)
     assert reports[0].num_aggregated == 2
+
+
+def test_tamper_corrupt_stored_record_gets_error_reply() -> None:
+    # Only the client writes its state, so a record that does not parse was
+    # changed on the node; the stage replies with an error naming it.
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    node = NODE_IDS[0]
+    context = grid.context_of(node)
+    context.state[VERIFICATION_ARRAYS_RECORD] = ArrayRecord(
+        {"update": Array(dtype="uint32", shape=(2,), stype="unknown", data=bytes(8))}
+    )
+    grid._contexts[node] = context_to_proto(context).SerializeToString()
+    header = RoundHeader(stage=Stage.SETUP, run_id=grid.run_id, server_round=1)
+    setup = grid.create_message(
+        RecordDict(
+            {PROTOCOL_RECORD: ConfigRecord({**header.to_fields(), "verification": 1})}
+        ),
+        "train",
+        node,
+        "1",
+    )
+
+    reply = grid.deliver_again(setup)
+
+    assert reply.has_error()
+    assert f"stored {VERIFICATION_ARRAYS_RECORD!r} record is corrupt" in (
+        reply.error.reason or ""
+    )
+
+
+def test_tamper_stored_threshold_below_two_rejected() -> None:
+    state, _ = _client_ready_to_unmask()
+    fields = {**state.to_fields(), "threshold": 0}
+
+    with pytest.raises(ProtocolError, match="threshold 0, outside 2 to its 5 share"):
+        protocol.ClientState.from_fields(fields)

@@ -107,10 +107,17 @@ class ClientState:
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> ClientState:
-        """Restore a state stored by ``to_fields``."""
+        """Restore a state stored by ``to_fields``.
+
+        Raises:
+            ProtocolError: A field is missing or of the wrong type, or a
+                state after setup has a threshold outside 2 to the number of
+                share holders.
+
+        """
         run_id = unpack_single_id(fields, "run-id")
         node_id = unpack_single_id(fields, "node-id")
-        return cls(
+        state = cls(
             run_id=run_id,
             server_round=_field(fields, "server-round", int),
             node_id=node_id,
@@ -127,6 +134,15 @@ class ClientState:
             own_seed_share=_field(fields, "own-seed-share", bytes),
             held_seed_shares=_node_map(fields, "seed-holder-ids", "seed-shares"),
         )
+        holders = len(state.neighbour_ids) + 1
+        if state.stage is not Stage.SETUP and not (
+            MIN_THRESHOLD <= state.threshold <= holders
+        ):
+            raise ProtocolError(
+                f"The stored client state has threshold {state.threshold}, outside "
+                f"{MIN_THRESHOLD} to its {holders} share holders."
+            )
+        return state
 
 
 def min_secure_threshold(num_neighbours: int) -> int:
