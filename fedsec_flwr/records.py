@@ -137,16 +137,31 @@ def array_to_numpy(key: str, array: Array) -> NDArray[Any]:
 
     Raises:
         ProtocolError: If the array is not a well-formed serialized numpy
-            array, naming ``key``.
+            array, if its dtype and shape differ from the ones the Array
+            declares, or if its values have zero bytes each (a huge shape
+            that costs nothing on the wire), naming ``key``.
 
     """
     try:
-        return array.numpy()
+        decoded = array.numpy()
     except ARRAY_DECODE_ERRORS as error:
         raise ProtocolError(
             f"Array {key!r} must be a serialized numpy array. Found "
             f"stype {array.stype!r}: {type(error).__name__}: {error}"
         ) from None
+    if str(decoded.dtype) != array.dtype or list(decoded.shape) != list(array.shape):
+        raise ProtocolError(
+            f"Array {key!r} declares dtype {array.dtype!r} and shape "
+            f"{list(array.shape)}, but its data has dtype {str(decoded.dtype)!r} "
+            f"and shape {list(decoded.shape)}."
+        )
+    if decoded.dtype.itemsize == 0 and decoded.size:
+        raise ProtocolError(
+            f"Array {key!r} has dtype {str(decoded.dtype)!r}, whose values take "
+            "no bytes, and must be empty. Found "
+            f"{decoded.size} values."
+        )
+    return decoded
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:

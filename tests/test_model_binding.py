@@ -564,6 +564,51 @@ def test_hostile_foreign_array_gets_error_reply() -> None:
     assert reports[1].num_aggregated == NUM_NODES - 1
 
 
+def _npy(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("array", "reason"),
+    [
+        (
+            Array(
+                dtype="float64",
+                shape=(3,),
+                stype="numpy.ndarray",
+                data=_npy(np.zeros(2, dtype=np.float32)),
+            ),
+            "declares dtype 'float64' and shape [3], but its data has dtype "
+            "'float32' and shape [2]",
+        ),
+        (
+            Array(np.empty(2 * 10**9, dtype=np.dtype("V0"))),
+            "whose values take no bytes, and must be empty. Found 2000000000",
+        ),
+    ],
+    ids=["metadata-lie", "zero-byte-values"],
+)
+def test_hostile_misdeclared_array_gets_error_reply(array: Array, reason: str) -> None:
+    victim = NODE_IDS[0]
+    calls: list[tuple[int, str]] = []
+
+    def fault(node: int, name: str, msg: Message) -> object:
+        if node == victim and name == "masked-input" and msg.metadata.group_id == "2":
+            items = dict(msg.content[ARRAYS_RECORD].items())
+            items[next(iter(items))] = array
+            msg.content[ARRAYS_RECORD] = ArrayRecord(items)
+        return None
+
+    grid = LoopbackGrid(make_app(recording_train(calls)), NODE_IDS, fault=fault)
+
+    run(grid, MODES[0], rounds=2)
+
+    assert reason in error_reasons(grid, 2)[victim]
+    assert victim not in trained(calls, 2)
+
+
 def with_extra_arrays(model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {
         **model,
