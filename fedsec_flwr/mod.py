@@ -1351,9 +1351,21 @@ def _plain_stage(
 def _check_plain_refusal(msg: Message, context: Context, options: _Options) -> None:
     """Apply the model check and the refusal policy to an unverified plain round."""
     server_round = _round_of(msg)
+    state = _load_verification(context)
     if server_round:
         _check_model(msg.metadata.run_id, server_round, msg, context)
-    state = _load_verification(context)
+        state = _load_verification(context)
+    elif (
+        state is not None
+        and state.run_id == msg.metadata.run_id
+        and state.verified_round
+    ):
+        # Without a round number the model check cannot run.
+        raise ProtocolError(
+            f"This client verified round {state.verified_round} of this run "
+            "and trains only on models of numbered later rounds. Found the "
+            f"group id {msg.metadata.group_id!r}, which is not a round number."
+        )
     reason = verification.refusal_reason(
         state,
         run_id=msg.metadata.run_id,

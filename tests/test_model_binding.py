@@ -542,6 +542,26 @@ def test_hostile_unprotocoled_plain_round_checked() -> None:
     assert MISMATCH in (reply.error.reason or "")
 
 
+@pytest.mark.parametrize("group_id", ["", "-1", "two"])
+def test_hostile_unnumbered_plain_round_refused(group_id: str) -> None:
+    # Without a round number in the group id the model check cannot run, so
+    # a client that verified a round refuses such a message.
+    grid = LoopbackGrid(make_app(secure=False), NODE_IDS)
+    released = run(grid, MODES[3], rounds=1)
+    record = one_ulp_up(ArrayRecord({k: Array(v) for k, v in released.items()}))
+    message = grid.create_message(
+        RecordDict({ARRAYS_RECORD: record, "config": ConfigRecord()}),
+        MessageType.TRAIN,
+        NODE_IDS[0],
+        group_id,
+    )
+
+    reply = grid.deliver_again(message)
+
+    assert reply.has_error()
+    assert "which is not a round number" in (reply.error.reason or "")
+
+
 def test_hostile_foreign_array_gets_error_reply() -> None:
     victim = NODE_IDS[0]
 
