@@ -65,41 +65,6 @@ def test_hostile_threshold_below_majority_rejected() -> None:
         protocol.client_share_keys(state, request)
 
 
-def _client_ready_to_unmask() -> tuple[protocol.ClientState, list[int]]:
-    nodes = [10, 20, 30, 40, 50]
-    server = ServerRound(
-        run_id=RUN_ID,
-        server_round=ROUND,
-        vector_size=5,
-        modulus=2**32,
-        rng=random.Random(0),
-    )
-    states, setup, shared = {}, {}, {}
-    for node in nodes:
-        states[node], setup[node] = protocol.client_setup(
-            run_id=RUN_ID, server_round=ROUND, node_id=node
-        )
-    server.receive_setup(nodes, setup)
-    for node, request in server.share_keys_requests().items():
-        states[node], shared[node] = protocol.client_share_keys(states[node], request)
-    server.receive_share_keys(shared)
-    forwarded = server.masked_input_requests()
-    return protocol.client_receive_shares(states[10], forwarded[10]), nodes
-
-
-def test_hostile_survivor_list_padding_rejected() -> None:
-    state, nodes = _client_ready_to_unmask()
-    made_up = tuple(range(900, 910))
-
-    with pytest.raises(ProtocolError, match="share holders have their masked input"):
-        protocol.client_unmask(
-            state,
-            UnmaskRequest(
-                survivor_ids=(nodes[0], *made_up), dropped_ids=tuple(nodes[1:])
-            ),
-        )
-
-
 def _five_clients_after_share_keys() -> tuple[
     ServerRound, dict[int, protocol.ClientState], dict[int, EncryptedShares]
 ]:
@@ -121,6 +86,24 @@ def _five_clients_after_share_keys() -> tuple[
         states[node], shared[node] = protocol.client_share_keys(states[node], request)
     server.receive_share_keys(shared)
     return server, states, server.masked_input_requests()
+
+
+def _client_ready_to_unmask() -> tuple[protocol.ClientState, list[int]]:
+    _, states, forwarded = _five_clients_after_share_keys()
+    return protocol.client_receive_shares(states[10], forwarded[10]), sorted(states)
+
+
+def test_hostile_survivor_list_padding_rejected() -> None:
+    state, nodes = _client_ready_to_unmask()
+    made_up = tuple(range(900, 910))
+
+    with pytest.raises(ProtocolError, match="share holders have their masked input"):
+        protocol.client_unmask(
+            state,
+            UnmaskRequest(
+                survivor_ids=(nodes[0], *made_up), dropped_ids=tuple(nodes[1:])
+            ),
+        )
 
 
 def test_hostile_two_hidden_shares_refused_before_masking() -> None:

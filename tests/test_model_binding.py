@@ -523,29 +523,11 @@ def test_report_policy_mismatch_reaches_server() -> None:
     assert reports[2].verified is True
 
 
-def test_hostile_unprotocoled_plain_round_checked() -> None:
-    # After a verified plain round, the server sends a plain train message
-    # without the protocol record, and with a changed model.
-    grid = LoopbackGrid(make_app(secure=False), NODE_IDS)
-    released = run(grid, MODES[3], rounds=1)
-    record = one_ulp_up(ArrayRecord({k: Array(v) for k, v in released.items()}))
-    message = grid.create_message(
-        RecordDict({ARRAYS_RECORD: record, "config": ConfigRecord()}),
-        MessageType.TRAIN,
-        NODE_IDS[0],
-        "2",
-    )
+def _changed_plain_train_after_round_one(group_id: str) -> Message:
+    """Verify one plain round, then send a plain train message of a changed model.
 
-    reply = grid.deliver_again(message)
-
-    assert reply.has_error()
-    assert MISMATCH in (reply.error.reason or "")
-
-
-@pytest.mark.parametrize("group_id", ["", "-1", "two"])
-def test_hostile_unnumbered_plain_round_refused(group_id: str) -> None:
-    # Without a round number in the group id the model check cannot run, so
-    # a client that verified a round refuses such a message.
+    The message has no protocol record, and ``group_id`` as its group id.
+    """
     grid = LoopbackGrid(make_app(secure=False), NODE_IDS)
     released = run(grid, MODES[3], rounds=1)
     record = one_ulp_up(ArrayRecord({k: Array(v) for k, v in released.items()}))
@@ -555,8 +537,21 @@ def test_hostile_unnumbered_plain_round_refused(group_id: str) -> None:
         NODE_IDS[0],
         group_id,
     )
+    return grid.deliver_again(message)
 
-    reply = grid.deliver_again(message)
+
+def test_hostile_unprotocoled_plain_round_checked() -> None:
+    reply = _changed_plain_train_after_round_one("2")
+
+    assert reply.has_error()
+    assert MISMATCH in (reply.error.reason or "")
+
+
+@pytest.mark.parametrize("group_id", ["", "-1", "two"])
+def test_hostile_unnumbered_plain_round_refused(group_id: str) -> None:
+    # Without a round number in the group id the model check cannot run, so
+    # a client that verified a round refuses such a message.
+    reply = _changed_plain_train_after_round_one(group_id)
 
     assert reply.has_error()
     assert "which is not a round number" in (reply.error.reason or "")
