@@ -190,6 +190,27 @@ def test_noise_multiplier_out_of_range_rejected(
 
 
 @pytest.mark.parametrize(
+    ("changes", "message", "absent"),
+    [
+        ({"dp_mode": ""}, "dp-mode must be one of", "With dp-mode on"),
+        ({"dp_mode": "bogus"}, "dp-mode must be one of", "With dp-mode on"),
+        (
+            {"dp_mode": "central", "noise_multiplier": -1.0},
+            "noise-multiplier must be at least 0; found -1.0",
+            "must be 0 or in",
+        ),
+    ],
+)
+def test_one_invalid_value_gets_one_message(
+    changes: dict[str, object], message: str, absent: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        parse(**changes)
+
+    assert absent not in str(error.value)
+
+
+@pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"clipping_norm": 2.0}, "dp-mode is off, so clipping-norm=2.0"),

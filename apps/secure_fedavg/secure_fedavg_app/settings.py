@@ -458,9 +458,9 @@ class AppSettings:
         ]
 
     def _check_noise_choice(self) -> str:
-        if self.dp_mode != "off" and (self.noise_multiplier > 0) == (
-            self.target_epsilon > 0
-        ):
+        # An unknown dp-mode is reported by its own check, not as DP on.
+        dp_on = self.dp_mode in DP_MODES and self.dp_mode != "off"
+        if dp_on and (self.noise_multiplier > 0) == (self.target_epsilon > 0):
             return (
                 "With dp-mode on, set exactly one of noise-multiplier and "
                 f"target-epsilon above 0; found {self.noise_multiplier} and "
@@ -622,7 +622,10 @@ def _check_delta(value: float) -> str:
 
 def _check_noise_floor(key: str, value: float) -> str:
     # 0 means "calibrate from the target", so only other values are bounded.
-    if value == 0.0 or MIN_NOISE_MULTIPLIER <= value <= MAX_SEARCH_NOISE_MULTIPLIER:
+    # A negative value is reported by _check_min_float alone.
+    if value < 0.0 or value == 0.0:
+        return ""
+    if MIN_NOISE_MULTIPLIER <= value <= MAX_SEARCH_NOISE_MULTIPLIER:
         return ""
     return (
         f"{key} must be 0 or in [{MIN_NOISE_MULTIPLIER}, "
