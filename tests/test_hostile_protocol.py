@@ -590,3 +590,55 @@ def test_tamper_stored_threshold_below_two_rejected() -> None:
 
     with pytest.raises(ProtocolError, match="threshold 0, outside 2 to its 5 share"):
         protocol.ClientState.from_fields(fields)
+
+
+def test_hostile_swapped_mask_keys_reveal_no_victim_seed() -> None:
+    # In each holder's list the server swaps the victim's mask key with a
+    # decoy neighbour's, then tells the holder that the decoy dropped. The
+    # seed the holder reveals for the decoy comes from its key agreement
+    # with the victim, but it is bound to the decoy's node id, so it is not
+    # the seed of the holder's pair with the victim.
+    victim, decoy = 10, 20
+    nodes = [10, 20, 30, 40, 50]
+    server = ServerRound(
+        run_id=RUN_ID,
+        server_round=ROUND,
+        vector_size=5,
+        modulus=2**32,
+        rng=random.Random(0),
+    )
+    states, setup, shared = {}, {}, {}
+    for node in nodes:
+        states[node], setup[node] = protocol.client_setup(
+            run_id=RUN_ID, server_round=ROUND, node_id=node
+        )
+    server.receive_setup(nodes, setup)
+    for node, request in server.share_keys_requests().items():
+        if node not in (victim, decoy):
+            masking = list(request.mask_public_keys)
+            first = request.neighbour_ids.index(victim)
+            second = request.neighbour_ids.index(decoy)
+            masking[first], masking[second] = masking[second], masking[first]
+            request = dataclasses.replace(request, mask_public_keys=tuple(masking))
+        states[node], shared[node] = protocol.client_share_keys(states[node], request)
+    server.receive_share_keys(shared)
+    forwarded = server.masked_input_requests()
+    for node in nodes:
+        states[node] = protocol.client_receive_shares(states[node], forwarded[node])
+
+    for holder in (30, 40, 50):
+        _, reply = protocol.client_unmask(
+            states[holder],
+            UnmaskRequest(
+                survivor_ids=tuple(n for n in nodes if n != decoy), dropped_ids=(decoy,)
+            ),
+        )
+        victim_seed = protocol.pair_seed(
+            states[victim].mask_private_key,
+            setup[holder].mask_public_key,
+            RUN_ID,
+            ROUND,
+            node_ids=(victim, holder),
+        )
+        assert victim in reply.seed_shares
+        assert reply.pair_seeds[decoy] != victim_seed

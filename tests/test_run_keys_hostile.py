@@ -976,6 +976,7 @@ def test_hostile_key_substitution_reads_input() -> None:
             victim_keys.mask_public_key,
             server.run_id,
             server_round,
+            node_ids=(node, victim),
         )
         for node in neighbours
     }
@@ -1972,6 +1973,7 @@ def test_hostile_no_secret_leaves_client(
                 run_keys_by_node[b].public().mask_public_key,
                 grid.run_id,
                 server_round,
+                node_ids=(a, b),
             )
             if seed not in revealed_seeds:
                 assert not _appears(seed, blobs, texts), (server_round, a, b)

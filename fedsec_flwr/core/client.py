@@ -394,13 +394,27 @@ def decrypt_share(
 
 
 def pair_seed(
-    mask_private_key: bytes, peer_mask_public_key: bytes, run_id: int, server_round: int
+    mask_private_key: bytes,
+    peer_mask_public_key: bytes,
+    run_id: int,
+    server_round: int,
+    *,
+    node_ids: tuple[int, int],
 ) -> bytes:
-    """Derive the 32-byte seed of the pairwise mask between two clients."""
+    """Derive the 32-byte seed of the pairwise mask between two clients.
+
+    The derivation binds the two node ids, in increasing order, besides the
+    run and round. A server that swaps two neighbours' mask keys in a
+    client's list then gets, for a neighbour it calls dropped, a seed that
+    matches no mask the client added for the other neighbour.
+    """
+    low, high = sorted(node_ids)
     return keys.derive_shared_key(
         keys.load_private_key(mask_private_key),
         peer_mask_public_key,
-        info=PAIR_SEED_INFO + round_context(run_id, server_round),
+        info=PAIR_SEED_INFO
+        + round_context(run_id, server_round)
+        + pack_node_ids([low, high]),
     )
 
 
@@ -426,6 +440,7 @@ def client_mask(
             state.mask_public_keys[position],
             state.run_id,
             state.server_round,
+            node_ids=(state.node_id, peer),
         )
         masks.add_mask(
             masked,
@@ -507,6 +522,7 @@ def client_unmask(
             state.mask_public_keys[state.neighbour_ids.index(peer)],
             state.run_id,
             state.server_round,
+            node_ids=(state.node_id, peer),
         )
         for peer in sorted(listed_dropped)
     }

@@ -29,7 +29,7 @@ _UINT32_SIZE = 4
 SHARE_KEY_INFO = b"fedsec_flwr/share-encryption/v1"
 """HKDF info prefix of the key that encrypts shares between two clients."""
 
-PAIR_SEED_INFO = b"fedsec_flwr/pair-seed/v1"
+PAIR_SEED_INFO = b"fedsec_flwr/pair-seed/v2"
 """HKDF info prefix of the seed of the pairwise mask between two clients."""
 
 SELF_MASK_LABEL = b"self"

@@ -348,6 +348,7 @@ def _round_pair_seed(state: ClientState, peer: int) -> bytes:
         state.mask_public_keys[position],
         state.run_id,
         state.server_round,
+        node_ids=(state.node_id, peer),
     )
 
 

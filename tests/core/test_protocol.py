@@ -292,7 +292,11 @@ def test_client_reveals_one_kind_per_peer() -> None:
     assert set(reply.pair_seeds) == {nodes[4]}
     position = state.neighbour_ids.index(nodes[4])
     assert reply.pair_seeds[nodes[4]] == protocol.pair_seed(
-        state.mask_private_key, state.mask_public_keys[position], RUN_ID, ROUND
+        state.mask_private_key,
+        state.mask_public_keys[position],
+        RUN_ID,
+        ROUND,
+        node_ids=(nodes[0], nodes[4]),
     )
 
 

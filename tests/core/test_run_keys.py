@@ -426,7 +426,11 @@ def test_revealed_pair_seed_unmasks_only_its_round() -> None:
         position = state.neighbour_ids.index(b)
         seeds.append(
             run_keys.pair_seed(
-                state.mask_private_key, state.mask_public_keys[position], RUN_ID, rnd
+                state.mask_private_key,
+                state.mask_public_keys[position],
+                RUN_ID,
+                rnd,
+                node_ids=(a, b),
             )
         )
     first = np.zeros(DIM, np.uint32)
