@@ -642,3 +642,49 @@ def test_hostile_swapped_mask_keys_reveal_no_victim_seed() -> None:
         )
         assert victim in reply.seed_shares
         assert reply.pair_seeds[decoy] != victim_seed
+
+
+def test_limit_lying_server_with_one_colluding_neighbour_unmasks() -> None:
+    """A limit, not a guarantee: lying about dropouts tolerates no colluder.
+
+    The threshold - 2 rule leaves a lying server one share of the victim's
+    seed short; a colluding neighbour gives it that share and its own pair
+    seed with the victim.
+    """
+    server, states, forwarded = _five_clients_after_share_keys()
+    victim, colluder, listed, others = 10, 20, 30, (40, 50)
+    for node in states:
+        states[node] = protocol.client_receive_shares(states[node], forwarded[node])
+    nodes = sorted(states)
+
+    def view(dropped: tuple[int, ...]) -> UnmaskRequest:
+        return UnmaskRequest(
+            survivor_ids=tuple(n for n in nodes if n not in dropped),
+            dropped_ids=dropped,
+        )
+
+    _, own = protocol.client_unmask(states[victim], view((listed,)))
+    _, from_listed = protocol.client_unmask(states[listed], view(()))
+    from_others = {
+        node: protocol.client_unmask(states[node], view((victim,)))[1]
+        for node in others
+    }
+    colluding = states[colluder]
+    shares = {
+        victim: own.seed_shares[victim],
+        listed: from_listed.seed_shares[victim],
+        colluder: colluding.held_seed_shares[victim],
+    }
+    seed = recover_secret(
+        victim,
+        protocol.share_holders(victim, server.plan.neighbours[victim]),
+        shares,
+        threshold=server.plan.threshold,
+        server_round=ROUND,
+        kind="seed",
+        size=32,
+    )
+
+    assert seed == states[victim].self_seed
+    assert listed in own.pair_seeds
+    assert all(victim in from_others[node].pair_seeds for node in others)

@@ -470,10 +470,12 @@ def client_unmask(
     this client, from the neighbours it lists as dropped and from those that
     sent it no shares. Their number is kept at ``threshold - 1`` or less by
     rejecting more than ``threshold - 2`` of the last two kinds, whatever the
-    server tells the other clients. ``trust_dropouts`` lifts that limit for a
-    client that trusts the server's dropout lists: it then tolerates as many
-    dropouts as the threshold allows, and a server that lies about them can
-    unmask its input.
+    server tells the other clients. That margin is one share: a colluding
+    neighbour, which gives both its share and its pair's seed, closes it.
+    ``trust_dropouts`` lifts that limit for a client that trusts the
+    server's dropout lists: it then tolerates as many dropouts as the
+    threshold allows, and a server that lies about them can unmask its
+    input.
 
     Raises:
         ProtocolError: The request lists a node as both survivor and dropped,
