@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -65,9 +66,10 @@ def test_hostile_threshold_below_majority_rejected() -> None:
         protocol.client_share_keys(state, request)
 
 
-def _five_clients_after_share_keys() -> tuple[
-    ServerRound, dict[int, protocol.ClientState], dict[int, EncryptedShares]
-]:
+def _five_clients_after_share_keys(
+    rewrite: Callable[[int, ShareKeysRequest], ShareKeysRequest] | None = None,
+) -> tuple[ServerRound, dict[int, protocol.ClientState], dict[int, EncryptedShares]]:
+    """Run setup and share-keys for 5 clients; ``rewrite`` edits each request."""
     nodes = [10, 20, 30, 40, 50]
     server = ServerRound(
         run_id=RUN_ID,
@@ -83,6 +85,8 @@ def _five_clients_after_share_keys() -> tuple[
         )
     server.receive_setup(nodes, setup)
     for node, request in server.share_keys_requests().items():
+        if rewrite is not None:
+            request = rewrite(node, request)
         states[node], shared[node] = protocol.client_share_keys(states[node], request)
     server.receive_share_keys(shared)
     return server, states, server.masked_input_requests()
@@ -594,35 +598,23 @@ def test_tamper_stored_threshold_below_two_rejected() -> None:
 
 def test_hostile_swapped_mask_keys_reveal_no_victim_seed() -> None:
     # In each holder's list the server swaps the victim's mask key with a
-    # decoy neighbour's, then tells the holder that the decoy dropped. The
-    # seed the holder reveals for the decoy comes from its key agreement
-    # with the victim, but it is bound to the decoy's node id, so it is not
-    # the seed of the holder's pair with the victim.
+    # decoy neighbour's, then lists the decoy as dropped. The seed the holder
+    # reveals for the decoy comes from its key agreement with the victim.
+    # Because the seed binds the decoy's node id, it is not the seed of the
+    # holder's pair with the victim.
     victim, decoy = 10, 20
-    nodes = [10, 20, 30, 40, 50]
-    server = ServerRound(
-        run_id=RUN_ID,
-        server_round=ROUND,
-        vector_size=5,
-        modulus=2**32,
-        rng=random.Random(0),
-    )
-    states, setup, shared = {}, {}, {}
-    for node in nodes:
-        states[node], setup[node] = protocol.client_setup(
-            run_id=RUN_ID, server_round=ROUND, node_id=node
-        )
-    server.receive_setup(nodes, setup)
-    for node, request in server.share_keys_requests().items():
-        if node not in (victim, decoy):
-            masking = list(request.mask_public_keys)
-            first = request.neighbour_ids.index(victim)
-            second = request.neighbour_ids.index(decoy)
-            masking[first], masking[second] = masking[second], masking[first]
-            request = dataclasses.replace(request, mask_public_keys=tuple(masking))
-        states[node], shared[node] = protocol.client_share_keys(states[node], request)
-    server.receive_share_keys(shared)
-    forwarded = server.masked_input_requests()
+
+    def swap_keys(node: int, request: ShareKeysRequest) -> ShareKeysRequest:
+        if node in (victim, decoy):
+            return request
+        masking = list(request.mask_public_keys)
+        first = request.neighbour_ids.index(victim)
+        second = request.neighbour_ids.index(decoy)
+        masking[first], masking[second] = masking[second], masking[first]
+        return dataclasses.replace(request, mask_public_keys=tuple(masking))
+
+    _, states, forwarded = _five_clients_after_share_keys(swap_keys)
+    nodes = sorted(states)
     for node in nodes:
         states[node] = protocol.client_receive_shares(states[node], forwarded[node])
 
@@ -633,9 +625,10 @@ def test_hostile_swapped_mask_keys_reveal_no_victim_seed() -> None:
                 survivor_ids=tuple(n for n in nodes if n != decoy), dropped_ids=(decoy,)
             ),
         )
+        holder_key = keys.load_private_key(states[holder].mask_private_key)
         victim_seed = protocol.pair_seed(
             states[victim].mask_private_key,
-            setup[holder].mask_public_key,
+            keys.public_key_bytes(holder_key),
             RUN_ID,
             ROUND,
             node_ids=(victim, holder),
