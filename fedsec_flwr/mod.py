@@ -508,11 +508,11 @@ def _claim_input_round(context: Context, header: RoundHeader) -> None:
 
 @contextlib.contextmanager
 def _restoring(name: str) -> Iterator[None]:
-    """Report a record of ``Context.state`` that does not parse as corrupt.
+    """Raise ProtocolError for a ``Context.state`` record that does not parse.
 
     Only this client writes its state, so such a record was changed on the
-    node; the stage fails with an error reply instead of an exception that
-    would leave the mod.
+    node. The stage then fails with an error reply, not with an exception
+    out of the mod.
     """
     try:
         yield

@@ -114,10 +114,10 @@ def test_hostile_two_hidden_shares_refused_before_masking() -> None:
     _, states, forwarded = _five_clients_after_share_keys()
     victim = 10
     # The victim gets the shares of 40 and 50 only, not those of 20 and 30.
-    kept = {p: c for p, c in forwarded[victim].ciphertexts.items() if p > 30}
+    delivered = {p: c for p, c in forwarded[victim].ciphertexts.items() if p > 30}
 
     with pytest.raises(ProtocolError, match="2 of this client's neighbours sent no"):
-        protocol.client_receive_shares(states[victim], EncryptedShares(kept))
+        protocol.client_receive_shares(states[victim], EncryptedShares(delivered))
 
 
 @pytest.mark.parametrize("hidden", [(), (20,), (40,)])
@@ -153,10 +153,10 @@ def test_hostile_split_dropout_views_cannot_unmask_one_client(
     }
     pair_seed = {}
     for node in nodes[1:]:
-        says_dropped = UnmaskRequest(
+        victim_dropped = UnmaskRequest(
             survivor_ids=tuple(n for n in nodes if n != victim), dropped_ids=(victim,)
         )
-        pair_seed[node] = protocol.client_unmask(states[node], says_dropped)[1]
+        pair_seed[node] = protocol.client_unmask(states[node], victim_dropped)[1]
 
     accepted = 0
     for size in range(len(masked_with) + 1):
@@ -198,20 +198,20 @@ def test_hostile_split_view_gets_one_kind_per_peer() -> None:
     state, nodes = _client_ready_to_unmask()
     victim = nodes[1]
 
-    _, says_survived = protocol.client_unmask(
+    _, survived_view_reply = protocol.client_unmask(
         state, UnmaskRequest(survivor_ids=tuple(nodes), dropped_ids=())
     )
-    _, says_dropped = protocol.client_unmask(
+    _, dropped_view_reply = protocol.client_unmask(
         state,
         UnmaskRequest(
             survivor_ids=tuple(n for n in nodes if n != victim), dropped_ids=(victim,)
         ),
     )
 
-    assert victim in says_survived.seed_shares
-    assert victim not in says_survived.pair_seeds
-    assert victim in says_dropped.pair_seeds
-    assert victim not in says_dropped.seed_shares
+    assert victim in survived_view_reply.seed_shares
+    assert victim not in survived_view_reply.pair_seeds
+    assert victim in dropped_view_reply.pair_seeds
+    assert victim not in dropped_view_reply.seed_shares
     assert state.threshold * 2 > len(state.neighbour_ids) + 1
 
 
@@ -461,7 +461,7 @@ def test_neighbour_limit_also_bounds_the_config() -> None:
         SecAggConfig(num_neighbours=protocol.MAX_NEIGHBOURS + 1, max_clients=2000)
 
 
-def test_hostile_low_order_mask_key_rejected_at_share_keys() -> None:
+def test_hostile_low_order_mask_key_rejected() -> None:
     # A mask key fails key agreement only when the client masks, after it
     # trained, so share-keys checks it with the encryption keys.
     state, _ = protocol.client_setup(run_id=RUN_ID, server_round=ROUND, node_id=1)
@@ -562,7 +562,7 @@ def test_three_clients_tolerate_a_dropout_only_when_trusting(key_lifetime: str) 
 
 def test_tamper_corrupt_stored_record_gets_error_reply() -> None:
     # Only the client writes its state, so a record that does not parse was
-    # changed on the node; the stage replies with an error naming it.
+    # changed on the node. The stage replies with an error that names it.
     grid = LoopbackGrid(make_app(), NODE_IDS)
     node = NODE_IDS[0]
     context = grid.context_of(node)
@@ -641,7 +641,7 @@ def test_limit_lying_server_with_one_colluding_neighbour_unmasks() -> None:
     """A limit, not a guarantee: lying about dropouts tolerates no colluder.
 
     The threshold - 2 rule leaves a lying server one share of the victim's
-    seed short; a colluding neighbour gives it that share and its own pair
+    seed short. A colluding neighbour gives it that share and its own pair
     seed with the victim.
     """
     server, states, forwarded = _five_clients_after_share_keys()

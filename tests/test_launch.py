@@ -370,7 +370,7 @@ def test_client_cpus_above_the_machine_is_usage_error(
     assert "Found 3." in error
 
 
-def test_output_dir_that_is_not_utf8_is_usage_error(
+def test_non_utf8_output_dir_rejected(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = os.fsdecode(os.fsencode(tmp_path) + b"/out\xff")

@@ -278,7 +278,7 @@ def test_hostile_deferred_request_rejected(
     assert message in (reply.error.reason or "")
 
 
-def test_hostile_failed_message_keeps_its_deferred_commit_for_a_resend() -> None:
+def test_hostile_failed_message_keeps_deferred_commit() -> None:
     # A round-2 setup carrying round 1's commit fails on its own field. The
     # commit must not consume the kept input, so the correct resend commits.
     victim = NODE_IDS[0]

@@ -78,7 +78,7 @@ def test_split_ring_aborts_before_unmask() -> None:
         )
 
 
-def test_one_dropout_on_ring_is_refused_by_its_neighbours() -> None:
+def test_ring_dropout_rejected_by_neighbours() -> None:
     # Degree 2 gives threshold 2, and a client accepts at most threshold - 2
     # dropped neighbours, so a ring tolerates no dropout before the input.
     nodes = list(range(1, 7))

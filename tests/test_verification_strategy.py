@@ -733,7 +733,7 @@ def test_client_refuses_training_after_failed_verification(
 
 
 @pytest.mark.parametrize("key_lifetime", KEY_LIFETIMES)
-def test_hostile_other_run_id_cannot_erase_a_failed_round(
+def test_hostile_other_run_id_keeps_failure(
     monkeypatch: pytest.MonkeyPatch, key_lifetime: str
 ) -> None:
     replace_verifier(monkeypatch, OtherRoundForOne)

@@ -321,7 +321,7 @@ def client_receive_shares(
     Any share that fails authentication aborts the round for this client:
     skipping it would leave a pairwise mask that the server could not remove.
 
-    A neighbour whose share is missing holds a share of this client's seed
+    A neighbour whose share is missing has a share of this client's seed
     but gets no pairwise mask, so it could reveal that share at no cost to
     the server. At most ``threshold - 2`` of them are accepted, counted with
     the dropouts at unmask (see `client_unmask`), unless ``trust_dropouts``
@@ -465,8 +465,8 @@ def client_unmask(
     of the pair can compute. To remove every mask of this client's input,
     a server needs each pairwise seed, from this client or the neighbour,
     and ``threshold`` shares of its seed. A neighbour that reveals the seed
-    it shares with this client was told that this client dropped, so it
-    reveals no share of this client's seed. Shares can then come only from
+    it shares with this client received a list with this client as dropped,
+    so it reveals no share of this client's seed. Shares can then come only from
     this client, from the neighbours it lists as dropped and from those that
     sent it no shares. Their number is kept at ``threshold - 1`` or less by
     rejecting more than ``threshold - 2`` of the last two kinds, whatever the

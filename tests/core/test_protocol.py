@@ -223,7 +223,7 @@ def test_dropouts_at_masked_input_and_unmask() -> None:
 def test_neighbours_dropping_at_masked_input_and_unmask_abort() -> None:
     # Only the two clients of a pair can reveal its seed, so a pair in which
     # one drops before its masked input and the other after it leaves a mask
-    # that nobody can remove.
+    # that no client can remove.
     updates = _updates(10, seed=3)
     weights = {node: 1 + i for i, node in enumerate(sorted(updates))}
     nodes = sorted(updates)
@@ -300,7 +300,7 @@ def test_client_reveals_one_kind_per_peer() -> None:
     )
 
 
-def test_client_rejects_more_dropped_neighbours_than_threshold_minus_two() -> None:
+def test_client_rejects_too_many_dropped_neighbours() -> None:
     state, nodes = _client_after_masked_input(5)
 
     with pytest.raises(ProtocolError, match="more than threshold - 2 = 1 together"):
