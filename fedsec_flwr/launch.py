@@ -86,6 +86,9 @@ SUPERLINK_PROBE_INTERVAL_SECONDS = 0.25
 STATUS_POLL_INTERVAL_SECONDS = 2.0
 STATUS_POLL_TIMEOUT_SECONDS = 60.0
 STATUS_QUERY_TIMEOUT_SECONDS = 30.0
+COMPLETION_GRACE_SECONDS = 30.0
+"""Seconds that a run whose results.json records "completed" may take after
+the timeout to end, before the launcher stops it."""
 TERMINATE_GRACE_SECONDS = 10.0
 KILL_GRACE_SECONDS = 5.0
 
@@ -999,21 +1002,36 @@ def read_results_status(results_file: Path) -> str | None:
     return status if isinstance(status, str) else None
 
 
-def mark_results_stopped(results_file: Path, reason: str) -> None:
+def mark_results_stopped(
+    results_file: Path, reason: str, *, failed_since: float | None = None
+) -> None:
     """Mark a ``results.json`` still ``running`` as ``failed``, with ``reason``.
 
     The app cannot record a run that the launcher stopped, so the launcher
-    does it, to keep the file from claiming the run is still going.
+    does it, to keep the file from claiming the run is still going. A file
+    that says ``failed`` and was written at or after ``failed_since`` (a
+    `time.time` value) recorded what the stop caused; its error is kept
+    after ``reason``.
     """
     try:
+        modified = results_file.stat().st_mtime
         document = json.loads(results_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return
     if not isinstance(document, dict):
         return
-    if document.get("status") != RESULTS_STATUS_RUNNING:
+    status = document.get("status")
+    failed_by_stop = (
+        status == RESULTS_STATUS_FAILED
+        and failed_since is not None
+        and modified >= failed_since
+    )
+    if status != RESULTS_STATUS_RUNNING and not failed_by_stop:
         return
 
+    if failed_by_stop:
+        earlier = shortened(str(document.get("error", "")), MAX_ERROR_LENGTH)
+        reason = f"{reason} The ServerApp then recorded: {earlier}"
     document["status"] = RESULTS_STATUS_FAILED
     document["error"] = reason
     temp_file = results_file.with_name(f".{results_file.name}.launcher.tmp")
@@ -1132,12 +1150,13 @@ def launch(options: LaunchOptions, echo: IO[str] = sys.stdout) -> LaunchResult:
                 EXIT_INTERRUPTED, message="Interrupted; stopping the SuperLink."
             )
         finally:
+            stopped_at = time.time()
             survivors = stop_process_tree(group)
             if survivors:
                 logger.error("Processes still alive after SIGKILL: %s", survivors)
             shutil.rmtree(ray_temp_dir, ignore_errors=True)
 
-    record_unfinished_run(result, paths.results_file)
+    record_unfinished_run(result, paths.results_file, stopped_at=stopped_at)
     result.message = _with_log_hint(result, paths)
     return result
 
@@ -1209,7 +1228,9 @@ def _move_earlier_results(paths: RunPaths, echo: IO[str]) -> None:
     )
 
 
-def record_unfinished_run(result: LaunchResult, results_file: Path) -> None:
+def record_unfinished_run(
+    result: LaunchResult, results_file: Path, *, stopped_at: float | None = None
+) -> None:
     """Mark ``results.json`` failed when the run ended without the app doing so.
 
     The launcher stops a run that times out or is interrupted. A run can also
@@ -1217,6 +1238,11 @@ def record_unfinished_run(result: LaunchResult, results_file: Path) -> None:
     not start, and then the status in ``results.json`` would remain ``running``.
     When the ServerApp wrote no file at all, the launcher writes one with the
     status and the error only.
+
+    Stopping the processes can itself make the ServerApp record a failure,
+    such as too few clients once the simulation's actors are gone. A failure
+    written at or after ``stopped_at`` (a `time.time` value) is therefore
+    replaced by the launcher's reason, which quotes the app's error.
     """
     if result.exit_code != EXIT_OK and not results_file.exists():
         _write_failed_results(
@@ -1226,7 +1252,12 @@ def record_unfinished_run(result: LaunchResult, results_file: Path) -> None:
         return
 
     if result.exit_code in (EXIT_TIMEOUT, EXIT_INTERRUPTED):
-        mark_results_stopped(results_file, f"Stopped by the launcher: {result.message}")
+        mark_results_stopped(
+            results_file,
+            f"Stopped by the launcher: {result.message}",
+            failed_since=stopped_at,
+        )
+        result.results_status = read_results_status(results_file)
         return
 
     if (
@@ -1289,12 +1320,14 @@ def _launch_processes(
     try:
         group.flwr_run.wait(timeout=_remaining(deadline))
     except subprocess.TimeoutExpired:
-        return LaunchResult(
-            EXIT_TIMEOUT,
-            run_id=pump.run_id,
-            results_status=read_results_status(paths.results_file),
-            message=f"The run did not finish within {options.timeout:.0f} s.",
-        )
+        if not ends_after_completion(group.flwr_run, paths.results_file):
+            return LaunchResult(
+                EXIT_TIMEOUT,
+                run_id=pump.run_id,
+                results_status=read_results_status(paths.results_file),
+                message=f"The run did not finish within {options.timeout:.0f} s.",
+            )
+        deadline = time.monotonic() + COMPLETION_GRACE_SECONDS
     pump.join(timeout=5.0)
 
     if pump.run_id is None:
@@ -1304,6 +1337,28 @@ def _launch_processes(
             "before starting a run.",
         )
     return _final_result(pump.run_id, env, paths, deadline)
+
+
+def ends_after_completion(process: subprocess.Popen[Any], results_file: Path) -> bool:
+    """Wait briefly for a run that recorded its outcome as the timeout fired.
+
+    The ServerApp writes ``completed`` before Flower ends the run, so a
+    timeout can fire in between. Such a run is not stopped: ``flwr run``
+    gets `COMPLETION_GRACE_SECONDS` more to exit.
+
+    Returns:
+        True if ``results.json`` records ``completed`` and ``flwr run``
+        exited within the grace period.
+
+    """
+    if read_results_status(results_file) != RESULTS_STATUS_COMPLETED:
+        return False
+
+    try:
+        process.wait(timeout=COMPLETION_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _final_result(

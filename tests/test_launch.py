@@ -519,7 +519,9 @@ def test_interrupt_stops_run_and_cleans_up(
     assert results_file.exists()
     assert status_before == "running"
     assert process.returncode == launch.EXIT_INTERRUPTED, stderr[-3000:]
-    assert _results_status(output_dir) == "failed"
+    document = json.loads(results_file.read_text())
+    assert document["status"] == "failed"
+    assert document["error"].startswith("Stopped by the launcher: Interrupted")
     _assert_nothing_left(output_dir)
 
 
@@ -592,6 +594,60 @@ def _write_results(path: Path, status: str) -> None:
     path.write_text(json.dumps({"status": status, "rounds": []}), encoding="utf-8")
 
 
+def _sleeper(seconds: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({seconds})"]
+    )
+
+
+def test_completed_run_gets_grace_after_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ServerApp wrote its outcome as the timeout fired; Flower ends the
+    # run a moment later, so the run is not reported as timed out.
+    monkeypatch.setattr(launch, "COMPLETION_GRACE_SECONDS", 20.0)
+    results_file = tmp_path / "results.json"
+    _write_results(results_file, "completed")
+    process = _sleeper(0.3)
+
+    assert launch.ends_after_completion(process, results_file)
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("status", ["running", "failed", None])
+def test_unfinished_run_gets_no_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: str | None
+) -> None:
+    monkeypatch.setattr(launch, "COMPLETION_GRACE_SECONDS", 20.0)
+    results_file = tmp_path / "results.json"
+    if status is not None:
+        _write_results(results_file, status)
+    process = _sleeper(2.0)
+    try:
+        started = time.monotonic()
+
+        assert not launch.ends_after_completion(process, results_file)
+        assert time.monotonic() - started < 1.0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_completed_run_that_hangs_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "COMPLETION_GRACE_SECONDS", 0.2)
+    results_file = tmp_path / "results.json"
+    _write_results(results_file, "completed")
+    process = _sleeper(30.0)
+    try:
+        assert not launch.ends_after_completion(process, results_file)
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_failed_run_still_running_marked_failed(tmp_path: Path) -> None:
     # The simulation engine can fail before the ServerApp runs its handlers,
     # so only the launcher can record that the run is over.
@@ -636,6 +692,42 @@ def test_recorded_outcome_left_alone(
 
     assert results_file.read_text() == before
     assert result.message == "m"
+
+
+@pytest.mark.parametrize("exit_code", [launch.EXIT_TIMEOUT, launch.EXIT_INTERRUPTED])
+def test_failure_caused_by_stop_names_the_stop(tmp_path: Path, exit_code: int) -> None:
+    # Stopping the simulation kills its actors, and the ServerApp may then
+    # record "too few clients" although the user interrupted the run.
+    results_file = tmp_path / "results.json"
+    stopped_at = time.time()
+    results_file.write_text(
+        json.dumps({"status": "failed", "error": "TooFewSurvivorsError: 0 of 3"})
+    )
+    os.utime(results_file, (stopped_at + 1, stopped_at + 1))
+    result = launch.LaunchResult(exit_code, message="Interrupted; stopping.")
+
+    launch.record_unfinished_run(result, results_file, stopped_at=stopped_at)
+
+    document = json.loads(results_file.read_text())
+    assert document["status"] == "failed"
+    assert document["error"] == (
+        "Stopped by the launcher: Interrupted; stopping. The ServerApp then "
+        "recorded: TooFewSurvivorsError: 0 of 3"
+    )
+
+
+def test_failure_before_stop_left_alone(tmp_path: Path) -> None:
+    results_file = tmp_path / "results.json"
+    stopped_at = time.time()
+    results_file.write_text(json.dumps({"status": "failed", "error": "bad model"}))
+    os.utime(results_file, (stopped_at - 5, stopped_at - 5))
+    before = results_file.read_text()
+    result = launch.LaunchResult(launch.EXIT_INTERRUPTED, message="Interrupted.")
+
+    launch.record_unfinished_run(result, results_file, stopped_at=stopped_at)
+
+    assert results_file.read_text() == before
+    assert result.results_status == "failed"
 
 
 @pytest.mark.parametrize("exit_code", [launch.EXIT_TIMEOUT, launch.EXIT_FAILED])
