@@ -59,6 +59,7 @@ from .core.transcript import (
 from .files import (
     open_regular_file,
     os_reason,
+    write_atomically,
     write_text_atomically,
 )
 from .model_files import (
@@ -164,7 +165,7 @@ def append_round(
         raise ValueError(
             "aggregate must match the transcript's SHA-256. Found another vector."
         )
-    document = _read_document(audit_path) if audit_path.exists() else _new_document()
+    document = _appendable_document(audit_path)
 
     entry: dict[str, Any] = {"transcript": transcript.to_dict()}
     if settings is not None:
@@ -178,11 +179,37 @@ def append_round(
             f"{audit_path.stem}-run-{transcript.run_id}"
             f"-round-{transcript.server_round}.npy"
         )
-        np.save(audit_path.parent / name, aggregate, allow_pickle=False)
+        write_atomically(
+            audit_path.parent / name,
+            lambda stream: np.save(stream, aggregate, allow_pickle=False),
+        )
         entry["aggregate_path"] = name
     document["rounds"].append(entry)
 
     write_text_atomically(audit_path, json.dumps(document, sort_keys=True, indent=1))
+
+
+def check_appendable(audit_path: Path) -> None:
+    """Check that rounds can be appended to `audit_path`.
+
+    Raises:
+        ValueError: If a file is there that is not an audit file, or cannot be
+            read. The message names the path.
+
+    """
+    _appendable_document(audit_path)
+
+
+def _appendable_document(audit_path: Path) -> dict[str, Any]:
+    if not os.path.lexists(audit_path):
+        return _new_document()
+    try:
+        return _read_document(audit_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Rounds cannot be added to the audit file {str(audit_path)!r}: "
+            f"{error} Move the file away or write the audit elsewhere."
+        ) from error
 
 
 def audit_file(audit_path: Path) -> list[RoundAudit]:

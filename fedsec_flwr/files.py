@@ -1,10 +1,11 @@
-"""File checks before reading untrusted files, and atomic replacement of a text file."""
+"""File checks before reading untrusted files, and atomic replacement of a file."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,18 +15,24 @@ as for any file that ``open`` creates."""
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Replace `path` with a file holding `text` in UTF-8, all at once.
+    """Replace `path` with a file holding `text` in UTF-8, all at once."""
+    write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
 
-    The text goes to a new file in the same folder, which is flushed to
-    disk and then renamed over `path`, so a reader sees the old file or
-    the new one, never part of one. ``tempfile.mkstemp`` would create the
-    file with mode 0600 whatever the umask; this one gets the umask's mode.
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with the bytes that `write` writes to a stream, all at once.
+
+    The bytes go to a new file in the same folder, which is flushed to disk
+    and then renamed over `path`, so a reader sees the old file or the new
+    one, never part of one. A symbolic link at `path` is replaced, not
+    followed. ``tempfile.mkstemp`` would create the file with mode 0600
+    whatever the umask; this one gets the umask's mode.
     """
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(descriptor, "wb") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

@@ -80,7 +80,8 @@ class VerificationConfig:
     Attributes:
         audit_path: JSON file to which the server appends each round's
             transcript and aggregate, for ``python -m fedsec_flwr.audit``.
-            ``None`` writes no file.
+            ``None`` writes no file. A file already there must be an
+            audit file, and the rounds are added to it.
         on_failure: ``refuse`` raises `VerificationError` when a round fails
             verification; ``report`` releases the model and reports the round
             as not verified.
@@ -135,6 +136,8 @@ class VerificationConfig:
                     "audit_path must be in an existing folder. "
                     f"Found {str(path)!r}, whose folder does not exist."
                 )
+            # Checked now, so that a stale file fails the run before round 1.
+            audit.check_appendable(path)
             object.__setattr__(self, "audit_path", path)
         check_blinding_capacity(
             modulus=self.plain_encoding.modulus,

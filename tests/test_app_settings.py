@@ -515,6 +515,48 @@ def test_round_one_distributed_target_error_keys(
         _run(grid, config, results)
 
 
+def test_earlier_audit_file_refused_before_round_one(tmp_path: Path) -> None:
+    from secure_fedavg_app.client_app import app as client_app
+    from secure_fedavg_app.results import ResultsFile
+    from secure_fedavg_app.server_app import _run, check_run_config
+
+    from tests.loopback import LoopbackGrid
+
+    earlier = tmp_path / "audit.json"
+    earlier.write_text("{}")
+    (tmp_path / "final_model.npz").write_bytes(b"earlier model")
+    config = default_config()
+    config.update({"verification": True, "output-dir": str(tmp_path)})
+    grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
+    results = ResultsFile(tmp_path, run_config=config, run_info={})
+    pattern = r"holds an earlier run's audit\.json\. A new run would add"
+
+    with pytest.raises(ValueError, match=pattern):
+        check_run_config(config)
+    with pytest.raises(ValueError, match=pattern):
+        _run(grid, config, results)
+    assert earlier.read_text() == "{}"
+    assert (tmp_path / "final_model.npz").read_bytes() == b"earlier model"
+    assert not (tmp_path / "initial_model.npz").exists()
+
+
+def test_model_file_link_replaced_not_followed(tmp_path: Path) -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    from secure_fedavg_app.server_app import _save_model
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep")
+    link = tmp_path / "final_model.npz"
+    link.symlink_to(target)
+
+    _save_model(ArrayRecord({"w": Array(np.arange(3.0))}), link)
+
+    assert target.read_text() == "keep"
+    assert not link.is_symlink()
+    assert np.array_equal(np.load(link)["w"], np.arange(3.0))
+
+
 def test_type_errors_listed_together() -> None:
     with pytest.raises(ValueError) as caught:
         parse(seed=1.5, learning_rate="fast", secure_aggregation="yes")

@@ -74,6 +74,50 @@ def test_append_round_leaves_no_temporary_file(audit_path):
     assert names == ["audit-run-18446744073709551613-round-2.npy", "audit.json"]
 
 
+@pytest.mark.parametrize(
+    "content", [b'{"not": "an audit file"}', b"", b"\xff\xfe", b"[]"]
+)
+def test_stale_file_named_before_any_round(tmp_path, rounds, content):
+    stale = tmp_path / "audit.json"
+    stale.write_bytes(content)
+    pattern = r"^Rounds cannot be added to the audit file '.*audit\.json': "
+
+    with pytest.raises(ValueError, match=pattern):
+        audit.check_appendable(stale)
+    with pytest.raises(ValueError, match=pattern):
+        audit.append_round(stale, rounds[0].transcript, rounds[0].aggregate)
+    assert stale.read_bytes() == content
+
+
+def test_dangling_link_is_not_appendable(tmp_path):
+    link = tmp_path / "audit.json"
+    link.symlink_to(tmp_path / "missing.json")
+
+    with pytest.raises(ValueError, match=r"audit file '.*audit\.json'"):
+        audit.check_appendable(link)
+
+
+def test_audit_file_appendable(audit_path, tmp_path):
+    audit.check_appendable(audit_path)
+    audit.check_appendable(tmp_path / "new.json")
+
+
+def test_long_aggregate_replaces_link_not_target(tmp_path, rounds):
+    # A link planted where the .npy goes must not redirect the write.
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(b"keep")
+    name = f"audit-run-{rounds[1].run_id}-round-2.npy"
+    (tmp_path / name).symlink_to(target)
+
+    audit.append_round(
+        tmp_path / "audit.json", rounds[1].transcript, rounds[1].aggregate
+    )
+
+    assert target.read_bytes() == b"keep"
+    assert not (tmp_path / name).is_symlink()
+    assert np.array_equal(np.load(tmp_path / name), rounds[1].aggregate)
+
+
 def test_audit_file_gets_the_umask_mode(tmp_path, rounds):
     # The transcript is public, so an auditor running as another user must
     # be able to read it, as it can read the .npy files beside it.

@@ -570,6 +570,34 @@ def test_distributed_target_rejected_before_start(
     assert not output_dir.exists()
 
 
+def test_earlier_audit_rejected_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Results are moved aside for a new launch, but an audit file is not:
+    # the new run would append to it and replace the earlier run's models.
+    output_dir = tmp_path / "earlier"
+    output_dir.mkdir()
+    (output_dir / "audit.json").write_text("{}")
+    (output_dir / "results.json").write_text('{"status": "completed"}')
+
+    exit_code = launch.main(
+        [
+            str(APP_DIR),
+            "--output-dir",
+            str(output_dir),
+            "--run-config",
+            "verification=true",
+        ]
+    )
+
+    assert exit_code == launch.EXIT_USAGE
+    assert "holds an earlier run's audit.json" in capsys.readouterr().err
+    assert sorted(path.name for path in output_dir.iterdir()) == [
+        "audit.json",
+        "results.json",
+    ]
+
+
 def test_node_count_reaches_only_checks_that_take_it(tmp_path: Path) -> None:
     first = _app_with_check(
         tmp_path / "first",

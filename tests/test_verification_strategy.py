@@ -343,6 +343,14 @@ def test_missing_audit_folder_rejected(tmp_path: Path) -> None:
         VerificationConfig(audit_path=tmp_path / "missing" / "audit.json")
 
 
+def test_stale_audit_file_rejected_when_built(tmp_path: Path) -> None:
+    stale = tmp_path / "audit.json"
+    stale.write_text('{"results": []}')
+
+    with pytest.raises(ValueError, match=r"audit file '.*audit\.json': the file must"):
+        VerificationConfig(audit_path=stale)
+
+
 @pytest.mark.parametrize("kind", ["folder", "empty", "int"])
 def test_audit_path_not_a_file_rejected(tmp_path: Path, kind: str) -> None:
     value: object = {"folder": tmp_path, "empty": "", "int": 5}[kind]

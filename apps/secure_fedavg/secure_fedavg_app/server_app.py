@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 import fedsec_flwr
 from fedsec_flwr import RoundReport
 from fedsec_flwr.dp import TargetEpsilonUnreachableError
+from fedsec_flwr.files import write_atomically
 from fedsec_flwr.privacy import DPMode, NoiseHeadroomError
 from secure_fedavg_app.data import DatasetSplit, load_dataset_cached
 from secure_fedavg_app.models import build_model, count_parameters
@@ -83,6 +85,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, run_config: Mapping[str, Any], results: ResultsFile) -> None:
     settings = AppSettings.from_run_config(run_config)
+    check_no_earlier_audit(results.path.parent)
     use_single_thread()
     seed_everything(settings.seed)
 
@@ -167,6 +170,7 @@ def check_run_config(
             the run-config keys.
     """
     settings = AppSettings.from_run_config(run_config)
+    check_no_earlier_audit(_output_dir(run_config))
     nodes = f" for {num_nodes} simulated SuperNodes (--num-supernodes)"
     # The output folder may not exist yet; the audit file is never written here.
     with _quiet_package_logger(), tempfile.TemporaryDirectory() as folder:
@@ -285,7 +289,28 @@ def make_central_evaluate(
 
 def _save_model(arrays: ArrayRecord, path: Path) -> None:
     named: dict[str, Any] = {key: array.numpy() for key, array in arrays.items()}
-    np.savez(path, **named)
+    write_atomically(path, lambda stream: np.savez(stream, **named))
+
+
+def check_no_earlier_audit(output_dir: Path) -> None:
+    """Refuse an output folder that holds an earlier run's audit file.
+
+    A new run would add its rounds to that file and replace the model files
+    that auditing the earlier run needs.
+
+    Raises:
+        ValueError: If ``audit.json`` exists in ``output_dir``.
+
+    """
+    audit_path = output_dir / AUDIT_FILE_NAME
+    if os.path.lexists(audit_path):
+        raise ValueError(
+            f"The output folder {str(output_dir)!r} holds an earlier run's "
+            f"{AUDIT_FILE_NAME}. A new run would add its rounds to it and replace "
+            f"{INITIAL_MODEL_FILE_NAME} and {FINAL_MODEL_FILE_NAME}, which auditing "
+            "the earlier run needs. Move these files away or choose another "
+            "output-dir."
+        )
 
 
 def _check_all_rounds_reported(results: ResultsFile, num_rounds: int) -> None:
