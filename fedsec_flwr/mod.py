@@ -298,6 +298,19 @@ class _InnerAppError(Exception):
         self.reply = reply
 
 
+def _is_train(msg: Message) -> bool:
+    """Return whether ``msg`` reaches a train handler of the wrapped ClientApp.
+
+    Flower routes ``train`` and ``train.<action>`` to train handlers, and a
+    plain ``@app.train()`` handler receives ``train.default``. Each of them
+    gets the protocol's handling, so none returns a model in clear.
+    """
+    message_type = msg.metadata.message_type
+    return message_type == MessageType.TRAIN or message_type.startswith(
+        f"{MessageType.TRAIN}."
+    )
+
+
 def _call_wrapped_app(
     msg: Message, context: Context, call_next: ClientAppCallable
 ) -> Message:
@@ -356,7 +369,7 @@ def _reply(
 def _secure_stage(
     msg: Message, context: Context, call_next: ClientAppCallable, options: _Options
 ) -> Message:
-    if msg.metadata.message_type != MessageType.TRAIN:
+    if not _is_train(msg):
         return call_next(msg, context)
 
     # A message with a deferred request changes Context.state only if both
@@ -1328,7 +1341,7 @@ def _global_model(msg: Message) -> ArrayRecord:
 def _plain_stage(
     msg: Message, context: Context, call_next: ClientAppCallable, options: _Options
 ) -> Message:
-    if msg.metadata.message_type != MessageType.TRAIN:
+    if not _is_train(msg):
         return call_next(msg, context)
 
     try:
