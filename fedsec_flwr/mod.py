@@ -28,6 +28,7 @@ may run in a new ClientApp process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -154,9 +155,16 @@ class _Options:
     privacy_budget: ClientPrivacyBudget | None = None
     report_timings: bool = False
     trust_dropout_reports: bool = False
+    forward_metrics: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("require_verification", "report_timings", "trust_dropout_reports"):
+        names = (
+            "require_verification",
+            "report_timings",
+            "trust_dropout_reports",
+            "forward_metrics",
+        )
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False. Found {value!r}.")
@@ -165,6 +173,7 @@ class _Options:
 _DEFAULT_OPTIONS = _Options(
     on_verification_failure=FailurePolicy.REFUSE, require_verification=False
 )
+_DEFAULT_SECURE_OPTIONS = dataclasses.replace(_DEFAULT_OPTIONS, forward_metrics=False)
 
 
 def secure_aggregation_mod(
@@ -173,11 +182,13 @@ def secure_aggregation_mod(
     """Run one stage of secure aggregation for a train message.
 
     A train message without the protocol record gets an error reply: a client
-    wrapped with this mod never sends a plaintext update. After a round that
-    failed verification, or a commitment that got no transcript, it refuses
-    to train for the rest of the run.
+    wrapped with this mod never sends a plaintext update. The wrapped
+    ClientApp's metrics are not sent either, since they would travel in
+    clear; `make_secure_aggregation_mod` can forward them. After a round
+    that failed verification, or a commitment that got no transcript, it
+    refuses to train for the rest of the run.
     """
-    return _secure_stage(msg, context, call_next, _DEFAULT_OPTIONS)
+    return _secure_stage(msg, context, call_next, _DEFAULT_SECURE_OPTIONS)
 
 
 def make_secure_aggregation_mod(
@@ -187,6 +198,7 @@ def make_secure_aggregation_mod(
     privacy_budget: ClientPrivacyBudget | None = None,
     report_timings: bool = False,
     trust_dropout_reports: bool = False,
+    forward_metrics: bool = False,
 ) -> Mod:
     """Build a ``secure_aggregation_mod`` with client-side policies.
 
@@ -212,12 +224,16 @@ def make_secure_aggregation_mod(
             True it tolerates every dropout that the threshold allows, for
             example one of 3 clients, and a server that lies about dropouts
             can unmask its input.
+        forward_metrics: Send the metrics of the wrapped ClientApp's reply,
+            other than ``num-examples``, with the masked input. They travel
+            in clear, outside the secure sum and any DP noise: a training
+            loss is a statistic of this client's data. False sends none.
 
     Raises:
         ValueError: If `on_verification_failure` is not a policy,
-            `require_verification`, `report_timings` or
-            `trust_dropout_reports` is not a bool, or `privacy_budget` is not
-            a `ClientPrivacyBudget`.
+            `require_verification`, `report_timings`, `trust_dropout_reports`
+            or `forward_metrics` is not a bool, or `privacy_budget` is not a
+            `ClientPrivacyBudget`.
 
     """
     if privacy_budget is not None and not isinstance(
@@ -233,6 +249,7 @@ def make_secure_aggregation_mod(
         privacy_budget=privacy_budget,
         report_timings=report_timings,
         trust_dropout_reports=trust_dropout_reports,
+        forward_metrics=forward_metrics,
     )
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -357,9 +374,11 @@ def _reply(
     for key, record in extra.items():
         content[key] = record
     metrics = extra.get(METRICS_RECORD)
-    if isinstance(metrics, MetricRecord) and not options.report_timings:
-        for key in CLIENT_TIMING_METRICS:
-            metrics.pop(key, None)
+    if isinstance(metrics, MetricRecord):
+        for key in list(metrics.keys()):
+            own = key in CLIENT_TIMING_METRICS
+            if not (options.report_timings if own else options.forward_metrics):
+                del metrics[key]
     return Message(content, reply_to=msg)
 
 

@@ -177,8 +177,8 @@ def test_no_plaintext_array_leaves_client() -> None:
         assert list(reply.content.array_records) in ([], [MASKED_INPUT_RECORD])
     for reply in masked_replies:
         assert reply.content[MASKED_INPUT_RECORD]["vector"].dtype == "uint32"
-        assert "train-loss" in reply.content["metrics"]
-        assert "num-examples" not in reply.content["metrics"]
+        # The wrapped app's metrics travel in clear, so none leave by default.
+        assert dict(reply.content["metrics"]) == {}
 
 
 def test_upload_is_four_bytes_per_coordinate() -> None:
@@ -408,11 +408,14 @@ def test_round_reports_stage_and_client_timings() -> None:
         assert reports[0].train_metrics[key] >= 0.0, key
 
 
+FORWARDING_MOD = make_secure_aggregation_mod(forward_metrics=True)
+
+
 @pytest.mark.parametrize("key_lifetime", ["round", "run"])
 def test_client_timings_stay_on_the_client_by_default(key_lifetime: str) -> None:
     # They travel in clear, and training time hints at the dataset's size.
     reports: list[RoundReport] = []
-    grid = LoopbackGrid(make_app(), NODE_IDS)
+    grid = LoopbackGrid(make_app(mod=FORWARDING_MOD), NODE_IDS)
     config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
 
     run(grid, config=config, rounds=2, reports=reports)
@@ -420,6 +423,27 @@ def test_client_timings_stay_on_the_client_by_default(key_lifetime: str) -> None
     for report in reports:
         assert report.train_metrics["train-loss"] == 0.5
         assert not set(CLIENT_TIMING_METRICS) & set(report.train_metrics)
+
+
+@pytest.mark.parametrize("key_lifetime", ["round", "run"])
+def test_app_metrics_stay_on_the_client_by_default(key_lifetime: str) -> None:
+    # A training loss is a statistic of one client's data, outside the
+    # secure sum and any DP noise.
+    reports: list[RoundReport] = []
+    grid = LoopbackGrid(make_app(), NODE_IDS)
+    config = dataclasses.replace(CONFIG, key_lifetime=key_lifetime)
+
+    run(grid, config=config, rounds=2, reports=reports)
+
+    sent = [
+        dict(reply.content["metrics"])
+        for reply in grid.received
+        if "metrics" in reply.content
+    ]
+    assert sent
+    assert all(metrics == {} for metrics in sent)
+    for report in reports:
+        assert "train-loss" not in report.train_metrics
 
 
 def test_client_cpu_seconds_count_cpu_not_waiting() -> None:

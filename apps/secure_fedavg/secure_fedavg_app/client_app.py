@@ -35,6 +35,9 @@ def train_handler(msg: Message, context: Context) -> Message:
             privacy_budget=policy.privacy_budget,
             report_timings=report_timings,
             trust_dropout_reports=policy.trust_dropout_reports,
+            # The training code leaves the loss out of secure and DP rounds;
+            # the DP-SGD epsilon it may send is documented.
+            forward_metrics=True,
         )
         return secure_mod(msg, context, plain_train)
     if settings.verification or policy.require_verification:
