@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import queue
 import random
+import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +95,14 @@ logger = logging.getLogger("fedsec_flwr.rounds")
 POLL_START = 0.005
 POLL_GROWTH = 1.5
 POLL_MAX = 0.05
+
+PULL_BLOCKED_SECONDS = 5.0
+"""Seconds after which a pull still running is reported as blocked."""
+
+PER_REPLY_POLL_SECONDS = 0.002
+"""Poll interval per missing reply when each reply is pulled on its own.
+A round of many clients then sends the SuperLink fewer requests: 400
+missing replies are polled every 0.8 s, 25 or fewer every 50 ms."""
 
 MAX_REASON_LENGTH = 300
 """Characters of a client's error reason kept for the round's error."""
@@ -367,6 +378,17 @@ class _Exchange:
         early. ``Grid.send_and_receive`` polls every 0.1 s in flwr 1.42; a
         round has up to four exchanges, so this loop starts at 5 ms and backs
         off to 50 ms.
+
+        Except on ``run_simulation``'s in-memory grid, each reply is pulled
+        on its own, in a background thread, so the wait ends at the deadline
+        even when a pull blocks. In flwr 1.42 a
+        deployment's ``pull_messages`` downloads each reply's contents before
+        it returns. A SuperNode that dies while it uploads a reply leaves
+        that reply at the SuperLink without its contents. The pull then
+        retries until the SuperLink drops the unfinished upload, 180 s after
+        its last object (``OBJECT_PUSH_SESSION_TTL_SECONDS`` in
+        ``flwr/supercore/constant.py``). Until then, the other replies that
+        the same call received are delayed too.
         """
         message_ids = list(self.grid.push_messages(messages))
         node_of = {
@@ -375,10 +397,15 @@ class _Exchange:
         }
         pending = set(message_ids)
         self.skipped = set()
+        pulls = _pulls_for(self.grid)
         deadline = time.monotonic() + self.timeout
         interval = POLL_START
         while pending:
-            pulled = list(self.grid.pull_messages(pending))
+            wait = min(
+                pulls.poll_interval(interval, len(pending)),
+                max(deadline - time.monotonic(), 0.0),
+            )
+            pulled = pulls.collect(pending, wait=wait)
             for reply in pulled:
                 pending.discard(reply.metadata.reply_to_message_id)
             if satisfied(pulled):
@@ -392,15 +419,150 @@ class _Exchange:
                 return
             if not pending or time.monotonic() >= deadline:
                 break
-            time.sleep(interval)
             interval = min(interval * POLL_GROWTH, POLL_MAX)
         if pending:
+            stuck = sorted(
+                node_of[message_id]
+                for message_id in pulls.running_for(PULL_BLOCKED_SECONDS)
+            )
             logger.info(
                 "Round %d: %d node(s) did not reply within %.1f s",
                 self.server_round,
                 len(pending),
                 self.timeout,
             )
+            if stuck:
+                logger.info(
+                    "Round %d: timed out while downloading the replies of "
+                    "node(s) %s, so they count as dropped",
+                    self.server_round,
+                    ", ".join(map(str, stuck)),
+                )
+
+
+class _BatchPulls:
+    """One pull for all missing replies, on a grid whose pulls cannot block.
+
+    Flower's ``InMemoryGrid`` (``run_simulation``) reads the replies from
+    memory in the ServerApp's process, so no reply can be half uploaded.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def collect(self, pending: Collection[str], *, wait: float) -> list[Message]:
+        """Pull the pending replies; without any, wait ``wait`` seconds."""
+        replies = list(self._grid.pull_messages(pending))
+        if not replies:
+            time.sleep(wait)
+        return replies
+
+    def running_for(self, seconds: float) -> set[str]:
+        """Return no message: a pull here never outlives its call."""
+        del seconds
+        return set()
+
+    def poll_interval(self, interval: float, num_pending: int) -> float:
+        """Return ``interval``: one pull serves every missing reply."""
+        del num_pending
+        return interval
+
+
+def _pulls_for(grid: Grid) -> _BatchPulls | _ReplyPulls:
+    # Importing the module costs half a second; an InMemoryGrid exists only
+    # once it is imported.
+    in_memory = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    if in_memory is not None and isinstance(grid, in_memory.InMemoryGrid):
+        return _BatchPulls(grid)
+    return _ReplyPulls(grid)
+
+
+class _ReplyPulls:
+    """Background pulls of one exchange's replies, one message per daemon thread.
+
+    A pull that blocks delays only its own reply. A pull still running when
+    the exchange ends is left behind, and its result is discarded. Daemon
+    threads do not delay the ServerApp's exit.
+
+    NOTE: Each poll sends one ``PullMessages`` request per missing reply, and
+    a left-behind pull runs until flwr gives up on the upload (up to 180 s).
+    flwr 1.42 itself calls its Runtime API client from several threads when it
+    pulls a message's objects, which is what makes concurrent pulls safe here.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._results: queue.Queue[tuple[str, list[Message] | BaseException]] = (
+            queue.Queue()
+        )
+        self._running: dict[str, float] = {}
+        """Start time of each pull that has not returned yet, by message id."""
+
+    def poll_interval(self, interval: float, num_pending: int) -> float:
+        """Return ``interval``, or more with many missing replies.
+
+        Each missing reply costs one request per poll here, so the interval
+        grows by `PER_REPLY_POLL_SECONDS` per missing reply.
+        """
+        return max(interval, PER_REPLY_POLL_SECONDS * num_pending)
+
+    def running_for(self, seconds: float) -> set[str]:
+        """Return the message ids whose pull started ``seconds`` ago or earlier."""
+        started_before = time.monotonic() - seconds
+        return {
+            message_id
+            for message_id, started in self._running.items()
+            if started <= started_before
+        }
+
+    def collect(self, pending: Collection[str], *, wait: float) -> list[Message]:
+        """Start a pull for each pending id that has none, return the replies.
+
+        Waits up to ``wait`` seconds for the pulls to return, and returns
+        sooner once every pull returned and at least one reply arrived.
+
+        Raises:
+            BaseException: Whatever a pull raised; the exchange fails as it
+                would if the pull had run in this thread.
+        """
+        for message_id in pending:
+            if message_id not in self._running:
+                self._running[message_id] = time.monotonic()
+                threading.Thread(
+                    target=self._pull,
+                    args=(message_id,),
+                    name="fedsec-pull",
+                    daemon=True,
+                ).start()
+        replies: list[Message] = []
+        end = time.monotonic() + wait
+        while self._running:
+            remaining = end - time.monotonic()
+            try:
+                if remaining > 0:
+                    message_id, result = self._results.get(timeout=remaining)
+                else:
+                    message_id, result = self._results.get_nowait()
+            except queue.Empty:
+                return replies
+            del self._running[message_id]
+            if isinstance(result, BaseException):
+                raise result
+            replies.extend(result)
+        # Every pull returned. Without replies, wait out the poll interval.
+        if not replies:
+            time.sleep(max(end - time.monotonic(), 0.0))
+        return replies
+
+    def _pull(self, message_id: str) -> None:
+        try:
+            result: list[Message] | BaseException = list(
+                self._grid.pull_messages([message_id])
+            )
+        except BaseException as error:
+            # The caller re-raises it, as if the pull had run in its thread.
+            result = error
+        self._results.put((message_id, result))
 
 
 @contextlib.contextmanager

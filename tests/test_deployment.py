@@ -116,6 +116,7 @@ def start_federation(
     def start(
         num_supernodes: int = NUM_SUPERNODES,
         node_config: dict[str, bool | int | float | str] | None = None,
+        base_env: dict[str, str] | None = None,
     ) -> LocalFederation:
         work_dir = tmp_path / f"federation-{len(started)}"
         federation = LocalFederation(
@@ -124,6 +125,7 @@ def start_federation(
             work_dir=work_dir,
             num_supernodes=num_supernodes,
             node_config=node_config,
+            base_env=base_env,
         )
         started.append(federation)
         federation.start()
@@ -542,6 +544,51 @@ def test_supernode_killed_after_key_sharing(
     assert (
         second_round["seconds"] < first_round["seconds"] + 2 * DROPOUT_TIMEOUT_SECONDS
     )
+    assert_stopped(federation)
+
+
+# The second reply of a round is the reply to its share-keys request.
+SHARE_KEYS_REPLY = 2
+UPLOAD_KILL_DIR = Path(__file__).resolve().parent / "upload_kill"
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1200)
+def test_supernode_killed_mid_upload(
+    start_federation: FederationFactory, tmp_path: Path
+) -> None:
+    # supernode-2 dies after its share-keys reply reached the SuperLink but
+    # before the reply's contents did, so that reply can never be downloaded.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        path for path in (str(UPLOAD_KILL_DIR), env.get("PYTHONPATH")) if path
+    )
+    env["FEDSEC_KILL_HOME"] = str(
+        (tmp_path / "federation-0" / "supernode-2-home").resolve()
+    )
+    env["FEDSEC_KILL_ROUND"] = "2"
+    env["FEDSEC_KILL_REPLY"] = str(SHARE_KEYS_REPLY)
+    federation = start_federation(
+        node_config={"trust-dropout-reports": True}, base_env=env
+    )
+    assert federation.paths.supernode_home("supernode-2") == Path(
+        env["FEDSEC_KILL_HOME"]
+    )
+    config = {**DROPOUT_CONFIG, "output-dir": str(tmp_path / "mid-upload")}
+
+    result = federation.run(config, timeout=600)
+
+    victim = federation.supernodes["supernode-2"]
+    assert "upload_kill: killed after PushMessages" in victim.read_log()
+    assert not victim.is_running()
+    assert result.status == RUN_STATUS_COMPLETED
+    results = read_results(tmp_path / "mid-upload")
+    assert _round_summary(results) == [(1, 3, 0), (2, 2, 1)]
+    second_round = results["rounds"][1]
+    assert second_round["dropped_by_stage"]["share-keys"] == 1
+    # The share-keys stage ends at its deadline, not when flwr 1.42 gives up
+    # on the unfinished upload 180 s later.
+    assert second_round["timings"]["share-keys"] < DROPOUT_TIMEOUT_SECONDS + 10
     assert_stopped(federation)
 
 
