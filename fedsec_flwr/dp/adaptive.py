@@ -223,6 +223,8 @@ class AdaptiveClipping:
 
 def check_clipping_learning_rate(name: str, value: float) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is a usable eta."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise ValueError(f"{name} must be a number. Found {value!r}.")
     if not math.isfinite(value) or not 0.0 < value <= MAX_LEARNING_RATE:
         raise ValueError(
             f"{name} must be in (0, {MAX_LEARNING_RATE:g}]: the clipping norm "

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -254,6 +255,23 @@ def test_dp_config_bounds_clipping_learning_rate() -> None:
             noise_multiplier=1.0,
             adaptive_clipping=True,
             clipping_learning_rate=1e300,
+        )
+
+
+@pytest.mark.parametrize("value", ["1", None, [1], True])
+def test_dp_config_clipping_learning_rate_of_wrong_type(value: object) -> None:
+    from fedsec_flwr.privacy import DPConfig, DPMode
+
+    with pytest.raises(
+        ValueError,
+        match=r"clipping_learning_rate must be a number\. Found "
+        + re.escape(repr(value)),
+    ):
+        DPConfig(
+            mode=DPMode.CENTRAL,
+            noise_multiplier=1.0,
+            adaptive_clipping=True,
+            clipping_learning_rate=value,  # type: ignore[arg-type]
         )
 
 
