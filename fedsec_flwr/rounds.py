@@ -583,13 +583,17 @@ def _explain_client_errors(exchange: _Exchange) -> Iterator[None]:
 
 def _client_errors(exchange: _Exchange) -> str:
     """Return the exchange's most frequent client error replies as a sentence."""
-    if not exchange.error_reasons:
+    return _most_frequent(" Error replies from clients: ", exchange.error_reasons)
+
+
+def _most_frequent(label: str, counts: Mapping[str, int]) -> str:
+    if not counts:
         return ""
-    reasons = sorted(exchange.error_reasons.items(), key=lambda item: -item[1])
+    reasons = sorted(counts.items(), key=lambda item: -item[1])
     listed = "; ".join(
         f"{count} x {reason!r}" for reason, count in reasons[:MAX_REASONS_SHOWN]
     )
-    return f" Error replies from clients: {listed}"
+    return f"{label}{listed}"
 
 
 def _parse_replies(
@@ -597,12 +601,20 @@ def _parse_replies(
     parse: Callable[[_Source], _Reply],
     stage: Stage,
     server_round: int,
+    invalid: dict[str, int] | None = None,
 ) -> dict[int, _Reply]:
+    """Parse each reply; one that fails counts as dropped.
+
+    With ``invalid``, each failure's reason is counted there too.
+    """
     parsed: dict[int, _Reply] = {}
     for node, reply in replies.items():
         try:
             parsed[node] = parse(reply)
         except (ProtocolError, ValueError, KeyError) as error:
+            if invalid is not None:
+                reason = shortened(str(error), MAX_REASON_LENGTH)
+                invalid[reason] = invalid.get(reason, 0) + 1
             logger.warning(
                 "Round %d: invalid %s reply from node %d counts as dropped: %s",
                 server_round,
@@ -1613,7 +1625,10 @@ def run_plain_round(
         check_client_arrays(local, global_arrays)
         return layout.difference(local, global_arrays), num_examples(reply.content)
 
-    updates = _parse_replies(replies, parse, Stage.PLAIN_INPUT, server_round)
+    invalid: dict[str, int] = {}
+    updates = _parse_replies(
+        replies, parse, Stage.PLAIN_INPUT, server_round, invalid=invalid
+    )
     bit_sum = 0
     if privacy is not None:
         for node, (update, _) in updates.items():
@@ -1626,6 +1641,7 @@ def run_plain_round(
             f"Round {server_round}: the total weight of the {len(updates)} valid "
             "replies is 0, so their weighted mean is undefined."
             f"{_client_errors(exchange)}"
+            f"{_most_frequent(' Invalid replies: ', invalid)}"
         )
     mean_update = np.zeros(layout.size, dtype=np.float64)
     for update, weight in updates.values():

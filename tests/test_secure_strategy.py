@@ -356,6 +356,25 @@ def test_weight_above_max_weight_rejected() -> None:
     assert reports[0].num_aggregated == NUM_NODES - 1
 
 
+def test_plain_round_of_invalid_replies_names_their_reasons() -> None:
+    def nan_train(msg: Message, context: Context) -> Message:
+        reply = honest_train(msg, context)
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in HOSTILE_REPLIES["nan"](arrays).items()}
+        )
+        return reply
+
+    grid = LoopbackGrid(make_app(nan_train, secure=False), NODE_IDS)
+
+    with pytest.raises(
+        ValueError, match="total weight of the 0 valid replies"
+    ) as error:
+        run(grid, config=None)
+    assert f"Invalid replies: {NUM_NODES} x " in str(error.value)
+    assert "dense.bias" in str(error.value)
+
+
 def test_plain_train_message_rejected_by_mod() -> None:
     grid = LoopbackGrid(make_app(), NODE_IDS)
 
