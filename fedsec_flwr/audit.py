@@ -462,9 +462,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=".npz file that must equal the model after the last round "
         "(needs --initial-model)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds the run completed (the rounds listed in its results.json): each "
+        "of rounds 1 to N must have a well-formed entry, and no entry may "
+        "come later",
+    )
     arguments = parser.parse_args(argv)
     if arguments.final_model is not None and arguments.initial_model is None:
         parser.error("--final-model needs --initial-model.")
+    if arguments.rounds is not None and arguments.rounds < 1:
+        parser.error(f"--rounds must be at least 1. Found {arguments.rounds}.")
 
     try:
         audits = audit_file(arguments.audit_file)
@@ -491,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = sum(
         not (audit.result.verified or audit.result.discarded) for audit in audits
     )
+    if arguments.rounds is not None:
+        failed += _print_unexpected_rounds(audits, arguments.rounds)
     discarded = sum(audit.result.discarded for audit in audits)
     # The counts are of entries, one per line above. A round without a
     # well-formed entry is counted apart, so no round is counted twice.
@@ -522,6 +533,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed_labels=failed_labels,
         )
     return EXIT_FAILED if failed else EXIT_VERIFIED
+
+
+def _print_unexpected_rounds(audits: Sequence[RoundAudit], num_rounds: int) -> int:
+    """Report rounds that a run of ``num_rounds`` rounds cannot lack or have.
+
+    A completed run has one entry for each of its rounds, so a file that ends
+    early, or a round with no well-formed entry, fails. Returns the number of
+    failures.
+    """
+    rounds_by_run: dict[int, set[int]] = {}
+    for audit in audits:
+        if audit.run_id is not None and audit.server_round is not None:
+            rounds_by_run.setdefault(audit.run_id, set()).add(audit.server_round)
+    if not rounds_by_run:
+        _say(
+            "FAILED: no well-formed entry, and --rounds "
+            f"{num_rounds} expects one per round"
+        )
+        return 1
+
+    failures = 0
+    for run_id in sorted(rounds_by_run):
+        present = rounds_by_run[run_id]
+        lacking = sorted(set(range(1, num_rounds + 1)) - present)
+        beyond = sorted(
+            server_round for server_round in present if server_round > num_rounds
+        )
+        if lacking:
+            failures += 1
+            _say(
+                f"run {run_id}: FAILED: no well-formed entry for round(s) "
+                f"{_round_list(lacking)} of the {num_rounds} that --rounds expects"
+            )
+        if beyond:
+            failures += 1
+            _say(
+                f"run {run_id}: FAILED: entries for round(s) {_round_list(beyond)}, "
+                f"after the {num_rounds} that --rounds expects"
+            )
+    return failures
+
+
+def _round_list(rounds: Sequence[int]) -> str:
+    listed = ", ".join(str(server_round) for server_round in rounds[:10])
+    return listed if len(rounds) <= 10 else f"{listed} and {len(rounds) - 10} more"
 
 
 def _print_missing_rounds(

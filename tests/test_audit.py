@@ -143,6 +143,43 @@ def test_honest_rounds_exit_zero(audit_path, capsys):
     assert err == ""
 
 
+def test_expected_rounds_all_present(audit_path, capsys):
+    assert audit.main([str(audit_path), "--rounds", "2"]) == audit.EXIT_VERIFIED
+    assert "FAILED" not in capsys.readouterr().out
+
+
+def test_tamper_last_round_removed_caught_by_rounds(audit_path, capsys):
+    # Without --rounds a file that ends early looks complete.
+    rewrite(audit_path, lambda document: document["rounds"].pop())
+
+    assert run_main(audit_path, capsys)[0] == audit.EXIT_VERIFIED
+    status = audit.main([str(audit_path), "--rounds", "2"])
+
+    out = capsys.readouterr().out
+    assert status == audit.EXIT_FAILED
+    assert (
+        f"run {RUN_ID}: FAILED: no well-formed entry for round(s) 2 of the 2 "
+        "that --rounds expects"
+    ) in out
+
+
+def test_round_beyond_expected_fails(audit_path, capsys):
+    status = audit.main([str(audit_path), "--rounds", "1"])
+
+    assert status == audit.EXIT_FAILED
+    assert "entries for round(s) 2, after the 1 that --rounds expects" in (
+        capsys.readouterr().out
+    )
+
+
+def test_rounds_below_one_is_usage_error(audit_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        audit.main([str(audit_path), "--rounds", "0"])
+
+    assert exit_info.value.code == 2
+    assert "--rounds must be at least 1. Found 0." in capsys.readouterr().err
+
+
 def test_command_runs_as_module(audit_path):
     completed = subprocess.run(
         [sys.executable, "-m", "fedsec_flwr.audit", str(audit_path)],
