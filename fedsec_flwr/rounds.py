@@ -99,10 +99,15 @@ POLL_MAX = 0.05
 PULL_BLOCKED_SECONDS = 5.0
 """Seconds after which a pull still running is reported as blocked."""
 
-PER_REPLY_POLL_SECONDS = 0.002
-"""Poll interval per missing reply when each reply is pulled on its own.
-A round of many clients then sends the SuperLink fewer requests: 400
-missing replies are polled every 0.8 s, 25 or fewer every 50 ms."""
+PER_REPLY_POLL_SECONDS = 0.05
+"""Longest poll interval, per missing reply, when each reply is pulled on
+its own. The SuperLink then gets at most about 20 requests a second, as
+from one pull of every reply every `POLL_MAX` seconds: the interval grows
+from `POLL_START` to 0.15 s with 3 missing replies, to 0.5 s with 10, and
+to `MAX_POLL_INTERVAL` with 20 or more."""
+
+MAX_POLL_INTERVAL = 1.0
+"""Longest poll interval, in seconds, whatever the number of missing replies."""
 
 MAX_REASON_LENGTH = 300
 """Characters of a client's error reason kept for the round's error."""
@@ -401,10 +406,7 @@ class _Exchange:
         deadline = time.monotonic() + self.timeout
         interval = POLL_START
         while pending:
-            wait = min(
-                pulls.poll_interval(interval, len(pending)),
-                max(deadline - time.monotonic(), 0.0),
-            )
+            wait = min(interval, max(deadline - time.monotonic(), 0.0))
             pulled = pulls.collect(pending, wait=wait)
             for reply in pulled:
                 pending.discard(reply.metadata.reply_to_message_id)
@@ -419,7 +421,7 @@ class _Exchange:
                 return
             if not pending or time.monotonic() >= deadline:
                 break
-            interval = min(interval * POLL_GROWTH, POLL_MAX)
+            interval = min(interval * POLL_GROWTH, pulls.max_interval(len(pending)))
         if pending:
             stuck = sorted(
                 node_of[message_id]
@@ -462,10 +464,10 @@ class _BatchPulls:
         del seconds
         return set()
 
-    def poll_interval(self, interval: float, num_pending: int) -> float:
-        """Return ``interval``: one pull serves every missing reply."""
+    def max_interval(self, num_pending: int) -> float:
+        """Return `POLL_MAX`: one pull serves every missing reply."""
         del num_pending
-        return interval
+        return POLL_MAX
 
 
 def _pulls_for(grid: Grid) -> _BatchPulls | _ReplyPulls:
@@ -498,13 +500,17 @@ class _ReplyPulls:
         self._running: dict[str, float] = {}
         """Start time of each pull that has not returned yet, by message id."""
 
-    def poll_interval(self, interval: float, num_pending: int) -> float:
-        """Return ``interval``, or more with many missing replies.
+    def max_interval(self, num_pending: int) -> float:
+        """Return the longest poll interval for ``num_pending`` missing replies.
 
         Each missing reply costs one request per poll here, so the interval
-        grows by `PER_REPLY_POLL_SECONDS` per missing reply.
+        may grow by `PER_REPLY_POLL_SECONDS` per missing reply, up to
+        `MAX_POLL_INTERVAL`. Replies that come early are still polled
+        every few milliseconds, as the interval starts at `POLL_START`.
         """
-        return max(interval, PER_REPLY_POLL_SECONDS * num_pending)
+        return min(
+            max(POLL_MAX, PER_REPLY_POLL_SECONDS * num_pending), MAX_POLL_INTERVAL
+        )
 
     def running_for(self, seconds: float) -> set[str]:
         """Return the message ids whose pull started ``seconds`` ago or earlier."""

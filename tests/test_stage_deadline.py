@@ -127,12 +127,14 @@ def test_pull_error_fails_exchange() -> None:
 
 
 def test_many_missing_replies_poll_less_often() -> None:
-    # Each missing reply costs one request per poll, so 400 of them are
-    # polled every 0.8 s rather than every 50 ms.
+    # Each missing reply costs one request per poll, so the SuperLink gets
+    # about as many requests as from one pull of all replies every 50 ms.
     pulls = _pulls_for(HalfUploadGrid(0.0))
 
-    assert pulls.poll_interval(0.05, 10) == 0.05
-    assert pulls.poll_interval(0.05, 400) == pytest.approx(0.8)
+    assert pulls.max_interval(1) == 0.05
+    assert pulls.max_interval(3) == pytest.approx(0.15)
+    assert pulls.max_interval(10) == pytest.approx(0.5)
+    assert pulls.max_interval(400) == 1.0
 
 
 def test_in_memory_grid_pulls_all_replies_at_once() -> None:
@@ -141,4 +143,4 @@ def test_in_memory_grid_pulls_all_replies_at_once() -> None:
 
     grid = InMemoryGrid.__new__(InMemoryGrid)
 
-    assert _pulls_for(grid).poll_interval(0.05, 400) == 0.05
+    assert _pulls_for(grid).max_interval(400) == 0.05
