@@ -100,14 +100,15 @@ PULL_BLOCKED_SECONDS = 5.0
 """Seconds after which a pull still running is reported as blocked."""
 
 PER_REPLY_POLL_SECONDS = 0.05
-"""Longest poll interval, per missing reply, when each reply is pulled on
-its own. The SuperLink then gets at most about 20 requests a second, as
-from one pull of every reply every `POLL_MAX` seconds: the interval grows
-from `POLL_START` to 0.15 s with 3 missing replies, to 0.5 s with 10, and
-to `MAX_POLL_INTERVAL` with 20 or more."""
+"""Maximum poll interval per missing reply when each reply is pulled on its own.
+
+The SuperLink then gets about 20 requests a second, as many as from one
+pull of every reply every `POLL_MAX` seconds. The interval grows from
+`POLL_START` to 0.15 s with 3 missing replies, to 0.5 s with 10, and to
+`MAX_POLL_INTERVAL` with 20 or more."""
 
 MAX_POLL_INTERVAL = 1.0
-"""Longest poll interval, in seconds, whatever the number of missing replies."""
+"""Maximum poll interval, in seconds, whatever the number of missing replies."""
 
 MAX_REASON_LENGTH = 300
 """Characters of a client's error reason kept for the round's error."""
@@ -501,7 +502,7 @@ class _ReplyPulls:
         """Start time of each pull that has not returned yet, by message id."""
 
     def max_interval(self, num_pending: int) -> float:
-        """Return the longest poll interval for ``num_pending`` missing replies.
+        """Return the maximum poll interval for ``num_pending`` missing replies.
 
         Each missing reply costs one request per poll here, so the interval
         may grow by `PER_REPLY_POLL_SECONDS` per missing reply, up to

@@ -529,7 +529,7 @@ def test_earlier_audit_file_refused_before_round_one(tmp_path: Path) -> None:
     config.update({"verification": True, "output-dir": str(tmp_path)})
     grid = LoopbackGrid(client_app, [1, 2, 3], run_config=config)
     results = ResultsFile(tmp_path, run_config=config, run_info={})
-    pattern = r"holds an earlier run's audit\.json\. A new run would add"
+    pattern = r"contains an earlier run's audit\.json\. A new run would add"
 
     with pytest.raises(ValueError, match=pattern):
         check_run_config(config)

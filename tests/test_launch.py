@@ -591,7 +591,7 @@ def test_earlier_audit_rejected_before_start(
     )
 
     assert exit_code == launch.EXIT_USAGE
-    assert "holds an earlier run's audit.json" in capsys.readouterr().err
+    assert "contains an earlier run's audit.json" in capsys.readouterr().err
     assert sorted(path.name for path in output_dir.iterdir()) == [
         "audit.json",
         "results.json",

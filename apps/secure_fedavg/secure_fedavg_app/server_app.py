@@ -293,7 +293,7 @@ def _save_model(arrays: ArrayRecord, path: Path) -> None:
 
 
 def check_no_earlier_audit(output_dir: Path) -> None:
-    """Refuse an output folder that holds an earlier run's audit file.
+    """Reject an output folder that contains an earlier run's audit file.
 
     A new run would add its rounds to that file and replace the model files
     that auditing the earlier run needs.
@@ -305,7 +305,7 @@ def check_no_earlier_audit(output_dir: Path) -> None:
     audit_path = output_dir / AUDIT_FILE_NAME
     if os.path.lexists(audit_path):
         raise ValueError(
-            f"The output folder {str(output_dir)!r} holds an earlier run's "
+            f"The output folder {str(output_dir)!r} contains an earlier run's "
             f"{AUDIT_FILE_NAME}. A new run would add its rounds to it and replace "
             f"{INITIAL_MODEL_FILE_NAME} and {FINAL_MODEL_FILE_NAME}, which auditing "
             "the earlier run needs. Move these files away or choose another "
